@@ -1,0 +1,336 @@
+//! The ferry wire protocol: a fixed 10-byte header followed by a body (seed 004's framing).
+//!
+//! ```text
+//! offset 0  u64 BE  body length (bytes after the header)
+//! offset 8  u8      command
+//! offset 9  u8      status (requests: 0; replies: 0 = ok, 1 = error with an [`ErrorBody`])
+//! ```
+//!
+//! docs/PROTOCOL.md is the contract; this module and that document must agree, and
+//! `tests` below check the header layout and some frames against hex copied from it.
+//!
+//! Bodies come in two shapes. *Control* bodies are small and decoded whole. *Data* bodies
+//! (a small-file upload, a block upload, a download reply) are a fixed-size *meta* part followed
+//! by a *payload* that receivers stream to disk or socket instead of buffering, so memory does not
+//! grow with file or block size.
+
+mod decoder;
+mod frames;
+
+pub use decoder::{Decoded, Decoder};
+pub use frames::*;
+
+use thiserror::Error;
+
+/// Protocol version carried in HELLO and PROBE. Bumped on any incompatible change.
+pub const VERSION: u16 = 1;
+/// Length of the fixed frame header.
+pub const HEADER_LEN: usize = 10;
+
+/// Widths of the fixed identity fields (seed 004).
+pub const APP_ID_LEN: usize = 16;
+pub const USER_ID_LEN: usize = 256;
+pub const FILE_ID_LEN: usize = 128;
+/// Original file names are metadata only, NUL-padded to this width (seed 002's `file_name[256]`).
+pub const NAME_LEN: usize = 256;
+pub const SHA256_LEN: usize = 32;
+pub const UPLOAD_ID_LEN: usize = 16;
+/// Longest credential a HELLO may carry.
+pub const CREDENTIAL_MAX: usize = 512;
+/// Longest text in an error body.
+pub const ERROR_TEXT_MAX: usize = 1024;
+/// Largest block (and so largest small-file payload and download reply) anyone may send.
+pub const BLOCK_MAX: u64 = 64 * 1024 * 1024;
+/// Smallest block size a big-file upload may use.
+pub const BLOCK_MIN: u32 = 64 * 1024;
+/// Most blocks one big file may have; bounds the breakpoint bitmap to 128 KiB.
+pub const BLOCKS_MAX: u32 = 1 << 20;
+
+/// Command byte values.
+pub mod cmd {
+    /// Opens every client session: version, identity, credential.
+    pub const HELLO: u8 = 1;
+    /// Health/identity probe answered by whichever ferry process receives it.
+    pub const PROBE: u8 = 2;
+    // 10-13 (tracker: JOIN, BEAT, SADDRS, GROUPS) and 40 (id: GET_ID) are reserved for the
+    // cluster roles with seed 004's numbers; see docs/PROTOCOL.md.
+    pub const TRACKER_JOIN: u8 = 10;
+    pub const TRACKER_BEAT: u8 = 11;
+    pub const TRACKER_SADDRS: u8 = 12;
+    pub const TRACKER_GROUPS: u8 = 13;
+    pub const ID_GET: u8 = 40;
+    /// Small file in one frame.
+    pub const UPLOAD: u8 = 70;
+    /// File info: size, SHA-256, name, created, block size.
+    pub const STAT: u8 = 71;
+    /// Ranged read.
+    pub const DOWNLOAD: u8 = 72;
+    pub const DELETE: u8 = 73;
+    /// Big-file upload, phase I: file info -> upload id.
+    pub const UPLOAD_INIT: u8 = 74;
+    /// Breakpoint query: which blocks the server already holds.
+    pub const UPLOAD_QUERY: u8 = 75;
+    /// Big-file upload, phase II: one block.
+    pub const UPLOAD_BLOCK: u8 = 76;
+    /// Big-file upload, phase III: file over.
+    pub const UPLOAD_OVER: u8 = 77;
+    /// Proof of possession for an instant (deduplicated) upload.
+    pub const UPLOAD_PROVE: u8 = 78;
+    /// Big-file download finished (lets the server count and log the session).
+    pub const DOWNLOAD_OVER: u8 = 79;
+    /// Reply from a tracker (seed 004).
+    pub const REPLY_TRACKER: u8 = 100;
+    /// Reply from an id server (seed 004).
+    pub const REPLY_ID: u8 = 101;
+    /// Reply from a storage server (seed 004), also to HELLO and PROBE.
+    pub const REPLY_STORAGE: u8 = 102;
+    /// Reply from a proxy (to PROBE, or an error the proxy itself raises).
+    pub const REPLY_PROXY: u8 = 103;
+
+    /// Human name for logs and errors.
+    pub fn name(c: u8) -> &'static str {
+        match c {
+            HELLO => "HELLO",
+            PROBE => "PROBE",
+            TRACKER_JOIN => "TRACKER_JOIN",
+            TRACKER_BEAT => "TRACKER_BEAT",
+            TRACKER_SADDRS => "TRACKER_SADDRS",
+            TRACKER_GROUPS => "TRACKER_GROUPS",
+            ID_GET => "ID_GET",
+            UPLOAD => "UPLOAD",
+            STAT => "STAT",
+            DOWNLOAD => "DOWNLOAD",
+            DELETE => "DELETE",
+            UPLOAD_INIT => "UPLOAD_INIT",
+            UPLOAD_QUERY => "UPLOAD_QUERY",
+            UPLOAD_BLOCK => "UPLOAD_BLOCK",
+            UPLOAD_OVER => "UPLOAD_OVER",
+            UPLOAD_PROVE => "UPLOAD_PROVE",
+            DOWNLOAD_OVER => "DOWNLOAD_OVER",
+            REPLY_TRACKER => "REPLY_TRACKER",
+            REPLY_ID => "REPLY_ID",
+            REPLY_STORAGE => "REPLY_STORAGE",
+            REPLY_PROXY => "REPLY_PROXY",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// Status byte values.
+pub mod status {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+}
+
+/// The fixed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub body_len: u64,
+    pub cmd: u8,
+    pub status: u8,
+}
+
+impl Header {
+    pub fn new(cmd: u8, status: u8, body_len: u64) -> Self {
+        Header {
+            body_len,
+            cmd,
+            status,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..8].copy_from_slice(&self.body_len.to_be_bytes());
+        b[8] = self.cmd;
+        b[9] = self.status;
+        b
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Self {
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&b[..8]);
+        Header {
+            body_len: u64::from_be_bytes(len),
+            cmd: b[8],
+            status: b[9],
+        }
+    }
+}
+
+/// How a request body is laid out, and how big it may be. The decoder refuses a header that
+/// breaks these rules before reading (let alone allocating) the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodySpec {
+    /// Bytes of meta (decoded whole); for control bodies this is the largest allowed body.
+    pub meta: usize,
+    /// Control body of variable length up to `meta`, or exactly `meta`.
+    pub exact: bool,
+    /// Largest payload after the meta (0 for control frames).
+    pub payload_max: u64,
+}
+
+/// The body rules of every request command a server or proxy accepts.
+pub fn request_spec(c: u8) -> Option<BodySpec> {
+    let control = |meta, exact| {
+        Some(BodySpec {
+            meta,
+            exact,
+            payload_max: 0,
+        })
+    };
+    match c {
+        cmd::HELLO => control(HELLO_MAX, false),
+        cmd::PROBE => control(2, true),
+        cmd::UPLOAD => Some(BodySpec {
+            meta: UPLOAD_META,
+            exact: true,
+            payload_max: BLOCK_MAX,
+        }),
+        cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => control(FILE_ID_LEN, true),
+        cmd::DOWNLOAD => control(FILE_ID_LEN + 16, true),
+        cmd::UPLOAD_INIT => control(UPLOAD_INIT_LEN, true),
+        cmd::UPLOAD_QUERY | cmd::UPLOAD_OVER => control(UPLOAD_ID_LEN, true),
+        cmd::UPLOAD_BLOCK => Some(BodySpec {
+            meta: BLOCK_META,
+            exact: true,
+            payload_max: BLOCK_MAX,
+        }),
+        cmd::UPLOAD_PROVE => control(UPLOAD_ID_LEN + SHA256_LEN, true),
+        _ => None,
+    }
+}
+
+/// Error codes carried in an error body (status 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Malformed frame or field.
+    BadFrame = 1,
+    /// Protocol version not supported.
+    Version = 2,
+    /// Command unknown to the receiver.
+    UnknownCommand = 3,
+    /// Body longer than the command allows.
+    TooLarge = 4,
+    /// The first frame of a session was not HELLO.
+    HelloRequired = 5,
+    /// Credential missing or not valid.
+    Auth = 6,
+    /// No such file (or not visible to this app).
+    NotFound = 7,
+    /// No such upload session (unknown or expired).
+    UnknownUpload = 8,
+    /// Block index, offset or length outside the file.
+    BadBlock = 9,
+    /// Block bytes do not match their CRC32C.
+    Crc = 10,
+    /// File over while blocks are still missing.
+    Incomplete = 11,
+    /// Assembled file does not match the announced SHA-256.
+    HashMismatch = 12,
+    /// Proof of possession was wrong.
+    ProofFailed = 13,
+    /// Someone else is writing this block right now; retry later.
+    Busy = 14,
+    /// Not enough disk space.
+    NoSpace = 15,
+    /// Server-side I/O failure.
+    Io = 16,
+    /// A limit was reached (connections, sessions, sizes).
+    Limit = 17,
+    /// Range past the end of the file.
+    Range = 18,
+    /// No upstream could be reached (raised by a proxy).
+    Upstream = 19,
+    /// Anything else.
+    Internal = 20,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => BadFrame,
+            2 => Version,
+            3 => UnknownCommand,
+            4 => TooLarge,
+            5 => HelloRequired,
+            6 => Auth,
+            7 => NotFound,
+            8 => UnknownUpload,
+            9 => BadBlock,
+            10 => Crc,
+            11 => Incomplete,
+            12 => HashMismatch,
+            13 => ProofFailed,
+            14 => Busy,
+            15 => NoSpace,
+            16 => Io,
+            17 => Limit,
+            18 => Range,
+            19 => Upstream,
+            20 => Internal,
+            _ => return None,
+        })
+    }
+
+    /// Whether a client should retry the same request (possibly elsewhere) after this error.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Busy | ErrorCode::Io | ErrorCode::Upstream | ErrorCode::Limit
+        )
+    }
+}
+
+/// Why bytes from the wire could not be decoded. Never panics, never allocates a claimed length.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProtoError {
+    #[error("unknown command {0}")]
+    UnknownCommand(u8),
+    #[error("{cmd} body of {len} bytes is over its limit of {max}")]
+    TooLarge {
+        cmd: &'static str,
+        len: u64,
+        max: u64,
+    },
+    #[error("{cmd} body of {len} bytes, expected {expected}")]
+    BadLength {
+        cmd: &'static str,
+        len: u64,
+        expected: u64,
+    },
+    #[error("field {0} is truncated")]
+    Truncated(&'static str),
+    #[error("field {0} is not valid UTF-8")]
+    NotUtf8(&'static str),
+    #[error("field {0} has bytes after its NUL padding")]
+    NulInside(&'static str),
+    #[error("field {0} is empty")]
+    Empty(&'static str),
+    #[error("field {field}: {why}")]
+    Invalid {
+        field: &'static str,
+        why: &'static str,
+    },
+    #[error("bad status byte {0}")]
+    BadStatus(u8),
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    Version(u16),
+}
+
+impl ProtoError {
+    /// The error code a peer is told when its frame fails to decode.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtoError::UnknownCommand(_) => ErrorCode::UnknownCommand,
+            ProtoError::TooLarge { .. } => ErrorCode::TooLarge,
+            ProtoError::Version(_) => ErrorCode::Version,
+            _ => ErrorCode::BadFrame,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

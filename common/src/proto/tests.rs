@@ -1,0 +1,442 @@
+use super::*;
+use proptest::prelude::*;
+
+/// Hex examples from docs/PROTOCOL.md, by name: a line `example NAME:` followed by a fenced
+/// block of hex bytes.
+fn doc_example(name: &str) -> Vec<u8> {
+    let doc = include_str!("../../../docs/PROTOCOL.md");
+    let tag = format!("example {name}:");
+    let start = doc
+        .find(&tag)
+        .unwrap_or_else(|| panic!("PROTOCOL.md has no {tag}"));
+    let rest = &doc[start..];
+    let open = rest.find("```hex").expect("example opens a ```hex block") + 6;
+    let close = rest[open..].find("```").expect("example block closes") + open;
+    rest[open..close]
+        .split_whitespace()
+        .map(|h| u8::from_str_radix(h, 16).expect("hex byte"))
+        .collect()
+}
+
+/// Feeds `chunks` in order to one decoder and returns every frame with its meta and payload
+/// glued back together.
+fn decode_chunks(
+    dec: &mut Decoder,
+    chunks: &[&[u8]],
+) -> Result<Vec<(Header, Vec<u8>)>, ProtoError> {
+    let mut out: Vec<(Header, Vec<u8>)> = Vec::new();
+    for chunk in chunks {
+        let mut input = *chunk;
+        while !input.is_empty() {
+            let (n, item) = dec.decode(input)?;
+            assert!(n > 0, "decoder made no progress on non-empty input");
+            input = &input[n..];
+            match item {
+                Some(Decoded::Frame { header, meta, .. }) => out.push((header, meta)),
+                Some(Decoded::Payload { data, .. }) => out
+                    .last_mut()
+                    .expect("payload after a frame")
+                    .1
+                    .extend_from_slice(data),
+                None => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn decode_all(dec: &mut Decoder, input: &[u8]) -> Result<Vec<(Header, Vec<u8>)>, ProtoError> {
+    decode_chunks(dec, &[input])
+}
+
+fn sample_frames() -> Vec<Vec<u8>> {
+    let hello = Hello::new("demo", "alice", b"token");
+    let mut upload = data_frame_head(
+        cmd::UPLOAD,
+        0,
+        &UploadMeta {
+            sha256: [7; 32],
+            name: "cat.jpg".into(),
+        }
+        .encode()
+        .unwrap(),
+        5,
+    );
+    upload.extend_from_slice(b"hello");
+    let meta = BlockMeta {
+        upload_id: [9; 16],
+        index: 3,
+        offset: 12,
+        len: 4,
+        crc32c: 42,
+    };
+    let mut block = data_frame_head(cmd::UPLOAD_BLOCK, 0, &meta.encode(), 4);
+    block.extend_from_slice(b"abcd");
+    vec![
+        frame(cmd::HELLO, 0, &hello.encode().unwrap()),
+        frame(cmd::PROBE, 0, &probe_body()),
+        upload,
+        frame(cmd::STAT, 0, &encode_file_id("f1").unwrap()),
+        block,
+        frame(cmd::UPLOAD_OVER, 0, &[1; 16]),
+    ]
+}
+
+#[test]
+fn header_layout_matches_the_doc() {
+    let h = Header::new(cmd::PROBE, status::OK, 2);
+    let doc = doc_example("probe");
+    assert_eq!(&h.encode()[..], &doc[..HEADER_LEN]);
+    assert_eq!(Header::decode(&h.encode()), h);
+    let mut f = h.encode().to_vec();
+    f.extend_from_slice(&probe_body());
+    assert_eq!(f, doc);
+}
+
+#[test]
+fn frames_match_the_doc() {
+    let hello = Hello::new("demo", "alice", b"");
+    assert_eq!(
+        frame(cmd::HELLO, 0, &hello.encode().unwrap()),
+        doc_example("hello")
+    );
+    let err = ErrorBody::new(ErrorCode::NotFound, "no such file");
+    assert_eq!(err.frame(cmd::REPLY_STORAGE), doc_example("error"));
+    let id = Identity {
+        version: VERSION,
+        role: Role::Server,
+    };
+    assert_eq!(
+        frame(cmd::REPLY_STORAGE, 0, &id.encode()),
+        doc_example("identity")
+    );
+    let meta = BlockMeta {
+        upload_id: *b"0123456789abcdef",
+        index: 1,
+        offset: 4 * 1024 * 1024,
+        len: 3,
+        crc32c: crc32c::crc32c(b"abc"),
+    };
+    let mut block = data_frame_head(cmd::UPLOAD_BLOCK, 0, &meta.encode(), 3);
+    block.extend_from_slice(b"abc");
+    assert_eq!(block, doc_example("block"));
+}
+
+#[test]
+fn whole_stream_in_one_read() {
+    let frames = sample_frames();
+    let all: Vec<u8> = frames.concat();
+    let got = decode_all(&mut Decoder::requests(), &all).unwrap();
+    assert_eq!(got.len(), frames.len());
+    for (f, (h, body)) in frames.iter().zip(&got) {
+        assert_eq!(&Header::decode(f[..HEADER_LEN].try_into().unwrap()), h);
+        assert_eq!(&f[HEADER_LEN..], &body[..]);
+    }
+}
+
+#[test]
+fn one_byte_at_a_time() {
+    let all: Vec<u8> = sample_frames().concat();
+    let expected = decode_all(&mut Decoder::requests(), &all).unwrap();
+    let bytes: Vec<&[u8]> = all.chunks(1).collect();
+    let mut dec = Decoder::requests();
+    assert_eq!(decode_chunks(&mut dec, &bytes).unwrap(), expected);
+    assert!(dec.is_idle());
+}
+
+#[test]
+fn split_at_every_position() {
+    let all: Vec<u8> = sample_frames().concat();
+    let expected = decode_all(&mut Decoder::requests(), &all).unwrap();
+    for cut in 0..=all.len() {
+        let mut dec = Decoder::requests();
+        let got = decode_chunks(&mut dec, &[&all[..cut], &all[cut..]]).unwrap();
+        assert_eq!(got, expected, "split at {cut}");
+        assert!(dec.is_idle());
+    }
+}
+
+#[test]
+fn oversized_body_is_refused_before_allocation() {
+    // Claims an exabyte-long STAT; the decoder must refuse on the header alone.
+    let h = Header::new(cmd::STAT, 0, u64::MAX / 2).encode();
+    let err = Decoder::requests().decode(&h).unwrap_err();
+    assert!(matches!(err, ProtoError::TooLarge { .. }), "{err}");
+    assert_eq!(err.code(), ErrorCode::TooLarge);
+    // A block payload over 64 MiB.
+    let h = Header::new(cmd::UPLOAD_BLOCK, 0, BLOCK_META as u64 + BLOCK_MAX + 1).encode();
+    assert!(matches!(
+        Decoder::requests().decode(&h),
+        Err(ProtoError::TooLarge { .. })
+    ));
+    // A HELLO longer than its maximum.
+    let h = Header::new(cmd::HELLO, 0, HELLO_MAX as u64 + 1).encode();
+    assert!(matches!(
+        Decoder::requests().decode(&h),
+        Err(ProtoError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn wrong_exact_length_unknown_command_and_status() {
+    let h = Header::new(cmd::STAT, 0, 5).encode();
+    assert!(matches!(
+        Decoder::requests().decode(&h),
+        Err(ProtoError::BadLength { .. })
+    ));
+    let h = Header::new(200, 0, 0).encode();
+    assert_eq!(
+        Decoder::requests().decode(&h).unwrap_err(),
+        ProtoError::UnknownCommand(200)
+    );
+    let h = Header::new(cmd::PROBE, 7, 2).encode();
+    assert_eq!(
+        Decoder::requests().decode(&h).unwrap_err(),
+        ProtoError::BadStatus(7)
+    );
+    // Requests never carry the error status.
+    let h = Header::new(cmd::PROBE, status::ERROR, 2).encode();
+    assert_eq!(
+        Decoder::requests().decode(&h).unwrap_err(),
+        ProtoError::BadStatus(1)
+    );
+    // A data frame shorter than its meta.
+    let h = Header::new(cmd::UPLOAD_BLOCK, 0, 3).encode();
+    assert!(matches!(
+        Decoder::requests().decode(&h),
+        Err(ProtoError::BadLength { .. })
+    ));
+}
+
+#[test]
+fn truncated_and_bad_fields() {
+    let body = Hello::new("a", "b", b"xyz").encode().unwrap();
+    for cut in 0..body.len() {
+        assert!(Hello::decode(&body[..cut]).is_err(), "cut {cut}");
+    }
+    // Version mismatch is reported as such, before anything else.
+    let mut other = body.clone();
+    other[..2].copy_from_slice(&99u16.to_be_bytes());
+    assert_eq!(Hello::decode(&other).unwrap_err(), ProtoError::Version(99));
+    assert_eq!(ProtoError::Version(99).code(), ErrorCode::Version);
+    // Non-UTF-8 app id.
+    let mut bad = body.clone();
+    bad[4] = 0xff;
+    assert_eq!(
+        Hello::decode(&bad).unwrap_err(),
+        ProtoError::NotUtf8("app id")
+    );
+    // A NUL inside the user id, with bytes after it.
+    let mut nul = body.clone();
+    nul[4 + APP_ID_LEN + 1] = 0;
+    nul[4 + APP_ID_LEN + 2] = b'x';
+    assert_eq!(
+        Hello::decode(&nul).unwrap_err(),
+        ProtoError::NulInside("user id")
+    );
+    // Empty app id.
+    let mut empty = body.clone();
+    empty[4] = 0;
+    assert_eq!(
+        Hello::decode(&empty).unwrap_err(),
+        ProtoError::Empty("app id")
+    );
+    // Credential length beyond the body.
+    let mut long = body.clone();
+    let at = 4 + APP_ID_LEN + USER_ID_LEN;
+    long[at..at + 2].copy_from_slice(&600u16.to_be_bytes());
+    assert!(Hello::decode(&long).is_err());
+    // Control characters in a name.
+    let mut meta = Vec::new();
+    meta.extend_from_slice(&[0; 32]);
+    put_fixed_str(&mut meta, "a\u{1}b", NAME_LEN, "name").unwrap();
+    assert!(UploadMeta::decode(&meta).is_err());
+    // Fields that do not fit are refused on encode.
+    assert!(Hello::new(&"x".repeat(17), "u", b"").encode().is_err());
+    assert!(encode_file_id("a\0b").is_err());
+}
+
+#[test]
+fn block_meta_must_match_payload_length() {
+    let m = BlockMeta {
+        upload_id: [1; 16],
+        index: 0,
+        offset: 0,
+        len: 10,
+        crc32c: 0,
+    };
+    assert!(BlockMeta::decode(&m.encode(), 10).is_ok());
+    assert!(matches!(
+        BlockMeta::decode(&m.encode(), 11),
+        Err(ProtoError::BadLength { .. })
+    ));
+}
+
+#[test]
+fn upload_init_limits() {
+    let init = |size, block_size| UploadInit {
+        size,
+        block_size,
+        sha256: [0; 32],
+        name: "n".into(),
+    };
+    assert_eq!(init(10 * 1024 * 1024, 4 * 1024 * 1024).blocks().unwrap(), 3);
+    assert!(
+        init(0, 4 << 20).blocks().is_err(),
+        "a big file has at least one block"
+    );
+    assert!(init(1 << 30, 1024).blocks().is_err(), "block below 64 KiB");
+    assert!(
+        init(1 << 30, u32::MAX).blocks().is_err(),
+        "block above 64 MiB"
+    );
+    assert!(
+        init(u64::MAX, 64 << 20).blocks().is_err(),
+        "too many blocks"
+    );
+    let enc = init(5 << 20, 1 << 20).encode().unwrap();
+    assert_eq!(UploadInit::decode(&enc).unwrap(), init(5 << 20, 1 << 20));
+}
+
+#[test]
+fn download_range_overflow_is_refused() {
+    let req = DownloadReq {
+        file_id: "f".into(),
+        offset: u64::MAX - 1,
+        len: 10,
+    };
+    assert!(DownloadReq::decode(&req.encode().unwrap()).is_err());
+    let req = DownloadReq {
+        file_id: "f".into(),
+        offset: 0,
+        len: BLOCK_MAX + 1,
+    };
+    assert!(DownloadReq::decode(&req.encode().unwrap()).is_err());
+}
+
+#[test]
+fn breakpoint_bitmap() {
+    let mut bp = Breakpoint::new(10);
+    bp.set(0);
+    bp.set(9);
+    bp.set(99);
+    assert_eq!(bp.count(), 2);
+    assert_eq!(
+        bp.missing().collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
+    );
+    assert_eq!(Breakpoint::decode(&bp.encode()).unwrap(), bp);
+    let mut huge = (BLOCKS_MAX + 1).to_be_bytes().to_vec();
+    huge.push(0);
+    assert!(Breakpoint::decode(&huge).is_err());
+}
+
+#[test]
+fn error_text_is_bounded() {
+    let e = ErrorBody::new(ErrorCode::Io, "é".repeat(1000));
+    assert!(e.text.len() <= ERROR_TEXT_MAX);
+    assert_eq!(ErrorBody::decode(&e.encode()).unwrap(), e);
+    let mut long = 16u16.to_be_bytes().to_vec();
+    long.extend(std::iter::repeat_n(b'a', ERROR_TEXT_MAX + 1));
+    assert!(ErrorBody::decode(&long).is_err());
+    assert!(ErrorBody::decode(&[0, 99]).is_err(), "unknown code");
+}
+
+#[test]
+fn reply_decoder_accepts_error_frames() {
+    fn spec(_: u8) -> Option<BodySpec> {
+        Some(BodySpec {
+            meta: DOWNLOAD_REPLY_META,
+            exact: true,
+            payload_max: BLOCK_MAX,
+        })
+    }
+    let err = ErrorBody::new(ErrorCode::Range, "past the end").frame(cmd::REPLY_STORAGE);
+    let got = decode_all(&mut Decoder::replies(spec), &err).unwrap();
+    assert_eq!(got[0].0.status, status::ERROR);
+    assert_eq!(ErrorBody::decode(&got[0].1).unwrap().code, ErrorCode::Range);
+}
+
+fn id_string(max: usize) -> impl Strategy<Value = String> {
+    proptest::string::string_regex(&format!("[a-zA-Z0-9_.é-]{{1,{}}}", max / 2)).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn hello_round_trip(app in id_string(APP_ID_LEN), user in id_string(USER_ID_LEN),
+                        cred in proptest::collection::vec(any::<u8>(), 0..CREDENTIAL_MAX)) {
+        let h = Hello::new(&app, &user, &cred);
+        prop_assert_eq!(Hello::decode(&h.encode().unwrap()).unwrap(), h);
+    }
+
+    #[test]
+    fn stat_round_trip(size in any::<u64>(), sha in any::<[u8; 32]>(), created in any::<u64>(),
+                       bs in any::<u32>(), name in id_string(NAME_LEN)) {
+        let s = StatReply { size, sha256: sha, created, block_size: bs, name };
+        prop_assert_eq!(StatReply::decode(&s.encode().unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn block_round_trip(id in any::<[u8; 16]>(), index in any::<u32>(), offset in any::<u64>(),
+                        data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let m = BlockMeta { upload_id: id, index, offset, len: data.len() as u32,
+                            crc32c: crc32c::crc32c(&data) };
+        let mut f = data_frame_head(cmd::UPLOAD_BLOCK, 0, &m.encode(), data.len() as u64);
+        f.extend_from_slice(&data);
+        let got = decode_all(&mut Decoder::requests(), &f).unwrap();
+        prop_assert_eq!(got.len(), 1);
+        let (meta, payload) = got[0].1.split_at(BLOCK_META);
+        prop_assert_eq!(BlockMeta::decode(meta, payload.len() as u64).unwrap(), m);
+        prop_assert_eq!(payload, &data[..]);
+    }
+
+    #[test]
+    fn init_reply_round_trip(id in any::<[u8; 16]>(), bs in any::<u32>(), n in any::<u32>(),
+                             ch in proptest::option::of((any::<u64>(), any::<u64>()))) {
+        let r = UploadInitReply { upload_id: id, block_size: bs, blocks: n, challenge: ch };
+        prop_assert_eq!(UploadInitReply::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn random_chunking_of_random_frames(seed in any::<u64>(), cuts in proptest::collection::vec(1usize..64, 1..40)) {
+        let frames = sample_frames();
+        let all: Vec<u8> = frames.concat();
+        let mut dec = Decoder::requests();
+        let mut pos = 0usize;
+        let mut heads = 0;
+        let mut i = 0usize;
+        while pos < all.len() {
+            let step = cuts[(i + seed as usize) % cuts.len()].min(all.len() - pos);
+            i += 1;
+            let mut input = &all[pos..pos + step];
+            pos += step;
+            while !input.is_empty() {
+                let (n, item) = dec.decode(input).unwrap();
+                input = &input[n..];
+                if let Some(Decoded::Frame { .. }) = item { heads += 1; }
+            }
+        }
+        prop_assert_eq!(heads, frames.len());
+        prop_assert!(dec.is_idle());
+    }
+
+    #[test]
+    fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut dec = Decoder::requests();
+        let mut input = &bytes[..];
+        while !input.is_empty() {
+            match dec.decode(input) {
+                Ok((n, _)) => input = &input[n..],
+                Err(_) => break,
+            }
+        }
+        let _ = Hello::decode(&bytes);
+        let _ = StatReply::decode(&bytes);
+        let _ = UploadInit::decode(&bytes);
+        let _ = Breakpoint::decode(&bytes);
+        let _ = ErrorBody::decode(&bytes);
+        let _ = DownloadReq::decode(&bytes);
+    }
+}

@@ -1,0 +1,316 @@
+//! Reactor tests with an echo service over real loopback sockets.
+
+use super::*;
+use rand::RngExt;
+use std::io::{Read, Write};
+use std::net::TcpStream as StdStream;
+use std::sync::atomic::AtomicUsize;
+
+/// Echoes bytes back with a bounded buffer: when the peer does not read, it stops reading too.
+struct Echo {
+    sock: TcpStream,
+    buf: Vec<u8>,
+    eof: bool,
+    closed: Arc<AtomicUsize>,
+}
+
+const ECHO_BUF: usize = 64 * 1024;
+
+impl Conn for Echo {
+    fn run(&mut self, ev: &Events) -> Step {
+        if ev.draining && self.buf.is_empty() {
+            return Step::Close;
+        }
+        let mut tmp = [0u8; 8192];
+        loop {
+            // Flush first so the buffer bound holds.
+            while !self.buf.is_empty() {
+                match self.sock.write(&self.buf) {
+                    Ok(n) => {
+                        self.buf.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Step::Close,
+                }
+            }
+            if self.eof {
+                return Step::Close;
+            }
+            let room = (ECHO_BUF - self.buf.len()).min(tmp.len());
+            match self.sock.read(&mut tmp[..room]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+    }
+
+    fn sources(&mut self, arm: &mut Arm<'_>) {
+        let want = if self.buf.is_empty() {
+            Interest::READABLE
+        } else {
+            Interest::WRITABLE
+        };
+        arm(0, &mut self.sock, Some(want));
+    }
+
+    fn closed(&mut self, _why: CloseReason) {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct EchoService {
+    closed: Arc<AtomicUsize>,
+}
+
+impl Service for EchoService {
+    fn accept(&self, sock: TcpStream, _: SocketAddr, _: usize) -> Option<Box<dyn Conn>> {
+        Some(Box::new(Echo {
+            sock,
+            buf: Vec::new(),
+            eof: false,
+            closed: self.closed.clone(),
+        }))
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    handle: Handle,
+    closed: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl Running {
+    fn stop(mut self) -> Duration {
+        let t = Instant::now();
+        self.handle.shutdown();
+        self.thread.take().unwrap().join().unwrap().unwrap();
+        t.elapsed()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.handle.shutdown();
+            let _ = t.join();
+        }
+    }
+}
+
+fn start(cfg: Config) -> Running {
+    let l = crate::net::listen("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
+    let r = Reactor::new(cfg, vec![l]).unwrap();
+    let addr = r.local_addrs()[0];
+    let handle = r.handle();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let svc = Arc::new(EchoService {
+        closed: closed.clone(),
+    });
+    let thread = Some(std::thread::spawn(move || r.run(svc)));
+    Running {
+        addr,
+        handle,
+        closed,
+        thread,
+    }
+}
+
+fn client(addr: SocketAddr) -> StdStream {
+    let s = StdStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+#[test]
+fn token_round_trip() {
+    let t = token(12345, (1 << GEN_BITS) - 1, 3);
+    assert_eq!(untoken(t), (12345, (1 << GEN_BITS) - 1, 3));
+    assert!(is_listener(t).is_none());
+    assert_eq!(is_listener(Token(LISTENER_BASE - 2)), Some(2));
+}
+
+#[test]
+fn echo_many_concurrent_clients_random_writes() {
+    let r = start(Config {
+        workers: 3,
+        ..Config::default()
+    });
+    let addr = r.addr;
+    let threads: Vec<_> = (0..32)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut rng = rand::rng();
+                let total = rng.random_range(1..600_000usize);
+                let data: Vec<u8> = (0..total).map(|i| (i * 31 + c) as u8).collect();
+                let mut s = client(addr);
+                let mut reader = s.try_clone().unwrap();
+                let expect = data.clone();
+                let rd = std::thread::spawn(move || {
+                    let mut got = Vec::with_capacity(expect.len());
+                    reader.read_to_end(&mut got).unwrap();
+                    assert!(
+                        got == expect,
+                        "client {c}: {} of {} bytes echoed",
+                        got.len(),
+                        expect.len()
+                    );
+                });
+                let mut pos = 0;
+                while pos < data.len() {
+                    let n = rng.random_range(1..20_000).min(data.len() - pos);
+                    s.write_all(&data[pos..pos + n]).unwrap();
+                    pos += n;
+                }
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                rd.join().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    r.stop();
+}
+
+#[test]
+fn tiny_writes_with_pauses_never_hang() {
+    // Provokes the lost-wake-up race: each byte arrives just as the worker may be hitting
+    // WouldBlock and handing the connection back. A lost edge shows up as a read timeout.
+    let r = start(Config {
+        workers: 2,
+        ..Config::default()
+    });
+    let addr = r.addr;
+    let threads: Vec<_> = (0..8)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut rng = rand::rng();
+                let mut s = client(addr);
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                for i in 0..300u32 {
+                    let b = [(i as u8) ^ (c as u8)];
+                    s.write_all(&b).unwrap();
+                    let mut got = [0u8; 1];
+                    s.read_exact(&mut got)
+                        .unwrap_or_else(|e| panic!("client {c} byte {i}: {e}"));
+                    assert_eq!(got, b);
+                    if rng.random_bool(0.3) {
+                        std::thread::sleep(Duration::from_micros(rng.random_range(0..300)));
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    r.stop();
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let r = start(Config {
+        idle_timeout: Duration::from_millis(300),
+        ..Config::default()
+    });
+    let mut s = client(r.addr);
+    let t = Instant::now();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        s.read(&mut b).unwrap(),
+        0,
+        "server closes the idle connection"
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(r.handle.stats().idle_closed.load(Ordering::SeqCst), 1);
+    // An active connection is not idle.
+    let mut a = client(r.addr);
+    for _ in 0..6 {
+        a.write_all(b"x").unwrap();
+        a.read_exact(&mut b).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.stop();
+}
+
+#[test]
+fn connection_limit_refuses_without_harming_others() {
+    let r = start(Config {
+        max_connections: 2,
+        ..Config::default()
+    });
+    let mut a = client(r.addr);
+    let mut b = client(r.addr);
+    let mut one = [0u8; 1];
+    a.write_all(b"a").unwrap();
+    a.read_exact(&mut one).unwrap();
+    b.write_all(b"b").unwrap();
+    b.read_exact(&mut one).unwrap();
+    let mut c = client(r.addr);
+    let _ = c.write_all(b"c");
+    let refused = matches!(c.read(&mut one), Ok(0) | Err(_));
+    assert!(refused, "third connection must be closed");
+    a.write_all(b"still").unwrap();
+    let mut five = [0u8; 5];
+    a.read_exact(&mut five).unwrap();
+    assert_eq!(&five, b"still");
+    assert_eq!(r.handle.stats().refused.load(Ordering::SeqCst), 1);
+    r.stop();
+}
+
+#[test]
+fn shutdown_stops_accepting_and_drains() {
+    let r = start(Config {
+        shutdown_grace: Duration::from_secs(3),
+        ..Config::default()
+    });
+    let addr = r.addr;
+    let mut s = client(addr);
+    s.write_all(b"hi").unwrap();
+    let mut two = [0u8; 2];
+    s.read_exact(&mut two).unwrap();
+    let closed = r.closed.clone();
+    let took = r.stop();
+    assert!(
+        took < Duration::from_secs(3),
+        "idle echo connections close at once: {took:?}"
+    );
+    assert_eq!(closed.load(Ordering::SeqCst), 1);
+    assert!(
+        StdStream::connect(addr).is_err(),
+        "listener is closed after shutdown"
+    );
+}
+
+#[test]
+fn busy_connection_gets_the_grace_period() {
+    // A connection that keeps a full buffer (peer never reads) does not close on drain; the
+    // reactor waits for the grace period and then closes it.
+    let r = start(Config {
+        shutdown_grace: Duration::from_millis(500),
+        ..Config::default()
+    });
+    let mut s = client(r.addr);
+    s.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..200 {
+        if s.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let took = r.stop();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}

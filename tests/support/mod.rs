@@ -1,0 +1,176 @@
+//! Shared helpers for the end-to-end tests: free loopback ports, child processes that are
+//! always killed (even when a test panics), readiness probes, and test data.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use ferry_common::proto::{self, Header, Identity};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Paths of the real binaries built by Cargo for this test run.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "ferry" => PathBuf::from(env!("CARGO_BIN_EXE_ferry")),
+        "ferry-proxy" => PathBuf::from(env!("CARGO_BIN_EXE_ferry-proxy")),
+        "ferry-server" => PathBuf::from(env!("CARGO_BIN_EXE_ferry-server")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// A child process that is killed and reaped when dropped. Its stderr goes to a log file in the
+/// test's temp dir so a failure can show what the process said.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { name: name.into(), child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("process running").id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return Some(st);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- {} log ----\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+/// Sends a PROBE and returns who answered, or None if nothing ferry-like answered in time.
+pub fn probe(addr: SocketAddr, timeout: Duration) -> Option<Identity> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(&proto::frame(proto::cmd::PROBE, 0, &proto::probe_body())).ok()?;
+    let mut h = [0u8; proto::HEADER_LEN];
+    s.read_exact(&mut h).ok()?;
+    let h = Header::decode(&h);
+    if h.status != proto::status::OK || h.body_len > 64 {
+        return None;
+    }
+    let mut body = vec![0u8; h.body_len as usize];
+    s.read_exact(&mut body).ok()?;
+    Identity::decode(&body).ok()
+}
+
+/// Waits until `addr` answers a PROBE, up to `limit`; panics with the process log otherwise.
+pub fn wait_ready(addr: SocketAddr, limit: Duration) -> Identity {
+    let t = Instant::now();
+    loop {
+        if let Some(id) = probe(addr, Duration::from_millis(500)) {
+            return id;
+        }
+        assert!(t.elapsed() < limit, "{addr} did not answer a PROBE within {limit:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Writes `size` bytes of deterministic pseudo-random data (xorshift, seeded) to `path`.
+pub fn make_file(path: &Path, size: u64, seed: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut left = size;
+    let mut buf = vec![0u8; 1 << 16];
+    while left > 0 {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Resident set size of a process in KiB (from /proc), 0 if it is gone.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Number of open file descriptors of a process.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}

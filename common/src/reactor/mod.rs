@@ -13,6 +13,7 @@
 //! per-connection deadlines on a deadline heap, a `Waker` for workers and for shutdown, and
 //! SIGTERM/SIGINT handling (stop accepting, let connections drain up to a deadline, exit).
 
+pub mod echo;
 mod events;
 mod timers;
 

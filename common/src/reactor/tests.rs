@@ -1,81 +1,11 @@
 //! Reactor tests with an echo service over real loopback sockets.
 
+use super::echo::EchoService;
 use super::*;
 use rand::RngExt;
 use std::io::{Read, Write};
 use std::net::TcpStream as StdStream;
 use std::sync::atomic::AtomicUsize;
-
-/// Echoes bytes back with a bounded buffer: when the peer does not read, it stops reading too.
-struct Echo {
-    sock: TcpStream,
-    buf: Vec<u8>,
-    eof: bool,
-    closed: Arc<AtomicUsize>,
-}
-
-const ECHO_BUF: usize = 64 * 1024;
-
-impl Conn for Echo {
-    fn run(&mut self, ev: &Events) -> Step {
-        if ev.draining && self.buf.is_empty() {
-            return Step::Close;
-        }
-        let mut tmp = [0u8; 8192];
-        loop {
-            // Flush first so the buffer bound holds.
-            while !self.buf.is_empty() {
-                match self.sock.write(&self.buf) {
-                    Ok(n) => {
-                        self.buf.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Step::Close,
-                }
-            }
-            if self.eof {
-                return Step::Close;
-            }
-            let room = (ECHO_BUF - self.buf.len()).min(tmp.len());
-            match self.sock.read(&mut tmp[..room]) {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Step::Close,
-            }
-        }
-    }
-
-    fn sources(&mut self, arm: &mut Arm<'_>) {
-        let want = if self.buf.is_empty() {
-            Interest::READABLE
-        } else {
-            Interest::WRITABLE
-        };
-        arm(0, &mut self.sock, Some(want));
-    }
-
-    fn closed(&mut self, _why: CloseReason) {
-        self.closed.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-struct EchoService {
-    closed: Arc<AtomicUsize>,
-}
-
-impl Service for EchoService {
-    fn accept(&self, sock: TcpStream, _: SocketAddr, _: usize) -> Option<Box<dyn Conn>> {
-        Some(Box::new(Echo {
-            sock,
-            buf: Vec::new(),
-            eof: false,
-            closed: self.closed.clone(),
-        }))
-    }
-}
 
 struct Running {
     addr: SocketAddr,
@@ -108,9 +38,7 @@ fn start(cfg: Config) -> Running {
     let addr = r.local_addrs()[0];
     let handle = r.handle();
     let closed = Arc::new(AtomicUsize::new(0));
-    let svc = Arc::new(EchoService {
-        closed: closed.clone(),
-    });
+    let svc = Arc::new(EchoService::new(closed.clone()));
     let thread = Some(std::thread::spawn(move || r.run(svc)));
     Running {
         addr,

@@ -1,1 +1,107 @@
-//! placeholder
+//! ferry-proxy: the relay in front of clients (client-proxy) and in front of servers
+//! (server-proxy). It reads the first frame of a session itself (answers PROBE, checks HELLO),
+//! connects to the first healthy upstream (primary, then standbys), forwards the HELLO and then
+//! relays bytes both ways with splice(2), without parsing them. See docs/PROXY.md.
+
+pub mod config;
+pub mod first;
+pub mod relay;
+pub mod session;
+pub mod stats;
+pub mod upstream;
+
+pub use config::{Cli, Config};
+
+use anyhow::Context;
+use ferry_common::reactor::{self, Reactor};
+use log::{error, info, warn};
+use relay::Mode;
+use session::{ProxyService, Shared};
+use stats::{Counters, StatsServer};
+use std::sync::Arc;
+use upstream::{Checker, Upstreams};
+
+/// Runs the proxy until SIGTERM/SIGINT (when `handle_signals`) has drained every session.
+pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
+    let fds = ferry_common::net::raise_fd_limit();
+    let mode = if !cfg.zero_copy {
+        Mode::Userspace
+    } else {
+        match relay::splice_works() {
+            Ok(()) => Mode::Splice,
+            Err(why) => {
+                warn!("{why}; falling back to userspace buffers");
+                Mode::Userspace
+            }
+        }
+    };
+    let ups = Arc::new(Upstreams::new(&cfg.upstreams, cfg.rise, cfg.fall));
+    let counters = Arc::new(Counters::default());
+    let listener = ferry_common::net::listen(cfg.listen, 1024)?;
+    let rcfg = reactor::Config {
+        workers: cfg.worker_count(),
+        max_connections: cfg.max_connections,
+        idle_timeout: cfg.idle_timeout,
+        shutdown_grace: cfg.shutdown_grace,
+        handle_signals,
+    };
+    let reactor = Reactor::new(rcfg.clone(), vec![listener]).context("cannot start reactor")?;
+    let _stats = match cfg.stats_listen {
+        Some(addr) => Some(StatsServer::start(
+            addr,
+            counters.clone(),
+            ups.clone(),
+            mode == Mode::Splice,
+        )?),
+        None => None,
+    };
+    let _checker = Checker::start(ups.clone(), cfg.check_interval, cfg.connect_timeout);
+    let standbys: Vec<String> = cfg.upstreams[1..].iter().map(|a| a.to_string()).collect();
+    info!(
+        "ferry-proxy listening on {} -> primary {} standbys [{}]; relay mode: {}, {} bytes per \
+         direction; {} workers, max {} sessions, fd limit {fds}",
+        reactor
+            .local_addrs()
+            .first()
+            .map_or_else(|| cfg.listen.to_string(), |a| a.to_string()),
+        cfg.upstreams[0],
+        standbys.join(", "),
+        mode.name(),
+        cfg.pipe_size,
+        rcfg.workers,
+        rcfg.max_connections,
+    );
+    let service = Arc::new(ProxyService {
+        sh: Arc::new(Shared {
+            counters: counters.clone(),
+            ups,
+            mode,
+            pipe_size: cfg.pipe_size,
+            connect_timeout: cfg.connect_timeout,
+            hello_timeout: cfg.hello_timeout,
+        }),
+    });
+    reactor.run(service).context("reactor failed")?;
+    info!(
+        "ferry-proxy stopped after {} sessions",
+        counters
+            .sessions_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// The `ferry-proxy` binary: parse the command line, load the config, run.
+pub fn main() -> std::process::ExitCode {
+    use clap::Parser;
+    let cli = Cli::parse();
+    ferry_common::logging::init();
+    let result = cli.resolve().and_then(|cfg| run(&cfg, true));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Proxy settings: a TOML file (every key optional, unknown keys refused) with command-line
+//! overrides for the listen address and the upstream list.
+
+use anyhow::{Context, bail};
+use ferry_common::config::millis;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `ferry-proxy` can be told; conf/*-proxy-*.toml documents each key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the proxy accepts sessions on.
+    pub listen: SocketAddr,
+    /// Upstreams in order of preference: the first is the primary, the rest are standbys.
+    pub upstreams: Vec<SocketAddr>,
+    /// Longest wait for one upstream's TCP connect (and for one health probe).
+    #[serde(
+        rename = "connect_timeout_ms",
+        deserialize_with = "millis::deserialize"
+    )]
+    pub connect_timeout: Duration,
+    /// A session that has not sent a complete first frame by then is closed.
+    #[serde(rename = "hello_timeout_ms", deserialize_with = "millis::deserialize")]
+    pub hello_timeout: Duration,
+    /// A session with no socket activity for this long is closed.
+    #[serde(rename = "idle_timeout_ms", deserialize_with = "millis::deserialize")]
+    pub idle_timeout: Duration,
+    /// Period of the PROBE health check of each upstream.
+    #[serde(rename = "check_interval_ms", deserialize_with = "millis::deserialize")]
+    pub check_interval: Duration,
+    /// Consecutive successful probes that mark a down upstream up.
+    pub rise: u32,
+    /// Consecutive failed probes that mark an up upstream down.
+    pub fall: u32,
+    /// Most sessions at once; more are answered with error 17 (Limit) and closed.
+    pub max_connections: usize,
+    /// Reactor worker threads; 0 = one per CPU.
+    pub workers: usize,
+    /// Relay with splice(2) through a pipe per direction; false = a userspace buffer.
+    pub zero_copy: bool,
+    /// Bytes one direction of one session may hold in flight (pipe size or buffer size).
+    pub pipe_size: usize,
+    /// Plain-text counters: connect and read `name value` lines. None = no stats listener.
+    pub stats_listen: Option<SocketAddr>,
+    /// How long sessions may keep running after SIGTERM before they are cut.
+    #[serde(rename = "shutdown_grace_ms", deserialize_with = "millis::deserialize")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
+            upstreams: Vec::new(),
+            connect_timeout: Duration::from_millis(1000),
+            hello_timeout: Duration::from_millis(5000),
+            idle_timeout: Duration::from_millis(120_000),
+            check_interval: Duration::from_millis(1000),
+            rise: 2,
+            fall: 2,
+            max_connections: 4096,
+            workers: 0,
+            zero_copy: true,
+            pipe_size: 256 * 1024,
+            stats_listen: None,
+            shutdown_grace: Duration::from_millis(10_000),
+        }
+    }
+}
+
+/// Smallest and largest per-direction bound: one page, and the unprivileged pipe maximum
+/// (`fs.pipe-max-size` defaults to 1 MiB).
+pub const PIPE_MIN: usize = 4096;
+pub const PIPE_MAX: usize = 1024 * 1024;
+
+impl Config {
+    /// Rejects settings the proxy cannot run with, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.upstreams.is_empty() {
+            bail!("no upstreams: set `upstreams` in the config or pass --upstream");
+        }
+        if self.rise == 0 || self.fall == 0 {
+            bail!("rise and fall must be at least 1");
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
+        if !(PIPE_MIN..=PIPE_MAX).contains(&self.pipe_size) {
+            bail!("pipe_size must be between {PIPE_MIN} and {PIPE_MAX} bytes");
+        }
+        for (name, d) in [
+            ("connect_timeout_ms", self.connect_timeout),
+            ("hello_timeout_ms", self.hello_timeout),
+            ("idle_timeout_ms", self.idle_timeout),
+            ("check_interval_ms", self.check_interval),
+        ] {
+            if d < Duration::from_millis(10) {
+                bail!("{name} must be at least 10");
+            }
+        }
+        Ok(())
+    }
+
+    /// Worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+/// Command line: `ferry-proxy --config FILE [--listen ADDR] [--upstream ADDR]...`.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "ferry-proxy",
+    about = "ferry relay proxy (client-proxy or server-proxy)"
+)]
+pub struct Cli {
+    /// TOML config file (see conf/client-proxy-a.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Listen address; overrides `listen` in the config.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Upstream address, repeated: the first is the primary, the rest are standbys. Replaces
+    /// `upstreams` from the config.
+    #[arg(long = "upstream")]
+    pub upstreams: Vec<SocketAddr>,
+}
+
+impl Cli {
+    /// The config file (or the defaults) with the command-line overrides applied, validated.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => ferry_common::config::load::<Config>(path)?,
+            None => Config::default(),
+        };
+        if let Some(l) = self.listen {
+            cfg.listen = l;
+        }
+        if !self.upstreams.is_empty() {
+            cfg.upstreams = self.upstreams.clone();
+        }
+        cfg.validate().context("invalid proxy configuration")?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn keys_parse_and_unknown_keys_fail() {
+        let cfg = parse(
+            "listen = \"127.0.0.1:9000\"\nupstreams = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n\
+             connect_timeout_ms = 250\nhello_timeout_ms = 300\nidle_timeout_ms = 400\n\
+             check_interval_ms = 500\nrise = 3\nfall = 4\nmax_connections = 10\nworkers = 1\n\
+             zero_copy = false\npipe_size = 65536\nstats_listen = \"127.0.0.1:9001\"\n\
+             shutdown_grace_ms = 600\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.upstreams.len(), 2);
+        assert_eq!(cfg.connect_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.hello_timeout, Duration::from_millis(300));
+        assert_eq!(cfg.idle_timeout, Duration::from_millis(400));
+        assert_eq!(cfg.check_interval, Duration::from_millis(500));
+        assert_eq!((cfg.rise, cfg.fall), (3, 4));
+        assert_eq!((cfg.max_connections, cfg.workers), (10, 1));
+        assert!(!cfg.zero_copy);
+        assert_eq!(cfg.pipe_size, 65536);
+        assert_eq!(cfg.stats_listen.unwrap().port(), 9001);
+        assert_eq!(cfg.shutdown_grace, Duration::from_millis(600));
+        cfg.validate().unwrap();
+        assert!(parse("listen = \"127.0.0.1:1\"\nupstream = []\n").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let cfg = Config::default();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("upstreams")
+        );
+        let cfg = Config {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            pipe_size: 100,
+            ..Config::default()
+        };
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("pipe_size")
+        );
+        let cfg = Config {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            fall: 0,
+            ..Config::default()
+        };
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn shipped_confs_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+        for name in [
+            "client-proxy-a",
+            "client-proxy-b",
+            "server-proxy-a",
+            "server-proxy-b",
+        ] {
+            let path = dir.join(format!("{name}.toml"));
+            let cfg: Config = ferry_common::config::load(&path).unwrap();
+            cfg.validate().unwrap();
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! One proxied session as a reactor connection: source 0 is the front socket (the peer that
+//! connected to us), source 1 the back socket (our connection to an upstream). Both live in this
+//! one value, which the reactor keeps in its slab, so the front/back pairing needs no table of
+//! its own.
+//!
+//! Phases: read the first frame (bounded, with a deadline) -> answer PROBE / refuse junk, or
+//! connect to an upstream (primary first, failing over in order, each attempt with a deadline)
+//! -> relay both ways without parsing until both directions have passed their FIN on, or cut the
+//! session at once when the upstream dies under it.
+
+use crate::first::{FIRST_MAX, First, classify};
+use crate::relay::{Failure, Flow, Mode};
+use crate::stats::Counters;
+use crate::upstream::Upstreams;
+use ferry_common::proto::{ErrorBody, ErrorCode, Hello, cmd};
+use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
+use log::debug;
+use mio::Interest;
+use mio::net::TcpStream;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What every session shares: settings, upstream health and counters.
+pub struct Shared {
+    pub counters: Arc<Counters>,
+    pub ups: Arc<Upstreams>,
+    pub mode: Mode,
+    pub pipe_size: usize,
+    pub connect_timeout: Duration,
+    pub hello_timeout: Duration,
+}
+
+/// How long a refused peer gets to read our error frame before the socket is closed.
+const REPLY_LINGER: Duration = Duration::from_secs(1);
+
+enum Phase {
+    /// Reading the first frame; `buf` holds everything read so far (at most FIRST_MAX bytes).
+    First {
+        buf: Vec<u8>,
+        until: Instant,
+    },
+    /// Writing a reply of our own (PROBE answer or error), then waiting for the peer to close.
+    Reply {
+        out: Vec<u8>,
+        pos: usize,
+        until: Instant,
+    },
+    /// Connecting to `order[tried - 1]`; `head` is every byte read from the front so far.
+    Connect {
+        back: TcpStream,
+        order: Vec<usize>,
+        tried: usize,
+        until: Instant,
+        head: Vec<u8>,
+    },
+    Relay {
+        back: TcpStream,
+        up: Flow,
+        down: Flow,
+    },
+    Done,
+}
+
+pub struct Session {
+    front: TcpStream,
+    peer: SocketAddr,
+    phase: Phase,
+    sh: Arc<Shared>,
+    started: Instant,
+    upstream: Option<SocketAddr>,
+    hello: Option<Hello>,
+    end: String,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+impl Session {
+    pub fn new(front: TcpStream, peer: SocketAddr, sh: Arc<Shared>) -> Session {
+        let now = Instant::now();
+        Session {
+            front,
+            peer,
+            phase: Phase::First {
+                buf: Vec::with_capacity(FIRST_MAX),
+                until: now + sh.hello_timeout,
+            },
+            sh,
+            started: now,
+            upstream: None,
+            hello: None,
+            end: String::from("open"),
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    fn finish(&mut self, why: impl Into<String>) -> (Phase, Step) {
+        self.end = why.into();
+        (Phase::Done, Step::Close)
+    }
+
+    /// Switches to writing `out` to the front, then closing.
+    fn reply(&mut self, out: Vec<u8>, why: impl Into<String>) -> (Phase, Step) {
+        self.end = why.into();
+        let phase = Phase::Reply {
+            out,
+            pos: 0,
+            until: Instant::now() + REPLY_LINGER,
+        };
+        self.run_reply(phase)
+    }
+
+    fn run_first(&mut self, mut buf: Vec<u8>, until: Instant, ev: &Events) -> (Phase, Step) {
+        let c = &self.sh.counters;
+        if ev.draining {
+            return self.finish("shutting down before the first frame");
+        }
+        loop {
+            let have = buf.len();
+            buf.resize(FIRST_MAX, 0);
+            let r = (&self.front).read(&mut buf[have..]);
+            buf.truncate(have + *r.as_ref().unwrap_or(&0));
+            match r {
+                Ok(0) => {
+                    c.rejected.fetch_add(1, Ordering::Relaxed);
+                    return self.finish("closed before a complete first frame");
+                }
+                Ok(_) => match classify(&buf) {
+                    First::Pending if buf.len() < FIRST_MAX => continue,
+                    First::Pending => {
+                        // Cannot happen (any valid first frame fits), but never wait forever.
+                        c.rejected.fetch_add(1, Ordering::Relaxed);
+                        return self.finish("first frame does not fit");
+                    }
+                    First::Probe(out) => {
+                        c.probes_answered.fetch_add(1, Ordering::Relaxed);
+                        return self.reply(out, "PROBE answered");
+                    }
+                    First::Reject { frame, why } => {
+                        c.rejected.fetch_add(1, Ordering::Relaxed);
+                        return self.reply(frame, format!("refused: {why}"));
+                    }
+                    First::Hello { hello, .. } => {
+                        self.hello = Some(hello);
+                        let order = self.sh.ups.order();
+                        return self.connect_next(order, 0, buf);
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.finish(format!("front error before HELLO: {e}")),
+            }
+        }
+        if Instant::now() >= until {
+            c.rejected.fetch_add(1, Ordering::Relaxed);
+            return self.finish(format!(
+                "no complete HELLO within {:?}",
+                self.sh.hello_timeout
+            ));
+        }
+        (Phase::First { buf, until }, Step::Keep)
+    }
+
+    /// Starts a connect to the next upstream in `order` from position `from`; when none is left
+    /// the front gets error 19 (Upstream).
+    fn connect_next(&mut self, order: Vec<usize>, from: usize, head: Vec<u8>) -> (Phase, Step) {
+        let c = &self.sh.counters;
+        for k in from..order.len() {
+            let Some(u) = self.sh.ups.get(order[k]) else {
+                continue;
+            };
+            match TcpStream::connect(u.addr) {
+                Ok(back) => {
+                    return (
+                        Phase::Connect {
+                            back,
+                            order,
+                            tried: k + 1,
+                            until: Instant::now() + self.sh.connect_timeout,
+                            head,
+                        },
+                        Step::Keep,
+                    );
+                }
+                Err(e) => {
+                    debug!("{}: connect to {} failed: {e}", self.peer, u.addr);
+                    if k + 1 < order.len() {
+                        c.failovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        c.no_upstream.fetch_add(1, Ordering::Relaxed);
+        let why = "no upstream could be reached";
+        let frame = ErrorBody::new(ErrorCode::Upstream, why).frame(cmd::REPLY_PROXY);
+        self.reply(frame, why)
+    }
+
+    fn run_connect(&mut self, phase: Phase, ev: &Events) -> (Phase, Step) {
+        let Phase::Connect {
+            back,
+            order,
+            tried,
+            until,
+            head,
+        } = phase
+        else {
+            return (phase, Step::Keep);
+        };
+        let addr = order
+            .get(tried.wrapping_sub(1))
+            .and_then(|&i| self.sh.ups.get(i))
+            .map(|u| u.addr);
+        let Some(addr) = addr else {
+            return self.finish("internal: upstream index lost");
+        };
+        let mut failed = None;
+        if ev.writable(1) || ev.readable(1) {
+            match back.take_error() {
+                Ok(Some(e)) | Err(e) => failed = Some(e.to_string()),
+                Ok(None) => match back.peer_addr() {
+                    Ok(_) => {
+                        return self.connected(back, addr, order.get(tried - 1) == Some(&0), head);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Err(e) => failed = Some(e.to_string()),
+                },
+            }
+        }
+        if failed.is_none() && Instant::now() >= until {
+            failed = Some(format!("timed out after {:?}", self.sh.connect_timeout));
+        }
+        match failed {
+            None => (
+                Phase::Connect {
+                    back,
+                    order,
+                    tried,
+                    until,
+                    head,
+                },
+                Step::Keep,
+            ),
+            Some(why) => {
+                debug!("{}: connect to {addr} failed: {why}", self.peer);
+                drop(back);
+                if tried < order.len() {
+                    self.sh.counters.failovers.fetch_add(1, Ordering::Relaxed);
+                }
+                self.connect_next(order, tried, head)
+            }
+        }
+    }
+
+    fn connected(
+        &mut self,
+        back: TcpStream,
+        addr: SocketAddr,
+        primary: bool,
+        head: Vec<u8>,
+    ) -> (Phase, Step) {
+        let _ = back.set_nodelay(true);
+        let c = &self.sh.counters;
+        c.sessions_relayed.fetch_add(1, Ordering::Relaxed);
+        if !primary {
+            c.standby_sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.upstream = Some(addr);
+        let mut up = Flow::new(self.sh.mode, self.sh.pipe_size);
+        if let Err(e) = up.preload(&head) {
+            return self.finish(format!("cannot queue the HELLO: {e}"));
+        }
+        let down = Flow::new(self.sh.mode, self.sh.pipe_size);
+        debug!("{}: relaying to {addr} ({:?})", self.peer, up.mode());
+        self.run_relay(back, up, down)
+    }
+
+    /// Moves bytes both ways until both sockets say WouldBlock. The event bits are not needed:
+    /// trying each direction costs at most one EAGAIN per socket.
+    fn run_relay(&mut self, back: TcpStream, mut up: Flow, mut down: Flow) -> (Phase, Step) {
+        let c = &self.sh.counters;
+        let r_up = up.pump(&self.front, &back);
+        let r_down = if r_up.is_ok() {
+            down.pump(&back, &self.front)
+        } else {
+            Ok(())
+        };
+        c.bytes_up
+            .fetch_add(up.bytes - self.bytes_up, Ordering::Relaxed);
+        c.bytes_down
+            .fetch_add(down.bytes - self.bytes_down, Ordering::Relaxed);
+        self.bytes_up = up.bytes;
+        self.bytes_down = down.bytes;
+        match (r_up, r_down) {
+            (Err(Failure::Source(e)), _) => return self.finish(format!("front error: {e}")),
+            (Err(Failure::Dest(e)), _) => {
+                c.upstream_lost.fetch_add(1, Ordering::Relaxed);
+                return self.finish(format!("upstream write failed: {e}"));
+            }
+            (_, Err(Failure::Source(e))) => {
+                c.upstream_lost.fetch_add(1, Ordering::Relaxed);
+                return self.finish(format!("upstream error: {e}"));
+            }
+            (_, Err(Failure::Dest(e))) => return self.finish(format!("front write failed: {e}")),
+            _ => {}
+        }
+        if down.eof && !up.eof {
+            // The upstream ended while the front still had the session open: it died or gave
+            // up. Whatever it sent has been passed on above; close the front now so the client
+            // notices at once and re-sends what is missing (seed 002).
+            c.upstream_lost.fetch_add(1, Ordering::Relaxed);
+            let _ = self.front.shutdown(Shutdown::Both);
+            return self.finish("upstream closed mid-session");
+        }
+        if up.done() && down.done() {
+            return self.finish("complete");
+        }
+        (Phase::Relay { back, up, down }, Step::Keep)
+    }
+
+    /// Writes our own reply, half-closes, then reads and discards until the peer closes (so the
+    /// peer sees the reply rather than a reset caused by unread bytes), up to a short linger.
+    fn run_reply(&mut self, phase: Phase) -> (Phase, Step) {
+        let Phase::Reply {
+            out,
+            mut pos,
+            until,
+        } = phase
+        else {
+            return (phase, Step::Keep);
+        };
+        while pos < out.len() {
+            match (&self.front).write(&out[pos..]) {
+                Ok(n) => {
+                    pos += n;
+                    if pos == out.len() {
+                        let _ = self.front.shutdown(Shutdown::Write);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return (Phase::Done, Step::Close),
+            }
+        }
+        if pos == out.len() {
+            let mut sink = [0u8; 4096];
+            loop {
+                match (&self.front).read(&mut sink) {
+                    Ok(0) => return (Phase::Done, Step::Close),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return (Phase::Done, Step::Close),
+                }
+            }
+        }
+        if Instant::now() >= until {
+            return (Phase::Done, Step::Close);
+        }
+        (Phase::Reply { out, pos, until }, Step::Keep)
+    }
+}
+
+fn interest(read: bool, write: bool) -> Option<Interest> {
+    match (read, write) {
+        (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+        (true, false) => Some(Interest::READABLE),
+        (false, true) => Some(Interest::WRITABLE),
+        (false, false) => None,
+    }
+}
+
+impl Conn for Session {
+    fn run(&mut self, ev: &Events) -> Step {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        let (phase, step) = match phase {
+            Phase::First { buf, until } => self.run_first(buf, until, ev),
+            p @ Phase::Reply { .. } => self.run_reply(p),
+            p @ Phase::Connect { .. } => self.run_connect(p, ev),
+            Phase::Relay { back, up, down } => self.run_relay(back, up, down),
+            Phase::Done => (Phase::Done, Step::Close),
+        };
+        self.phase = phase;
+        step
+    }
+
+    fn sources(&mut self, arm: &mut Arm<'_>) {
+        match &mut self.phase {
+            Phase::First { .. } => arm(0, &mut self.front, Some(Interest::READABLE)),
+            Phase::Reply { out, pos, .. } => {
+                let want = if *pos < out.len() {
+                    Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                arm(0, &mut self.front, Some(want));
+            }
+            Phase::Connect { back, .. } => {
+                // Bytes after the HELLO stay in the front socket until the relay starts.
+                arm(0, &mut self.front, None);
+                arm(1, back, Some(Interest::WRITABLE));
+            }
+            Phase::Relay { back, up, down } => {
+                let front = interest(up.wants_read(), down.wants_write());
+                let backi = interest(down.wants_read(), up.wants_write());
+                arm(0, &mut self.front, front);
+                arm(1, back, backi);
+            }
+            Phase::Done => arm(0, &mut self.front, None),
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::First { until, .. }
+            | Phase::Reply { until, .. }
+            | Phase::Connect { until, .. } => Some(*until),
+            Phase::Relay { .. } | Phase::Done => None,
+        }
+    }
+
+    fn closed(&mut self, why: CloseReason) {
+        match why {
+            CloseReason::Handler => {}
+            CloseReason::Idle => self.end = String::from("idle timeout"),
+            CloseReason::Shutdown => self.end = String::from("shutdown grace period over"),
+            CloseReason::Register => self.end = String::from("cannot register sockets"),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.sh
+            .counters
+            .sessions_active
+            .fetch_sub(1, Ordering::Relaxed);
+        let upstream = self
+            .upstream
+            .map_or_else(|| String::from("-"), |a| a.to_string());
+        let (app, user) = self
+            .hello
+            .as_ref()
+            .map_or(("-", "-"), |h| (h.app.as_str(), h.user.as_str()));
+        debug!(
+            "session {} -> {upstream} app={app} user={user} up={} down={} bytes in {:?}: {}",
+            self.peer,
+            self.bytes_up,
+            self.bytes_down,
+            self.started.elapsed(),
+            self.end
+        );
+    }
+}
+
+/// The reactor service: every accepted connection becomes a [`Session`].
+pub struct ProxyService {
+    pub sh: Arc<Shared>,
+}
+
+impl Service for ProxyService {
+    fn accept(&self, stream: TcpStream, peer: SocketAddr, _: usize) -> Option<Box<dyn Conn>> {
+        let c = &self.sh.counters;
+        c.sessions_total.fetch_add(1, Ordering::Relaxed);
+        c.sessions_active.fetch_add(1, Ordering::Relaxed);
+        Some(Box::new(Session::new(stream, peer, self.sh.clone())))
+    }
+
+    fn refuse(&self, stream: TcpStream, peer: SocketAddr) {
+        self.sh.counters.refused.fetch_add(1, Ordering::Relaxed);
+        debug!("{peer}: refused at the connection limit");
+        let frame = ErrorBody::new(ErrorCode::Limit, "proxy connection limit reached")
+            .frame(cmd::REPLY_PROXY);
+        // Best effort: a fresh socket's send buffer takes a short frame without blocking.
+        let _ = (&stream).write(&frame);
+        let _ = stream.shutdown(Shutdown::Write);
+    }
+}

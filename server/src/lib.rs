@@ -1,1 +1,62 @@
-//! placeholder
+//! ferry's storage server (seed 002's server side, seed 004's storage role).
+//!
+//! - [`config`]: `conf/server.toml` and the command line.
+//! - [`meta`]: the metadata store (SQLite by default) behind the [`meta::MetaStore`] trait.
+//! - [`ids`]: file ids and paths from an id allocator with DB-persisted steps.
+//! - [`store`]: the data directory, upload sessions and every file operation (disk I/O).
+//! - [`conn`]: one client connection on the reactor (framing, streaming, sendfile).
+//! - [`reaper`]: expires idle upload sessions.
+
+pub mod config;
+pub mod conn;
+pub mod ids;
+pub mod meta;
+pub mod reaper;
+pub mod store;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_common::reactor::{self, Reactor};
+use log::info;
+use std::sync::Arc;
+
+/// The binary's entry point: parse flags, load config, open storage, serve until SIGTERM.
+pub fn main() -> anyhow::Result<()> {
+    let args = config::Args::parse();
+    ferry_common::logging::init();
+    let cfg = config::Config::from_args(&args)?;
+    serve(cfg)
+}
+
+/// Runs a server with this config until SIGTERM/SIGINT.
+pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
+    let fds = ferry_common::net::raise_fd_limit();
+    let listen = cfg.listen;
+    let rcfg = reactor::Config {
+        workers: cfg.workers,
+        max_connections: cfg.max_connections,
+        idle_timeout: cfg.idle_timeout(),
+        shutdown_grace: cfg.shutdown_grace(),
+        handle_signals: true,
+    };
+    if cfg.faults.write_fail_after.is_some() {
+        log::warn!("fault injection is ON (faults.write_fail_after): for tests only");
+    }
+    let st = Arc::new(store::Storage::open(cfg)?);
+    let listener = ferry_common::net::listen(listen, 1024)?;
+    let r = Reactor::new(rcfg, vec![listener]).context("cannot start the reactor")?;
+    info!(
+        "ferry-server listening on {} with data in {} ({} workers, block size {}, open files {fds})",
+        r.local_addrs()
+            .first()
+            .map_or_else(|| listen.to_string(), |a| a.to_string()),
+        st.root().display(),
+        st.cfg.workers,
+        st.cfg.block_size,
+    );
+    let reaper = reaper::Reaper::start(st.clone());
+    let result = r.run(Arc::new(conn::ServerService { st: st.clone() }));
+    reaper.stop();
+    info!("ferry-server stopped");
+    result.context("reactor failed")
+}

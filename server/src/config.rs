@@ -1,0 +1,165 @@
+//! Server settings: `conf/server.toml`, with command-line flags overriding the file.
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `ferry-server`: ferry's storage server (storage, tracker and id roles in one process).
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-server",
+    version,
+    about = "ferry storage server: small files, big files in parallel blocks, breakpoint resume, \
+             instant upload, ranged downloads with zero copy",
+    after_help = "Every setting lives in the TOML config (see conf/server.toml, every key \
+                  commented); --listen and --data override the file. Logging: RUST_LOG=debug."
+)]
+pub struct Args {
+    /// Config file (TOML). Without it the built-in defaults are used.
+    #[arg(short, long, env = "FERRY_SERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:7400 (overrides `listen`).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory holding stored files, temp files and the metadata DB (overrides `data`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+/// Fault injection for tests that cannot produce the real fault (see `fault_write_fail_after`).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// After this many bytes of file payload have been written by the whole process, every
+    /// further payload write fails with ENOSPC. Only for tests on machines where a small tmpfs
+    /// cannot be mounted; never set it in production.
+    pub write_fail_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub block_size: u32,
+    pub small_file_max: u64,
+    pub workers: usize,
+    pub max_connections: usize,
+    pub idle_timeout_ms: u64,
+    pub session_ttl_secs: u64,
+    pub max_sessions: usize,
+    pub shutdown_grace_ms: u64,
+    pub read_buffer_kib: usize,
+    pub sync_blocks: bool,
+    pub id_step: u64,
+    pub challenge_max: u64,
+    pub faults: Faults,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            data: PathBuf::from("data"),
+            block_size: 4 << 20,
+            small_file_max: 4 << 20,
+            workers: 4,
+            max_connections: 4096,
+            idle_timeout_ms: 120_000,
+            session_ttl_secs: 86_400,
+            max_sessions: 10_000,
+            shutdown_grace_ms: 10_000,
+            read_buffer_kib: 256,
+            sync_blocks: true,
+            id_step: 1000,
+            challenge_max: 1 << 20,
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file named by `--config` (or the defaults) and applies the flag overrides.
+    pub fn from_args(args: &Args) -> anyhow::Result<Config> {
+        let mut cfg = match &args.config {
+            Some(p) => ferry_common::config::load::<Config>(p)?,
+            None => Config::default(),
+        };
+        if let Some(l) = args.listen {
+            cfg.listen = l;
+        }
+        if let Some(d) = &args.data {
+            cfg.data = d.clone();
+        }
+        cfg.check().context("invalid server config")?;
+        Ok(cfg)
+    }
+
+    /// Refuses settings the server cannot honour, with the key named.
+    pub fn check(&self) -> anyhow::Result<()> {
+        use ferry_common::proto::{BLOCK_MAX, BLOCK_MIN};
+        if self.block_size < BLOCK_MIN || u64::from(self.block_size) > BLOCK_MAX {
+            bail!("block_size must be within 64 KiB ..= 64 MiB");
+        }
+        if self.small_file_max > BLOCK_MAX {
+            bail!("small_file_max must be at most 64 MiB (the protocol's payload limit)");
+        }
+        if self.workers == 0 || self.max_connections == 0 || self.max_sessions == 0 {
+            bail!("workers, max_connections and max_sessions must be at least 1");
+        }
+        if !(4..=16 * 1024).contains(&self.read_buffer_kib) {
+            bail!("read_buffer_kib must be within 4 ..= 16384");
+        }
+        if self.session_ttl_secs == 0 || self.id_step == 0 || self.challenge_max == 0 {
+            bail!("session_ttl_secs, id_step and challenge_max must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses_and_flags_override() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../conf/server.toml");
+        let args = Args {
+            config: Some(path),
+            listen: Some("127.0.0.1:9".parse().unwrap()),
+            data: Some(PathBuf::from("/tmp/x")),
+        };
+        let cfg = Config::from_args(&args).unwrap();
+        assert_eq!(cfg.listen.port(), 9);
+        assert_eq!(cfg.data, PathBuf::from("/tmp/x"));
+        assert_eq!(cfg.block_size, 4 << 20);
+        assert_eq!(cfg.faults, Faults::default());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let cfg = Config {
+            block_size: 1000,
+            ..Config::default()
+        };
+        assert!(cfg.check().is_err());
+        let cfg = Config {
+            small_file_max: 1 << 30,
+            ..Config::default()
+        };
+        assert!(cfg.check().is_err());
+    }
+}

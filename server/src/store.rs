@@ -1,0 +1,1137 @@
+//! The storage role: the data directory, upload sessions and every file operation.
+//!
+//! Connections call these methods on their worker threads; the disk I/O (pwrite, pread,
+//! fsync, rename) happens inline there. Durability order for every new file: bytes written and
+//! fsynced in `tmp/`, a *committing* file row, rename into `data/...`, fsync of the directory,
+//! then the row is marked stored (and the upload session deleted) in one transaction. Start-up
+//! finishes or rolls back whatever a crash interrupted (see [`Storage::open`]).
+
+use crate::config::Config;
+use crate::ids::{IdAllocator, StepAllocator, file_id, file_path};
+use crate::meta::{
+    Challenge, FILE_COMMITTING, FileRec, MetaStore, SessionRec, Sha256 as Digest32, SqliteStore,
+    UploadId, now_ms, now_secs,
+};
+use ferry_common::proto::{
+    BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorCode, UploadInit, UploadInitReply,
+    UploadMeta,
+};
+use log::{debug, info, warn};
+use parking_lot::Mutex;
+use rand::RngExt;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// An operation's failure as the client will see it: an error code and a human text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub code: ErrorCode,
+    pub text: String,
+}
+
+impl OpError {
+    pub fn new(code: ErrorCode, text: impl Into<String>) -> Self {
+        OpError {
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.text)
+    }
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+/// Disk errors: a full disk (or quota) is NoSpace, anything else Io; the text says what failed.
+fn io_err(e: &io::Error, what: &str) -> OpError {
+    let code = match e.raw_os_error() {
+        Some(libc_enospc)
+            if libc_enospc == nix::libc::ENOSPC || libc_enospc == nix::libc::EDQUOT =>
+        {
+            ErrorCode::NoSpace
+        }
+        _ => ErrorCode::Io,
+    };
+    OpError::new(code, format!("{what}: {e}"))
+}
+
+fn db_err(e: anyhow::Error, what: &str) -> OpError {
+    log::error!("metadata {what}: {e:#}");
+    OpError::new(ErrorCode::Io, format!("metadata {what} failed"))
+}
+
+/// Who a session speaks for (from its HELLO). Scopes every operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    pub app: String,
+    pub user: String,
+}
+
+/// Mutable state of an upload session.
+struct SessionState {
+    stored: Breakpoint,
+    crcs: Vec<u32>,
+    /// Blocks some connection is streaming right now (fencing: nobody else may write them).
+    writing: HashSet<u32>,
+    /// UPLOAD_OVER or UPLOAD_PROVE is assembling the file.
+    finishing: bool,
+    /// Removed (completed, discarded or expired): late writers must not record anything.
+    gone: bool,
+    expires_ms: u64,
+    challenge: Option<Challenge>,
+}
+
+/// A big-file upload session held in memory (its rows in the DB are the durable copy).
+pub struct Session {
+    rec: SessionRec,
+    file: File,
+    state: Mutex<SessionState>,
+}
+
+impl Session {
+    fn block_len(&self, idx: u32) -> u64 {
+        let start = u64::from(idx) * u64::from(self.rec.block_size);
+        u64::from(self.rec.block_size).min(self.rec.size - start)
+    }
+}
+
+/// The storage role over one data directory.
+pub struct Storage {
+    pub cfg: Config,
+    root: PathBuf,
+    meta: Arc<dyn MetaStore>,
+    ids: Arc<dyn IdAllocator>,
+    sessions: Mutex<HashMap<UploadId, Arc<Session>>>,
+    /// Bytes of payload written so far, for the test-only write fault (config `faults`).
+    written: AtomicU64,
+    pub downloads_over: AtomicU64,
+    /// Held for the life of the process: a second server on this data dir fails to start.
+    _lock: File,
+}
+
+const TMP: &str = "tmp";
+const HASH_CHUNK: usize = 1 << 20;
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Reserves disk space for a temp file so block writes do not hit ENOSPC halfway.
+fn preallocate(f: &File, len: u64) -> io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    match fallocate(f, FallocateFlags::empty(), 0, len as i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+fn random_hex() -> String {
+    hex::encode(rand::rng().random::<[u8; 16]>())
+}
+
+impl Storage {
+    /// Opens (creating if needed) the data dir, locks it, opens the metadata DB and recovers from
+    /// whatever a crash left behind: committing files are finished or dropped, sessions whose
+    /// temp file is gone or which expired are removed, stray temp files are deleted.
+    pub fn open(cfg: Config) -> anyhow::Result<Storage> {
+        use anyhow::Context;
+        let root = cfg.data.clone();
+        fs::create_dir_all(root.join(TMP))
+            .with_context(|| format!("cannot create data dir {}", root.display()))?;
+        fs::create_dir_all(root.join("data"))?;
+        let lock_path = root.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "data dir {} is in use by another ferry-server (lock {})",
+                root.display(),
+                lock_path.display()
+            )
+        })?;
+        let meta: Arc<dyn MetaStore> = Arc::new(SqliteStore::open(&root.join("meta.db"))?);
+        let ids: Arc<dyn IdAllocator> =
+            Arc::new(StepAllocator::new(meta.clone(), "data", cfg.id_step));
+        let st = Storage {
+            cfg,
+            root,
+            meta,
+            ids,
+            sessions: Mutex::new(HashMap::new()),
+            written: AtomicU64::new(0),
+            downloads_over: AtomicU64::new(0),
+            _lock: lock,
+        };
+        st.recover()?;
+        Ok(st)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn recover(&self) -> anyhow::Result<()> {
+        for f in self.meta.committing_files()? {
+            if self.root.join(&f.path).exists() {
+                // Content was verified before the rename; only the final commit was lost.
+                info!("recovery: finishing commit of file {} ({})", f.id, f.path);
+                self.meta.commit_file(&f.id, None)?;
+                let _ = fsync_dir(&self.root.join(&f.path).with_file_name(""));
+            } else {
+                info!("recovery: dropping uncommitted file row {}", f.id);
+                self.meta.drop_file(&f.id)?;
+            }
+        }
+        let now = now_ms();
+        let mut keep = HashSet::new();
+        let mut map = self.sessions.lock();
+        for rec in self.meta.sessions()? {
+            let path = self.root.join(&rec.temp_path);
+            let hex_id = hex::encode(rec.id);
+            if rec.expires_ms <= now || !path.exists() {
+                info!("recovery: removing upload session {hex_id} (expired or temp file gone)");
+                self.meta.delete_session(&rec.id)?;
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let mut stored = Breakpoint::new(rec.blocks);
+            let mut crcs = vec![0; rec.blocks as usize];
+            for (i, crc) in self.meta.session_blocks(&rec.id)? {
+                if i < rec.blocks {
+                    stored.set(i);
+                    crcs[i as usize] = crc;
+                }
+            }
+            info!(
+                "recovery: upload session {hex_id} resumes with {}/{} blocks",
+                stored.count(),
+                rec.blocks
+            );
+            keep.insert(path);
+            let state = SessionState {
+                stored,
+                crcs,
+                writing: HashSet::new(),
+                finishing: false,
+                gone: false,
+                expires_ms: rec.expires_ms,
+                challenge: rec.challenge.clone(),
+            };
+            map.insert(
+                rec.id,
+                Arc::new(Session {
+                    rec,
+                    file,
+                    state: Mutex::new(state),
+                }),
+            );
+        }
+        drop(map);
+        for entry in fs::read_dir(self.root.join(TMP))? {
+            let path = entry?.path();
+            if !keep.contains(&path) {
+                info!("recovery: removing stray temp file {}", path.display());
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Test-only fault (config `faults.write_fail_after`): fail payload writes past a budget.
+    fn fault(&self, n: usize) -> io::Result<()> {
+        if let Some(limit) = self.cfg.faults.write_fail_after {
+            let before = self.written.fetch_add(n as u64, Ordering::Relaxed);
+            if before + n as u64 > limit {
+                return Err(io::Error::from_raw_os_error(nix::libc::ENOSPC));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, f: &File, data: &[u8], off: u64) -> io::Result<()> {
+        self.fault(data.len())?;
+        f.write_all_at(data, off)
+    }
+
+    fn session(&self, who: &Who, id: &UploadId) -> OpResult<Arc<Session>> {
+        let s = self.sessions.lock().get(id).cloned();
+        match s {
+            Some(s) if s.rec.app == who.app && s.rec.user == who.user => Ok(s),
+            _ => Err(OpError::new(
+                ErrorCode::UnknownUpload,
+                format!("no upload session {}", hex::encode(id)),
+            )),
+        }
+    }
+
+    fn expiry(&self) -> u64 {
+        now_ms() + self.cfg.session_ttl_secs * 1000
+    }
+
+    /// Allocates a numeric id, file id and final path, creating the path's directories.
+    fn new_file_slot(&self) -> OpResult<(u64, String, String)> {
+        let num = self.ids.next_id().map_err(|e| db_err(e, "id allocation"))?;
+        let path = file_path(num, now_secs());
+        if let Some(dir) = self.root.join(&path).parent() {
+            fs::create_dir_all(dir).map_err(|e| io_err(&e, "cannot create data directory"))?;
+        }
+        Ok((num, file_id(num), path))
+    }
+
+    /// Moves a verified, fsynced temp file into its final place and records it. `link` makes
+    /// a hard link instead of a rename (instant upload sharing stored content).
+    fn commit_new_file(
+        &self,
+        rec: &FileRec,
+        src: &Path,
+        link: bool,
+        session: Option<&UploadId>,
+    ) -> OpResult<()> {
+        self.meta
+            .insert_file(rec)
+            .map_err(|e| db_err(e, "file insert"))?;
+        let dst = self.root.join(&rec.path);
+        let placed = if link {
+            fs::hard_link(src, &dst)
+        } else {
+            fs::rename(src, &dst)
+        };
+        if let Err(e) = placed {
+            let _ = self.meta.drop_file(&rec.id);
+            return Err(io_err(&e, "cannot place the file"));
+        }
+        let synced = fsync_dir(dst.parent().unwrap_or(&self.root))
+            .and_then(|_| fsync_dir(&self.root.join(TMP)));
+        if let Err(e) = synced {
+            // The rename may or may not be durable; the committing row lets start-up decide.
+            return Err(io_err(&e, "cannot sync the data directory"));
+        }
+        self.meta
+            .commit_file(&rec.id, session)
+            .map_err(|e| db_err(e, "file commit"))
+    }
+
+    // ---- small files (UPLOAD 70) ----
+
+    pub fn small_begin(&self, who: &Who, meta: UploadMeta, size: u64) -> OpResult<SmallWriter> {
+        if size > self.cfg.small_file_max {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "file of {size} bytes is over the small-file limit of {} bytes; use UPLOAD_INIT",
+                    self.cfg.small_file_max
+                ),
+            ));
+        }
+        let tmp = self
+            .root
+            .join(TMP)
+            .join(format!("small-{}.part", random_hex()));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| io_err(&e, "cannot create temp file"))?;
+        Ok(SmallWriter {
+            who: who.clone(),
+            meta,
+            size,
+            file,
+            tmp,
+            pos: 0,
+            sha: Sha256::new(),
+            crc: 0,
+            crcs: Vec::new(),
+            block_size: self.cfg.block_size,
+            err: None,
+            done: false,
+        })
+    }
+
+    // ---- big files ----
+
+    pub fn init(&self, who: &Who, init: &UploadInit) -> OpResult<UploadInitReply> {
+        let blocks = init
+            .blocks()
+            .map_err(|e| OpError::new(ErrorCode::BadFrame, e.to_string()))?;
+        let mut map = self.sessions.lock();
+        let now = now_ms();
+        let existing = map.values().find(|s| {
+            s.rec.app == who.app
+                && s.rec.user == who.user
+                && s.rec.size == init.size
+                && s.rec.block_size == init.block_size
+                && s.rec.sha256 == init.sha256
+        });
+        if let Some(s) = existing {
+            let mut st = s.state.lock();
+            if !st.gone && !st.finishing && st.expires_ms > now {
+                st.expires_ms = self.expiry();
+                let _ = self.meta.touch_session(&s.rec.id, st.expires_ms);
+                debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
+                return Ok(UploadInitReply {
+                    upload_id: s.rec.id,
+                    block_size: s.rec.block_size,
+                    blocks,
+                    challenge: st.challenge.as_ref().map(|c| (c.off, c.len)),
+                });
+            }
+        }
+        if map.len() >= self.cfg.max_sessions {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!("{} upload sessions open; try later", map.len()),
+            ));
+        }
+        let id: UploadId = rand::rng().random();
+        let temp_rel = format!("{TMP}/{}.part", hex::encode(id));
+        let temp = self.root.join(&temp_rel);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&temp)
+            .map_err(|e| io_err(&e, "cannot create temp file"))?;
+        if let Err(e) = preallocate(&file, init.size) {
+            let _ = fs::remove_file(&temp);
+            return Err(io_err(&e, "cannot preallocate the upload"));
+        }
+        let challenge = match self.meta.find_content(&who.app, &init.sha256, init.size) {
+            Ok(Some(f)) => {
+                let len = self.cfg.challenge_max.min(f.size);
+                let off = rand::rng().random_range(0..=f.size - len);
+                Some(Challenge {
+                    file: f.id,
+                    off,
+                    len,
+                })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(db_err(e, "dedupe lookup"));
+            }
+        };
+        let rec = SessionRec {
+            id,
+            app: who.app.clone(),
+            user: who.user.clone(),
+            size: init.size,
+            block_size: init.block_size,
+            blocks,
+            sha256: init.sha256,
+            name: init.name.clone(),
+            temp_path: temp_rel,
+            created: now_secs(),
+            expires_ms: self.expiry(),
+            challenge: challenge.clone(),
+        };
+        if let Err(e) = self.meta.insert_session(&rec) {
+            let _ = fs::remove_file(&temp);
+            return Err(db_err(e, "session insert"));
+        }
+        info!(
+            "upload session {} opened: app {} user {} size {} block {} ({} blocks){}",
+            hex::encode(id),
+            who.app,
+            who.user,
+            init.size,
+            init.block_size,
+            blocks,
+            if challenge.is_some() {
+                ", content already stored: challenge set"
+            } else {
+                ""
+            }
+        );
+        let reply = UploadInitReply {
+            upload_id: id,
+            block_size: init.block_size,
+            blocks,
+            challenge: challenge.as_ref().map(|c| (c.off, c.len)),
+        };
+        let state = SessionState {
+            stored: Breakpoint::new(blocks),
+            crcs: vec![0; blocks as usize],
+            writing: HashSet::new(),
+            finishing: false,
+            gone: false,
+            expires_ms: rec.expires_ms,
+            challenge,
+        };
+        map.insert(
+            id,
+            Arc::new(Session {
+                rec,
+                file,
+                state: Mutex::new(state),
+            }),
+        );
+        Ok(reply)
+    }
+
+    pub fn query(&self, who: &Who, id: &UploadId) -> OpResult<Breakpoint> {
+        let s = self.session(who, id)?;
+        let st = s.state.lock();
+        if st.gone {
+            return Err(OpError::new(
+                ErrorCode::UnknownUpload,
+                "upload session ended",
+            ));
+        }
+        Ok(st.stored.clone())
+    }
+
+    /// Checks a block header and claims the block for this connection. A block that is already
+    /// stored, or being written by someone else, is answered without touching the file.
+    pub fn block_begin(&self, who: &Who, m: &BlockMeta) -> OpResult<BlockStart> {
+        let s = self.session(who, &m.upload_id)?;
+        let r = &s.rec;
+        if m.index >= r.blocks {
+            return Err(OpError::new(
+                ErrorCode::BadBlock,
+                format!(
+                    "block index {} past the last block {}",
+                    m.index,
+                    r.blocks - 1
+                ),
+            ));
+        }
+        let want_off = u64::from(m.index) * u64::from(r.block_size);
+        let want_len = s.block_len(m.index);
+        if m.offset != want_off || u64::from(m.len) != want_len {
+            return Err(OpError::new(
+                ErrorCode::BadBlock,
+                format!(
+                    "block {} must be at offset {want_off} with length {want_len}, got offset {} length {}",
+                    m.index, m.offset, m.len
+                ),
+            ));
+        }
+        let mut st = s.state.lock();
+        if st.gone {
+            return Err(OpError::new(
+                ErrorCode::UnknownUpload,
+                "upload session ended",
+            ));
+        }
+        if st.stored.has(m.index) {
+            return Ok(BlockStart::Stored);
+        }
+        if st.finishing || !st.writing.insert(m.index) {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                format!("block {} is being written by another connection", m.index),
+            ));
+        }
+        drop(st);
+        Ok(BlockStart::Write(BlockWriter {
+            session: s,
+            idx: m.index,
+            offset: m.offset,
+            len: u64::from(m.len),
+            pos: 0,
+            crc: 0,
+            expect: m.crc32c,
+            err: None,
+            done: false,
+        }))
+    }
+
+    pub fn over(&self, who: &Who, id: &UploadId) -> OpResult<String> {
+        let s = self.session(who, id)?;
+        let crcs = {
+            let mut st = s.state.lock();
+            if st.gone {
+                return Err(OpError::new(
+                    ErrorCode::UnknownUpload,
+                    "upload session ended",
+                ));
+            }
+            if st.finishing {
+                return Err(OpError::new(
+                    ErrorCode::Busy,
+                    "file over already in progress",
+                ));
+            }
+            let have = st.stored.count();
+            if have < s.rec.blocks {
+                return Err(OpError::new(
+                    ErrorCode::Incomplete,
+                    format!("{} of {} blocks missing", s.rec.blocks - have, s.rec.blocks),
+                ));
+            }
+            st.finishing = true;
+            st.crcs.clone()
+        };
+        let result = self.assemble(&s, &crcs);
+        if result.is_err() {
+            s.state.lock().finishing = false;
+        }
+        result
+    }
+
+    /// Re-reads the temp file, checks every block CRC and the whole SHA-256, then commits it.
+    fn assemble(&self, s: &Arc<Session>, crcs: &[u32]) -> OpResult<String> {
+        let r = &s.rec;
+        let hex_id = hex::encode(r.id);
+        let mut sha = Sha256::new();
+        let mut buf = vec![0u8; HASH_CHUNK];
+        let mut damaged = Vec::new();
+        for idx in 0..r.blocks {
+            let start = u64::from(idx) * u64::from(r.block_size);
+            let len = s.block_len(idx);
+            let mut crc = 0;
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(HASH_CHUNK as u64) as usize;
+                s.file
+                    .read_exact_at(&mut buf[..n], start + done)
+                    .map_err(|e| io_err(&e, "cannot re-read the upload"))?;
+                sha.update(&buf[..n]);
+                crc = crc32c::crc32c_append(crc, &buf[..n]);
+                done += n as u64;
+            }
+            if crc != crcs[idx as usize] {
+                damaged.push(idx);
+            }
+        }
+        if !damaged.is_empty() {
+            // Acknowledged bytes that changed on disk (e.g. lost in a power cut): ask for them
+            // again rather than throwing the whole upload away.
+            warn!(
+                "upload {hex_id}: {} block(s) no longer match their CRC on disk; marked missing",
+                damaged.len()
+            );
+            self.meta
+                .unmark_blocks(&r.id, &damaged)
+                .map_err(|e| db_err(e, "block unmark"))?;
+            let mut st = s.state.lock();
+            for &i in &damaged {
+                st.stored.bitmap[(i / 8) as usize] &= !(1 << (i % 8));
+            }
+            return Err(OpError::new(
+                ErrorCode::Incomplete,
+                format!(
+                    "{} block(s) damaged on disk; send them again",
+                    damaged.len()
+                ),
+            ));
+        }
+        let got: Digest32 = sha.finalize().into();
+        if got != r.sha256 {
+            warn!("upload {hex_id}: SHA-256 mismatch; discarding the session");
+            self.discard(s);
+            return Err(OpError::new(
+                ErrorCode::HashMismatch,
+                "assembled file does not match its SHA-256; upload discarded",
+            ));
+        }
+        s.file
+            .sync_all()
+            .map_err(|e| io_err(&e, "cannot sync the upload"))?;
+        let (num, id, path) = self.new_file_slot()?;
+        let rec = FileRec {
+            id: id.clone(),
+            num,
+            app: r.app.clone(),
+            user: r.user.clone(),
+            status: FILE_COMMITTING,
+            path,
+            size: r.size,
+            sha256: r.sha256,
+            name: r.name.clone(),
+            block_size: r.block_size,
+            crcs: crcs.to_vec(),
+            created: now_secs(),
+        };
+        self.commit_new_file(&rec, &self.root.join(&r.temp_path), false, Some(&r.id))?;
+        self.forget(&r.id);
+        info!(
+            "upload {hex_id} complete: file {id} ({} bytes, {} blocks) at {}",
+            r.size, r.blocks, rec.path
+        );
+        Ok(id)
+    }
+
+    /// Drops a session from memory (after its rows were deleted or committed away).
+    fn forget(&self, id: &UploadId) {
+        if let Some(s) = self.sessions.lock().remove(id) {
+            s.state.lock().gone = true;
+        }
+    }
+
+    /// Removes a session entirely: memory, rows and temp file.
+    fn discard(&self, s: &Arc<Session>) {
+        self.forget(&s.rec.id);
+        if let Err(e) = self.meta.delete_session(&s.rec.id) {
+            log::error!(
+                "cannot delete session {} rows: {e:#}",
+                hex::encode(s.rec.id)
+            );
+        }
+        let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
+    }
+
+    pub fn prove(&self, who: &Who, id: &UploadId, proof: &Digest32) -> OpResult<String> {
+        let s = self.session(who, id)?;
+        let challenge = {
+            let st = s.state.lock();
+            if st.gone {
+                return Err(OpError::new(
+                    ErrorCode::UnknownUpload,
+                    "upload session ended",
+                ));
+            }
+            st.challenge.clone()
+        };
+        let Some(c) = challenge else {
+            return Err(OpError::new(
+                ErrorCode::ProofFailed,
+                "no stored content to prove for this upload; send the blocks",
+            ));
+        };
+        let src = match self.meta.file(&c.file, &who.app) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                // The stored copy was deleted since the challenge was set: no instant upload.
+                s.state.lock().challenge = None;
+                let _ = self.meta.set_challenge(&s.rec.id, None);
+                return Err(OpError::new(
+                    ErrorCode::ProofFailed,
+                    "the stored content is gone; send the blocks",
+                ));
+            }
+            Err(e) => return Err(db_err(e, "file lookup")),
+        };
+        let src_path = self.root.join(&src.path);
+        let f = File::open(&src_path).map_err(|e| io_err(&e, "cannot open stored content"))?;
+        let want = hash_range(&f, c.off, c.len).map_err(|e| io_err(&e, "cannot read content"))?;
+        if want != *proof {
+            warn!(
+                "upload {}: wrong proof of possession from app {} user {}",
+                hex::encode(id),
+                who.app,
+                who.user
+            );
+            return Err(OpError::new(
+                ErrorCode::ProofFailed,
+                "wrong proof of possession",
+            ));
+        }
+        {
+            let mut st = s.state.lock();
+            if st.gone || st.finishing {
+                return Err(OpError::new(ErrorCode::Busy, "upload is being completed"));
+            }
+            st.finishing = true;
+        }
+        let result = (|| {
+            let (num, fid, path) = self.new_file_slot()?;
+            let rec = FileRec {
+                id: fid.clone(),
+                num,
+                app: who.app.clone(),
+                user: who.user.clone(),
+                status: FILE_COMMITTING,
+                path,
+                size: src.size,
+                sha256: src.sha256,
+                name: s.rec.name.clone(),
+                block_size: src.block_size,
+                crcs: src.crcs.clone(),
+                created: now_secs(),
+            };
+            // The temp file goes first: if we crash after the commit below, start-up sees a
+            // session without its temp file and removes it.
+            let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
+            self.commit_new_file(&rec, &src_path, true, Some(&s.rec.id))?;
+            Ok(fid)
+        })();
+        match &result {
+            Ok(fid) => {
+                self.forget(&s.rec.id);
+                info!(
+                    "instant upload {}: file {fid} shares the content of {}",
+                    hex::encode(id),
+                    src.id
+                );
+            }
+            Err(_) => s.state.lock().finishing = false,
+        }
+        result
+    }
+
+    // ---- stored files ----
+
+    pub fn stat(&self, who: &Who, id: &str) -> OpResult<FileRec> {
+        match self.meta.file(id, &who.app) {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("no such file {id}"),
+            )),
+            Err(e) => Err(db_err(e, "file lookup")),
+        }
+    }
+
+    /// Opens a range for download and works out its CRC32C: from the stored per-block table
+    /// when the range is whole blocks (no read at all), else by reading the range once.
+    pub fn download(&self, who: &Who, req: &DownloadReq) -> OpResult<Download> {
+        let f = self.stat(who, &req.file_id)?;
+        if req.offset > f.size {
+            return Err(OpError::new(
+                ErrorCode::Range,
+                format!(
+                    "offset {} is past the end of the file ({} bytes)",
+                    req.offset, f.size
+                ),
+            ));
+        }
+        let len = req.len.min(f.size - req.offset);
+        let file = File::open(self.root.join(&f.path))
+            .map_err(|e| io_err(&e, &format!("cannot open file {}", f.id)))?;
+        let bs = u64::from(f.block_size);
+        let end = req.offset + len;
+        let blocks_ok = bs > 0 && f.crcs.len() as u64 == f.size.div_ceil(bs);
+        let aligned = blocks_ok
+            && len > 0
+            && req.offset.is_multiple_of(bs)
+            && (end.is_multiple_of(bs) || end == f.size);
+        let crc = if aligned {
+            let first = (req.offset / bs) as usize;
+            let last = end.div_ceil(bs) as usize;
+            let mut crc = 0u32;
+            for i in first..last {
+                let blen = bs.min(f.size - i as u64 * bs) as usize;
+                crc = if i == first {
+                    f.crcs[i]
+                } else {
+                    crc32c::crc32c_combine(crc, f.crcs[i], blen)
+                };
+            }
+            crc
+        } else {
+            crc_range(&file, req.offset, len)
+                .map_err(|e| io_err(&e, &format!("cannot read file {}", f.id)))?
+        };
+        Ok(Download {
+            file,
+            offset: req.offset,
+            len,
+            crc,
+            zero_copy: aligned,
+        })
+    }
+
+    pub fn delete(&self, who: &Who, id: &str) -> OpResult<()> {
+        let f = match self.meta.delete_file(id, &who.app) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return Err(OpError::new(
+                    ErrorCode::NotFound,
+                    format!("no such file {id}"),
+                ));
+            }
+            Err(e) => return Err(db_err(e, "file delete")),
+        };
+        let path = self.root.join(&f.path);
+        // The record is gone, so the file is unreachable either way; a failed unlink only leaks
+        // space, which is logged.
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                let _ = fsync_dir(path.parent().unwrap_or(&self.root));
+            }
+            Err(e) => warn!(
+                "file {id}: record deleted but {} stays: {e}",
+                path.display()
+            ),
+        }
+        info!("file {id} deleted by app {} user {}", who.app, who.user);
+        Ok(())
+    }
+
+    pub fn download_over(&self, who: &Who, id: &str) -> OpResult<()> {
+        let f = self.stat(who, id)?;
+        let n = self.downloads_over.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(
+            "download of file {} ({} bytes) finished by app {} user {} ({n} so far)",
+            f.id, f.size, who.app, who.user
+        );
+        Ok(())
+    }
+
+    /// Removes expired upload sessions and their temp files; returns how many.
+    pub fn reap(&self) -> usize {
+        let now = now_ms();
+        let candidates: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        let mut n = 0;
+        for s in candidates {
+            {
+                let mut st = s.state.lock();
+                if st.expires_ms > now || st.finishing || !st.writing.is_empty() || st.gone {
+                    continue;
+                }
+                st.gone = true;
+            }
+            info!(
+                "upload session {} expired ({} of {} blocks stored); removing it and its temp file",
+                hex::encode(s.rec.id),
+                s.state.lock().stored.count(),
+                s.rec.blocks
+            );
+            self.discard(&s);
+            n += 1;
+        }
+        n
+    }
+
+    /// Stored files count, for tests and logs.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+}
+
+/// SHA-256 of a byte range of a file.
+fn hash_range(f: &File, off: u64, len: u64) -> io::Result<Digest32> {
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK.min(len as usize).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], off + done)?;
+        sha.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(sha.finalize().into())
+}
+
+/// CRC32C of a byte range of a file, read in bounded pieces.
+fn crc_range(f: &File, off: u64, len: u64) -> io::Result<u32> {
+    let mut buf = vec![0u8; (256 * 1024).min(len as usize).max(1)];
+    let mut crc = 0;
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], off + done)?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        done += n as u64;
+    }
+    Ok(crc)
+}
+
+/// An opened download range: the connection sends `len` bytes at `offset` of `file`.
+pub struct Download {
+    pub file: File,
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+    pub zero_copy: bool,
+}
+
+/// What to do with an UPLOAD_BLOCK payload.
+pub enum BlockStart {
+    /// Stream it to the file.
+    Write(BlockWriter),
+    /// Already stored: drain it unwritten and answer "already stored" (fencing).
+    Stored,
+}
+
+/// Streams one block's payload to its place in the temp file. Dropped unfinished (connection
+/// died mid-block), it releases the block, which stays missing.
+pub struct BlockWriter {
+    session: Arc<Session>,
+    idx: u32,
+    offset: u64,
+    len: u64,
+    pos: u64,
+    crc: u32,
+    expect: u32,
+    err: Option<OpError>,
+    done: bool,
+}
+
+impl BlockWriter {
+    pub fn write(&mut self, st: &Storage, data: &[u8]) {
+        if self.err.is_none() {
+            if let Err(e) = st.write_at(&self.session.file, data, self.offset + self.pos) {
+                warn!(
+                    "upload {} block {}: write failed: {e}",
+                    hex::encode(self.session.rec.id),
+                    self.idx
+                );
+                self.err = Some(io_err(&e, &format!("block {} write failed", self.idx)));
+            }
+            self.crc = crc32c::crc32c_append(self.crc, data);
+        }
+        self.pos += data.len() as u64;
+    }
+
+    /// The whole payload arrived: check it, make it durable, record it, then acknowledge.
+    pub fn finish(mut self, st: &Storage) -> OpResult<BlockAck> {
+        let s = self.session.clone();
+        let hex_id = hex::encode(s.rec.id);
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        if self.pos != self.len {
+            return Err(OpError::new(
+                ErrorCode::BadBlock,
+                "block payload length mismatch",
+            ));
+        }
+        if self.crc != self.expect {
+            warn!(
+                "upload {hex_id} block {}: CRC32C {:08x} != announced {:08x}; block stays missing",
+                self.idx, self.crc, self.expect
+            );
+            return Err(OpError::new(
+                ErrorCode::Crc,
+                format!("block {} does not match its CRC32C", self.idx),
+            ));
+        }
+        if st.cfg.sync_blocks {
+            s.file
+                .sync_data()
+                .map_err(|e| io_err(&e, &format!("block {} sync failed", self.idx)))?;
+        }
+        let expires = st.expiry();
+        {
+            let state = s.state.lock();
+            if state.gone {
+                return Err(OpError::new(
+                    ErrorCode::UnknownUpload,
+                    "upload session ended",
+                ));
+            }
+        }
+        st.meta
+            .mark_block(&s.rec.id, self.idx, self.crc, expires)
+            .map_err(|e| db_err(e, "block record"))?;
+        let mut state = s.state.lock();
+        state.stored.set(self.idx);
+        state.crcs[self.idx as usize] = self.crc;
+        state.writing.remove(&self.idx);
+        state.expires_ms = expires;
+        self.done = true;
+        debug!("upload {hex_id} block {} stored", self.idx);
+        Ok(BlockAck::Written)
+    }
+}
+
+impl Drop for BlockWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            self.session.state.lock().writing.remove(&self.idx);
+        }
+    }
+}
+
+/// Streams a small file's payload to a temp file, hashing as it goes. Dropped unfinished, it
+/// removes the temp file.
+pub struct SmallWriter {
+    who: Who,
+    meta: UploadMeta,
+    size: u64,
+    file: File,
+    tmp: PathBuf,
+    pos: u64,
+    sha: Sha256,
+    crc: u32,
+    crcs: Vec<u32>,
+    block_size: u32,
+    err: Option<OpError>,
+    done: bool,
+}
+
+impl SmallWriter {
+    pub fn write(&mut self, st: &Storage, mut data: &[u8]) {
+        if self.err.is_none()
+            && let Err(e) = st.write_at(&self.file, data, self.pos)
+        {
+            warn!("small upload {}: write failed: {e}", self.tmp.display());
+            self.err = Some(io_err(&e, "file write failed"));
+        }
+        self.sha.update(data);
+        // Per-block CRCs for downloads, even when the small-file limit exceeds the block size.
+        let bs = u64::from(self.block_size);
+        while !data.is_empty() {
+            let in_block = self.pos % bs;
+            let n = ((bs - in_block) as usize).min(data.len());
+            self.crc = crc32c::crc32c_append(self.crc, &data[..n]);
+            self.pos += n as u64;
+            if self.pos.is_multiple_of(bs) {
+                self.crcs.push(self.crc);
+                self.crc = 0;
+            }
+            data = &data[n..];
+        }
+    }
+
+    pub fn finish(mut self, st: &Storage) -> OpResult<String> {
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        if !self.pos.is_multiple_of(u64::from(self.block_size)) {
+            self.crcs.push(self.crc);
+        }
+        let sha = std::mem::take(&mut self.sha);
+        let got: Digest32 = sha.finalize().into();
+        if got != self.meta.sha256 || self.pos != self.size {
+            return Err(OpError::new(
+                ErrorCode::HashMismatch,
+                "file bytes do not match the announced SHA-256",
+            ));
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| io_err(&e, "cannot sync the file"))?;
+        let (num, id, path) = st.new_file_slot()?;
+        let rec = FileRec {
+            id: id.clone(),
+            num,
+            app: self.who.app.clone(),
+            user: self.who.user.clone(),
+            status: FILE_COMMITTING,
+            path,
+            size: self.size,
+            sha256: got,
+            name: self.meta.name.clone(),
+            block_size: self.block_size,
+            crcs: std::mem::take(&mut self.crcs),
+            created: now_secs(),
+        };
+        st.commit_new_file(&rec, &self.tmp, false, None)?;
+        self.done = true;
+        info!(
+            "file {id} stored: {} bytes for app {} user {} at {}",
+            self.size, self.who.app, self.who.user, rec.path
+        );
+        Ok(id)
+    }
+}
+
+impl Drop for SmallWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}

@@ -1,1 +1,154 @@
-//! placeholder
+//! The ferry client: upload, download, stat and delete through a list of proxies (or straight to
+//! a server; the protocol is the same), with parallel blocks, failover, resume and a report.
+//!
+//! ```no_run
+//! use ferry_client::{Client, Settings, Quiet};
+//! let settings = Settings::direct(vec!["127.0.0.1:7400".parse().unwrap()], "/tmp/ferry-state".into());
+//! let client = Client::new(settings).unwrap();
+//! let up = client.upload(std::path::Path::new("movie.mp4"), None, None, &Quiet).unwrap();
+//! client.download(&up.file_id, std::path::Path::new("copy.mp4"), None, &Quiet).unwrap();
+//! ```
+//!
+//! The library never prints; progress goes through [`Progress`], results through
+//! [`TransferReport`].
+
+pub mod cli;
+mod conn;
+mod download;
+pub mod error;
+mod files;
+mod link;
+mod pool;
+pub mod report;
+pub mod rotation;
+pub mod settings;
+pub mod size;
+pub mod state;
+mod upload;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ClientError;
+pub use report::{Progress, Quiet, TransferReport};
+pub use settings::Settings;
+
+use error::Result;
+use ferry_common::proto::{Hello, cmd, encode_file_id};
+use link::{Link, Shared};
+use serde::Serialize;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+
+/// What STAT tells about a stored file.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FileInfo {
+    pub file_id: String,
+    pub size: u64,
+    pub sha256: String,
+    pub name: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub block_size: u32,
+}
+
+pub struct Client {
+    settings: Settings,
+    hello: Vec<u8>,
+}
+
+impl Client {
+    pub fn new(settings: Settings) -> Result<Self> {
+        if settings.proxies.is_empty() {
+            return Err(ClientError::Input("the proxy list is empty".into()));
+        }
+        settings::check_threads(settings.threads)?;
+        size::check_block_size(u64::from(settings.block_size))
+            .map_err(|e| ClientError::Input(format!("block size: {e}")))?;
+        let hello = Hello::new(&settings.app, &settings.user, &settings.credential)
+            .encode()
+            .map_err(|e| ClientError::Input(format!("app/user: {e}")))?;
+        Ok(Client { settings, hello })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Fresh shared state (proxy health, counters) for one operation.
+    fn shared(&self) -> Shared {
+        Shared {
+            proxies: rotation::Proxies::new(self.settings.proxies.clone()),
+            hello: self.hello.clone(),
+            timeout: self.settings.timeout,
+            tries_per_proxy: self.settings.tries_per_proxy,
+            failovers: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    /// Uploads a file; `threads` and `block_size` default to the settings.
+    pub fn upload(
+        &self,
+        path: &Path,
+        threads: Option<usize>,
+        block_size: Option<u32>,
+        progress: &dyn Progress,
+    ) -> Result<TransferReport> {
+        let threads = threads.unwrap_or(self.settings.threads);
+        settings::check_threads(threads)?;
+        let block_size = block_size.unwrap_or(self.settings.block_size);
+        size::check_block_size(u64::from(block_size))
+            .map_err(|e| ClientError::Input(format!("block size: {e}")))?;
+        let shared = self.shared();
+        upload::upload(&upload::UploadJob {
+            shared: &shared,
+            path,
+            threads,
+            block_size,
+            state_dir: &self.settings.state_dir,
+            app: &self.settings.app,
+            user: &self.settings.user,
+            progress,
+        })
+    }
+
+    /// Downloads `file_id` to `out` (via `out.part`, verified, then renamed).
+    pub fn download(
+        &self,
+        file_id: &str,
+        out: &Path,
+        threads: Option<usize>,
+        progress: &dyn Progress,
+    ) -> Result<TransferReport> {
+        let threads = threads.unwrap_or(self.settings.threads);
+        settings::check_threads(threads)?;
+        let shared = self.shared();
+        download::download(&download::DownloadJob {
+            shared: &shared,
+            file_id,
+            out,
+            threads,
+            progress,
+        })
+    }
+
+    pub fn stat(&self, file_id: &str) -> Result<FileInfo> {
+        let shared = self.shared();
+        let st = download::stat(&mut Link::new(&shared), file_id)?;
+        Ok(FileInfo {
+            file_id: file_id.to_owned(),
+            size: st.size,
+            sha256: hex::encode(st.sha256),
+            name: st.name,
+            created: st.created,
+            block_size: st.block_size,
+        })
+    }
+
+    pub fn delete(&self, file_id: &str) -> Result<()> {
+        let body = encode_file_id(file_id).map_err(|e| download::bad_id(file_id, e))?;
+        let shared = self.shared();
+        Link::new(&shared).call("delete", |c| c.call(cmd::DELETE, &body, 0).map(drop))
+    }
+}

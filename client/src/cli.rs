@@ -1,0 +1,221 @@
+//! The `ferry` command line. `main.rs` only calls [`main`].
+//!
+//! Output contract: on success, `upload` prints the file id (one line), `stat` prints
+//! `key: value` lines, `download` and `delete` print nothing; with `--json` every command prints
+//! exactly one JSON object instead. On failure: exit status 1 and one line on stderr.
+
+use crate::error::ClientError;
+use crate::report::Progress;
+use crate::settings::{self, EnvVars, Flags};
+use crate::{Client, size};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "ferry client: move files through ferry proxies"
+)]
+pub struct Cli {
+    /// Config file (TOML: proxies, app, user, threads, block_size, timeout_ms, state_dir).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Proxy or server address (host:port); repeat for a failover list. Overrides
+    /// FERRY_PROXIES (comma-separated) and the config's `proxies`.
+    #[arg(long = "proxy", global = true, value_name = "ADDR")]
+    pub proxies: Vec<String>,
+    /// Application id (FERRY_APP, config `app`; default "ferry").
+    #[arg(long, global = true)]
+    pub app: Option<String>,
+    /// User id (FERRY_USER, config `user`; default $USER).
+    #[arg(long, global = true)]
+    pub user: Option<String>,
+    /// Print one JSON object per command.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Upload a file; prints its file id.
+    Upload {
+        path: PathBuf,
+        /// Parallel connections for big files (default 4).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Block size, binary units only: 64KiB ..= 64MiB (default 4MiB). Files of at most one
+        /// block go in a single request.
+        #[arg(long, value_parser = size::parse_block_size)]
+        block_size: Option<u32>,
+    },
+    /// Download a file to PATH (written as PATH.part, verified, then renamed).
+    Download {
+        file_id: String,
+        #[arg(short = 'o', long = "output", value_name = "PATH")]
+        output: PathBuf,
+        /// Parallel connections (default 4).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Show size, SHA-256, name and creation time of a file.
+    Stat { file_id: String },
+    /// Delete a file.
+    Delete { file_id: String },
+}
+
+/// Progress bar on stderr, only when stderr is a terminal.
+struct Bar(ProgressBar);
+
+impl Bar {
+    fn new() -> Option<Bar> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let pb = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        ) {
+            pb.set_style(style);
+        }
+        pb.enable_steady_tick(Duration::from_millis(200));
+        Some(Bar(pb))
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, total: u64, done: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+        self.0.reset_eta();
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn counters(&self, resent: u32, failovers: u64) {
+        if resent > 0 || failovers > 0 {
+            self.0
+                .set_message(format!("re-sent {resent} blocks, {failovers} failovers"));
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn client(cli: &Cli) -> Result<Client, ClientError> {
+    let file = settings::load_file(cli.config.as_deref())?;
+    let flags = Flags {
+        proxies: cli.proxies.clone(),
+        app: cli.app.clone(),
+        user: cli.user.clone(),
+    };
+    Client::new(settings::resolve(file, &flags, &EnvVars::from_process())?)
+}
+
+fn created_text(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// Runs one command; returns what to print on stdout.
+pub fn run(cli: &Cli) -> Result<String, ClientError> {
+    let c = client(cli)?;
+    let bar = Bar::new();
+    let progress: &dyn Progress = match &bar {
+        Some(b) => b,
+        None => &crate::Quiet,
+    };
+    let out = match &cli.command {
+        Command::Upload {
+            path,
+            threads,
+            block_size,
+        } => {
+            let r = c.upload(path, *threads, *block_size, progress)?;
+            if cli.json {
+                json!({"command": "upload", "path": path, "file_id": r.file_id, "report": r})
+                    .to_string()
+            } else {
+                r.file_id
+            }
+        }
+        Command::Download {
+            file_id,
+            output,
+            threads,
+        } => {
+            let r = c.download(file_id, output, *threads, progress)?;
+            if cli.json {
+                json!({"command": "download", "file_id": file_id, "path": output, "report": r})
+                    .to_string()
+            } else {
+                String::new()
+            }
+        }
+        Command::Stat { file_id } => {
+            let i = c.stat(file_id)?;
+            if cli.json {
+                json!({"command": "stat", "file": i}).to_string()
+            } else {
+                format!(
+                    "file_id: {}\nsize: {}\nsha256: {}\nname: {}\ncreated: {}\nblock_size: {}",
+                    i.file_id,
+                    i.size,
+                    i.sha256,
+                    i.name,
+                    created_text(i.created),
+                    i.block_size
+                )
+            }
+        }
+        Command::Delete { file_id } => {
+            c.delete(file_id)?;
+            if cli.json {
+                json!({"command": "delete", "file_id": file_id, "deleted": true}).to_string()
+            } else {
+                String::new()
+            }
+        }
+    };
+    drop(bar);
+    Ok(out)
+}
+
+/// Entry point of the `ferry` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Quiet by default: stderr carries the one-line error (RUST_LOG=info shows failovers).
+    let env = env_logger::Env::default().default_filter_or("warn");
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
+    match run(&cli) {
+        Ok(out) => {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let line = e.to_string().replace('\n', " ");
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"error": line, "code": e.code().map(|c| c as u16)})
+                );
+            }
+            eprintln!("ferry: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}

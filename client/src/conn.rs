@@ -1,0 +1,187 @@
+//! One blocking session with a proxy or server: connect, HELLO, then request/reply frames.
+//!
+//! Every read and write has the configured timeout, so a peer that accepts but never answers (a
+//! SIGSTOPped proxy) surfaces as [`Fault::Timeout`] instead of a hang. Reply lengths are checked
+//! against what the request can legitimately get back before anything is allocated or read.
+
+use ferry_common::proto::{
+    self, DOWNLOAD_REPLY_META, ErrorBody, ErrorCode, HEADER_LEN, Header, Identity, cmd, status,
+};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Largest error body (code + 1024 bytes of text).
+const ERROR_BODY_MAX: u64 = 2 + proto::ERROR_TEXT_MAX as u64;
+
+/// Why one attempt failed. The retry policy in [`crate::link`] decides what each means.
+#[derive(Debug)]
+pub enum Fault {
+    /// No session could be opened (connect refused/timed out, HELLO unanswered or refused).
+    Connect(String),
+    /// The request could not be written: the peer is gone or not reading.
+    Send(String),
+    /// No reply within the timeout.
+    Timeout(String),
+    /// The connection closed or reset while we waited for the reply.
+    Dropped(String),
+    /// The reply broke the protocol; the stream cannot be trusted any more.
+    Garbled(String),
+    /// An error frame. The session stays usable unless the code is a framing error (1-5).
+    Server(ErrorBody),
+}
+
+impl Fault {
+    pub fn describe(&self) -> String {
+        match self {
+            Fault::Connect(s)
+            | Fault::Send(s)
+            | Fault::Timeout(s)
+            | Fault::Dropped(s)
+            | Fault::Garbled(s) => s.clone(),
+            Fault::Server(e) => format!("error {} {:?}: {}", e.code as u16, e.code, e.text),
+        }
+    }
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    pub peer: SocketAddr,
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl Conn {
+    /// Connects and opens the session with `hello` (an encoded HELLO body).
+    pub fn open(peer: SocketAddr, timeout: Duration, hello: &[u8]) -> Result<Conn, Fault> {
+        let stream = TcpStream::connect_timeout(&peer, timeout)
+            .map_err(|e| Fault::Connect(format!("connect {peer}: {e}")))?;
+        let setup = || -> io::Result<()> {
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            stream.set_nodelay(true)
+        };
+        setup().map_err(|e| Fault::Connect(format!("socket options for {peer}: {e}")))?;
+        let mut c = Conn { stream, peer };
+        // A peer that takes the connection but cannot open a session is as good as down.
+        let body = c.call(cmd::HELLO, hello, 3).map_err(|f| match f {
+            Fault::Server(e) if !e.code.retryable() => Fault::Server(e),
+            other => Fault::Connect(format!("HELLO to {peer}: {}", other.describe())),
+        })?;
+        Identity::decode(&body)
+            .map_err(|e| Fault::Connect(format!("HELLO reply from {peer}: {e}")))?;
+        Ok(c)
+    }
+
+    fn write(&mut self, parts: &[&[u8]]) -> Result<(), Fault> {
+        for p in parts {
+            if let Err(e) = self.stream.write_all(p) {
+                let what = if is_timeout(&e) {
+                    "peer not reading within the timeout".to_owned()
+                } else {
+                    e.to_string()
+                };
+                return Err(Fault::Send(format!("send to {}: {what}", self.peer)));
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<(), Fault> {
+        self.stream.read_exact(buf).map_err(|e| {
+            if is_timeout(&e) {
+                Fault::Timeout(format!("no reply from {} within the timeout", self.peer))
+            } else {
+                Fault::Dropped(format!("connection to {} lost: {e}", self.peer))
+            }
+        })
+    }
+
+    /// Reads a reply header and, for an error reply, its body. Returns the OK header.
+    fn reply_head(&mut self) -> Result<Header, Fault> {
+        let mut h = [0u8; HEADER_LEN];
+        self.read(&mut h)?;
+        let h = Header::decode(&h);
+        if h.cmd != cmd::REPLY_STORAGE && h.cmd != cmd::REPLY_PROXY {
+            return Err(self.garbled(format!("reply command {}", h.cmd)));
+        }
+        match h.status {
+            status::OK => Ok(h),
+            status::ERROR => {
+                if !(2..=ERROR_BODY_MAX).contains(&h.body_len) {
+                    return Err(self.garbled(format!("error body of {} bytes", h.body_len)));
+                }
+                let mut b = vec![0u8; h.body_len as usize];
+                self.read(&mut b)?;
+                let e = ErrorBody::decode(&b).map_err(|e| self.garbled(e.to_string()))?;
+                if (e.code as u16) <= ErrorCode::HelloRequired as u16 {
+                    // The peer closes after framing errors; so do we.
+                    let _ = self.stream.shutdown(Shutdown::Both);
+                }
+                Err(Fault::Server(e))
+            }
+            s => Err(self.garbled(format!("status byte {s}"))),
+        }
+    }
+
+    fn garbled(&self, why: String) -> Fault {
+        Fault::Garbled(format!("bad reply from {}: {why}", self.peer))
+    }
+
+    fn body(&mut self, h: Header, max: usize) -> Result<Vec<u8>, Fault> {
+        if h.body_len > max as u64 {
+            return Err(self.garbled(format!("{} body bytes, at most {max} expected", h.body_len)));
+        }
+        let mut b = vec![0u8; h.body_len as usize];
+        self.read(&mut b)?;
+        Ok(b)
+    }
+
+    /// Sends a control request and returns the OK reply body (at most `max_reply` bytes).
+    pub fn call(&mut self, command: u8, body: &[u8], max_reply: usize) -> Result<Vec<u8>, Fault> {
+        let head = Header::new(command, status::OK, body.len() as u64).encode();
+        self.write(&[&head, body])?;
+        let h = self.reply_head()?;
+        self.body(h, max_reply)
+    }
+
+    /// Sends a data request (meta + payload) and returns the OK reply body.
+    pub fn call_data(
+        &mut self,
+        command: u8,
+        meta: &[u8],
+        payload: &[u8],
+        max_reply: usize,
+    ) -> Result<Vec<u8>, Fault> {
+        let head = proto::data_frame_head(command, status::OK, meta, payload.len() as u64);
+        self.write(&[&head, payload])?;
+        let h = self.reply_head()?;
+        self.body(h, max_reply)
+    }
+
+    /// Sends DOWNLOAD and reads the reply payload into `buf`, which must be exactly `expect`
+    /// bytes (the range clamped to the file). Returns the CRC32C the server sent.
+    pub fn download(&mut self, req: &[u8], expect: usize, buf: &mut Vec<u8>) -> Result<u32, Fault> {
+        let head = Header::new(cmd::DOWNLOAD, status::OK, req.len() as u64).encode();
+        self.write(&[&head, req])?;
+        let h = self.reply_head()?;
+        let want = (DOWNLOAD_REPLY_META + expect) as u64;
+        if h.body_len != want {
+            return Err(self.garbled(format!(
+                "DOWNLOAD reply of {} bytes, expected {want}",
+                h.body_len
+            )));
+        }
+        let mut meta = [0u8; DOWNLOAD_REPLY_META];
+        self.read(&mut meta)?;
+        let crc = proto::decode_download_meta(&meta).map_err(|e| self.garbled(e.to_string()))?;
+        buf.resize(expect, 0);
+        self.read(buf)?;
+        Ok(crc)
+    }
+}

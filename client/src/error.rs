@@ -1,0 +1,56 @@
+//! Errors the client library returns. Each carries enough context (file, block, proxy) to be
+//! printed as the one-line reason the command line shows.
+
+use ferry_common::proto::ErrorCode;
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Bad input from the user or the config: nothing was sent.
+    #[error("{0}")]
+    Input(String),
+    /// The server (or a proxy) answered with an error that retrying will not fix.
+    #[error("{op}: {text} (error {} {code:?})", *code as u16)]
+    Server {
+        op: String,
+        code: ErrorCode,
+        text: String,
+    },
+    /// Every attempt on every proxy failed.
+    #[error("{op}: gave up after {attempts} attempts on {proxies}; last error: {last}")]
+    Unreachable {
+        op: String,
+        attempts: u32,
+        proxies: String,
+        last: String,
+    },
+    /// A local file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Data did not verify (whole-file SHA-256, changed source file).
+    #[error("{0}")]
+    Integrity(String),
+}
+
+impl ClientError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        ClientError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The protocol error code, when the failure was an error reply.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,0 +1,161 @@
+//! A thread's connection with failover and retries (seed 002's client rules):
+//!
+//! - a session that cannot be opened, or a request that cannot be written, moves to the next
+//!   proxy at once (the proxy is marked failed so other threads skip it for a while);
+//! - no reply within the timeout, a dropped connection or a garbled reply: reconnect and retry;
+//!   after `tries_per_proxy` such failures in a row on one proxy, move to the next proxy;
+//! - error replies: `Upstream` (the proxy reached no upstream) moves on; other retryable codes
+//!   (`Busy`, `Io`, `Limit`, `Crc`) retry after a backoff; the rest are returned to the caller;
+//! - every retry waits an exponential backoff with jitter, and a request gets at most
+//!   `tries_per_proxy x proxies` attempts, so an all-down list fails with a clear error.
+
+use crate::conn::{Conn, Fault};
+use crate::error::ClientError;
+use crate::rotation::{Proxies, backoff};
+use ferry_common::proto::ErrorCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What every thread of one transfer shares.
+pub struct Shared {
+    pub proxies: Proxies,
+    pub hello: Vec<u8>,
+    pub timeout: Duration,
+    pub tries_per_proxy: u32,
+    pub failovers: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+impl Shared {
+    pub fn max_attempts(&self) -> u32 {
+        self.tries_per_proxy
+            .saturating_mul(self.proxies.len() as u32)
+            .max(3)
+    }
+}
+
+pub struct Link<'a> {
+    shared: &'a Shared,
+    cur: usize,
+    conn: Option<Conn>,
+    /// Consecutive failed tries on the current proxy.
+    tries_here: u32,
+}
+
+impl<'a> Link<'a> {
+    pub fn new(shared: &'a Shared) -> Self {
+        Link {
+            shared,
+            cur: shared.proxies.first(),
+            conn: None,
+            tries_here: 0,
+        }
+    }
+
+    /// The proxy this link currently uses.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        self.shared.proxies.addr(self.cur)
+    }
+
+    fn switch(&mut self) {
+        self.conn = None;
+        self.tries_here = 0;
+        self.shared.proxies.mark_failed(self.cur);
+        let next = self.shared.proxies.next_after(self.cur);
+        if next != self.cur {
+            self.shared.failovers.fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "failover {} -> {}",
+                self.shared.proxies.addr(self.cur),
+                self.shared.proxies.addr(next)
+            );
+        }
+        self.cur = next;
+    }
+
+    fn failed_try(&mut self) {
+        self.conn = None;
+        self.tries_here += 1;
+        if self.tries_here >= self.shared.tries_per_proxy {
+            self.switch();
+        }
+    }
+
+    /// Runs `f` on a live session until it succeeds, fails for good, or the attempts run out.
+    /// `f` may run several times (on different connections), so it must be idempotent.
+    pub fn call<T>(
+        &mut self,
+        op: &str,
+        mut f: impl FnMut(&mut Conn) -> Result<T, Fault>,
+    ) -> Result<T, ClientError> {
+        let max = self.shared.max_attempts();
+        let mut last = String::new();
+        for attempt in 0..max {
+            if attempt > 0 {
+                self.shared.retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(backoff(attempt));
+            }
+            if self.conn.is_none() {
+                let addr = self.peer();
+                match Conn::open(addr, self.shared.timeout, &self.shared.hello) {
+                    Ok(c) => self.conn = Some(c),
+                    Err(Fault::Server(e)) if !e.code.retryable() => {
+                        return Err(server_error(op, e.code, &e.text));
+                    }
+                    Err(fault) => {
+                        last = fault.describe();
+                        log::debug!("{op}: {last}");
+                        self.switch();
+                        continue;
+                    }
+                }
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                continue;
+            };
+            match f(conn) {
+                Ok(v) => {
+                    self.tries_here = 0;
+                    self.shared.proxies.mark_ok(self.cur);
+                    return Ok(v);
+                }
+                Err(fault) => {
+                    last = fault.describe();
+                    log::debug!("{op} via {}: {last}", self.peer());
+                    match fault {
+                        Fault::Connect(_) | Fault::Send(_) => self.switch(),
+                        Fault::Timeout(_) | Fault::Dropped(_) | Fault::Garbled(_) => {
+                            self.failed_try()
+                        }
+                        Fault::Server(e) => match e.code {
+                            ErrorCode::Upstream => self.switch(),
+                            ErrorCode::Busy | ErrorCode::Io | ErrorCode::Limit | ErrorCode::Crc => {
+                            }
+                            code if (code as u16) <= ErrorCode::HelloRequired as u16 => {
+                                // A framing error means we and the peer disagree; a new
+                                // session will not help.
+                                self.conn = None;
+                                return Err(server_error(op, code, &e.text));
+                            }
+                            code => return Err(server_error(op, code, &e.text)),
+                        },
+                    }
+                }
+            }
+        }
+        Err(ClientError::Unreachable {
+            op: op.to_owned(),
+            attempts: max,
+            proxies: self.shared.proxies.list(),
+            last,
+        })
+    }
+}
+
+pub fn server_error(op: &str, code: ErrorCode, text: &str) -> ClientError {
+    ClientError::Server {
+        op: op.to_owned(),
+        code,
+        text: text.to_owned(),
+    }
+}

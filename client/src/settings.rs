@@ -1,0 +1,384 @@
+//! Client settings: the TOML config file, environment variables and command-line flags merged
+//! with the precedence flag > environment > config file > default.
+
+use crate::error::{ClientError, Result};
+use crate::size;
+use ferry_common::proto::{APP_ID_LEN, USER_ID_LEN};
+use serde::Deserialize;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_THREADS: usize = 4;
+pub const DEFAULT_BLOCK_SIZE: u32 = 4 << 20;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_APP: &str = "ferry";
+/// Most worker threads (each holds one connection and one block buffer).
+pub const MAX_THREADS: usize = 64;
+
+/// `conf/client.toml`. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Proxies (or a server) to talk to, `host:port`, tried in order with failover.
+    pub proxies: Option<Vec<String>>,
+    pub app: Option<String>,
+    pub user: Option<String>,
+    pub threads: Option<usize>,
+    /// Upload block size, e.g. "4MiB".
+    pub block_size: Option<String>,
+    /// Connect, send and reply timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Tries of one request on one proxy before moving to the next.
+    pub tries_per_proxy: Option<u32>,
+    /// Where upload resume state is kept (default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// What the command line gave (None/empty = not given).
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub proxies: Vec<String>,
+    pub app: Option<String>,
+    pub user: Option<String>,
+}
+
+/// The environment variables the client reads, captured once so resolution is testable.
+#[derive(Debug, Default, Clone)]
+pub struct EnvVars {
+    pub proxies: Option<String>,
+    pub app: Option<String>,
+    pub user: Option<String>,
+    pub state_dir: Option<String>,
+    pub login: Option<String>,
+    pub home: Option<String>,
+    pub xdg_cache: Option<String>,
+}
+
+impl EnvVars {
+    pub fn from_process() -> Self {
+        let get = |k: &str| std::env::var(k).ok();
+        EnvVars {
+            proxies: get("FERRY_PROXIES"),
+            app: get("FERRY_APP"),
+            user: get("FERRY_USER"),
+            state_dir: get("FERRY_STATE_DIR"),
+            login: get("USER"),
+            home: get("HOME"),
+            xdg_cache: get("XDG_CACHE_HOME"),
+        }
+    }
+}
+
+/// Everything a [`crate::Client`] needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub proxies: Vec<SocketAddr>,
+    pub app: String,
+    pub user: String,
+    /// Sent in HELLO; empty until the authentication issue defines it.
+    pub credential: Vec<u8>,
+    pub threads: usize,
+    pub block_size: u32,
+    pub timeout: Duration,
+    pub tries_per_proxy: u32,
+    pub state_dir: PathBuf,
+}
+
+impl Settings {
+    /// Settings for a client talking straight to `addrs` with defaults elsewhere (tests, library
+    /// users).
+    pub fn direct(addrs: Vec<SocketAddr>, state_dir: PathBuf) -> Self {
+        Settings {
+            proxies: addrs,
+            app: DEFAULT_APP.into(),
+            user: "anonymous".into(),
+            credential: Vec::new(),
+            threads: DEFAULT_THREADS,
+            block_size: DEFAULT_BLOCK_SIZE,
+            timeout: DEFAULT_TIMEOUT,
+            tries_per_proxy: 3,
+            state_dir,
+        }
+    }
+}
+
+/// Reads the config file if one was named.
+pub fn load_file(path: Option<&Path>) -> Result<FileConfig> {
+    match path {
+        None => Ok(FileConfig::default()),
+        Some(p) => {
+            ferry_common::config::load(p).map_err(|e| ClientError::Input(one_line(&e.to_string())))
+        }
+    }
+}
+
+/// toml errors span several lines (with a caret diagram); the CLI prints one line.
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with('^'))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Merges flags, environment and config file.
+pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Settings> {
+    let (source, list): (&str, Vec<String>) = if !flags.proxies.is_empty() {
+        ("--proxy", flags.proxies.clone())
+    } else if let Some(v) = &env.proxies {
+        ("FERRY_PROXIES", v.split(',').map(str::to_owned).collect())
+    } else if let Some(v) = file.proxies {
+        ("config proxies", v)
+    } else {
+        return Err(ClientError::Input(
+            "no proxy or server address: give --proxy ADDR, FERRY_PROXIES or `proxies` in the config"
+                .into(),
+        ));
+    };
+    let proxies = parse_proxies(source, &list)?;
+
+    let app = flags
+        .app
+        .clone()
+        .or_else(|| env.app.clone())
+        .or(file.app)
+        .unwrap_or_else(|| DEFAULT_APP.into());
+    check_id("app", &app, APP_ID_LEN)?;
+    let user = flags
+        .user
+        .clone()
+        .or_else(|| env.user.clone())
+        .or(file.user)
+        .or_else(|| env.login.clone().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "anonymous".into());
+    check_id("user", &user, USER_ID_LEN)?;
+
+    let threads = file.threads.unwrap_or(DEFAULT_THREADS);
+    check_threads(threads)?;
+    let block_size = match file.block_size {
+        Some(s) => {
+            size::parse_block_size(&s).map_err(|e| ClientError::Input(format!("config: {e}")))?
+        }
+        None => DEFAULT_BLOCK_SIZE,
+    };
+    let timeout = match file.timeout_ms {
+        Some(0) => return Err(ClientError::Input("config: timeout_ms must be > 0".into())),
+        Some(ms) => Duration::from_millis(ms),
+        None => DEFAULT_TIMEOUT,
+    };
+    let tries_per_proxy = file.tries_per_proxy.unwrap_or(3).clamp(1, 10);
+    let state_dir = match (&env.state_dir, file.state_dir, &env.xdg_cache, &env.home) {
+        (Some(d), _, _, _) if !d.is_empty() => PathBuf::from(d),
+        (_, Some(d), _, _) => d,
+        (_, _, Some(x), _) if !x.is_empty() => Path::new(x).join("ferry"),
+        (_, _, _, Some(h)) if !h.is_empty() => Path::new(h).join(".cache").join("ferry"),
+        _ => std::env::temp_dir().join("ferry-state"),
+    };
+    Ok(Settings {
+        proxies,
+        app,
+        user,
+        credential: Vec::new(),
+        threads,
+        block_size,
+        timeout,
+        tries_per_proxy,
+        state_dir,
+    })
+}
+
+pub fn check_threads(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_THREADS {
+        return Err(ClientError::Input(format!(
+            "threads must be 1 ..= {MAX_THREADS}, not {n}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_id(what: &str, v: &str, width: usize) -> Result<()> {
+    if v.is_empty() || v.len() > width || v.chars().any(|c| c.is_control()) {
+        return Err(ClientError::Input(format!(
+            "{what} id {v:?} must be 1 ..= {width} bytes of printable UTF-8"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `host:port` entries; an empty list, an empty entry or an unresolvable one is an error.
+pub fn parse_proxies(source: &str, list: &[String]) -> Result<Vec<SocketAddr>> {
+    let mut out = Vec::new();
+    for raw in list {
+        let entry = raw.trim();
+        if entry.is_empty() {
+            return Err(ClientError::Input(format!(
+                "{source}: empty entry in the proxy list {list:?}"
+            )));
+        }
+        let addr = entry
+            .to_socket_addrs()
+            .map_err(|e| ClientError::Input(format!("{source}: bad proxy address {entry:?}: {e}")))?
+            .next()
+            .ok_or_else(|| {
+                ClientError::Input(format!("{source}: {entry:?} resolves to no address"))
+            })?;
+        out.push(addr);
+    }
+    if out.is_empty() {
+        return Err(ClientError::Input(format!(
+            "{source}: the proxy list is empty"
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(proxies: &[&str]) -> FileConfig {
+        FileConfig {
+            proxies: Some(proxies.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn proxies_precedence_flag_env_config() {
+        let env = EnvVars {
+            proxies: Some("127.0.0.1:2,127.0.0.1:3".into()),
+            ..Default::default()
+        };
+        let flags = Flags {
+            proxies: vec!["127.0.0.1:1".into()],
+            ..Default::default()
+        };
+        let s = resolve(file(&["127.0.0.1:9"]), &flags, &env).unwrap();
+        assert_eq!(s.proxies, vec!["127.0.0.1:1".parse().unwrap()]);
+        let s = resolve(file(&["127.0.0.1:9"]), &Flags::default(), &env).unwrap();
+        assert_eq!(s.proxies.len(), 2);
+        assert_eq!(s.proxies[1], "127.0.0.1:3".parse().unwrap());
+        let s = resolve(
+            file(&["127.0.0.1:9"]),
+            &Flags::default(),
+            &EnvVars::default(),
+        )
+        .unwrap();
+        assert_eq!(s.proxies, vec!["127.0.0.1:9".parse().unwrap()]);
+    }
+
+    #[test]
+    fn bad_proxy_lists_are_errors() {
+        let none = resolve(
+            FileConfig::default(),
+            &Flags::default(),
+            &EnvVars::default(),
+        );
+        assert!(none.unwrap_err().to_string().contains("no proxy"));
+        let empty_env = EnvVars {
+            proxies: Some(String::new()),
+            ..Default::default()
+        };
+        let e = resolve(FileConfig::default(), &Flags::default(), &empty_env).unwrap_err();
+        assert!(e.to_string().contains("FERRY_PROXIES"), "{e}");
+        let e = resolve(file(&[]), &Flags::default(), &EnvVars::default()).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        let e = resolve(file(&["nonsense"]), &Flags::default(), &EnvVars::default()).unwrap_err();
+        assert!(e.to_string().contains("bad proxy address"), "{e}");
+        let e = resolve(
+            file(&["127.0.0.1:1", " "]),
+            &Flags::default(),
+            &EnvVars::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("empty entry"), "{e}");
+    }
+
+    #[test]
+    fn identity_and_state_dir_precedence() {
+        let env = EnvVars {
+            app: Some("envapp".into()),
+            user: Some("envuser".into()),
+            login: Some("login".into()),
+            home: Some("/home/x".into()),
+            ..Default::default()
+        };
+        let f = FileConfig {
+            app: Some("fileapp".into()),
+            user: Some("fileuser".into()),
+            ..file(&["127.0.0.1:1"])
+        };
+        let flags = Flags {
+            app: Some("flagapp".into()),
+            ..Default::default()
+        };
+        let s = resolve(f, &flags, &env).unwrap();
+        assert_eq!((s.app.as_str(), s.user.as_str()), ("flagapp", "envuser"));
+        assert_eq!(s.state_dir, PathBuf::from("/home/x/.cache/ferry"));
+        let s = resolve(
+            file(&["127.0.0.1:1"]),
+            &Flags::default(),
+            &EnvVars {
+                login: Some("login".into()),
+                state_dir: Some("/tmp/st".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((s.app.as_str(), s.user.as_str()), (DEFAULT_APP, "login"));
+        assert_eq!(s.state_dir, PathBuf::from("/tmp/st"));
+        let long = Flags {
+            app: Some("x".repeat(17)),
+            ..Default::default()
+        };
+        assert!(resolve(file(&["127.0.0.1:1"]), &long, &EnvVars::default()).is_err());
+    }
+
+    #[test]
+    fn config_file_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "proxies = [\"127.0.0.1:7421\"]\nblock_size = \"1MiB\"\ntimeout_ms = 1500\nthreads = 2\n",
+        )
+        .unwrap();
+        let s = resolve(
+            load_file(Some(&p)).unwrap(),
+            &Flags::default(),
+            &EnvVars::default(),
+        )
+        .unwrap();
+        assert_eq!(s.block_size, 1 << 20);
+        assert_eq!(s.timeout, Duration::from_millis(1500));
+        assert_eq!(s.threads, 2);
+        std::fs::write(&p, "proxy = [\"127.0.0.1:7421\"]\n").unwrap();
+        let e = load_file(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("proxy") && !e.contains('\n'), "{e}");
+        std::fs::write(&p, "block_size = \"4MB\"\nproxies=[\"127.0.0.1:1\"]\n").unwrap();
+        assert!(
+            resolve(
+                load_file(Some(&p)).unwrap(),
+                &Flags::default(),
+                &EnvVars::default()
+            )
+            .is_err()
+        );
+    }
+}
+
+#[cfg(test)]
+mod shipped_config {
+    use super::*;
+
+    #[test]
+    fn conf_client_toml_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/client.toml");
+        let s = resolve(load_file(Some(&p)).unwrap(), &Flags::default(), &EnvVars::default())
+            .unwrap();
+        assert_eq!(s.proxies.len(), 2);
+        assert_eq!(s.proxies[0], "127.0.0.1:7421".parse().unwrap());
+        assert_eq!(s.block_size, DEFAULT_BLOCK_SIZE);
+    }
+}

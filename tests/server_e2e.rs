@@ -1,0 +1,855 @@
+//! End-to-end tests of `ferry-server`: the real binary on a free loopback port, driven by a
+//! small blocking client written here against docs/PROTOCOL.md.
+
+mod support;
+
+use ferry_common::proto::{
+    self, BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header,
+    Hello, Prove, StatReply, UploadInit, UploadInitReply, UploadMeta, cmd, status,
+};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::Proc;
+
+type Res<T> = Result<T, (ErrorCode, String)>;
+
+fn sha(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Deterministic test bytes.
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Reply {
+    status: u8,
+    body: Vec<u8>,
+}
+
+/// A blocking protocol client, just enough for the tests.
+struct Client {
+    s: TcpStream,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Client { s }
+    }
+
+    fn hello(addr: SocketAddr, app: &str, user: &str) -> Client {
+        let mut c = Client::connect(addr);
+        let body = Hello::new(app, user, b"token").encode().unwrap();
+        let r = c.call(cmd::HELLO, &body).expect("HELLO accepted");
+        assert_eq!(r, vec![0, 1, 2], "identity: version 1, role server");
+        c
+    }
+
+    fn send(&mut self, c: u8, body: &[u8]) {
+        self.s.write_all(&proto::frame(c, 0, body)).unwrap();
+    }
+
+    fn recv(&mut self) -> Reply {
+        let mut h = [0u8; HEADER_LEN];
+        self.s.read_exact(&mut h).expect("reply header");
+        let h = Header::decode(&h);
+        assert_eq!(h.cmd, cmd::REPLY_STORAGE);
+        assert!(h.body_len <= 80 << 20, "reply of {} bytes", h.body_len);
+        let mut body = vec![0u8; h.body_len as usize];
+        self.s.read_exact(&mut body).expect("reply body");
+        Reply {
+            status: h.status,
+            body,
+        }
+    }
+
+    fn result(&mut self) -> Res<Vec<u8>> {
+        let r = self.recv();
+        if r.status == status::OK {
+            Ok(r.body)
+        } else {
+            let e = ErrorBody::decode(&r.body).unwrap();
+            Err((e.code, e.text))
+        }
+    }
+
+    fn call(&mut self, c: u8, body: &[u8]) -> Res<Vec<u8>> {
+        self.send(c, body);
+        self.result()
+    }
+
+    /// True once the server has closed the connection (EOF or reset within the timeout).
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+
+    fn upload_small(&mut self, name: &str, data: &[u8]) -> Res<String> {
+        self.upload_small_claiming(name, data, sha(data))
+    }
+
+    fn upload_small_claiming(&mut self, name: &str, data: &[u8], h: [u8; 32]) -> Res<String> {
+        let meta = UploadMeta {
+            sha256: h,
+            name: name.into(),
+        }
+        .encode()
+        .unwrap();
+        let mut f = proto::data_frame_head(cmd::UPLOAD, 0, &meta, data.len() as u64);
+        f.extend_from_slice(data);
+        self.s.write_all(&f).unwrap();
+        self.result().map(|b| proto::decode_file_id(&b).unwrap())
+    }
+
+    fn init(&mut self, size: u64, bs: u32, h: [u8; 32], name: &str) -> Res<UploadInitReply> {
+        let body = UploadInit {
+            size,
+            block_size: bs,
+            sha256: h,
+            name: name.into(),
+        }
+        .encode()
+        .unwrap();
+        self.call(cmd::UPLOAD_INIT, &body)
+            .map(|b| UploadInitReply::decode(&b).unwrap())
+    }
+
+    fn block_raw(&mut self, m: BlockMeta, data: &[u8]) -> Res<BlockAck> {
+        let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &m.encode(), data.len() as u64);
+        f.extend_from_slice(data);
+        self.s.write_all(&f).unwrap();
+        self.result().map(|b| BlockAck::decode(&b).unwrap())
+    }
+
+    fn block(&mut self, id: [u8; 16], bs: u32, idx: u32, file: &[u8]) -> Res<BlockAck> {
+        let (off, data) = block_of(file, bs, idx);
+        let m = BlockMeta {
+            upload_id: id,
+            index: idx,
+            offset: off,
+            len: data.len() as u32,
+            crc32c: crc32c::crc32c(data),
+        };
+        self.block_raw(m, data)
+    }
+
+    fn query(&mut self, id: [u8; 16]) -> Res<Breakpoint> {
+        self.call(cmd::UPLOAD_QUERY, &id)
+            .map(|b| Breakpoint::decode(&b).unwrap())
+    }
+
+    fn over(&mut self, id: [u8; 16]) -> Res<String> {
+        self.call(cmd::UPLOAD_OVER, &id)
+            .map(|b| proto::decode_file_id(&b).unwrap())
+    }
+
+    fn prove(&mut self, id: [u8; 16], h: [u8; 32]) -> Res<String> {
+        let body = Prove {
+            upload_id: id,
+            sha256: h,
+        }
+        .encode();
+        self.call(cmd::UPLOAD_PROVE, &body)
+            .map(|b| proto::decode_file_id(&b).unwrap())
+    }
+
+    fn stat(&mut self, id: &str) -> Res<StatReply> {
+        self.call(cmd::STAT, &proto::encode_file_id(id).unwrap())
+            .map(|b| StatReply::decode(&b).unwrap())
+    }
+
+    /// Returns the CRC from the reply meta and the payload, after checking they agree.
+    fn download(&mut self, id: &str, offset: u64, len: u64) -> Res<(u32, Vec<u8>)> {
+        let body = DownloadReq {
+            file_id: id.into(),
+            offset,
+            len,
+        }
+        .encode()
+        .unwrap();
+        let b = self.call(cmd::DOWNLOAD, &body)?;
+        let crc = proto::decode_download_meta(&b[..4]).unwrap();
+        let data = b[4..].to_vec();
+        assert_eq!(
+            crc,
+            crc32c::crc32c(&data),
+            "download meta CRC matches the bytes"
+        );
+        Ok((crc, data))
+    }
+
+    fn download_all(&mut self, id: &str, size: u64, piece: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        while (out.len() as u64) < size {
+            let (_, d) = self.download(id, out.len() as u64, piece).unwrap();
+            assert!(!d.is_empty());
+            out.extend_from_slice(&d);
+        }
+        out
+    }
+
+    fn delete(&mut self, id: &str) -> Res<Vec<u8>> {
+        self.call(cmd::DELETE, &proto::encode_file_id(id).unwrap())
+    }
+}
+
+fn block_of(file: &[u8], bs: u32, idx: u32) -> (u64, &[u8]) {
+    let off = idx as usize * bs as usize;
+    let end = (off + bs as usize).min(file.len());
+    (off as u64, &file[off..end])
+}
+
+fn code(r: Res<impl std::fmt::Debug>) -> ErrorCode {
+    match r {
+        Err((c, _)) => c,
+        Ok(v) => panic!("expected an error, got {v:?}"),
+    }
+}
+
+/// A running `ferry-server` over a data dir; killed when dropped.
+struct Server {
+    proc: Proc,
+    addr: SocketAddr,
+    data: PathBuf,
+    conf: PathBuf,
+    logs: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, data: &Path, extra: &str) -> Server {
+        let conf = dir.join("server.toml");
+        // Test defaults, unless `extra` sets the key itself (TOML refuses duplicate keys).
+        let mut text: String = [
+            "block_size = 65536",
+            "small_file_max = 262144",
+            "workers = 3",
+        ]
+        .iter()
+        .filter(|l| !extra.contains(l.split(' ').next().unwrap_or_default()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+        text.push_str(extra);
+        std::fs::write(&conf, text).unwrap();
+        Server::spawn(dir, data, conf)
+    }
+
+    fn spawn(dir: &Path, data: &Path, conf: PathBuf) -> Server {
+        let addr = support::free_addr();
+        let proc = Proc::spawn(
+            "ferry-server",
+            Command::new(support::bin("ferry-server"))
+                .arg("--config")
+                .arg(&conf)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--data")
+                .arg(data),
+            dir,
+        );
+        support::wait_ready(addr, Duration::from_secs(15));
+        Server {
+            proc,
+            addr,
+            data: data.to_path_buf(),
+            conf,
+            logs: dir.to_path_buf(),
+        }
+    }
+
+    /// kill -9, then start again on the same data dir (and a new port).
+    fn crash_and_restart(mut self) -> Server {
+        self.proc.kill();
+        Server::spawn(&self.logs.clone(), &self.data.clone(), self.conf.clone())
+    }
+
+    fn temp_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data.join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-server-e2e")
+        .tempdir()
+        .unwrap()
+}
+
+#[test]
+fn small_files_stat_download_delete() {
+    let dir = tempdir();
+    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let mut c = Client::hello(srv.addr, "demo", "alice");
+    let data = bytes(200_000, 1);
+    let id = c.upload_small("photo.jpg", &data).unwrap();
+    let id2 = c.upload_small("photo.jpg", &data).unwrap();
+    assert_ne!(id, id2, "every upload gets its own id");
+
+    let st = c.stat(&id).unwrap();
+    assert_eq!(st.size, data.len() as u64);
+    assert_eq!(st.sha256, sha(&data));
+    assert_eq!(st.block_size, 65536);
+    assert_eq!(st.name, "photo.jpg");
+
+    // Aligned blocks (CRC from the stored table), the short last block, unaligned ranges.
+    let (crc, b) = c.download(&id, 65536, 65536).unwrap();
+    assert_eq!(b, &data[65536..131072]);
+    assert_eq!(crc, crc32c::crc32c(&data[65536..131072]));
+    let (_, b) = c.download(&id, 0, 131072).unwrap();
+    assert_eq!(b, &data[..131072]);
+    let (_, b) = c.download(&id, 196608, 65536).unwrap();
+    assert_eq!(b, &data[196608..], "clamped to the end of the file");
+    let (_, b) = c.download(&id, 1000, 5000).unwrap();
+    assert_eq!(b, &data[1000..6000]);
+    assert_eq!(c.download_all(&id, data.len() as u64, 70_000), data);
+    let (_, b) = c.download(&id, data.len() as u64, 10).unwrap();
+    assert!(b.is_empty(), "a range starting at the end is empty");
+    // Download past the end.
+    assert_eq!(
+        code(c.download(&id, data.len() as u64 + 1, 10)),
+        ErrorCode::Range
+    );
+    // Empty file.
+    let empty = c.upload_small("empty", &[]).unwrap();
+    assert_eq!(c.stat(&empty).unwrap().size, 0);
+    assert!(c.download(&empty, 0, 100).unwrap().1.is_empty());
+
+    // Too big for one frame: 17, and the session goes on (the payload was drained).
+    assert_eq!(
+        code(c.upload_small("big", &bytes(300_000, 2))),
+        ErrorCode::Limit
+    );
+    // Bytes that do not match the announced SHA-256.
+    assert_eq!(
+        code(c.upload_small_claiming("x", &data[..1000], [9; 32])),
+        ErrorCode::HashMismatch
+    );
+    assert!(
+        srv.temp_files().is_empty(),
+        "refused uploads leave no temp file"
+    );
+
+    // Another app does not see the file.
+    let mut other = Client::hello(srv.addr, "otherapp", "alice");
+    assert_eq!(code(other.stat(&id)), ErrorCode::NotFound);
+    assert_eq!(code(other.delete(&id)), ErrorCode::NotFound);
+
+    c.call(cmd::DOWNLOAD_OVER, &proto::encode_file_id(&id).unwrap())
+        .unwrap();
+    assert!(c.delete(&id).unwrap().is_empty());
+    assert_eq!(code(c.stat(&id)), ErrorCode::NotFound);
+    assert_eq!(
+        code(c.delete(&id)),
+        ErrorCode::NotFound,
+        "delete of an unknown id"
+    );
+    assert_eq!(code(c.download(&id, 0, 10)), ErrorCode::NotFound);
+    assert_eq!(
+        code(c.call(cmd::DOWNLOAD_OVER, &proto::encode_file_id(&id).unwrap())),
+        ErrorCode::NotFound
+    );
+    // The other copy is untouched.
+    assert_eq!(c.download_all(&id2, data.len() as u64, 1 << 20), data);
+
+    // Two uploads of the same name at the same time, different contents: two files.
+    let addr = srv.addr;
+    let handles: Vec<_> = (0..2u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Client::hello(addr, "demo", "alice");
+                let d = bytes(150_000, 10 + i);
+                let id = c.upload_small("same-name.bin", &d).unwrap();
+                (id, d)
+            })
+        })
+        .collect();
+    let got: Vec<(String, Vec<u8>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_ne!(got[0].0, got[1].0);
+    for (id, d) in &got {
+        assert_eq!(&c.download_all(id, d.len() as u64, 1 << 20), d);
+    }
+}
+
+#[test]
+fn session_opening_and_malformed_frames() {
+    let dir = tempdir();
+    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let hello = Hello::new("demo", "alice", b"").encode().unwrap();
+
+    // Anything but HELLO/PROBE first: error 5 and close.
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(
+        code(c.call(cmd::STAT, &proto::encode_file_id("x").unwrap())),
+        ErrorCode::HelloRequired
+    );
+    assert!(c.closed());
+
+    // Empty app id.
+    let mut bad = hello.clone();
+    bad[4..20].fill(0);
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(code(c.call(cmd::HELLO, &bad)), ErrorCode::BadFrame);
+    assert!(c.closed());
+    // Empty user id.
+    let mut bad = hello.clone();
+    bad[20..276].fill(0);
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(code(c.call(cmd::HELLO, &bad)), ErrorCode::BadFrame);
+    // User id that is not UTF-8.
+    let mut bad = hello.clone();
+    bad[20] = 0xff;
+    bad[21] = 0xfe;
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(code(c.call(cmd::HELLO, &bad)), ErrorCode::BadFrame);
+    assert!(c.closed());
+    // App id too long: the 16-byte field is full and the user field starts with its tail
+    // ("0123456789abcdefXYZ" written across both); a NUL after text inside one field.
+    let mut bad = hello.clone();
+    bad[4..20].copy_from_slice(b"0123456789abcdef");
+    bad[20..23].copy_from_slice(b"\0YZ");
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(code(c.call(cmd::HELLO, &bad)), ErrorCode::BadFrame);
+    // A HELLO body longer than any HELLO may be.
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(code(c.call(cmd::HELLO, &[b'a'; 2000])), ErrorCode::TooLarge);
+    assert!(c.closed());
+    // Another protocol version.
+    let mut bad = hello.clone();
+    bad[1] = 9;
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(code(c.call(cmd::HELLO, &bad)), ErrorCode::Version);
+
+    let mut c = Client::hello(srv.addr, "demo", "alice");
+    // A second HELLO.
+    assert_eq!(code(c.call(cmd::HELLO, &hello)), ErrorCode::BadFrame);
+    assert!(c.closed());
+    // Unknown command (a cluster role this server does not run).
+    let mut c = Client::hello(srv.addr, "demo", "alice");
+    assert_eq!(code(c.call(cmd::ID_GET, &[])), ErrorCode::UnknownCommand);
+    assert!(c.closed());
+    // Status byte set in a request.
+    let mut c = Client::hello(srv.addr, "demo", "alice");
+    c.s.write_all(&proto::frame(cmd::STAT, 1, &[0; 128]))
+        .unwrap();
+    assert_eq!(code(c.result()), ErrorCode::BadFrame);
+    // A file id field with bytes after its padding.
+    let mut c = Client::hello(srv.addr, "demo", "alice");
+    let mut fid = proto::encode_file_id("abc").unwrap();
+    fid[100] = b'x';
+    assert_eq!(code(c.call(cmd::STAT, &fid)), ErrorCode::BadFrame);
+    assert!(c.closed());
+
+    // The server is still fine.
+    assert!(support::probe(srv.addr, Duration::from_secs(2)).is_some());
+    let mut c = Client::hello(srv.addr, "demo", "alice");
+    c.upload_small("ok", b"still serving").unwrap();
+}
+
+#[test]
+fn big_upload_parallel_blocks_fencing_and_faults() {
+    let dir = tempdir();
+    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let bs = 65536u32;
+    let file = bytes(17 * 65536 + 1234, 3);
+    let blocks = 18u32;
+    let mut c = Client::hello(srv.addr, "demo", "bob");
+    let r = c
+        .init(file.len() as u64, bs, sha(&file), "movie.mkv")
+        .unwrap();
+    assert_eq!(r.blocks, blocks);
+    assert_eq!(r.challenge, None);
+    let id = r.upload_id;
+    assert_eq!(c.query(id).unwrap().count(), 0);
+    assert!(
+        srv.temp_files()
+            .iter()
+            .any(|p| std::fs::metadata(p).unwrap().len() == file.len() as u64),
+        "temp file preallocated to the full size"
+    );
+
+    // Unknown upload id.
+    assert_eq!(code(c.query([7; 16])), ErrorCode::UnknownUpload);
+    assert_eq!(
+        code(c.block([7; 16], bs, 0, &file)),
+        ErrorCode::UnknownUpload
+    );
+    assert_eq!(code(c.over([7; 16])), ErrorCode::UnknownUpload);
+    // Another user cannot use this session.
+    let mut eve = Client::hello(srv.addr, "demo", "eve");
+    assert_eq!(code(eve.query(id)), ErrorCode::UnknownUpload);
+    // Block index past the end.
+    let m = |index: u32, offset: u64, data: &[u8]| BlockMeta {
+        upload_id: id,
+        index,
+        offset,
+        len: data.len() as u32,
+        crc32c: crc32c::crc32c(data),
+    };
+    let junk = bytes(65536, 4);
+    assert_eq!(
+        code(c.block_raw(m(blocks, u64::from(blocks) * 65536, &junk), &junk)),
+        ErrorCode::BadBlock
+    );
+    // A block overlapping its neighbour (offset not index x block size).
+    assert_eq!(
+        code(c.block_raw(m(2, 65536 + 100, &junk), &junk)),
+        ErrorCode::BadBlock
+    );
+    // Wrong length (not the block size, not the last block).
+    assert_eq!(
+        code(c.block_raw(m(2, 131072, &junk[..1000]), &junk[..1000])),
+        ErrorCode::BadBlock
+    );
+    // CRC mismatch: refused, block stays missing.
+    let (off, b2) = block_of(&file, bs, 2);
+    let mut mm = m(2, off, b2);
+    mm.crc32c ^= 1;
+    assert_eq!(code(c.block_raw(mm, b2)), ErrorCode::Crc);
+    assert!(!c.query(id).unwrap().has(2));
+    // File over with blocks missing.
+    assert_eq!(code(c.over(id)), ErrorCode::Incomplete);
+
+    // Busy: connection A is half-way through block 5 when B sends it.
+    let (off5, b5) = block_of(&file, bs, 5);
+    let mut a = Client::hello(srv.addr, "demo", "bob");
+    let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &m(5, off5, b5).encode(), 65536);
+    f.extend_from_slice(&b5[..30000]);
+    a.s.write_all(&f).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(code(c.block(id, bs, 5, &file)), ErrorCode::Busy);
+    a.s.write_all(&b5[30000..]).unwrap();
+    assert_eq!(a.result().unwrap(), vec![BlockAck::Written as u8]);
+
+    // The other blocks over four connections at once, in a scrambled order.
+    let addr = srv.addr;
+    let shared = std::sync::Arc::new(file.clone());
+    let handles: Vec<_> = (0..4u32)
+        .map(|k| {
+            let file = shared.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::hello(addr, "demo", "bob");
+                let mut acks = Vec::new();
+                for i in (0..blocks).rev().filter(|i| i % 4 == k && *i != 5) {
+                    acks.push(c.block(id, bs, i, &file).unwrap());
+                }
+                acks
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap().iter().all(|a| *a == BlockAck::Written));
+    }
+    // Fencing: a late copy of a stored block with different bytes (and a valid CRC) is
+    // answered "already stored" and not written.
+    let (off7, _) = block_of(&file, bs, 7);
+    let evil = bytes(65536, 99);
+    assert_eq!(
+        c.block_raw(m(7, off7, &evil), &evil).unwrap(),
+        BlockAck::AlreadyStored
+    );
+    assert_eq!(c.block(id, bs, 7, &file).unwrap(), BlockAck::AlreadyStored);
+    assert_eq!(c.query(id).unwrap().count(), blocks);
+    // UPLOAD_INIT of the same file again resumes the same session.
+    let again = c
+        .init(file.len() as u64, bs, sha(&file), "movie.mkv")
+        .unwrap();
+    assert_eq!(again.upload_id, id);
+
+    let fid = c.over(id).unwrap();
+    assert_eq!(
+        code(c.query(id)),
+        ErrorCode::UnknownUpload,
+        "session gone after file over"
+    );
+    let st = c.stat(&fid).unwrap();
+    assert_eq!(
+        (st.size, st.sha256, st.block_size),
+        (file.len() as u64, sha(&file), bs)
+    );
+    assert_eq!(c.download_all(&fid, file.len() as u64, 65536), file);
+    assert_eq!(c.download_all(&fid, file.len() as u64, 100_000), file);
+    assert!(srv.temp_files().is_empty());
+
+    // Hash mismatch at file over: 12, and the session is discarded.
+    let liar = c.init(file.len() as u64, bs, [5; 32], "x").unwrap();
+    for i in 0..blocks {
+        c.block(liar.upload_id, bs, i, &file).unwrap();
+    }
+    assert_eq!(code(c.over(liar.upload_id)), ErrorCode::HashMismatch);
+    assert_eq!(code(c.query(liar.upload_id)), ErrorCode::UnknownUpload);
+    assert!(srv.temp_files().is_empty());
+
+    // Two big uploads of the same name at once with different contents: two sessions.
+    let other = bytes(file.len(), 8);
+    let s1 = c.init(file.len() as u64, bs, sha(&file), "same").unwrap();
+    let s2 = c.init(other.len() as u64, bs, sha(&other), "same").unwrap();
+    assert_ne!(s1.upload_id, s2.upload_id);
+    for i in 0..blocks {
+        c.block(s1.upload_id, bs, i, &file).unwrap();
+        c.block(s2.upload_id, bs, i, &other).unwrap();
+    }
+    let (f1, f2) = (c.over(s1.upload_id).unwrap(), c.over(s2.upload_id).unwrap());
+    assert_eq!(c.download_all(&f1, file.len() as u64, 1 << 20), file);
+    assert_eq!(c.download_all(&f2, other.len() as u64, 1 << 20), other);
+    // Bad UPLOAD_INIT (block size below 64 KiB) is a malformed request.
+    assert_eq!(code(c.init(1000, 1000, [0; 32], "x")), ErrorCode::BadFrame);
+}
+
+#[test]
+fn instant_upload_needs_proof_of_possession() {
+    let dir = tempdir();
+    let srv = Server::start(
+        dir.path(),
+        &dir.path().join("data"),
+        "challenge_max = 100000",
+    );
+    let bs = 65536u32;
+    let file = bytes(300_000, 5);
+    let mut alice = Client::hello(srv.addr, "demo", "alice");
+    let orig = alice.upload_small("a", &file[..200_000]).unwrap();
+    // Store the 300 kB file through the block path.
+    let r = alice.init(file.len() as u64, bs, sha(&file), "a").unwrap();
+    for i in 0..r.blocks {
+        alice.block(r.upload_id, bs, i, &file).unwrap();
+    }
+    let first = alice.over(r.upload_id).unwrap();
+    let _ = orig;
+
+    // Bob (same app) announces the same content: the server asks for proof.
+    let mut bob = Client::hello(srv.addr, "demo", "bob");
+    let r = bob.init(file.len() as u64, bs, sha(&file), "b").unwrap();
+    let (off, len) = r.challenge.expect("challenge for stored content");
+    assert!(len > 0 && len <= 100_000 && off + len <= file.len() as u64);
+    // Someone who only knows the hash cannot answer.
+    assert_eq!(
+        code(bob.prove(r.upload_id, sha(b"guess"))),
+        ErrorCode::ProofFailed
+    );
+    assert_eq!(
+        bob.query(r.upload_id).unwrap().count(),
+        0,
+        "session stays usable"
+    );
+    let right = sha(&file[off as usize..(off + len) as usize]);
+    let fid = bob.prove(r.upload_id, right).unwrap();
+    assert_ne!(fid, first);
+    assert_eq!(code(bob.query(r.upload_id)), ErrorCode::UnknownUpload);
+    assert_eq!(bob.download_all(&fid, file.len() as u64, 1 << 20), file);
+    assert_eq!(bob.stat(&fid).unwrap().name, "b");
+    // Deleting the original keeps the shared content for the new record, and back.
+    alice.delete(&first).unwrap();
+    assert_eq!(bob.download_all(&fid, file.len() as u64, 1 << 20), file);
+
+    // Another app gets no challenge: content is deduplicated per app only.
+    let mut other = Client::hello(srv.addr, "other", "bob");
+    let r = other.init(file.len() as u64, bs, sha(&file), "b").unwrap();
+    assert_eq!(r.challenge, None);
+    assert_eq!(
+        code(other.prove(r.upload_id, right)),
+        ErrorCode::ProofFailed
+    );
+    // Prove of an unknown upload.
+    assert_eq!(code(other.prove([1; 16], right)), ErrorCode::UnknownUpload);
+}
+
+#[test]
+fn kill_9_mid_upload_then_resume() {
+    let dir = tempdir();
+    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let bs = 65536u32;
+    let file = bytes(40 * 65536 - 7, 6);
+    let blocks = 40u32;
+    let mut c = Client::hello(srv.addr, "demo", "carol");
+    let small = bytes(100_000, 7);
+    let small_id = c.upload_small("kept", &small).unwrap();
+    let r = c.init(file.len() as u64, bs, sha(&file), "big").unwrap();
+    let id = r.upload_id;
+    let acked: HashSet<u32> = (0..blocks).filter(|i| i % 3 == 0 || *i == 39).collect();
+    for &i in &acked {
+        assert_eq!(c.block(id, bs, i, &file).unwrap(), BlockAck::Written);
+    }
+    // A block half sent when the server dies.
+    let (off, b1) = block_of(&file, bs, 1);
+    let meta = BlockMeta {
+        upload_id: id,
+        index: 1,
+        offset: off,
+        len: b1.len() as u32,
+        crc32c: crc32c::crc32c(b1),
+    };
+    let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &meta.encode(), b1.len() as u64);
+    f.extend_from_slice(&b1[..40000]);
+    c.s.write_all(&f).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let srv = srv.crash_and_restart();
+    let mut c = Client::hello(srv.addr, "demo", "carol");
+    let bp = c.query(id).unwrap();
+    let have: HashSet<u32> = (0..blocks).filter(|&i| bp.has(i)).collect();
+    assert_eq!(have, acked, "breakpoint is exactly the acknowledged blocks");
+    let missing: Vec<u32> = bp.missing().collect();
+    for i in missing {
+        assert_eq!(c.block(id, bs, i, &file).unwrap(), BlockAck::Written);
+    }
+    let fid = c.over(id).unwrap();
+    let got = c.download_all(&fid, file.len() as u64, 65536 * 3);
+    assert_eq!(sha(&got), sha(&file));
+    // The file acknowledged before the kill is intact.
+    assert_eq!(
+        c.download_all(&small_id, small.len() as u64, 1 << 20),
+        small
+    );
+    assert_eq!(c.stat(&small_id).unwrap().sha256, sha(&small));
+
+    // A stored file survives a second kill -9 too; ids are never reused after restarts.
+    let srv = srv.crash_and_restart();
+    let mut c = Client::hello(srv.addr, "demo", "carol");
+    assert_eq!(c.download_all(&fid, file.len() as u64, 1 << 20), file);
+    let new_id = c.upload_small("after", b"after restart").unwrap();
+    assert!(new_id != fid && new_id != small_id);
+    let num = |s: &str| u64::from_str_radix(&s[..16], 16).unwrap();
+    assert!(num(&new_id) > num(&fid) && num(&fid) > num(&small_id));
+}
+
+#[test]
+fn expired_sessions_lose_their_temp_files() {
+    let dir = tempdir();
+    let srv = Server::start(dir.path(), &dir.path().join("data"), "session_ttl_secs = 1");
+    let bs = 65536u32;
+    let file = bytes(3 * 65536, 8);
+    let mut c = Client::hello(srv.addr, "demo", "dan");
+    let r = c.init(file.len() as u64, bs, sha(&file), "x").unwrap();
+    c.block(r.upload_id, bs, 0, &file).unwrap();
+    assert_eq!(srv.temp_files().len(), 1);
+    let t = Instant::now();
+    while !srv.temp_files().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "temp file not reaped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(code(c.query(r.upload_id)), ErrorCode::UnknownUpload);
+    assert_eq!(
+        code(c.block(r.upload_id, bs, 1, &file)),
+        ErrorCode::UnknownUpload
+    );
+    // A new session for the same file starts from scratch.
+    let r2 = c.init(file.len() as u64, bs, sha(&file), "x").unwrap();
+    assert_ne!(r2.upload_id, r.upload_id);
+    assert_eq!(c.query(r2.upload_id).unwrap().count(), 0);
+}
+
+/// A tmpfs mounted for the length of a test (unmounted on drop).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `FERRY_TEST_NO_TMPFS=1` skips the mount, to exercise the fault-injection path.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).ok()?;
+        if std::env::var_os("FERRY_TEST_NO_TMPFS").is_some() {
+            return None;
+        }
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
+    let dir = tempdir();
+    let data = dir.path().join("mnt");
+    // A real 8 MiB filesystem when we may mount one; otherwise the documented test-only fault
+    // (`faults.write_fail_after`) makes payload writes fail with ENOSPC after 5 MiB.
+    let fs = Tmpfs::mount(&data, "8m");
+    let extra = if fs.is_some() {
+        "small_file_max = 4194304\nsync_blocks = true".to_string()
+    } else {
+        eprintln!("cannot mount a tmpfs here; using the injected ENOSPC fault");
+        "small_file_max = 4194304\n[faults]\nwrite_fail_after = 5242880".to_string()
+    };
+    let srv = Server::start(dir.path(), &data, &extra);
+    let mut c = Client::hello(srv.addr, "demo", "erin");
+    let a = bytes(3 << 20, 11);
+    let b = bytes(3 << 20, 12);
+    let a_id = c.upload_small("a", &a).unwrap();
+    let r = c.upload_small("b", &b);
+    let b_id = match r {
+        // The real filesystem had room for two: the third fills it.
+        Ok(id) => {
+            let third = bytes(3 << 20, 13);
+            let e = c.upload_small("c", &third).unwrap_err();
+            assert_eq!(e.0, ErrorCode::NoSpace, "{e:?}");
+            Some(id)
+        }
+        Err(e) => {
+            assert_eq!(e.0, ErrorCode::NoSpace, "{e:?}");
+            None
+        }
+    };
+    assert!(
+        srv.temp_files().is_empty(),
+        "the failed upload's temp file is cleaned"
+    );
+    // No corrupt final file: every stored file is whole, and nothing else was recorded.
+    assert_eq!(c.download_all(&a_id, a.len() as u64, 1 << 20), a);
+    if let Some(id) = &b_id {
+        assert_eq!(c.download_all(id, b.len() as u64, 1 << 20), b);
+    }
+    // A big upload that cannot fit is refused up front (preallocation) or per block.
+    let big = bytes(16 << 20, 14);
+    match c.init(big.len() as u64, 1 << 20, sha(&big), "big") {
+        Err(e) => assert_eq!(e.0, ErrorCode::NoSpace, "{e:?}"),
+        Ok(r) => {
+            let e = c.block(r.upload_id, 1 << 20, 0, &big).unwrap_err();
+            assert_eq!(e.0, ErrorCode::NoSpace, "{e:?}");
+            assert!(
+                !c.query(r.upload_id).unwrap().has(0),
+                "failed block stays missing"
+            );
+        }
+    }
+    // Everyone else is still served: a new connection, probes, stats, downloads.
+    assert!(support::probe(srv.addr, Duration::from_secs(2)).is_some());
+    let mut d = Client::hello(srv.addr, "demo", "frank");
+    assert_eq!(d.stat(&a_id).unwrap().sha256, sha(&a));
+    assert_eq!(d.download_all(&a_id, a.len() as u64, 1 << 20), a);
+    if fs.is_some() {
+        // Space freed: uploads work again.
+        c.delete(&a_id).unwrap();
+        let small = bytes(100_000, 15);
+        let id = d.upload_small("after", &small).unwrap();
+        assert_eq!(d.download_all(&id, small.len() as u64, 1 << 20), small);
+    }
+    drop(srv);
+    drop(fs);
+}

@@ -60,6 +60,8 @@ enum Phase {
         back: TcpStream,
         up: Flow,
         down: Flow,
+        /// The upstream ended the session first; see [`Session::run_relay`].
+        gone: bool,
     },
     Done,
 }
@@ -275,14 +277,29 @@ impl Session {
         }
         let down = Flow::new(self.sh.mode, self.sh.pipe_size);
         debug!("{}: relaying to {addr} ({:?})", self.peer, up.mode());
-        self.run_relay(back, up, down)
+        self.run_relay(back, up, down, false)
     }
 
     /// Moves bytes both ways until both sockets say WouldBlock. The event bits are not needed:
     /// trying each direction costs at most one EAGAIN per socket.
-    fn run_relay(&mut self, back: TcpStream, mut up: Flow, mut down: Flow) -> (Phase, Step) {
+    ///
+    /// `gone`: the upstream has ended the session while the front still had it open (it died,
+    /// or closed after a last reply). The front is no longer read; what the upstream sent is
+    /// passed on (bounded by the pipe) and then the front is closed, so the client notices at
+    /// once and re-sends what is missing (seed 002) without losing the upstream's last bytes.
+    fn run_relay(
+        &mut self,
+        back: TcpStream,
+        mut up: Flow,
+        mut down: Flow,
+        mut gone: bool,
+    ) -> (Phase, Step) {
         let c = &self.sh.counters;
-        let r_up = up.pump(&self.front, &back);
+        let r_up = if gone {
+            Ok(())
+        } else {
+            up.pump(&self.front, &back)
+        };
         let r_down = if r_up.is_ok() {
             down.pump(&back, &self.front)
         } else {
@@ -307,18 +324,26 @@ impl Session {
             (_, Err(Failure::Dest(e))) => return self.finish(format!("front write failed: {e}")),
             _ => {}
         }
-        if down.eof && !up.eof {
-            // The upstream ended while the front still had the session open: it died or gave
-            // up. Whatever it sent has been passed on above; close the front now so the client
-            // notices at once and re-sends what is missing (seed 002).
+        if down.eof && !up.eof && !gone {
+            gone = true;
             c.upstream_lost.fetch_add(1, Ordering::Relaxed);
+        }
+        if gone && down.pending() == 0 {
             let _ = self.front.shutdown(Shutdown::Both);
             return self.finish("upstream closed mid-session");
         }
         if up.done() && down.done() {
             return self.finish("complete");
         }
-        (Phase::Relay { back, up, down }, Step::Keep)
+        (
+            Phase::Relay {
+                back,
+                up,
+                down,
+                gone,
+            },
+            Step::Keep,
+        )
     }
 
     /// Writes our own reply, half-closes, then reads and discards until the peer closes (so the
@@ -380,7 +405,12 @@ impl Conn for Session {
             Phase::First { buf, until } => self.run_first(buf, until, ev),
             p @ Phase::Reply { .. } => self.run_reply(p),
             p @ Phase::Connect { .. } => self.run_connect(p, ev),
-            Phase::Relay { back, up, down } => self.run_relay(back, up, down),
+            Phase::Relay {
+                back,
+                up,
+                down,
+                gone,
+            } => self.run_relay(back, up, down, gone),
             Phase::Done => (Phase::Done, Step::Close),
         };
         self.phase = phase;
@@ -403,9 +433,16 @@ impl Conn for Session {
                 arm(0, &mut self.front, None);
                 arm(1, back, Some(Interest::WRITABLE));
             }
-            Phase::Relay { back, up, down } => {
-                let front = interest(up.wants_read(), down.wants_write());
-                let backi = interest(down.wants_read(), up.wants_write());
+            Phase::Relay {
+                back,
+                up,
+                down,
+                gone,
+            } => {
+                // Once the upstream is gone only the front's draining matters.
+                let live = !*gone;
+                let front = interest(up.wants_read() && live, down.wants_write());
+                let backi = interest(down.wants_read() && live, up.wants_write() && live);
                 arm(0, &mut self.front, front);
                 arm(1, back, backi);
             }

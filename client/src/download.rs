@@ -146,6 +146,8 @@ pub fn download(job: &DownloadJob) -> Result<TransferReport> {
     let resent = AtomicU32::new(0);
     let moved = AtomicU64::new(0);
     let this_run = Mutex::new(Bitmap::new(blocks));
+    // Distinct blocks counted as re-sent (a block retried twice counts once).
+    let resent_map = Mutex::new(Bitmap::new(blocks));
     let work = |link: &mut Link, buf: &mut Vec<u8>, i: u32| -> Result<Outcome> {
         let offset = u64::from(i) * u64::from(chunk);
         let len = block_len(i);
@@ -161,7 +163,7 @@ pub fn download(job: &DownloadJob) -> Result<TransferReport> {
         let mut tries = 0u32;
         link.call(&format!("download block {i}"), |c| {
             tries += 1;
-            if tries > 1 || again {
+            if (tries > 1 || again) && !resent_map.lock().set(i) {
                 resent.fetch_add(1, Ordering::Relaxed);
             }
             moved.fetch_add(len, Ordering::Relaxed);

@@ -10,8 +10,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Most times one block may be put back before the transfer gives up on it.
-pub const MAX_REQUEUES: u32 = 60;
+/// Most times one block may be put back before the transfer gives up on it. A block stays Busy
+/// while a stale connection (through a hung proxy) still holds it on the server, until the
+/// server's idle timeout closes that connection (120 s by default): with backoff capped at
+/// 2 s (x0.5..1.5 jitter) this waits several minutes before giving up.
+pub const MAX_REQUEUES: u32 = 200;
 
 pub enum Outcome {
     Done,

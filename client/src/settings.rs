@@ -375,8 +375,12 @@ mod shipped_config {
     #[test]
     fn conf_client_toml_parses() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/client.toml");
-        let s = resolve(load_file(Some(&p)).unwrap(), &Flags::default(), &EnvVars::default())
-            .unwrap();
+        let s = resolve(
+            load_file(Some(&p)).unwrap(),
+            &Flags::default(),
+            &EnvVars::default(),
+        )
+        .unwrap();
         assert_eq!(s.proxies.len(), 2);
         assert_eq!(s.proxies[0], "127.0.0.1:7421".parse().unwrap());
         assert_eq!(s.block_size, DEFAULT_BLOCK_SIZE);

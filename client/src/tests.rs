@@ -418,7 +418,7 @@ fn dropped_connections_lose_only_their_block() {
     let src = dir.path().join("src");
     std::fs::write(&src, data(10 * BS as usize + 5, 3)).unwrap();
     let up = c.upload(&src, Some(4), None, &Quiet).unwrap();
-    assert_eq!(up.blocks_resent, 3, "{up:?}");
+    assert!((1..=3).contains(&up.blocks_resent), "{up:?}");
     assert_eq!(up.blocks_sent, 11);
     assert_eq!(fake.faults.blocks_written.load(Ordering::SeqCst), 11);
     fake.faults.corrupt_downloads.store(2, Ordering::SeqCst);

@@ -249,6 +249,8 @@ fn big(
     let resent = AtomicU32::new(0);
     let moved = AtomicU64::new(0);
     let this_run = Mutex::new(Bitmap::new(blocks));
+    // Distinct blocks counted as re-sent (a block retried twice counts once).
+    let resent_map = Mutex::new(Bitmap::new(blocks));
     let upload_id = reply.upload_id;
     let block_len = |i: u32| (size - u64::from(i) * u64::from(bs)).min(u64::from(bs)) as usize;
     for round in 0..MAX_ROUNDS {
@@ -295,7 +297,7 @@ fn big(
             let ack = link.call(&format!("upload block {i}"), |c| {
                 tries += 1;
                 moved.fetch_add(len as u64, Ordering::Relaxed);
-                if tries > 1 || again {
+                if (tries > 1 || again) && !resent_map.lock().set(i) {
                     resent.fetch_add(1, Ordering::Relaxed);
                 }
                 match c.call_data(cmd::UPLOAD_BLOCK, &meta, buf, 1) {

@@ -1,0 +1,159 @@
+//! `cargo bench --bench client`: the `ferry` client binary moving one file (default 1 GiB,
+//! `FERRY_BENCH_MB`) with 1, 2 and 4 threads, through the two-hop chain client -> client-proxy ->
+//! server-proxy -> server, next to the same transfer straight to the server, in one run.
+//!
+//! Each configuration runs `FERRY_BENCH_RUNS` times (default 3), direct and chain interleaved so
+//! drift hits both; the table shows median and min-max MB/s (10^6 bytes/s of file size over the
+//! `ferry` process's wall time, which for uploads includes hashing the file before UPLOAD_INIT)
+//! and chain/direct as a ratio of medians. Every upload changes the file's first 8 bytes so no
+//! upload is an instant (dedup) upload. The server runs with `sync_blocks = false` (page cache)
+//! so the numbers show the client and relay rather than the disk; `FERRY_BENCH_SYNC=1` turns
+//! per-block fdatasync back on.
+
+#[allow(clippy::collapsible_if)]
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{Proc, bin, free_addr, make_file, wait_ready};
+
+fn env_u64(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn ferry(state: &Path, via: SocketAddr, args: &[&str]) -> (Duration, String) {
+    let t = Instant::now();
+    let out = Command::new(bin("ferry"))
+        .env("FERRY_STATE_DIR", state)
+        .env_remove("FERRY_PROXIES")
+        .arg("--proxy")
+        .arg(via.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry");
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "ferry {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (took, String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let mb = env_u64("FERRY_BENCH_MB", 1024);
+    let runs = env_u64("FERRY_BENCH_RUNS", 3).max(1) as usize;
+    let sync = env_u64("FERRY_BENCH_SYNC", 0) == 1;
+    let size = mb << 20;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let conf = d.join("server.toml");
+    std::fs::write(&conf, format!("sync_blocks = {sync}\n")).unwrap();
+
+    let server = free_addr();
+    let _srv = Proc::spawn(
+        "ferry-server",
+        Command::new(bin("ferry-server"))
+            .arg("--config")
+            .arg(&conf)
+            .arg("--listen")
+            .arg(server.to_string())
+            .arg("--data")
+            .arg(d.join("data")),
+        d,
+    );
+    wait_ready(server, Duration::from_secs(30));
+    let proxy = |name: &str, up: SocketAddr| {
+        let addr = free_addr();
+        let p = Proc::spawn(
+            name,
+            Command::new(bin("ferry-proxy"))
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--upstream")
+                .arg(up.to_string()),
+            d,
+        );
+        wait_ready(addr, Duration::from_secs(30));
+        (p, addr)
+    };
+    let (_sp, sp_addr) = proxy("server-proxy", server);
+    let (_cp, chain) = proxy("client-proxy", sp_addr);
+
+    let src = d.join("src");
+    make_file(&src, size, 42);
+    let src_file = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    let out = d.join("out");
+    let state = d.join("state");
+    println!(
+        "ferry client benchmark: {mb} MiB, 4 MiB blocks, {runs} runs per cell, server sync_blocks = {sync}"
+    );
+    println!(
+        "{:<9} {:>7} {:>24} {:>24} {:>7}",
+        "op", "threads", "direct MB/s", "chain MB/s", "ratio"
+    );
+    let mut counter = 0u64;
+    let mb_s = |t: Duration| size as f64 / 1e6 / t.as_secs_f64();
+    for threads in [1usize, 2, 4] {
+        let t = threads.to_string();
+        let mut up = [Vec::new(), Vec::new()];
+        let mut down = [Vec::new(), Vec::new()];
+        for _ in 0..runs {
+            for (k, via) in [server, chain].into_iter().enumerate() {
+                counter += 1;
+                src_file.write_all_at(&counter.to_le_bytes(), 0).unwrap();
+                let (took, id) = ferry(
+                    &state,
+                    via,
+                    &["upload", src.to_str().unwrap(), "--threads", &t],
+                );
+                up[k].push(mb_s(took));
+                let (took, _) = ferry(
+                    &state,
+                    via,
+                    &[
+                        "download",
+                        &id,
+                        "-o",
+                        out.to_str().unwrap(),
+                        "--threads",
+                        &t,
+                    ],
+                );
+                down[k].push(mb_s(took));
+                std::fs::remove_file(&out).unwrap();
+                ferry(&state, server, &["delete", &id]);
+            }
+        }
+        for (op, v) in [("upload", up), ("download", down)] {
+            let [direct, chain] = v;
+            let (dm, dlo, dhi) = stats(direct);
+            let (cm, clo, chi) = stats(chain);
+            let row = format!(
+                "{op:<9} {threads:>7} {:>24} {:>24} {:>6.0}%",
+                format!("{dm:.0} ({dlo:.0}-{dhi:.0})"),
+                format!("{cm:.0} ({clo:.0}-{chi:.0})"),
+                cm / dm * 100.0
+            );
+            println!("{row}");
+        }
+    }
+    let peak = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map(|u| u.max_rss())
+        .unwrap_or(0);
+    println!("peak RSS of the largest finished `ferry` process: {peak} KiB");
+}

@@ -853,3 +853,62 @@ fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
     drop(srv);
     drop(fs);
 }
+
+#[test]
+fn sigterm_finishes_the_block_in_flight_and_data_dir_is_locked() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut srv = Server::start(dir.path(), &data, "");
+    // A second server on the same data dir refuses to start.
+    let mut second = Proc::spawn(
+        "second-server",
+        Command::new(support::bin("ferry-server"))
+            .arg("--listen")
+            .arg(support::free_addr().to_string())
+            .arg("--data")
+            .arg(&data),
+        dir.path(),
+    );
+    let st = second
+        .wait_exit(Duration::from_secs(10))
+        .expect("second server exits");
+    assert!(!st.success());
+    assert!(
+        second.log_text().contains("in use"),
+        "{}",
+        second.log_text()
+    );
+
+    let bs = 65536u32;
+    let file = bytes(2 * 65536, 21);
+    let mut c = Client::hello(srv.addr, "demo", "gina");
+    let r = c.init(file.len() as u64, bs, sha(&file), "x").unwrap();
+    let (off, b0) = block_of(&file, bs, 0);
+    let meta = BlockMeta {
+        upload_id: r.upload_id,
+        index: 0,
+        offset: off,
+        len: b0.len() as u32,
+        crc32c: crc32c::crc32c(b0),
+    };
+    let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &meta.encode(), b0.len() as u64);
+    f.extend_from_slice(&b0[..20000]);
+    c.s.write_all(&f).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    srv.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    // The frame in flight is finished and acknowledged, then the connection closes.
+    c.s.write_all(&b0[20000..]).unwrap();
+    assert_eq!(c.result().unwrap(), vec![BlockAck::Written as u8]);
+    assert!(c.closed());
+    let st = srv
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("server exits on SIGTERM");
+    assert!(st.success(), "{st:?}");
+    // The acknowledged block is there after a restart.
+    let srv = Server::spawn(dir.path(), &data, srv.conf.clone());
+    let mut c = Client::hello(srv.addr, "demo", "gina");
+    let bp = c.query(r.upload_id).unwrap();
+    assert!(bp.has(0) && !bp.has(1));
+}

@@ -1135,3 +1135,127 @@ impl Drop for SmallWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Storage {
+        Storage::open(Config {
+            data: dir.to_path_buf(),
+            ..Config::default()
+        })
+        .unwrap()
+    }
+
+    fn rec(id: &str, num: u64, path: &str) -> FileRec {
+        FileRec {
+            id: id.into(),
+            num,
+            app: "a".into(),
+            user: "u".into(),
+            status: FILE_COMMITTING,
+            path: path.into(),
+            size: 3,
+            sha256: [0; 32],
+            name: String::new(),
+            block_size: 65536,
+            crcs: vec![crc32c::crc32c(b"abc")],
+            created: 0,
+        }
+    }
+
+    /// A crash between the rename and the final commit, and one before the rename.
+    #[test]
+    fn start_up_finishes_or_drops_interrupted_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let who = Who {
+            app: "a".into(),
+            user: "u".into(),
+        };
+        {
+            let st = open(dir.path());
+            let placed = file_path(900, 1);
+            fs::create_dir_all(dir.path().join(&placed).parent().unwrap()).unwrap();
+            fs::write(dir.path().join(&placed), b"abc").unwrap();
+            st.meta.insert_file(&rec("renamed", 900, &placed)).unwrap();
+            st.meta
+                .insert_file(&rec("not-renamed", 901, &file_path(901, 1)))
+                .unwrap();
+            fs::write(dir.path().join(TMP).join("small-stray.part"), b"x").unwrap();
+            assert_eq!(
+                st.stat(&who, "renamed").unwrap_err().code,
+                ErrorCode::NotFound
+            );
+        }
+        let st = open(dir.path());
+        assert_eq!(st.stat(&who, "renamed").unwrap().size, 3);
+        assert_eq!(
+            st.stat(&who, "not-renamed").unwrap_err().code,
+            ErrorCode::NotFound
+        );
+        assert!(st.meta.committing_files().unwrap().is_empty());
+        assert_eq!(fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
+        let dl = st
+            .download(
+                &who,
+                &DownloadReq {
+                    file_id: "renamed".into(),
+                    offset: 0,
+                    len: 10,
+                },
+            )
+            .unwrap();
+        assert!(dl.zero_copy && dl.len == 3 && dl.crc == crc32c::crc32c(b"abc"));
+    }
+
+    #[test]
+    fn a_data_dir_is_locked_by_one_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = open(dir.path());
+        let err = Storage::open(Config {
+            data: dir.path().to_path_buf(),
+            ..Config::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn unaligned_ranges_get_a_computed_crc_and_combined_blocks_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path());
+        let who = Who {
+            app: "a".into(),
+            user: "u".into(),
+        };
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let meta = UploadMeta {
+            sha256: Sha256::digest(&data).into(),
+            name: "n".into(),
+        };
+        let mut w = st.small_begin(&who, meta, data.len() as u64).unwrap();
+        // Uneven pieces, as the network delivers them.
+        for piece in data.chunks(7777) {
+            w.write(&st, piece);
+        }
+        let id = w.finish(&st).unwrap();
+        assert_eq!(
+            st.stat(&who, &id).unwrap().crcs.len(),
+            1,
+            "4 MiB blocks: one"
+        );
+        for (off, len, zero_copy) in [(0, 300_000, true), (5, 1000, false), (199_999, 9, false)] {
+            let req = DownloadReq {
+                file_id: id.clone(),
+                offset: off,
+                len,
+            };
+            let dl = st.download(&who, &req).unwrap();
+            let end = (off + len).min(data.len() as u64) as usize;
+            assert_eq!(dl.crc, crc32c::crc32c(&data[off as usize..end]));
+            assert_eq!(dl.zero_copy, zero_copy);
+        }
+    }
+}

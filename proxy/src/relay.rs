@@ -41,11 +41,34 @@ enum Hold {
         w: OwnedFd,
         len: usize,
     },
+    /// `buf` is only held while bytes are in flight; an idle session returns it to the
+    /// worker's pool, so memory follows the sessions that are moving data, not all sessions.
     Buf {
-        buf: Box<[u8]>,
+        buf: Option<Box<[u8]>>,
         start: usize,
         end: usize,
     },
+}
+
+/// Idle userspace buffers kept per thread for reuse.
+const POOL_MAX: usize = 8;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buf(cap: usize) -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop_if(|b| b.len() == cap))
+        .unwrap_or_else(|| vec![0u8; cap].into_boxed_slice())
+}
+
+fn give_buf(b: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    });
 }
 
 /// One direction of one session.
@@ -87,8 +110,8 @@ impl Flow {
             },
             Mode::Userspace => None,
         };
-        let hold = hold.unwrap_or_else(|| Hold::Buf {
-            buf: vec![0u8; cap].into_boxed_slice(),
+        let hold = hold.unwrap_or(Hold::Buf {
+            buf: None,
             start: 0,
             end: 0,
         });
@@ -133,6 +156,7 @@ impl Flow {
                 *len = n;
             }
             Hold::Buf { buf, start, end } => {
+                let buf = buf.get_or_insert_with(|| take_buf(self.cap));
                 buf[..data.len()].copy_from_slice(data);
                 *start = 0;
                 *end = data.len();
@@ -192,6 +216,12 @@ impl Flow {
                 break;
             }
         }
+        if let Hold::Buf { buf, start, end } = &mut self.hold
+            && start == end
+            && let Some(b) = buf.take()
+        {
+            give_buf(b);
+        }
         if self.eof && self.pending() == 0 && !self.shut {
             self.shut = true;
             // ENOTCONN here means the destination is already gone; its own direction reports it.
@@ -211,6 +241,7 @@ impl Flow {
                 Ok(n)
             }
             Hold::Buf { buf, start, end } => {
+                let buf = buf.get_or_insert_with(|| take_buf(room));
                 if *start == *end {
                     *start = 0;
                     *end = 0;
@@ -236,6 +267,7 @@ impl Flow {
                 Ok(n)
             }
             Hold::Buf { buf, start, end } => {
+                let Some(buf) = buf else { return Ok(0) };
                 let n = (&*dst).write(&buf[*start..*end])?;
                 *start += n;
                 Ok(n)
@@ -324,6 +356,10 @@ mod tests {
         assert_eq!(&got[..5], b"HELLO");
         assert!(got[5..] == data[..], "relayed bytes differ");
         assert_eq!(flow.bytes, data.len() as u64 + 5);
+        // An idle userspace flow holds no buffer.
+        if let Hold::Buf { buf, .. } = &flow.hold {
+            assert!(buf.is_none());
+        }
     }
 
     #[test]

@@ -975,3 +975,40 @@ fn sigterm_drains_sessions_then_exits() {
     );
     assert!(closed_within(&mut idle, Duration::from_secs(1)));
 }
+
+#[test]
+fn a_primary_that_never_answers_the_connect_times_out_to_the_standby() {
+    let dir = tmp();
+    // A listener that never accepts, with its accept queue filled: further SYNs are dropped,
+    // so connects to it hang instead of being refused.
+    let hole = ferry_common::net::listen("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+    let haddr = hole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(s) = TcpStream::connect_timeout(&haddr, Duration::from_millis(200)) {
+            fillers.push(s);
+        }
+    }
+    assert!(
+        TcpStream::connect_timeout(&haddr, Duration::from_millis(300)).is_err(),
+        "could not make a connect hang on this kernel"
+    );
+    let standby = Upstream::start(free_addr());
+    let p = Proxy::start(
+        dir.path(),
+        "proxy",
+        &[haddr, standby.addr],
+        "connect_timeout_ms = 400\ncheck_interval_ms = 5000\nfall = 3",
+    );
+    // The health check cannot have marked it down yet (3 failures at 5 s intervals).
+    let t = Instant::now();
+    echo(p.addr, 2000, 100, 4);
+    let e = t.elapsed();
+    assert!(
+        e >= Duration::from_millis(350) && e < Duration::from_secs(3),
+        "{e:?}"
+    );
+    assert_eq!(standby.served(), 1);
+    assert!(p.stat("failovers") >= 1);
+    drop(hole);
+}

@@ -295,6 +295,21 @@ fn tcp_copy_run(file: &Arc<Vec<u8>>, conns: usize) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// The disk's own rate for the same bytes: write them to a file in the bench dir and fsync, as
+/// a durable upload must. A second baseline: a durable upload cannot beat it.
+fn disk_write(dir: &Path, file: &[u8]) -> f64 {
+    let path = dir.join("disk-baseline.bin");
+    let start = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    for piece in file.chunks(4 << 20) {
+        f.write_all(piece).unwrap();
+    }
+    f.sync_all().unwrap();
+    let t = start.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).unwrap();
+    t
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -354,6 +369,7 @@ fn main() {
 
     let mut tcp1 = Vec::new();
     let mut tcp4 = Vec::new();
+    let mut disk = Vec::new();
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let push = |label: String, v: f64, rows: &mut Vec<(String, Vec<f64>)>| match rows
         .iter_mut()
@@ -367,6 +383,9 @@ fn main() {
         for run in 0..runs {
             tcp1.push(size_mb / tcp_copy_run(&file, 1));
             tcp4.push(size_mb / tcp_copy_run(&file, 4));
+            if sync {
+                disk.push(size_mb / disk_write(dir.path(), &file));
+            }
             for conns in [1usize, 4] {
                 let user = format!("u{run}-{conns}-{sync}");
                 let (b, t) = upload(srv.addr, &file, conns, &user);
@@ -398,6 +417,11 @@ fn main() {
     println!();
     let t1 = show("plain TCP copy, 1 conn", &mut tcp1, None);
     let t4 = show("plain TCP copy, 4 conn", &mut tcp4, None);
+    show(
+        "disk: write + fsync the same bytes (4 MiB writes)",
+        &mut disk,
+        None,
+    );
     for (label, xs) in rows.iter_mut() {
         let base = if label.contains(" 1 conn") { t1 } else { t4 };
         show(label, xs, Some(base));

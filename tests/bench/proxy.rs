@@ -7,6 +7,8 @@
 //! FERRY_BENCH_RUNS times (default 5); printed: median and min-max MB/s, the median's ratio to
 //! the direct stream, and the proxies' CPU seconds per GiB (utime+stime from /proc/PID/stat).
 //! FERRY_BENCH_PROXY_CONF adds TOML lines to every ferry-proxy config (e.g. "pipe_size = 1048576").
+//! The last column is this process's own CPU (the client and sink threads) per GiB: on a small
+//! box every hop's CPU comes out of the same cores, so it shows how much is left for proxies.
 //! Then one proxy's RSS with 1000 concurrent sessions, each having pushed 64 KiB through.
 
 use ferry_common::proto::{self, HEADER_LEN, Header, Hello, Identity, Role, cmd};
@@ -126,12 +128,13 @@ impl Drop for Proc {
     }
 }
 
-fn wait_connectable(addr: SocketAddr) {
+fn wait_connectable(addr: SocketAddr, log: &Path) {
     let t = Instant::now();
     while TcpStream::connect(addr).is_err() {
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "{addr} never listened"
+            "{addr} never listened: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -149,16 +152,16 @@ fn ferry_proxy(dir: &Path, name: &str, upstream: SocketAddr, extra: &str) -> (Pr
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let log = dir.join(format!("{name}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_ferry-proxy"))
         .arg("--config")
         .arg(&conf)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_connectable(addr);
+    wait_connectable(addr, &log);
     (Proc { child }, addr)
 }
 
@@ -173,28 +176,35 @@ fn haproxy_path() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
-fn haproxy(bin: &Path, dir: &Path, name: &str, upstream: SocketAddr) -> (Proc, SocketAddr) {
+fn haproxy(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    upstream: SocketAddr,
+    options: &str,
+) -> (Proc, SocketAddr) {
     let addr = free_addr();
     let conf = dir.join(format!("{name}.cfg"));
     // Two threads, like ferry-proxy's two workers on this box.
     std::fs::write(
         &conf,
         format!(
-            "global\n  maxconn 8000\n  nbthread 2\n\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
-             timeout client 600s\n  timeout server 600s\n\nlisten relay\n  bind {addr}\n  \
+            "global\n  maxconn 4000\n  nbthread 2\n\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
+             timeout client 600s\n  timeout server 600s\n{options}\nlisten relay\n  bind {addr}\n  \
              server up {upstream}\n"
         ),
     )
     .unwrap();
+    let log = dir.join(format!("{name}.log"));
     let child = Command::new(bin)
         .arg("-db")
         .arg("-f")
         .arg(&conf)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_connectable(addr);
+    wait_connectable(addr, &log);
     (Proc { child }, addr)
 }
 
@@ -223,6 +233,8 @@ struct Topology {
     pids: Vec<u32>,
     mbps: Vec<f64>,
     cpu_per_gib: Vec<f64>,
+    /// CPU of this process (client and sink threads) per GiB.
+    ends_per_gib: Vec<f64>,
     _procs: Vec<Proc>,
 }
 
@@ -252,6 +264,7 @@ fn main() {
             pids: procs.iter().map(Proc::pid).collect(),
             mbps: Vec::new(),
             cpu_per_gib: Vec::new(),
+            ends_per_gib: Vec::new(),
             _procs: procs,
         });
     };
@@ -268,11 +281,18 @@ fn main() {
     add("ferry 2-proxy chain (userspace)", uca, vec![ucp, usp]);
     match haproxy_path() {
         Some(bin) => {
-            let (h1, ha) = haproxy(&bin, d, "ha-one", sink);
+            let (h1, ha) = haproxy(&bin, d, "ha-one", sink, "");
             add("haproxy 1 proxy (mode tcp)", ha, vec![h1]);
-            let (hs, hsa) = haproxy(&bin, d, "ha-server", sink);
-            let (hc, hca) = haproxy(&bin, d, "ha-client", hsa);
+            let (hs, hsa) = haproxy(&bin, d, "ha-server", sink, "");
+            let (hc, hca) = haproxy(&bin, d, "ha-client", hsa, "");
             add("haproxy 2-proxy chain (mode tcp)", hca, vec![hc, hs]);
+            // HAProxy's own kernel splicing, off by default.
+            let splice = "  option splice-auto\n";
+            let (h1, ha) = haproxy(&bin, d, "ha-one-s", sink, splice);
+            add("haproxy 1 proxy (splice-auto)", ha, vec![h1]);
+            let (hs, hsa) = haproxy(&bin, d, "ha-server-s", sink, splice);
+            let (hc, hca) = haproxy(&bin, d, "ha-client-s", hsa, splice);
+            add("haproxy 2-proxy chain (splice-auto)", hca, vec![hc, hs]);
         }
         None => println!("haproxy not installed: skipping the HAProxy comparison"),
     }
@@ -282,18 +302,23 @@ fn main() {
     );
     for run in 0..runs {
         for t in tops.iter_mut() {
+            let me = std::process::id();
             let cpu0: f64 = t.pids.iter().map(|&p| cpu_secs(p)).sum();
+            let ends0 = cpu_secs(me);
             let secs = stream(t.entry, bytes);
             let cpu1: f64 = t.pids.iter().map(|&p| cpu_secs(p)).sum();
+            let ends1 = cpu_secs(me);
+            let gib = bytes as f64 / GIB;
             t.mbps.push(bytes as f64 / 1e6 / secs);
-            t.cpu_per_gib.push((cpu1 - cpu0) / (bytes as f64 / GIB));
+            t.cpu_per_gib.push((cpu1 - cpu0) / gib);
+            t.ends_per_gib.push((ends1 - ends0) / gib);
         }
         eprintln!("run {}/{runs} done", run + 1);
     }
     let direct = median(&tops[0].mbps).0;
     println!(
-        "{:<36} {:>9} {:>19} {:>9} {:>14}",
-        "topology", "MB/s", "min-max", "ratio", "CPU s/GiB"
+        "{:<36} {:>7} {:>11} {:>6} {:>20} {:>16}",
+        "topology", "MB/s", "min-max", "ratio", "proxy CPU s/GiB", "client+sink CPU"
     );
     for t in &tops {
         let (m, lo, hi) = median(&t.mbps);
@@ -303,8 +328,9 @@ fn main() {
             let (c, clo, chi) = median(&t.cpu_per_gib);
             format!("{c:.2} ({clo:.2}-{chi:.2})")
         };
+        let ends = median(&t.ends_per_gib).0;
         println!(
-            "{:<36} {m:>9.0} {:>19} {:>8.0}% {cpu:>14}",
+            "{:<36} {m:>7.0} {:>11} {:>5.0}% {cpu:>20} {ends:>16.2}",
             t.name,
             format!("{lo:.0}-{hi:.0}"),
             100.0 * m / direct

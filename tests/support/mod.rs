@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 /// A loopback port that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn free_addr() -> SocketAddr {
@@ -39,15 +43,26 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(f)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name: name.into(), child: Some(child), log }
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -70,11 +85,11 @@ impl Proc {
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let t = Instant::now();
         while t.elapsed() < limit {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    self.child = None;
-                    return Some(st);
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                self.child = None;
+                return Some(st);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -99,7 +114,8 @@ impl Drop for Proc {
 pub fn probe(addr: SocketAddr, timeout: Duration) -> Option<Identity> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    s.write_all(&proto::frame(proto::cmd::PROBE, 0, &proto::probe_body())).ok()?;
+    s.write_all(&proto::frame(proto::cmd::PROBE, 0, &proto::probe_body()))
+        .ok()?;
     let mut h = [0u8; proto::HEADER_LEN];
     s.read_exact(&mut h).ok()?;
     let h = Header::decode(&h);
@@ -118,7 +134,10 @@ pub fn wait_ready(addr: SocketAddr, limit: Duration) -> Identity {
         if let Some(id) = probe(addr, Duration::from_millis(500)) {
             return id;
         }
-        assert!(t.elapsed() < limit, "{addr} did not answer a PROBE within {limit:?}");
+        assert!(
+            t.elapsed() < limit,
+            "{addr} did not answer a PROBE within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -172,5 +191,7 @@ pub fn rss_kib(pid: i32) -> u64 {
 
 /// Number of open file descriptors of a process.
 pub fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }

@@ -546,3 +546,60 @@ fn bad_input_fails_with_one_line_and_no_output() {
     let r = ok(cmd);
     assert!(r.stdout.contains("size: 1000"), "{}", r.stdout);
 }
+
+#[test]
+fn file_changed_behind_stale_state_is_a_server_side_hash_mismatch() {
+    let c = Cluster::start(false);
+    let via = [c.server];
+    let src = c.path("src");
+    make_file(&src, BIG, 31);
+    let blocks = (BIG / BS) as usize;
+    let state = c.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let args = ["upload", src.to_str().unwrap(), "--block-size", "64KiB"];
+    let begun = || {
+        std::fs::read_dir(&state)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| bits_set(&e.path(), 68, 0, blocks))
+            .sum()
+    };
+    kill_when(
+        &mut ferry(&state, &via, &args),
+        &c.path("killed.out"),
+        blocks as u32 / 10,
+        begun,
+    );
+    // Change the tail without changing size or mtime: the resume state (keyed by path, size,
+    // mtime) still holds the old SHA-256, so only the server's whole-file check can catch it.
+    let mtime = std::fs::metadata(&src).unwrap().modified().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(&[0x5a; 4096], BIG - 4096).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    let r = run(ferry(&state, &via, &args));
+    assert!(!r.ok, "upload of a changed file succeeded: {}", r.stdout);
+    assert!(r.stdout.is_empty(), "no file id for a failed upload");
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("server-side hash mismatch"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(&state).unwrap().count(),
+        0,
+        "stale state dropped"
+    );
+    // The next run hashes the file afresh and succeeds with the new bytes.
+    let id = ok(ferry(&state, &via, &args)).stdout.trim().to_owned();
+    let out = c.path("out");
+    ok(ferry(
+        &state,
+        &via,
+        &["download", &id, "-o", out.to_str().unwrap()],
+    ));
+    assert_eq!(sha256_file(&out), sha256_file(&src));
+}

@@ -33,8 +33,9 @@ pub use error::ClientError;
 pub use report::{Progress, Quiet, TransferReport};
 pub use settings::Settings;
 
+use conn::Fault;
 use error::Result;
-use ferry_common::proto::{Hello, cmd, encode_file_id};
+use ferry_common::proto::{ErrorCode, Hello, cmd, encode_file_id};
 use link::{Link, Shared};
 use serde::Serialize;
 use std::path::Path;
@@ -149,6 +150,15 @@ impl Client {
     pub fn delete(&self, file_id: &str) -> Result<()> {
         let body = encode_file_id(file_id).map_err(|e| download::bad_id(file_id, e))?;
         let shared = self.shared();
-        Link::new(&shared).call("delete", |c| c.call(cmd::DELETE, &body, 0).map(drop))
+        let mut tries = 0u32;
+        Link::new(&shared).call("delete", |c| {
+            tries += 1;
+            match c.call(cmd::DELETE, &body, 0) {
+                Ok(_) => Ok(()),
+                // A retry after a lost reply finds the file already gone: that is our delete.
+                Err(Fault::Server(e)) if tries > 1 && e.code == ErrorCode::NotFound => Ok(()),
+                Err(f) => Err(f),
+            }
+        })
     }
 }

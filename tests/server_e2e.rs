@@ -912,3 +912,77 @@ fn sigterm_finishes_the_block_in_flight_and_data_dir_is_locked() {
     let bp = c.query(r.upload_id).unwrap();
     assert!(bp.has(0) && !bp.has(1));
 }
+
+/// A client that does not wait: blocks, a corrupt block, a repeated block, a STAT and a
+/// DOWNLOAD all written back to back on one connection; the replies come in request order, and
+/// each block is acknowledged once stored.
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let dir = tempdir();
+    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let bs = 65536u32;
+    let file = bytes(12 * 65536, 31);
+    let mut c = Client::hello(srv.addr, "demo", "hana");
+    let small = c.upload_small("s", b"small file").unwrap();
+    let r = c.init(file.len() as u64, bs, sha(&file), "p").unwrap();
+    let id = r.upload_id;
+    let frame_of = |idx: u32, corrupt: bool| {
+        let (off, d) = block_of(&file, bs, idx);
+        let m = BlockMeta {
+            upload_id: id,
+            index: idx,
+            offset: off,
+            len: d.len() as u32,
+            crc32c: crc32c::crc32c(d) ^ u32::from(corrupt),
+        };
+        let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &m.encode(), d.len() as u64);
+        f.extend_from_slice(d);
+        f
+    };
+    let mut wire = Vec::new();
+    let mut expect: Vec<Result<u8, ErrorCode>> = Vec::new();
+    for i in 0..12 {
+        wire.extend(frame_of(i, i == 4));
+        expect.push(if i == 4 { Err(ErrorCode::Crc) } else { Ok(0) });
+        if i == 6 {
+            // A repeat of a block sent just before: "already stored", or Busy if the block is
+            // still being made durable when the repeat is read.
+            wire.extend(frame_of(3, false));
+            expect.push(Ok(254));
+            wire.extend(proto::frame(
+                cmd::STAT,
+                0,
+                &proto::encode_file_id(&small).unwrap(),
+            ));
+            expect.push(Ok(255)); // the STAT reply
+        }
+    }
+    let dl = DownloadReq {
+        file_id: small.clone(),
+        offset: 0,
+        len: 100,
+    };
+    wire.extend(proto::frame(cmd::DOWNLOAD, 0, &dl.encode().unwrap()));
+    let mut w = c.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&wire).unwrap());
+    for (n, want) in expect.iter().enumerate() {
+        let got = c.result();
+        match (want, got) {
+            (Ok(255), Ok(b)) => assert_eq!(StatReply::decode(&b).unwrap().size, 10),
+            (Ok(254), Ok(b)) => assert_eq!(b, vec![BlockAck::AlreadyStored as u8]),
+            (Ok(254), Err((c, _))) => assert_eq!(c, ErrorCode::Busy),
+            (Ok(ack), Ok(b)) => assert_eq!(b, vec![*ack], "reply {n}"),
+            (Err(code), Err((c, _))) => assert_eq!(*code, c, "reply {n}"),
+            (w, g) => panic!("reply {n}: wanted {w:?}, got {g:?}"),
+        }
+    }
+    let b = c.result().unwrap();
+    assert_eq!(&b[4..], b"small file");
+    writer.join().unwrap();
+    let bp = c.query(id).unwrap();
+    assert_eq!(bp.count(), 11);
+    assert_eq!(bp.missing().collect::<Vec<_>>(), vec![4]);
+    c.block(id, bs, 4, &file).unwrap();
+    let fid = c.over(id).unwrap();
+    assert_eq!(c.download_all(&fid, file.len() as u64, 1 << 20), file);
+}

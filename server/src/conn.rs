@@ -5,8 +5,15 @@
 //! Memory per connection is the read buffer (config `read_buffer_kib`) plus small replies: an
 //! UPLOAD or UPLOAD_BLOCK payload goes to the file piece by piece as it is read, and a download
 //! payload goes from the page cache to the socket without passing through user space.
+//!
+//! Replies leave in request order through a queue. A verified block goes to the group-commit
+//! syncer ([`crate::syncer`]) and its ack waits in the queue until the block is durable, while
+//! the connection reads the next block (at most [`INFLIGHT_MAX`] blocks waiting per connection).
+//! The syncer wakes the connection through a pipe registered as the connection's second source.
 
 use crate::store::{BlockStart, BlockWriter, Download, OpError, SmallWriter, Storage, Who};
+use crate::syncer::{AckSlot, SyncJob};
+use crossbeam_channel::Sender;
 use ferry_common::proto::{
     self, BlockAck, BlockMeta, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode, Header, Hello,
     Identity, Prove, Role, StatReply, UploadInit, UploadMeta, cmd, status,
@@ -15,6 +22,8 @@ use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
 use log::{debug, info, warn};
 use mio::Interest;
 use mio::net::TcpStream;
+use mio::unix::pipe;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +44,19 @@ const READ_BUDGET: usize = 8 << 20;
 const OUT_HIGH: usize = 64 * 1024;
 /// Largest single sendfile call.
 const SENDFILE_MAX: usize = 4 << 20;
+/// Blocks of one connection waiting for the syncer; past this the connection stops reading.
+pub const INFLIGHT_MAX: usize = 4;
+/// Replies queued behind a waiting ack or a download; past this the connection stops reading.
+const QUEUE_MAX: usize = 32;
+
+/// A reply waiting for its turn.
+enum OutItem {
+    Bytes(Vec<u8>),
+    /// A download reply: header + CRC meta, then the range by sendfile.
+    File(Download),
+    /// A block's ack, filled in by the syncer.
+    Ack(Arc<AckSlot>),
+}
 
 /// A download payload being sent.
 struct Sending {
@@ -54,6 +76,13 @@ pub struct ServerConn {
     out: Vec<u8>,
     out_pos: usize,
     sending: Option<Sending>,
+    /// Replies after `out` and `sending`, in request order.
+    queue: VecDeque<OutItem>,
+    /// Acks in `queue` not yet filled in by the syncer.
+    inflight: usize,
+    syncer: Sender<SyncJob>,
+    wake_tx: Arc<pipe::Sender>,
+    wake_rx: pipe::Receiver,
     who: Option<Who>,
     sink: Sink,
     /// A malformed frame was answered: close once the error frame is out.
@@ -64,13 +93,21 @@ pub struct ServerConn {
 enum Flush {
     Done,
     Blocked,
+    /// Everything writable is written; the next reply waits for the syncer.
+    Waiting,
     Failed,
 }
 
 impl ServerConn {
-    pub fn new(sock: TcpStream, peer: SocketAddr, st: Arc<Storage>) -> Self {
+    pub fn new(
+        sock: TcpStream,
+        peer: SocketAddr,
+        st: Arc<Storage>,
+        syncer: Sender<SyncJob>,
+    ) -> io::Result<Self> {
         let rbuf = vec![0u8; st.cfg.read_buffer_kib * 1024];
-        ServerConn {
+        let (wake_tx, wake_rx) = pipe::new()?;
+        Ok(ServerConn {
             sock,
             peer,
             st,
@@ -81,20 +118,51 @@ impl ServerConn {
             out: Vec::new(),
             out_pos: 0,
             sending: None,
+            queue: VecDeque::new(),
+            inflight: 0,
+            syncer,
+            wake_tx: Arc::new(wake_tx),
+            wake_rx,
             who: None,
             sink: Sink::None,
             close_after_flush: false,
             eof: false,
-        }
+        })
     }
 
-    fn output_pending(&self) -> bool {
+    /// Bytes or a file range are being written to the socket.
+    fn writing(&self) -> bool {
         self.out_pos < self.out.len() || self.sending.is_some()
     }
 
+    fn output_pending(&self) -> bool {
+        self.writing() || !self.queue.is_empty()
+    }
+
+    /// Whether decoding more requests is allowed now (bounds on queued replies and blocks).
+    fn can_take_input(&self) -> bool {
+        !self.close_after_flush
+            && self.out.len() < OUT_HIGH
+            && self.queue.len() < QUEUE_MAX
+            && self.inflight < INFLIGHT_MAX
+    }
+
+    /// Queues a reply behind everything before it.
+    fn push(&mut self, item: OutItem) {
+        match item {
+            OutItem::Bytes(b) if self.queue.is_empty() && self.sending.is_none() => {
+                self.out.extend_from_slice(&b)
+            }
+            item => self.queue.push_back(item),
+        }
+    }
+
+    fn push_bytes(&mut self, b: Vec<u8>) {
+        self.push(OutItem::Bytes(b));
+    }
+
     fn reply(&mut self, body: &[u8]) {
-        self.out
-            .extend_from_slice(&proto::frame(cmd::REPLY_STORAGE, status::OK, body));
+        self.push_bytes(proto::frame(cmd::REPLY_STORAGE, status::OK, body));
     }
 
     fn error(&mut self, e: &OpError, req: u8) {
@@ -107,10 +175,58 @@ impl ServerConn {
             debug!("{}: {} failed: {e}", self.peer, cmd::name(req));
         }
         let body = ErrorBody::new(e.code, e.text.clone());
-        self.out.extend_from_slice(&body.frame(cmd::REPLY_STORAGE));
+        self.push_bytes(body.frame(cmd::REPLY_STORAGE));
     }
 
     fn flush(&mut self) -> Flush {
+        loop {
+            match self.write_current() {
+                Flush::Done => {}
+                other => return other,
+            }
+            let next = match self.queue.front() {
+                None => return Flush::Done,
+                Some(OutItem::Ack(slot)) => match slot.take() {
+                    Some(r) => {
+                        self.inflight -= 1;
+                        match r {
+                            Ok(ack) => proto::frame(cmd::REPLY_STORAGE, status::OK, &[ack as u8]),
+                            Err(e) => {
+                                debug!("{}: block failed: {e}", self.peer);
+                                ErrorBody::new(e.code, e.text).frame(cmd::REPLY_STORAGE)
+                            }
+                        }
+                    }
+                    None => return Flush::Waiting,
+                },
+                Some(_) => Vec::new(),
+            };
+            match self.queue.pop_front() {
+                Some(OutItem::Bytes(b)) => self.out = b,
+                Some(OutItem::File(dl)) => self.start_sending(dl),
+                Some(OutItem::Ack(_)) => self.out = next,
+                None => {}
+            }
+            self.out_pos = 0;
+        }
+    }
+
+    fn start_sending(&mut self, dl: Download) {
+        self.out = proto::data_frame_head(
+            cmd::REPLY_STORAGE,
+            status::OK,
+            &dl.crc.to_be_bytes(),
+            dl.len,
+        );
+        self.sending = Some(Sending {
+            off: dl.offset as i64,
+            left: dl.len,
+            dl,
+        });
+    }
+
+    /// Writes `out`, then the file range being sent, until done or the socket is full.
+    fn write_current(&mut self) -> Flush {
         while self.out_pos < self.out.len() {
             match self.sock.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Flush::Failed,
@@ -151,11 +267,7 @@ impl ServerConn {
     /// Decodes what is buffered until it is used up or replies need flushing first.
     fn process(&mut self) {
         let buf = std::mem::take(&mut self.rbuf);
-        while self.rpos < self.rend
-            && !self.close_after_flush
-            && self.sending.is_none()
-            && self.out.len() < OUT_HIGH
-        {
+        while self.rpos < self.rend && self.can_take_input() {
             match self.dec.decode(&buf[self.rpos..self.rend]) {
                 Err(e) => {
                     let err = OpError::new(e.code(), e.to_string());
@@ -328,7 +440,7 @@ impl ServerConn {
 
     fn discard(&mut self, len: u64, reply: Vec<u8>) {
         if len == 0 {
-            self.out.extend_from_slice(&reply);
+            self.push_bytes(reply);
         } else {
             self.sink = Sink::Discard(reply);
         }
@@ -348,7 +460,7 @@ impl ServerConn {
     fn end_payload(&mut self) {
         match std::mem::replace(&mut self.sink, Sink::None) {
             Sink::None => {}
-            Sink::Discard(reply) => self.out.extend_from_slice(&reply),
+            Sink::Discard(reply) => self.push_bytes(reply),
             Sink::Small(w) => match w.finish(&self.st) {
                 Ok(id) => {
                     if let Err(e) = self.reply_file_id(&id) {
@@ -357,8 +469,22 @@ impl ServerConn {
                 }
                 Err(e) => self.error(&e, cmd::UPLOAD),
             },
-            Sink::Block(w) => match w.finish(&self.st) {
-                Ok(ack) => self.reply(&[ack as u8]),
+            Sink::Block(w) => match w.verify() {
+                Ok(block) => {
+                    let slot = Arc::new(AckSlot::default());
+                    let job = SyncJob {
+                        block,
+                        slot: slot.clone(),
+                        wake: self.wake_tx.clone(),
+                    };
+                    match self.syncer.send(job) {
+                        Ok(()) => {
+                            self.inflight += 1;
+                            self.push(OutItem::Ack(slot));
+                        }
+                        Err(_) => self.error(&crate::syncer::refused(), cmd::UPLOAD_BLOCK),
+                    }
+                }
                 Err(e) => self.error(&e, cmd::UPLOAD_BLOCK),
             },
         }
@@ -387,22 +513,12 @@ impl ServerConn {
             "{}: download {} [{}, +{}) zero copy: {}",
             self.peer, req.file_id, dl.offset, dl.len, dl.zero_copy
         );
-        self.out.extend_from_slice(&proto::data_frame_head(
-            cmd::REPLY_STORAGE,
-            status::OK,
-            &dl.crc.to_be_bytes(),
-            dl.len,
-        ));
-        self.sending = Some(Sending {
-            off: dl.offset as i64,
-            left: dl.len,
-            dl,
-        });
+        if self.queue.is_empty() && !self.writing() {
+            self.start_sending(dl);
+        } else {
+            self.push(OutItem::File(dl));
+        }
         Ok(())
-    }
-
-    fn idle(&self) -> bool {
-        self.dec.is_idle() && matches!(self.sink, Sink::None) && !self.output_pending()
     }
 }
 
@@ -413,31 +529,46 @@ fn bad(e: proto::ProtoError) -> OpError {
 
 impl Conn for ServerConn {
     fn run(&mut self, ev: &Events) -> Step {
+        // Wake-ups from the syncer only say "look at the queue", which flush does below.
+        let mut drain = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
         let mut budget = READ_BUDGET;
         loop {
-            match self.flush() {
-                Flush::Done => {}
+            let waiting = match self.flush() {
+                Flush::Done => false,
+                Flush::Waiting => true,
                 Flush::Blocked => return Step::Keep,
                 Flush::Failed => return Step::Close,
-            }
+            };
             if self.close_after_flush {
-                return Step::Close;
+                // Close once every reply before the error (acks included) is out.
+                return if waiting { Step::Keep } else { Step::Close };
             }
             if self.rpos < self.rend {
+                if !self.can_take_input() {
+                    return Step::Keep; // the syncer's wake-up resumes us
+                }
                 self.process();
                 continue;
             }
-            // Shutting down: finish the frame in flight, then close between frames.
-            if (ev.draining || self.eof) && self.idle() {
-                return Step::Close;
+            if self.eof || ev.draining {
+                let between_frames = self.dec.is_idle() && matches!(self.sink, Sink::None);
+                if between_frames {
+                    // Closing (peer gone or shutting down): only the acks still owed remain.
+                    return if self.output_pending() {
+                        Step::Keep
+                    } else {
+                        Step::Close
+                    };
+                }
+                if self.eof {
+                    // The peer closed mid-frame: whatever was in flight is dropped (a block
+                    // being written is released and stays missing).
+                    debug!("{}: connection closed in the middle of a frame", self.peer);
+                    return Step::Close;
+                }
             }
-            if self.eof {
-                // The peer closed mid-frame: whatever was in flight is dropped (a block being
-                // written is released and stays missing).
-                debug!("{}: connection closed in the middle of a frame", self.peer);
-                return Step::Close;
-            }
-            if budget == 0 {
+            if !self.can_take_input() || budget == 0 {
                 return Step::Keep;
             }
             self.rpos = 0;
@@ -459,12 +590,16 @@ impl Conn for ServerConn {
     }
 
     fn sources(&mut self, arm: &mut Arm<'_>) {
-        let want = if self.output_pending() {
-            Interest::WRITABLE
+        let sock = if self.writing() {
+            Some(Interest::WRITABLE)
+        } else if self.eof || !self.can_take_input() {
+            // Nothing to read for now: waiting for the syncer (its pipe wakes us) or closing.
+            None
         } else {
-            Interest::READABLE
+            Some(Interest::READABLE)
         };
-        arm(0, &mut self.sock, Some(want));
+        arm(0, &mut self.sock, sock);
+        arm(1, &mut self.wake_rx, Some(Interest::READABLE));
     }
 
     fn closed(&mut self, why: CloseReason) {
@@ -483,12 +618,19 @@ impl Conn for ServerConn {
 /// The server's reactor service: one [`ServerConn`] per accepted connection.
 pub struct ServerService {
     pub st: Arc<Storage>,
+    pub syncer: Sender<SyncJob>,
 }
 
 impl Service for ServerService {
     fn accept(&self, stream: TcpStream, peer: SocketAddr, _: usize) -> Option<Box<dyn Conn>> {
         debug!("{peer}: connected");
-        Some(Box::new(ServerConn::new(stream, peer, self.st.clone())))
+        match ServerConn::new(stream, peer, self.st.clone(), self.syncer.clone()) {
+            Ok(c) => Some(Box::new(c)),
+            Err(e) => {
+                warn!("{peer}: cannot set up the connection: {e}");
+                None
+            }
+        }
     }
 
     fn refuse(&self, mut stream: TcpStream, peer: SocketAddr) {

@@ -5,6 +5,7 @@
 //! - [`ids`]: file ids and paths from an id allocator with DB-persisted steps.
 //! - [`store`]: the data directory, upload sessions and every file operation (disk I/O).
 //! - [`conn`]: one client connection on the reactor (framing, streaming, sendfile).
+//! - [`syncer`]: group commit of uploaded blocks (fdatasync + metadata) off the connections.
 //! - [`reaper`]: expires idle upload sessions.
 
 pub mod config;
@@ -13,6 +14,7 @@ pub mod ids;
 pub mod meta;
 pub mod reaper;
 pub mod store;
+pub mod syncer;
 
 use anyhow::Context;
 use clap::Parser;
@@ -55,7 +57,12 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
         st.cfg.block_size,
     );
     let reaper = reaper::Reaper::start(st.clone());
-    let result = r.run(Arc::new(conn::ServerService { st: st.clone() }));
+    let syncer = syncer::Syncer::start(st.clone()).context("cannot start the block syncer")?;
+    let result = r.run(Arc::new(conn::ServerService {
+        st: st.clone(),
+        syncer: syncer.sender(),
+    }));
+    syncer.stop();
     reaper.stop();
     info!("ferry-server stopped");
     result.context("reactor failed")

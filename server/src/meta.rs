@@ -84,8 +84,9 @@ pub trait MetaStore: Send + Sync {
     fn sessions(&self) -> Result<Vec<SessionRec>>;
     /// (index, crc) of every acknowledged block of a session.
     fn session_blocks(&self, id: &UploadId) -> Result<Vec<(u32, u32)>>;
-    /// Records block `idx` as stored and refreshes the session's expiry.
-    fn mark_block(&self, id: &UploadId, idx: u32, crc: u32, expires_ms: u64) -> Result<()>;
+    /// Records blocks (upload id, index, crc) as stored, in one transaction, and refreshes
+    /// their sessions' expiry.
+    fn mark_blocks(&self, blocks: &[(UploadId, u32, u32)], expires_ms: u64) -> Result<()>;
     /// Forgets blocks (found damaged when the file was re-read).
     fn unmark_blocks(&self, id: &UploadId, idx: &[u32]) -> Result<()>;
     fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<()>;
@@ -375,17 +376,19 @@ impl MetaStore for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    fn mark_block(&self, id: &UploadId, idx: u32, crc: u32, expires_ms: u64) -> Result<()> {
+    fn mark_blocks(&self, blocks: &[(UploadId, u32, u32)], expires_ms: u64) -> Result<()> {
         let mut db = self.db.lock();
         let tx = db.transaction()?;
-        tx.execute(
-            "INSERT OR REPLACE INTO session_blocks (upload_id, idx, crc) VALUES (?1, ?2, ?3)",
-            params![id.as_slice(), idx, crc],
-        )?;
-        tx.execute(
-            "UPDATE upload_sessions SET expires = ?2 WHERE id = ?1",
-            params![id.as_slice(), expires_ms as i64],
-        )?;
+        for (id, idx, crc) in blocks {
+            tx.execute(
+                "INSERT OR REPLACE INTO session_blocks (upload_id, idx, crc) VALUES (?1, ?2, ?3)",
+                params![id.as_slice(), idx, crc],
+            )?;
+            tx.execute(
+                "UPDATE upload_sessions SET expires = ?2 WHERE id = ?1",
+                params![id.as_slice(), expires_ms as i64],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -494,7 +497,7 @@ mod tests {
             challenge: None,
         };
         m.insert_session(&s).unwrap();
-        m.mark_block(&s.id, 0, 99, 50).unwrap();
+        m.mark_blocks(&[(s.id, 0, 99)], 50).unwrap();
         let c = Challenge {
             file: "f".into(),
             off: 3,

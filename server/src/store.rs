@@ -985,9 +985,9 @@ impl BlockWriter {
     }
 
     /// The whole payload arrived: check it, make it durable, record it, then acknowledge.
-    pub fn finish(mut self, st: &Storage) -> OpResult<BlockAck> {
-        let s = self.session.clone();
-        let hex_id = hex::encode(s.rec.id);
+    /// The whole payload arrived: checks its length and CRC. A verified block still has to be
+    /// made durable and recorded ([`Storage::persist_blocks`]) before it is acknowledged.
+    pub fn verify(mut self) -> OpResult<BlockWriter> {
         if let Some(e) = self.err.take() {
             return Err(e);
         }
@@ -999,40 +999,92 @@ impl BlockWriter {
         }
         if self.crc != self.expect {
             warn!(
-                "upload {hex_id} block {}: CRC32C {:08x} != announced {:08x}; block stays missing",
-                self.idx, self.crc, self.expect
+                "upload {} block {}: CRC32C {:08x} != announced {:08x}; block stays missing",
+                hex::encode(self.session.rec.id),
+                self.idx,
+                self.crc,
+                self.expect
             );
             return Err(OpError::new(
                 ErrorCode::Crc,
                 format!("block {} does not match its CRC32C", self.idx),
             ));
         }
-        if st.cfg.sync_blocks {
-            s.file
-                .sync_data()
-                .map_err(|e| io_err(&e, &format!("block {} sync failed", self.idx)))?;
-        }
-        let expires = st.expiry();
-        {
-            let state = s.state.lock();
-            if state.gone {
-                return Err(OpError::new(
-                    ErrorCode::UnknownUpload,
-                    "upload session ended",
-                ));
+        Ok(self)
+    }
+}
+
+impl Storage {
+    /// Makes verified blocks durable and records them, as one group: one fdatasync per file
+    /// (`sync_blocks`), then one transaction for every block. Only then is a block stored (and
+    /// may be acknowledged). Results come back in the order of `blocks`.
+    pub fn persist_blocks(&self, mut blocks: Vec<BlockWriter>) -> Vec<OpResult<BlockAck>> {
+        let mut results: Vec<Option<OpResult<BlockAck>>> = vec![None; blocks.len()];
+        if self.cfg.sync_blocks {
+            let mut synced: HashMap<UploadId, Option<OpError>> = HashMap::new();
+            for (i, w) in blocks.iter().enumerate() {
+                let id = w.session.rec.id;
+                let failed = synced.entry(id).or_insert_with(|| {
+                    w.session
+                        .file
+                        .sync_data()
+                        .err()
+                        .map(|e| io_err(&e, "block sync failed"))
+                });
+                if let Some(e) = failed {
+                    results[i] = Some(Err(e.clone()));
+                }
             }
         }
-        st.meta
-            .mark_block(&s.rec.id, self.idx, self.crc, expires)
-            .map_err(|e| db_err(e, "block record"))?;
-        let mut state = s.state.lock();
-        state.stored.set(self.idx);
-        state.crcs[self.idx as usize] = self.crc;
-        state.writing.remove(&self.idx);
-        state.expires_ms = expires;
-        self.done = true;
-        debug!("upload {hex_id} block {} stored", self.idx);
-        Ok(BlockAck::Written)
+        for (i, w) in blocks.iter().enumerate() {
+            if results[i].is_none() && w.session.state.lock().gone {
+                results[i] = Some(Err(OpError::new(
+                    ErrorCode::UnknownUpload,
+                    "upload session ended",
+                )));
+            }
+        }
+        let expires = self.expiry();
+        let marks: Vec<(UploadId, u32, u32)> = blocks
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(w, _)| (w.session.rec.id, w.idx, w.crc))
+            .collect();
+        if !marks.is_empty()
+            && let Err(e) = self.meta.mark_blocks(&marks, expires)
+        {
+            let e = db_err(e, "block record");
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = Some(Err(e.clone()));
+            }
+        }
+        for (w, r) in blocks.iter_mut().zip(results.iter_mut()) {
+            if r.is_some() {
+                continue; // failed: dropping the writer releases the block, which stays missing
+            }
+            let mut state = w.session.state.lock();
+            state.stored.set(w.idx);
+            state.crcs[w.idx as usize] = w.crc;
+            state.writing.remove(&w.idx);
+            state.expires_ms = expires;
+            w.done = true;
+            debug!(
+                "upload {} block {} stored",
+                hex::encode(w.session.rec.id),
+                w.idx
+            );
+            *r = Some(Ok(BlockAck::Written));
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(Err(OpError::new(
+                    ErrorCode::Internal,
+                    "block not persisted",
+                )))
+            })
+            .collect()
     }
 }
 

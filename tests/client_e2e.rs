@@ -414,29 +414,44 @@ fn first_proxy_down_and_hung_proxy_mid_transfer() {
     );
     let id = v["file_id"].as_str().unwrap().to_owned();
 
-    // And a download while A hangs from the start: the hung proxy is detected by the timeout.
-    c.proc("proxy-a").signal(Signal::SIGSTOP);
+    // The same for a download: A hangs once a fifth of the blocks are written.
     let out = c.path("out-hung");
+    let dl_state = c.path("out-hung.part.ferry");
+    let dl_args = [
+        "--config",
+        conf_s,
+        "--json",
+        "download",
+        &id,
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let log = c.path("client-hung-down.out");
+    let mut p = Bg::start(&mut ferry(&state, &pair, &dl_args), &log);
     let t = Instant::now();
-    let rep = ok(ferry(
-        &state,
-        &pair,
-        &[
-            "--config",
-            conf_s,
-            "--json",
-            "download",
-            &id,
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    ))
-    .report();
-    eprintln!("download with proxy A hung, {:?}: {rep}", t.elapsed());
-    assert!(rep["failovers"].as_u64().unwrap() >= 1, "{rep}");
-    assert!(t.elapsed() < Duration::from_secs(30));
-    assert_eq!(sha256_file(&out), sha256_file(&big));
+    while bits_set(&dl_state, 180, 1, blocks) < blocks as u32 / 5 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no progress");
+        assert!(p.exited().is_none(), "download ended before the proxy hung");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.proc("proxy-a").signal(Signal::SIGSTOP);
+    let stopped = Instant::now();
+    let status = p.wait(Duration::from_secs(45)).expect("client finished");
+    let took = stopped.elapsed();
     c.proc("proxy-a").signal(Signal::SIGCONT);
+    let err = std::fs::read_to_string(log.with_extension("err")).unwrap();
+    assert!(status.success(), "download failed: {err}");
+    let v: Value = serde_json::from_str(std::fs::read_to_string(&log).unwrap().trim()).unwrap();
+    eprintln!(
+        "download finished {took:?} after proxy A hung: {}",
+        v["report"]
+    );
+    assert!(v["report"]["failovers"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        took < Duration::from_secs(30),
+        "took {took:?} after the proxy hung"
+    );
+    assert_eq!(sha256_file(&out), sha256_file(&big));
 }
 
 #[test]

@@ -95,6 +95,19 @@ impl<'a> Link<'a> {
                 self.shared.retries.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(backoff(attempt));
             }
+            // Another thread found this proxy dead a moment ago: do not spend a timeout
+            // rediscovering it (even on a connection we still hold) when a proxy that has not
+            // failed is available.
+            let p = &self.shared.proxies;
+            if p.is_cooling(self.cur) {
+                let next = p.next_after(self.cur);
+                if next != self.cur && !p.is_cooling(next) {
+                    self.shared.failovers.fetch_add(1, Ordering::Relaxed);
+                    self.conn = None;
+                    self.cur = next;
+                    self.tries_here = 0;
+                }
+            }
             if self.conn.is_none() {
                 let addr = self.peer();
                 match Conn::open(addr, self.shared.timeout, &self.shared.hello) {

@@ -57,6 +57,11 @@ impl Proxies {
         self.failed_at.lock()[i] = Some(Instant::now());
     }
 
+    /// Whether `i` failed within the cooldown (possibly seen by another thread).
+    pub fn is_cooling(&self, i: usize) -> bool {
+        self.failed_at.lock()[i].is_some_and(|t| t.elapsed() < COOLDOWN)
+    }
+
     pub fn mark_ok(&self, i: usize) {
         self.failed_at.lock()[i] = None;
     }
@@ -110,6 +115,7 @@ mod tests {
         assert_eq!(p.next_after(0), 1);
         assert_eq!(p.next_after(2), 0);
         p.mark_failed(1);
+        assert!(p.is_cooling(1) && !p.is_cooling(0));
         assert_eq!(p.next_after(0), 2, "1 failed just now");
         p.mark_failed(0);
         assert_eq!(p.first(), 2);

@@ -50,6 +50,9 @@ enum Hold {
     },
 }
 
+/// Most bytes one direction moves per run before it yields the worker.
+pub const BUDGET: u64 = 8 * 1024 * 1024;
+
 /// Idle userspace buffers kept per thread for reuse.
 const POOL_MAX: usize = 8;
 
@@ -184,8 +187,13 @@ impl Flow {
 
     /// Moves bytes until neither side can make progress: drain what is held into `dst`, then
     /// refill from `src`, again and again. Passes the FIN on once everything before it is out.
+    ///
+    /// At most [`BUDGET`] bytes move per call, so one fast session cannot hold a worker while
+    /// others wait; stopping early is safe because the reactor re-arms with EPOLL_CTL_MOD, which
+    /// queues a new event at once for a socket that is still ready.
     pub fn pump(&mut self, src: &TcpStream, dst: &TcpStream) -> Result<(), Failure> {
-        loop {
+        let start = self.bytes;
+        while self.bytes - start < BUDGET {
             let mut progress = false;
             if self.pending() > 0 {
                 match self.drain(dst) {

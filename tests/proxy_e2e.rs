@@ -118,6 +118,8 @@ struct Upstream {
     served: Arc<AtomicUsize>,
     /// Bytes "source" sessions have written so far.
     sourced: Arc<AtomicU64>,
+    /// Sessions whose handler has returned (the connection is closed).
+    finished: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -138,9 +140,15 @@ impl Upstream {
         let conns = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(AtomicUsize::new(0));
         let sourced = Arc::new(AtomicU64::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
         let thread = {
-            let (stop, conns, served, sourced) =
-                (stop.clone(), conns.clone(), served.clone(), sourced.clone());
+            let (stop, conns, served, sourced, finished) = (
+                stop.clone(),
+                conns.clone(),
+                served.clone(),
+                sourced.clone(),
+                finished.clone(),
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
@@ -150,7 +158,11 @@ impl Upstream {
                                 conns.lock().unwrap().push(c);
                             }
                             let (served, sourced) = (served.clone(), sourced.clone());
-                            std::thread::spawn(move || serve(s, &served, &sourced));
+                            let finished = finished.clone();
+                            std::thread::spawn(move || {
+                                serve(s, &served, &sourced);
+                                finished.fetch_add(1, Ordering::SeqCst);
+                            });
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(2))
@@ -166,6 +178,7 @@ impl Upstream {
             conns,
             served,
             sourced,
+            finished,
             thread: Some(thread),
         }
     }
@@ -286,7 +299,16 @@ struct Proxy {
 
 impl Proxy {
     fn start(dir: &Path, name: &str, upstreams: &[SocketAddr], extra: &str) -> Proxy {
-        let addr = free_addr();
+        Proxy::start_at(dir, name, free_addr(), upstreams, extra)
+    }
+
+    fn start_at(
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        upstreams: &[SocketAddr],
+        extra: &str,
+    ) -> Proxy {
         let stats = free_addr();
         let ups: Vec<String> = upstreams.iter().map(|a| format!("\"{a}\"")).collect();
         let conf = dir.join(format!("{name}.toml"));
@@ -1011,4 +1033,60 @@ fn a_primary_that_never_answers_the_connect_times_out_to_the_standby() {
     assert_eq!(standby.served(), 1);
     assert!(p.stat("failovers") >= 1);
     drop(hole);
+}
+
+#[test]
+fn killing_real_proxies_in_a_chain() {
+    let dir = tmp();
+    let up = Upstream::start(free_addr());
+    let checks = "check_interval_ms = 300\nrise = 1\nfall = 1\nconnect_timeout_ms = 300";
+    let spa_addr = free_addr();
+    let mut spa = Proxy::start_at(dir.path(), "server-proxy-a", spa_addr, &[up.addr], checks);
+    let spb = Proxy::start(dir.path(), "server-proxy-b", &[up.addr], checks);
+    let mut cp = Proxy::start(dir.path(), "client-proxy", &[spa_addr, spb.addr], checks);
+    let ping = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    // SIGKILL the primary server-proxy mid-session: the client-proxy closes the client's
+    // connection at once, and new sessions go through the standby.
+    let mut s = session(cp.addr, "echo", "u");
+    ping(&mut s, b"one");
+    assert_eq!(spa.stat("sessions_relayed"), 1);
+    let t = Instant::now();
+    spa.proc.kill();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(1)),
+        "client not told within 1 s that its server-proxy died"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+    echo(cp.addr, 100_000, 4096, 11);
+    assert_eq!(spb.stat("sessions_relayed"), 1);
+    // The primary comes back: new sessions fail back to it within two check periods.
+    let spa = Proxy::start_at(dir.path(), "server-proxy-a2", spa_addr, &[up.addr], checks);
+    let t = Instant::now();
+    while spa.stat("sessions_relayed") == 0 {
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "no failback within two periods"
+        );
+        echo(cp.addr, 100, 100, 12);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL the client-proxy mid-session: the server-proxy closes the upstream side too.
+    let mut s = session(cp.addr, "echo", "u");
+    ping(&mut s, b"two");
+    let done = up.finished.load(Ordering::SeqCst);
+    cp.proc.kill();
+    let t = Instant::now();
+    while up.finished.load(Ordering::SeqCst) == done {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "upstream session not closed after the client-proxy died"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(closed_within(&mut s, Duration::from_secs(1)));
 }

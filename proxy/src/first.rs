@@ -170,4 +170,35 @@ mod tests {
         let f = proto::frame(cmd::HELLO, 1, &Hello::new("a", "b", b"").encode().unwrap());
         assert!(matches!(classify(&f), First::Reject { .. }));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever arrives first, the proxy decides without panicking, waits only while a
+        /// valid frame could still be coming, and every refusal is a well-formed error frame.
+        #[test]
+        fn any_first_bytes_get_a_clean_decision(
+            head in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..FIRST_MAX),
+            cmd_byte in proptest::prelude::any::<u8>(),
+        ) {
+            let mut input = head.clone();
+            if input.len() > 8 {
+                input[8] = cmd_byte;
+            }
+            match classify(&input) {
+                First::Pending => proptest::prop_assert!(input.len() < FIRST_MAX),
+                First::Reject { frame, .. } => {
+                    let h = Header::decode(frame[..HEADER_LEN].try_into().unwrap());
+                    proptest::prop_assert_eq!(h.cmd, cmd::REPLY_PROXY);
+                    proptest::prop_assert_eq!(h.body_len as usize, frame.len() - HEADER_LEN);
+                    proptest::prop_assert!(ErrorBody::decode(&frame[HEADER_LEN..]).is_ok());
+                }
+                First::Probe(_) => proptest::prop_assert_eq!(input[8], cmd::PROBE),
+                First::Hello { frame_len, .. } => {
+                    proptest::prop_assert_eq!(input[8], cmd::HELLO);
+                    proptest::prop_assert!(frame_len <= input.len());
+                }
+            }
+        }
+    }
 }

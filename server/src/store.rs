@@ -91,14 +91,71 @@ struct SessionState {
     challenge: Option<Challenge>,
 }
 
+/// SHA-256 of the session's stored blocks 0..next, computed in the background as blocks are
+/// stored in order, so UPLOAD_OVER only hashes what is left. Lost on restart (then UPLOAD_OVER
+/// hashes everything).
+#[derive(Default)]
+struct HashProgress {
+    sha: Sha256,
+    next: u32,
+    /// Blocks whose bytes on disk no longer match the CRC they were acknowledged with.
+    damaged: Vec<u32>,
+}
+
 /// A big-file upload session held in memory (its rows in the DB are the durable copy).
 pub struct Session {
     rec: SessionRec,
     file: File,
     state: Mutex<SessionState>,
+    hash: Mutex<HashProgress>,
 }
 
 impl Session {
+    pub fn id(&self) -> &UploadId {
+        &self.rec.id
+    }
+
+    /// Hashes stored blocks in order from where the progress stands, as far as they go.
+    /// Called by the background hasher after blocks are stored, and by UPLOAD_OVER.
+    pub fn advance_hash(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let mut h = self.hash.lock();
+        self.advance_locked(&mut h, buf)
+    }
+
+    fn advance_locked(&self, h: &mut HashProgress, buf: &mut Vec<u8>) -> io::Result<()> {
+        buf.resize(HASH_CHUNK, 0);
+        while h.next < self.rec.blocks {
+            let idx = h.next;
+            let want = {
+                let st = self.state.lock();
+                if st.gone || !st.stored.has(idx) {
+                    return Ok(());
+                }
+                st.crcs[idx as usize]
+            };
+            let start = u64::from(idx) * u64::from(self.rec.block_size);
+            let len = self.block_len(idx);
+            // Read the whole block before touching the hash, so an I/O error leaves the
+            // progress where it was.
+            let mut crc = 0;
+            let mut done = 0u64;
+            let mut sha = h.sha.clone();
+            while done < len {
+                let n = (len - done).min(HASH_CHUNK as u64) as usize;
+                self.file.read_exact_at(&mut buf[..n], start + done)?;
+                sha.update(&buf[..n]);
+                crc = crc32c::crc32c_append(crc, &buf[..n]);
+                done += n as u64;
+            }
+            h.sha = sha;
+            if crc != want {
+                h.damaged.push(idx);
+            }
+            h.next += 1;
+        }
+        Ok(())
+    }
+
     fn block_len(&self, idx: u32) -> u64 {
         let start = u64::from(idx) * u64::from(self.rec.block_size);
         u64::from(self.rec.block_size).min(self.rec.size - start)
@@ -239,6 +296,7 @@ impl Storage {
                     rec,
                     file,
                     state: Mutex::new(state),
+                    hash: Mutex::default(),
                 }),
             );
         }
@@ -482,6 +540,7 @@ impl Storage {
                 rec,
                 file,
                 state: Mutex::new(state),
+                hash: Mutex::default(),
             }),
         );
         Ok(reply)
@@ -557,7 +616,7 @@ impl Storage {
 
     pub fn over(&self, who: &Who, id: &UploadId) -> OpResult<String> {
         let s = self.session(who, id)?;
-        let crcs = {
+        {
             let mut st = s.state.lock();
             if st.gone {
                 return Err(OpError::new(
@@ -579,9 +638,8 @@ impl Storage {
                 ));
             }
             st.finishing = true;
-            st.crcs.clone()
-        };
-        let result = self.assemble(&s, &crcs);
+        }
+        let result = self.assemble(&s);
         if result.is_err() {
             s.state.lock().finishing = false;
         }
@@ -589,30 +647,26 @@ impl Storage {
     }
 
     /// Re-reads the temp file, checks every block CRC and the whole SHA-256, then commits it.
-    fn assemble(&self, s: &Arc<Session>, crcs: &[u32]) -> OpResult<String> {
+    fn assemble(&self, s: &Arc<Session>) -> OpResult<String> {
         let r = &s.rec;
         let hex_id = hex::encode(r.id);
-        let mut sha = Sha256::new();
-        let mut buf = vec![0u8; HASH_CHUNK];
-        let mut damaged = Vec::new();
-        for idx in 0..r.blocks {
-            let start = u64::from(idx) * u64::from(r.block_size);
-            let len = s.block_len(idx);
-            let mut crc = 0;
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(HASH_CHUNK as u64) as usize;
-                s.file
-                    .read_exact_at(&mut buf[..n], start + done)
-                    .map_err(|e| io_err(&e, "cannot re-read the upload"))?;
-                sha.update(&buf[..n]);
-                crc = crc32c::crc32c_append(crc, &buf[..n]);
-                done += n as u64;
-            }
-            if crc != crcs[idx as usize] {
-                damaged.push(idx);
-            }
+        // Every block is stored (checked by the caller): hash what the background hasher has
+        // not reached yet. Holding the progress lock keeps the hasher out meanwhile.
+        let mut h = s.hash.lock();
+        let mut buf = Vec::new();
+        s.advance_locked(&mut h, &mut buf)
+            .map_err(|e| io_err(&e, "cannot re-read the upload"))?;
+        if h.next < r.blocks {
+            return Err(OpError::new(ErrorCode::Incomplete, "blocks missing"));
         }
+        let damaged = std::mem::take(&mut h.damaged);
+        if !damaged.is_empty() {
+            // The hash covered damaged bytes: start it over once they are sent again.
+            *h = HashProgress::default();
+        }
+        let sha = h.sha.clone();
+        // `h` stays locked until the damaged blocks are unmarked, so the hasher cannot hash
+        // their old bytes again in between.
         if !damaged.is_empty() {
             // Acknowledged bytes that changed on disk (e.g. lost in a power cut): ask for them
             // again rather than throwing the whole upload away.
@@ -635,6 +689,7 @@ impl Storage {
                 ),
             ));
         }
+        drop(h);
         let got: Digest32 = sha.finalize().into();
         if got != r.sha256 {
             warn!("upload {hex_id}: SHA-256 mismatch; discarding the session");
@@ -659,7 +714,7 @@ impl Storage {
             sha256: r.sha256,
             name: r.name.clone(),
             block_size: r.block_size,
-            crcs: crcs.to_vec(),
+            crcs: s.state.lock().crcs.clone(),
             created: now_secs(),
         };
         self.commit_new_file(&rec, &self.root.join(&r.temp_path), false, Some(&r.id))?;
@@ -969,6 +1024,10 @@ pub struct BlockWriter {
 }
 
 impl BlockWriter {
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
     pub fn write(&mut self, st: &Storage, data: &[u8]) {
         if self.err.is_none() {
             if let Err(e) = st.write_at(&self.session.file, data, self.offset + self.pos) {

@@ -452,6 +452,48 @@ fn first_proxy_down_and_hung_proxy_mid_transfer() {
         "took {took:?} after the proxy hung"
     );
     assert_eq!(sha256_file(&out), sha256_file(&big));
+
+    // Proxy A killed (SIGKILL) mid-upload: each thread loses only the block it had in flight.
+    let big2 = c.path("big2");
+    make_file(&big2, BIG, 20); // not 13: make_file ORs the seed with 1, so 13 = 12
+    let args = [
+        "--config",
+        conf_s,
+        "--json",
+        "upload",
+        big2.to_str().unwrap(),
+        "--block-size",
+        "64KiB",
+    ];
+    let log = c.path("client-killed-proxy.out");
+    let mut p = Bg::start(&mut ferry(&state, &pair, &args), &log);
+    let t = Instant::now();
+    while begun() < blocks as u32 / 5 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no progress");
+        assert!(
+            p.exited().is_none(),
+            "upload ended before the proxy was killed: {} {}",
+            std::fs::read_to_string(&log).unwrap(),
+            std::fs::read_to_string(log.with_extension("err")).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.proc("proxy-a").signal(Signal::SIGKILL);
+    let status = p.wait(Duration::from_secs(45)).expect("client finished");
+    let err = std::fs::read_to_string(log.with_extension("err")).unwrap();
+    assert!(status.success(), "upload failed: {err}");
+    let v: Value = serde_json::from_str(std::fs::read_to_string(&log).unwrap().trim()).unwrap();
+    let rep = &v["report"];
+    eprintln!("upload with proxy A killed: {rep}");
+    assert!(rep["failovers"].as_u64().unwrap() >= 1, "{rep}");
+    assert!(
+        rep["blocks_resent"].as_u64().unwrap() <= 4,
+        "more than one block per thread: {rep}"
+    );
+    let id = v["file_id"].as_str().unwrap().to_owned();
+    let out = c.path("out-killed");
+    download(&c, &pair, &id, &out, &[]);
+    assert_eq!(sha256_file(&out), sha256_file(&big2));
 }
 
 #[test]

@@ -137,7 +137,11 @@ impl Cli {
     /// The config file (or the defaults) with the command-line overrides applied, validated.
     pub fn resolve(&self) -> anyhow::Result<Config> {
         let mut cfg = match &self.config {
-            Some(path) => ferry_common::config::load::<Config>(path)?,
+            // The config error's message already names its cause; flatten it so the log does
+            // not print the TOML error twice.
+            Some(path) => {
+                ferry_common::config::load::<Config>(path).map_err(|e| anyhow::anyhow!("{e}"))?
+            }
             None => Config::default(),
         };
         if let Some(l) = self.listen {

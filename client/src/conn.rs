@@ -7,7 +7,7 @@
 use ferry_common::proto::{
     self, DOWNLOAD_REPLY_META, ErrorBody, ErrorCode, HEADER_LEN, Header, Identity, cmd, status,
 };
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -78,15 +78,29 @@ impl Conn {
         Ok(c)
     }
 
+    /// Writes all parts with `writev`, so a header and its payload leave in one segment
+    /// stream instead of a lone small packet (the socket has TCP_NODELAY).
     fn write(&mut self, parts: &[&[u8]]) -> Result<(), Fault> {
-        for p in parts {
-            if let Err(e) = self.stream.write_all(p) {
-                let what = if is_timeout(&e) {
-                    "peer not reading within the timeout".to_owned()
-                } else {
-                    e.to_string()
-                };
-                return Err(Fault::Send(format!("send to {}: {what}", self.peer)));
+        let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.stream.write_vectored(rest) {
+                Ok(0) => {
+                    return Err(Fault::Send(format!(
+                        "send to {}: connection closed",
+                        self.peer
+                    )));
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let what = if is_timeout(&e) {
+                        "peer not reading within the timeout".to_owned()
+                    } else {
+                        e.to_string()
+                    };
+                    return Err(Fault::Send(format!("send to {}: {what}", self.peer)));
+                }
             }
         }
         Ok(())

@@ -1001,3 +1001,29 @@ fn pipelined_requests_are_answered_in_order() {
     let fid = c.over(id).unwrap();
     assert_eq!(c.download_all(&fid, file.len() as u64, 1 << 20), file);
 }
+
+#[test]
+fn session_and_connection_limits_answer_error_17() {
+    let dir = tempdir();
+    let srv = Server::start(
+        dir.path(),
+        &dir.path().join("data"),
+        "max_sessions = 1\nmax_connections = 2",
+    );
+    // Let the readiness probe's connection go away first.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = Client::hello(srv.addr, "demo", "ivan");
+    let a = bytes(65536, 41);
+    let b = bytes(65536, 42);
+    c.init(a.len() as u64, 65536, sha(&a), "a").unwrap();
+    assert_eq!(
+        code(c.init(b.len() as u64, 65536, sha(&b), "b")),
+        ErrorCode::Limit
+    );
+    let _d = Client::hello(srv.addr, "demo", "ivan");
+    let mut e = Client::connect(srv.addr);
+    assert_eq!(code(e.result()), ErrorCode::Limit);
+    assert!(e.closed());
+    // The session that was allowed still works.
+    c.upload_small("ok", b"fine").unwrap();
+}

@@ -957,11 +957,6 @@ impl Storage {
         }
         n
     }
-
-    /// Stored files count, for tests and logs.
-    pub fn session_count(&self) -> usize {
-        self.sessions.lock().len()
-    }
 }
 
 /// SHA-256 of a byte range of a file.

@@ -69,6 +69,38 @@ pub enum Command {
     Stat { file_id: String },
     /// Delete a file.
     Delete { file_id: String },
+    /// Start a local cluster (server, 2 server-proxies, 2 client-proxies), upload a generated
+    /// file while killing the primary server-proxy halfway, download it back through the other
+    /// client-proxy, verify the SHA-256 and print a report. Stops everything it started.
+    Demo {
+        /// Size of the generated file, binary units (e.g. 256MiB, 1GiB).
+        #[arg(long, default_value = "256MiB", value_parser = size::parse_size)]
+        size: u64,
+        /// Keep the server's data in this directory instead of a temp dir.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Directory holding server.toml and the four proxy configs.
+        #[arg(long, value_name = "DIR", default_value = "conf")]
+        conf: PathBuf,
+    },
+    /// Manage a local cluster.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Run the local cluster in the foreground, logs prefixed by process; Ctrl-C stops all.
+    Up {
+        /// Directory holding server.toml and the four proxy configs.
+        #[arg(long, value_name = "DIR", default_value = "conf")]
+        conf: PathBuf,
+        /// The server's data directory.
+        #[arg(long, value_name = "DIR", default_value = "ferry-data")]
+        data: PathBuf,
+    },
 }
 
 /// Progress bar on stderr, only when stderr is a terminal.
@@ -127,8 +159,31 @@ fn created_text(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
+/// Status lines of the local cluster commands go to stderr.
+fn say(line: &str) {
+    eprintln!("{line}");
+}
+
 /// Runs one command; returns what to print on stdout.
 pub fn run(cli: &Cli) -> Result<String, ClientError> {
+    // The local cluster commands start their own proxies, so they need no proxy list.
+    match &cli.command {
+        Command::Demo { size, data, conf } => {
+            let r = crate::demo::run(conf, *size, data.as_deref(), say)?;
+            return Ok(if cli.json {
+                json!({"command": "demo", "report": r}).to_string()
+            } else {
+                crate::demo::render(&r)
+            });
+        }
+        Command::Cluster {
+            action: ClusterAction::Up { conf, data },
+        } => {
+            crate::demo::cluster_up(conf, data, say)?;
+            return Ok(String::new());
+        }
+        _ => {}
+    }
     let c = client(cli)?;
     let bar = Bar::new();
     let progress: &dyn Progress = match &bar {
@@ -186,6 +241,7 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                 String::new()
             }
         }
+        Command::Demo { .. } | Command::Cluster { .. } => unreachable!("handled above"),
     };
     drop(bar);
     Ok(out)

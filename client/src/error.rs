@@ -34,6 +34,9 @@ pub enum ClientError {
     /// Data did not verify (whole-file SHA-256, changed source file).
     #[error("{0}")]
     Integrity(String),
+    /// The local demo cluster could not be started or run.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl ClientError {

@@ -13,7 +13,9 @@
 //! [`TransferReport`].
 
 pub mod cli;
+pub mod cluster;
 mod conn;
+pub mod demo;
 mod download;
 pub mod error;
 mod files;

@@ -7,6 +7,7 @@
 //!   upload; the 16 x 1 GiB is `FERRY_BENCH_RSS_MB=1024`).
 //!
 //! Every measurement runs `FERRY_BENCH_RUNS` times (default 3) and prints median and min-max.
+//! `FERRY_BENCH_ONLY=throughput` or `=rss` runs one part; `FERRY_BENCH_DIR` picks the disk.
 //! Uploads run twice: with `sync_blocks = true` (each block fdatasync'ed before its ack: bound by
 //! the disk) and `sync_blocks = false` (page cache; the server's own overhead). "blocks" is the
 //! time until the last block is acknowledged; "+over" adds UPLOAD_OVER, which re-reads the file
@@ -364,6 +365,17 @@ fn main() {
         BS >> 20,
         dir.path().display()
     );
+    let only = std::env::var("FERRY_BENCH_ONLY").unwrap_or_default();
+    if only != "rss" {
+        throughput(dir.path(), mb, runs);
+    }
+    if only != "throughput" {
+        rss(dir.path(), rss_mb, runs);
+    }
+}
+
+/// Upload and download MB/s next to the plain TCP copy and the disk.
+fn throughput(dir: &Path, mb: usize, runs: usize) {
     let file = Arc::new(data(mb << 20, 42));
     let size_mb = file.len() as f64 / 1e6;
 
@@ -379,12 +391,12 @@ fn main() {
         None => rows.push((label, vec![v])),
     };
     for sync in [true, false] {
-        let srv = start(dir.path(), sync);
+        let srv = start(dir, sync);
         for run in 0..runs {
             tcp1.push(size_mb / tcp_copy_run(&file, 1));
             tcp4.push(size_mb / tcp_copy_run(&file, 4));
             if sync {
-                disk.push(size_mb / disk_write(dir.path(), &file));
+                disk.push(size_mb / disk_write(dir, &file));
             }
             for conns in [1usize, 4] {
                 let user = format!("u{run}-{conns}-{sync}");
@@ -426,10 +438,11 @@ fn main() {
         let base = if label.contains(" 1 conn") { t1 } else { t4 };
         show(label, xs, Some(base));
     }
-    drop(file);
+}
 
-    // RSS during 16 concurrent uploads.
-    let srv = start(dir.path(), true);
+/// Server RSS during 16 concurrent uploads of `rss_mb` MiB each.
+fn rss(dir: &Path, rss_mb: usize, runs: usize) {
+    let srv = start(dir, true);
     let pid = srv.child.id();
     let idle = rss_kib(pid);
     let one = Arc::new(data(rss_mb << 20, 7));

@@ -105,13 +105,6 @@ pub struct Cluster {
     pub data_dir: PathBuf,
 }
 
-/// Extra flags for members, e.g. faster health checks in tests.
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    pub proxy_args: Vec<String>,
-    pub server_args: Vec<String>,
-}
-
 impl Cluster {
     /// Starts the five members from `bin_dir` with the configs in `conf_dir`, listening where
     /// `layout` says (flags override the configs' addresses), and waits until all answer.
@@ -121,7 +114,6 @@ impl Cluster {
         layout: Layout,
         data_dir: &Path,
         logs: Logs,
-        opts: &Options,
     ) -> Result<Cluster> {
         let conf = |name: &str| conf_dir.join(format!("{name}.toml")).display().to_string();
         let s = |a: &SocketAddr| a.to_string();
@@ -130,10 +122,9 @@ impl Cluster {
             for u in ups {
                 a.extend(["--upstream".into(), s(u)]);
             }
-            a.extend(opts.proxy_args.iter().cloned());
             a
         };
-        let mut server_args = vec![
+        let server_args = vec![
             "--config".into(),
             conf(SERVER),
             "--listen".into(),
@@ -141,7 +132,6 @@ impl Cluster {
             "--data".into(),
             data_dir.display().to_string(),
         ];
-        server_args.extend(opts.server_args.iter().cloned());
         let l = &layout;
         let plan: Vec<(&'static str, Vec<String>, Role, SocketAddr)> = vec![
             (SERVER, server_args, Role::Server, l.server),

@@ -163,7 +163,6 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
         layout.clone(),
         &data_dir,
         Logs::Dir(logs.clone()),
-        &Default::default(),
     );
     *slot.lock() = Some(started?);
 
@@ -290,14 +289,7 @@ pub fn cluster_up(conf_dir: &Path, data: &Path, say: Say) -> Result<()> {
     let layout = Layout::from_conf(conf_dir)?;
     let slot: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
     stop_on_signal(slot.clone(), None, say)?;
-    let c = Cluster::start(
-        &bins,
-        conf_dir,
-        layout.clone(),
-        data,
-        Logs::Prefixed,
-        &Default::default(),
-    )?;
+    let c = Cluster::start(&bins, conf_dir, layout.clone(), data, Logs::Prefixed)?;
     *slot.lock() = Some(c);
     say(&format!(
         "ferry cluster up: server {}, server-proxies {} {}, client-proxies {} {}; data in {}. Ctrl-C stops all.",

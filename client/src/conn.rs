@@ -9,7 +9,7 @@ use ferry_common::proto::{
 };
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest error body (code + 1024 bytes of text).
 const ERROR_BODY_MAX: u64 = 2 + proto::ERROR_TEXT_MAX as u64;
@@ -47,6 +47,9 @@ impl Fault {
 pub struct Conn {
     stream: TcpStream,
     pub peer: SocketAddr,
+    /// When the last reply arrived: a send that fails on a connection idle for longer than the
+    /// timeout more likely hit the peer's idle close than a dead proxy.
+    pub last_reply: Instant,
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -67,7 +70,11 @@ impl Conn {
             stream.set_nodelay(true)
         };
         setup().map_err(|e| Fault::Connect(format!("socket options for {peer}: {e}")))?;
-        let mut c = Conn { stream, peer };
+        let mut c = Conn {
+            stream,
+            peer,
+            last_reply: Instant::now(),
+        };
         // A peer that takes the connection but cannot open a session is as good as down.
         let body = c.call(cmd::HELLO, hello, 3).map_err(|f| match f {
             Fault::Server(e) if !e.code.retryable() => Fault::Server(e),
@@ -124,6 +131,7 @@ impl Conn {
         if h.cmd != cmd::REPLY_STORAGE && h.cmd != cmd::REPLY_PROXY {
             return Err(self.garbled(format!("reply command {}", h.cmd)));
         }
+        self.last_reply = Instant::now();
         match h.status {
             status::OK => Ok(h),
             status::ERROR => {

@@ -126,6 +126,7 @@ impl<'a> Link<'a> {
             let Some(conn) = self.conn.as_mut() else {
                 continue;
             };
+            let idle = conn.last_reply.elapsed() > self.shared.timeout;
             match f(conn) {
                 Ok(v) => {
                     self.tries_here = 0;
@@ -136,6 +137,9 @@ impl<'a> Link<'a> {
                     last = fault.describe();
                     log::debug!("{op} via {}: {last}", self.peer());
                     match fault {
+                        // The peer closed a long-idle session (its idle timeout): reconnect
+                        // to the same proxy before calling it dead.
+                        Fault::Send(_) if idle => self.failed_try(),
                         Fault::Connect(_) | Fault::Send(_) => self.switch(),
                         Fault::Timeout(_) | Fault::Dropped(_) | Fault::Garbled(_) => {
                             self.failed_try()

@@ -164,7 +164,13 @@ fn big(
     let bs = job.block_size;
     let blocks = match state::block_count(size, bs) {
         Some(n) if n > 0 => n,
-        _ => {
+        Some(_) => {
+            return Err(ClientError::Integrity(format!(
+                "the server refused {} (empty) as a small file, and a block session needs at least one block",
+                job.path.display()
+            )));
+        }
+        None => {
             return Err(ClientError::Input(format!(
                 "{} needs more than 2^20 blocks of {bs} bytes: use a bigger --block-size",
                 job.path.display()

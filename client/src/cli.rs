@@ -113,7 +113,7 @@ impl Bar {
         }
         let pb = ProgressBar::new(0);
         if let Ok(style) = ProgressStyle::with_template(
-            "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            "{bar:30} {bytes}/{total_bytes} {decimal_bytes_per_sec} ETA {eta} {msg}",
         ) {
             pb.set_style(style);
         }

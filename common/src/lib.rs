@@ -6,3 +6,4 @@ pub mod logging;
 pub mod net;
 pub mod proto;
 pub mod reactor;
+pub mod signing;

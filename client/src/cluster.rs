@@ -27,19 +27,29 @@ pub struct Layout {
     pub server: SocketAddr,
     pub server_proxies: [SocketAddr; 2],
     pub client_proxies: [SocketAddr; 2],
+    /// The client-proxies' stats endpoints (`stats_listen`), when their configs set one.
+    pub client_proxy_stats: [Option<SocketAddr>; 2],
 }
 
 impl Layout {
     /// The addresses the configs in `conf_dir` listen on.
     pub fn from_conf(conf_dir: &Path) -> Result<Layout> {
-        let listen = |name: &str| -> Result<SocketAddr> {
+        let table = |name: &str| -> Result<toml::Table> {
             let path = conf_dir.join(format!("{name}.toml"));
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| ClientError::io(format!("reading {}", path.display()), e))?;
-            let table: toml::Table = text
-                .parse()
-                .map_err(|e| ClientError::Cluster(format!("{}: {e}", path.display())))?;
-            table
+            text.parse()
+                .map_err(|e| ClientError::Cluster(format!("{}: {e}", path.display())))
+        };
+        let stats = |name: &str| -> Result<Option<SocketAddr>> {
+            Ok(table(name)?
+                .get("stats_listen")
+                .and_then(|v| v.as_str())
+                .and_then(|v| v.parse().ok()))
+        };
+        let listen = |name: &str| -> Result<SocketAddr> {
+            let path = conf_dir.join(format!("{name}.toml"));
+            table(name)?
                 .get("listen")
                 .and_then(|v| v.as_str())
                 .and_then(|v| v.parse().ok())
@@ -54,6 +64,7 @@ impl Layout {
             server: listen(SERVER)?,
             server_proxies: [listen(SERVER_PROXY_A)?, listen(SERVER_PROXY_B)?],
             client_proxies: [listen(CLIENT_PROXY_A)?, listen(CLIENT_PROXY_B)?],
+            client_proxy_stats: [stats(CLIENT_PROXY_A)?, stats(CLIENT_PROXY_B)?],
         })
     }
 
@@ -74,6 +85,7 @@ impl Layout {
             server: next()?,
             server_proxies: [next()?, next()?],
             client_proxies: [next()?, next()?],
+            client_proxy_stats: [None, None],
         })
     }
 }
@@ -320,6 +332,20 @@ fn prefix_lines(name: &str, err: impl Read) {
         let Ok(line) = line else { break };
         let _ = writeln!(out, "[{name:>14}] {line}");
     }
+}
+
+/// Reads a proxy's plain-text stats endpoint: `name value` lines (labelled lines are skipped).
+pub fn proxy_stats(addr: SocketAddr) -> std::io::Result<std::collections::BTreeMap<String, u64>> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut text = String::new();
+    s.take(64 * 1024).read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(k, _)| !k.contains('{'))
+        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+        .collect())
 }
 
 /// Sends a PROBE and checks the answer names the expected role.

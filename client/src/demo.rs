@@ -25,6 +25,11 @@ pub struct DemoReport {
     pub download: TransferReport,
     /// Milliseconds into the upload at which the primary server-proxy was killed.
     pub killed_at_ms: u64,
+    /// Sessions the client-proxies sent to a standby server-proxy because the primary was down
+    /// (from their stats endpoints; 0 when the configs set none).
+    pub proxy_failovers: u64,
+    /// Sessions the client-proxies closed because their server-proxy died under them.
+    pub sessions_cut: u64,
     pub verified: bool,
 }
 
@@ -232,6 +237,13 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
     ));
     let download = downloader.download(&upload.file_id, &out, None, &crate::Quiet)?;
     let got = sha256_of(&out)?;
+    let (mut proxy_failovers, mut sessions_cut) = (0, 0);
+    for addr in layout.client_proxy_stats.iter().flatten() {
+        if let Ok(st) = cluster::proxy_stats(*addr) {
+            proxy_failovers += st.get("failovers").copied().unwrap_or(0);
+            sessions_cut += st.get("upstream_lost").copied().unwrap_or(0);
+        }
+    }
     let verified = got == sha;
 
     if let Some(mut c) = slot.lock().take() {
@@ -244,6 +256,8 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
         upload,
         download,
         killed_at_ms,
+        proxy_failovers,
+        sessions_cut,
         verified,
     };
     if !verified {
@@ -277,6 +291,10 @@ pub fn render(r: &DemoReport) -> String {
         format!(
             "  download         {:.1} MB/s, {} blocks, {} re-sent, {} failovers",
             r.download.mb_per_s, r.download.blocks_total, r.download.blocks_resent, r.download.failovers
+        ),
+        format!(
+            "  proxies          {} session(s) cut when the server-proxy died, {} failover(s) to the standby",
+            r.sessions_cut, r.proxy_failovers
         ),
         format!("  verified         {verified}"),
     ]

@@ -99,6 +99,8 @@ pub fn download(job: &DownloadJob) -> Result<TransferReport> {
         sha256: st.sha256,
         block_size: chunk,
     };
+    // Held until we return, so a second `ferry download -o PATH` cannot write the same .part.
+    let _lock = files::lock_exclusive(&part, &format!("downloading to {}", job.out.display()))?;
     let open_part = |create: bool| {
         OpenOptions::new()
             .read(true)

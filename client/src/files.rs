@@ -76,6 +76,30 @@ pub fn display_name(path: &Path) -> String {
     s
 }
 
+/// Takes an advisory exclusive lock on `path` (created if missing, never truncated) for as long
+/// as the returned file is open, so two ferry processes cannot work on the same resume state or
+/// `.part` file at once. A filesystem without locks is not an error.
+pub fn lock_exclusive(path: &Path, what: &str) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| ClientError::io(format!("cannot open {}", path.display()), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ClientError::Input(format!(
+            "another ferry process is {what} (lock on {} is held)",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            log::debug!("no lock on {}: {e}", path.display());
+            Ok(f)
+        }
+    }
+}
+
 /// Makes a rename durable: fsync the directory holding the new name.
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
@@ -86,6 +110,21 @@ pub fn sync_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn second_lock_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.part");
+        let a = lock_exclusive(&p, "downloading x").unwrap();
+        let e = lock_exclusive(&p, "downloading x").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("another ferry process is downloading x"),
+            "{e}"
+        );
+        drop(a);
+        lock_exclusive(&p, "downloading x").unwrap();
+    }
 
     #[test]
     fn names_are_cut_and_cleaned() {

@@ -184,6 +184,8 @@ fn big(
         )
     })?;
     let spath = state_path(job, meta);
+    // Held until we return; the state file itself is (re)written through other handles.
+    let _lock = files::lock_exclusive(&spath, &format!("uploading {}", job.path.display()))?;
     let prior = state::open_upload(&spath).filter(|(_, h)| h.size == size && h.block_size == bs);
     let sha256 = match &prior {
         Some((_, h)) => h.sha256,

@@ -7,8 +7,6 @@
 //! 300 MiB file has at 4 MiB) to keep this file well under a minute; the 1 GiB transfers are in
 //! the benchmark (tests/bench/client.rs).
 
-// tests/support is shared (not ours); keep its style lints from failing this file's clippy.
-#[allow(clippy::collapsible_if)]
 mod support;
 
 use nix::sys::signal::Signal;

@@ -10,7 +10,6 @@
 //! so the numbers show the client and relay rather than the disk; `FERRY_BENCH_SYNC=1` turns
 //! per-block fdatasync back on.
 
-#[allow(clippy::collapsible_if)]
 #[path = "../support/mod.rs"]
 mod support;
 

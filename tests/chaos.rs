@@ -79,6 +79,8 @@ fn write_conf(dir: &Path) {
             t.insert("session_ttl_secs".into(), 15.into());
             t.insert("sync_blocks".into(), false.into());
         } else {
+            // The shipped stats ports are fixed; tests must not bind them.
+            t.remove("stats_listen");
             t.insert("check_interval_ms".into(), 200.into());
             t.insert("connect_timeout_ms".into(), 500.into());
         }

@@ -1,0 +1,126 @@
+//! `ferry demo` end to end: the real binary starts its cluster from a conf dir (here a copy of
+//! conf/ moved to free ports), kills the primary server-proxy mid-upload, verifies the download,
+//! and leaves no process behind; Ctrl-C stops everything it started.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEMBERS: [&str; 5] = [
+    "server",
+    "server-proxy-a",
+    "server-proxy-b",
+    "client-proxy-a",
+    "client-proxy-b",
+];
+
+/// Copies conf/ to `dir` with every listen, upstream and stats address moved to a free port.
+fn conf_on_free_ports(dir: &Path) -> Vec<SocketAddr> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let addrs: Vec<SocketAddr> = (0..5).map(|_| support::free_addr()).collect();
+    let (server, sp) = (addrs[0], [addrs[1], addrs[2]]);
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, name) in MEMBERS.iter().enumerate() {
+        let text = std::fs::read_to_string(src.join(format!("{name}.toml"))).unwrap();
+        let mut t: toml::Table = text.parse().unwrap();
+        t.insert("listen".into(), addrs[i].to_string().into());
+        let ups: Vec<String> = match i {
+            0 => vec![],
+            1 | 2 => vec![server.to_string()],
+            _ => sp.iter().map(|a| a.to_string()).collect(),
+        };
+        if i > 0 {
+            t.insert("upstreams".into(), ups.into());
+            t.insert("check_interval_ms".into(), 200.into());
+            if i >= 3 {
+                t.insert(
+                    "stats_listen".into(),
+                    support::free_addr().to_string().into(),
+                );
+            } else {
+                t.remove("stats_listen");
+            }
+        }
+        std::fs::write(
+            dir.join(format!("{name}.toml")),
+            toml::to_string(&t).unwrap(),
+        )
+        .unwrap();
+    }
+    addrs
+}
+
+fn none_answer(addrs: &[SocketAddr]) -> bool {
+    addrs
+        .iter()
+        .all(|a| support::probe(*a, Duration::from_millis(300)).is_none())
+}
+
+#[test]
+fn demo_kills_a_proxy_mid_upload_and_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("conf");
+    let addrs = conf_on_free_ports(&conf);
+    let out = Command::new(support::bin("ferry"))
+        .args(["--json", "demo", "--size", "48MiB", "--conf"])
+        .arg(&conf)
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v["report"];
+    assert_eq!(r["verified"], true, "{v}");
+    assert_eq!(r["size"], 48 << 20);
+    assert!(stderr.contains("SIGKILL server-proxy-a"), "{stderr}");
+    // Killing the primary server-proxy cost at most the blocks in flight (4 threads).
+    assert!(r["upload"]["blocks_resent"].as_u64().unwrap() <= 4, "{v}");
+    // The client-proxies noticed: sessions were cut or sent to the standby.
+    let noticed = r["sessions_cut"].as_u64().unwrap() + r["proxy_failovers"].as_u64().unwrap();
+    assert!(noticed > 0, "no proxy saw the kill: {v}");
+    // The server kept the file under --data.
+    assert!(tmp.path().join("data").exists());
+    assert!(none_answer(&addrs), "demo left cluster processes running");
+}
+
+#[test]
+fn ctrl_c_stops_every_process_the_demo_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("conf");
+    let addrs = conf_on_free_ports(&conf);
+    let mut child = Command::new(support::bin("ferry"))
+        .args(["demo", "--size", "4GiB", "--conf"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the cluster is up and the demo is generating or uploading.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let t = Instant::now();
+    let mut line = String::new();
+    while !line.contains("generating") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "demo ended early");
+        assert!(t.elapsed() < Duration::from_secs(30), "demo did not start");
+    }
+    assert!(!none_answer(&addrs[..1]), "the server should be up");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "demo ignored SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert!(none_answer(&addrs), "processes left after Ctrl-C");
+}

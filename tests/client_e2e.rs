@@ -507,6 +507,18 @@ fn bad_input_fails_with_one_line_and_no_output() {
         .to_owned();
     let missing_dir = c.path("no/such/dir/out");
     let dead = [free_addr(), free_addr()];
+    // A live proxy whose only upstream (the server) is down answers HELLO with error 19.
+    let orphan = free_addr();
+    let _orphan = Proc::spawn(
+        "orphan-proxy",
+        Command::new(bin("ferry-proxy"))
+            .arg("--listen")
+            .arg(orphan.to_string())
+            .arg("--upstream")
+            .arg(free_addr().to_string()),
+        c.dir.path(),
+    );
+    wait_ready(orphan, Duration::from_secs(20));
     let cases: Vec<(&str, Command, &str)> = vec![
         (
             "missing file",
@@ -564,6 +576,11 @@ fn bad_input_fails_with_one_line_and_no_output() {
             "every proxy down",
             ferry(&state, &dead, &["upload", src.to_str().unwrap()]),
             "gave up after",
+        ),
+        (
+            "server behind the proxy down",
+            ferry(&state, &[orphan], &["stat", &id]),
+            "Upstream",
         ),
         (
             "decimal block size",

@@ -57,6 +57,8 @@ pub struct Config {
     pub id_step: u64,
     pub challenge_max: u64,
     pub faults: Faults,
+    /// The HTTP streaming gateway (`[http]`; off unless `http.listen` is set).
+    pub http: crate::http::HttpConfig,
 }
 
 impl Default for Config {
@@ -77,6 +79,7 @@ impl Default for Config {
             id_step: 1000,
             challenge_max: 1 << 20,
             faults: Faults::default(),
+            http: crate::http::HttpConfig::default(),
         }
     }
 }
@@ -116,6 +119,7 @@ impl Config {
         if self.session_ttl_secs == 0 || self.id_step == 0 || self.challenge_max == 0 {
             bail!("session_ttl_secs, id_step and challenge_max must be at least 1");
         }
+        self.http.check()?;
         Ok(())
     }
 

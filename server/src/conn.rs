@@ -619,10 +619,17 @@ impl Conn for ServerConn {
 pub struct ServerService {
     pub st: Arc<Storage>,
     pub syncer: Sender<SyncJob>,
+    /// The HTTP gateway, serving listener 1 when `[http] listen` is set.
+    pub http: Option<Arc<crate::http::Gateway>>,
 }
 
 impl Service for ServerService {
-    fn accept(&self, stream: TcpStream, peer: SocketAddr, _: usize) -> Option<Box<dyn Conn>> {
+    fn accept(&self, stream: TcpStream, peer: SocketAddr, listener: usize) -> Option<Box<dyn Conn>> {
+        if listener == 1
+            && let Some(gw) = &self.http
+        {
+            return gw.accept(stream, peer);
+        }
         debug!("{peer}: connected");
         match ServerConn::new(stream, peer, self.st.clone(), self.syncer.clone()) {
             Ok(c) => Some(Box::new(c)),
@@ -634,6 +641,9 @@ impl Service for ServerService {
     }
 
     fn refuse(&self, mut stream: TcpStream, peer: SocketAddr) {
+        if let Some(gw) = self.http.as_ref().filter(|g| g.owns(&stream)) {
+            return gw.refuse(stream, peer);
+        }
         warn!("{peer}: connection limit reached; refusing");
         let body = ErrorBody::new(ErrorCode::Limit, "too many connections; try later");
         let _ = stream.write(&body.frame(cmd::REPLY_STORAGE));

@@ -7,9 +7,11 @@
 //! - [`conn`]: one client connection on the reactor (framing, streaming, sendfile).
 //! - [`syncer`]: group commit of uploaded blocks (fdatasync + metadata) off the connections.
 //! - [`reaper`]: expires idle upload sessions.
+//! - [`http`]: the HTTP streaming gateway (second listener, `[http]` in the config).
 
 pub mod config;
 pub mod conn;
+pub mod http;
 pub mod ids;
 pub mod meta;
 pub mod reaper;
@@ -45,8 +47,18 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
         log::warn!("fault injection is ON (faults.write_fail_after): for tests only");
     }
     let st = Arc::new(store::Storage::open(cfg)?);
-    let listener = ferry_common::net::listen(listen, 1024)?;
-    let r = Reactor::new(rcfg, vec![listener]).context("cannot start the reactor")?;
+    let mut listeners = vec![ferry_common::net::listen(listen, 1024)?];
+    if let Some(h) = st.cfg.http.listen {
+        let l = ferry_common::net::listen(h, 1024)
+            .with_context(|| format!("cannot listen for http on {h}"))?;
+        listeners.push(l);
+    }
+    let r = Reactor::new(rcfg, listeners).context("cannot start the reactor")?;
+    // Listener 1, when present, is the HTTP gateway's (see `conn::ServerService::accept`).
+    let http = r.local_addrs().get(1).map(|&a| {
+        info!("ferry-server http gateway listening on {a}");
+        Arc::new(http::Gateway::new(st.clone(), a))
+    });
     info!(
         "ferry-server listening on {} with data in {} ({} workers, block size {}, open files {fds})",
         r.local_addrs()
@@ -61,6 +73,7 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     let result = r.run(Arc::new(conn::ServerService {
         st: st.clone(),
         syncer: syncer.sender(),
+        http,
     }));
     syncer.stop();
     reaper.stop();

@@ -1,0 +1,272 @@
+//! One HTTP connection on the reactor: read a request head into a bounded buffer, answer it
+//! (head bytes, then the body by sendfile), continue on WRITABLE when the socket is full, then
+//! the next request on the same connection (keep-alive; pipelined requests wait their turn).
+//!
+//! Limits: the head buffer is `max_header_bytes` (a head that does not fit is 431); a head must
+//! be complete `header_timeout_ms` after the connection opened or the last answer went out (408
+//! for a client that started a request and trickles it, a quiet close for an idle keep-alive).
+//! While a body is being sent there is no deadline; the reactor's idle timeout covers a reader
+//! that stops reading.
+
+use super::Gateway;
+use super::head::{self, Parsed};
+use super::respond::{self, Answer, Body};
+use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Step};
+use log::{debug, info, warn};
+use mio::Interest;
+use mio::net::TcpStream;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+/// Largest single sendfile call, so one connection does not hold its worker for long.
+const SENDFILE_MAX: usize = 4 << 20;
+/// Bytes sent per run before yielding the worker; the WRITABLE re-arm continues it.
+const WRITE_BUDGET: u64 = 16 << 20;
+
+struct Sending {
+    file: File,
+    off: i64,
+    left: u64,
+}
+
+enum Flush {
+    Done,
+    Blocked,
+    Failed,
+}
+
+pub struct HttpConn {
+    sock: TcpStream,
+    peer: SocketAddr,
+    gw: Arc<Gateway>,
+    buf: Box<[u8]>,
+    len: usize,
+    out: Vec<u8>,
+    out_pos: usize,
+    sending: Option<Sending>,
+    /// When the request head being read must be complete (none while answering).
+    deadline: Option<Instant>,
+    /// Close once the answer being sent is out.
+    close_after: bool,
+    eof: bool,
+}
+
+impl HttpConn {
+    pub fn new(sock: TcpStream, peer: SocketAddr, gw: Arc<Gateway>) -> HttpConn {
+        let buf = vec![0u8; gw.cfg.max_header_bytes].into_boxed_slice();
+        let deadline = Some(Instant::now() + gw.cfg.header_timeout());
+        HttpConn {
+            sock,
+            peer,
+            gw,
+            buf,
+            len: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            sending: None,
+            deadline,
+            close_after: false,
+            eof: false,
+        }
+    }
+
+    fn writing(&self) -> bool {
+        self.out_pos < self.out.len() || self.sending.is_some()
+    }
+
+    /// Queues an answer: its head, then its body unless this is a HEAD request.
+    fn start(&mut self, a: Answer, head_only: bool, keep_alive: bool) {
+        let keep = keep_alive && !a.close;
+        self.out = a.head_bytes(keep, SystemTime::now());
+        self.out_pos = 0;
+        if !head_only {
+            match a.body {
+                Body::None => {}
+                Body::Text(t) => self.out.extend_from_slice(&t),
+                Body::File { file, off, len } => {
+                    self.sending = Some(Sending {
+                        file,
+                        off: off as i64,
+                        left: len,
+                    })
+                }
+            }
+        }
+        self.close_after = !keep;
+        self.deadline = None;
+    }
+
+    fn serve(&mut self, h: &head::Head, draining: bool) {
+        self.gw.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let a = respond::answer(&self.gw, h, SystemTime::now());
+        if a.status == 206 {
+            self.gw.stats.partial.fetch_add(1, Ordering::Relaxed);
+        }
+        debug!(
+            "{}: {} {} HTTP/1.{} -> {}",
+            self.peer,
+            h.method,
+            h.target
+                .split_once('?')
+                .map_or(h.target.as_str(), |(p, _)| p),
+            h.minor,
+            a.status
+        );
+        self.start(a, h.method == "HEAD", h.keep_alive && !draining);
+    }
+
+    /// Answers a head that cannot be served, then closes.
+    fn refuse(&mut self, status: u16, why: &str) {
+        debug!("{}: {status} ({why}); closing", self.peer);
+        self.start(Answer::error(status, why, true), false, false);
+        // Whatever else was buffered belongs to a request we will not read.
+        self.len = 0;
+    }
+
+    fn flush(&mut self) -> Flush {
+        let mut budget = WRITE_BUDGET;
+        while self.out_pos < self.out.len() {
+            match self.sock.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Flush::Failed,
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flush::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("{}: write failed: {e}", self.peer);
+                    return Flush::Failed;
+                }
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        while let Some(s) = self.sending.as_mut() {
+            if s.left == 0 {
+                self.sending = None;
+                break;
+            }
+            if budget == 0 {
+                // Yield: the socket is still writable, so the re-arm runs us again at once.
+                return Flush::Blocked;
+            }
+            let n = s.left.min(SENDFILE_MAX as u64) as usize;
+            match nix::sys::sendfile::sendfile64(&self.sock, &s.file, Some(&mut s.off), n) {
+                Ok(0) => {
+                    warn!("{}: stored file ended early during an http body", self.peer);
+                    return Flush::Failed;
+                }
+                Ok(k) => {
+                    s.left -= k as u64;
+                    budget = budget.saturating_sub(k as u64);
+                }
+                Err(nix::errno::Errno::EAGAIN) => return Flush::Blocked,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    debug!("{}: sendfile failed: {e}", self.peer);
+                    return Flush::Failed;
+                }
+            }
+        }
+        Flush::Done
+    }
+}
+
+impl Conn for HttpConn {
+    fn run(&mut self, ev: &Events) -> Step {
+        if ev.timer && !self.writing() && self.deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.len == 0 {
+                debug!("{}: idle http connection closed", self.peer);
+                return Step::Close;
+            }
+            self.gw.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            info!(
+                "{}: request head incomplete after {} ms ({} bytes); 408",
+                self.peer, self.gw.cfg.header_timeout_ms, self.len
+            );
+            self.refuse(408, "request head not received in time");
+        }
+        loop {
+            let was_writing = self.writing();
+            match self.flush() {
+                Flush::Done => {}
+                Flush::Blocked => return Step::Keep,
+                Flush::Failed => return Step::Close,
+            }
+            if self.close_after {
+                return Step::Close;
+            }
+            if was_writing {
+                // An answer is out: the next head has its own time limit from now.
+                self.deadline = Some(Instant::now() + self.gw.cfg.header_timeout());
+            }
+            if self.len > 0 {
+                match head::parse(&self.buf[..self.len]) {
+                    Parsed::Complete(h, n) => {
+                        self.buf.copy_within(n..self.len, 0);
+                        self.len -= n;
+                        self.serve(&h, ev.draining);
+                        continue;
+                    }
+                    Parsed::Partial if self.len == self.buf.len() => {
+                        self.refuse(431, "request head too large");
+                        continue;
+                    }
+                    Parsed::Partial => {}
+                    Parsed::TooManyHeaders => {
+                        self.refuse(431, "too many header fields");
+                        continue;
+                    }
+                    Parsed::Bad(why) => {
+                        self.refuse(400, why);
+                        continue;
+                    }
+                }
+            }
+            if self.eof || (ev.draining && self.len == 0) {
+                return Step::Close;
+            }
+            match self.sock.read(&mut self.buf[self.len..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.len += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("{}: read failed: {e}", self.peer);
+                    return Step::Close;
+                }
+            }
+        }
+    }
+
+    fn sources(&mut self, arm: &mut Arm<'_>) {
+        let interest = if self.writing() {
+            Some(Interest::WRITABLE)
+        } else if self.eof {
+            None
+        } else {
+            Some(Interest::READABLE)
+        };
+        arm(0, &mut self.sock, interest);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    fn closed(&mut self, why: CloseReason) {
+        if self.sending.is_some() {
+            debug!("{}: http connection closed ({why:?}) mid-body", self.peer);
+        } else {
+            debug!("{}: http connection closed ({why:?})", self.peer);
+        }
+    }
+}
+
+impl Drop for HttpConn {
+    fn drop(&mut self) {
+        self.gw.released();
+    }
+}

@@ -1,0 +1,532 @@
+//! From a parsed request head to an answer: route, signature check, file lookup, conditional
+//! requests and ranges, and the response head bytes. No I/O except opening the stored file.
+
+use super::head::{self, Head};
+use super::range::{self, Ranged};
+use super::{Gateway, HttpConfig};
+use crate::store::Who;
+use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
+use ferry_common::signing;
+use log::{debug, warn};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What follows the response head.
+pub enum Body {
+    None,
+    /// A short generated text (error pages).
+    Text(Vec<u8>),
+    /// `len` bytes at `off` of a stored file, sent by sendfile.
+    File {
+        file: File,
+        off: u64,
+        len: u64,
+    },
+}
+
+/// A complete answer to one request.
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    /// The `Content-Length` to announce (for a HEAD: what the GET would send); none for 304.
+    pub length: Option<u64>,
+    /// What follows the head on the wire (nothing for HEAD and 304).
+    pub body: Body,
+    /// Close the connection once the answer is out.
+    pub close: bool,
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        206 => "Partial Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        416 => "Range Not Satisfiable",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+impl Answer {
+    /// A short text answer; `close` for answers after which the stream cannot be trusted.
+    pub fn error(status: u16, text: &str, close: bool) -> Answer {
+        let text = format!("{status} {}: {text}\n", reason(status)).into_bytes();
+        Answer {
+            status,
+            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+            length: Some(text.len() as u64),
+            body: Body::Text(text),
+            close,
+        }
+    }
+
+    fn not_modified(headers: Vec<(&'static str, String)>) -> Answer {
+        Answer {
+            status: 304,
+            headers,
+            length: None,
+            body: Body::None,
+            close: false,
+        }
+    }
+
+    /// The status line and headers.
+    pub fn head_bytes(&self, keep_alive: bool, now: SystemTime) -> Vec<u8> {
+        let mut s = String::with_capacity(512);
+        let _ = write!(
+            s,
+            "HTTP/1.1 {} {}\r\nServer: ferry\r\nDate: {}\r\n",
+            self.status,
+            reason(self.status),
+            httpdate::fmt_http_date(now)
+        );
+        for (k, v) in &self.headers {
+            let _ = write!(s, "{k}: {v}\r\n");
+        }
+        if let Some(n) = self.length {
+            let _ = write!(s, "Content-Length: {n}\r\n");
+        }
+        let _ = write!(
+            s,
+            "Connection: {}\r\n\r\n",
+            if keep_alive && !self.close {
+                "keep-alive"
+            } else {
+                "close"
+            }
+        );
+        s.into_bytes()
+    }
+}
+
+/// `/files/{file_id}` or `/files/{file_id}/{name}`, decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    pub file_id: String,
+    pub name: Option<String>,
+}
+
+/// The path part of a target, or `None` when it is not one of the gateway's routes.
+pub fn route(path: &str) -> Option<Route> {
+    let rest = path.strip_prefix("/files/")?;
+    let mut parts = rest.splitn(2, '/');
+    let id = head::percent_decode(parts.next()?)?;
+    // File ids are printable ASCII without separators; anything else cannot exist.
+    if id.is_empty()
+        || id.len() > FILE_ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    let name = match parts.next() {
+        None | Some("") => None,
+        Some(n) => {
+            let n = head::percent_decode(n)?;
+            if n.contains('/') || n.chars().any(char::is_control) {
+                return None;
+            }
+            Some(n)
+        }
+    };
+    Some(Route { file_id: id, name })
+}
+
+/// Why a request was not authorized (the 403 text; it depends only on the URL, never on whether
+/// the file exists).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Denied {
+    Missing,
+    Expired,
+    Invalid,
+}
+
+impl Denied {
+    fn text(&self) -> &'static str {
+        match self {
+            Denied::Missing => "this URL is not signed (see `ferry url`)",
+            Denied::Expired => "this signed URL has expired",
+            Denied::Invalid => "invalid signature",
+        }
+    }
+}
+
+/// Checks the signed-URL parameters (or public reads) and returns the app whose files the request
+/// may read. Runs before any lookup, so a 403 says nothing about the file.
+pub fn authorize(cfg: &HttpConfig, file_id: &str, query: &str, now: u64) -> Result<String, Denied> {
+    let get = |k: &str| head::query_param(query, k).map_err(|_| Denied::Invalid);
+    let app = get("app")?;
+    let sig = get("sig")?;
+    let Some(app) = app.filter(|a| !a.is_empty() && a.len() <= APP_ID_LEN) else {
+        return Err(if sig.is_some() {
+            Denied::Invalid
+        } else {
+            Denied::Missing
+        });
+    };
+    let Some(sig) = sig else {
+        // Unsigned: only when the operator allows public reads; `app` still scopes the lookup.
+        return if cfg.public_reads {
+            Ok(app)
+        } else {
+            Err(Denied::Missing)
+        };
+    };
+    let exp = get("exp")?
+        .and_then(|e| e.parse::<u64>().ok())
+        .ok_or(Denied::Invalid)?;
+    let Some(secret) = cfg.secrets.get(&app) else {
+        return Err(Denied::Invalid);
+    };
+    if !signing::verify(secret.as_bytes(), file_id, exp, &app, &sig) {
+        return Err(Denied::Invalid);
+    }
+    // Checked after the MAC so a forged URL learns nothing from the expiry answer either.
+    if exp < now {
+        return Err(Denied::Expired);
+    }
+    Ok(app)
+}
+
+/// `Content-Type` from the stored name's extension.
+pub fn content_type(name: &str) -> &'static str {
+    let ext = match name.rsplit_once('.') {
+        Some((_, e)) => e.to_ascii_lowercase(),
+        None => return "application/octet-stream",
+    };
+    match ext.as_str() {
+        "mp4" | "m4v" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        "mkv" => "video/x-matroska",
+        "avi" => "video/x-msvideo",
+        "ts" => "video/mp2t",
+        "m3u8" => "application/vnd.apple.mpegurl",
+        "mp3" => "audio/mpeg",
+        "m4a" => "audio/mp4",
+        "aac" => "audio/aac",
+        "ogg" | "oga" => "audio/ogg",
+        "opus" => "audio/opus",
+        "wav" => "audio/wav",
+        "flac" => "audio/flac",
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "avif" => "image/avif",
+        "svg" => "image/svg+xml",
+        "bmp" => "image/bmp",
+        "ico" => "image/x-icon",
+        "pdf" => "application/pdf",
+        "txt" | "log" => "text/plain; charset=utf-8",
+        "csv" => "text/csv; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        "tar" => "application/x-tar",
+        _ => "application/octet-stream",
+    }
+}
+
+/// `Content-Disposition` value: an ASCII fallback `filename` and the exact UTF-8 name as RFC 5987
+/// `filename*` (attr-char kept, every other byte %-encoded).
+pub fn disposition(kind: &str, name: &str) -> String {
+    let fallback: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut enc = String::with_capacity(name.len() * 3);
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            enc.push(b as char);
+        } else {
+            let _ = write!(enc, "%{b:02X}");
+        }
+    }
+    format!("{kind}; filename=\"{fallback}\"; filename*=UTF-8''{enc}")
+}
+
+fn strip_weak(tag: &str) -> &str {
+    tag.strip_prefix("W/").unwrap_or(tag)
+}
+
+/// `If-None-Match`: weak comparison against our (strong) ETag.
+fn none_match_hits(header: &str, etag: &str) -> bool {
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || strip_weak(t) == etag)
+}
+
+/// `If-Range`: the range applies only if the validator matches exactly (a strong ETag, or the
+/// exact Last-Modified date).
+fn if_range_holds(header: &str, etag: &str, modified: u64) -> bool {
+    if header.starts_with('"') || header.starts_with("W/") {
+        return header == etag;
+    }
+    match httpdate::parse_http_date(header) {
+        Ok(t) => t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()) == Some(modified),
+        Err(_) => false,
+    }
+}
+
+/// The whole answer to a request for a stored file.
+pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
+    let is_head = h.method == "HEAD";
+    if h.method != "GET" && !is_head {
+        let mut a = Answer::error(405, "only GET and HEAD are served", h.has_body);
+        a.headers.push(("Allow", "GET, HEAD".into()));
+        return a;
+    }
+    let (path, query) = h.target.split_once('?').unwrap_or((&h.target, ""));
+    let Some(r) = route(path) else {
+        return Answer::error(404, "no such path (use /files/{file_id})", false);
+    };
+    let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let app = match authorize(&gw.cfg, &r.file_id, query, now_secs) {
+        Ok(app) => app,
+        Err(d) => return Answer::error(403, d.text(), false),
+    };
+    let who = Who {
+        app,
+        user: "http".into(),
+    };
+    let f = match gw.st.stat(&who, &r.file_id) {
+        Ok(f) => f,
+        Err(e) if e.code == ErrorCode::NotFound => {
+            return Answer::error(404, "no such file", false);
+        }
+        Err(e) => {
+            warn!("http: lookup of file {} failed: {e}", r.file_id);
+            return Answer::error(500, "metadata lookup failed", false);
+        }
+    };
+    let etag = format!("\"{}\"", hex::encode(f.sha256));
+    let modified = UNIX_EPOCH + Duration::from_secs(f.created);
+    let mut headers = vec![
+        ("Accept-Ranges", "bytes".to_owned()),
+        ("ETag", etag.clone()),
+        ("Last-Modified", httpdate::fmt_http_date(modified)),
+        ("Cache-Control", "private".to_owned()),
+    ];
+    if let Some(inm) = &h.if_none_match {
+        if none_match_hits(inm, &etag) {
+            return Answer::not_modified(headers);
+        }
+    } else if let Some(ims) = &h.if_modified_since
+        && let Ok(t) = httpdate::parse_http_date(ims)
+        && t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) >= f.created
+    {
+        return Answer::not_modified(headers);
+    }
+    let name = r.name.as_deref().unwrap_or(&f.name);
+    headers.push(("Content-Type", content_type(&f.name).to_owned()));
+    let kind = if r.name.is_some() {
+        "attachment"
+    } else {
+        "inline"
+    };
+    if !name.is_empty() {
+        headers.push(("Content-Disposition", disposition(kind, name)));
+    }
+    // Stored names are client-given: never let a stored HTML or SVG run scripts on this origin.
+    headers.push(("X-Content-Type-Options", "nosniff".to_owned()));
+    headers.push(("Content-Security-Policy", "sandbox".to_owned()));
+    let range_applies = match &h.if_range {
+        Some(v) => if_range_holds(v, &etag, f.created),
+        None => true,
+    };
+    let ranged = if range_applies {
+        range::resolve(h.range.as_deref(), f.size)
+    } else {
+        Ranged::Full
+    };
+    let (status, off, len) = match ranged {
+        Ranged::Full => (200, 0, f.size),
+        Ranged::Part { start, end } => {
+            headers.push(("Content-Range", format!("bytes {start}-{end}/{}", f.size)));
+            (206, start, end - start + 1)
+        }
+        Ranged::Unsatisfiable => {
+            let mut a = Answer::error(416, "range not satisfiable", false);
+            a.headers
+                .push(("Content-Range", format!("bytes */{}", f.size)));
+            return a;
+        }
+    };
+    let body = if is_head || len == 0 {
+        Body::None
+    } else {
+        match File::open(gw.st.root().join(&f.path)) {
+            Ok(file) => Body::File { file, off, len },
+            Err(e) => {
+                warn!("http: cannot open stored file {} ({}): {e}", f.id, f.path);
+                return Answer::error(500, "stored file unreadable", false);
+            }
+        }
+    };
+    debug!(
+        "http: {} {} app {} -> {status} [{off}, +{len})",
+        h.method, r.file_id, who.app
+    );
+    Answer {
+        status,
+        headers,
+        length: Some(len),
+        body,
+        close: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(public: bool) -> HttpConfig {
+        let mut c = HttpConfig {
+            public_reads: public,
+            ..HttpConfig::default()
+        };
+        c.secrets
+            .insert("demo".into(), "0123456789abcdef-secret".into());
+        c
+    }
+
+    #[test]
+    fn signed_urls() {
+        let c = cfg(false);
+        let q = signing::signed_query(b"0123456789abcdef-secret", "f-1", 1000, "demo");
+        assert_eq!(authorize(&c, "f-1", &q, 999), Ok("demo".into()));
+        assert_eq!(authorize(&c, "f-1", &q, 1000), Ok("demo".into()));
+        assert_eq!(authorize(&c, "f-1", &q, 1001), Err(Denied::Expired));
+        // Another file, a later expiry, another app, a flipped digit: all invalid.
+        assert_eq!(authorize(&c, "f-2", &q, 999), Err(Denied::Invalid));
+        let later = q.replace("exp=1000", "exp=2000");
+        assert_eq!(authorize(&c, "f-1", &later, 999), Err(Denied::Invalid));
+        let other = q.replace("app=demo", "app=other");
+        assert_eq!(authorize(&c, "f-1", &other, 999), Err(Denied::Invalid));
+        let last = q.chars().last().unwrap();
+        let flipped = format!(
+            "{}{}",
+            &q[..q.len() - 1],
+            if last == '0' { '1' } else { '0' }
+        );
+        assert_eq!(authorize(&c, "f-1", &flipped, 999), Err(Denied::Invalid));
+        // Unsigned: refused unless public reads are on, and then scoped by app.
+        assert_eq!(authorize(&c, "f-1", "", 0), Err(Denied::Missing));
+        assert_eq!(authorize(&c, "f-1", "app=demo", 0), Err(Denied::Missing));
+        assert_eq!(
+            authorize(&cfg(true), "f-1", "app=demo", 0),
+            Ok("demo".into())
+        );
+        assert_eq!(authorize(&cfg(true), "f-1", "", 0), Err(Denied::Missing));
+        // A wrong signature stays wrong with public reads on.
+        assert_eq!(authorize(&cfg(true), "f-2", &q, 0), Err(Denied::Invalid));
+        // Broken escapes and a missing exp.
+        assert_eq!(
+            authorize(&c, "f-1", "app=%zz&sig=00", 0),
+            Err(Denied::Invalid)
+        );
+        let no_exp = q.replace("exp=1000&", "");
+        assert_eq!(authorize(&c, "f-1", &no_exp, 0), Err(Denied::Invalid));
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            route("/files/0001-ab"),
+            Some(Route {
+                file_id: "0001-ab".into(),
+                name: None
+            })
+        );
+        assert_eq!(
+            route("/files/0001-ab/My%20Clip.mp4"),
+            Some(Route {
+                file_id: "0001-ab".into(),
+                name: Some("My Clip.mp4".into())
+            })
+        );
+        assert_eq!(route("/files/0001-ab/").map(|r| r.name), Some(None));
+        for bad in [
+            "/files/",
+            "/files/a/b/c",
+            "/files/a%2Fb",
+            "/files/../x",
+            "/file/x",
+            "/",
+            "/files/x/%0a",
+            "/files/%zz",
+        ] {
+            assert_eq!(route(bad), None, "{bad}");
+        }
+        assert_eq!(
+            route(&format!("/files/{}", "a".repeat(FILE_ID_LEN + 1))),
+            None
+        );
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(content_type("clip.MP4"), "video/mp4");
+        assert_eq!(content_type("a.b.webm"), "video/webm");
+        assert_eq!(content_type("x.mkv"), "video/x-matroska");
+        assert_eq!(content_type("song.mp3"), "audio/mpeg");
+        assert_eq!(content_type("p.JPEG"), "image/jpeg");
+        assert_eq!(content_type("p.jpg"), "image/jpeg");
+        assert_eq!(content_type("doc.pdf"), "application/pdf");
+        assert_eq!(content_type("notes.txt"), "text/plain; charset=utf-8");
+        assert_eq!(content_type("noext"), "application/octet-stream");
+        assert_eq!(content_type("weird.xyz"), "application/octet-stream");
+        assert_eq!(content_type(""), "application/octet-stream");
+    }
+
+    #[test]
+    fn rfc5987_names() {
+        assert_eq!(
+            disposition("inline", "clip.mp4"),
+            "inline; filename=\"clip.mp4\"; filename*=UTF-8''clip.mp4"
+        );
+        assert_eq!(
+            disposition("attachment", "été \"x\".mp4"),
+            "attachment; filename=\"_t_ _x_.mp4\"; filename*=UTF-8''%C3%A9t%C3%A9%20%22x%22.mp4"
+        );
+        let d = disposition("inline", "a\r\nb;c'd%e");
+        assert!(!d.contains('\r') && !d.contains('\n'), "{d}");
+        assert!(d.ends_with("filename*=UTF-8''a%0D%0Ab%3Bc%27d%25e"), "{d}");
+    }
+
+    #[test]
+    fn validators() {
+        let etag = "\"abc\"";
+        assert!(none_match_hits("\"abc\"", etag));
+        assert!(none_match_hits("W/\"abc\"", etag));
+        assert!(none_match_hits("\"x\", \"abc\"", etag));
+        assert!(none_match_hits("*", etag));
+        assert!(!none_match_hits("\"abd\"", etag));
+        assert!(if_range_holds("\"abc\"", etag, 0));
+        assert!(!if_range_holds("W/\"abc\"", etag, 0));
+        assert!(!if_range_holds("\"abd\"", etag, 0));
+        let date = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert!(if_range_holds(&date, etag, 1_700_000_000));
+        assert!(!if_range_holds(&date, etag, 1_700_000_001));
+        assert!(!if_range_holds("garbage", etag, 0));
+    }
+}

@@ -23,7 +23,7 @@ use std::time::{Duration, UNIX_EPOCH};
     about = "ferry client: move files through ferry proxies"
 )]
 pub struct Cli {
-    /// Config file (TOML: proxies, app, user, threads, block_size, timeout_ms, state_dir).
+    /// Config file (TOML: proxies, app, user, threads, block_size, timeout_ms, state_dir, secret, [secrets]).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Proxy or server address (host:port); repeat for a failover list. Overrides
@@ -82,6 +82,18 @@ pub enum Command {
         /// Directory holding server.toml and the four proxy configs.
         #[arg(long, value_name = "DIR", default_value = "conf")]
         conf: PathBuf,
+    },
+    /// Print a signed HTTP URL for a stored file (the server's HTTP gateway). The app's secret
+    /// comes from FERRY_SECRET or the config (`[secrets] APP = "..."`, or `secret = "..."`),
+    /// never from the command line.
+    Url {
+        file_id: String,
+        /// How long the URL stays valid, e.g. 30m, 1h, 7days.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        /// Base URL of the HTTP gateway.
+        #[arg(long, env = "FERRY_HTTP_BASE", default_value = "http://127.0.0.1:7480")]
+        base: String,
     },
     /// Manage a local cluster.
     Cluster {
@@ -182,6 +194,11 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
             crate::demo::cluster_up(conf, data, say)?;
             return Ok(String::new());
         }
+        Command::Url {
+            file_id,
+            expires,
+            base,
+        } => return signed_url(cli, file_id, *expires, base),
         _ => {}
     }
     let c = client(cli)?;
@@ -241,10 +258,54 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                 String::new()
             }
         }
-        Command::Demo { .. } | Command::Cluster { .. } => unreachable!("handled above"),
+        Command::Demo { .. } | Command::Cluster { .. } | Command::Url { .. } => {
+            unreachable!("handled above")
+        }
     };
     drop(bar);
     Ok(out)
+}
+
+/// `ferry url`: a signed URL for the HTTP gateway (see `ferry_common::signing`). Needs no proxy.
+fn signed_url(
+    cli: &Cli,
+    file_id: &str,
+    expires: Duration,
+    base: &str,
+) -> Result<String, ClientError> {
+    let file = settings::load_file(cli.config.as_deref())?;
+    let env = EnvVars::from_process();
+    let app = cli
+        .app
+        .clone()
+        .or(env.app)
+        .or(file.app)
+        .unwrap_or_else(|| settings::DEFAULT_APP.into());
+    let secret = std::env::var("FERRY_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| file.secrets.and_then(|mut m| m.remove(&app)))
+        .or(file.secret)
+        .ok_or_else(|| {
+            ClientError::Input(format!(
+                "no secret for app {app:?}: set FERRY_SECRET, or `secret` / `[secrets] {app} = ...` \
+                 in the config"
+            ))
+        })?;
+    if file_id.is_empty() {
+        return Err(ClientError::Input("empty file id".into()));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let exp = now.saturating_add(expires.as_secs().max(1));
+    let url = ferry_common::signing::signed_url(base, secret.as_bytes(), file_id, exp, &app);
+    Ok(if cli.json {
+        json!({"command": "url", "file_id": file_id, "app": app, "expires": exp, "url": url})
+            .to_string()
+    } else {
+        url
+    })
 }
 
 /// Entry point of the `ferry` binary.

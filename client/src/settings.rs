@@ -33,6 +33,10 @@ pub struct FileConfig {
     pub tries_per_proxy: Option<u32>,
     /// Where upload resume state is kept (default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`).
     pub state_dir: Option<PathBuf>,
+    /// The app's secret for signed HTTP URLs (`ferry url`); `FERRY_SECRET` wins over it.
+    pub secret: Option<String>,
+    /// Secrets per app for signed HTTP URLs (`[secrets] APP = "..."`); wins over `secret`.
+    pub secrets: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// What the command line gave (None/empty = not given).

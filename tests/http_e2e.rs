@@ -1,0 +1,912 @@
+//! End-to-end tests of the HTTP streaming gateway: a real `ferry-server` with its `[http]`
+//! listener, files uploaded with the real `ferry` CLI, URLs signed by `ferry url`, and real
+//! clients: curl, ffprobe/ffmpeg, headless Chromium (driven through the DevTools protocol).
+//!
+//! Tools come from Debian packages that `.ci/run` installs. A test whose tool is missing fails in
+//! CI (`CI=true`) and is skipped with a message elsewhere.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
+
+const APP: &str = "demo";
+const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// Whether `tool` is installed; in CI a missing tool is a failure, elsewhere a skip.
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{tool} is not installed (CI must install it: .ci/run)"
+        );
+        eprintln!("SKIPPED: {tool} is not installed (apt-get install it to run this test)");
+    }
+    found
+}
+
+struct Server {
+    proc: Proc,
+    addr: SocketAddr,
+    http: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(extra_http: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_addr();
+        let http = free_addr();
+        let conf = dir.path().join("server.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\n\
+                 [http]\nlisten = \"{http}\"\n{extra_http}\n[http.secrets]\n{APP} = \"{SECRET}\"\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let proc = Proc::spawn(
+            "ferry-server",
+            // Through env(1): Proc sets RUST_LOG for its child, and the gateway's per-request
+            // lines (counted by `partial_answers`) are at debug level.
+            Command::new("env")
+                .arg("RUST_LOG=info,ferry_server::http=debug")
+                .arg(bin("ferry-server"))
+                .arg("--config")
+                .arg(&conf),
+            dir.path(),
+        );
+        wait_ready(addr, Duration::from_secs(10));
+        Server {
+            proc,
+            addr,
+            http,
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Uploads with the real client (straight to the server, no proxy) as app `demo`.
+    fn upload(&self, path: &Path) -> String {
+        let out = Command::new(bin("ferry"))
+            .args(["--proxy", &self.addr.to_string(), "--app", APP, "upload"])
+            .arg(path)
+            .env("FERRY_STATE_DIR", self.dir.path().join("state"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "upload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A signed URL printed by `ferry url` (secret from FERRY_SECRET).
+    fn url(&self, file_id: &str) -> String {
+        let out = Command::new(bin("ferry"))
+            .args(["--app", APP, "url", file_id, "--expires", "10m", "--base"])
+            .arg(format!("http://{}", self.http))
+            .env("FERRY_SECRET", SECRET)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ferry url failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// How many 206 answers the gateway logged so far.
+    fn partial_answers(&self) -> usize {
+        self.proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("-> 206"))
+            .count()
+    }
+}
+
+/// One curl exchange: status, response headers (lower-case names), body.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn curl(dir: &Path, url: &str, args: &[&str]) -> Reply {
+    let hdr = dir.join("curl.h");
+    let body = dir.join("curl.b");
+    let _ = std::fs::remove_file(&body);
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "20", "-D"])
+        .arg(&hdr)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let text = std::fs::read_to_string(&hdr).unwrap_or_default();
+    let headers = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: std::fs::read(&body).unwrap_or_default(),
+    }
+}
+
+/// Sends raw bytes on a new connection and reads the answer until the server closes (bounded).
+fn raw(addr: SocketAddr, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn curl_ranges_conditionals_and_signatures() {
+    if !have("curl") {
+        return;
+    }
+    let srv = Server::start("");
+    let d = srv.dir.path();
+    let size = 300_000u64;
+    let src = srv.path("clip.mp4");
+    make_file(&src, size, 7);
+    let data = std::fs::read(&src).unwrap();
+    let id = srv.upload(&src);
+    let url = srv.url(&id);
+    assert!(url.starts_with(&format!("http://{}/files/{id}?app=demo&exp=", srv.http)));
+
+    // Whole file, byte-identical, with every header a player uses.
+    let r = curl(d, &url, &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.body == data, "whole body differs");
+    let etag = format!("\"{}\"", sha256_file(&src));
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    assert_eq!(r.header("content-type"), Some("video/mp4"));
+    assert_eq!(r.header("content-length"), Some("300000"));
+    assert_eq!(
+        r.header("content-disposition"),
+        Some("inline; filename=\"clip.mp4\"; filename*=UTF-8''clip.mp4")
+    );
+    let lm = r.header("last-modified").unwrap().to_owned();
+    assert!(lm.ends_with(" GMT"), "{lm}");
+
+    // Every range form, including clamped and overflowing ones.
+    let cases: &[(&str, u64, u64)] = &[
+        ("bytes=0-99", 0, 99),
+        ("bytes=1000-", 1000, size - 1),
+        ("bytes=-500", size - 500, size - 1),
+        ("bytes=299000-999999999", 299_000, size - 1),
+        ("bytes=5-99999999999999999999999999", 5, size - 1),
+        ("bytes=-99999999999999999999999999", 0, size - 1),
+        ("bytes=299999-299999", size - 1, size - 1),
+    ];
+    for &(range, a, b) in cases {
+        let r = curl(d, &url, &["-H", &format!("Range: {range}")]);
+        assert_eq!(r.status, 206, "{range}");
+        let want = format!("bytes {a}-{b}/{size}");
+        assert_eq!(r.header("content-range"), Some(want.as_str()), "{range}");
+        assert!(
+            r.body == data[a as usize..=b as usize],
+            "{range}: body differs"
+        );
+    }
+    // curl's own -r option.
+    let r = curl(d, &url, &["-r", "100-199"]);
+    assert_eq!((r.status, r.body.len()), (206, 100));
+    assert!(r.body == data[100..200]);
+    // Unsatisfiable: 416 with the size.
+    for range in ["bytes=300000-", "bytes=400000-500000", "bytes=-0"] {
+        let r = curl(d, &url, &["-H", &format!("Range: {range}")]);
+        assert_eq!(r.status, 416, "{range}");
+        assert_eq!(r.header("content-range"), Some("bytes */300000"));
+    }
+    // Invalid, negative or several ranges: the whole body, never a wrong piece.
+    for range in [
+        "bytes=10-5",
+        "bytes=--5",
+        "bytes=-5-10",
+        "bytes=0-1,5-6",
+        "pages=1-2",
+    ] {
+        let r = curl(d, &url, &["-H", &format!("Range: {range}")]);
+        assert_eq!(r.status, 200, "{range}");
+        assert!(r.body == data, "{range}");
+    }
+
+    // HEAD: the GET's headers, no body.
+    let r = curl(d, &url, &["-I"]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("300000"));
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+    let path = url.split_once(&srv.http.to_string()).unwrap().1.to_owned();
+    let head = raw(
+        srv.http,
+        format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        head.starts_with("HTTP/1.1 200 ") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    let r = curl(d, &url, &["-I", "-H", "Range: bytes=10-19"]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-length"), Some("10"));
+
+    // Conditional requests.
+    let r = curl(d, &url, &["-H", &format!("If-None-Match: {etag}")]);
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    let r = curl(d, &url, &["-H", &format!("If-None-Match: W/{etag}")]);
+    assert_eq!(r.status, 304);
+    let r = curl(d, &url, &["-H", "If-None-Match: \"other\""]);
+    assert_eq!(r.status, 200);
+    let r = curl(d, &url, &["-H", &format!("If-Modified-Since: {lm}")]);
+    assert_eq!(r.status, 304);
+    let r = curl(
+        d,
+        &url,
+        &["-H", "Range: bytes=0-9", "-H", &format!("If-Range: {etag}")],
+    );
+    assert_eq!((r.status, r.body.len()), (206, 10));
+    let r = curl(
+        d,
+        &url,
+        &["-H", "Range: bytes=0-9", "-H", "If-Range: \"stale\""],
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.body == data, "If-Range mismatch must send the whole file");
+    let r = curl(
+        d,
+        &url,
+        &["-H", "Range: bytes=0-9", "-H", &format!("If-Range: {lm}")],
+    );
+    assert_eq!((r.status, r.body.len()), (206, 10));
+
+    // Friendly name: attachment with an RFC 5987 UTF-8 name.
+    let named = url.replacen(&id, &format!("{id}/caf%C3%A9%20clip.mp4"), 1);
+    let r = curl(d, &named, &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-disposition"),
+        Some("attachment; filename=\"caf_ clip.mp4\"; filename*=UTF-8''caf%C3%A9%20clip.mp4")
+    );
+
+    // Signatures: unsigned, expired, tampered, for another file or app -> 403, and a 403 for a
+    // file that does not exist looks exactly like one for a file that does.
+    let base = format!("http://{}/files/{id}", srv.http);
+    let missing_id = "00000000000fffff-aaaaaaaaaaaaaaaa";
+    let sig = |fid: &str, exp: u64, app: &str| {
+        ferry_common::signing::signed_query(SECRET.as_bytes(), fid, exp, app)
+    };
+    let forbidden = |u: &str| {
+        let r = curl(d, u, &[]);
+        assert_eq!(r.status, 403, "{u}");
+        String::from_utf8(r.body).unwrap()
+    };
+    let unsigned = forbidden(&base);
+    assert_eq!(
+        unsigned,
+        forbidden(&format!("http://{}/files/{missing_id}", srv.http))
+    );
+    forbidden(&format!("{base}?app=demo"));
+    let expired = forbidden(&format!("{base}?{}", sig(&id, now() - 5, APP)));
+    assert!(expired.contains("expired"), "{expired}");
+    let mut t = url.clone().into_bytes();
+    let last = t.len() - 1;
+    t[last] = if t[last] == b'0' { b'1' } else { b'0' };
+    let bad = forbidden(&String::from_utf8(t).unwrap());
+    assert_eq!(
+        bad,
+        forbidden(&format!("http://{}/files/{missing_id}?{}", srv.http, {
+            let q = sig(missing_id, now() + 60, APP);
+            format!("{}0", &q[..q.len() - 1])
+        }))
+    );
+    let later = url.replacen("exp=", "exp=9", 1);
+    forbidden(&later);
+    forbidden(&format!(
+        "http://{}/files/{missing_id}?{}",
+        srv.http,
+        sig(&id, now() + 60, APP)
+    ));
+    forbidden(&format!("{base}?{}", sig(&id, now() + 60, "other")));
+    // A valid signature for a file that does not exist: 404.
+    let r = curl(
+        d,
+        &format!(
+            "http://{}/files/{missing_id}?{}",
+            srv.http,
+            sig(missing_id, now() + 60, APP)
+        ),
+        &[],
+    );
+    assert_eq!(r.status, 404);
+
+    // Everything else.
+    let r = curl(d, &url, &["-X", "POST"]);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    let r = curl(d, &format!("http://{}/other", srv.http), &[]);
+    assert_eq!(r.status, 404);
+    let bad = raw(srv.http, b"GET /files/x NOT-HTTP\r\n\r\n");
+    assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+    let no_host = raw(srv.http, b"GET /files/x HTTP/1.1\r\n\r\n");
+    assert!(no_host.starts_with("HTTP/1.1 400 "), "{no_host}");
+
+    // Keep-alive: two pipelined requests on one connection, answered in order.
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\n\r\n\
+         HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let both = raw(srv.http, req.as_bytes());
+    assert_eq!(both.matches("HTTP/1.1 206 ").count(), 1, "{both}");
+    assert_eq!(both.matches("HTTP/1.1 200 ").count(), 1, "{both}");
+    assert!(both.find("206").unwrap() < both.find("200 OK").unwrap());
+}
+
+#[test]
+fn public_reads_are_scoped_by_app() {
+    if !have("curl") {
+        return;
+    }
+    let srv = Server::start("public_reads = true");
+    let src = srv.path("notes.txt");
+    make_file(&src, 1000, 3);
+    let id = srv.upload(&src);
+    let d = srv.dir.path();
+    let r = curl(d, &format!("http://{}/files/{id}?app=demo", srv.http), &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert!(r.body == std::fs::read(&src).unwrap());
+    // Another app does not see demo's files; no app at all is refused.
+    let r = curl(d, &format!("http://{}/files/{id}?app=other", srv.http), &[]);
+    assert_eq!(r.status, 404);
+    let r = curl(d, &format!("http://{}/files/{id}", srv.http), &[]);
+    assert_eq!(r.status, 403);
+    // A wrong signature is still refused.
+    let r = curl(
+        d,
+        &format!(
+            "http://{}/files/{id}?app=demo&exp=99999999999&sig=00",
+            srv.http
+        ),
+        &[],
+    );
+    assert_eq!(r.status, 403);
+}
+
+#[test]
+fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
+    if !have("curl") {
+        return;
+    }
+    let srv = Server::start("header_timeout_ms = 1000\nmax_header_bytes = 8192");
+    let src = srv.path("big.bin");
+    make_file(&src, 8 << 20, 11);
+    let id = srv.upload(&src);
+    let url = srv.url(&id);
+    // A normal download, read slowly (64 KiB every 15 ms) so it overlaps the attacks.
+    let path = url.split_once(&srv.http.to_string()).unwrap().1.to_owned();
+    let http = srv.http;
+    let download = std::thread::spawn(move || {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&all[..split]).into_owned();
+        (head, all.split_off(split), t.elapsed())
+    });
+    // Slowloris: 20 clients trickling a header line a byte at a time.
+    let loris: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(http).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let start = Instant::now();
+                let head = b"GET /files/x HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaa";
+                let mut got = Vec::new();
+                for &b in head.iter().cycle().take(200) {
+                    if s.write_all(&[b]).is_err() {
+                        break;
+                    }
+                    let mut buf = [0u8; 512];
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(_) => {}
+                    }
+                    if start.elapsed() > Duration::from_secs(8) {
+                        break;
+                    }
+                }
+                (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+            })
+        })
+        .collect();
+    // Header floods: one over max_header_bytes, one with too many lines.
+    let big = format!(
+        "GET /files/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let r = raw(http, big.as_bytes());
+    assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+    let mut many = String::from("GET /files/x HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..100 {
+        many.push_str(&format!("X-{i}: y\r\n"));
+    }
+    many.push_str("\r\n");
+    let r = raw(http, many.as_bytes());
+    assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+    for l in loris {
+        let (got, took) = l.join().unwrap();
+        assert!(got.starts_with("HTTP/1.1 408 "), "slowloris got {got:?}");
+        assert!(took < Duration::from_secs(4), "slowloris held {took:?}");
+    }
+    let (head, body, took) = download.join().unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(
+        body == std::fs::read(&src).unwrap(),
+        "download corrupted under attack"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "download did not overlap: {took:?}"
+    );
+    // An idle keep-alive connection is closed quietly after the header timeout.
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(1),
+        0,
+        "idle connection not closed"
+    );
+}
+
+#[test]
+fn connection_limit_answers_503() {
+    if !have("curl") {
+        return;
+    }
+    let srv = Server::start("max_connections = 3");
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(srv.http).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let r = raw(srv.http, b"GET /files/x HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 503 "), "{r}");
+    drop(held);
+    // Slots come back once the held connections close.
+    let t = Instant::now();
+    loop {
+        let r = raw(srv.http, b"GET /files/x HTTP/1.1\r\nHost: x\r\n\r\n");
+        if r.starts_with("HTTP/1.1 403 ") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "limit never released: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A 3 s H.264 MP4 with the index at the front (players can start before the end).
+fn make_mp4(path: &Path) {
+    let st = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("testsrc=duration=3:size=320x240:rate=25")
+        .args(["-pix_fmt", "yuv420p", "-movflags", "+faststart"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ffmpeg could not generate the test video");
+}
+
+#[test]
+fn ffprobe_reads_and_seeks_a_signed_mp4() {
+    if !have("ffmpeg") || !have("ffprobe") {
+        return;
+    }
+    let srv = Server::start("");
+    let src = srv.path("clip.mp4");
+    make_mp4(&src);
+    let id = srv.upload(&src);
+    let url = srv.url(&id);
+    let before = srv.partial_answers();
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-rw_timeout", "10000000", "-show_entries"])
+        .arg("format=duration,format_name:stream=codec_type,codec_name,width,height")
+        .args(["-of", "json"])
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ffprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dur: f64 = v["format"]["duration"].as_str().unwrap().parse().unwrap();
+    assert!((dur - 3.0).abs() < 0.1, "duration {dur}");
+    let s = &v["streams"][0];
+    assert_eq!(s["codec_type"], "video");
+    assert_eq!(s["codec_name"], "h264");
+    assert_eq!(
+        (s["width"].as_i64(), s["height"].as_i64()),
+        (Some(320), Some(240))
+    );
+    // Stream it: seek to 1.5 s and decode every remaining frame.
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-rw_timeout", "10000000", "-ss", "1.5", "-i"])
+        .arg(&url)
+        .args(["-f", "framemd5", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ffmpeg streaming failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frames = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .count();
+    assert!(
+        (30..=45).contains(&frames),
+        "{frames} frames after seeking to 1.5 s"
+    );
+    assert!(
+        srv.partial_answers() > before,
+        "ffmpeg's seek should have been served by 206 answers"
+    );
+    // The MP4 read back byte for byte.
+    let back = srv.path("back.mp4");
+    let st = Command::new("curl")
+        .args(["-s", "-f", "-o"])
+        .arg(&back)
+        .arg(&url)
+        .status();
+    if st.is_ok() {
+        assert_eq!(sha256_file(&back), sha256_file(&src));
+    }
+}
+
+// ---- headless Chromium through the DevTools protocol ----
+
+/// A minimal WebSocket client (RFC 6455) over a blocking TcpStream: text frames only, client
+/// frames masked, enough for the DevTools protocol.
+struct Ws {
+    s: TcpStream,
+}
+
+impl Ws {
+    fn connect(url: &str) -> Ws {
+        let rest = url.strip_prefix("ws://").expect("ws:// URL");
+        let (host, path) = rest.split_once('/').unwrap();
+        let mut s = TcpStream::connect(host).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains(" 101 "), "websocket upgrade refused: {line}");
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        // The server speaks only after our requests, so nothing is buffered in `r`.
+        Ws { s }
+    }
+
+    fn send(&mut self, text: &str) {
+        let p = text.as_bytes();
+        let mut f = vec![0x81u8];
+        match p.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        f.extend_from_slice(&mask);
+        f.extend(p.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.s.write_all(&f).unwrap();
+    }
+
+    fn recv(&mut self) -> String {
+        let mut msg = Vec::new();
+        loop {
+            let mut h = [0u8; 2];
+            self.s.read_exact(&mut h).unwrap();
+            let mut len = u64::from(h[1] & 0x7f);
+            if len == 126 {
+                let mut b = [0u8; 2];
+                self.s.read_exact(&mut b).unwrap();
+                len = u64::from(u16::from_be_bytes(b));
+            } else if len == 127 {
+                let mut b = [0u8; 8];
+                self.s.read_exact(&mut b).unwrap();
+                len = u64::from_be_bytes(b);
+            }
+            assert!(len < 64 << 20, "absurd websocket frame");
+            let mut p = vec![0u8; len as usize];
+            self.s.read_exact(&mut p).unwrap();
+            match h[0] & 0x0f {
+                0x0 | 0x1 => msg.extend_from_slice(&p),
+                0x8 => panic!("devtools closed the websocket"),
+                _ => continue, // ping/pong
+            }
+            if h[0] & 0x80 != 0 {
+                return String::from_utf8(msg).unwrap();
+            }
+        }
+    }
+
+    /// Sends a DevTools command and returns its result (events in between are skipped).
+    fn call(&mut self, id: u64, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.send(&serde_json::json!({"id": id, "method": method, "params": params}).to_string());
+        let t = Instant::now();
+        loop {
+            assert!(
+                t.elapsed() < Duration::from_secs(40),
+                "no answer to {method}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&self.recv()).unwrap();
+            if v["id"].as_u64() == Some(id) {
+                assert!(v.get("error").is_none(), "{method} failed: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+}
+
+/// GET over a fresh TCP connection (DevTools' JSON endpoints); body as text.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    // DevTools keeps the connection open: read the head, then Content-Length bytes.
+    let mut r = BufReader::new(s);
+    let mut len = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).ok()?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0u8; len.min(1 << 20)];
+    r.read_exact(&mut body).ok()?;
+    String::from_utf8(body).ok()
+}
+
+/// Serves one HTML page to every request on a thread (the page embeds the signed URL).
+fn serve_page(html: String) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(20) {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{html}",
+                html.len()
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn chromium_plays_and_seeks_a_signed_video() {
+    if !have("ffmpeg") || !have("chromium") {
+        return;
+    }
+    let srv = Server::start("");
+    let src = srv.path("clip.mp4");
+    make_mp4(&src);
+    let id = srv.upload(&src);
+    let url = srv.url(&id);
+    let page = serve_page(format!(
+        "<!doctype html><html><body><video id=v muted playsinline preload=auto \
+         src=\"{url}\"></video></body></html>"
+    ));
+    let devtools = free_addr();
+    let profile = srv.path("chromium-profile");
+    let _chrome = Proc::spawn(
+        "chromium",
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--mute-audio",
+                "--autoplay-policy=no-user-gesture-required",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("--remote-debugging-port={}", devtools.port()))
+            .arg("about:blank"),
+        srv.dir.path(),
+    );
+    // The page target's WebSocket, once DevTools is up.
+    let t = Instant::now();
+    let ws_url = loop {
+        if let Some(body) = http_get(devtools, "/json/list")
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
+            && let Some(u) = v
+                .as_array()
+                .and_then(|a| a.iter().find(|t| t["type"] == "page"))
+                .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+        {
+            break u.to_owned();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "chromium DevTools never came up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut ws = Ws::connect(&ws_url);
+    ws.call(
+        1,
+        "Page.navigate",
+        serde_json::json!({"url": format!("http://{page}/")}),
+    );
+    // Play, wait for progress, seek to the middle, wait for the seek and report.
+    let script = r#"
+        new Promise((resolve) => {
+          const fail = (why) => resolve(JSON.stringify({error: why}));
+          const start = Date.now();
+          const wait = () => {
+            const v = document.getElementById('v');
+            if (!v) { return Date.now() - start > 10000 ? fail('no video element') : setTimeout(wait, 50); }
+            if (v.error) return fail('media error ' + v.error.code + ' ' + v.error.message);
+            v.onerror = () => fail('media error ' + (v.error && v.error.code));
+            v.play().then(() => {
+              const played = () => {
+                if (v.currentTime > 0.3) {
+                  const mid = v.duration / 2;
+                  v.pause();
+                  v.addEventListener('seeked', () => {
+                    const ready = () => {
+                      if (v.readyState >= 2) {
+                        resolve(JSON.stringify({duration: v.duration, currentTime: v.currentTime,
+                                                readyState: v.readyState, mid: mid}));
+                      } else { setTimeout(ready, 50); }
+                    };
+                    ready();
+                  }, {once: true});
+                  v.currentTime = mid;
+                } else { setTimeout(played, 50); }
+              };
+              played();
+            }, (e) => fail('play() rejected: ' + e));
+          };
+          wait();
+          setTimeout(() => fail('timed out'), 25000);
+        })"#;
+    let t = Instant::now();
+    let result = loop {
+        let r = ws.call(
+            2 + t.elapsed().as_millis() as u64,
+            "Runtime.evaluate",
+            serde_json::json!({"expression": script, "awaitPromise": true, "returnByValue": true}),
+        );
+        let text = r["result"]["value"].as_str().unwrap_or_default().to_owned();
+        // The first evaluation may run before the navigation committed.
+        if !text.contains("no video element") || t.elapsed() > Duration::from_secs(15) {
+            break text;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap_or_default();
+    assert!(
+        v.get("error").is_none(),
+        "chromium playback failed: {result}"
+    );
+    let duration = v["duration"].as_f64().unwrap();
+    let current = v["currentTime"].as_f64().unwrap();
+    assert!((duration - 3.0).abs() < 0.1, "duration {duration}");
+    assert!(
+        (current - duration / 2.0).abs() < 0.2,
+        "currentTime {current} after seeking"
+    );
+    assert!(v["readyState"].as_i64().unwrap() >= 2, "{result}");
+    // Media elements fetch with Range requests: the gateway answered them 206.
+    let partial = srv.partial_answers();
+    assert!(partial >= 1, "no 206 answers in the gateway's log");
+    eprintln!("chromium: {result}; gateway answered {partial} requests with 206");
+}

@@ -624,7 +624,12 @@ pub struct ServerService {
 }
 
 impl Service for ServerService {
-    fn accept(&self, stream: TcpStream, peer: SocketAddr, listener: usize) -> Option<Box<dyn Conn>> {
+    fn accept(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        listener: usize,
+    ) -> Option<Box<dyn Conn>> {
         if listener == 1
             && let Some(gw) = &self.http
         {

@@ -76,7 +76,7 @@ fn write_conf(dir: &Path) {
         let text = std::fs::read_to_string(src.join(format!("{name}.toml"))).unwrap();
         let mut t: toml::Table = text.parse().unwrap();
         if name == cluster::SERVER {
-            t.insert("session_ttl_secs".into(), 15.into());
+            t.insert("session_ttl_secs".into(), 60.into());
             t.insert("sync_blocks".into(), false.into());
         } else {
             // The shipped stats ports are fixed; tests must not bind them.
@@ -376,7 +376,7 @@ fn transfers_survive_dying_proxies_and_server() {
 
     // No upload session or temp file is left once sessions have expired.
     let tmpdir = data.join("tmp");
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(75);
     let leftovers = loop {
         let n = std::fs::read_dir(&tmpdir).map(|d| d.count()).unwrap_or(0);
         if n == 0 || Instant::now() > deadline {

@@ -578,8 +578,15 @@ fn bad_input_fails_with_one_line_and_no_output() {
             "gave up after",
         ),
         (
+            // A live proxy without a server is waited on for tries x timeout (here 3 x 1 s),
+            // long enough to ride out a server restart, then reported.
             "server behind the proxy down",
-            ferry(&state, &[orphan], &["stat", &id]),
+            {
+                let conf = c.path("short-timeout.toml");
+                std::fs::write(&conf, "timeout_ms = 1000\n").unwrap();
+                let conf = conf.to_str().unwrap().to_owned();
+                ferry(&state, &[orphan], &["--config", &conf, "stat", &id])
+            },
             "Upstream",
         ),
         (

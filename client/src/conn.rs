@@ -19,6 +19,9 @@ const ERROR_BODY_MAX: u64 = 2 + proto::ERROR_TEXT_MAX as u64;
 pub enum Fault {
     /// No session could be opened (connect refused/timed out, HELLO unanswered or refused).
     Connect(String),
+    /// The proxy took the session but could reach no upstream (error 19): it is alive and the
+    /// servers behind it are down or restarting.
+    NoUpstream(String),
     /// The request could not be written: the peer is gone or not reading.
     Send(String),
     /// No reply within the timeout.
@@ -32,9 +35,19 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// A proxy answered that it could reach no upstream (error 19).
+    pub fn is_upstream_down(&self) -> bool {
+        match self {
+            Fault::NoUpstream(_) => true,
+            Fault::Server(e) => e.code == ErrorCode::Upstream,
+            _ => false,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Fault::Connect(s)
+            | Fault::NoUpstream(s)
             | Fault::Send(s)
             | Fault::Timeout(s)
             | Fault::Dropped(s)
@@ -78,6 +91,9 @@ impl Conn {
         // A peer that takes the connection but cannot open a session is as good as down.
         let body = c.call(cmd::HELLO, hello, 3).map_err(|f| match f {
             Fault::Server(e) if !e.code.retryable() => Fault::Server(e),
+            other if other.is_upstream_down() => {
+                Fault::NoUpstream(format!("HELLO to {peer}: {}", other.describe()))
+            }
             other => Fault::Connect(format!("HELLO to {peer}: {}", other.describe())),
         })?;
         Identity::decode(&body)

@@ -7,14 +7,17 @@
 //! - error replies: `Upstream` (the proxy reached no upstream) moves on; other retryable codes
 //!   (`Busy`, `Io`, `Limit`, `Crc`) retry after a backoff; the rest are returned to the caller;
 //! - every retry waits an exponential backoff with jitter, and a request gets at most
-//!   `tries_per_proxy x proxies` attempts, so an all-down list fails with a clear error.
+//!   `tries_per_proxy x proxies` attempts, so an all-down list fails with a clear error;
+//! - except while proxies answer `Upstream`: they are alive and the servers behind them are
+//!   most likely restarting, so the request keeps trying for a retry window of
+//!   `tries_per_proxy x timeout` (30 s by default) before it gives up.
 
 use crate::conn::{Conn, Fault};
 use crate::error::ClientError;
 use crate::rotation::{Proxies, backoff};
 use ferry_common::proto::ErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What every thread of one transfer shares.
 pub struct Shared {
@@ -31,6 +34,11 @@ impl Shared {
         self.tries_per_proxy
             .saturating_mul(self.proxies.len() as u32)
             .max(3)
+    }
+
+    /// How long a request keeps retrying while proxies report that no upstream answers.
+    pub fn upstream_window(&self) -> Duration {
+        self.timeout.saturating_mul(self.tries_per_proxy)
     }
 }
 
@@ -89,12 +97,28 @@ impl<'a> Link<'a> {
         mut f: impl FnMut(&mut Conn) -> Result<T, Fault>,
     ) -> Result<T, ClientError> {
         let max = self.shared.max_attempts();
+        let started = Instant::now();
         let mut last = String::new();
-        for attempt in 0..max {
+        let mut attempt = 0u32;
+        // Set when a proxy answered `Upstream`: it lives, its servers are (re)starting.
+        let mut upstream_down = false;
+        loop {
+            if attempt >= max
+                && !(upstream_down && started.elapsed() < self.shared.upstream_window())
+            {
+                break;
+            }
             if attempt > 0 {
                 self.shared.retries.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(backoff(attempt));
+                // Waiting out a server restart: poll every few hundred ms, not every 2 s.
+                let step = if upstream_down {
+                    attempt.min(4)
+                } else {
+                    attempt
+                };
+                std::thread::sleep(backoff(step));
             }
+            attempt += 1;
             // Another thread found this proxy dead a moment ago: do not spend a timeout
             // rediscovering it (even on a connection we still hold) when a proxy that has not
             // failed is available.
@@ -118,6 +142,7 @@ impl<'a> Link<'a> {
                     Err(fault) => {
                         last = fault.describe();
                         log::debug!("{op}: {last}");
+                        upstream_down |= fault.is_upstream_down();
                         self.switch();
                         continue;
                     }
@@ -141,11 +166,18 @@ impl<'a> Link<'a> {
                         // to the same proxy before calling it dead.
                         Fault::Send(_) if idle => self.failed_try(),
                         Fault::Connect(_) | Fault::Send(_) => self.switch(),
+                        Fault::NoUpstream(_) => {
+                            upstream_down = true;
+                            self.switch()
+                        }
                         Fault::Timeout(_) | Fault::Dropped(_) | Fault::Garbled(_) => {
                             self.failed_try()
                         }
                         Fault::Server(e) => match e.code {
-                            ErrorCode::Upstream => self.switch(),
+                            ErrorCode::Upstream => {
+                                upstream_down = true;
+                                self.switch()
+                            }
                             ErrorCode::Busy | ErrorCode::Io | ErrorCode::Limit | ErrorCode::Crc => {
                             }
                             code if (code as u16) <= ErrorCode::HelloRequired as u16 => {
@@ -162,7 +194,7 @@ impl<'a> Link<'a> {
         }
         Err(ClientError::Unreachable {
             op: op.to_owned(),
-            attempts: max,
+            attempts: attempt,
             proxies: self.shared.proxies.list(),
             last,
         })

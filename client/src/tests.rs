@@ -43,6 +43,8 @@ struct Faults {
     small_limit: AtomicU32,
     blocks_written: AtomicU32,
     ranges_served: AtomicU32,
+    /// Answer this many HELLOs with error 19, like a proxy whose server is restarting.
+    upstream_down_hellos: AtomicU32,
 }
 
 struct Fake {
@@ -105,6 +107,14 @@ fn serve(mut s: TcpStream, store: &Mutex<Store>, f: &Faults) {
         }
         let mut st = store.lock();
         match h.cmd {
+            cmd::HELLO
+                if f.upstream_down_hellos
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok() =>
+            {
+                error(&mut s, ErrorCode::Upstream, "no upstream could be reached");
+                return;
+            }
             cmd::HELLO => {
                 Hello::decode(&b).unwrap();
                 reply(
@@ -388,6 +398,26 @@ fn all_proxies_down_fails_clearly_and_quickly() {
         "{e}"
     );
     assert!(e.to_string().contains("refused"), "{e}");
+}
+
+#[test]
+fn a_server_restart_behind_the_proxies_is_waited_out() {
+    // Both proxies answer "no upstream" for more attempts than a request normally gets: they
+    // are alive, so the client keeps trying within its retry window instead of giving up.
+    let fake = Fake::start();
+    let hellos_refused = 10;
+    fake.faults
+        .upstream_down_hellos
+        .store(hellos_refused, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::direct(vec![fake.addr, fake.addr], dir.path().join("state"));
+    s.timeout = Duration::from_secs(2); // a 6 s window; 10 refusals take about 3 s
+    let c = Client::new(s).unwrap();
+    let src = dir.path().join("src");
+    std::fs::write(&src, b"hello").unwrap();
+    let up = c.upload(&src, None, None, &Quiet).unwrap();
+    assert!(up.retries >= u64::from(hellos_refused), "{up:?}");
+    assert_eq!(fake.faults.upstream_down_hellos.load(Ordering::SeqCst), 0);
 }
 
 #[test]

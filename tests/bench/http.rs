@@ -1,0 +1,415 @@
+//! `cargo bench --bench http`: the HTTP streaming gateway next to nginx (sendfile on), both
+//! serving the same bytes over loopback in the same run.
+//!
+//! - one big file (default 1 GiB, `FERRY_BENCH_MB`): MB/s of a whole-file GET with curl, one
+//!   connection;
+//! - many small files (default 1000 x 64 KiB, `FERRY_BENCH_SMALL`): requests/s with wrk
+//!   (`-t2 -c16`, keep-alive, a Lua script cycling through every file), `FERRY_BENCH_SECS` per run.
+//!
+//! Every measurement runs `FERRY_BENCH_RUNS` times (default 5), alternating ferry and nginx, and
+//! prints median and min-max. ferry's URLs are signed (the signature is checked on every request);
+//! nginx serves plain paths. Tools come from Debian packages (curl, wrk, nginx); a missing one
+//! skips its part with a message, so CI does not need them.
+
+use ferry_common::proto::{self, HEADER_LEN, Header, Hello, UploadMeta, cmd, status};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const APP: &str = "bench";
+const SECRET: &str = "bench-secret-0123456789abcdef";
+
+fn env_u64(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIPPED part: {tool} is not installed (apt-get install {tool})");
+    }
+    ok
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut x = seed | 1;
+    for c in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    v
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(addr: SocketAddr) {
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{addr} never came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Median, min, max.
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Small files go up as single UPLOAD frames on one protocol connection (fast to set up).
+fn upload_small(addr: SocketAddr, files: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let reply = |s: &mut TcpStream| -> Vec<u8> {
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let h = Header::decode(&h);
+        assert!(h.body_len < 1 << 20);
+        let mut b = vec![0u8; h.body_len as usize];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(h.status, status::OK, "server refused: {b:?}");
+        b
+    };
+    s.write_all(&proto::frame(
+        cmd::HELLO,
+        0,
+        &Hello::new(APP, "bench", b"").encode().unwrap(),
+    ))
+    .unwrap();
+    reply(&mut s);
+    files
+        .iter()
+        .map(|(name, d)| {
+            let meta = UploadMeta {
+                sha256: Sha256::digest(d).into(),
+                name: name.clone(),
+            }
+            .encode()
+            .unwrap();
+            let mut f = proto::data_frame_head(cmd::UPLOAD, 0, &meta, d.len() as u64);
+            f.extend_from_slice(d);
+            s.write_all(&f).unwrap();
+            proto::decode_file_id(&reply(&mut s)).unwrap()
+        })
+        .collect()
+}
+
+/// MB/s of one whole-file GET with curl, checking status and size.
+fn curl_mbps(url: &str, size: u64) -> f64 {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{time_total}",
+        ])
+        .arg(url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let f: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(f.first(), Some(&"200"), "curl {url}: {text}");
+    assert_eq!(f[1].parse::<u64>().unwrap(), size, "short body from {url}");
+    let secs: f64 = f[2].parse().unwrap();
+    size as f64 / 1e6 / secs
+}
+
+/// Requests/s and MB/s of wrk cycling through `paths`; panics on any error answer.
+fn wrk_rps(base: &str, paths_file: &Path, script: &Path, secs: u64) -> (f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c16", &format!("-d{secs}s"), "-s"])
+        .arg(script)
+        .arg(base)
+        .env("PATHS_FILE", paths_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "wrk saw errors:\n{text}"
+    );
+    let find = |key: &str| -> &str {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in wrk output:\n{text}"))
+            .trim()
+    };
+    let rps: f64 = find("Requests/sec:").parse().unwrap();
+    let t = find("Transfer/sec:");
+    let mb = if let Some(v) = t.strip_suffix("GB") {
+        v.parse::<f64>().unwrap() * 1073.741824
+    } else if let Some(v) = t.strip_suffix("MB") {
+        v.parse::<f64>().unwrap() * 1.048576
+    } else {
+        t.trim_end_matches("KB").parse::<f64>().unwrap_or(0.0) / 1000.0
+    };
+    (rps, mb)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` lists harness=false benches this way
+    }
+    let runs = env_u64("FERRY_BENCH_RUNS", 5).max(1) as usize;
+    let big = env_u64("FERRY_BENCH_MB", 1024) << 20;
+    let n_small = env_u64("FERRY_BENCH_SMALL", 1000) as usize;
+    let secs = env_u64("FERRY_BENCH_SECS", 5);
+    if !have("curl") {
+        return;
+    }
+    let base_dir =
+        std::env::var("FERRY_BENCH_DIR").map_or_else(|_| std::env::temp_dir(), PathBuf::from);
+    let tmp = tempfile::tempdir_in(base_dir).unwrap();
+    let d = tmp.path();
+    // nginx's workers run as an unprivileged user: they must be able to read the files.
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = d.join("www");
+    std::fs::create_dir_all(root.join("files")).unwrap();
+
+    let addr = free_addr();
+    let http = free_addr();
+    let conf = d.join("server.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\nidle_timeout_ms = 600000\n\
+             [http]\nlisten = \"{http}\"\n[http.secrets]\n{APP} = \"{SECRET}\"\n",
+            d.join("data").display()
+        ),
+    )
+    .unwrap();
+    let srv = Kill(
+        Command::new(env!("CARGO_BIN_EXE_ferry-server"))
+            .arg("--config")
+            .arg(&conf)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(addr);
+    wait_port(http);
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 86_400;
+    let signed = |id: &str| ferry_common::signing::signed_query(SECRET.as_bytes(), id, exp, APP);
+
+    // The big file: uploaded with the real client; nginx gets the same bytes.
+    let big_src = root.join("files").join("big.bin");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big_src).unwrap());
+        let chunk = data(8 << 20, 1);
+        let mut left = big;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n]).unwrap();
+            left -= n as u64;
+        }
+        f.flush().unwrap();
+    }
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["--proxy", &addr.to_string(), "--app", APP, "upload"])
+        .arg(&big_src)
+        .env("FERRY_STATE_DIR", d.join("state"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let big_id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    println!(
+        "setup: uploaded {} MiB in {:.1} s",
+        big >> 20,
+        t.elapsed().as_secs_f64()
+    );
+
+    // The small files.
+    let small: Vec<(String, Vec<u8>)> = (0..n_small)
+        .map(|i| (format!("s{i:04}.bin"), data(64 << 10, 100 + i as u64)))
+        .collect();
+    for (name, bytes) in &small {
+        std::fs::write(root.join("files").join(name), bytes).unwrap();
+    }
+    let ids = upload_small(addr, &small);
+    let ferry_paths = d.join("ferry-paths.txt");
+    let nginx_paths = d.join("nginx-paths.txt");
+    std::fs::write(
+        &ferry_paths,
+        ids.iter()
+            .map(|id| format!("/files/{id}?{}\n", signed(id)))
+            .collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(
+        &nginx_paths,
+        small
+            .iter()
+            .map(|(n, _)| format!("/files/{n}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let script = d.join("paths.lua");
+    std::fs::write(
+        &script,
+        "local paths = {}\n\
+         for line in io.lines(os.getenv(\"PATHS_FILE\")) do paths[#paths + 1] = line end\n\
+         local i = math.random(#paths)\n\
+         request = function()\n  i = i % #paths + 1\n  return wrk.format(\"GET\", paths[i])\nend\n",
+    )
+    .unwrap();
+
+    let nginx_addr = free_addr();
+    let _nginx = if have("nginx") {
+        let nconf = d.join("nginx.conf");
+        let user = if nix_is_root() {
+            "user nobody nogroup;\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &nconf,
+            format!(
+                "{user}daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\n\
+                 error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
+                 keepalive_requests 1000000;\n  default_type application/octet-stream;\n\
+                 client_body_temp_path {d}/ngx-body;\n  proxy_temp_path {d}/ngx-proxy;\n\
+                 fastcgi_temp_path {d}/ngx-fcgi;\n  uwsgi_temp_path {d}/ngx-uwsgi;\n\
+                 scgi_temp_path {d}/ngx-scgi;\n\
+                 server {{ listen {nginx_addr}; root {root}; }}\n}}\n",
+                d = d.display(),
+                root = root.display()
+            ),
+        )
+        .unwrap();
+        let k = Kill(
+            Command::new("nginx")
+                .arg("-c")
+                .arg(&nconf)
+                .arg("-p")
+                .arg(d)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_port(nginx_addr);
+        Some(k)
+    } else {
+        None
+    };
+
+    let ferry_big = format!("http://{http}/files/{big_id}?{}", signed(&big_id));
+    let nginx_big = format!("http://{nginx_addr}/files/big.bin");
+    // Warm the page cache for both copies.
+    curl_mbps(&ferry_big, big);
+    if _nginx.is_some() {
+        curl_mbps(&nginx_big, big);
+    }
+    let (mut fb, mut nb) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        fb.push(curl_mbps(&ferry_big, big));
+        if _nginx.is_some() {
+            nb.push(curl_mbps(&nginx_big, big));
+        }
+    }
+    let report = |what: &str, f: &mut Vec<f64>, n: &mut Vec<f64>, unit: &str| {
+        let (fm, fl, fh) = stats(f);
+        print!("{what}: ferry {fm:.0} {unit} (min {fl:.0}, max {fh:.0})");
+        if !n.is_empty() {
+            let (nm, nl, nh) = stats(n);
+            print!(
+                " | nginx {nm:.0} {unit} (min {nl:.0}, max {nh:.0}) | ferry/nginx {:.0}%",
+                fm / nm * 100.0
+            );
+        }
+        println!();
+    };
+    println!("\n== {} runs each, loopback, same machine, same run", runs);
+    report(
+        &format!("{} MiB file, curl, 1 connection", big >> 20),
+        &mut fb,
+        &mut nb,
+        "MB/s",
+    );
+
+    if have("wrk") {
+        let (mut fr, mut nr, mut fm, mut nm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (r, m) = wrk_rps(&format!("http://{http}"), &ferry_paths, &script, secs);
+            fr.push(r);
+            fm.push(m);
+            if _nginx.is_some() {
+                let (r, m) = wrk_rps(&format!("http://{nginx_addr}"), &nginx_paths, &script, secs);
+                nr.push(r);
+                nm.push(m);
+            }
+        }
+        report(
+            &format!("{n_small} x 64 KiB files, wrk -t2 -c16 {secs}s"),
+            &mut fr,
+            &mut nr,
+            "req/s",
+        );
+        report("  same, transfer", &mut fm, &mut nm, "MB/s");
+    }
+    println!(
+        "ferry-server RSS after the runs: {} MiB",
+        rss_kib(srv.0.id()) / 1024
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next().map(|u| u == "0"))
+        .unwrap_or(false)
+}

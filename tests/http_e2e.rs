@@ -432,7 +432,8 @@ fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
     make_file(&src, 8 << 20, 11);
     let id = srv.upload(&src);
     let url = srv.url(&id);
-    // A normal download, read slowly (64 KiB every 15 ms) so it overlaps the attacks.
+    // A normal download, read slowly (64 KiB every 20 ms, ~2.6 s) so it overlaps the attacks
+    // (the slowloris clients are cut off after the 1 s header timeout).
     let path = url.split_once(&srv.http.to_string()).unwrap().1.to_owned();
     let http = srv.http;
     let download = std::thread::spawn(move || {
@@ -451,7 +452,7 @@ fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
                 Ok(0) | Err(_) => break,
                 Ok(n) => all.extend_from_slice(&buf[..n]),
             }
-            std::thread::sleep(Duration::from_millis(15));
+            std::thread::sleep(Duration::from_millis(20));
         }
         let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         let head = String::from_utf8_lossy(&all[..split]).into_owned();

@@ -24,19 +24,34 @@ pub mod head;
 pub mod range;
 pub mod respond;
 
-use crate::store::Storage;
+use crate::meta::FileRec;
+use crate::store::{OpResult, Storage, Who};
 use anyhow::bail;
 use ferry_common::proto::APP_ID_LEN;
 use ferry_common::reactor::Conn;
 use log::{debug, warn};
 use mio::net::TcpStream;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+use std::time::Instant;
+
+/// How long a looked-up file record is reused without asking the metadata store again. A file
+/// deleted meanwhile is found out earlier than that when its bytes are gone (opening it fails and
+/// the lookup is repeated), so at worst a deleted file stays readable this long, like any HTTP
+/// cache would serve it.
+pub const META_TTL: Duration = Duration::from_secs(1);
+/// Most cached file records; the cache is emptied when it is full (it refills in one TTL).
+const META_CACHE_MAX: usize = 8192;
+
+/// (app, file id).
+type MetaKey = (String, String);
 
 /// Shortest app secret accepted.
 pub const SECRET_MIN: usize = 16;
@@ -133,6 +148,10 @@ pub struct Gateway {
     pub addr: SocketAddr,
     open: AtomicUsize,
     pub stats: HttpStats,
+    /// (app, file id) -> record and when it was looked up. Players fetch the same file in many
+    /// small ranges, and the SQLite lookup (behind one mutex) was the largest user-space cost
+    /// per request.
+    meta: Mutex<HashMap<MetaKey, (Arc<FileRec>, Instant)>>,
 }
 
 impl Gateway {
@@ -150,7 +169,32 @@ impl Gateway {
             addr,
             open: AtomicUsize::new(0),
             stats: HttpStats::default(),
+            meta: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The file record of `id` for `who.app`: from the cache when fresh (and `cached_ok`), else
+    /// from the metadata store (which refreshes the cache).
+    pub fn lookup(&self, who: &Who, id: &str, cached_ok: bool) -> OpResult<Arc<FileRec>> {
+        let key = (who.app.clone(), id.to_owned());
+        if cached_ok
+            && let Some((f, at)) = self.meta.lock().get(&key)
+            && at.elapsed() < META_TTL
+        {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(self.st.stat(who, id)?);
+        let mut m = self.meta.lock();
+        if m.len() >= META_CACHE_MAX {
+            m.clear();
+        }
+        m.insert(key, (f.clone(), Instant::now()));
+        Ok(f)
+    }
+
+    /// Drops a cached record whose file could not be opened.
+    pub fn forget(&self, who: &Who, id: &str) {
+        self.meta.lock().remove(&(who.app.clone(), id.to_owned()));
     }
 
     /// A new HTTP connection, unless the gateway's own connection limit is reached.

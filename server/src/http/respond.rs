@@ -4,12 +4,14 @@
 use super::head::{self, Head};
 use super::range::{self, Ranged};
 use super::{Gateway, HttpConfig};
+use crate::meta::FileRec;
 use crate::store::Who;
 use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
 use ferry_common::signing;
 use log::{debug, warn};
 use std::fmt::Write as _;
 use std::fs::File;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What follows the response head.
@@ -287,6 +289,35 @@ fn if_range_holds(header: &str, etag: &str, modified: u64) -> bool {
     }
 }
 
+/// Looks the file up (cache first) and opens its bytes. A cached record whose file cannot be
+/// opened any more (deleted meanwhile) is looked up again in the metadata store.
+fn open_stored(gw: &Gateway, who: &Who, id: &str) -> Result<(Arc<FileRec>, File), Answer> {
+    let mut cached_ok = true;
+    loop {
+        let f = match gw.lookup(who, id, cached_ok) {
+            Ok(f) => f,
+            Err(e) if e.code == ErrorCode::NotFound => {
+                return Err(Answer::error(404, "no such file", false));
+            }
+            Err(e) => {
+                warn!("http: lookup of file {id} failed: {e}");
+                return Err(Answer::error(500, "metadata lookup failed", false));
+            }
+        };
+        match File::open(gw.st.root().join(&f.path)) {
+            Ok(file) => return Ok((f, file)),
+            Err(_) if cached_ok => {
+                gw.forget(who, id);
+                cached_ok = false;
+            }
+            Err(e) => {
+                warn!("http: cannot open stored file {id} ({}): {e}", f.path);
+                return Err(Answer::error(500, "stored file unreadable", false));
+            }
+        }
+    }
+}
+
 /// The whole answer to a request for a stored file.
 pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
     let is_head = h.method == "HEAD";
@@ -308,15 +339,9 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
         app,
         user: "http".into(),
     };
-    let f = match gw.st.stat(&who, &r.file_id) {
-        Ok(f) => f,
-        Err(e) if e.code == ErrorCode::NotFound => {
-            return Answer::error(404, "no such file", false);
-        }
-        Err(e) => {
-            warn!("http: lookup of file {} failed: {e}", r.file_id);
-            return Answer::error(500, "metadata lookup failed", false);
-        }
+    let (f, file) = match open_stored(gw, &who, &r.file_id) {
+        Ok(x) => x,
+        Err(a) => return a,
     };
     let etag = format!("\"{}\"", hex::encode(f.sha256));
     let modified = UNIX_EPOCH + Duration::from_secs(f.created);
@@ -374,13 +399,7 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
     let body = if is_head || len == 0 {
         Body::None
     } else {
-        match File::open(gw.st.root().join(&f.path)) {
-            Ok(file) => Body::File { file, off, len },
-            Err(e) => {
-                warn!("http: cannot open stored file {} ({}): {e}", f.id, f.path);
-                return Answer::error(500, "stored file unreadable", false);
-            }
-        }
+        Body::File { file, off, len }
     };
     debug!(
         "http: {} {} app {} -> {status} [{off}, +{len})",

@@ -512,7 +512,7 @@ fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
         "download corrupted under attack"
     );
     assert!(
-        took >= Duration::from_secs(2),
+        took >= Duration::from_millis(1500),
         "download did not overlap: {took:?}"
     );
     // An idle keep-alive connection is closed quietly after the header timeout.

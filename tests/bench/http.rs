@@ -7,7 +7,8 @@
 //!   (`-t2 -c16`, keep-alive, a Lua script cycling through every file), `FERRY_BENCH_SECS` per run.
 //!
 //! Every measurement runs `FERRY_BENCH_RUNS` times (default 5), alternating ferry and nginx, and
-//! prints median and min-max. ferry's URLs are signed (the signature is checked on every request);
+//! prints median and min-max. `FERRY_BENCH_WORKERS` sets the server's worker threads (default 4).
+//! ferry's URLs are signed (the signature is checked on every request);
 //! nginx serves plain paths. Tools come from Debian packages (curl, wrk, nginx); a missing one
 //! skips its part with a message, so CI does not need them.
 
@@ -196,6 +197,8 @@ fn main() {
     let big = env_u64("FERRY_BENCH_MB", 1024) << 20;
     let n_small = env_u64("FERRY_BENCH_SMALL", 1000) as usize;
     let secs = env_u64("FERRY_BENCH_SECS", 5);
+    // ferry-server worker threads (nginx runs `worker_processes auto`: one per core).
+    let workers = env_u64("FERRY_BENCH_WORKERS", 4);
     if !have("curl") {
         return;
     }
@@ -215,6 +218,7 @@ fn main() {
         &conf,
         format!(
             "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\nidle_timeout_ms = 600000\n\
+             workers = {workers}\n\
              [http]\nlisten = \"{http}\"\n[http.secrets]\n{APP} = \"{SECRET}\"\n",
             d.join("data").display()
         ),

@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use mio::Interest;
 use mio::net::TcpStream;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,6 +52,10 @@ pub struct HttpConn {
     deadline: Option<Instant>,
     /// Close once the answer being sent is out.
     close_after: bool,
+    /// The last read filled the free buffer space, so more bytes may be waiting. When it did
+    /// not, the socket is drained and the run can end without a read that would only say
+    /// WouldBlock: the reactor re-arms with EPOLL_CTL_MOD, which re-checks readiness.
+    maybe_more: bool,
     eof: bool,
 }
 
@@ -70,6 +74,7 @@ impl HttpConn {
             sending: None,
             deadline,
             close_after: false,
+            maybe_more: true,
             eof: false,
         }
     }
@@ -129,8 +134,16 @@ impl HttpConn {
 
     fn flush(&mut self) -> Flush {
         let mut budget = WRITE_BUDGET;
+        // With a file body to follow, MSG_MORE holds the head back so it leaves in the same
+        // segment as the first body bytes (TCP_NODELAY is on for everything else).
+        let more = if self.sending.is_some() {
+            nix::libc::MSG_MORE
+        } else {
+            0
+        };
         while self.out_pos < self.out.len() {
-            match self.sock.write(&self.out[self.out_pos..]) {
+            let sock = socket2::SockRef::from(&self.sock);
+            match sock.send_with_flags(&self.out[self.out_pos..], more) {
                 Ok(0) => return Flush::Failed,
                 Ok(n) => self.out_pos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flush::Blocked,
@@ -228,9 +241,17 @@ impl Conn for HttpConn {
             if self.eof || (ev.draining && self.len == 0) {
                 return Step::Close;
             }
+            if !self.maybe_more && !ev.timer {
+                self.maybe_more = true;
+                return Step::Keep;
+            }
+            let space = self.buf.len() - self.len;
             match self.sock.read(&mut self.buf[self.len..]) {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.len += n,
+                Ok(n) => {
+                    self.len += n;
+                    self.maybe_more = n == space;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {

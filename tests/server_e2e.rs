@@ -740,6 +740,17 @@ fn kill_9_mid_upload_then_resume() {
     assert_eq!(c.download_all(&fid, file.len() as u64, 1 << 20), file);
     let new_id = c.upload_small("after", b"after restart").unwrap();
     assert!(new_id != fid && new_id != small_id);
+    // A repeated file over (its first reply was lost with a dying proxy) answers the same file
+    // id, across the restart, and stores nothing twice; other users still get "unknown".
+    assert_eq!(c.over(id).unwrap(), fid);
+    let mut eve = Client::hello(srv.addr, "demo", "eve");
+    assert_eq!(code(eve.over(id)), ErrorCode::UnknownUpload);
+    c.delete(&fid).unwrap();
+    assert_eq!(
+        code(c.over(id)),
+        ErrorCode::UnknownUpload,
+        "deleted file is not handed out"
+    );
     let num = |s: &str| u64::from_str_radix(&s[..16], 16).unwrap();
     assert!(num(&new_id) > num(&fid) && num(&fid) > num(&small_id));
 }

@@ -69,8 +69,12 @@ pub trait MetaStore: Send + Sync {
     fn reserve_ids(&self, key: &str, step: u64) -> Result<u64>;
     fn insert_file(&self, f: &FileRec) -> Result<()>;
     /// Marks a committing file stored and, in the same transaction, deletes the session it came
-    /// from (if any).
+    /// from (if any) and records that session as finished with this file.
     fn commit_file(&self, id: &str, session: Option<&UploadId>) -> Result<()>;
+    /// The file a finished upload session of (`app`, `user`) produced, if it is still stored.
+    fn finished_upload(&self, app: &str, user: &str, upload: &UploadId) -> Result<Option<String>>;
+    /// Forgets finished uploads older than `before_ms`; returns how many.
+    fn expire_finished(&self, before_ms: u64) -> Result<usize>;
     /// A file visible to `app` (stored, not committing).
     fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
     /// A stored file of `app` with this content, for instant upload.
@@ -263,6 +267,11 @@ impl MetaStore for SqliteStore {
         )?;
         if let Some(s) = session {
             tx.execute(
+                "INSERT OR REPLACE INTO finished_uploads (upload_id, app, user, file_id, finished) \
+                 SELECT ?1, app, user, id, ?3 FROM files WHERE id = ?2",
+                params![s.as_slice(), id, now_ms() as i64],
+            )?;
+            tx.execute(
                 "DELETE FROM session_blocks WHERE upload_id = ?1",
                 [s.as_slice()],
             )?;
@@ -270,6 +279,26 @@ impl MetaStore for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn finished_upload(&self, app: &str, user: &str, upload: &UploadId) -> Result<Option<String>> {
+        let db = self.db.lock();
+        Ok(db
+            .query_row(
+                "SELECT u.file_id FROM finished_uploads u JOIN files f ON f.id = u.file_id \
+                 WHERE u.upload_id = ?1 AND u.app = ?2 AND u.user = ?3 AND f.status = ?4",
+                params![upload.as_slice(), app, user, FILE_STORED],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn expire_finished(&self, before_ms: u64) -> Result<usize> {
+        let db = self.db.lock();
+        Ok(db.execute(
+            "DELETE FROM finished_uploads WHERE finished < ?1",
+            [before_ms as i64],
+        )?)
     }
 
     fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>> {

@@ -52,6 +52,17 @@ CREATE TABLE IF NOT EXISTS session_blocks (
     PRIMARY KEY (upload_id, idx)
 ) WITHOUT ROWID;
 
+-- Uploads that ended in a stored file, so a repeated UPLOAD_OVER or UPLOAD_PROVE (its first
+-- reply was lost with a dying proxy or server) gets the same file id instead of "unknown
+-- upload". Written in the transaction that commits the file; expired like sessions.
+CREATE TABLE IF NOT EXISTS finished_uploads (
+    upload_id   BLOB PRIMARY KEY,
+    app         TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    file_id     TEXT NOT NULL,
+    finished    INTEGER NOT NULL        -- Unix milliseconds
+);
+
 -- Id allocator steps (seed 004's t_id_gen): the next value not yet handed out to memory.
 CREATE TABLE IF NOT EXISTS id_steps (
     key         TEXT PRIMARY KEY,

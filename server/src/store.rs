@@ -614,15 +614,34 @@ impl Storage {
         }))
     }
 
+    /// The file a finished upload produced: a repeated UPLOAD_OVER or UPLOAD_PROVE whose first
+    /// reply was lost (a proxy or the server died after the commit) gets the same file id, not
+    /// "unknown upload" and not a second file.
+    fn already_finished(&self, who: &Who, id: &UploadId, unknown: OpError) -> OpResult<String> {
+        match self.meta.finished_upload(&who.app, &who.user, id) {
+            Ok(Some(file_id)) => {
+                info!(
+                    "upload {} was already finished as file {file_id}; answering again",
+                    hex::encode(id)
+                );
+                Ok(file_id)
+            }
+            Ok(None) => Err(unknown),
+            Err(e) => Err(db_err(e, "finished upload lookup")),
+        }
+    }
+
     pub fn over(&self, who: &Who, id: &UploadId) -> OpResult<String> {
-        let s = self.session(who, id)?;
+        let s = match self.session(who, id) {
+            Ok(s) => s,
+            Err(e) => return self.already_finished(who, id, e),
+        };
         {
             let mut st = s.state.lock();
             if st.gone {
-                return Err(OpError::new(
-                    ErrorCode::UnknownUpload,
-                    "upload session ended",
-                ));
+                let ended = OpError::new(ErrorCode::UnknownUpload, "upload session ended");
+                drop(st);
+                return self.already_finished(who, id, ended);
             }
             if st.finishing {
                 return Err(OpError::new(
@@ -746,17 +765,18 @@ impl Storage {
     }
 
     pub fn prove(&self, who: &Who, id: &UploadId, proof: &Digest32) -> OpResult<String> {
-        let s = self.session(who, id)?;
-        let challenge = {
-            let st = s.state.lock();
-            if st.gone {
-                return Err(OpError::new(
-                    ErrorCode::UnknownUpload,
-                    "upload session ended",
-                ));
-            }
-            st.challenge.clone()
+        let s = match self.session(who, id) {
+            Ok(s) => s,
+            Err(e) => return self.already_finished(who, id, e),
         };
+        let (gone, challenge) = {
+            let st = s.state.lock();
+            (st.gone, st.challenge.clone())
+        };
+        if gone {
+            let ended = OpError::new(ErrorCode::UnknownUpload, "upload session ended");
+            return self.already_finished(who, id, ended);
+        }
         let Some(c) = challenge else {
             return Err(OpError::new(
                 ErrorCode::ProofFailed,
@@ -933,9 +953,14 @@ impl Storage {
         Ok(())
     }
 
-    /// Removes expired upload sessions and their temp files; returns how many.
+    /// Removes expired upload sessions and their temp files; returns how many. Finished
+    /// uploads are remembered for one session lifetime, then forgotten too.
     pub fn reap(&self) -> usize {
         let now = now_ms();
+        let ttl_ms = self.cfg.session_ttl_secs * 1000;
+        if let Err(e) = self.meta.expire_finished(now.saturating_sub(ttl_ms)) {
+            warn!("cannot expire finished uploads: {e:#}");
+        }
         let candidates: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
         let mut n = 0;
         for s in candidates {

@@ -486,10 +486,11 @@ fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
             })
         })
         .collect();
-    // Header floods: one over max_header_bytes, one with too many lines.
+    // Header floods: one far over max_header_bytes (the refusal must survive the unread rest:
+    // lingering close, no RST), one with too many lines.
     let big = format!(
         "GET /files/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(9000)
+        "a".repeat(300_000)
     );
     let r = raw(http, big.as_bytes());
     assert!(r.starts_with("HTTP/1.1 431 "), "{r}");

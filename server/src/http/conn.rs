@@ -20,12 +20,18 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Largest single sendfile call, so one connection does not hold its worker for long.
 const SENDFILE_MAX: usize = 4 << 20;
 /// Bytes sent per run before yielding the worker; the WRITABLE re-arm continues it.
 const WRITE_BUDGET: u64 = 16 << 20;
+/// After refusing a request (400, 408, 431, ...) the connection half-closes and reads and drops
+/// what the client still sends, for at most this long and this many bytes, before closing:
+/// closing with unread input would send a RST that can destroy the refusal before the client
+/// reads it ("lingering close", as Apache and nginx do).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 
 struct Sending {
     file: File,
@@ -52,6 +58,10 @@ pub struct HttpConn {
     deadline: Option<Instant>,
     /// Close once the answer being sent is out.
     close_after: bool,
+    /// The answer was a refusal: linger (see [`LINGER`]) instead of closing at once.
+    linger: bool,
+    /// Lingering until then, with this many bytes dropped so far.
+    lingering: Option<(Instant, usize)>,
     /// The last read filled the free buffer space, so more bytes may be waiting. When it did
     /// not, the socket is drained and the run can end without a read that would only say
     /// WouldBlock: the reactor re-arms with EPOLL_CTL_MOD, which re-checks readiness.
@@ -74,6 +84,8 @@ impl HttpConn {
             sending: None,
             deadline,
             close_after: false,
+            linger: false,
+            lingering: None,
             maybe_more: true,
             eof: false,
         }
@@ -130,6 +142,7 @@ impl HttpConn {
         self.start(Answer::error(status, why, true), false, false);
         // Whatever else was buffered belongs to a request we will not read.
         self.len = 0;
+        self.linger = true;
     }
 
     fn flush(&mut self) -> Flush {
@@ -187,6 +200,42 @@ impl HttpConn {
     }
 }
 
+impl HttpConn {
+    /// Half-closes, then reads and drops input until the client closes, or the time or byte
+    /// allowance runs out.
+    fn linger_step(&mut self) -> Step {
+        let (until, mut dropped) = match self.lingering {
+            Some(l) => l,
+            None => {
+                if self.sock.shutdown(std::net::Shutdown::Write).is_err() {
+                    return Step::Close;
+                }
+                (Instant::now() + LINGER, 0)
+            }
+        };
+        if Instant::now() >= until {
+            return Step::Close;
+        }
+        loop {
+            match self.sock.read(&mut self.buf) {
+                Ok(0) => return Step::Close,
+                Ok(n) => {
+                    dropped += n;
+                    if dropped > LINGER_BYTES {
+                        return Step::Close;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+        self.lingering = Some((until, dropped));
+        self.deadline = Some(until);
+        Step::Keep
+    }
+}
+
 impl Conn for HttpConn {
     fn run(&mut self, ev: &Events) -> Step {
         if ev.timer && !self.writing() && self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -209,7 +258,11 @@ impl Conn for HttpConn {
                 Flush::Failed => return Step::Close,
             }
             if self.close_after {
-                return Step::Close;
+                return if self.linger && !self.eof {
+                    self.linger_step()
+                } else {
+                    Step::Close
+                };
             }
             if was_writing {
                 // An answer is out: the next head has its own time limit from now.

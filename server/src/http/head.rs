@@ -260,4 +260,37 @@ mod tests {
         assert_eq!(query_param("app=d", "sig"), Ok(None));
         assert_eq!(query_param("sig=%G0", "sig"), Err(BadEscape));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any bytes get a decision without panicking, and a complete head never claims more
+        /// bytes than were given.
+        #[test]
+        fn any_bytes_are_decided(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Parsed::Complete(_, n) = parse(&b) {
+                proptest::prop_assert!(n <= b.len());
+            }
+        }
+
+        /// Heads built from arbitrary header values parse, and the Range value comes through.
+        #[test]
+        fn range_values_come_through(v in "[ -~]{0,80}") {
+            let raw = format!("GET /files/x HTTP/1.1\r\nHost: a\r\nRange: {v}\r\n\r\n");
+            match parse(raw.as_bytes()) {
+                Parsed::Complete(h, _) => {
+                    proptest::prop_assert_eq!(h.range.as_deref(), Some(v.trim()));
+                    // And the range decision stays inside any body.
+                    for size in [0u64, 1, 1000, u64::MAX] {
+                        if let crate::http::range::Ranged::Part { start, end } =
+                            crate::http::range::resolve(h.range.as_deref(), size)
+                        {
+                            proptest::prop_assert!(start <= end && end < size);
+                        }
+                    }
+                }
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
 }

@@ -191,6 +191,35 @@ fn big(
         Some((_, h)) => h.sha256,
         None => hash_range(file, 0, size, job.path)?,
     };
+    // An earlier run may have finished on the server with its last reply lost (a proxy died
+    // after the commit): file over is idempotent, so ask before opening a new session, which
+    // would store the content a second time.
+    if let Some((sf, h)) = &prior {
+        let id = h.upload_id;
+        let done = link.call("upload over", |c| {
+            match c.call(cmd::UPLOAD_OVER, &id, FILE_ID_LEN) {
+                Ok(b) => file_id_reply(&b).map(Some),
+                Err(Fault::Server(e))
+                    if matches!(
+                        e.code,
+                        ErrorCode::UnknownUpload | ErrorCode::Incomplete | ErrorCode::HashMismatch
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(f) => Err(f),
+            }
+        })?;
+        if let Some(file_id) = done {
+            let _ = std::fs::remove_file(sf.path());
+            report.file_id = file_id;
+            report.resumed = true;
+            report.blocks_total = blocks;
+            report.blocks_skipped = blocks;
+            job.progress.start(size, size);
+            return Ok(());
+        }
+    }
     let init = UploadInit {
         size,
         block_size: bs,

@@ -124,14 +124,15 @@ impl HttpConn {
             self.gw.stats.partial.fetch_add(1, Ordering::Relaxed);
         }
         debug!(
-            "{}: {} {} HTTP/1.{} -> {}",
+            "{}: {} {} HTTP/1.{} -> {} ({} bytes)",
             self.peer,
             h.method,
             h.target
                 .split_once('?')
                 .map_or(h.target.as_str(), |(p, _)| p),
             h.minor,
-            a.status
+            a.status,
+            a.length.unwrap_or(0)
         );
         self.start(a, h.method == "HEAD", h.keep_alive && !draining);
     }

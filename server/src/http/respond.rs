@@ -8,7 +8,7 @@ use crate::meta::FileRec;
 use crate::store::Who;
 use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
 use ferry_common::signing;
-use log::{debug, warn};
+use log::warn;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::sync::Arc;
@@ -401,10 +401,6 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
     } else {
         Body::File { file, off, len }
     };
-    debug!(
-        "http: {} {} app {} -> {status} [{off}, +{len})",
-        h.method, r.file_id, who.app
-    );
     Answer {
         status,
         headers,

@@ -12,9 +12,7 @@
 //! nginx serves plain paths. Tools come from Debian packages (curl, wrk, nginx); a missing one
 //! skips its part with a message, so CI does not need them.
 
-use ferry_common::proto::{self, HEADER_LEN, Header, Hello, UploadMeta, cmd, status};
-use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -89,42 +87,45 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-/// Small files go up as single UPLOAD frames on one protocol connection (fast to set up).
-fn upload_small(addr: SocketAddr, files: &[(String, Vec<u8>)]) -> Vec<String> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let reply = |s: &mut TcpStream| -> Vec<u8> {
-        let mut h = [0u8; HEADER_LEN];
-        s.read_exact(&mut h).unwrap();
-        let h = Header::decode(&h);
-        assert!(h.body_len < 1 << 20);
-        let mut b = vec![0u8; h.body_len as usize];
-        s.read_exact(&mut b).unwrap();
-        assert_eq!(h.status, status::OK, "server refused: {b:?}");
-        b
-    };
-    s.write_all(&proto::frame(
-        cmd::HELLO,
-        0,
-        &Hello::new(APP, "bench", b"").encode().unwrap(),
-    ))
-    .unwrap();
-    reply(&mut s);
-    files
-        .iter()
-        .map(|(name, d)| {
-            let meta = UploadMeta {
-                sha256: Sha256::digest(d).into(),
-                name: name.clone(),
-            }
-            .encode()
-            .unwrap();
-            let mut f = proto::data_frame_head(cmd::UPLOAD, 0, &meta, d.len() as u64);
-            f.extend_from_slice(d);
-            s.write_all(&f).unwrap();
-            proto::decode_file_id(&reply(&mut s)).unwrap()
+/// Uploads with the real client (4 processes at a time), returning the file ids in order.
+fn upload_all(addr: SocketAddr, paths: &[PathBuf], state: &Path) -> Vec<String> {
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let mine: Vec<(usize, PathBuf)> = paths
+                .iter()
+                .cloned()
+                .enumerate()
+                .filter(|(i, _)| i % 4 == t)
+                .collect();
+            let state = state.to_owned();
+            std::thread::spawn(move || {
+                mine.into_iter()
+                    .map(|(i, p)| {
+                        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+                            .args(["--proxy", &addr.to_string(), "--app", APP, "upload"])
+                            .arg(&p)
+                            .env("FERRY_STATE_DIR", &state)
+                            .output()
+                            .unwrap();
+                        assert!(
+                            out.status.success(),
+                            "upload of {} failed: {}",
+                            p.display(),
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        (i, String::from_utf8(out.stdout).unwrap().trim().to_owned())
+                    })
+                    .collect::<Vec<_>>()
+            })
         })
-        .collect()
+        .collect();
+    let mut ids = vec![String::new(); paths.len()];
+    for h in handles {
+        for (i, id) in h.join().unwrap() {
+            ids[i] = id;
+        }
+    }
+    ids
 }
 
 /// MB/s of one whole-file GET with curl, checking status and size.
@@ -256,18 +257,7 @@ fn main() {
         f.flush().unwrap();
     }
     let t = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["--proxy", &addr.to_string(), "--app", APP, "upload"])
-        .arg(&big_src)
-        .env("FERRY_STATE_DIR", d.join("state"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let big_id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let big_id = upload_all(addr, std::slice::from_ref(&big_src), &d.join("state")).remove(0);
     println!(
         "setup: uploaded {} MiB in {:.1} s",
         big >> 20,
@@ -275,13 +265,17 @@ fn main() {
     );
 
     // The small files.
-    let small: Vec<(String, Vec<u8>)> = (0..n_small)
-        .map(|i| (format!("s{i:04}.bin"), data(64 << 10, 100 + i as u64)))
-        .collect();
-    for (name, bytes) in &small {
-        std::fs::write(root.join("files").join(name), bytes).unwrap();
+    let small: Vec<String> = (0..n_small).map(|i| format!("s{i:04}.bin")).collect();
+    let small_paths: Vec<PathBuf> = small.iter().map(|n| root.join("files").join(n)).collect();
+    for (i, p) in small_paths.iter().enumerate() {
+        std::fs::write(p, data(64 << 10, 100 + i as u64)).unwrap();
     }
-    let ids = upload_small(addr, &small);
+    let t = Instant::now();
+    let ids = upload_all(addr, &small_paths, &d.join("state"));
+    println!(
+        "setup: uploaded {n_small} x 64 KiB in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let ferry_paths = d.join("ferry-paths.txt");
     let nginx_paths = d.join("nginx-paths.txt");
     std::fs::write(
@@ -295,7 +289,7 @@ fn main() {
         &nginx_paths,
         small
             .iter()
-            .map(|(n, _)| format!("/files/{n}\n"))
+            .map(|n| format!("/files/{n}\n"))
             .collect::<String>(),
     )
     .unwrap();

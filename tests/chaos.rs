@@ -104,6 +104,7 @@ struct Tally {
     failures: AtomicU64,
     corrupt: AtomicU64,
     bytes: AtomicU64,
+    deleted: AtomicU64,
 }
 
 struct Stored {
@@ -163,21 +164,49 @@ fn count(ctx: &Ctx, out: &serde_json::Value) {
     }
 }
 
+/// Most files one worker keeps stored (older ones are deleted through the CLI) and most source
+/// files it keeps for re-uploads: the disk used by a run stays bounded however long it runs.
+const KEEP_STORED: usize = 8;
+const KEEP_SOURCES: usize = 3;
+
+/// `ferry delete` with reruns; a rerun that finds the file gone means an earlier attempt
+/// deleted it and only its reply was lost.
+fn delete(ctx: &Ctx, user: &str, id: &str) -> bool {
+    for attempt in 0..3 {
+        let mut cmd = Command::new(support::bin("ferry"));
+        for p in &ctx.proxies {
+            cmd.args(["--proxy", p]);
+        }
+        cmd.args(["--app", "chaos", "--user", user, "delete", id]);
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || (attempt > 0 && err.contains("NotFound")) {
+            return true;
+        }
+        ctx.tally.reruns.fetch_add(1, Ordering::Relaxed);
+        eprintln!(
+            "chaos: ferry delete {id} attempt {attempt} failed: {}",
+            err.trim()
+        );
+    }
+    false
+}
+
 fn transfer_loop(ctx: &Ctx, worker: usize, seed: u64, big_max: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let user = format!("user{worker}");
+    // This worker's stored files (downloads and deletes pick from them, so no other worker
+    // deletes a file under a download) and its recent source files (re-uploads pick from them).
+    let mut mine: Vec<Stored> = Vec::new();
+    let mut sources: Vec<(PathBuf, u64)> = Vec::new();
     let mut i = 0;
     while !ctx.stop.load(Ordering::Relaxed) {
         i += 1;
-        let stored_n = ctx.stored.lock().len();
         let op = rng.random_range(0..10);
-        if op < 3 && stored_n > 0 {
+        if op < 3 && !mine.is_empty() {
             // Download a stored file and compare.
-            let (id, sha, size) = {
-                let s = ctx.stored.lock();
-                let f = &s[rng.random_range(0..s.len())];
-                (f.id.clone(), f.sha.clone(), f.size)
-            };
+            let f = &mine[rng.random_range(0..mine.len())];
+            let (id, sha, size) = (f.id.clone(), f.sha.clone(), f.size);
             let out = ctx.dir.join(format!("w{worker}-{i}.down"));
             let outs = out.display().to_string();
             let threads = THREADS.to_string();
@@ -202,24 +231,26 @@ fn transfer_loop(ctx: &Ctx, worker: usize, seed: u64, big_max: u64) {
             let _ = std::fs::remove_file(&out);
             ctx.tally.downloads.fetch_add(1, Ordering::Relaxed);
         } else {
-            let size = match rng.random_range(0..8) {
-                0 => 0,
-                1 => 1,
-                2 => BLOCK - 1,
-                3 => BLOCK,
-                4 => BLOCK + 1,
-                _ => rng.random_range(10 << 20..=big_max),
-            };
-            // One upload in five repeats a file this worker made before: the instant path.
-            let content_seed = if rng.random_bool(0.2) && i > 1 {
-                seed ^ rng.random_range(1..i)
+            // One upload in five repeats content this worker sent before: the instant path.
+            let (path, size) = if rng.random_bool(0.2) && !sources.is_empty() {
+                sources[rng.random_range(0..sources.len())].clone()
             } else {
-                seed ^ i
+                let size = match rng.random_range(0..8) {
+                    0 => 0,
+                    1 => 1,
+                    2 => BLOCK - 1,
+                    3 => BLOCK,
+                    4 => BLOCK + 1,
+                    _ => rng.random_range(10 << 20..=big_max),
+                };
+                let path = ctx.dir.join(format!("w{worker}-{i}.up"));
+                support::make_file(&path, size, seed ^ i);
+                sources.push((path.clone(), size));
+                if sources.len() > KEEP_SOURCES {
+                    let _ = std::fs::remove_file(sources.remove(0).0);
+                }
+                (path, size)
             };
-            let path = ctx.dir.join(format!("w{worker}-{content_seed}-{size}.up"));
-            if !path.exists() {
-                support::make_file(&path, size, content_seed);
-            }
             let paths = path.display().to_string();
             let threads = THREADS.to_string();
             let args = [
@@ -238,16 +269,42 @@ fn transfer_loop(ctx: &Ctx, worker: usize, seed: u64, big_max: u64) {
                         .expect("upload report has file_id")
                         .to_owned();
                     let sha = support::sha256_file(&path);
-                    ctx.stored.lock().push(Stored { id, sha, size });
+                    mine.push(Stored { id, sha, size });
                 }
                 None => {
                     ctx.tally.failures.fetch_add(1, Ordering::Relaxed);
                 }
             }
             ctx.tally.uploads.fetch_add(1, Ordering::Relaxed);
+            if mine.len() > KEEP_STORED {
+                let gone = mine.remove(rng.random_range(0..mine.len()));
+                if delete(ctx, &user, &gone.id) {
+                    ctx.tally.deleted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    ctx.tally.failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         ctx.tally.transfers.fetch_add(1, Ordering::Relaxed);
     }
+    for (p, _) in sources {
+        let _ = std::fs::remove_file(p);
+    }
+    ctx.stored.lock().extend(mine);
+}
+
+/// Regular files under `dir`, recursively.
+fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            Ok(t) if t.is_file() => 1,
+            _ => 0,
+        })
+        .sum()
 }
 
 fn pause(rng: &mut StdRng, lo_ms: u64, hi_ms: u64) {
@@ -353,7 +410,7 @@ fn transfers_survive_dying_proxies_and_server() {
     }
     let elapsed = started.elapsed();
 
-    // Every stored file is still there and intact after all the faults.
+    // Every file still stored is there and intact after all the faults.
     let stored: Vec<(String, String, u64)> = ctx
         .stored
         .lock()
@@ -361,7 +418,7 @@ fn transfers_survive_dying_proxies_and_server() {
         .map(|s| (s.id.clone(), s.sha.clone(), s.size))
         .collect();
     let t = &ctx.tally;
-    for (k, (id, sha, size)) in stored.iter().enumerate().filter(|(k, _)| k % 3 == 0) {
+    for (k, (id, sha, size)) in stored.iter().enumerate() {
         let out = tmp.path().join(format!("final-{k}"));
         let outs = out.display().to_string();
         let r = ferry(&ctx, "verifier", &["download", id, "-o", &outs]);
@@ -373,6 +430,16 @@ fn transfers_survive_dying_proxies_and_server() {
         );
         let _ = std::fs::remove_file(&out);
     }
+
+    // Every upload is stored exactly once: one file in the data dir per successful upload not
+    // deleted since (instant uploads are hard links with their own path), none twice, none
+    // from a failed one.
+    let on_disk = count_files(&data.join("data"));
+    let uploads_ok = stored.len();
+    assert_eq!(
+        on_disk, uploads_ok,
+        "stored files vs successful, undeleted uploads"
+    );
 
     // No upload session or temp file is left once sessions have expired.
     let tmpdir = data.join("tmp");
@@ -420,6 +487,10 @@ fn transfers_survive_dying_proxies_and_server() {
         t.failovers.load(Ordering::Relaxed)
     );
     eprintln!("  temp files left    {leftovers}");
+    eprintln!(
+        "  files stored       {on_disk} (undeleted successful uploads: {uploads_ok}; deleted {})",
+        t.deleted.load(Ordering::Relaxed)
+    );
 
     assert_eq!(
         t.failures.load(Ordering::Relaxed),

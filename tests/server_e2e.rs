@@ -105,7 +105,18 @@ impl Client {
     }
 
     fn upload_small_claiming(&mut self, name: &str, data: &[u8], h: [u8; 32]) -> Res<String> {
+        self.upload_small_keyed(name, data, h, rand::random())
+    }
+
+    fn upload_small_keyed(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        h: [u8; 32],
+        key: [u8; 16],
+    ) -> Res<String> {
         let meta = UploadMeta {
+            key,
             sha256: h,
             name: name.into(),
         }
@@ -209,6 +220,20 @@ impl Client {
     }
 }
 
+/// Regular files under `dir`, recursively.
+fn walk_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walk_files(&e.path()),
+            Ok(t) if t.is_file() => 1,
+            _ => 0,
+        })
+        .sum()
+}
+
 fn block_of(file: &[u8], bs: u32, idx: u32) -> (u64, &[u8]) {
     let off = idx as usize * bs as usize;
     let end = (off + bs as usize).min(file.len());
@@ -302,6 +327,27 @@ fn small_files_stat_download_delete() {
     let id = c.upload_small("photo.jpg", &data).unwrap();
     let id2 = c.upload_small("photo.jpg", &data).unwrap();
     assert_ne!(id, id2, "every upload gets its own id");
+    // A retry of an upload whose reply was lost (same key) is answered with the same id and
+    // stores nothing new; another user with the same key is a different upload.
+    let key = [9u8; 16];
+    let k1 = c
+        .upload_small_keyed("again.jpg", &data, sha(&data), key)
+        .unwrap();
+    let k2 = c
+        .upload_small_keyed("again.jpg", &data, sha(&data), key)
+        .unwrap();
+    assert_eq!(k1, k2, "same key, same file");
+    let mut other = Client::hello(srv.addr, "demo", "zed");
+    let k3 = other
+        .upload_small_keyed("again.jpg", &data, sha(&data), key)
+        .unwrap();
+    assert_ne!(k1, k3);
+    let stored = |d: &Path| walk_files(&d.join("data"));
+    assert_eq!(
+        stored(&srv.data),
+        4,
+        "two uploads, one retry, one other user"
+    );
 
     let st = c.stat(&id).unwrap();
     assert_eq!(st.size, data.len() as u64);

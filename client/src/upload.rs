@@ -14,6 +14,7 @@ use ferry_common::proto::{
     UploadInit, UploadInitReply, UploadMeta, cmd, decode_file_id,
 };
 use parking_lot::Mutex;
+use rand::RngExt;
 use sha2::{Digest, Sha256};
 use std::fs::{File, Metadata};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -105,7 +106,10 @@ fn small(
     let mut buf = vec![0u8; size as usize];
     file.read_exact_at(&mut buf, 0)
         .map_err(|e| read_error(job.path, 0, e))?;
+    // One key for every retry of this file: a retry whose earlier copy was stored (its reply
+    // lost with a dying proxy) gets that file's id back instead of a second copy.
     let meta = UploadMeta {
+        key: rand::rng().random(),
         sha256: files::sha256(&buf),
         name: name.to_owned(),
     }

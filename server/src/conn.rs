@@ -387,6 +387,13 @@ impl ServerConn {
 
     fn start_small(&mut self, who: &Who, meta: &[u8], len: u64) -> Result<(), OpError> {
         let m = UploadMeta::decode(meta).map_err(bad)?;
+        if let Some(id) = self.st.small_done(who, &m.key)? {
+            debug!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");
+            let body = proto::encode_file_id(&id)
+                .map_err(|e| OpError::new(ErrorCode::Internal, e.to_string()))?;
+            self.discard(len, proto::frame(cmd::REPLY_STORAGE, status::OK, &body));
+            return Ok(());
+        }
         match self.st.small_begin(who, m, len) {
             Ok(w) => {
                 self.sink = Sink::Small(Box::new(w));

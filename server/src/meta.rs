@@ -67,11 +67,13 @@ pub struct SessionRec {
 pub trait MetaStore: Send + Sync {
     /// Reserves `step` ids for `key` and returns the first; the range is never handed out again.
     fn reserve_ids(&self, key: &str, step: u64) -> Result<u64>;
-    fn insert_file(&self, f: &FileRec) -> Result<()>;
-    /// Marks a committing file stored and, in the same transaction, deletes the session it came
-    /// from (if any) and records that session as finished with this file.
-    fn commit_file(&self, id: &str, session: Option<&UploadId>) -> Result<()>;
-    /// The file a finished upload session of (`app`, `user`) produced, if it is still stored.
+    /// Inserts a committing file record and, in the same transaction, records which upload
+    /// (a big file's session id, or a small file's upload key) it finishes.
+    fn insert_file(&self, f: &FileRec, upload: Option<&UploadId>) -> Result<()>;
+    /// Marks a committing file stored and, in the same transaction, deletes the session it
+    /// finishes (if any).
+    fn commit_file(&self, id: &str) -> Result<()>;
+    /// The stored file an upload (session id or small-file key) of (`app`, `user`) produced.
     fn finished_upload(&self, app: &str, user: &str, upload: &UploadId) -> Result<Option<String>>;
     /// Forgets finished uploads older than `before_ms`; returns how many.
     fn expire_finished(&self, before_ms: u64) -> Result<usize>;
@@ -232,9 +234,11 @@ impl MetaStore for SqliteStore {
         Ok(next as u64)
     }
 
-    fn insert_file(&self, f: &FileRec) -> Result<()> {
+    fn insert_file(&self, f: &FileRec, upload: Option<&UploadId>) -> Result<()> {
         let now = now_secs() as i64;
-        self.db.lock().execute(
+        let mut db = self.db.lock();
+        let tx = db.transaction()?;
+        tx.execute(
             &format!(
                 "INSERT INTO files ({FILE_COLS}, updated) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
@@ -255,28 +259,33 @@ impl MetaStore for SqliteStore {
                 now
             ],
         )?;
+        if let Some(u) = upload {
+            tx.execute(
+                "INSERT OR REPLACE INTO finished_uploads (upload_id, app, user, file_id, finished) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![u.as_slice(), f.app, f.user, f.id, now_ms() as i64],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
-    fn commit_file(&self, id: &str, session: Option<&UploadId>) -> Result<()> {
+    fn commit_file(&self, id: &str) -> Result<()> {
         let mut db = self.db.lock();
         let tx = db.transaction()?;
         tx.execute(
             "UPDATE files SET status = ?2, updated = ?3 WHERE id = ?1",
             params![id, FILE_STORED, now_secs() as i64],
         )?;
-        if let Some(s) = session {
-            tx.execute(
-                "INSERT OR REPLACE INTO finished_uploads (upload_id, app, user, file_id, finished) \
-                 SELECT ?1, app, user, id, ?3 FROM files WHERE id = ?2",
-                params![s.as_slice(), id, now_ms() as i64],
-            )?;
-            tx.execute(
-                "DELETE FROM session_blocks WHERE upload_id = ?1",
-                [s.as_slice()],
-            )?;
-            tx.execute("DELETE FROM upload_sessions WHERE id = ?1", [s.as_slice()])?;
-        }
+        let finishes = "SELECT upload_id FROM finished_uploads WHERE file_id = ?1";
+        tx.execute(
+            &format!("DELETE FROM session_blocks WHERE upload_id IN ({finishes})"),
+            [id],
+        )?;
+        tx.execute(
+            &format!("DELETE FROM upload_sessions WHERE id IN ({finishes})"),
+            [id],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -348,9 +357,11 @@ impl MetaStore for SqliteStore {
     }
 
     fn drop_file(&self, id: &str) -> Result<()> {
-        self.db
-            .lock()
-            .execute("DELETE FROM files WHERE id = ?1", [id])?;
+        let mut db = self.db.lock();
+        let tx = db.transaction()?;
+        tx.execute("DELETE FROM finished_uploads WHERE file_id = ?1", [id])?;
+        tx.execute("DELETE FROM files WHERE id = ?1", [id])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -493,10 +504,10 @@ mod tests {
     #[test]
     fn files_are_visible_once_committed_and_only_to_their_app() {
         let m = SqliteStore::memory().unwrap();
-        m.insert_file(&file("a", 1)).unwrap();
+        m.insert_file(&file("a", 1), None).unwrap();
         assert_eq!(m.file("a", "app").unwrap(), None);
         assert_eq!(m.committing_files().unwrap().len(), 1);
-        m.commit_file("a", None).unwrap();
+        m.commit_file("a").unwrap();
         let got = m.file("a", "app").unwrap().unwrap();
         assert_eq!(got.crcs, vec![1, 2]);
         assert_eq!(got.status, FILE_STORED);

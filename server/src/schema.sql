@@ -52,9 +52,11 @@ CREATE TABLE IF NOT EXISTS session_blocks (
     PRIMARY KEY (upload_id, idx)
 ) WITHOUT ROWID;
 
--- Uploads that ended in a stored file, so a repeated UPLOAD_OVER or UPLOAD_PROVE (its first
--- reply was lost with a dying proxy or server) gets the same file id instead of "unknown
--- upload". Written in the transaction that commits the file; expired like sessions.
+-- Uploads that ended in a stored file, by big-file session id or small-file upload key, so a
+-- repeated UPLOAD_OVER, UPLOAD_PROVE or UPLOAD (its first reply was lost with a dying proxy or
+-- server) gets the same file id instead of "unknown upload" or a second copy. Written in the
+-- transaction that inserts the committing file row (a lookup only sees stored files, and the
+-- commit deletes the session the row finishes); expired like sessions.
 CREATE TABLE IF NOT EXISTS finished_uploads (
     upload_id   BLOB PRIMARY KEY,
     app         TEXT NOT NULL,

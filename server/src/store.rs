@@ -247,7 +247,7 @@ impl Storage {
             if self.root.join(&f.path).exists() {
                 // Content was verified before the rename; only the final commit was lost.
                 info!("recovery: finishing commit of file {} ({})", f.id, f.path);
-                self.meta.commit_file(&f.id, None)?;
+                self.meta.commit_file(&f.id)?;
                 let _ = fsync_dir(&self.root.join(&f.path).with_file_name(""));
             } else {
                 info!("recovery: dropping uncommitted file row {}", f.id);
@@ -359,10 +359,10 @@ impl Storage {
         rec: &FileRec,
         src: &Path,
         link: bool,
-        session: Option<&UploadId>,
+        upload: Option<&UploadId>,
     ) -> OpResult<()> {
         self.meta
-            .insert_file(rec)
+            .insert_file(rec, upload)
             .map_err(|e| db_err(e, "file insert"))?;
         let dst = self.root.join(&rec.path);
         let placed = if link {
@@ -381,11 +381,19 @@ impl Storage {
             return Err(io_err(&e, "cannot sync the data directory"));
         }
         self.meta
-            .commit_file(&rec.id, session)
+            .commit_file(&rec.id)
             .map_err(|e| db_err(e, "file commit"))
     }
 
     // ---- small files (UPLOAD 70) ----
+
+    /// The file an earlier UPLOAD with this key stored (its reply was lost), if any: the
+    /// repeat is answered with the same file id and its bytes are dropped.
+    pub fn small_done(&self, who: &Who, key: &UploadId) -> OpResult<Option<String>> {
+        self.meta
+            .finished_upload(&who.app, &who.user, key)
+            .map_err(|e| db_err(e, "finished upload lookup"))
+    }
 
     pub fn small_begin(&self, who: &Who, meta: UploadMeta, size: u64) -> OpResult<SmallWriter> {
         if size > self.cfg.small_file_max {
@@ -1249,7 +1257,7 @@ impl SmallWriter {
             crcs: std::mem::take(&mut self.crcs),
             created: now_secs(),
         };
-        st.commit_new_file(&rec, &self.tmp, false, None)?;
+        st.commit_new_file(&rec, &self.tmp, false, Some(&self.meta.key))?;
         self.done = true;
         info!(
             "file {id} stored: {} bytes for app {} user {} at {}",
@@ -1309,9 +1317,11 @@ mod tests {
             let placed = file_path(900, 1);
             fs::create_dir_all(dir.path().join(&placed).parent().unwrap()).unwrap();
             fs::write(dir.path().join(&placed), b"abc").unwrap();
-            st.meta.insert_file(&rec("renamed", 900, &placed)).unwrap();
             st.meta
-                .insert_file(&rec("not-renamed", 901, &file_path(901, 1)))
+                .insert_file(&rec("renamed", 900, &placed), None)
+                .unwrap();
+            st.meta
+                .insert_file(&rec("not-renamed", 901, &file_path(901, 1)), None)
                 .unwrap();
             fs::write(dir.path().join(TMP).join("small-stray.part"), b"x").unwrap();
             assert_eq!(
@@ -1363,6 +1373,7 @@ mod tests {
         };
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let meta = UploadMeta {
+            key: [1; 16],
             sha256: Sha256::digest(&data).into(),
             name: "n".into(),
         };

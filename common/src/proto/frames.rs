@@ -5,8 +5,8 @@ use super::*;
 
 /// Largest HELLO body: version, flags, app id, user id, credential length, credential.
 pub const HELLO_MAX: usize = 2 + 2 + APP_ID_LEN + USER_ID_LEN + 2 + CREDENTIAL_MAX;
-/// Meta part of a small-file UPLOAD (70): SHA-256 + name; the file bytes follow.
-pub const UPLOAD_META: usize = SHA256_LEN + NAME_LEN;
+/// Meta part of a small-file UPLOAD (70): upload key + SHA-256 + name; the file bytes follow.
+pub const UPLOAD_META: usize = UPLOAD_ID_LEN + SHA256_LEN + NAME_LEN;
 /// Body of UPLOAD_INIT (74).
 pub const UPLOAD_INIT_LEN: usize = 8 + 4 + SHA256_LEN + NAME_LEN;
 /// Meta part of UPLOAD_BLOCK (76); the block bytes follow.
@@ -323,6 +323,10 @@ pub fn decode_file_id(body: &[u8]) -> Result<String, ProtoError> {
 /// Meta of a small-file UPLOAD (70). The file bytes follow as payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadMeta {
+    /// Chosen by the client at random per file and reused on every retry of it: a repeat of an
+    /// upload the server already stored (its reply was lost) gets the same file id back instead
+    /// of storing the file twice.
+    pub key: [u8; UPLOAD_ID_LEN],
     pub sha256: [u8; SHA256_LEN],
     pub name: String,
 }
@@ -330,16 +334,18 @@ pub struct UploadMeta {
 impl UploadMeta {
     pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
         let mut b = Vec::with_capacity(UPLOAD_META);
+        b.extend_from_slice(&self.key);
         b.extend_from_slice(&self.sha256);
         put_fixed_str(&mut b, &self.name, NAME_LEN, "name")?;
         Ok(b)
     }
     pub fn decode(meta: &[u8]) -> Result<Self, ProtoError> {
         let mut r = Rd { b: meta };
+        let key = r.array("upload key")?;
         let sha256 = r.array("sha256")?;
         let name = r.fixed_str(NAME_LEN, "name")?;
         r.end("UPLOAD meta")?;
-        Ok(UploadMeta { sha256, name })
+        Ok(UploadMeta { key, sha256, name })
     }
 }
 

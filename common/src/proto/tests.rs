@@ -55,6 +55,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
         cmd::UPLOAD,
         0,
         &UploadMeta {
+            key: [5; 16],
             sha256: [7; 32],
             name: "cat.jpg".into(),
         }
@@ -248,7 +249,7 @@ fn truncated_and_bad_fields() {
     assert!(Hello::decode(&long).is_err());
     // Control characters in a name.
     let mut meta = Vec::new();
-    meta.extend_from_slice(&[0; 32]);
+    meta.extend_from_slice(&[0; 16 + 32]);
     put_fixed_str(&mut meta, "a\u{1}b", NAME_LEN, "name").unwrap();
     assert!(UploadMeta::decode(&meta).is_err());
     // Fields that do not fit are refused on encode.

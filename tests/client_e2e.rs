@@ -18,7 +18,18 @@ use std::time::{Duration, Instant};
 use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
 
 const BS: u64 = 64 * 1024;
-const BIG: u64 = 40 << 20;
+/// Size of the files the kill -9 and failover tests move.
+const BIG_FIXED: u64 = 40 << 20;
+
+/// The big file of the edge-size test: 40 MiB in 64 KiB blocks (640 blocks) by default to keep
+/// the suite fast; `FERRY_TEST_BIG_MIB=300` runs the full 300 MiB.
+fn big_size() -> u64 {
+    std::env::var("FERRY_TEST_BIG_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(40)
+        << 20
+}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -165,7 +176,8 @@ fn edge_sizes_direct_and_through_a_proxy_chain() {
     let c = Cluster::start(false);
     let direct = [c.server];
     let chain = [c.entries[0]];
-    let sizes = [0, 1, BS - 1, BS, BS + 1, BIG];
+    let big_file = big_size();
+    let sizes = [0, 1, BS - 1, BS, BS + 1, big_file];
     for (k, &size) in sizes.iter().enumerate() {
         let src = c.path(&format!("src{k}"));
         make_file(&src, size, 100 + k as u64);
@@ -208,7 +220,7 @@ fn edge_sizes_direct_and_through_a_proxy_chain() {
         );
     }
     let big = upload(&c, &chain, &c.path("src5"), &["--block-size", "64KiB"]).report();
-    assert_eq!(big["blocks_total"], BIG / BS);
+    assert_eq!(big["blocks_total"], big_file / BS);
     let left = std::fs::read_dir(c.path("state")).unwrap().count();
     assert_eq!(left, 0, "finished uploads leave no state files");
 }
@@ -270,8 +282,8 @@ fn kill_9_mid_upload_and_mid_download_then_rerun() {
     let c = Cluster::start(false);
     let via = [c.entries[0]];
     let src = c.path("src");
-    make_file(&src, BIG, 7);
-    let blocks = (BIG / BS) as usize;
+    make_file(&src, BIG_FIXED, 7);
+    let blocks = (BIG_FIXED / BS) as usize;
     let state = c.path("state");
     std::fs::create_dir_all(&state).unwrap();
     let args = [
@@ -368,8 +380,8 @@ fn first_proxy_down_and_hung_proxy_mid_transfer() {
     let conf = c.path("client.toml");
     std::fs::write(&conf, "timeout_ms = 1000\n").unwrap();
     let big = c.path("big");
-    make_file(&big, BIG, 12);
-    let blocks = (BIG / BS) as usize;
+    make_file(&big, BIG_FIXED, 12);
+    let blocks = (BIG_FIXED / BS) as usize;
     let pair = [c.entries[0], c.entries[1]];
     let conf_s = conf.to_str().unwrap();
     let args = [
@@ -453,7 +465,7 @@ fn first_proxy_down_and_hung_proxy_mid_transfer() {
 
     // Proxy A killed (SIGKILL) mid-upload: each thread loses only the block it had in flight.
     let big2 = c.path("big2");
-    make_file(&big2, BIG, 20); // not 13: make_file ORs the seed with 1, so 13 = 12
+    make_file(&big2, BIG_FIXED, 20); // not 13: make_file ORs the seed with 1, so 13 = 12
     let args = [
         "--config",
         conf_s,
@@ -631,8 +643,8 @@ fn file_changed_behind_stale_state_is_a_server_side_hash_mismatch() {
     let c = Cluster::start(false);
     let via = [c.server];
     let src = c.path("src");
-    make_file(&src, BIG, 31);
-    let blocks = (BIG / BS) as usize;
+    make_file(&src, BIG_FIXED, 31);
+    let blocks = (BIG_FIXED / BS) as usize;
     let state = c.path("state");
     std::fs::create_dir_all(&state).unwrap();
     let args = ["upload", src.to_str().unwrap(), "--block-size", "64KiB"];
@@ -655,7 +667,7 @@ fn file_changed_behind_stale_state_is_a_server_side_hash_mismatch() {
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
-        f.write_all_at(&[0x5a; 4096], BIG - 4096).unwrap();
+        f.write_all_at(&[0x5a; 4096], BIG_FIXED - 4096).unwrap();
         f.set_modified(mtime).unwrap();
     }
     let r = run(ferry(&state, &via, &args));

@@ -293,20 +293,6 @@ fn transfer_loop(ctx: &Ctx, worker: usize, seed: u64, big_max: u64) {
     ctx.stored.lock().extend(mine);
 }
 
-/// Regular files under `dir`, recursively.
-fn count_files(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => count_files(&e.path()),
-            Ok(t) if t.is_file() => 1,
-            _ => 0,
-        })
-        .sum()
-}
-
 fn pause(rng: &mut StdRng, lo_ms: u64, hi_ms: u64) {
     std::thread::sleep(Duration::from_millis(rng.random_range(lo_ms..=hi_ms)));
 }
@@ -434,7 +420,7 @@ fn transfers_survive_dying_proxies_and_server() {
     // Every upload is stored exactly once: one file in the data dir per successful upload not
     // deleted since (instant uploads are hard links with their own path), none twice, none
     // from a failed one.
-    let on_disk = count_files(&data.join("data"));
+    let on_disk = support::count_files(&data.join("data"));
     let uploads_ok = stored.len();
     assert_eq!(
         on_disk, uploads_ok,

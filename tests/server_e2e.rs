@@ -220,20 +220,6 @@ impl Client {
     }
 }
 
-/// Regular files under `dir`, recursively.
-fn walk_files(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => walk_files(&e.path()),
-            Ok(t) if t.is_file() => 1,
-            _ => 0,
-        })
-        .sum()
-}
-
 fn block_of(file: &[u8], bs: u32, idx: u32) -> (u64, &[u8]) {
     let off = idx as usize * bs as usize;
     let end = (off + bs as usize).min(file.len());
@@ -342,7 +328,7 @@ fn small_files_stat_download_delete() {
         .upload_small_keyed("again.jpg", &data, sha(&data), key)
         .unwrap();
     assert_ne!(k1, k3);
-    let stored = |d: &Path| walk_files(&d.join("data"));
+    let stored = |d: &Path| support::count_files(&d.join("data"));
     assert_eq!(
         stored(&srv.data),
         4,

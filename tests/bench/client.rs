@@ -18,14 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{Proc, bin, free_addr, make_file, wait_ready};
-
-fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
+use support::{Proc, bin, env_u64, free_addr, make_file, median, wait_ready};
 
 fn ferry(state: &Path, via: SocketAddr, args: &[&str]) -> (Duration, String) {
     let t = Instant::now();
@@ -45,11 +38,6 @@ fn ferry(state: &Path, via: SocketAddr, args: &[&str]) -> (Duration, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (took, String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn main() {
@@ -140,8 +128,8 @@ fn main() {
         }
         for (op, v) in [("upload", up), ("download", down)] {
             let [direct, chain] = v;
-            let (dm, dlo, dhi) = stats(direct);
-            let (cm, clo, chi) = stats(chain);
+            let (dm, dlo, dhi) = median(&direct);
+            let (cm, clo, chi) = median(&chain);
             let row = format!(
                 "{op:<9} {threads:>7} {:>24} {:>24} {:>6.0}%",
                 format!("{dm:.0} ({dlo:.0}-{dhi:.0})"),

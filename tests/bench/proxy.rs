@@ -11,28 +11,18 @@
 //! box every hop's CPU comes out of the same cores, so it shows how much is left for proxies.
 //! Then one proxy's RSS with 1000 concurrent sessions, each having pushed 64 KiB through.
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use ferry_common::proto::{self, HEADER_LEN, Header, Hello, Identity, Role, cmd};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{env_u64, free_addr, median, rss_kib};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A sink: answers PROBE with a server identity; otherwise skips the HELLO frame, reads to EOF
 /// and replies with the byte count (so the sender knows everything arrived).
@@ -218,15 +208,6 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 struct Topology {
     name: String,
     entry: SocketAddr,
@@ -238,21 +219,10 @@ struct Topology {
     _procs: Vec<Proc>,
 }
 
-fn median(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let mid = if s.len() % 2 == 1 {
-        s[s.len() / 2]
-    } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-    };
-    (mid, s[0], s[s.len() - 1])
-}
-
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` would too. Nothing to filter.
-    let bytes = env_num("FERRY_BENCH_BYTES", 1 << 30);
-    let runs = env_num("FERRY_BENCH_RUNS", 5).max(1) as usize;
+    let bytes = env_u64("FERRY_BENCH_BYTES", 1 << 30);
+    let runs = env_u64("FERRY_BENCH_RUNS", 5).max(1) as usize;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let sink = start_sink();
@@ -346,7 +316,7 @@ fn concurrent_rss(dir: &Path, sink: SocketAddr, extra: &str) {
     let (p, addr) = ferry_proxy(dir, "rss", sink, extra);
     let pid = p.pid();
     std::thread::sleep(Duration::from_millis(200));
-    let base = rss_kib(pid);
+    let base = rss_kib(pid as i32);
     let chunk = vec![1u8; 64 * 1024];
     let mut live = Vec::new();
     for _ in 0..1000 {
@@ -357,7 +327,7 @@ fn concurrent_rss(dir: &Path, sink: SocketAddr, extra: &str) {
     }
     // Let the bytes cross, then measure.
     std::thread::sleep(Duration::from_millis(1000));
-    let peak = rss_kib(pid);
+    let peak = rss_kib(pid as i32);
     for s in &live {
         let _ = s.shutdown(Shutdown::Write);
     }

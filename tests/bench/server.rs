@@ -13,6 +13,9 @@
 //! time until the last block is acknowledged; "+over" adds UPLOAD_OVER, which re-reads the file
 //! for its SHA-256 and fsyncs it. Downloads read the file from the page cache (it was just written).
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use ferry_common::proto::{
     self, BlockMeta, DownloadReq, HEADER_LEN, Header, Hello, UploadInit, UploadInitReply, cmd,
     status,
@@ -25,27 +28,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use support::{env_u64, median, random_bytes, rss_kib};
 
 const BS: u32 = 4 << 20;
-
-fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    let mut x = seed | 1;
-    for c in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    v
-}
 
 struct Srv {
     child: Child,
@@ -311,22 +296,8 @@ fn disk_write(dir: &Path, file: &[u8]) -> f64 {
     t
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn show(label: &str, mbs: &mut [f64], base: Option<f64>) -> f64 {
-    let (med, lo, hi) = stats(mbs);
+    let (med, lo, hi) = median(mbs);
     match base {
         Some(b) => println!(
             "{label:<44} {med:>8.0} MB/s  (min {lo:.0}, max {hi:.0})  {:>5.0}% of plain TCP",
@@ -376,7 +347,7 @@ fn main() {
 
 /// Upload and download MB/s next to the plain TCP copy and the disk.
 fn throughput(dir: &Path, mb: usize, runs: usize) {
-    let file = Arc::new(data(mb << 20, 42));
+    let file = Arc::new(random_bytes(mb << 20, 42));
     let size_mb = file.len() as f64 / 1e6;
 
     let mut tcp1 = Vec::new();
@@ -444,8 +415,8 @@ fn throughput(dir: &Path, mb: usize, runs: usize) {
 fn rss(dir: &Path, rss_mb: usize, runs: usize) {
     let srv = start(dir, true);
     let pid = srv.child.id();
-    let idle = rss_kib(pid);
-    let one = Arc::new(data(rss_mb << 20, 7));
+    let idle = rss_kib(pid as i32);
+    let one = Arc::new(random_bytes(rss_mb << 20, 7));
     let mut peaks = Vec::new();
     for run in 0..runs {
         let stop = Arc::new(AtomicBool::new(false));
@@ -454,7 +425,7 @@ fn rss(dir: &Path, rss_mb: usize, runs: usize) {
             let (stop, peak) = (stop.clone(), peak.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    peak.fetch_max(rss_kib(pid), Ordering::SeqCst);
+                    peak.fetch_max(rss_kib(pid as i32), Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })
@@ -488,7 +459,7 @@ fn rss(dir: &Path, rss_mb: usize, runs: usize) {
             delete(srv.addr, &id);
         }
     }
-    let (med, lo, hi) = stats(&mut peaks);
+    let (med, lo, hi) = median(&peaks);
     println!(
         "server RSS peak during 16 concurrent uploads: median {med:.0} MiB (min {lo:.0}, max {hi:.0})"
     );

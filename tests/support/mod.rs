@@ -142,25 +142,55 @@ pub fn wait_ready(addr: SocketAddr, limit: Duration) -> Identity {
     }
 }
 
-/// Writes `size` bytes of deterministic pseudo-random data (xorshift, seeded) to `path`.
+/// `len` bytes of deterministic pseudo-random data (xorshift64, seeded).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut x = seed | 1;
+    for c in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    v
+}
+
+/// Writes `size` bytes of deterministic pseudo-random data (xorshift, seeded) to `path`, in
+/// 64 KiB pieces so memory does not grow with the size.
 pub fn make_file(path: &Path, size: u64, seed: u64) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x = seed | 1;
     let mut left = size;
-    let mut buf = vec![0u8; 1 << 16];
+    let mut piece = 0u64;
     while left > 0 {
-        for chunk in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let b = x.to_le_bytes();
-            chunk.copy_from_slice(&b[..chunk.len()]);
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).unwrap();
+        let n = left.min(1 << 16) as usize;
+        // Each piece has its own seed, derived from the file's, so pieces differ.
+        let seed = seed.wrapping_add(piece.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        f.write_all(&random_bytes(n, seed)).unwrap();
         left -= n as u64;
+        piece += 1;
     }
     f.flush().unwrap();
+}
+
+/// A number from the environment (benchmark and test knobs), or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Median, min and max of benchmark samples (the mean of the two middle ones for an even count).
+pub fn median(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let mid = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (mid, s[0], s[n - 1])
 }
 
 /// SHA-256 of a file, hex.

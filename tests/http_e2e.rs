@@ -392,6 +392,75 @@ fn curl_ranges_conditionals_and_signatures() {
 }
 
 #[test]
+fn ferry_url_reads_the_secret_from_config_or_env_never_a_flag() {
+    if !have("curl") {
+        return;
+    }
+    let srv = Server::start("");
+    let src = srv.path("a.txt");
+    make_file(&src, 5000, 9);
+    let id = srv.upload(&src);
+    let d = srv.dir.path();
+    let base = format!("http://{}", srv.http);
+    let url_with = |conf: &str, env_secret: Option<&str>| {
+        let path = d.join("client.toml");
+        std::fs::write(&path, conf).unwrap();
+        let mut cmd = Command::new(bin("ferry"));
+        cmd.arg("--config")
+            .arg(&path)
+            .args(["url", &id, "--expires", "2m", "--base", &base])
+            .env_remove("FERRY_SECRET")
+            .env_remove("FERRY_APP");
+        if let Some(s) = env_secret {
+            cmd.env("FERRY_SECRET", s);
+        }
+        cmd.output().unwrap()
+    };
+    // [secrets] per app, and a plain `secret`: both give working URLs that expire in ~2 min.
+    for conf in [
+        format!("app = \"{APP}\"\n[secrets]\n{APP} = \"{SECRET}\"\nother = \"x\"\n"),
+        format!("app = \"{APP}\"\nsecret = \"{SECRET}\"\n"),
+    ] {
+        let out = url_with(&conf, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let exp: u64 = url
+            .split("exp=")
+            .nth(1)
+            .and_then(|e| e.split('&').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((now() + 100..=now() + 130).contains(&exp), "exp {exp}");
+        let r = curl(d, &url, &[]);
+        assert_eq!(r.status, 200, "{url}");
+        assert!(r.body == std::fs::read(&src).unwrap());
+    }
+    // FERRY_SECRET wins over the config; a wrong one gives a URL the server refuses.
+    let out = url_with(
+        &format!("app = \"{APP}\"\nsecret = \"{SECRET}\"\n"),
+        Some("wrong-secret"),
+    );
+    let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(curl(d, &url, &[]).status, 403);
+    // No secret anywhere: a one-line error, no URL.
+    let out = url_with(&format!("app = \"{APP}\"\n"), None);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no secret for app"));
+    // There is no flag for the secret.
+    let out = Command::new(bin("ferry"))
+        .args(["url", &id, "--secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
 fn public_reads_are_scoped_by_app() {
     if !have("curl") {
         return;

@@ -232,3 +232,62 @@ impl Gateway {
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// A summary when the server stops (the reactor drops the service last).
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        log::info!(
+            "http gateway on {}: {} requests, {} answered 206, {} header timeouts (408), {} \
+             refused at the connection limit",
+            self.addr,
+            s.requests.load(Ordering::Relaxed),
+            s.partial.load(Ordering::Relaxed),
+            s.timeouts.load(Ordering::Relaxed),
+            s.refused.load(Ordering::Relaxed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_or_short_secrets_are_refused() {
+        let mut c = HttpConfig::default();
+        assert!(c.check().is_ok());
+        c.secrets.insert("demo".into(), String::new());
+        assert!(c.check().is_err());
+        c.secrets.insert("demo".into(), "short".into());
+        assert!(c.check().is_err());
+        c.secrets.insert("demo".into(), "x".repeat(SECRET_MIN));
+        assert!(c.check().is_ok());
+        c.secrets
+            .insert("an-app-id-too-long".into(), "x".repeat(32));
+        assert!(c.check().is_err());
+        let c = HttpConfig {
+            max_header_bytes: 100,
+            ..HttpConfig::default()
+        };
+        assert!(c.check().is_err());
+        // Secrets never show in Debug output (logs, config errors).
+        let mut c = HttpConfig::default();
+        c.secrets
+            .insert("demo".into(), "do-not-print-me-0123".into());
+        assert!(!format!("{c:?}").contains("do-not-print-me"));
+    }
+
+    #[test]
+    fn the_shipped_example_enables_the_gateway() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../conf/server.toml");
+        let cfg: crate::config::Config = ferry_common::config::load(&path).unwrap();
+        assert_eq!(
+            cfg.http.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7480)))
+        );
+        assert!(!cfg.http.public_reads);
+        assert!(cfg.http.secrets.contains_key("demo"));
+        assert!(cfg.check().is_ok());
+    }
+}

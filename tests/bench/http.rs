@@ -12,22 +12,19 @@
 //! nginx serves plain paths. Tools come from Debian packages (curl, wrk, nginx); a missing one
 //! skips its part with a message, so CI does not need them.
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::{env_u64, free_addr, median, random_bytes, rss_kib};
 
 const APP: &str = "bench";
 const SECRET: &str = "bench-secret-0123456789abcdef";
-
-fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
 
 fn have(tool: &str) -> bool {
     let ok = Command::new("sh")
@@ -40,25 +37,6 @@ fn have(tool: &str) -> bool {
         println!("SKIPPED part: {tool} is not installed (apt-get install {tool})");
     }
     ok
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    let mut x = seed | 1;
-    for c in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    v
 }
 
 struct Kill(Child);
@@ -79,12 +57,6 @@ fn wait_port(addr: SocketAddr) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Median, min, max.
-fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 /// Uploads with the real client (4 processes at a time), returning the file ids in order.
@@ -181,15 +153,6 @@ fn wrk_rps(base: &str, paths_file: &Path, script: &Path, secs: u64) -> (f64, f64
     (rps, mb)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` lists harness=false benches this way
@@ -247,7 +210,7 @@ fn main() {
     let big_src = root.join("files").join("big.bin");
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&big_src).unwrap());
-        let chunk = data(8 << 20, 1);
+        let chunk = random_bytes(8 << 20, 1);
         let mut left = big;
         while left > 0 {
             let n = left.min(chunk.len() as u64) as usize;
@@ -268,7 +231,7 @@ fn main() {
     let small: Vec<String> = (0..n_small).map(|i| format!("s{i:04}.bin")).collect();
     let small_paths: Vec<PathBuf> = small.iter().map(|n| root.join("files").join(n)).collect();
     for (i, p) in small_paths.iter().enumerate() {
-        std::fs::write(p, data(64 << 10, 100 + i as u64)).unwrap();
+        std::fs::write(p, random_bytes(64 << 10, 100 + i as u64)).unwrap();
     }
     let t = Instant::now();
     let ids = upload_all(addr, &small_paths, &d.join("state"));
@@ -358,10 +321,10 @@ fn main() {
         }
     }
     let report = |what: &str, f: &mut Vec<f64>, n: &mut Vec<f64>, unit: &str| {
-        let (fm, fl, fh) = stats(f);
+        let (fm, fl, fh) = median(f);
         print!("{what}: ferry {fm:.0} {unit} (min {fl:.0}, max {fh:.0})");
         if !n.is_empty() {
-            let (nm, nl, nh) = stats(n);
+            let (nm, nl, nh) = median(n);
             print!(
                 " | nginx {nm:.0} {unit} (min {nl:.0}, max {nh:.0}) | ferry/nginx {:.0}%",
                 fm / nm * 100.0
@@ -399,7 +362,7 @@ fn main() {
     }
     println!(
         "ferry-server RSS after the runs: {} MiB",
-        rss_kib(srv.0.id()) / 1024
+        rss_kib(srv.0.id() as i32) / 1024
     );
 }
 

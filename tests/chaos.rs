@@ -77,6 +77,8 @@ fn write_conf(dir: &Path) {
         let mut t: toml::Table = text.parse().unwrap();
         if name == cluster::SERVER {
             t.insert("session_ttl_secs".into(), 60.into());
+            // The shipped HTTP port is fixed; this suite does not use the gateway.
+            t.remove("http");
             t.insert("sync_blocks".into(), false.into());
         } else {
             // The shipped stats ports are fixed; tests must not bind them.

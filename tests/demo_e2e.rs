@@ -33,6 +33,10 @@ fn conf_on_free_ports(dir: &Path) -> Vec<SocketAddr> {
             1 | 2 => vec![server.to_string()],
             _ => sp.iter().map(|a| a.to_string()).collect(),
         };
+        if i == 0 {
+            // The shipped HTTP port is fixed; tests running side by side must not share it.
+            t.remove("http");
+        }
         if i > 0 {
             t.insert("upstreams".into(), ups.into());
             t.insert("check_interval_ms".into(), 200.into());
@@ -123,4 +127,93 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     };
     assert_eq!(status.code(), Some(130));
     assert!(none_answer(&addrs), "processes left after Ctrl-C");
+}
+
+#[test]
+fn cluster_up_serves_transfers_until_ctrl_c() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("conf");
+    let addrs = conf_on_free_ports(&conf);
+    let mut child = Command::new(support::bin("ferry"))
+        .args(["cluster", "up", "--conf"])
+        .arg(&conf)
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let t = Instant::now();
+    let mut line = String::new();
+    while !line.contains("Ctrl-C stops all") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "cluster up ended early"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "cluster did not come up"
+        );
+    }
+    // Keep draining its log (prefixed by member) so it never blocks on a full pipe.
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut l = String::new();
+        while err.read_line(&mut l).unwrap_or(0) > 0 {
+            all.push_str(&l);
+            l.clear();
+        }
+        all
+    });
+    // A transfer through the client-proxy pair it started.
+    let src = tmp.path().join("src");
+    support::make_file(&src, 3 << 20, 5);
+    let proxies = format!("{},{}", addrs[3], addrs[4]);
+    let up = Command::new(support::bin("ferry"))
+        .env("FERRY_PROXIES", &proxies)
+        .env("FERRY_STATE_DIR", tmp.path().join("state"))
+        .args(["upload", src.to_str().unwrap(), "--block-size", "1MiB"])
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let id = String::from_utf8(up.stdout).unwrap().trim().to_owned();
+    let out = tmp.path().join("out");
+    let down = Command::new(support::bin("ferry"))
+        .env("FERRY_PROXIES", &proxies)
+        .args(["download", &id, "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_eq!(support::sha256_file(&out), support::sha256_file(&src));
+
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "cluster up ignored SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert!(none_answer(&addrs), "processes left after Ctrl-C");
+    let log = log.join().unwrap();
+    assert!(
+        log.contains("[        server]"),
+        "member logs are prefixed: {log}"
+    );
 }

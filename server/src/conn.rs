@@ -11,7 +11,9 @@
 //! the connection reads the next block (at most [`INFLIGHT_MAX`] blocks waiting per connection).
 //! The syncer wakes the connection through a pipe registered as the connection's second source.
 
-use crate::store::{BlockStart, BlockWriter, Download, OpError, SmallWriter, Storage, Who};
+use crate::store::{
+    BlockStart, BlockWriter, Download, OpError, SmallStart, SmallWriter, Storage, Who,
+};
 use crate::syncer::{AckSlot, SyncJob};
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
@@ -387,16 +389,15 @@ impl ServerConn {
 
     fn start_small(&mut self, who: &Who, meta: &[u8], len: u64) -> Result<(), OpError> {
         let m = UploadMeta::decode(meta).map_err(bad)?;
-        if let Some(id) = self.st.small_done(who, &m.key)? {
-            debug!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");
-            let body = proto::encode_file_id(&id)
-                .map_err(|e| OpError::new(ErrorCode::Internal, e.to_string()))?;
-            self.discard(len, proto::frame(cmd::REPLY_STORAGE, status::OK, &body));
-            return Ok(());
-        }
         match self.st.small_begin(who, m, len) {
-            Ok(w) => {
-                self.sink = Sink::Small(Box::new(w));
+            Ok(SmallStart::Done(id)) => {
+                let body = proto::encode_file_id(&id)
+                    .map_err(|e| OpError::new(ErrorCode::Internal, e.to_string()))?;
+                self.discard(len, proto::frame(cmd::REPLY_STORAGE, status::OK, &body));
+                Ok(())
+            }
+            Ok(SmallStart::Write(w)) => {
+                self.sink = Sink::Small(w);
                 if len == 0 {
                     self.end_payload();
                 }

@@ -16,6 +16,8 @@ pub type Sha256 = [u8; SHA256_LEN];
 /// File status values (seed 004's `status` column).
 pub const FILE_COMMITTING: u8 = 0;
 pub const FILE_STORED: u8 = 1;
+/// Being deleted: invisible, its bytes are being unlinked; start-up finishes the deletion.
+pub const FILE_DELETING: u8 = 2;
 
 /// One stored file (or one committing; see [`FILE_COMMITTING`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,11 +83,13 @@ pub trait MetaStore: Send + Sync {
     fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
     /// A stored file of `app` with this content, for instant upload.
     fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>>;
-    /// Deletes a stored file record of `app`, returning it.
+    /// Marks a stored file of `app` deleting (invisible from then on), returning it; the caller
+    /// unlinks its bytes and then drops the record.
     fn delete_file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
-    /// Deletes any file record (start-up clean-up of committing rows).
+    /// Deletes any file record (after a deletion's unlink, or start-up clean-up).
     fn drop_file(&self, id: &str) -> Result<()>;
-    fn committing_files(&self) -> Result<Vec<FileRec>>;
+    /// Every file record in `status` (start-up: committing and deleting ones).
+    fn files_with_status(&self, status: u8) -> Result<Vec<FileRec>>;
     fn insert_session(&self, s: &SessionRec) -> Result<()>;
     fn sessions(&self) -> Result<Vec<SessionRec>>;
     /// (index, crc) of every acknowledged block of a session.
@@ -350,7 +354,11 @@ impl MetaStore for SqliteStore {
             )
             .optional()?;
         if rec.is_some() {
-            tx.execute("DELETE FROM files WHERE id = ?1", [id])?;
+            tx.execute(
+                "UPDATE files SET status = ?2, updated = ?3 WHERE id = ?1",
+                params![id, FILE_DELETING, now_secs() as i64],
+            )?;
+            tx.execute("DELETE FROM finished_uploads WHERE file_id = ?1", [id])?;
         }
         tx.commit()?;
         Ok(rec)
@@ -365,10 +373,10 @@ impl MetaStore for SqliteStore {
         Ok(())
     }
 
-    fn committing_files(&self) -> Result<Vec<FileRec>> {
+    fn files_with_status(&self, status: u8) -> Result<Vec<FileRec>> {
         let db = self.db.lock();
         let mut st = db.prepare(&format!("SELECT {FILE_COLS} FROM files WHERE status = ?1"))?;
-        let rows = st.query_map([FILE_COMMITTING], file_row)?;
+        let rows = st.query_map([status], file_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
@@ -506,7 +514,7 @@ mod tests {
         let m = SqliteStore::memory().unwrap();
         m.insert_file(&file("a", 1), None).unwrap();
         assert_eq!(m.file("a", "app").unwrap(), None);
-        assert_eq!(m.committing_files().unwrap().len(), 1);
+        assert_eq!(m.files_with_status(FILE_COMMITTING).unwrap().len(), 1);
         m.commit_file("a").unwrap();
         let got = m.file("a", "app").unwrap().unwrap();
         assert_eq!(got.crcs, vec![1, 2]);

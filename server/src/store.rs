@@ -9,8 +9,8 @@
 use crate::config::Config;
 use crate::ids::{IdAllocator, StepAllocator, file_id, file_path};
 use crate::meta::{
-    Challenge, FILE_COMMITTING, FileRec, MetaStore, SessionRec, Sha256 as Digest32, SqliteStore,
-    UploadId, now_ms, now_secs,
+    Challenge, FILE_COMMITTING, FILE_DELETING, FileRec, MetaStore, SessionRec, Sha256 as Digest32,
+    SqliteStore, UploadId, now_ms, now_secs,
 };
 use ferry_common::proto::{
     BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorCode, UploadInit, UploadInitReply,
@@ -169,6 +169,9 @@ pub struct Storage {
     meta: Arc<dyn MetaStore>,
     ids: Arc<dyn IdAllocator>,
     sessions: Mutex<HashMap<UploadId, Arc<Session>>>,
+    /// Small uploads being written now, by (app, user, upload key): a retry of one that is still
+    /// committing waits (Busy) instead of storing a second copy.
+    small_keys: KeyClaims,
     /// Bytes of payload written so far, for the test-only write fault (config `faults`).
     written: AtomicU64,
     pub downloads_over: AtomicU64,
@@ -230,6 +233,7 @@ impl Storage {
             meta,
             ids,
             sessions: Mutex::new(HashMap::new()),
+            small_keys: KeyClaims::default(),
             written: AtomicU64::new(0),
             downloads_over: AtomicU64::new(0),
             _lock: lock,
@@ -243,7 +247,19 @@ impl Storage {
     }
 
     fn recover(&self) -> anyhow::Result<()> {
-        for f in self.meta.committing_files()? {
+        for f in self.meta.files_with_status(FILE_DELETING)? {
+            // A deletion cut short between marking the record and dropping it.
+            info!("recovery: finishing deletion of file {} ({})", f.id, f.path);
+            match fs::remove_file(self.root.join(&f.path)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("removing {}", f.path)));
+                }
+            }
+            self.meta.drop_file(&f.id)?;
+        }
+        for f in self.meta.files_with_status(FILE_COMMITTING)? {
             if self.root.join(&f.path).exists() {
                 // Content was verified before the rename; only the final commit was lost.
                 info!("recovery: finishing commit of file {} ({})", f.id, f.path);
@@ -387,15 +403,9 @@ impl Storage {
 
     // ---- small files (UPLOAD 70) ----
 
-    /// The file an earlier UPLOAD with this key stored (its reply was lost), if any: the
-    /// repeat is answered with the same file id and its bytes are dropped.
-    pub fn small_done(&self, who: &Who, key: &UploadId) -> OpResult<Option<String>> {
-        self.meta
-            .finished_upload(&who.app, &who.user, key)
-            .map_err(|e| db_err(e, "finished upload lookup"))
-    }
-
-    pub fn small_begin(&self, who: &Who, meta: UploadMeta, size: u64) -> OpResult<SmallWriter> {
+    /// Starts a small upload, or answers a repeat: if this app and user already stored a file
+    /// with this upload key (the reply was lost), its id comes back and nothing is written.
+    pub fn small_begin(&self, who: &Who, meta: UploadMeta, size: u64) -> OpResult<SmallStart> {
         if size > self.cfg.small_file_max {
             return Err(OpError::new(
                 ErrorCode::Limit,
@@ -404,6 +414,26 @@ impl Storage {
                     self.cfg.small_file_max
                 ),
             ));
+        }
+        let key = (who.app.clone(), who.user.clone(), meta.key);
+        if !self.small_keys.lock().insert(key.clone()) {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                "an upload with this key is in progress",
+            ));
+        }
+        let claim = KeyClaim {
+            set: self.small_keys.clone(),
+            key,
+        };
+        // Checked while holding the claim, so a copy committing right now cannot slip past.
+        let done = self
+            .meta
+            .finished_upload(&who.app, &who.user, &meta.key)
+            .map_err(|e| db_err(e, "finished upload lookup"))?;
+        if let Some(id) = done {
+            info!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");
+            return Ok(SmallStart::Done(id));
         }
         let tmp = self
             .root
@@ -415,7 +445,8 @@ impl Storage {
             .write(true)
             .open(&tmp)
             .map_err(|e| io_err(&e, "cannot create temp file"))?;
-        Ok(SmallWriter {
+        Ok(SmallStart::Write(Box::new(SmallWriter {
+            _claim: claim,
             who: who.clone(),
             meta,
             size,
@@ -428,7 +459,7 @@ impl Storage {
             block_size: self.cfg.block_size,
             err: None,
             done: false,
-        })
+        })))
     }
 
     // ---- big files ----
@@ -935,17 +966,22 @@ impl Storage {
             }
             Err(e) => return Err(db_err(e, "file delete")),
         };
+        // The record is marked deleting (invisible) first, the bytes go next, the record last:
+        // a crash anywhere in between is finished at start-up, so no file outlives its record.
         let path = self.root.join(&f.path);
-        // The record is gone, so the file is unreachable either way; a failed unlink only leaks
-        // space, which is logged.
         match fs::remove_file(&path) {
             Ok(()) => {
                 let _ = fsync_dir(path.parent().unwrap_or(&self.root));
             }
-            Err(e) => warn!(
-                "file {id}: record deleted but {} stays: {e}",
-                path.display()
-            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                // The record stays in `deleting`, so the next start-up tries again.
+                warn!("file {id}: cannot remove {}: {e}", path.display());
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.meta.drop_file(id) {
+            warn!("file {id}: bytes removed but the record stays deleting until restart: {e:#}");
         }
         info!("file {id} deleted by app {} user {}", who.app, who.user);
         Ok(())
@@ -1183,9 +1219,32 @@ impl Drop for BlockWriter {
     }
 }
 
+type KeyClaims = Arc<Mutex<HashSet<(String, String, UploadId)>>>;
+
+/// A small upload's key, held while it is written and committed; released on drop.
+pub struct KeyClaim {
+    set: KeyClaims,
+    key: (String, String, UploadId),
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.key);
+    }
+}
+
+/// What starting a small upload gives.
+pub enum SmallStart {
+    /// Write the payload through this.
+    Write(Box<SmallWriter>),
+    /// The same upload (same key) was stored before: this is its file id; drop the payload.
+    Done(String),
+}
+
 /// Streams a small file's payload to a temp file, hashing as it goes. Dropped unfinished, it
 /// removes the temp file.
 pub struct SmallWriter {
+    _claim: KeyClaim,
     who: Who,
     meta: UploadMeta,
     size: u64,
@@ -1328,6 +1387,20 @@ mod tests {
                 st.stat(&who, "renamed").unwrap_err().code,
                 ErrorCode::NotFound
             );
+            // A deletion cut short after the record was marked: invisible at once, and its
+            // bytes are gone after the restart.
+            let doomed = file_path(902, 1);
+            fs::write(dir.path().join(&doomed), b"gone soon").unwrap();
+            st.meta
+                .insert_file(&rec("doomed", 902, &doomed), None)
+                .unwrap();
+            st.meta.commit_file("doomed").unwrap();
+            assert!(st.meta.delete_file("doomed", "a").unwrap().is_some());
+            assert_eq!(
+                st.stat(&who, "doomed").unwrap_err().code,
+                ErrorCode::NotFound
+            );
+            assert!(dir.path().join(&doomed).exists());
         }
         let st = open(dir.path());
         assert_eq!(st.stat(&who, "renamed").unwrap().size, 3);
@@ -1335,8 +1408,15 @@ mod tests {
             st.stat(&who, "not-renamed").unwrap_err().code,
             ErrorCode::NotFound
         );
-        assert!(st.meta.committing_files().unwrap().is_empty());
+        assert!(
+            st.meta
+                .files_with_status(FILE_COMMITTING)
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
+        assert!(!dir.path().join(file_path(902, 1)).exists());
+        assert!(st.meta.files_with_status(FILE_DELETING).unwrap().is_empty());
         let dl = st
             .download(
                 &who,
@@ -1377,12 +1457,25 @@ mod tests {
             sha256: Sha256::digest(&data).into(),
             name: "n".into(),
         };
-        let mut w = st.small_begin(&who, meta, data.len() as u64).unwrap();
+        let SmallStart::Write(mut w) = st
+            .small_begin(&who, meta.clone(), data.len() as u64)
+            .unwrap()
+        else {
+            panic!("a new key starts a write");
+        };
+        // While it is being written, a retry with the same key waits.
+        let busy = st.small_begin(&who, meta.clone(), data.len() as u64);
+        assert_eq!(busy.err().map(|e| e.code), Some(ErrorCode::Busy));
         // Uneven pieces, as the network delivers them.
         for piece in data.chunks(7777) {
             w.write(&st, piece);
         }
         let id = w.finish(&st).unwrap();
+        // Once stored, a retry with the same key gets the same file id and writes nothing.
+        match st.small_begin(&who, meta, data.len() as u64) {
+            Ok(SmallStart::Done(again)) => assert_eq!(again, id),
+            _ => panic!("a finished key answers its file id"),
+        }
         assert_eq!(
             st.stat(&who, &id).unwrap().crcs.len(),
             1,

@@ -6,6 +6,8 @@
 //! Reproducible: a seed picks sizes, operations and the fault schedule; it is printed at start
 //! and `FERRY_CHAOS_SEED=N` replays it. The short run (default) is part of the test suite;
 //! `FERRY_CHAOS_LONG=1` (optionally `FERRY_CHAOS_SECS`) runs the long one and prints a summary.
+//! `FERRY_CHAOS_BASELINE=1` runs the same transfers without faults: comparing the throughput
+//! lines gives the time each fault adds.
 
 mod support;
 
@@ -27,6 +29,8 @@ const CONCURRENCY: usize = 3;
 
 struct Plan {
     seed: u64,
+    /// `FERRY_CHAOS_BASELINE=1`: the same transfers with no faults, to measure what faults cost.
+    baseline: bool,
     run_for: Duration,
     min_faults: u64,
     min_transfers: u64,
@@ -39,12 +43,14 @@ fn plan() -> Plan {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
     let long = std::env::var("FERRY_CHAOS_LONG").is_ok_and(|v| v == "1");
+    let baseline = std::env::var("FERRY_CHAOS_BASELINE").is_ok_and(|v| v == "1");
     let secs = std::env::var("FERRY_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok());
     if long {
         Plan {
             seed,
+            baseline,
             run_for: Duration::from_secs(secs.unwrap_or(1800)),
             min_faults: 100,
             min_transfers: 200,
@@ -53,6 +59,7 @@ fn plan() -> Plan {
     } else {
         Plan {
             seed,
+            baseline,
             run_for: Duration::from_secs(secs.unwrap_or(75)),
             min_faults: 10,
             min_transfers: 20,
@@ -347,7 +354,7 @@ fn transfers_survive_dying_proxies_and_server() {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut total_faults = 0u64;
     while started.elapsed() < p.run_for
-        || total_faults < p.min_faults
+        || (total_faults < p.min_faults && !p.baseline)
         || ctx.tally.transfers.load(Ordering::Relaxed) < p.min_transfers
     {
         assert!(
@@ -356,6 +363,9 @@ fn transfers_survive_dying_proxies_and_server() {
             ctx.tally.transfers.load(Ordering::Relaxed)
         );
         pause(&mut rng, 1500, 4000);
+        if p.baseline {
+            continue;
+        }
         let kind = match rng.random_range(0..10) {
             0..=2 => {
                 cl.kill(cluster::CLIENT_PROXY_A).unwrap();
@@ -459,6 +469,10 @@ fn transfers_survive_dying_proxies_and_server() {
         t.instant.load(Ordering::Relaxed),
         t.bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64
     );
+    eprintln!(
+        "  throughput         {:.1} MB/s (all transfers, all workers)",
+        t.bytes.load(Ordering::Relaxed) as f64 / 1e6 / elapsed.as_secs_f64()
+    );
     eprintln!("  faults             {total_faults}");
     for (k, n) in &faults {
         eprintln!("    {k:<20} {n}");
@@ -486,7 +500,7 @@ fn transfers_survive_dying_proxies_and_server() {
         "transfers that never finished"
     );
     assert_eq!(t.corrupt.load(Ordering::Relaxed), 0, "corrupt transfers");
-    assert!(transfers >= p.min_transfers && total_faults >= p.min_faults);
+    assert!(transfers >= p.min_transfers && (p.baseline || total_faults >= p.min_faults));
     assert!(resent <= bound, "{resent} blocks re-sent, bound {bound}");
     assert_eq!(
         leftovers,

@@ -58,6 +58,37 @@ fn conf_on_free_ports(dir: &Path) -> Vec<SocketAddr> {
     addrs
 }
 
+/// Reads `ferry`'s stderr until a line contains `needle` (30 s at most).
+fn wait_for_line(err: &mut impl BufRead, needle: &str) {
+    let t = Instant::now();
+    let mut line = String::new();
+    while !line.contains(needle) {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "ended before {needle:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no {needle:?} in 30 s"
+        );
+    }
+}
+
+/// Sends SIGINT (Ctrl-C) and waits for the exit status (20 s at most).
+fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "SIGINT ignored");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn none_answer(addrs: &[SocketAddr]) -> bool {
     addrs
         .iter()
@@ -107,24 +138,9 @@ fn ctrl_c_stops_every_process_the_demo_started() {
         .unwrap();
     // Wait until the cluster is up and the demo is generating or uploading.
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    let t = Instant::now();
-    let mut line = String::new();
-    while !line.contains("generating") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "demo ended early");
-        assert!(t.elapsed() < Duration::from_secs(30), "demo did not start");
-    }
+    wait_for_line(&mut err, "generating");
     assert!(!none_answer(&addrs[..1]), "the server should be up");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "demo ignored SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = interrupt(&mut child);
     assert_eq!(status.code(), Some(130));
     assert!(none_answer(&addrs), "processes left after Ctrl-C");
 }
@@ -144,19 +160,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
         .spawn()
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    let t = Instant::now();
-    let mut line = String::new();
-    while !line.contains("Ctrl-C stops all") {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "cluster up ended early"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "cluster did not come up"
-        );
-    }
+    wait_for_line(&mut err, "Ctrl-C stops all");
     // Keep draining its log (prefixed by member) so it never blocks on a full pipe.
     let log = std::thread::spawn(move || {
         let mut all = String::new();
@@ -196,19 +200,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     );
     assert_eq!(support::sha256_file(&out), support::sha256_file(&src));
 
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "cluster up ignored SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = interrupt(&mut child);
     assert_eq!(status.code(), Some(130));
     assert!(none_answer(&addrs), "processes left after Ctrl-C");
     let log = log.join().unwrap();

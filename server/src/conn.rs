@@ -11,6 +11,7 @@
 //! the connection reads the next block (at most [`INFLIGHT_MAX`] blocks waiting per connection).
 //! The syncer wakes the connection through a pipe registered as the connection's second source.
 
+use crate::outbox::{Outbox, Written};
 use crate::store::{
     BlockStart, BlockWriter, Download, OpError, SmallStart, SmallWriter, Storage, Who,
 };
@@ -45,7 +46,6 @@ const READ_BUDGET: usize = 8 << 20;
 /// Replies may pile up to this before the connection stops decoding and flushes them.
 const OUT_HIGH: usize = 64 * 1024;
 /// Largest single sendfile call.
-const SENDFILE_MAX: usize = 4 << 20;
 /// Blocks of one connection waiting for the syncer; past this the connection stops reading.
 pub const INFLIGHT_MAX: usize = 4;
 /// Replies queued behind a waiting ack or a download; past this the connection stops reading.
@@ -60,13 +60,6 @@ enum OutItem {
     Ack(Arc<AckSlot>),
 }
 
-/// A download payload being sent.
-struct Sending {
-    dl: Download,
-    off: i64,
-    left: u64,
-}
-
 pub struct ServerConn {
     sock: TcpStream,
     peer: SocketAddr,
@@ -75,10 +68,8 @@ pub struct ServerConn {
     rbuf: Vec<u8>,
     rpos: usize,
     rend: usize,
-    out: Vec<u8>,
-    out_pos: usize,
-    sending: Option<Sending>,
-    /// Replies after `out` and `sending`, in request order.
+    out: Outbox,
+    /// Replies after `out`, in request order.
     queue: VecDeque<OutItem>,
     /// Acks in `queue` not yet filled in by the syncer.
     inflight: usize,
@@ -117,9 +108,7 @@ impl ServerConn {
             rbuf,
             rpos: 0,
             rend: 0,
-            out: Vec::new(),
-            out_pos: 0,
-            sending: None,
+            out: Outbox::default(),
             queue: VecDeque::new(),
             inflight: 0,
             syncer,
@@ -134,7 +123,7 @@ impl ServerConn {
 
     /// Bytes or a file range are being written to the socket.
     fn writing(&self) -> bool {
-        self.out_pos < self.out.len() || self.sending.is_some()
+        self.out.busy()
     }
 
     fn output_pending(&self) -> bool {
@@ -144,7 +133,7 @@ impl ServerConn {
     /// Whether decoding more requests is allowed now (bounds on queued replies and blocks).
     fn can_take_input(&self) -> bool {
         !self.close_after_flush
-            && self.out.len() < OUT_HIGH
+            && self.out.buffered() < OUT_HIGH
             && self.queue.len() < QUEUE_MAX
             && self.inflight < INFLIGHT_MAX
     }
@@ -152,8 +141,8 @@ impl ServerConn {
     /// Queues a reply behind everything before it.
     fn push(&mut self, item: OutItem) {
         match item {
-            OutItem::Bytes(b) if self.queue.is_empty() && self.sending.is_none() => {
-                self.out.extend_from_slice(&b)
+            OutItem::Bytes(b) if self.queue.is_empty() && !self.out.sending_file() => {
+                self.out.extend(&b)
             }
             item => self.queue.push_back(item),
         }
@@ -182,9 +171,10 @@ impl ServerConn {
 
     fn flush(&mut self) -> Flush {
         loop {
-            match self.write_current() {
-                Flush::Done => {}
-                other => return other,
+            match self.out.write(&self.sock, self.peer, u64::MAX) {
+                Written::Done => {}
+                Written::Blocked => return Flush::Blocked,
+                Written::Failed => return Flush::Failed,
             }
             let next = match self.queue.front() {
                 None => return Flush::Done,
@@ -204,66 +194,20 @@ impl ServerConn {
                 Some(_) => Vec::new(),
             };
             match self.queue.pop_front() {
-                Some(OutItem::Bytes(b)) => self.out = b,
-                Some(OutItem::File(dl)) => self.start_sending(dl),
-                Some(OutItem::Ack(_)) => self.out = next,
+                Some(OutItem::Bytes(b)) => self.out.start(b, None),
+                Some(OutItem::File(dl)) => {
+                    let head = proto::data_frame_head(
+                        cmd::REPLY_STORAGE,
+                        status::OK,
+                        &dl.crc.to_be_bytes(),
+                        dl.len,
+                    );
+                    self.out.start(head, Some((dl.file, dl.offset, dl.len)));
+                }
+                Some(OutItem::Ack(_)) => self.out.start(next, None),
                 None => {}
             }
-            self.out_pos = 0;
         }
-    }
-
-    fn start_sending(&mut self, dl: Download) {
-        self.out = proto::data_frame_head(
-            cmd::REPLY_STORAGE,
-            status::OK,
-            &dl.crc.to_be_bytes(),
-            dl.len,
-        );
-        self.sending = Some(Sending {
-            off: dl.offset as i64,
-            left: dl.len,
-            dl,
-        });
-    }
-
-    /// Writes `out`, then the file range being sent, until done or the socket is full.
-    fn write_current(&mut self) -> Flush {
-        while self.out_pos < self.out.len() {
-            match self.sock.write(&self.out[self.out_pos..]) {
-                Ok(0) => return Flush::Failed,
-                Ok(n) => self.out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flush::Blocked,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    debug!("{}: write failed: {e}", self.peer);
-                    return Flush::Failed;
-                }
-            }
-        }
-        self.out.clear();
-        self.out_pos = 0;
-        while let Some(s) = self.sending.as_mut() {
-            if s.left == 0 {
-                self.sending = None;
-                break;
-            }
-            let n = s.left.min(SENDFILE_MAX as u64) as usize;
-            match nix::sys::sendfile::sendfile64(&self.sock, &s.dl.file, Some(&mut s.off), n) {
-                Ok(0) => {
-                    warn!("{}: stored file ended early during a download", self.peer);
-                    return Flush::Failed;
-                }
-                Ok(k) => s.left -= k as u64,
-                Err(nix::errno::Errno::EAGAIN) => return Flush::Blocked,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    debug!("{}: sendfile failed: {e}", self.peer);
-                    return Flush::Failed;
-                }
-            }
-        }
-        Flush::Done
     }
 
     /// Decodes what is buffered until it is used up or replies need flushing first.
@@ -521,11 +465,8 @@ impl ServerConn {
             "{}: download {} [{}, +{}) zero copy: {}",
             self.peer, req.file_id, dl.offset, dl.len, dl.zero_copy
         );
-        if self.queue.is_empty() && !self.writing() {
-            self.start_sending(dl);
-        } else {
-            self.push(OutItem::File(dl));
-        }
+        // Queued like any reply; the flush starts it as soon as everything before it is out.
+        self.push(OutItem::File(dl));
         Ok(())
     }
 }

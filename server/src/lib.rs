@@ -6,6 +6,7 @@
 //! - [`store`]: the data directory, upload sessions and every file operation (disk I/O).
 //! - [`conn`]: one client connection on the reactor (framing, streaming, sendfile).
 //! - [`syncer`]: group commit of uploaded blocks (fdatasync + metadata) off the connections.
+//! - [`outbox`]: a connection's outgoing bytes and sendfile ranges (both protocols).
 //! - [`reaper`]: expires idle upload sessions.
 //! - [`http`]: the HTTP streaming gateway (second listener, `[http]` in the config).
 
@@ -14,6 +15,7 @@ pub mod conn;
 pub mod http;
 pub mod ids;
 pub mod meta;
+pub mod outbox;
 pub mod reaper;
 pub mod store;
 pub mod syncer;

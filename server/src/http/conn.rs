@@ -11,19 +11,17 @@
 use super::Gateway;
 use super::head::{self, Parsed};
 use super::respond::{self, Answer, Body};
+use crate::outbox::{Outbox, Written};
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Step};
-use log::{debug, info, warn};
+use log::{debug, info};
 use mio::Interest;
 use mio::net::TcpStream;
-use std::fs::File;
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Largest single sendfile call, so one connection does not hold its worker for long.
-const SENDFILE_MAX: usize = 4 << 20;
 /// Bytes sent per run before yielding the worker; the WRITABLE re-arm continues it.
 const WRITE_BUDGET: u64 = 16 << 20;
 /// After refusing a request (400, 408, 431, ...) the connection half-closes and reads and drops
@@ -32,12 +30,6 @@ const WRITE_BUDGET: u64 = 16 << 20;
 /// reads it ("lingering close", as Apache and nginx do).
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
-
-struct Sending {
-    file: File,
-    off: i64,
-    left: u64,
-}
 
 enum Flush {
     Done,
@@ -51,9 +43,7 @@ pub struct HttpConn {
     gw: Arc<Gateway>,
     buf: Box<[u8]>,
     len: usize,
-    out: Vec<u8>,
-    out_pos: usize,
-    sending: Option<Sending>,
+    out: Outbox,
     /// When the request head being read must be complete (none while answering).
     deadline: Option<Instant>,
     /// Close once the answer being sent is out.
@@ -79,9 +69,7 @@ impl HttpConn {
             gw,
             buf,
             len: 0,
-            out: Vec::new(),
-            out_pos: 0,
-            sending: None,
+            out: Outbox::default(),
             deadline,
             close_after: false,
             linger: false,
@@ -92,27 +80,22 @@ impl HttpConn {
     }
 
     fn writing(&self) -> bool {
-        self.out_pos < self.out.len() || self.sending.is_some()
+        self.out.busy()
     }
 
     /// Queues an answer: its head, then its body unless this is a HEAD request.
     fn start(&mut self, a: Answer, head_only: bool, keep_alive: bool) {
         let keep = keep_alive && !a.close;
-        self.out = a.head_bytes(keep, SystemTime::now());
-        self.out_pos = 0;
+        let mut head = a.head_bytes(keep, SystemTime::now());
+        let mut file = None;
         if !head_only {
             match a.body {
                 Body::None => {}
-                Body::Text(t) => self.out.extend_from_slice(&t),
-                Body::File { file, off, len } => {
-                    self.sending = Some(Sending {
-                        file,
-                        off: off as i64,
-                        left: len,
-                    })
-                }
+                Body::Text(t) => head.extend_from_slice(&t),
+                Body::File { file: f, off, len } => file = Some((f, off, len)),
             }
         }
+        self.out.start(head, file);
         self.close_after = !keep;
         self.deadline = None;
     }
@@ -147,57 +130,11 @@ impl HttpConn {
     }
 
     fn flush(&mut self) -> Flush {
-        let mut budget = WRITE_BUDGET;
-        // With a file body to follow, MSG_MORE holds the head back so it leaves in the same
-        // segment as the first body bytes (TCP_NODELAY is on for everything else).
-        let more = if self.sending.is_some() {
-            nix::libc::MSG_MORE
-        } else {
-            0
-        };
-        while self.out_pos < self.out.len() {
-            let sock = socket2::SockRef::from(&self.sock);
-            match sock.send_with_flags(&self.out[self.out_pos..], more) {
-                Ok(0) => return Flush::Failed,
-                Ok(n) => self.out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flush::Blocked,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    debug!("{}: write failed: {e}", self.peer);
-                    return Flush::Failed;
-                }
-            }
+        match self.out.write(&self.sock, self.peer, WRITE_BUDGET) {
+            Written::Done => Flush::Done,
+            Written::Blocked => Flush::Blocked,
+            Written::Failed => Flush::Failed,
         }
-        self.out.clear();
-        self.out_pos = 0;
-        while let Some(s) = self.sending.as_mut() {
-            if s.left == 0 {
-                self.sending = None;
-                break;
-            }
-            if budget == 0 {
-                // Yield: the socket is still writable, so the re-arm runs us again at once.
-                return Flush::Blocked;
-            }
-            let n = s.left.min(SENDFILE_MAX as u64) as usize;
-            match nix::sys::sendfile::sendfile64(&self.sock, &s.file, Some(&mut s.off), n) {
-                Ok(0) => {
-                    warn!("{}: stored file ended early during an http body", self.peer);
-                    return Flush::Failed;
-                }
-                Ok(k) => {
-                    s.left -= k as u64;
-                    budget = budget.saturating_sub(k as u64);
-                }
-                Err(nix::errno::Errno::EAGAIN) => return Flush::Blocked,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    debug!("{}: sendfile failed: {e}", self.peer);
-                    return Flush::Failed;
-                }
-            }
-        }
-        Flush::Done
     }
 }
 
@@ -332,7 +269,7 @@ impl Conn for HttpConn {
     }
 
     fn closed(&mut self, why: CloseReason) {
-        if self.sending.is_some() {
+        if self.out.sending_file() {
             debug!("{}: http connection closed ({why:?}) mid-body", self.peer);
         } else {
             debug!("{}: http connection closed ({why:?})", self.peer);

@@ -29,6 +29,60 @@ pub struct Args {
     pub data: Option<PathBuf>,
 }
 
+/// The roles one `ferry-server` process can run on its one listener (seed 004's servers).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Stores files: uploads, downloads, sessions (commands 70-79) and the HTTP gateway.
+    Storage,
+    /// Cluster membership and user -> group routing (commands 10-13).
+    Tracker,
+    /// Unique increasing ids per key (command 40).
+    Id,
+}
+
+/// A storage node's place in a cluster (`[cluster]`); absent on a standalone server.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The group this node belongs to; the nodes of a group share `data` and the metadata DB.
+    pub group: String,
+    /// Trackers this node joins and beats to (all of them).
+    pub trackers: Vec<SocketAddr>,
+    /// The address trackers hand to proxies for this node; defaults to `listen`.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// This node's name among its group's peers (its lock file and temp dir); defaults to the
+    /// advertise address.
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+/// The tracker role's settings (`[tracker]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackerConfig {
+    /// A node that has not beaten for this long is offline (milliseconds).
+    pub offline_after_ms: u64,
+    /// How often nodes beat; told to them in every JOIN/BEAT reply (milliseconds).
+    pub beat_interval_ms: u64,
+    /// Groups created at start when missing.
+    pub groups: Vec<String>,
+    /// Let a JOIN naming an unknown group create it (off: such a JOIN is refused).
+    pub allow_create_groups: bool,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            offline_after_ms: 6000,
+            beat_interval_ms: 2000,
+            groups: Vec::new(),
+            allow_create_groups: false,
+        }
+    }
+}
+
 /// Fault injection for tests that cannot produce the real fault (see `fault_write_fail_after`).
 #[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +98,12 @@ pub struct Faults {
 pub struct Config {
     pub listen: SocketAddr,
     pub data: PathBuf,
+    /// Where metadata lives: unset = embedded SQLite in `data`; `postgres://...` = PostgreSQL
+    /// (shared by a cluster). `FERRY_META_URL` overrides it.
+    pub meta_url: Option<String>,
+    pub roles: Vec<Role>,
+    pub cluster: Option<ClusterConfig>,
+    pub tracker: TrackerConfig,
     pub block_size: u32,
     pub small_file_max: u64,
     pub workers: usize,
@@ -66,6 +126,10 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             data: PathBuf::from("data"),
+            meta_url: None,
+            roles: vec![Role::Storage],
+            cluster: None,
+            tracker: TrackerConfig::default(),
             block_size: 4 << 20,
             small_file_max: 4 << 20,
             workers: 4,
@@ -97,6 +161,11 @@ impl Config {
         if let Some(d) = &args.data {
             cfg.data = d.clone();
         }
+        if let Ok(url) = std::env::var("FERRY_META_URL") {
+            if !url.is_empty() {
+                cfg.meta_url = Some(url);
+            }
+        }
         cfg.check().context("invalid server config")?;
         Ok(cfg)
     }
@@ -119,8 +188,20 @@ impl Config {
         if self.session_ttl_secs == 0 || self.id_step == 0 || self.challenge_max == 0 {
             bail!("session_ttl_secs, id_step and challenge_max must be at least 1");
         }
+        if self.roles.is_empty() {
+            bail!("roles must name at least one of \"storage\", \"tracker\", \"id\"");
+        }
+        if let Some(c) = &self.cluster {
+            if c.group.is_empty() || c.trackers.is_empty() {
+                bail!("[cluster] needs a group and at least one tracker");
+            }
+        }
         self.http.check()?;
         Ok(())
+    }
+
+    pub fn has_role(&self, r: Role) -> bool {
+        self.roles.contains(&r)
     }
 
     pub fn idle_timeout(&self) -> Duration {

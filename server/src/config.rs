@@ -161,10 +161,10 @@ impl Config {
         if let Some(d) = &args.data {
             cfg.data = d.clone();
         }
-        if let Ok(url) = std::env::var("FERRY_META_URL") {
-            if !url.is_empty() {
-                cfg.meta_url = Some(url);
-            }
+        if let Ok(url) = std::env::var("FERRY_META_URL")
+            && !url.is_empty()
+        {
+            cfg.meta_url = Some(url);
         }
         cfg.check().context("invalid server config")?;
         Ok(cfg)
@@ -191,10 +191,10 @@ impl Config {
         if self.roles.is_empty() {
             bail!("roles must name at least one of \"storage\", \"tracker\", \"id\"");
         }
-        if let Some(c) = &self.cluster {
-            if c.group.is_empty() || c.trackers.is_empty() {
-                bail!("[cluster] needs a group and at least one tracker");
-            }
+        if let Some(c) = &self.cluster
+            && (c.group.is_empty() || c.trackers.is_empty())
+        {
+            bail!("[cluster] needs a group and at least one tracker");
         }
         self.http.check()?;
         Ok(())

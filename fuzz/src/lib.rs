@@ -9,8 +9,11 @@ use ferry_common::proto;
 use ferry_common::proto::{self as frames, BodySpec, Decoded, Decoder, cmd};
 use ferry_server::http::{head, range};
 
+/// A harness: arbitrary bytes in, a panic out if a promise is broken.
+pub type Harness = fn(&[u8]);
+
 /// The targets by name, as `corpus/<name>/` and `targets/fuzz_targets/<name>.rs` know them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("frames", frames),
     ("replies", replies),
     ("http_head", http_head),

@@ -85,8 +85,9 @@ pub fn frames(data: &[u8]) {
     );
 }
 
-/// The largest reply body a client accepts per reply command (control bodies only here; the
-/// DOWNLOAD reply's payload is bounded like a block).
+/// The largest reply body a client accepts per reply command (storage replies: the largest
+/// control reply, then a payload bounded like a block; tracker and id replies as the cluster
+/// clients read them).
 fn reply_spec(c: u8) -> Option<BodySpec> {
     match c {
         cmd::REPLY_STORAGE | cmd::REPLY_PROXY => Some(BodySpec {
@@ -94,7 +95,7 @@ fn reply_spec(c: u8) -> Option<BodySpec> {
             exact: false,
             payload_max: proto::BLOCK_MAX,
         }),
-        _ => None,
+        _ => frames::cluster_reply_spec(c),
     }
 }
 
@@ -111,6 +112,10 @@ pub fn replies(data: &[u8]) {
         let _ = frames::Breakpoint::decode(body);
         let _ = frames::BlockAck::decode(body);
         let _ = frames::decode_download_meta(body);
+        let _ = frames::decode_beat_reply(body);
+        let _ = frames::SaddrsReply::decode(body);
+        let _ = frames::GroupsReply::decode(body);
+        let _ = frames::IdReply::decode(body);
     });
 }
 

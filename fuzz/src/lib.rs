@@ -19,6 +19,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("http_head", http_head),
     ("http_range", http_range),
     ("signed_url", signed_url),
+    ("hello_token", hello_token),
 ];
 
 /// Splits `data` into chunks whose sizes come from `data` itself, so the fuzzer explores every
@@ -164,5 +165,34 @@ pub fn signed_url(data: &[u8]) {
     assert!(ferry_common::signing::verify(secret, id, exp, app, &good));
     if !sig.eq_ignore_ascii_case(&good) {
         assert!(!ferry_common::signing::verify(secret, id, exp, app, sig));
+    }
+}
+
+/// A HELLO body and its session token: the HELLO parser, then token parsing and verification.
+/// A token that passes must be exactly what minting its claims with the key gives (one encoding
+/// per identity), and must not pass twice (its nonce is spent).
+pub fn hello_token(data: &[u8]) {
+    use ferry_common::token::{Claims, Policy, Verifier};
+    let credential = match frames::Hello::decode(data) {
+        Ok(h) => h.credential,
+        Err(_) => data.to_vec(),
+    };
+    let key = b"fuzzing-key-0123456789abcdef".to_vec();
+    let keys = [("demo".to_owned(), [("k1".to_owned(), key.clone())].into())].into();
+    let v = Verifier::new(Policy {
+        keys,
+        skew_secs: 60,
+        max_lifetime_secs: 86_400,
+        max_live_tokens: 16,
+    });
+    let now = 1_800_000_000;
+    let _ = Claims::parse(&credential);
+    if let Ok(c) = v.verify(&credential, now) {
+        assert_eq!(
+            c.mint(&key).as_deref(),
+            Ok(&credential[..]),
+            "two encodings verify"
+        );
+        assert!(v.verify(&credential, now).is_err(), "a token passed twice");
     }
 }

@@ -154,3 +154,139 @@ fn accept_survives_emfile_without_spinning() {
         "{warnings} accept warnings: the retry must be paced"
     );
 }
+
+/// Reads frames until one is an error; returns its code and text (None: closed or timed out
+/// without one).
+fn error_reply(s: &mut TcpStream, wait: Duration) -> Option<(proto::ErrorCode, String)> {
+    let _ = s.set_read_timeout(Some(wait));
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).ok()?;
+    let h = proto::Header::decode(&h);
+    let mut body = vec![0u8; usize::try_from(h.body_len).ok()?.min(2048)];
+    s.read_exact(&mut body).ok()?;
+    if h.status == proto::status::OK {
+        return None;
+    }
+    proto::ErrorBody::decode(&body)
+        .ok()
+        .map(|e| (e.code, e.text))
+}
+
+fn closed(s: &mut TcpStream) -> bool {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut b = [0u8; 16];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let conf = dir.path().join("server.toml");
+    std::fs::write(
+        &conf,
+        "idle_timeout_ms = 60000\nhello_timeout_ms = 800\nframe_timeout_ms = 800\n\
+         progress_timeout_ms = 800\nblock_size = 65536\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("ferry-server"));
+    cmd.arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(dir.path().join("data"));
+    let _srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
+    wait_ready(addr, Duration::from_secs(15));
+    let hello = proto::frame(
+        proto::cmd::HELLO,
+        0,
+        &proto::Hello::new("demo", "slowpoke", b"t")
+            .encode()
+            .unwrap(),
+    );
+
+    // 1. Connects and says nothing.
+    let t = Instant::now();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let e = error_reply(&mut silent, Duration::from_secs(5)).expect("told why");
+    assert_eq!(e.0, proto::ErrorCode::Limit, "{e:?}");
+    assert!(e.1.contains("first frame"), "{e:?}");
+    assert!(closed(&mut silent));
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "cut off after {:?}",
+        t.elapsed()
+    );
+
+    // 2. Trickles a STAT header one byte at a time, each byte well within the idle timeout.
+    let mut trickle = TcpStream::connect(addr).unwrap();
+    trickle.write_all(&hello).unwrap();
+    assert!(
+        error_reply(&mut trickle, Duration::from_secs(5)).is_none(),
+        "HELLO accepted"
+    );
+    let stat = proto::frame(proto::cmd::STAT, 0, &proto::encode_file_id("x").unwrap());
+    let t = Instant::now();
+    let mut cut = false;
+    for b in &stat {
+        if trickle.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        if t.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let e = error_reply(&mut trickle, Duration::from_secs(2));
+    assert!(
+        cut || e.as_ref().is_some_and(|e| e.1.contains("incomplete")),
+        "a trickled header was still accepted after {:?}: {e:?}",
+        t.elapsed()
+    );
+
+    // 3. Starts a block upload, then lets its payload stall.
+    let mut stall = TcpStream::connect(addr).unwrap();
+    stall.write_all(&hello).unwrap();
+    assert!(error_reply(&mut stall, Duration::from_secs(5)).is_none());
+    let data = vec![7u8; 300_000];
+    let init = proto::UploadInit {
+        size: data.len() as u64,
+        block_size: 65536,
+        sha256: [0; 32],
+        name: "stall.bin".into(),
+    };
+    stall
+        .write_all(&proto::frame(
+            proto::cmd::UPLOAD_INIT,
+            0,
+            &init.encode().unwrap(),
+        ))
+        .unwrap();
+    let _ = stall.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut h = [0u8; HEADER_LEN];
+    stall.read_exact(&mut h).unwrap();
+    let h = proto::Header::decode(&h);
+    let mut body = vec![0u8; h.body_len as usize];
+    stall.read_exact(&mut body).unwrap();
+    let reply = proto::UploadInitReply::decode(&body).unwrap();
+    let block = &data[..65536];
+    let meta = proto::BlockMeta {
+        upload_id: reply.upload_id,
+        index: 0,
+        offset: 0,
+        len: 65536,
+        crc32c: crc32c::crc32c(block),
+    };
+    let head = proto::data_frame_head(proto::cmd::UPLOAD_BLOCK, 0, &meta.encode(), 65536);
+    stall.write_all(&head).unwrap();
+    stall.write_all(&block[..1000]).unwrap(); // then nothing more
+    let t = Instant::now();
+    let e = error_reply(&mut stall, Duration::from_secs(5)).expect("told why");
+    assert!(e.1.contains("stalled"), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+
+    // Everyone else is still served.
+    assert!(support::probe(addr, Duration::from_secs(2)).is_some());
+}

@@ -9,8 +9,8 @@
 use crate::config::Config;
 use crate::ids::{IdAllocator, StepAllocator, file_id, file_path};
 use crate::meta::{
-    Challenge, FILE_COMMITTING, FILE_DELETING, FileRec, MetaStore, SessionRec, Sha256 as Digest32,
-    SqliteStore, UploadId, now_ms, now_secs,
+    Challenge, Claim, FILE_COMMITTING, FILE_DELETING, FileRec, MetaStore, SessionRec,
+    Sha256 as Digest32, UploadId, now_ms, now_secs,
 };
 use ferry_common::proto::{
     BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorCode, UploadInit, UploadInitReply,
@@ -175,11 +175,59 @@ pub struct Storage {
     /// Bytes of payload written so far, for the test-only write fault (config `faults`).
     written: AtomicU64,
     pub downloads_over: AtomicU64,
-    /// Held for the life of the process: a second server on this data dir fails to start.
-    _lock: File,
+    /// This node's name among the peers sharing the data dir; empty for a standalone server.
+    node: String,
+    /// This node's temp dir relative to the data dir: `tmp` standalone, `tmp/<node>` on a node.
+    tmp_rel: String,
+    /// Held for the life of the process: standalone, `LOCK` exclusively (nothing else may use
+    /// the data dir); a node, `LOCK` shared plus `nodes/<node>.lock` exclusively (peers yes,
+    /// a standalone server or a second process with the same node name no).
+    _locks: Vec<File>,
 }
 
 const TMP: &str = "tmp";
+/// Per-node lock files of the nodes sharing a data dir.
+const NODES: &str = "nodes";
+
+/// Opens (creating) a lock file.
+fn open_lock(path: &Path) -> anyhow::Result<File> {
+    use anyhow::Context;
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Node names become file names (lock file, temp dir): short, no path characters.
+fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n != "."
+        && n != ".."
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+/// This server's node name: `[cluster] node_name`, else its advertise (or listen) address;
+/// "" for a standalone server.
+fn node_name(cfg: &Config) -> anyhow::Result<String> {
+    let Some(c) = &cfg.cluster else {
+        return Ok(String::new());
+    };
+    let name = match &c.node_name {
+        Some(n) => n.clone(),
+        None => c.advertise.unwrap_or(cfg.listen).to_string(),
+    };
+    if !valid_node_name(&name) {
+        anyhow::bail!(
+            "[cluster] node_name {name:?}: use 1-64 letters, digits, '.', '_', '-' or ':'"
+        );
+    }
+    Ok(name)
+}
 const HASH_CHUNK: usize = 1 << 20;
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -203,30 +251,63 @@ fn random_hex() -> String {
 impl Storage {
     /// Opens (creating if needed) the data dir, locks it, opens the metadata DB and recovers from
     /// whatever a crash left behind: committing files are finished or dropped, sessions whose
-    /// temp file is gone or which expired are removed, stray temp files are deleted.
+    /// temp file is gone or which expired are removed, stray temp files are deleted. A node of
+    /// a group (`[cluster]`) touches only what it owns or what a dead peer left (see
+    /// [`Storage::recover`]).
     pub fn open(cfg: Config) -> anyhow::Result<Storage> {
         use anyhow::Context;
         let root = cfg.data.clone();
-        fs::create_dir_all(root.join(TMP))
+        let node = node_name(&cfg)?;
+        let tmp_rel = if node.is_empty() {
+            TMP.to_string()
+        } else {
+            format!("{TMP}/{node}")
+        };
+        fs::create_dir_all(root.join(&tmp_rel))
             .with_context(|| format!("cannot create data dir {}", root.display()))?;
         fs::create_dir_all(root.join("data"))?;
+        fs::create_dir_all(root.join(NODES))?;
         let lock_path = root.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        lock.try_lock().map_err(|_| {
-            anyhow::anyhow!(
-                "data dir {} is in use by another ferry-server (lock {})",
-                root.display(),
-                lock_path.display()
-            )
-        })?;
-        let meta: Arc<dyn MetaStore> = Arc::new(SqliteStore::open(&root.join("meta.db"))?);
+        let lock = open_lock(&lock_path)?;
+        let mut locks = Vec::new();
+        if node.is_empty() {
+            lock.try_lock().map_err(|_| {
+                anyhow::anyhow!(
+                    "data dir {} is in use by another ferry-server (lock {})",
+                    root.display(),
+                    lock_path.display()
+                )
+            })?;
+            locks.push(lock);
+        } else {
+            lock.try_lock_shared().map_err(|_| {
+                anyhow::anyhow!(
+                    "data dir {} is in use by a standalone ferry-server (lock {})",
+                    root.display(),
+                    lock_path.display()
+                )
+            })?;
+            locks.push(lock);
+            let node_lock_path = root.join(NODES).join(format!("{node}.lock"));
+            let node_lock = open_lock(&node_lock_path)?;
+            node_lock.try_lock().map_err(|_| {
+                anyhow::anyhow!(
+                    "node {node} is already running on data dir {} (lock {})",
+                    root.display(),
+                    node_lock_path.display()
+                )
+            })?;
+            locks.push(node_lock);
+        }
+        let meta = crate::meta::open(cfg.meta_url.as_deref(), &root)?;
         let ids: Arc<dyn IdAllocator> =
             Arc::new(StepAllocator::new(meta.clone(), "data", cfg.id_step));
+        if !node.is_empty() {
+            info!(
+                "storage node {node} on shared data dir {} (temp files in {tmp_rel})",
+                root.display()
+            );
+        }
         let st = Storage {
             cfg,
             root,
@@ -236,16 +317,52 @@ impl Storage {
             small_keys: KeyClaims::default(),
             written: AtomicU64::new(0),
             downloads_over: AtomicU64::new(0),
-            _lock: lock,
+            node,
+            tmp_rel,
+            _locks: locks,
         };
         st.recover()?;
         Ok(st)
+    }
+
+    /// This node's name ("" standalone).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the process that wrote records as `node` may still be running. Standalone, no
+    /// other writer can be (the exclusive `LOCK`). On a node: the records of a standalone
+    /// server ("") are abandoned (it cannot run beside us), and a peer is alive exactly while
+    /// it holds `nodes/<peer>.lock`: the kernel drops that lock when the process dies, however
+    /// it dies, so a free lock proves the peer gone.
+    fn peer_alive(&self, peer: &str) -> bool {
+        if peer == self.node {
+            return true;
+        }
+        if self.node.is_empty() || peer.is_empty() || !valid_node_name(peer) {
+            return false;
+        }
+        let path = self.root.join(NODES).join(format!("{peer}.lock"));
+        let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) else {
+            return false; // never started here
+        };
+        // Dropping `f` releases the probe lock at once.
+        f.try_lock().is_err()
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// Start-up clean-up. What each step may touch, so that a live peer's work survives:
+    /// - deletions cut short (`deleting` rows): any; finishing one is idempotent (unlink, drop).
+    /// - `committing` rows: this node's, or a dead peer's ([`Storage::peer_alive`]); a live
+    ///   peer may be between its insert and its rename.
+    /// - sessions: expired ones (the expiry in the DB is refreshed by whichever node sees
+    ///   activity, and the delete is conditional on it), and ones whose temp file is gone
+    ///   (temp files are created before their session row and removed only when the session
+    ///   ends). Every other session is kept and loaded, whoever started it.
+    /// - stray temp files (no session row): in this node's temp dir, and in dead peers' dirs.
     fn recover(&self) -> anyhow::Result<()> {
         for f in self.meta.files_with_status(FILE_DELETING)? {
             // A deletion cut short between marking the record and dropping it.
@@ -260,6 +377,13 @@ impl Storage {
             self.meta.drop_file(&f.id)?;
         }
         for f in self.meta.files_with_status(FILE_COMMITTING)? {
+            if f.node != self.node && self.peer_alive(&f.node) {
+                debug!(
+                    "recovery: file {} is being committed by live node {}",
+                    f.id, f.node
+                );
+                continue;
+            }
             if self.root.join(&f.path).exists() {
                 // Content was verified before the rename; only the final commit was lost.
                 info!("recovery: finishing commit of file {} ({})", f.id, f.path);
@@ -272,58 +396,122 @@ impl Storage {
         }
         let now = now_ms();
         let mut keep = HashSet::new();
-        let mut map = self.sessions.lock();
         for rec in self.meta.sessions()? {
             let path = self.root.join(&rec.temp_path);
             let hex_id = hex::encode(rec.id);
-            if rec.expires_ms <= now || !path.exists() {
-                info!("recovery: removing upload session {hex_id} (expired or temp file gone)");
+            if rec.expires_ms <= now {
+                if self.meta.expire_session(&rec.id, now)? {
+                    info!("recovery: removed expired upload session {hex_id}");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            } else if !path.exists() {
+                info!("recovery: removing upload session {hex_id} (temp file gone)");
                 self.meta.delete_session(&rec.id)?;
-                let _ = fs::remove_file(&path);
                 continue;
             }
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let mut stored = Breakpoint::new(rec.blocks);
-            let mut crcs = vec![0; rec.blocks as usize];
-            for (i, crc) in self.meta.session_blocks(&rec.id)? {
-                if i < rec.blocks {
-                    stored.set(i);
-                    crcs[i as usize] = crc;
+            keep.insert(path);
+            match self.load_session(rec) {
+                Ok(s) => {
+                    let st = s.state.lock();
+                    info!(
+                        "recovery: upload session {hex_id} resumes with {}/{} blocks",
+                        st.stored.count(),
+                        s.rec.blocks
+                    );
+                }
+                Err(e) => warn!("recovery: upload session {hex_id} not loaded: {e:#}"),
+            }
+        }
+        let mut dirs = vec![self.root.join(&self.tmp_rel)];
+        if !self.node.is_empty() {
+            for entry in fs::read_dir(self.root.join(TMP))? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir() && name != self.node && !self.peer_alive(&name) {
+                    dirs.push(entry.path());
                 }
             }
-            info!(
-                "recovery: upload session {hex_id} resumes with {}/{} blocks",
-                stored.count(),
-                rec.blocks
-            );
-            keep.insert(path);
-            let state = SessionState {
-                stored,
-                crcs,
-                writing: HashSet::new(),
-                finishing: false,
-                gone: false,
-                expires_ms: rec.expires_ms,
-                challenge: rec.challenge.clone(),
-            };
-            map.insert(
-                rec.id,
-                Arc::new(Session {
-                    rec,
-                    file,
-                    state: Mutex::new(state),
-                    hash: Mutex::default(),
-                }),
-            );
         }
-        drop(map);
-        for entry in fs::read_dir(self.root.join(TMP))? {
-            let path = entry?.path();
-            if !keep.contains(&path) {
-                info!("recovery: removing stray temp file {}", path.display());
-                let _ = fs::remove_file(&path);
+        for dir in dirs {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_file() && !keep.contains(&path) {
+                    info!("recovery: removing stray temp file {}", path.display());
+                    let _ = fs::remove_file(&path);
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Puts a session from the DB into memory (a restart, or a peer started it): its temp file
+    /// opened, its acknowledged blocks from the DB. A session already in memory wins.
+    fn load_session(&self, rec: SessionRec) -> anyhow::Result<Arc<Session>> {
+        use anyhow::Context;
+        let path = self.root.join(&rec.temp_path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open temp file {}", path.display()))?;
+        let (stored, crcs) = self.acknowledged(&rec)?;
+        let state = SessionState {
+            stored,
+            crcs,
+            writing: HashSet::new(),
+            finishing: false,
+            gone: false,
+            expires_ms: rec.expires_ms,
+            challenge: rec.challenge.clone(),
+        };
+        let id = rec.id;
+        let s = Arc::new(Session {
+            rec,
+            file,
+            state: Mutex::new(state),
+            hash: Mutex::default(),
+        });
+        Ok(self.sessions.lock().entry(id).or_insert(s).clone())
+    }
+
+    /// The acknowledged blocks of a session as the DB has them (every node records there).
+    fn acknowledged(&self, rec: &SessionRec) -> anyhow::Result<(Breakpoint, Vec<u32>)> {
+        let mut stored = Breakpoint::new(rec.blocks);
+        let mut crcs = vec![0; rec.blocks as usize];
+        for (i, crc) in self.meta.session_blocks(&rec.id)? {
+            if i < rec.blocks {
+                stored.set(i);
+                crcs[i as usize] = crc;
+            }
+        }
+        Ok((stored, crcs))
+    }
+
+    /// Brings a session's acknowledged blocks, expiry and challenge up to the DB's before an
+    /// answer that depends on them (QUERY, OVER): a peer may have stored blocks of it. A
+    /// session the DB no longer has ended elsewhere (finished or expired) and is forgotten.
+    fn refresh(&self, s: &Arc<Session>) -> OpResult<()> {
+        let rec = self
+            .meta
+            .session(&s.rec.id)
+            .map_err(|e| db_err(e, "session lookup"))?;
+        let Some(rec) = rec else {
+            self.forget(&s.rec.id);
+            return Err(OpError::new(
+                ErrorCode::UnknownUpload,
+                "upload session ended",
+            ));
+        };
+        let (stored, crcs) = self
+            .acknowledged(&rec)
+            .map_err(|e| db_err(e, "block lookup"))?;
+        let mut st = s.state.lock();
+        st.stored = stored;
+        st.crcs = crcs;
+        st.expires_ms = rec.expires_ms;
+        st.challenge = rec.challenge;
         Ok(())
     }
 
@@ -343,8 +531,28 @@ impl Storage {
         f.write_all_at(data, off)
     }
 
+    /// The session `id` of `who`: from memory, else from the DB (a peer started it, or it was
+    /// reaped from memory here while a peer kept it alive).
     fn session(&self, who: &Who, id: &UploadId) -> OpResult<Arc<Session>> {
-        let s = self.sessions.lock().get(id).cloned();
+        let mut s = self.sessions.lock().get(id).cloned();
+        if s.is_none() {
+            let rec = self
+                .meta
+                .session(id)
+                .map_err(|e| db_err(e, "session lookup"))?;
+            if let Some(rec) = rec.filter(|r| r.app == who.app && r.user == who.user) {
+                match self.load_session(rec) {
+                    Ok(loaded) => {
+                        info!(
+                            "upload session {} loaded from the metadata DB",
+                            hex::encode(id)
+                        );
+                        s = Some(loaded);
+                    }
+                    Err(e) => warn!("upload session {}: {e:#}", hex::encode(id)),
+                }
+            }
+        }
         match s {
             Some(s) if s.rec.app == who.app && s.rec.user == who.user => Ok(s),
             _ => Err(OpError::new(
@@ -391,7 +599,7 @@ impl Storage {
             return Err(io_err(&e, "cannot place the file"));
         }
         let synced = fsync_dir(dst.parent().unwrap_or(&self.root))
-            .and_then(|_| fsync_dir(&self.root.join(TMP)));
+            .and_then(|_| fsync_dir(&self.root.join(&self.tmp_rel)));
         if let Err(e) = synced {
             // The rename may or may not be durable; the committing row lets start-up decide.
             return Err(io_err(&e, "cannot sync the data directory"));
@@ -415,17 +623,7 @@ impl Storage {
                 ),
             ));
         }
-        let key = (who.app.clone(), who.user.clone(), meta.key);
-        if !self.small_keys.lock().insert(key.clone()) {
-            return Err(OpError::new(
-                ErrorCode::Busy,
-                "an upload with this key is in progress",
-            ));
-        }
-        let claim = KeyClaim {
-            set: self.small_keys.clone(),
-            key,
-        };
+        let claim = self.claim_key(who, &meta.key)?;
         // Checked while holding the claim, so a copy committing right now cannot slip past.
         let done = self
             .meta
@@ -437,7 +635,7 @@ impl Storage {
         }
         let tmp = self
             .root
-            .join(TMP)
+            .join(&self.tmp_rel)
             .join(format!("small-{}.part", random_hex()));
         let file = OpenOptions::new()
             .create_new(true)
@@ -460,6 +658,46 @@ impl Storage {
             err: None,
             done: false,
         })))
+    }
+
+    /// Claims a small upload's key: in memory against this node's other connections, in the
+    /// DB against peers (whose claim is taken over only once they are proved dead).
+    fn claim_key(&self, who: &Who, key: &UploadId) -> OpResult<KeyClaim> {
+        let busy = || OpError::new(ErrorCode::Busy, "an upload with this key is in progress");
+        let k = (who.app.clone(), who.user.clone(), *key);
+        if !self.small_keys.lock().insert(k.clone()) {
+            return Err(busy());
+        }
+        // From here on, dropping `claim` releases both claims.
+        let claim = KeyClaim {
+            set: self.small_keys.clone(),
+            key: k,
+            meta: self.meta.clone(),
+            node: self.node.clone(),
+        };
+        let held = self
+            .meta
+            .claim_key(&who.app, &who.user, key, &self.node)
+            .map_err(|e| db_err(e, "upload key claim"))?;
+        match held {
+            Claim::Mine => Ok(claim),
+            Claim::Held(peer) if self.peer_alive(&peer) => {
+                debug!("upload key held by live node {peer}");
+                Err(busy())
+            }
+            Claim::Held(peer) => {
+                let taken = self
+                    .meta
+                    .take_claim(&who.app, &who.user, key, &peer, &self.node)
+                    .map_err(|e| db_err(e, "upload key claim"))?;
+                if taken {
+                    info!("took over an upload key claim of dead node {peer:?}");
+                    Ok(claim)
+                } else {
+                    Err(busy())
+                }
+            }
+        }
     }
 
     // ---- big files ----
@@ -498,7 +736,7 @@ impl Storage {
             ));
         }
         let id: UploadId = rand::rng().random();
-        let temp_rel = format!("{TMP}/{}.part", hex::encode(id));
+        let temp_rel = format!("{}/{}.part", self.tmp_rel, hex::encode(id));
         let temp = self.root.join(&temp_rel);
         let file = OpenOptions::new()
             .create_new(true)
@@ -587,6 +825,7 @@ impl Storage {
 
     pub fn query(&self, who: &Who, id: &UploadId) -> OpResult<Breakpoint> {
         let s = self.session(who, id)?;
+        self.refresh(&s)?;
         let st = s.state.lock();
         if st.gone {
             return Err(OpError::new(
@@ -675,6 +914,13 @@ impl Storage {
             Ok(s) => s,
             Err(e) => return self.already_finished(who, id, e),
         };
+        match self.refresh(&s) {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::UnknownUpload => {
+                return self.already_finished(who, id, e);
+            }
+            Err(e) => return Err(e),
+        }
         {
             let mut st = s.state.lock();
             if st.gone {
@@ -774,6 +1020,7 @@ impl Storage {
             block_size: r.block_size,
             crcs: s.state.lock().crcs.clone(),
             created: now_secs(),
+            node: self.node.clone(),
         };
         self.commit_new_file(&rec, &self.root.join(&r.temp_path), false, Some(&r.id))?;
         self.forget(&r.id);
@@ -872,6 +1119,7 @@ impl Storage {
                 block_size: src.block_size,
                 crcs: src.crcs.clone(),
                 created: now_secs(),
+                node: self.node.clone(),
             };
             // The temp file goes first: if we crash after the commit below, start-up sees a
             // session without its temp file and removes it.
@@ -1005,23 +1253,50 @@ impl Storage {
         if let Err(e) = self.meta.expire_finished(now.saturating_sub(ttl_ms)) {
             warn!("cannot expire finished uploads: {e:#}");
         }
-        let candidates: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        // The DB's expiry is the truth: every node refreshes it on activity, and a session
+        // may be alive through a peer while this node's memory still has an old expiry.
+        let expired = match self.meta.sessions() {
+            Ok(all) => all.into_iter().filter(|r| r.expires_ms <= now),
+            Err(e) => {
+                warn!("cannot list upload sessions to expire: {e:#}");
+                return 0;
+            }
+        };
         let mut n = 0;
-        for s in candidates {
-            {
+        for rec in expired {
+            let local = self.sessions.lock().get(&rec.id).cloned();
+            if let Some(s) = &local {
                 let mut st = s.state.lock();
-                if st.expires_ms > now || st.finishing || !st.writing.is_empty() || st.gone {
+                if st.finishing || !st.writing.is_empty() || st.gone {
                     continue;
                 }
+                // Late writers here must not record blocks of a session being removed.
                 st.gone = true;
             }
+            let removed = match self.meta.expire_session(&rec.id, now) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("cannot expire session {}: {e:#}", hex::encode(rec.id));
+                    false
+                }
+            };
+            if !removed {
+                // Refreshed by a peer's activity in the meantime: still alive.
+                if let Some(s) = &local {
+                    s.state.lock().gone = false;
+                }
+                continue;
+            }
+            let (stored, blocks) = match &local {
+                Some(s) => (s.state.lock().stored.count(), rec.blocks),
+                None => (0, rec.blocks),
+            };
             info!(
-                "upload session {} expired ({} of {} blocks stored); removing it and its temp file",
-                hex::encode(s.rec.id),
-                s.state.lock().stored.count(),
-                s.rec.blocks
+                "upload session {} expired ({stored} of {blocks} blocks known here); removing it and its temp file",
+                hex::encode(rec.id),
             );
-            self.discard(&s);
+            self.forget(&rec.id);
+            let _ = fs::remove_file(self.root.join(&rec.temp_path));
             n += 1;
         }
         n
@@ -1225,10 +1500,18 @@ type KeyClaims = Arc<Mutex<HashSet<(String, String, UploadId)>>>;
 pub struct KeyClaim {
     set: KeyClaims,
     key: (String, String, UploadId),
+    meta: Arc<dyn MetaStore>,
+    node: String,
 }
 
 impl Drop for KeyClaim {
     fn drop(&mut self) {
+        let (app, user, key) = &self.key;
+        // The DB claim goes first, so that while the memory claim stands nobody here re-claims.
+        if let Err(e) = self.meta.release_claim(app, user, key, &self.node) {
+            // Left behind, it is taken over once this node is restarted or proved dead.
+            warn!("cannot release the upload key claim of app {app} user {user}: {e:#}");
+        }
         self.set.lock().remove(&self.key);
     }
 }
@@ -1315,6 +1598,7 @@ impl SmallWriter {
             block_size: self.block_size,
             crcs: std::mem::take(&mut self.crcs),
             created: now_secs(),
+            node: st.node.clone(),
         };
         st.commit_new_file(&rec, &self.tmp, false, Some(&self.meta.key))?;
         self.done = true;
@@ -1360,6 +1644,7 @@ mod tests {
             block_size: 65536,
             crcs: vec![crc32c::crc32c(b"abc")],
             created: 0,
+            node: String::new(),
         }
     }
 

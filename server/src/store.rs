@@ -1715,6 +1715,169 @@ mod tests {
         assert!(dl.zero_copy && dl.len == 3 && dl.crc == crc32c::crc32c(b"abc"));
     }
 
+    fn open_node(dir: &Path, name: &str) -> anyhow::Result<Storage> {
+        Storage::open(Config {
+            data: dir.to_path_buf(),
+            cluster: Some(crate::config::ClusterConfig {
+                group: "g1".into(),
+                trackers: vec!["127.0.0.1:9".parse().unwrap()],
+                advertise: None,
+                node_name: Some(name.into()),
+            }),
+            session_ttl_secs: 60,
+            ..Config::default()
+        })
+    }
+
+    fn who() -> Who {
+        Who {
+            app: "a".into(),
+            user: "u".into(),
+        }
+    }
+
+    /// Stores block `idx` (all bytes `fill`) of a 2-block, 64 KiB-block session.
+    fn store_block(st: &Storage, id: &UploadId, idx: u32, fill: u8) {
+        let data = vec![fill; 65536];
+        let m = BlockMeta {
+            upload_id: *id,
+            index: idx,
+            offset: u64::from(idx) * 65536,
+            len: 65536,
+            crc32c: crc32c::crc32c(&data),
+        };
+        let BlockStart::Write(mut w) = st.block_begin(&who(), &m).unwrap() else {
+            panic!("block {idx} is new");
+        };
+        w.write(st, &data);
+        let r = st.persist_blocks(vec![w.verify().unwrap()]);
+        assert_eq!(r, vec![Ok(BlockAck::Written)]);
+    }
+
+    #[test]
+    fn nodes_share_a_data_dir_and_lock_out_a_standalone_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let _b = open_node(dir.path(), "b").unwrap();
+        let twin = open_node(dir.path(), "a").err().unwrap();
+        assert!(twin.to_string().contains("already running"), "{twin}");
+        let alone = Storage::open(Config {
+            data: dir.path().to_path_buf(),
+            ..Config::default()
+        });
+        assert!(alone.err().unwrap().to_string().contains("in use"));
+        assert!(
+            open_node(dir.path(), "../x").is_err(),
+            "names are file names"
+        );
+        assert!(a.peer_alive("b") && !a.peer_alive("c") && !a.peer_alive(""));
+    }
+
+    /// A session begun on node A is resumed and finished through node B; B's blocks show in
+    /// A's QUERY; B's start-up leaves A's temp file and committing row alone while A lives, and
+    /// a later node cleans up after A once it is dead.
+    #[test]
+    fn a_peer_resumes_a_session_and_recovery_spares_live_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let data: Vec<u8> = [vec![1u8; 65536], vec![2u8; 65536]].concat();
+        let init = UploadInit {
+            size: data.len() as u64,
+            block_size: 65536,
+            sha256: Sha256::digest(&data).into(),
+            name: "f".into(),
+        };
+        let id = a.init(&who(), &init).unwrap().upload_id;
+        store_block(&a, &id, 0, 1);
+        // A's work in flight: a small upload's temp file and a committing row.
+        fs::write(dir.path().join("tmp/a/small-x.part"), b"x").unwrap();
+        let mut committing = rec("a-committing", 950, &file_path(950, 1));
+        committing.node = "a".into();
+        a.meta.insert_file(&committing, None).unwrap();
+
+        let b = open_node(dir.path(), "b").unwrap();
+        assert!(dir.path().join("tmp/a/small-x.part").exists());
+        assert_eq!(a.meta.files_with_status(FILE_COMMITTING).unwrap().len(), 1);
+        assert_eq!(b.query(&who(), &id).unwrap().count(), 1);
+        store_block(&b, &id, 1, 2);
+        assert_eq!(a.query(&who(), &id).unwrap().count(), 2, "A sees B's block");
+        let fid = b.over(&who(), &id).unwrap();
+        // A's stale session answers a repeated OVER with the file B made.
+        assert_eq!(a.over(&who(), &id).unwrap(), fid);
+        assert_eq!(a.stat(&who(), &fid).unwrap().size, 2 * 65536);
+
+        drop(a); // A dies: its lock is free
+        let c = open_node(dir.path(), "c").unwrap();
+        assert!(!dir.path().join("tmp/a/small-x.part").exists());
+        assert!(
+            c.meta
+                .files_with_status(FILE_COMMITTING)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(c.stat(&who(), &fid).unwrap().size, 2 * 65536);
+    }
+
+    #[test]
+    fn a_small_upload_key_is_written_by_one_node_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let b = open_node(dir.path(), "b").unwrap();
+        let body = b"hello".to_vec();
+        let meta = UploadMeta {
+            key: [5; 16],
+            sha256: Sha256::digest(&body).into(),
+            name: "h".into(),
+        };
+        let SmallStart::Write(mut w) = a.small_begin(&who(), meta.clone(), 5).unwrap() else {
+            panic!("new key");
+        };
+        let busy = b.small_begin(&who(), meta.clone(), 5);
+        assert_eq!(busy.err().map(|e| e.code), Some(ErrorCode::Busy));
+        w.write(&a, &body);
+        let id = w.finish(&a).unwrap();
+        match b.small_begin(&who(), meta.clone(), 5) {
+            Ok(SmallStart::Done(again)) => assert_eq!(again, id),
+            _ => panic!("the peer answers the finished key with its file id"),
+        }
+        // A claim left by a node that died mid-write is taken over; one of a live node is not.
+        let key = [6; 16];
+        let other = UploadMeta { key, ..meta };
+        assert_eq!(
+            a.meta.claim_key("a", "u", &key, "dead").unwrap(),
+            Claim::Mine
+        );
+        assert!(matches!(
+            b.small_begin(&who(), other.clone(), 5),
+            Ok(SmallStart::Write(_))
+        ));
+        assert_eq!(a.meta.claim_key("a", "u", &key, "a").unwrap(), Claim::Mine);
+        let busy = b.small_begin(&who(), other, 5);
+        assert_eq!(busy.err().map(|e| e.code), Some(ErrorCode::Busy));
+    }
+
+    /// Node A's memory says a session expired, but B kept it alive in the DB: A must not reap it.
+    #[test]
+    fn the_reaper_trusts_the_database_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let init = UploadInit {
+            size: 65536,
+            block_size: 65536,
+            sha256: [0; 32],
+            name: "f".into(),
+        };
+        let id = a.init(&who(), &init).unwrap().upload_id;
+        let s = a.sessions.lock().get(&id).cloned().unwrap();
+        s.state.lock().expires_ms = 0;
+        assert_eq!(a.reap(), 0);
+        assert!(a.meta.session(&id).unwrap().is_some());
+        a.meta.touch_session(&id, 1).unwrap();
+        assert_eq!(a.reap(), 1);
+        assert!(a.meta.session(&id).unwrap().is_none());
+        assert!(!dir.path().join(&s.rec.temp_path).exists());
+    }
+
     #[test]
     fn a_data_dir_is_locked_by_one_server() {
         let dir = tempfile::tempdir().unwrap();

@@ -27,6 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// An operation's failure as the client will see it: an error code and a human text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +88,14 @@ struct SessionState {
     finishing: bool,
     /// Removed (completed, discarded or expired): late writers must not record anything.
     gone: bool,
-    expires_ms: u64,
+    /// Last activity, on the monotonic clock: a session expires after `session_ttl_secs` of
+    /// real idleness, so a wall-clock jump neither kills a live session nor keeps a dead one.
+    /// The database keeps a wall-clock expiry too, only for sessions found at start-up.
+    active: Instant,
+    /// The expiry in the session's DB row as this node last wrote or read it. Every node writes
+    /// a new one on activity, so a different value in the DB means a peer saw activity: a
+    /// comparison for equality, which no clock jump can fool.
+    db_expires: u64,
     challenge: Option<Challenge>,
 }
 
@@ -230,6 +238,15 @@ fn node_name(cfg: &Config) -> anyhow::Result<String> {
 }
 const HASH_CHUNK: usize = 1 << 20;
 
+/// A session found at start-up was last active `ttl - (expires_ms - now_ms)` ago by the wall
+/// clock (the only clock that survives a restart); from then on the monotonic clock counts.
+fn active_at_start(expires_ms: u64, now_ms: u64, ttl: std::time::Duration) -> Instant {
+    let left = std::time::Duration::from_millis(expires_ms.saturating_sub(now_ms)).min(ttl);
+    Instant::now()
+        .checked_sub(ttl - left)
+        .unwrap_or_else(Instant::now)
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -354,6 +371,11 @@ impl Storage {
         &self.root
     }
 
+    /// The metadata store (the id role reserves its steps in it).
+    pub fn meta(&self) -> Arc<dyn MetaStore> {
+        self.meta.clone()
+    }
+
     /// Start-up clean-up. What each step may touch, so that a live peer's work survives:
     /// - deletions cut short (`deleting` rows): any; finishing one is idempotent (unlink, drop).
     /// - `committing` rows: this node's, or a dead peer's ([`Storage::peer_alive`]); a live
@@ -400,7 +422,7 @@ impl Storage {
             let path = self.root.join(&rec.temp_path);
             let hex_id = hex::encode(rec.id);
             if rec.expires_ms <= now {
-                if self.meta.expire_session(&rec.id, now)? {
+                if self.meta.expire_session(&rec.id, rec.expires_ms)? {
                     info!("recovery: removed expired upload session {hex_id}");
                     let _ = fs::remove_file(&path);
                     continue;
@@ -411,7 +433,8 @@ impl Storage {
                 continue;
             }
             keep.insert(path);
-            match self.load_session(rec) {
+            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
+            match self.load_session(rec, active) {
                 Ok(s) => {
                     let st = s.state.lock();
                     info!(
@@ -447,8 +470,9 @@ impl Storage {
     }
 
     /// Puts a session from the DB into memory (a restart, or a peer started it): its temp file
-    /// opened, its acknowledged blocks from the DB. A session already in memory wins.
-    fn load_session(&self, rec: SessionRec) -> anyhow::Result<Arc<Session>> {
+    /// opened, its acknowledged blocks from the DB, last `active` then. A session already in
+    /// memory wins.
+    fn load_session(&self, rec: SessionRec, active: Instant) -> anyhow::Result<Arc<Session>> {
         use anyhow::Context;
         let path = self.root.join(&rec.temp_path);
         let file = OpenOptions::new()
@@ -463,7 +487,8 @@ impl Storage {
             writing: HashSet::new(),
             finishing: false,
             gone: false,
-            expires_ms: rec.expires_ms,
+            active,
+            db_expires: rec.expires_ms,
             challenge: rec.challenge.clone(),
         };
         let id = rec.id;
@@ -510,7 +535,11 @@ impl Storage {
         let mut st = s.state.lock();
         st.stored = stored;
         st.crcs = crcs;
-        st.expires_ms = rec.expires_ms;
+        if st.db_expires != rec.expires_ms {
+            // A peer recorded activity since this node last looked.
+            st.active = Instant::now();
+            st.db_expires = rec.expires_ms;
+        }
         st.challenge = rec.challenge;
         Ok(())
     }
@@ -541,7 +570,7 @@ impl Storage {
                 .session(id)
                 .map_err(|e| db_err(e, "session lookup"))?;
             if let Some(rec) = rec.filter(|r| r.app == who.app && r.user == who.user) {
-                match self.load_session(rec) {
+                match self.load_session(rec, Instant::now()) {
                     Ok(loaded) => {
                         info!(
                             "upload session {} loaded from the metadata DB",
@@ -562,8 +591,14 @@ impl Storage {
         }
     }
 
+    /// The wall-clock expiry recorded in the database for a session active now.
     fn expiry(&self) -> u64 {
         now_ms() + self.cfg.session_ttl_secs * 1000
+    }
+
+    /// Whether a session has been idle for its whole lifetime (monotonic clock).
+    fn idle_out(&self, st: &SessionState) -> bool {
+        st.active.elapsed() >= self.cfg.session_ttl()
     }
 
     /// Allocates a numeric id, file id and final path, creating the path's directories.
@@ -707,7 +742,6 @@ impl Storage {
             .blocks()
             .map_err(|e| OpError::new(ErrorCode::BadFrame, e.to_string()))?;
         let mut map = self.sessions.lock();
-        let now = now_ms();
         let existing = map.values().find(|s| {
             s.rec.app == who.app
                 && s.rec.user == who.user
@@ -717,9 +751,12 @@ impl Storage {
         });
         if let Some(s) = existing {
             let mut st = s.state.lock();
-            if !st.gone && !st.finishing && st.expires_ms > now {
-                st.expires_ms = self.expiry();
-                let _ = self.meta.touch_session(&s.rec.id, st.expires_ms);
+            if !st.gone && !st.finishing && !self.idle_out(&st) {
+                st.active = Instant::now();
+                let expires = self.expiry();
+                if self.meta.touch_session(&s.rec.id, expires).is_ok() {
+                    st.db_expires = expires;
+                }
                 debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
                 return Ok(UploadInitReply {
                     upload_id: s.rec.id,
@@ -808,7 +845,8 @@ impl Storage {
             writing: HashSet::new(),
             finishing: false,
             gone: false,
-            expires_ms: rec.expires_ms,
+            active: Instant::now(),
+            db_expires: rec.expires_ms,
             challenge,
         };
         map.insert(
@@ -1253,53 +1291,96 @@ impl Storage {
         if let Err(e) = self.meta.expire_finished(now.saturating_sub(ttl_ms)) {
             warn!("cannot expire finished uploads: {e:#}");
         }
-        // The DB's expiry is the truth: every node refreshes it on activity, and a session
-        // may be alive through a peer while this node's memory still has an old expiry.
-        let expired = match self.meta.sessions() {
-            Ok(all) => all.into_iter().filter(|r| r.expires_ms <= now),
-            Err(e) => {
-                warn!("cannot list upload sessions to expire: {e:#}");
-                return 0;
-            }
-        };
+        let candidates: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
         let mut n = 0;
-        for rec in expired {
-            let local = self.sessions.lock().get(&rec.id).cloned();
-            if let Some(s) = &local {
+        for s in candidates {
+            {
+                let st = s.state.lock();
+                if !self.idle_out(&st) || st.finishing || !st.writing.is_empty() || st.gone {
+                    continue;
+                }
+            }
+            // Idle here; a peer may have kept it alive (or ended it) through the DB.
+            let seen = match self.meta.session(&s.rec.id) {
+                Ok(Some(rec)) => rec.expires_ms,
+                Ok(None) => {
+                    debug!("upload session {} ended elsewhere", hex::encode(s.rec.id));
+                    self.forget(&s.rec.id);
+                    continue;
+                }
+                Err(e) => {
+                    warn!("cannot look up session {}: {e:#}", hex::encode(s.rec.id));
+                    continue;
+                }
+            };
+            {
                 let mut st = s.state.lock();
+                if st.db_expires != seen {
+                    st.active = Instant::now();
+                    st.db_expires = seen;
+                    continue;
+                }
                 if st.finishing || !st.writing.is_empty() || st.gone {
                     continue;
                 }
                 // Late writers here must not record blocks of a session being removed.
                 st.gone = true;
             }
-            let removed = match self.meta.expire_session(&rec.id, now) {
+            // Deleted only if no node recorded activity since `seen`.
+            let removed = match self.meta.expire_session(&s.rec.id, seen) {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!("cannot expire session {}: {e:#}", hex::encode(rec.id));
+                    warn!("cannot expire session {}: {e:#}", hex::encode(s.rec.id));
                     false
                 }
             };
             if !removed {
-                // Refreshed by a peer's activity in the meantime: still alive.
-                if let Some(s) = &local {
-                    s.state.lock().gone = false;
-                }
+                s.state.lock().gone = false;
                 continue;
             }
-            let (stored, blocks) = match &local {
-                Some(s) => (s.state.lock().stored.count(), rec.blocks),
-                None => (0, rec.blocks),
-            };
             info!(
-                "upload session {} expired ({stored} of {blocks} blocks known here); removing it and its temp file",
-                hex::encode(rec.id),
+                "upload session {} expired ({} of {} blocks stored); removing it and its temp file",
+                hex::encode(s.rec.id),
+                s.state.lock().stored.count(),
+                s.rec.blocks
             );
-            self.forget(&rec.id);
-            let _ = fs::remove_file(self.root.join(&rec.temp_path));
+            self.forget(&s.rec.id);
+            let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
             n += 1;
         }
+        self.adopt_orphans(now);
         n
+    }
+
+    /// Sessions in the DB that no running node holds (their node died and did not come back)
+    /// are taken into memory once their wall-clock expiry has passed, already idle, so the next
+    /// reap removes them like any other. A live peer's session is not touched: its node keeps
+    /// the expiry in the future while the session is in use.
+    fn adopt_orphans(&self, now: u64) {
+        let all = match self.meta.sessions() {
+            Ok(all) => all,
+            Err(e) => {
+                warn!("cannot list upload sessions: {e:#}");
+                return;
+            }
+        };
+        for rec in all {
+            if rec.expires_ms > now || self.sessions.lock().contains_key(&rec.id) {
+                continue;
+            }
+            let hex_id = hex::encode(rec.id);
+            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
+            match self.load_session(rec.clone(), active) {
+                Ok(_) => debug!("adopted expired upload session {hex_id} of a departed node"),
+                Err(e) => {
+                    // Its temp file is gone: nothing to resume.
+                    debug!("upload session {hex_id}: {e:#}; removing it");
+                    if let Err(e) = self.meta.expire_session(&rec.id, rec.expires_ms) {
+                        warn!("cannot expire session {hex_id}: {e:#}");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1465,7 +1546,8 @@ impl Storage {
             state.stored.set(w.idx);
             state.crcs[w.idx as usize] = w.crc;
             state.writing.remove(&w.idx);
-            state.expires_ms = expires;
+            state.active = Instant::now();
+            state.db_expires = expires;
             w.done = true;
             debug!(
                 "upload {} block {} stored",
@@ -1856,9 +1938,10 @@ mod tests {
         assert_eq!(busy.err().map(|e| e.code), Some(ErrorCode::Busy));
     }
 
-    /// Node A's memory says a session expired, but B kept it alive in the DB: A must not reap it.
+    /// Node A's session is idle on A's clock, but B kept it alive in the DB: A must not reap
+    /// it. Once nobody touched it for a whole TTL of A's clock, A reaps it.
     #[test]
-    fn the_reaper_trusts_the_database_expiry() {
+    fn the_reaper_asks_the_database_before_removing_an_idle_session() {
         let dir = tempfile::tempdir().unwrap();
         let a = open_node(dir.path(), "a").unwrap();
         let init = UploadInit {
@@ -1869,13 +1952,49 @@ mod tests {
         };
         let id = a.init(&who(), &init).unwrap().upload_id;
         let s = a.sessions.lock().get(&id).cloned().unwrap();
-        s.state.lock().expires_ms = 0;
+        let long_ago = Instant::now().checked_sub(a.cfg.session_ttl() * 2).unwrap();
+        s.state.lock().active = long_ago;
+        let peer_expiry = s.state.lock().db_expires + 1;
+        a.meta.touch_session(&id, peer_expiry).unwrap(); // B's activity
         assert_eq!(a.reap(), 0);
         assert!(a.meta.session(&id).unwrap().is_some());
-        a.meta.touch_session(&id, 1).unwrap();
+        assert!(
+            !a.idle_out(&s.state.lock()),
+            "B's activity counts as activity"
+        );
+        s.state.lock().active = long_ago;
         assert_eq!(a.reap(), 1);
         assert!(a.meta.session(&id).unwrap().is_none());
         assert!(!dir.path().join(&s.rec.temp_path).exists());
+    }
+
+    /// A session whose node died for good (only in the DB, expired) is removed by a peer.
+    #[test]
+    fn a_departed_nodes_expired_session_is_reaped_by_a_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open_node(dir.path(), "b").unwrap();
+        let temp = "tmp/gone-node/x.part";
+        fs::create_dir_all(dir.path().join("tmp/gone-node")).unwrap();
+        fs::write(dir.path().join(temp), b"x").unwrap();
+        let rec = SessionRec {
+            id: [7; 16],
+            app: "a".into(),
+            user: "u".into(),
+            size: 1,
+            block_size: 65536,
+            blocks: 1,
+            sha256: [0; 32],
+            name: "x".into(),
+            temp_path: temp.into(),
+            created: 0,
+            expires_ms: now_ms() - 1,
+            challenge: None,
+        };
+        b.meta.insert_session(&rec).unwrap();
+        assert_eq!(b.reap(), 0, "adopted first");
+        assert_eq!(b.reap(), 1);
+        assert!(b.meta.session(&rec.id).unwrap().is_none());
+        assert!(!dir.path().join(temp).exists());
     }
 
     #[test]

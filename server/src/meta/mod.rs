@@ -133,9 +133,10 @@ pub trait MetaStore: Send + Sync {
     fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<()>;
     fn set_challenge(&self, id: &UploadId, c: Option<&Challenge>) -> Result<()>;
     fn delete_session(&self, id: &UploadId) -> Result<()>;
-    /// Deletes a session only if it expired by `now_ms` (its expiry is refreshed by whichever
-    /// node sees activity, so only the database can tell); true when it was deleted.
-    fn expire_session(&self, id: &UploadId, now_ms: u64) -> Result<bool>;
+    /// Deletes a session (and its blocks) only if its expiry is still `seen_expires_ms`: every
+    /// node writes a new expiry on activity, so an unchanged one means no node used the session
+    /// since the caller looked. True when it was deleted.
+    fn expire_session(&self, id: &UploadId, seen_expires_ms: u64) -> Result<bool>;
     /// Claims a small upload's key for `node` while it writes the file. A claim `node` already
     /// held is left over from its previous life (the per-node lock proves that process dead)
     /// and is taken again.

@@ -507,12 +507,12 @@ impl MetaStore for PgStore {
         })
     }
 
-    fn expire_session(&self, id: &UploadId, now_ms: u64) -> Result<bool> {
-        let now = big(now_ms, "time")?;
+    fn expire_session(&self, id: &UploadId, seen_expires_ms: u64) -> Result<bool> {
+        let seen = big(seen_expires_ms, "expiry")?;
         self.tx(|tx| {
             let n = tx.execute(
-                "DELETE FROM upload_sessions WHERE id = $1 AND expires <= $2",
-                &[&id.as_slice(), &now],
+                "DELETE FROM upload_sessions WHERE id = $1 AND expires = $2",
+                &[&id.as_slice(), &seen],
             )?;
             if n > 0 {
                 tx.execute(

@@ -408,12 +408,12 @@ impl MetaStore for SqliteStore {
         Ok(())
     }
 
-    fn expire_session(&self, id: &UploadId, now_ms: u64) -> Result<bool> {
+    fn expire_session(&self, id: &UploadId, seen_expires_ms: u64) -> Result<bool> {
         let mut db = self.db.lock();
         let tx = db.transaction()?;
         let n = tx.execute(
-            "DELETE FROM upload_sessions WHERE id = ?1 AND expires <= ?2",
-            params![id.as_slice(), now_ms as i64],
+            "DELETE FROM upload_sessions WHERE id = ?1 AND expires = ?2",
+            params![id.as_slice(), seen_expires_ms as i64],
         )?;
         if n > 0 {
             tx.execute(

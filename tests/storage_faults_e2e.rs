@@ -378,3 +378,109 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     }
     assert!(srv.log_text().contains("expired"));
 }
+
+/// Starts a plain server with `extra` config lines on a given address.
+fn server_at(dir: &Path, data: &Path, addr: SocketAddr, extra: &str, name: &str) -> Proc {
+    let conf = dir.join(format!("{name}.toml"));
+    std::fs::write(&conf, extra).unwrap();
+    let mut cmd = Command::new(bin("ferry-server"));
+    cmd.arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(data);
+    let p = Proc::spawn(name, &mut cmd, dir);
+    wait_ready(addr, Duration::from_secs(15));
+    p
+}
+
+#[test]
+fn kill_9_at_each_phase_of_a_commit_loses_nothing_and_tears_nothing() {
+    use ferry_server::config::PHASES;
+    let dir = tempfile::tempdir().unwrap();
+    // Big uploads (five 64 KiB blocks) go through every phase; small ones (one request)
+    // through the file phases.
+    let big = dir.path().join("big.mp4");
+    make_file(&big, (5 * 65536) - 100, 21);
+    let small = dir.path().join("small.jpg");
+    make_file(&small, 30_000, 22);
+    let cases = PHASES.iter().map(|p| (*p, &big)).chain(
+        PHASES
+            .iter()
+            .filter(|p| p.starts_with("file-"))
+            .map(|p| (*p, &small)),
+    );
+    for (n, (phase, file)) in cases.enumerate() {
+        let case = dir.path().join(format!("case{n}"));
+        std::fs::create_dir_all(&case).unwrap();
+        let (data, state) = (case.join("data"), case.join("state"));
+        let addr = free_addr();
+        let mut srv = server_at(
+            &case,
+            &data,
+            addr,
+            &format!("[faults]\npause_at = \"{phase}\"\npause_ms = 60000\n"),
+            "paused",
+        );
+        let args = [
+            "--json",
+            "upload",
+            "--threads",
+            "1",
+            "--block-size",
+            "64KiB",
+            file.to_str().unwrap(),
+        ];
+        let mut client = Proc::spawn("upload", &mut ferry(&state, &[addr], &args), &case);
+        let marker = format!("phase {phase} reached");
+        let t = std::time::Instant::now();
+        while !srv.log_text().contains(&marker) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{phase}: never reached\n{}",
+                srv.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        srv.kill();
+        client.kill();
+
+        // Restarted, before any client comes back: whatever is visible is whole.
+        let srv = server_at(&case, &data, addr, "", "restarted");
+        let want = sha256_file(file);
+        for f in files_under(&data.join("data")) {
+            assert_eq!(sha256_file(&f), want, "{phase}: torn file {}", f.display());
+        }
+        // The rerun finishes the upload; exactly one copy is stored; no temp file is left.
+        let r = run(ferry(&state, &[addr], &args));
+        assert!(r.ok, "{phase}: rerun failed: {}", r.stderr);
+        let id = r.json()["file_id"].as_str().unwrap().to_owned();
+        let out = case.join("out");
+        assert_eq!(download_sha(&state, addr, &id, &out), want, "{phase}");
+        let stored = files_under(&data.join("data"));
+        assert_eq!(stored.len(), 1, "{phase}: {stored:?}");
+        // Nothing acknowledged is sent again: at most the block in flight at the kill, and
+        // none once every block was acknowledged (file phases).
+        let rep = r.report();
+        if *file == big {
+            let limit = if phase.starts_with("file-") { 0 } else { 1 };
+            assert!(
+                rep["blocks_resent"].as_u64().unwrap() <= limit,
+                "{phase}: {rep}"
+            );
+            if phase.starts_with("file-") {
+                assert_eq!(rep["blocks_sent"], 0, "{phase}: {rep}");
+            }
+        }
+        assert!(
+            files_under(&data.join("tmp")).is_empty(),
+            "{phase}: temp files left"
+        );
+        eprintln!(
+            "{phase} ({}): rerun ok, report {rep}",
+            file.file_name().unwrap().to_string_lossy()
+        );
+        drop(srv);
+    }
+}

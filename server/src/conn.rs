@@ -101,10 +101,10 @@ impl ServerConn {
         st: Arc<Storage>,
         roles: Arc<Roles>,
         syncer: Sender<SyncJob>,
-    ) -> io::Result<Self> {
+        (wake_tx, wake_rx): (pipe::Sender, pipe::Receiver),
+    ) -> Self {
         let rbuf = vec![0u8; st.cfg.read_buffer_kib * 1024];
-        let (wake_tx, wake_rx) = pipe::new()?;
-        Ok(ServerConn {
+        ServerConn {
             sock,
             peer,
             st,
@@ -123,7 +123,7 @@ impl ServerConn {
             sink: Sink::None,
             close_after_flush: false,
             eof: false,
-        })
+        }
     }
 
     /// Bytes or a file range are being written to the socket.
@@ -654,19 +654,26 @@ impl Service for ServerService {
             return gw.accept(stream, peer);
         }
         debug!("{peer}: connected");
-        match ServerConn::new(
+        // The connection's wake-up pipe is its only other descriptor; without it (EMFILE) the
+        // peer is told why instead of finding its connection silently closed.
+        let wake = match pipe::new() {
+            Ok(w) => w,
+            Err(e) => {
+                warn!("{peer}: cannot set up the connection: {e}");
+                let mut stream = stream;
+                let body = ErrorBody::new(ErrorCode::Limit, "server out of file descriptors");
+                let _ = stream.write(&body.frame(cmd::REPLY_STORAGE));
+                return None;
+            }
+        };
+        Some(Box::new(ServerConn::new(
             stream,
             peer,
             self.st.clone(),
             self.roles.clone(),
             self.syncer.clone(),
-        ) {
-            Ok(c) => Some(Box::new(c)),
-            Err(e) => {
-                warn!("{peer}: cannot set up the connection: {e}");
-                None
-            }
-        }
+            wake,
+        )))
     }
 
     fn refuse(&self, mut stream: TcpStream, peer: SocketAddr) {

@@ -544,6 +544,17 @@ impl Storage {
         Ok(())
     }
 
+    /// Marks a named phase of storing data (config::PHASES) in the log; test-only
+    /// `faults.pause_at` holds the worker there so a test can kill the process at that point.
+    fn phase(&self, name: &'static str, what: &dyn std::fmt::Display) {
+        debug!("phase {name}: {what}");
+        if self.cfg.faults.pause_at.as_deref() == Some(name) {
+            let ms = self.cfg.faults.pause_ms.unwrap_or(30_000);
+            warn!("phase {name} reached ({what}): pausing {ms} ms (faults.pause_at)");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+
     /// Test-only fault (config `faults.write_fail_after`): fail payload writes past a budget.
     fn fault(&self, n: usize) -> io::Result<()> {
         if let Some(limit) = self.cfg.faults.write_fail_after {
@@ -623,6 +634,7 @@ impl Storage {
         self.meta
             .insert_file(rec, upload)
             .map_err(|e| db_err(e, "file insert"))?;
+        self.phase("file-inserted", &rec.id);
         let dst = self.root.join(&rec.path);
         let placed = if link {
             fs::hard_link(src, &dst)
@@ -633,6 +645,7 @@ impl Storage {
             let _ = self.meta.drop_file(&rec.id);
             return Err(io_err(&e, "cannot place the file"));
         }
+        self.phase("file-renamed", &rec.id);
         let synced = fsync_dir(dst.parent().unwrap_or(&self.root))
             .and_then(|_| fsync_dir(&self.root.join(&self.tmp_rel)));
         if let Err(e) = synced {
@@ -641,7 +654,9 @@ impl Storage {
         }
         self.meta
             .commit_file(&rec.id)
-            .map_err(|e| db_err(e, "file commit"))
+            .map_err(|e| db_err(e, "file commit"))?;
+        self.phase("file-committed", &rec.id);
+        Ok(())
     }
 
     // ---- small files (UPLOAD 70) ----
@@ -1499,6 +1514,8 @@ impl Storage {
     /// may be acknowledged). Results come back in the order of `blocks`.
     pub fn persist_blocks(&self, mut blocks: Vec<BlockWriter>) -> Vec<OpResult<BlockAck>> {
         let mut results: Vec<Option<OpResult<BlockAck>>> = vec![None; blocks.len()];
+        let group = BlockGroup(&blocks);
+        self.phase("block-written", &group);
         if self.cfg.sync_blocks {
             let mut synced: HashMap<UploadId, Option<OpError>> = HashMap::new();
             for (i, w) in blocks.iter().enumerate() {
@@ -1523,6 +1540,7 @@ impl Storage {
                 )));
             }
         }
+        self.phase("block-synced", &group);
         let expires = self.expiry();
         let marks: Vec<(UploadId, u32, u32)> = blocks
             .iter()
@@ -1538,6 +1556,7 @@ impl Storage {
                 *r = Some(Err(e.clone()));
             }
         }
+        self.phase("block-recorded", &BlockGroup(&blocks));
         for (w, r) in blocks.iter_mut().zip(results.iter_mut()) {
             if r.is_some() {
                 continue; // failed: dropping the writer releases the block, which stays missing
@@ -1565,6 +1584,24 @@ impl Storage {
                 )))
             })
             .collect()
+    }
+}
+
+/// A group of blocks as the phase log names them: "upload <id> blocks [i, j, ...]".
+struct BlockGroup<'a>(&'a [BlockWriter]);
+
+impl std::fmt::Display for BlockGroup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, w) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{sep}upload {} block {}",
+                hex::encode(w.session.rec.id),
+                w.idx
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -117,4 +117,36 @@ mod tests {
         assert_ne!(x, y);
         assert!(x.starts_with("0000000000000001-") && x.len() == 33);
     }
+
+    /// Two nodes (two pools on one PostgreSQL database), many threads each: every id is
+    /// handed out once. Small steps make the nodes race for the id row all the time.
+    #[test]
+    fn two_nodes_on_one_database_never_share_an_id() {
+        let Some(db) =
+            crate::meta::pg::testdb::create("two_nodes_on_one_database_never_share_an_id")
+        else {
+            return;
+        };
+        const THREADS: usize = 8;
+        const EACH: usize = 250;
+        let nodes: Vec<Arc<StepAllocator>> = (0..2)
+            .map(|_| {
+                let meta: Arc<dyn MetaStore> = Arc::new(db.store());
+                Arc::new(StepAllocator::new(meta, "data", 7))
+            })
+            .collect();
+        let ids: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let a = nodes[t % 2].clone();
+                    s.spawn(move || (0..EACH).map(|_| a.next_id().unwrap()).collect::<Vec<_>>())
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let unique: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        assert_eq!(ids.len(), THREADS * EACH);
+        assert_eq!(unique.len(), ids.len(), "an id was handed out twice");
+        assert!(ids.iter().all(|&i| i >= 1));
+    }
 }

@@ -128,10 +128,19 @@ struct Srv {
 
 impl Srv {
     fn start(dir: &Path, name: &str, backend: &Backend, conf_text: &str) -> Srv {
+        Srv::start_at(dir, name, backend, conf_text, support::free_addr())
+    }
+
+    fn start_at(
+        dir: &Path,
+        name: &str,
+        backend: &Backend,
+        conf_text: &str,
+        addr: SocketAddr,
+    ) -> Srv {
         let data = dir.join(format!("{name}-data"));
         let conf = dir.join(format!("{name}.toml"));
         std::fs::write(&conf, format!("workers = 3\n{conf_text}")).unwrap();
-        let addr = support::free_addr();
         let proc = launch(name, &conf, addr, &data, dir, backend);
         Srv {
             proc,
@@ -341,8 +350,7 @@ fn nodes_join_beat_go_offline_and_come_back() {
         let r = saddrs(tr.addr, "demo", "alice").unwrap();
         assert_eq!(r.nodes.len(), 1, "{} {r:?}", b.name());
         assert_eq!(r.nodes[0].to_string(), a.addr.to_string());
-        // A node started after the tracker restarted on an empty view re-joins by itself
-        // (NotJoined -> JOIN): restart the tracker and the node stays listed.
+        // The tracker restarts (kill -9): the node is still listed and beating.
         let mut tr = tr;
         tr.restart();
         wait_for(
@@ -350,6 +358,29 @@ fn nodes_join_beat_go_offline_and_come_back() {
             Duration::from_secs(10),
             || groups(tr.addr).is_ok_and(|v| node_online(&v, a.addr) == Some(true)),
         );
+        // A tracker on an empty database at the same address answers the node's BEAT with
+        // NotJoined; the node JOINs again by itself.
+        if matches!(b, Backend::Embedded) {
+            let addr = tr.addr;
+            drop(tr);
+            let fresh = Srv::start_at(
+                dir.path(),
+                "tracker-fresh",
+                &b,
+                &tracker_conf(&["g1"], 1000),
+                addr,
+            );
+            wait_for(
+                "node a re-joined the fresh tracker",
+                Duration::from_secs(10),
+                || groups(fresh.addr).is_ok_and(|v| node_online(&v, a.addr) == Some(true)),
+            );
+            assert!(
+                a.proc
+                    .log_text()
+                    .contains("does not know this node; joining again")
+            );
+        }
     });
 }
 

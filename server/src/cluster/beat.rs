@@ -153,8 +153,9 @@ impl TrackerLink {
                     warn!("tracker {} failed (retrying every beat): {e}", self.addr);
                     self.down = true;
                 }
-                // A refused JOIN (unknown group) or a lost tracker: JOIN again next time.
-                if e.code() != Some(ErrorCode::Unavailable) {
+                // A refused request (unknown group, a limit): JOIN again next time. An
+                // unreachable tracker may still know us; if not, its NotJoined says so.
+                if e.code().is_some_and(|c| c != ErrorCode::Unavailable) {
                     self.joined = false;
                 }
             }

@@ -588,7 +588,12 @@ fn raw(addr: SocketAddr, bytes: &[u8]) -> (ErrorCode, bool) {
 fn bad_input_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let b = Backend::Embedded;
-    let tr = Srv::start(dir.path(), "tracker", &b, &tracker_conf(&["g1", "g2"], 400));
+    let tr = Srv::start(
+        dir.path(),
+        "tracker",
+        &b,
+        &tracker_conf(&["g1", "g2"], 1500),
+    );
     // JOIN with an unknown group; BEAT from a node that never joined.
     let e = fake(tr.addr, cmd::TRACKER_JOIN, "nope", 7401, 1).unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::UnknownGroup));
@@ -639,7 +644,7 @@ fn bad_input_gets_clear_errors() {
     // A user routed to a group whose only node went offline: NoNode naming the group.
     fake(tr.addr, cmd::TRACKER_JOIN, "g1", 7401, 1).unwrap();
     assert_eq!(saddrs(tr.addr, "demo", "alice").unwrap().group, "g1");
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(1800));
     let e = saddrs(tr.addr, "demo", "alice").unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NoNode));
     assert!(e.to_string().contains("group g1 has no online node"), "{e}");

@@ -4,6 +4,8 @@
 //!
 //! - ID_GET ids/s with 1 and 8 client threads, one id per request and batches of
 //!   `FERRY_BENCH_BATCH` (default 1000), the id server reserving steps of `id_step = 1000`;
+//!   and one id per request with 32 requests in flight per connection (pipelined: what the
+//!   server sustains, not one loopback round trip per id);
 //! - SADDRS requests/s with 1 and 8 client threads over `FERRY_BENCH_USERS` users (default
 //!   1000, all routed before timing: the steady state a proxy sees).
 //!
@@ -17,7 +19,8 @@ mod support;
 use ferry_common::proto::{
     self, Caller, ID_REPLY_LEN, IdGet, IdReply, NodeHello, SADDRS_REPLY_MAX, SaddrsReq, cmd,
 };
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,6 +109,25 @@ fn ids(c: &mut Caller, count: u32) -> u64 {
     u64::from(IdReply::decode(&b).unwrap().count)
 }
 
+/// `depth` single-id requests written at once on a raw connection, then their replies read:
+/// the server's capacity rather than one round trip per id.
+fn ids_pipelined(s: &mut TcpStream, depth: usize) -> u64 {
+    let q = IdGet {
+        key: "bench".into(),
+        count: 1,
+    }
+    .encode()
+    .unwrap();
+    let one = proto::frame(cmd::ID_GET, 0, &q);
+    s.write_all(&one.repeat(depth)).unwrap();
+    let mut replies = vec![0u8; depth * (proto::HEADER_LEN + ID_REPLY_LEN)];
+    s.read_exact(&mut replies).unwrap();
+    for r in replies.chunks(proto::HEADER_LEN + ID_REPLY_LEN) {
+        assert_eq!((r[8], r[9]), (cmd::REPLY_ID, 0), "an ID_GET reply");
+    }
+    depth as u64
+}
+
 fn saddrs_body(user: u64) -> Vec<u8> {
     SaddrsReq {
         app: "bench".into(),
@@ -154,6 +176,35 @@ fn bench_backend(label: &str, dir: &Path, url: Option<&str>, runs: usize, secs: 
                 "ids/s",
             );
         }
+    }
+    for threads in [1usize, 8] {
+        let s: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t0 = Instant::now();
+                let total: u64 = std::thread::scope(|sc| {
+                    let js: Vec<_> = (0..threads)
+                        .map(|_| {
+                            sc.spawn(|| {
+                                let mut s = TcpStream::connect(id.addr).unwrap();
+                                s.set_nodelay(true).unwrap();
+                                let mut n = 0;
+                                while t0.elapsed() < secs {
+                                    n += ids_pipelined(&mut s, 32);
+                                }
+                                n
+                            })
+                        })
+                        .collect();
+                    js.into_iter().map(|j| j.join().unwrap()).sum()
+                });
+                total as f64 / t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        report(
+            &format!("{label}: ID_GET count=1, 32 in flight, {threads} thread(s)"),
+            &s,
+            "ids/s",
+        );
     }
     drop(id);
     let tracker = start(

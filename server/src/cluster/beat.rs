@@ -51,6 +51,12 @@ impl Beater {
         advertise: SocketAddr,
         data: PathBuf,
     ) -> std::io::Result<Beater> {
+        if advertise.ip().is_unspecified() {
+            warn!(
+                "[cluster] advertises {advertise}, which proxies cannot connect to; set \
+                 cluster.advertise to this node's reachable address"
+            );
+        }
         let me = NodeHello {
             group: cfg.group.clone(),
             host: advertise.ip().to_string(),

@@ -390,3 +390,96 @@ fn a_proxy_caps_sessions_per_client_address() {
     }
     drop(b);
 }
+
+/// A server with `extra` config lines; returns it and its address.
+fn server_with(dir: &std::path::Path, extra: &str) -> (Proc, std::net::SocketAddr) {
+    let addr = free_addr();
+    let conf = dir.join("server.toml");
+    std::fs::write(&conf, extra).unwrap();
+    let mut cmd = Command::new(bin("ferry-server"));
+    cmd.arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(dir.join("data"));
+    let p = Proc::spawn("ferry-server", &mut cmd, dir);
+    wait_ready(addr, Duration::from_secs(15));
+    (p, addr)
+}
+
+fn hello_as(addr: std::net::SocketAddr, user: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let body = proto::Hello::new("demo", user, b"t").encode().unwrap();
+    s.write_all(&proto::frame(proto::cmd::HELLO, 0, &body))
+        .unwrap();
+    assert_eq!(answer(&mut s, Duration::from_secs(5)), Answer::Ok, "HELLO");
+    s
+}
+
+fn init(s: &mut TcpStream, size: u64, seed: u8) -> Answer {
+    let body = proto::UploadInit {
+        size,
+        block_size: 65536,
+        sha256: [seed; 32],
+        name: format!("f{seed}"),
+    };
+    s.write_all(&proto::frame(
+        proto::cmd::UPLOAD_INIT,
+        0,
+        &body.encode().unwrap(),
+    ))
+    .unwrap();
+    answer(s, Duration::from_secs(5))
+}
+
+#[test]
+fn upload_sessions_per_user_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, addr) = server_with(dir.path(), "max_sessions_per_user = 2\n");
+    let mut alice = hello_as(addr, "alice");
+    assert_eq!(init(&mut alice, 1 << 20, 1), Answer::Ok);
+    assert_eq!(init(&mut alice, 1 << 20, 2), Answer::Ok);
+    // The same upload again resumes its session: not a new one, not refused.
+    assert_eq!(init(&mut alice, 1 << 20, 2), Answer::Ok);
+    match init(&mut alice, 1 << 20, 3) {
+        Answer::Error(proto::ErrorCode::Limit, t) => assert!(t.contains("alice"), "{t}"),
+        other => panic!("third session: {other:?}"),
+    }
+    // Someone else is not affected.
+    let mut bob = hello_as(addr, "bob");
+    assert_eq!(init(&mut bob, 1 << 20, 3), Answer::Ok);
+}
+
+#[test]
+fn uploads_that_would_eat_the_free_space_reserve_are_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    // A reserve larger than any disk: every upload would break it.
+    let (_srv, addr) = server_with(dir.path(), "min_free_bytes = 1152921504606846976\n");
+    let mut c = hello_as(addr, "carol");
+    match init(&mut c, 1 << 20, 1) {
+        Answer::Error(proto::ErrorCode::NoSpace, t) => assert!(t.contains("reserve"), "{t}"),
+        other => panic!("UPLOAD_INIT: {other:?}"),
+    }
+    let meta = proto::UploadMeta {
+        key: [9; 16],
+        sha256: [0; 32],
+        name: "small".into(),
+    }
+    .encode()
+    .unwrap();
+    let mut f = proto::data_frame_head(proto::cmd::UPLOAD, 0, &meta, 1000);
+    f.extend_from_slice(&[1u8; 1000]);
+    c.write_all(&f).unwrap();
+    assert!(matches!(
+        answer(&mut c, Duration::from_secs(5)),
+        Answer::Error(proto::ErrorCode::NoSpace, _)
+    ));
+    assert!(
+        std::fs::read_dir(dir.path().join("data/data"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "nothing stored"
+    );
+    assert!(support::probe(addr, Duration::from_secs(2)).is_some());
+}

@@ -861,11 +861,13 @@ fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
     // A real 8 MiB filesystem when we may mount one; otherwise the documented test-only fault
     // (`faults.write_fail_after`) makes payload writes fail with ENOSPC after 5 MiB.
     let fs = Tmpfs::mount(&data, "8m");
+    // No free-space reserve: this test is about what happens when the disk really fills.
     let extra = if fs.is_some() {
-        "small_file_max = 4194304\nsync_blocks = true".to_string()
+        "small_file_max = 4194304\nmin_free_bytes = 0\nsync_blocks = true".to_string()
     } else {
         eprintln!("cannot mount a tmpfs here; using the injected ENOSPC fault");
-        "small_file_max = 4194304\n[faults]\nwrite_fail_after = 5242880".to_string()
+        "small_file_max = 4194304\nmin_free_bytes = 0\n[faults]\nwrite_fail_after = 5242880"
+            .to_string()
     };
     let srv = Server::start(dir.path(), &data, &extra);
     let mut c = Client::hello(srv.addr, "demo", "erin");

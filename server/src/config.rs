@@ -144,6 +144,11 @@ pub struct Config {
     pub progress_timeout_ms: u64,
     pub session_ttl_secs: u64,
     pub max_sessions: usize,
+    /// Most upload sessions one user (of one app) may have open.
+    pub max_sessions_per_user: usize,
+    /// Uploads that would leave less free space than this on the data volume are refused up
+    /// front (error 15), so the database and in-flight uploads never hit a full disk.
+    pub min_free_bytes: u64,
     pub shutdown_grace_ms: u64,
     pub read_buffer_kib: usize,
     pub sync_blocks: bool,
@@ -174,6 +179,8 @@ impl Default for Config {
             progress_timeout_ms: 60_000,
             session_ttl_secs: 86_400,
             max_sessions: 10_000,
+            max_sessions_per_user: 64,
+            min_free_bytes: 256 << 20,
             shutdown_grace_ms: 10_000,
             read_buffer_kib: 256,
             sync_blocks: true,
@@ -216,8 +223,15 @@ impl Config {
         if self.small_file_max > BLOCK_MAX {
             bail!("small_file_max must be at most 64 MiB (the protocol's payload limit)");
         }
-        if self.workers == 0 || self.max_connections == 0 || self.max_sessions == 0 {
-            bail!("workers, max_connections and max_sessions must be at least 1");
+        if self.workers == 0
+            || self.max_connections == 0
+            || self.max_sessions == 0
+            || self.max_sessions_per_user == 0
+        {
+            bail!(
+                "workers, max_connections, max_sessions and max_sessions_per_user must be at \
+                 least 1"
+            );
         }
         if self.hello_timeout_ms == 0 || self.frame_timeout_ms == 0 || self.progress_timeout_ms == 0
         {

@@ -247,6 +247,17 @@ fn active_at_start(expires_ms: u64, now_ms: u64, ttl: std::time::Duration) -> In
         .unwrap_or_else(Instant::now)
 }
 
+/// Bytes available to unprivileged writers on the volume holding `dir` (0 if unknown).
+pub fn free_bytes(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) => s.blocks_available().saturating_mul(s.fragment_size()),
+        Err(e) => {
+            warn!("cannot statvfs {}: {e}", dir.display());
+            0
+        }
+    }
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -602,6 +613,24 @@ impl Storage {
         }
     }
 
+    /// Refuses an upload of `size` bytes up front if it would leave less than `min_free_bytes`
+    /// free on the data volume (the reserve keeps the metadata database, logs and other
+    /// uploads' last blocks writable).
+    fn check_reserve(&self, size: u64) -> OpResult<()> {
+        let free = free_bytes(&self.root);
+        let reserve = self.cfg.min_free_bytes;
+        if free < size.saturating_add(reserve) {
+            return Err(OpError::new(
+                ErrorCode::NoSpace,
+                format!(
+                    "{size} bytes would leave under the {reserve}-byte free-space reserve \
+                     ({free} bytes free)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The wall-clock expiry recorded in the database for a session active now.
     fn expiry(&self) -> u64 {
         now_ms() + self.cfg.session_ttl_secs * 1000
@@ -673,6 +702,7 @@ impl Storage {
                 ),
             ));
         }
+        self.check_reserve(size)?;
         let claim = self.claim_key(who, &meta.key)?;
         // Checked while holding the claim, so a copy committing right now cannot slip past.
         let done = self
@@ -787,6 +817,21 @@ impl Storage {
                 format!("{} upload sessions open; try later", map.len()),
             ));
         }
+        let mine = map
+            .values()
+            .filter(|s| s.rec.app == who.app && s.rec.user == who.user)
+            .count();
+        if mine >= self.cfg.max_sessions_per_user {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "user {} already has {mine} upload sessions open (the most allowed); \
+                     finish or abandon one",
+                    who.user
+                ),
+            ));
+        }
+        self.check_reserve(init.size)?;
         let id: UploadId = rand::rng().random();
         let temp_rel = format!("{}/{}.part", self.tmp_rel, hex::encode(id));
         let temp = self.root.join(&temp_rel);

@@ -10,7 +10,7 @@ use crossbeam_channel::{Sender, bounded};
 use ferry_common::proto::{self, BEAT_REPLY_LEN, CallError, ErrorCode, NodeHello, call_once, cmd};
 use log::{info, warn};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,17 +19,6 @@ const DEFAULT_INTERVAL: Duration = Duration::from_millis(2000);
 /// Beats are never closer than this, whatever a tracker asks.
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Bytes available to unprivileged writers on the volume holding `dir` (0 if unknown).
-pub fn free_bytes(dir: &Path) -> u64 {
-    match nix::sys::statvfs::statvfs(dir) {
-        Ok(s) => s.blocks_available().saturating_mul(s.fragment_size()),
-        Err(e) => {
-            warn!("cannot statvfs {}: {e}", dir.display());
-            0
-        }
-    }
-}
 
 struct TrackerLink {
     addr: SocketAddr,
@@ -81,7 +70,7 @@ impl Beater {
             .spawn(move || {
                 loop {
                     let mut me = me.clone();
-                    me.free = free_bytes(&data);
+                    me.free = crate::store::free_bytes(&data);
                     let started = Instant::now();
                     for l in &mut links {
                         l.exchange(&me);

@@ -7,7 +7,9 @@
 //!   (`-t2 -c16`, keep-alive, a Lua script cycling through every file), `FERRY_BENCH_SECS` per run.
 //!
 //! Every measurement runs `FERRY_BENCH_RUNS` times (default 5), alternating ferry and nginx, and
-//! prints median and min-max. `FERRY_BENCH_WORKERS` sets the server's worker threads (default 4).
+//! prints median and min-max. For the small files it also prints each server's CPU time per
+//! request (all its threads and processes, from /proc): on a loaded machine requests/s mostly
+//! says which server got more CPU, CPU per request says which one needs less. `FERRY_BENCH_WORKERS` sets the server's worker threads (default 4).
 //! ferry's URLs are signed (the signature is checked on every request);
 //! nginx serves plain paths. Tools come from Debian packages (curl, wrk, nginx); a missing one
 //! skips its part with a message, so CI does not need them.
@@ -121,8 +123,29 @@ fn curl_mbps(url: &str, size: u64) -> f64 {
     size as f64 / 1e6 / secs
 }
 
-/// Requests/s and MB/s of wrk cycling through `paths`; panics on any error answer.
-fn wrk_rps(base: &str, paths_file: &Path, script: &Path, secs: u64) -> (f64, f64) {
+/// Nanoseconds on CPU of process `pid`, its threads and (recursively) its child processes.
+fn cpu_ns(pid: u32) -> u64 {
+    let mut total = 0;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    for task in tasks.into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split(' ')
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            total += cpu_ns(child);
+        }
+    }
+    total
+}
+
+/// Requests/s and MB/s of wrk cycling through `paths`, and the server's (`pid`) CPU
+/// microseconds per request; panics on any error answer.
+fn wrk_rps(base: &str, paths_file: &Path, script: &Path, secs: u64, pid: u32) -> (f64, f64, f64) {
+    let cpu0 = cpu_ns(pid);
     let out = Command::new("wrk")
         .args(["-t2", "-c16", &format!("-d{secs}s"), "-s"])
         .arg(script)
@@ -130,6 +153,7 @@ fn wrk_rps(base: &str, paths_file: &Path, script: &Path, secs: u64) -> (f64, f64
         .env("PATHS_FILE", paths_file)
         .output()
         .unwrap();
+    let cpu = cpu_ns(pid).saturating_sub(cpu0);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         !text.contains("Non-2xx") && !text.contains("Socket errors"),
@@ -150,7 +174,12 @@ fn wrk_rps(base: &str, paths_file: &Path, script: &Path, secs: u64) -> (f64, f64
     } else {
         t.trim_end_matches("KB").parse::<f64>().unwrap_or(0.0) / 1000.0
     };
-    (rps, mb)
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk output:\n{text}"));
+    (rps, mb, cpu as f64 / 1e3 / requests.max(1.0))
 }
 
 fn main() {
@@ -342,14 +371,29 @@ fn main() {
 
     if have("wrk") {
         let (mut fr, mut nr, mut fm, mut nm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut fc, mut nc) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let (r, m) = wrk_rps(&format!("http://{http}"), &ferry_paths, &script, secs);
+            let (r, m, c) = wrk_rps(
+                &format!("http://{http}"),
+                &ferry_paths,
+                &script,
+                secs,
+                srv.0.id(),
+            );
             fr.push(r);
             fm.push(m);
-            if _nginx.is_some() {
-                let (r, m) = wrk_rps(&format!("http://{nginx_addr}"), &nginx_paths, &script, secs);
+            fc.push(c);
+            if let Some(n) = &_nginx {
+                let (r, m, c) = wrk_rps(
+                    &format!("http://{nginx_addr}"),
+                    &nginx_paths,
+                    &script,
+                    secs,
+                    n.0.id(),
+                );
                 nr.push(r);
                 nm.push(m);
+                nc.push(c);
             }
         }
         report(
@@ -359,6 +403,8 @@ fn main() {
             "req/s",
         );
         report("  same, transfer", &mut fm, &mut nm, "MB/s");
+        // Lower is better here: the "ferry/nginx" figure is ferry's CPU cost relative to nginx's.
+        report("  same, server CPU per request", &mut fc, &mut nc, "us");
     }
     println!(
         "ferry-server RSS after the runs: {} MiB",

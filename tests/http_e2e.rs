@@ -10,30 +10,12 @@ mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
 
 const APP: &str = "demo";
 const SECRET: &str = "test-secret-0123456789abcdef";
-
-/// Whether `tool` is installed; in CI a missing tool is a failure, elsewhere a skip.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("CI").is_err(),
-            "{tool} is not installed (CI must install it: .ci/run)"
-        );
-        eprintln!("SKIPPED: {tool} is not installed (apt-get install it to run this test)");
-    }
-    found
-}
 
 struct Server {
     proc: Proc,
@@ -189,7 +171,7 @@ fn now() -> u64 {
 
 #[test]
 fn curl_ranges_conditionals_and_signatures() {
-    if !have("curl") {
+    if !support::have("curl") {
         return;
     }
     let srv = Server::start("");
@@ -393,7 +375,7 @@ fn curl_ranges_conditionals_and_signatures() {
 
 #[test]
 fn ferry_url_reads_the_secret_from_config_or_env_never_a_flag() {
-    if !have("curl") {
+    if !support::have("curl") {
         return;
     }
     let srv = Server::start("");
@@ -462,7 +444,7 @@ fn ferry_url_reads_the_secret_from_config_or_env_never_a_flag() {
 
 #[test]
 fn public_reads_are_scoped_by_app() {
-    if !have("curl") {
+    if !support::have("curl") {
         return;
     }
     let srv = Server::start("public_reads = true");
@@ -493,7 +475,7 @@ fn public_reads_are_scoped_by_app() {
 
 #[test]
 fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
-    if !have("curl") {
+    if !support::have("curl") {
         return;
     }
     let srv = Server::start("header_timeout_ms = 1000\nmax_header_bytes = 8192");
@@ -598,7 +580,7 @@ fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
 
 #[test]
 fn connection_limit_answers_503() {
-    if !have("curl") {
+    if !support::have("curl") {
         return;
     }
     let srv = Server::start("max_connections = 3");
@@ -638,7 +620,7 @@ fn make_mp4(path: &Path) {
 
 #[test]
 fn ffprobe_reads_and_seeks_a_signed_mp4() {
-    if !have("ffmpeg") || !have("ffprobe") {
+    if !support::have("ffmpeg") || !support::have("ffprobe") {
         return;
     }
     let srv = Server::start("");
@@ -876,7 +858,7 @@ fn logged_range_reads_the_gateway_line() {
 
 #[test]
 fn chromium_plays_and_seeks_a_signed_video() {
-    if !have("ffmpeg") || !have("chromium") {
+    if !support::have("ffmpeg") || !support::have("chromium") {
         return;
     }
     let srv = Server::start("");

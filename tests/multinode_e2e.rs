@@ -17,8 +17,9 @@ use serde_json::Value;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::cli::{ferry, ok};
 use support::{PgDb, Proc, bin, count_files, free_addr, make_file, pg_db, sha256_file, wait_ready};
 
 const BS: u64 = 64 * 1024;
@@ -85,41 +86,6 @@ impl Group {
             .and_then(|n| n.2.as_mut())
             .unwrap()
     }
-}
-
-/// A `ferry` command with the test's state dir, talking to the nodes directly.
-fn ferry(state: &Path, via: &[SocketAddr], args: &[&str]) -> Command {
-    let mut c = Command::new(bin("ferry"));
-    c.env("FERRY_STATE_DIR", state)
-        .env_remove("FERRY_PROXIES")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    for p in via {
-        c.arg("--proxy").arg(p.to_string());
-    }
-    c.args(args);
-    c
-}
-
-/// Runs to completion (bounded) and returns its JSON output.
-fn run_json(mut cmd: Command) -> Value {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("ferry ran over 60 s: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ferry failed: {stderr}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"))
 }
 
 /// Set bits in the first bitmap of a client upload state file (after its 68-byte header).
@@ -216,7 +182,7 @@ fn upload_through_a_killed_node_finishes_through_its_peer() {
     );
 
     let got = g.path("via-b");
-    run_json(ferry(
+    ok(ferry(
         &state,
         &[b],
         &["--json", "download", &id, "-o", got.to_str().unwrap()],
@@ -228,7 +194,7 @@ fn upload_through_a_killed_node_finishes_through_its_peer() {
     // file B finished. No temp file is left behind by either node.
     let a = g.start("a");
     let again = g.path("via-a");
-    run_json(ferry(
+    ok(ferry(
         &state,
         &[a],
         &["--json", "download", &id, "-o", again.to_str().unwrap()],
@@ -260,11 +226,12 @@ fn ids_from_two_nodes_never_collide() {
                         .map(|i| {
                             let f = g.path(&format!("small-{n}-{i}"));
                             make_file(&f, 1000 + i, 100 * n as u64 + i);
-                            let v = run_json(ferry(
+                            let v = ok(ferry(
                                 &state,
                                 &[addr],
                                 &["--json", "upload", f.to_str().unwrap()],
-                            ));
+                            ))
+                            .json();
                             v["file_id"].as_str().unwrap().to_owned()
                         })
                         .collect::<Vec<_>>()

@@ -25,61 +25,6 @@ use support::Proc;
 
 const T: Duration = Duration::from_secs(3);
 
-/// A scratch PostgreSQL database, dropped with this value; None (and "skipped") without
-/// FERRY_PG_URL outside CI.
-struct PgDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create(test: &str) -> Option<PgDb> {
-        let admin = match std::env::var("FERRY_PG_URL") {
-            Ok(u) if !u.is_empty() => u,
-            _ => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "{test}: FERRY_PG_URL must be set in CI"
-                );
-                println!("{test}: PostgreSQL part skipped (FERRY_PG_URL unset)");
-                return None;
-            }
-        };
-        let name = format!("ferry_e2e_{:016x}", rand::random::<u64>());
-        let mut c = postgres::Client::connect(&admin, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("{test}: cannot reach FERRY_PG_URL {admin}: {e}"));
-        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        let url = with_db(&admin, &name);
-        Some(PgDb { admin, name, url })
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
-    }
-}
-
-/// `url` with its database name (and, if given, its host:port) replaced.
-fn with_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{host_part}/{db}{query}")
-}
-
 /// The same URL through another host:port (the cuttable forwarder below).
 fn via(url: &str, addr: SocketAddr) -> String {
     let scheme_end = url.find("://").map_or(0, |i| i + 3);
@@ -111,7 +56,7 @@ impl Backend {
 /// Runs `f` on the embedded backend, then on a fresh PostgreSQL database when available.
 fn both(test: &str, f: impl Fn(Backend)) {
     f(Backend::Embedded);
-    if let Some(db) = PgDb::create(test) {
+    if let Some(db) = support::pg_db(test) {
         f(Backend::Pg(db.url.clone()));
     }
 }
@@ -429,7 +374,7 @@ fn routes_are_balanced_and_survive_a_tracker_restart() {
 
 #[test]
 fn two_trackers_on_one_database_agree() {
-    let Some(db) = PgDb::create("two_trackers_on_one_database_agree") else {
+    let Some(db) = support::pg_db("two_trackers_on_one_database_agree") else {
         return;
     };
     let b = Backend::Pg(db.url.clone());
@@ -555,7 +500,7 @@ fn id_servers_never_hand_out_an_id_twice() {
     all.extend(take_ids(&[s.addr], 300));
     assert_disjoint(all);
     // PostgreSQL: two id servers on one database, then one of them restarted.
-    let Some(db) = PgDb::create("id_servers_never_hand_out_an_id_twice") else {
+    let Some(db) = support::pg_db("id_servers_never_hand_out_an_id_twice") else {
         return;
     };
     let b = Backend::Pg(db.url.clone());
@@ -767,7 +712,7 @@ impl Drop for Cuttable {
 
 #[test]
 fn database_unreachable_gives_stale_answers_then_recovers() {
-    let Some(db) = PgDb::create("database_unreachable_gives_stale_answers_then_recovers") else {
+    let Some(db) = support::pg_db("database_unreachable_gives_stale_answers_then_recovers") else {
         return;
     };
     let pg_addr: SocketAddr = {

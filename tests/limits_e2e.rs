@@ -75,13 +75,10 @@ fn accept_survives_emfile_without_spinning() {
     let addr = free_addr();
     // 64 descriptors in all: after the server's own (listeners, epoll, SQLite, logs) only a
     // few dozen remain for connections (each takes its socket and a wake-up pipe).
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=64:64")
-        .arg(bin("ferry-server"))
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data")
-        .arg(dir.path().join("data"));
+    let mut limited = Command::new("prlimit");
+    limited.arg("--nofile=64:64").arg(bin("ferry-server"));
+    let data = dir.path().join("data");
+    let mut cmd = support::server_command(limited, dir.path(), "ferry-server", "", addr, &data);
     let srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
     wait_ready(addr, Duration::from_secs(15));
 
@@ -202,23 +199,11 @@ fn closed(s: &mut TcpStream) -> bool {
 #[test]
 fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let conf = dir.path().join("server.toml");
-    std::fs::write(
-        &conf,
+    let (_srv, addr) = server_with(
+        dir.path(),
         "idle_timeout_ms = 60000\nhello_timeout_ms = 800\nframe_timeout_ms = 800\n\
          progress_timeout_ms = 800\nblock_size = 65536\n",
-    )
-    .unwrap();
-    let mut cmd = Command::new(bin("ferry-server"));
-    cmd.arg("--config")
-        .arg(&conf)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data")
-        .arg(dir.path().join("data"));
-    let _srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
-    wait_ready(addr, Duration::from_secs(15));
+    );
     let hello = proto::frame(
         proto::cmd::HELLO,
         0,
@@ -320,14 +305,7 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
 #[test]
 fn a_proxy_caps_sessions_per_client_address() {
     let dir = tempfile::tempdir().unwrap();
-    let srv_addr = free_addr();
-    let mut cmd = Command::new(bin("ferry-server"));
-    cmd.arg("--listen")
-        .arg(srv_addr.to_string())
-        .arg("--data")
-        .arg(dir.path().join("data"));
-    let _srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
-    wait_ready(srv_addr, Duration::from_secs(15));
+    let (_srv, srv_addr) = server_with(dir.path(), "");
     let addr = free_addr();
     let conf = dir.path().join("proxy.toml");
     std::fs::write(
@@ -391,20 +369,10 @@ fn a_proxy_caps_sessions_per_client_address() {
     drop(b);
 }
 
-/// A server with `extra` config lines; returns it and its address.
-fn server_with(dir: &std::path::Path, extra: &str) -> (Proc, std::net::SocketAddr) {
+/// A server on a free port over `dir/data` with `conf` as its config.
+fn server_with(dir: &std::path::Path, conf: &str) -> (Proc, std::net::SocketAddr) {
     let addr = free_addr();
-    let conf = dir.join("server.toml");
-    std::fs::write(&conf, extra).unwrap();
-    let mut cmd = Command::new(bin("ferry-server"));
-    cmd.arg("--config")
-        .arg(&conf)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data")
-        .arg(dir.join("data"));
-    let p = Proc::spawn("ferry-server", &mut cmd, dir);
-    wait_ready(addr, Duration::from_secs(15));
+    let p = support::start_server(dir, "ferry-server", conf, addr, &dir.join("data"));
     (p, addr)
 }
 

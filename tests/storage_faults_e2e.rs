@@ -24,18 +24,13 @@ struct Server {
 impl Server {
     fn start(dir: &Path, data: &Path, under_fiu: bool) -> Server {
         let addr = free_addr();
-        let server = bin("ferry-server");
-        let mut cmd = if under_fiu {
-            let mut c = Command::new("fiu-run");
-            c.arg("-x").arg(&server);
-            c
-        } else {
-            Command::new(&server)
-        };
-        cmd.arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data")
-            .arg(data);
+        if !under_fiu {
+            let proc = support::start_server(dir, "ferry-server", "", addr, data);
+            return Server { proc, addr };
+        }
+        let mut fiu = Command::new("fiu-run");
+        fiu.arg("-x").arg(bin("ferry-server"));
+        let mut cmd = support::server_command(fiu, dir, "ferry-server", "", addr, data);
         // fiu-run execs the server, so the child's pid is the server's (fiu-ctrl needs it).
         let proc = Proc::spawn("ferry-server", &mut cmd, dir);
         wait_ready(addr, Duration::from_secs(15));
@@ -69,6 +64,21 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// `ferry upload` one block of 64 KiB at a time over one connection: slow enough for a fault to
+/// land in the middle.
+fn one_by_one(file: &Path) -> [&str; 7] {
+    let path = file.to_str().unwrap();
+    [
+        "--json",
+        "upload",
+        "--threads",
+        "1",
+        "--block-size",
+        "64KiB",
+        path,
+    ]
 }
 
 fn upload(state: &Path, addr: SocketAddr, file: &Path) -> support::cli::Run {
@@ -185,19 +195,7 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
     // acknowledged: long enough for the fault to land mid-upload.
     let f = dir.path().join("video.mp4");
     make_file(&f, 128 << 20, 9);
-    let mut cmd = ferry(
-        &state,
-        &[srv.addr],
-        &[
-            "--json",
-            "upload",
-            "--threads",
-            "1",
-            "--block-size",
-            "64KiB",
-            f.to_str().unwrap(),
-        ],
-    );
+    let mut cmd = ferry(&state, &[srv.addr], &one_by_one(&f));
     let child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -230,19 +228,7 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
     );
 
     // The rerun resumes: acknowledged blocks were kept, only the rest is sent.
-    let r = run(ferry(
-        &state,
-        &[srv.addr],
-        &[
-            "--json",
-            "upload",
-            "--threads",
-            "1",
-            "--block-size",
-            "64KiB",
-            f.to_str().unwrap(),
-        ],
-    ));
+    let r = run(ferry(&state, &[srv.addr], &one_by_one(&f)));
     assert!(r.ok, "{}", r.stderr);
     let rep = r.report();
     assert_eq!(rep["resumed"], true, "{rep}");
@@ -290,17 +276,11 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     // monotonic clock stays real (FAKETIME_DONT_FAKE_MONOTONIC).
     let clock = dir.path().join("clock");
     std::fs::write(&clock, "+0\n").unwrap();
-    let conf = dir.path().join("server.toml");
-    std::fs::write(&conf, "session_ttl_secs = 6\n").unwrap();
     let addr = free_addr();
-    let mut cmd = Command::new(bin("ferry-server"));
-    cmd.arg("--config")
-        .arg(&conf)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data")
-        .arg(&data)
-        .env("LD_PRELOAD", &lib)
+    let server = Command::new(bin("ferry-server"));
+    let conf = "session_ttl_secs = 6\n";
+    let mut cmd = support::server_command(server, dir.path(), "ferry-server", conf, addr, &data);
+    cmd.env("LD_PRELOAD", &lib)
         .env("FAKETIME_TIMESTAMP_FILE", &clock)
         .env("FAKETIME_NO_CACHE", "1")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
@@ -310,15 +290,7 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     // Half an upload: the client is killed once some blocks are acknowledged.
     let f = dir.path().join("clip.mov");
     make_file(&f, 64 << 20, 5);
-    let args = [
-        "--json",
-        "upload",
-        "--threads",
-        "1",
-        "--block-size",
-        "64KiB",
-        f.to_str().unwrap(),
-    ];
+    let args = one_by_one(&f);
     let mut client = Proc::spawn(
         "ferry-upload",
         &mut ferry(&state, &[addr], &args),
@@ -351,15 +323,7 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     // The clock jumps back a day: an idle session still expires after its 6 real seconds.
     let g = dir.path().join("other.mov");
     make_file(&g, 64 << 20, 6);
-    let gargs = [
-        "--json",
-        "upload",
-        "--threads",
-        "1",
-        "--block-size",
-        "64KiB",
-        g.to_str().unwrap(),
-    ];
+    let gargs = one_by_one(&g);
     let mut client = Proc::spawn(
         "ferry-upload2",
         &mut ferry(&state, &[addr], &gargs),
@@ -377,22 +341,6 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(srv.log_text().contains("expired"));
-}
-
-/// Starts a plain server with `extra` config lines on a given address.
-fn server_at(dir: &Path, data: &Path, addr: SocketAddr, extra: &str, name: &str) -> Proc {
-    let conf = dir.join(format!("{name}.toml"));
-    std::fs::write(&conf, extra).unwrap();
-    let mut cmd = Command::new(bin("ferry-server"));
-    cmd.arg("--config")
-        .arg(&conf)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data")
-        .arg(data);
-    let p = Proc::spawn(name, &mut cmd, dir);
-    wait_ready(addr, Duration::from_secs(15));
-    p
 }
 
 #[test]
@@ -416,22 +364,14 @@ fn kill_9_at_each_phase_of_a_commit_loses_nothing_and_tears_nothing() {
         std::fs::create_dir_all(&case).unwrap();
         let (data, state) = (case.join("data"), case.join("state"));
         let addr = free_addr();
-        let mut srv = server_at(
+        let mut srv = support::start_server(
             &case,
-            &data,
-            addr,
-            &format!("[faults]\npause_at = \"{phase}\"\npause_ms = 60000\n"),
             "paused",
+            &format!("[faults]\npause_at = \"{phase}\"\npause_ms = 60000\n"),
+            addr,
+            &data,
         );
-        let args = [
-            "--json",
-            "upload",
-            "--threads",
-            "1",
-            "--block-size",
-            "64KiB",
-            file.to_str().unwrap(),
-        ];
+        let args = one_by_one(file);
         let mut client = Proc::spawn("upload", &mut ferry(&state, &[addr], &args), &case);
         let marker = format!("phase {phase} reached");
         let t = std::time::Instant::now();
@@ -447,7 +387,7 @@ fn kill_9_at_each_phase_of_a_commit_loses_nothing_and_tears_nothing() {
         client.kill();
 
         // Restarted, before any client comes back: whatever is visible is whole.
-        let srv = server_at(&case, &data, addr, "", "restarted");
+        let srv = support::start_server(&case, "restarted", "", addr, &data);
         let want = sha256_file(file);
         for f in files_under(&data.join("data")) {
             assert_eq!(sha256_file(&f), want, "{phase}: torn file {}", f.display());

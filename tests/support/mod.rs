@@ -338,3 +338,55 @@ impl Drop for PgDb {
         }
     }
 }
+
+/// A `ferry-server` on `addr` over `data`, with `conf` as its config file (written to
+/// `dir/<name>.toml`). `program` is the command to start: the server itself, or a wrapper
+/// (`fiu-run -x`, `prlimit ...`) already given the server's path as its argument.
+pub fn server_command(
+    mut program: Command,
+    dir: &Path,
+    name: &str,
+    conf: &str,
+    addr: SocketAddr,
+    data: &Path,
+) -> Command {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, conf).unwrap();
+    program
+        .arg("--config")
+        .arg(&path)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(data);
+    program
+}
+
+/// Starts `ferry-server` (see [`server_command`]) and waits until it answers a PROBE.
+pub fn start_server(dir: &Path, name: &str, conf: &str, addr: SocketAddr, data: &Path) -> Proc {
+    let mut cmd = server_command(
+        Command::new(bin("ferry-server")),
+        dir,
+        name,
+        conf,
+        addr,
+        data,
+    );
+    let p = Proc::spawn(name, &mut cmd, dir);
+    wait_ready(addr, Duration::from_secs(15));
+    p
+}
+
+/// Waits until `p`'s log contains `needle`, up to `limit`.
+pub fn wait_log(p: &Proc, needle: &str, limit: Duration) {
+    let t = Instant::now();
+    while !p.log_text().contains(needle) {
+        assert!(
+            t.elapsed() < limit,
+            "{}: no {needle:?} in its log within {limit:?}\n{}",
+            p.name,
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -256,3 +256,169 @@ fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
     }
     (host, port).to_socket_addrs().ok()?.next()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::proto::NodeAddr;
+    use std::net::TcpListener;
+
+    /// A one-connection tracker stand-in: reads one request, answers with `reply` (or nothing).
+    fn tracker(reply: Option<Vec<u8>>) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = vec![0u8; HEADER_LEN + proto::SADDRS_LEN];
+            s.read_exact(&mut req).unwrap();
+            match reply {
+                Some(r) => s.write_all(&r).unwrap(),
+                // Hold the connection open without answering until the client gives up.
+                None => {
+                    let _ = s.read(&mut [0u8; 1]);
+                }
+            }
+            req
+        });
+        (addr, t)
+    }
+
+    fn closed_port() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    fn found(group: &str, nodes: &[(&str, u16)], stale: bool) -> Vec<u8> {
+        let body = SaddrsReply {
+            group: group.into(),
+            stale,
+            nodes: nodes
+                .iter()
+                .map(|&(h, p)| NodeAddr {
+                    host: h.into(),
+                    port: p,
+                })
+                .collect(),
+        }
+        .encode()
+        .unwrap();
+        proto::frame(cmd::REPLY_TRACKER, status::OK, &body)
+    }
+
+    /// Drives a lookup the way the reactor would, minus epoll: run until it answers.
+    fn finish(mut l: Lookup) -> Answer {
+        let t = Instant::now();
+        loop {
+            if let Some(a) = l.run() {
+                return a;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "lookup never ended");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn start(trackers: Vec<SocketAddr>, timeout: Duration) -> Lookup {
+        Lookup::start(trackers.into(), request("demo", "alice").unwrap(), timeout)
+    }
+
+    #[test]
+    fn asks_each_tracker_in_turn_until_one_answers() {
+        let (good, t) = tracker(Some(found(
+            "g2",
+            &[("127.0.0.1", 9001), ("::1", 9002)],
+            true,
+        )));
+        let answer = finish(start(vec![closed_port(), good], Duration::from_secs(2)));
+        let Answer::Found { route, stale } = answer else {
+            panic!("{answer:?}")
+        };
+        assert!(stale);
+        assert_eq!(route.group, "g2");
+        assert_eq!(
+            route.nodes.to_vec(),
+            vec![
+                "127.0.0.1:9001".parse::<SocketAddr>().unwrap(),
+                "[::1]:9002".parse().unwrap()
+            ]
+        );
+        // The request names the HELLO's app and user.
+        let req = t.join().unwrap();
+        let h = Header::decode(req[..HEADER_LEN].try_into().unwrap());
+        assert_eq!(h.cmd, cmd::TRACKER_SADDRS);
+        let body = SaddrsReq::decode(&req[HEADER_LEN..]).unwrap();
+        assert_eq!((body.app.as_str(), body.user.as_str()), ("demo", "alice"));
+    }
+
+    #[test]
+    fn no_node_is_an_answer_other_errors_move_on() {
+        let text = "group g1 has no online node";
+        let (t1, j1) = tracker(Some(
+            ErrorBody::new(ErrorCode::NoNode, text).frame(cmd::REPLY_TRACKER),
+        ));
+        assert_eq!(
+            finish(start(vec![t1], Duration::from_secs(2))),
+            Answer::NoNode(text.into())
+        );
+        j1.join().unwrap();
+        // A tracker that cannot answer (database down, no view) is skipped like a dead one.
+        let (t1, j1) = tracker(Some(
+            ErrorBody::new(ErrorCode::Unavailable, "db down").frame(cmd::REPLY_TRACKER),
+        ));
+        let (t2, j2) = tracker(Some(found("g1", &[("127.0.0.1", 1)], false)));
+        let a = finish(start(vec![t1, t2], Duration::from_secs(2)));
+        assert!(matches!(a, Answer::Found { .. }), "{a:?}");
+        j1.join().unwrap();
+        j2.join().unwrap();
+    }
+
+    #[test]
+    fn silent_garbled_and_dead_trackers_end_in_a_failure_naming_each() {
+        let (silent, j1) = tracker(None);
+        // A reply claiming a body over the SADDRS cap is refused from its header.
+        let huge = Header::new(cmd::REPLY_TRACKER, status::OK, 1 << 40).encode();
+        let (garbled, j2) = tracker(Some(huge.to_vec()));
+        let dead = closed_port();
+        let t = Instant::now();
+        let a = finish(start(
+            vec![silent, garbled, dead],
+            Duration::from_millis(300),
+        ));
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        let Answer::Failed(why) = a else {
+            panic!("{a:?}")
+        };
+        assert!(
+            why.contains(&format!("tracker {silent}: no answer within")),
+            "{why}"
+        );
+        assert!(
+            why.contains(&format!("tracker {garbled}: reply body of")),
+            "{why}"
+        );
+        assert!(why.contains(&format!("tracker {dead}: ")), "{why}");
+        j1.join().unwrap();
+        j2.join().unwrap();
+        assert_eq!(
+            finish(start(vec![], Duration::from_millis(100))),
+            Answer::Failed("no trackers configured".into())
+        );
+    }
+
+    #[test]
+    fn replies_are_checked_before_use() {
+        // Wrong reply command, bad node count, an empty group list is still an answer.
+        let wrong = proto::frame(cmd::REPLY_STORAGE, status::OK, &[0u8; 35]);
+        assert!(decode_reply(&wrong).unwrap_err().contains("REPLY_STORAGE"));
+        let mut body = found("g1", &[("127.0.0.1", 1)], false)[HEADER_LEN..].to_vec();
+        body[33..35].copy_from_slice(&2u16.to_be_bytes());
+        let f = proto::frame(cmd::REPLY_TRACKER, status::OK, &body);
+        assert!(decode_reply(&f).unwrap_err().contains("bad SADDRS reply"));
+        let empty = found("g1", &[], false);
+        let Ok(Answer::Found { route, .. }) = decode_reply(&empty) else {
+            panic!()
+        };
+        assert!(route.nodes.is_empty());
+    }
+}

@@ -475,7 +475,14 @@ fn session_opening_and_malformed_frames() {
     assert!(c.closed());
     // Unknown command (a cluster role this server does not run).
     let mut c = Client::hello(srv.addr, "demo", "alice");
-    assert_eq!(code(c.call(cmd::ID_GET, &[])), ErrorCode::UnknownCommand);
+    let get = proto::IdGet {
+        key: "files".into(),
+        count: 1,
+    };
+    assert_eq!(
+        code(c.call(cmd::ID_GET, &get.encode().unwrap())),
+        ErrorCode::UnknownCommand
+    );
     assert!(c.closed());
     // Status byte set in a request.
     let mut c = Client::hello(srv.addr, "demo", "alice");

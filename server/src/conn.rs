@@ -276,6 +276,18 @@ impl ServerConn {
                 }
                 return;
             }
+            cmd::TRACKER_JOIN
+            | cmd::TRACKER_BEAT
+            | cmd::TRACKER_SADDRS
+            | cmd::TRACKER_GROUPS
+            | cmd::ID_GET => {
+                // Cluster roles need no HELLO (nodes and proxies talk to them directly).
+                let e = OpError::new(
+                    ErrorCode::UnknownCommand,
+                    format!("{} is not served here (role not enabled)", cmd::name(h.cmd)),
+                );
+                return self.error(&e, h.cmd);
+            }
             _ => {}
         }
         let Some(who) = self.who.clone() else {

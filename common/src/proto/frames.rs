@@ -36,12 +36,12 @@ pub fn data_frame_head(cmd: u8, status: u8, meta: &[u8], payload_len: u64) -> Ve
 }
 
 /// A cursor over a body that turns every short read into [`ProtoError::Truncated`].
-struct Rd<'a> {
-    b: &'a [u8],
+pub(super) struct Rd<'a> {
+    pub(super) b: &'a [u8],
 }
 
 impl<'a> Rd<'a> {
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], ProtoError> {
+    pub(super) fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], ProtoError> {
         if self.b.len() < n {
             return Err(ProtoError::Truncated(field));
         }
@@ -49,32 +49,36 @@ impl<'a> Rd<'a> {
         self.b = rest;
         Ok(head)
     }
-    fn u8(&mut self, f: &'static str) -> Result<u8, ProtoError> {
+    pub(super) fn u8(&mut self, f: &'static str) -> Result<u8, ProtoError> {
         Ok(self.take(1, f)?[0])
     }
-    fn u16(&mut self, f: &'static str) -> Result<u16, ProtoError> {
+    pub(super) fn u16(&mut self, f: &'static str) -> Result<u16, ProtoError> {
         let b = self.take(2, f)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self, f: &'static str) -> Result<u32, ProtoError> {
+    pub(super) fn u32(&mut self, f: &'static str) -> Result<u32, ProtoError> {
         let b = self.take(4, f)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self, f: &'static str) -> Result<u64, ProtoError> {
+    pub(super) fn u64(&mut self, f: &'static str) -> Result<u64, ProtoError> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8, f)?);
         Ok(u64::from_be_bytes(a))
     }
-    fn array<const N: usize>(&mut self, f: &'static str) -> Result<[u8; N], ProtoError> {
+    pub(super) fn array<const N: usize>(&mut self, f: &'static str) -> Result<[u8; N], ProtoError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N, f)?);
         Ok(a)
     }
-    fn fixed_str(&mut self, width: usize, f: &'static str) -> Result<String, ProtoError> {
+    pub(super) fn fixed_str(
+        &mut self,
+        width: usize,
+        f: &'static str,
+    ) -> Result<String, ProtoError> {
         decode_fixed_str(self.take(width, f)?, f)
     }
     /// The body must be used up exactly: trailing bytes mean the peer and we disagree.
-    fn end(&self, f: &'static str) -> Result<(), ProtoError> {
+    pub(super) fn end(&self, f: &'static str) -> Result<(), ProtoError> {
         if self.b.is_empty() {
             Ok(())
         } else {
@@ -124,7 +128,7 @@ pub fn put_fixed_str(
     Ok(())
 }
 
-fn non_empty(s: String, field: &'static str) -> Result<String, ProtoError> {
+pub(super) fn non_empty(s: String, field: &'static str) -> Result<String, ProtoError> {
     if s.is_empty() {
         Err(ProtoError::Empty(field))
     } else {

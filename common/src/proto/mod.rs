@@ -14,9 +14,11 @@
 //! by a *payload* that receivers stream to disk or socket instead of buffering, so memory does not
 //! grow with file or block size.
 
+mod cluster;
 mod decoder;
 mod frames;
 
+pub use cluster::*;
 pub use decoder::{Decoded, Decoder};
 pub use frames::*;
 
@@ -45,6 +47,13 @@ pub const BLOCK_MAX: u64 = 64 * 1024 * 1024;
 pub const BLOCK_MIN: u32 = 64 * 1024;
 /// Most blocks one big file may have; bounds the breakpoint bitmap to 128 KiB.
 pub const BLOCKS_MAX: u32 = 1 << 20;
+/// Widths of the cluster fields: group name, node host (IP literal or DNS name), id key.
+pub const GROUP_LEN: usize = 32;
+pub const HOST_LEN: usize = 64;
+pub const ID_KEY_LEN: usize = 64;
+/// Most nodes of one group in a tracker reply, and most groups in a GROUPS reply.
+pub const NODES_MAX: usize = 32;
+pub const GROUPS_MAX: usize = 256;
 
 /// Command byte values.
 pub mod cmd {
@@ -52,12 +61,15 @@ pub mod cmd {
     pub const HELLO: u8 = 1;
     /// Health/identity probe answered by whichever ferry process receives it.
     pub const PROBE: u8 = 2;
-    // 10-13 (tracker: JOIN, BEAT, SADDRS, GROUPS) and 40 (id: GET_ID) are reserved for the
-    // cluster roles with seed 004's numbers; see docs/PROTOCOL.md.
+    /// A storage node joins its group at a tracker (seed 004's numbers for 10-13 and 40).
     pub const TRACKER_JOIN: u8 = 10;
+    /// A storage node's heartbeat.
     pub const TRACKER_BEAT: u8 = 11;
+    /// Which group (and nodes) serves an app's user.
     pub const TRACKER_SADDRS: u8 = 12;
+    /// The tracker's view of every group and node.
     pub const TRACKER_GROUPS: u8 = 13;
+    /// A batch of unique, increasing ids from the id server.
     pub const ID_GET: u8 = 40;
     /// Small file in one frame.
     pub const UPLOAD: u8 = 70;
@@ -197,6 +209,11 @@ pub fn request_spec(c: u8) -> Option<BodySpec> {
             payload_max: BLOCK_MAX,
         }),
         cmd::UPLOAD_PROVE => control(UPLOAD_ID_LEN + SHA256_LEN, true),
+        cmd::TRACKER_JOIN => control(JOIN_LEN, true),
+        cmd::TRACKER_BEAT => control(BEAT_LEN, true),
+        cmd::TRACKER_SADDRS => control(SADDRS_LEN, true),
+        cmd::TRACKER_GROUPS => control(0, true),
+        cmd::ID_GET => control(ID_GET_LEN, true),
         _ => None,
     }
 }
@@ -245,6 +262,14 @@ pub enum ErrorCode {
     Upstream = 19,
     /// Anything else.
     Internal = 20,
+    /// A BEAT from a node the tracker does not know: the node sends JOIN again.
+    NotJoined = 21,
+    /// JOIN names a group that does not exist (and the tracker may not create groups).
+    UnknownGroup = 22,
+    /// The user's group has no online node.
+    NoNode = 23,
+    /// The database is unreachable and the tracker or id server has nothing to answer from.
+    Unavailable = 24,
 }
 
 impl ErrorCode {
@@ -271,15 +296,25 @@ impl ErrorCode {
             18 => Range,
             19 => Upstream,
             20 => Internal,
+            21 => NotJoined,
+            22 => UnknownGroup,
+            23 => NoNode,
+            24 => Unavailable,
             _ => return None,
         })
     }
 
     /// Whether a client should retry the same request (possibly elsewhere) after this error.
+    /// NotJoined is not: the node must send a different request (JOIN) first.
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::Busy | ErrorCode::Io | ErrorCode::Upstream | ErrorCode::Limit
+            ErrorCode::Busy
+                | ErrorCode::Io
+                | ErrorCode::Upstream
+                | ErrorCode::Limit
+                | ErrorCode::NoNode
+                | ErrorCode::Unavailable
         )
     }
 }

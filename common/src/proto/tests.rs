@@ -441,3 +441,416 @@ proptest! {
         let _ = DownloadReq::decode(&bytes);
     }
 }
+
+// ---- cluster frames (10-13, 40) ----
+
+fn node(port: u16) -> NodeAddr {
+    NodeAddr {
+        host: "127.0.0.1".into(),
+        port,
+    }
+}
+
+fn sample_join() -> NodeHello {
+    NodeHello {
+        group: "g1".into(),
+        host: "127.0.0.1".into(),
+        port: 7401,
+        version: VERSION,
+        started: 1_700_000_000_000,
+        free: 1 << 30,
+    }
+}
+
+fn sample_groups() -> GroupsReply {
+    GroupsReply {
+        stale: false,
+        groups: vec![GroupView {
+            name: "g1".into(),
+            users: 3,
+            nodes: vec![NodeView {
+                addr: node(7401),
+                online: true,
+                started: 1_700_000_000_000,
+                beat_age_ms: 1500,
+                free: 1 << 30,
+            }],
+        }],
+    }
+}
+
+#[test]
+fn cluster_frames_match_the_doc() {
+    let j = sample_join();
+    assert_eq!(
+        frame(cmd::TRACKER_JOIN, 0, &j.encode_join().unwrap()),
+        doc_example("join")
+    );
+    assert_eq!(
+        frame(cmd::TRACKER_BEAT, 0, &j.encode_beat().unwrap()),
+        doc_example("beat")
+    );
+    assert_eq!(
+        frame(cmd::REPLY_TRACKER, 0, &encode_beat_reply(2000)),
+        doc_example("beat reply")
+    );
+    let req = SaddrsReq {
+        app: "demo".into(),
+        user: "alice".into(),
+        file_id: String::new(),
+    };
+    assert_eq!(
+        frame(cmd::TRACKER_SADDRS, 0, &req.encode().unwrap()),
+        doc_example("saddrs")
+    );
+    let rep = SaddrsReply {
+        group: "g1".into(),
+        stale: false,
+        nodes: vec![node(7401), node(7402)],
+    };
+    assert_eq!(
+        frame(cmd::REPLY_TRACKER, 0, &rep.encode().unwrap()),
+        doc_example("saddrs reply")
+    );
+    assert_eq!(
+        ErrorBody::new(ErrorCode::NoNode, "group g2 has no online node").frame(cmd::REPLY_TRACKER),
+        doc_example("no node")
+    );
+    assert_eq!(frame(cmd::TRACKER_GROUPS, 0, &[]), doc_example("groups"));
+    assert_eq!(
+        frame(cmd::REPLY_TRACKER, 0, &sample_groups().encode().unwrap()),
+        doc_example("groups reply")
+    );
+    let get = IdGet {
+        key: "files".into(),
+        count: 1000,
+    };
+    assert_eq!(
+        frame(cmd::ID_GET, 0, &get.encode().unwrap()),
+        doc_example("id get")
+    );
+    let idr = IdReply {
+        first: 1001,
+        count: 1000,
+    };
+    assert_eq!(
+        frame(cmd::REPLY_ID, 0, &idr.encode()),
+        doc_example("id reply")
+    );
+    // The documented frames also pass the request decoder and decode back to the values.
+    for (name, c) in [
+        ("join", cmd::TRACKER_JOIN),
+        ("beat", cmd::TRACKER_BEAT),
+        ("saddrs", cmd::TRACKER_SADDRS),
+        ("groups", cmd::TRACKER_GROUPS),
+        ("id get", cmd::ID_GET),
+    ] {
+        let got = decode_all(&mut Decoder::requests(), &doc_example(name)).unwrap();
+        assert_eq!(got.len(), 1, "{name}");
+        assert_eq!(got[0].0.cmd, c, "{name}");
+    }
+    let body = &doc_example("groups reply")[HEADER_LEN..];
+    assert_eq!(GroupsReply::decode(body).unwrap(), sample_groups());
+}
+
+#[test]
+fn cluster_error_codes() {
+    for (v, c) in [
+        (21, ErrorCode::NotJoined),
+        (22, ErrorCode::UnknownGroup),
+        (23, ErrorCode::NoNode),
+        (24, ErrorCode::Unavailable),
+    ] {
+        assert_eq!(ErrorCode::from_u16(v), Some(c));
+        assert_eq!(c as u16, v);
+    }
+    assert_eq!(ErrorCode::from_u16(25), None);
+    assert!(!ErrorCode::NotJoined.retryable());
+    assert!(!ErrorCode::UnknownGroup.retryable());
+    assert!(ErrorCode::NoNode.retryable());
+    assert!(ErrorCode::Unavailable.retryable());
+    assert_eq!(cmd::name(cmd::ID_GET), "ID_GET");
+}
+
+#[test]
+fn cluster_request_lengths_are_exact() {
+    for (c, len) in [
+        (cmd::TRACKER_JOIN, JOIN_LEN),
+        (cmd::TRACKER_BEAT, BEAT_LEN),
+        (cmd::TRACKER_SADDRS, SADDRS_LEN),
+        (cmd::TRACKER_GROUPS, 0),
+        (cmd::ID_GET, ID_GET_LEN),
+    ] {
+        let h = Header::new(c, 0, len as u64 + 1).encode();
+        assert!(Decoder::requests().decode(&h).is_err(), "{}", cmd::name(c));
+        let h = Header::new(c, 0, u64::MAX).encode();
+        assert!(Decoder::requests().decode(&h).is_err(), "{}", cmd::name(c));
+    }
+    assert_eq!(JOIN_LEN, 116);
+    assert_eq!(BEAT_LEN, 114);
+    assert_eq!(SADDRS_LEN, 400);
+    assert_eq!(ID_GET_LEN, 68);
+    assert_eq!(GROUPS_REPLY_MAX, 756_227);
+}
+
+#[test]
+fn cluster_frames_truncated_anywhere_are_refused() {
+    let j = sample_join();
+    let join = j.encode_join().unwrap();
+    let beat = j.encode_beat().unwrap();
+    let groups = sample_groups().encode().unwrap();
+    let saddrs = SaddrsReply {
+        group: "g1".into(),
+        stale: true,
+        nodes: vec![node(1), node(2)],
+    }
+    .encode()
+    .unwrap();
+    let idr = IdReply { first: 5, count: 3 }.encode();
+    let get = IdGet {
+        key: "k".into(),
+        count: 3,
+    }
+    .encode()
+    .unwrap();
+    for cut in 0..join.len() {
+        assert!(NodeHello::decode_join(&join[..cut]).is_err(), "join {cut}");
+    }
+    for cut in 0..beat.len() {
+        assert!(NodeHello::decode_beat(&beat[..cut]).is_err(), "beat {cut}");
+    }
+    for cut in 0..groups.len() {
+        assert!(GroupsReply::decode(&groups[..cut]).is_err(), "groups {cut}");
+    }
+    for cut in 0..saddrs.len() {
+        assert!(SaddrsReply::decode(&saddrs[..cut]).is_err(), "saddrs {cut}");
+    }
+    for cut in 0..idr.len() {
+        assert!(IdReply::decode(&idr[..cut]).is_err(), "id reply {cut}");
+    }
+    for cut in 0..get.len() {
+        assert!(IdGet::decode(&get[..cut]).is_err(), "id get {cut}");
+    }
+    // Trailing bytes are refused too.
+    let mut long = groups.clone();
+    long.push(0);
+    assert!(GroupsReply::decode(&long).is_err());
+    assert!(decode_beat_reply(&[0, 0, 0, 1, 0]).is_err());
+}
+
+#[test]
+fn cluster_counts_larger_than_the_bytes() {
+    // A SADDRS reply claiming 32 nodes with none following.
+    let mut b = Vec::new();
+    put_fixed_str(&mut b, "g1", GROUP_LEN, "group").unwrap();
+    b.push(0);
+    b.extend_from_slice(&32u16.to_be_bytes());
+    assert_eq!(
+        SaddrsReply::decode(&b).unwrap_err(),
+        ProtoError::Truncated("node count")
+    );
+    // Over the cap.
+    let at = GROUP_LEN + 1;
+    b[at..at + 2].copy_from_slice(&33u16.to_be_bytes());
+    b.extend(std::iter::repeat_n(0u8, 33 * 66));
+    assert!(matches!(
+        SaddrsReply::decode(&b),
+        Err(ProtoError::Invalid { .. })
+    ));
+    // A GROUPS reply claiming 65535 groups in 3 bytes, and 257 groups.
+    assert!(matches!(
+        GroupsReply::decode(&[0, 0xff, 0xff]),
+        Err(ProtoError::Invalid { .. })
+    ));
+    let mut g = vec![0u8];
+    g.extend_from_slice(&200u16.to_be_bytes());
+    assert_eq!(
+        GroupsReply::decode(&g).unwrap_err(),
+        ProtoError::Truncated("group count")
+    );
+    // A group claiming more nodes than follow.
+    let mut one = sample_groups().encode().unwrap();
+    let at = 3 + GROUP_LEN + 8;
+    one[at..at + 2].copy_from_slice(&2u16.to_be_bytes());
+    assert_eq!(
+        GroupsReply::decode(&one).unwrap_err(),
+        ProtoError::Truncated("node count")
+    );
+    // Encoders refuse lists over their caps.
+    let many = SaddrsReply {
+        group: "g".into(),
+        stale: false,
+        nodes: (1..=33).map(node).collect(),
+    };
+    assert!(many.encode().is_err());
+    let groups = GroupsReply {
+        stale: false,
+        groups: (0..257)
+            .map(|i| GroupView {
+                name: format!("g{i}"),
+                users: 0,
+                nodes: vec![],
+            })
+            .collect(),
+    };
+    assert!(groups.encode().is_err());
+}
+
+#[test]
+fn cluster_bad_fields() {
+    let j = sample_join();
+    // Group name too long, empty, or not UTF-8.
+    let mut long = j.clone();
+    long.group = "g".repeat(GROUP_LEN + 1);
+    assert!(long.encode_join().is_err());
+    let mut empty = j.clone();
+    empty.group.clear();
+    assert!(empty.encode_join().is_err());
+    let mut body = j.encode_join().unwrap();
+    body[0] = 0xff;
+    assert_eq!(
+        NodeHello::decode_join(&body).unwrap_err(),
+        ProtoError::NotUtf8("group")
+    );
+    body[..2].copy_from_slice(&[0, 0]);
+    assert_eq!(
+        NodeHello::decode_join(&body).unwrap_err(),
+        ProtoError::Empty("group")
+    );
+    // A host with characters no address has, and port 0.
+    let mut body = j.encode_join().unwrap();
+    body[GROUP_LEN] = b'/';
+    assert!(NodeHello::decode_join(&body).is_err());
+    let mut bad = j.clone();
+    bad.host = "a b".into();
+    assert!(bad.encode_join().is_err());
+    let mut body = j.encode_beat().unwrap();
+    body[GROUP_LEN + HOST_LEN..GROUP_LEN + HOST_LEN + 2].copy_from_slice(&[0, 0]);
+    assert!(NodeHello::decode_beat(&body).is_err());
+    // A stale flag other than 0/1.
+    let mut s = SaddrsReply {
+        group: "g1".into(),
+        stale: false,
+        nodes: vec![],
+    }
+    .encode()
+    .unwrap();
+    s[GROUP_LEN] = 2;
+    assert!(SaddrsReply::decode(&s).is_err());
+    // Id counts outside 1 ..= 65536, empty and too long keys.
+    for count in [0, ID_COUNT_MAX + 1] {
+        let g = IdGet {
+            key: "k".into(),
+            count,
+        };
+        assert!(g.encode().is_err());
+        let mut b = Vec::new();
+        put_fixed_str(&mut b, "k", ID_KEY_LEN, "id key").unwrap();
+        b.extend_from_slice(&count.to_be_bytes());
+        assert!(IdGet::decode(&b).is_err());
+    }
+    assert!(
+        IdGet {
+            key: "k".repeat(ID_KEY_LEN + 1),
+            count: 1
+        }
+        .encode()
+        .is_err()
+    );
+    assert!(IdGet::decode(&[0; ID_GET_LEN]).is_err());
+    // An id reply whose range overflows.
+    let r = IdReply {
+        first: u64::MAX,
+        count: 2,
+    };
+    assert!(IdReply::decode(&r.encode()).is_err());
+    // SADDRS needs app and user; the file id may be empty.
+    let mut b = Vec::new();
+    put_fixed_str(&mut b, "demo", APP_ID_LEN, "app").unwrap();
+    b.extend(std::iter::repeat_n(0u8, USER_ID_LEN + FILE_ID_LEN));
+    assert_eq!(
+        SaddrsReq::decode(&b).unwrap_err(),
+        ProtoError::Empty("user id")
+    );
+}
+
+#[test]
+fn cluster_reply_decoder_bounds() {
+    let big = Header::new(cmd::REPLY_TRACKER, 0, GROUPS_REPLY_MAX as u64 + 1).encode();
+    assert!(matches!(
+        Decoder::replies(cluster_reply_spec).decode(&big),
+        Err(ProtoError::TooLarge { .. })
+    ));
+    let f = frame(cmd::REPLY_ID, 0, &IdReply { first: 1, count: 1 }.encode());
+    let got = decode_all(&mut Decoder::replies(cluster_reply_spec), &f).unwrap();
+    assert_eq!(
+        IdReply::decode(&got[0].1).unwrap(),
+        IdReply { first: 1, count: 1 }
+    );
+}
+
+fn host_string() -> impl Strategy<Value = String> {
+    proptest::string::string_regex("[a-z0-9.:-]{1,64}").unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn join_beat_round_trip(group in id_string(GROUP_LEN), host in host_string(), port in 1u16..,
+                            version in any::<u16>(), started in any::<u64>(), free in any::<u64>()) {
+        let n = NodeHello { group, host, port, version, started, free };
+        prop_assert_eq!(NodeHello::decode_join(&n.encode_join().unwrap()).unwrap(), n.clone());
+        let beat = NodeHello::decode_beat(&n.encode_beat().unwrap()).unwrap();
+        prop_assert_eq!(beat, NodeHello { version: 0, ..n });
+    }
+
+    #[test]
+    fn saddrs_round_trip(app in id_string(APP_ID_LEN), user in id_string(USER_ID_LEN),
+                         group in id_string(GROUP_LEN), stale in any::<bool>(),
+                         ports in proptest::collection::vec(1u16.., 0..=NODES_MAX)) {
+        let q = SaddrsReq { app, user, file_id: String::new() };
+        prop_assert_eq!(SaddrsReq::decode(&q.encode().unwrap()).unwrap(), q);
+        let r = SaddrsReply { group, stale, nodes: ports.into_iter().map(node).collect() };
+        prop_assert_eq!(SaddrsReply::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn groups_round_trip(stale in any::<bool>(),
+                         groups in proptest::collection::vec(
+                             (id_string(GROUP_LEN), any::<u64>(),
+                              proptest::collection::vec((1u16.., any::<bool>(), any::<u64>()), 0..5)),
+                             0..8)) {
+        let r = GroupsReply {
+            stale,
+            groups: groups.into_iter().map(|(name, users, nodes)| GroupView {
+                name,
+                users,
+                nodes: nodes.into_iter().map(|(port, online, x)| NodeView {
+                    addr: node(port), online, started: x, beat_age_ms: x / 3, free: !x,
+                }).collect(),
+            }).collect(),
+        };
+        prop_assert_eq!(GroupsReply::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn id_round_trip(key in id_string(ID_KEY_LEN), count in 1u32..=ID_COUNT_MAX, first in 0u64..1 << 60) {
+        let g = IdGet { key, count };
+        prop_assert_eq!(IdGet::decode(&g.encode().unwrap()).unwrap(), g);
+        let r = IdReply { first, count };
+        prop_assert_eq!(IdReply::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn cluster_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let _ = NodeHello::decode_join(&bytes);
+        let _ = NodeHello::decode_beat(&bytes);
+        let _ = SaddrsReq::decode(&bytes);
+        let _ = SaddrsReply::decode(&bytes);
+        let _ = GroupsReply::decode(&bytes);
+        let _ = IdGet::decode(&bytes);
+        let _ = IdReply::decode(&bytes);
+        let _ = decode_beat_reply(&bytes);
+    }
+}

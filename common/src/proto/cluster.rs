@@ -1,0 +1,498 @@
+//! Bodies of the cluster frames: tracker (JOIN 10, BEAT 11, SADDRS 12, GROUPS 13) and id server
+//! (ID_GET 40), with their replies. Layouts are in docs/PROTOCOL.md ("Cluster").
+//!
+//! Replies carrying lists (SADDRS, GROUPS) are capped ([`NODES_MAX`], [`GROUPS_MAX`]) and every
+//! count is checked against both its cap and the bytes left before anything is allocated.
+
+use super::frames::{Rd, non_empty};
+use super::*;
+
+/// Body of TRACKER_JOIN (10): group, host, port, version, started, free.
+pub const JOIN_LEN: usize = GROUP_LEN + HOST_LEN + 2 + 2 + 8 + 8;
+/// Body of TRACKER_BEAT (11): group, host, port, started, free.
+pub const BEAT_LEN: usize = GROUP_LEN + HOST_LEN + 2 + 8 + 8;
+/// Body of the JOIN and BEAT reply: the beat interval in ms.
+pub const BEAT_REPLY_LEN: usize = 4;
+/// Body of TRACKER_SADDRS (12): app, user, file id.
+pub const SADDRS_LEN: usize = APP_ID_LEN + USER_ID_LEN + FILE_ID_LEN;
+/// One node address in a SADDRS reply.
+const ADDR_LEN: usize = HOST_LEN + 2;
+/// Largest SADDRS reply: group, stale, count, then at most [`NODES_MAX`] addresses.
+pub const SADDRS_REPLY_MAX: usize = GROUP_LEN + 1 + 2 + NODES_MAX * ADDR_LEN;
+/// One node in a GROUPS reply: host, port, online, started, beat age, free.
+const NODE_VIEW_LEN: usize = HOST_LEN + 2 + 1 + 8 + 8 + 8;
+/// One group's fixed part in a GROUPS reply: name, users, node count.
+const GROUP_VIEW_LEN: usize = GROUP_LEN + 8 + 2;
+/// Largest GROUPS reply (about 740 KiB).
+pub const GROUPS_REPLY_MAX: usize =
+    1 + 2 + GROUPS_MAX * (GROUP_VIEW_LEN + NODES_MAX * NODE_VIEW_LEN);
+/// Body of ID_GET (40): key, count.
+pub const ID_GET_LEN: usize = ID_KEY_LEN + 4;
+/// Body of the ID_GET reply: first, count.
+pub const ID_REPLY_LEN: usize = 8 + 4;
+/// Most ids one ID_GET may ask for.
+pub const ID_COUNT_MAX: u32 = 65536;
+
+/// A group name: non-empty text of at most [`GROUP_LEN`] bytes.
+fn group_field(r: &mut Rd<'_>) -> Result<String, ProtoError> {
+    non_empty(r.fixed_str(GROUP_LEN, "group")?, "group")
+}
+
+/// A host: an IP literal or DNS name, so only the characters those use; proxies connect to it.
+fn host_field(r: &mut Rd<'_>) -> Result<String, ProtoError> {
+    let h = non_empty(r.fixed_str(HOST_LEN, "host")?, "host")?;
+    check_host(&h)?;
+    Ok(h)
+}
+
+/// Whether `h` may be sent as a host: what [`host_field`] accepts.
+pub fn check_host(h: &str) -> Result<(), ProtoError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_');
+    if h.is_empty() || h.len() > HOST_LEN || !h.chars().all(ok) {
+        return Err(ProtoError::Invalid {
+            field: "host",
+            why: "not an IP address or DNS name",
+        });
+    }
+    Ok(())
+}
+
+fn port_field(r: &mut Rd<'_>) -> Result<u16, ProtoError> {
+    match r.u16("port")? {
+        0 => Err(ProtoError::Invalid {
+            field: "port",
+            why: "port 0",
+        }),
+        p => Ok(p),
+    }
+}
+
+fn flag_field(r: &mut Rd<'_>, field: &'static str) -> Result<bool, ProtoError> {
+    match r.u8(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(ProtoError::Invalid {
+            field,
+            why: "not 0 or 1",
+        }),
+    }
+}
+
+/// Reads a list count and checks it against its cap and against the bytes left, so a lying
+/// count never sizes an allocation.
+fn count_field(
+    r: &mut Rd<'_>,
+    field: &'static str,
+    max: usize,
+    min_item: usize,
+) -> Result<usize, ProtoError> {
+    let n = r.u16(field)? as usize;
+    if n > max {
+        return Err(ProtoError::Invalid {
+            field,
+            why: "over its limit",
+        });
+    }
+    if n * min_item > r.b.len() {
+        return Err(ProtoError::Truncated(field));
+    }
+    Ok(n)
+}
+
+fn check_host_port(host: &str, port: u16) -> Result<(), ProtoError> {
+    check_host(host)?;
+    if port == 0 {
+        return Err(ProtoError::Invalid {
+            field: "port",
+            why: "port 0",
+        });
+    }
+    Ok(())
+}
+
+/// TRACKER_JOIN (10) and TRACKER_BEAT (11): a storage node announcing itself. BEAT has no
+/// version field; its decode leaves `version` at 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHello {
+    pub group: String,
+    pub host: String,
+    pub port: u16,
+    pub version: u16,
+    /// Unix ms when the node started (a restart shows as a new value).
+    pub started: u64,
+    /// Bytes free on the node's data volume.
+    pub free: u64,
+}
+
+impl NodeHello {
+    fn put_addr(&self, b: &mut Vec<u8>) -> Result<(), ProtoError> {
+        if self.group.is_empty() {
+            return Err(ProtoError::Empty("group"));
+        }
+        check_host_port(&self.host, self.port)?;
+        put_fixed_str(b, &self.group, GROUP_LEN, "group")?;
+        put_fixed_str(b, &self.host, HOST_LEN, "host")?;
+        b.extend_from_slice(&self.port.to_be_bytes());
+        Ok(())
+    }
+
+    /// The JOIN body.
+    pub fn encode_join(&self) -> Result<Vec<u8>, ProtoError> {
+        let mut b = Vec::with_capacity(JOIN_LEN);
+        self.put_addr(&mut b)?;
+        b.extend_from_slice(&self.version.to_be_bytes());
+        b.extend_from_slice(&self.started.to_be_bytes());
+        b.extend_from_slice(&self.free.to_be_bytes());
+        Ok(b)
+    }
+
+    /// The BEAT body.
+    pub fn encode_beat(&self) -> Result<Vec<u8>, ProtoError> {
+        let mut b = Vec::with_capacity(BEAT_LEN);
+        self.put_addr(&mut b)?;
+        b.extend_from_slice(&self.started.to_be_bytes());
+        b.extend_from_slice(&self.free.to_be_bytes());
+        Ok(b)
+    }
+
+    pub fn decode_join(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let group = group_field(&mut r)?;
+        let host = host_field(&mut r)?;
+        let port = port_field(&mut r)?;
+        let version = r.u16("version")?;
+        let started = r.u64("started")?;
+        let free = r.u64("free")?;
+        r.end("TRACKER_JOIN")?;
+        Ok(NodeHello {
+            group,
+            host,
+            port,
+            version,
+            started,
+            free,
+        })
+    }
+
+    pub fn decode_beat(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let group = group_field(&mut r)?;
+        let host = host_field(&mut r)?;
+        let port = port_field(&mut r)?;
+        let started = r.u64("started")?;
+        let free = r.u64("free")?;
+        r.end("TRACKER_BEAT")?;
+        Ok(NodeHello {
+            group,
+            host,
+            port,
+            version: 0,
+            started,
+            free,
+        })
+    }
+}
+
+/// Reply to JOIN and BEAT: how often the tracker wants beats.
+pub fn encode_beat_reply(interval_ms: u32) -> Vec<u8> {
+    interval_ms.to_be_bytes().to_vec()
+}
+
+pub fn decode_beat_reply(body: &[u8]) -> Result<u32, ProtoError> {
+    let mut r = Rd { b: body };
+    let ms = r.u32("beat interval")?;
+    r.end("TRACKER_BEAT reply")?;
+    Ok(ms)
+}
+
+/// TRACKER_SADDRS (12): where does this app's user live. The file id is reserved (may be empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaddrsReq {
+    pub app: String,
+    pub user: String,
+    pub file_id: String,
+}
+
+impl SaddrsReq {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        if self.app.is_empty() {
+            return Err(ProtoError::Empty("app id"));
+        }
+        if self.user.is_empty() {
+            return Err(ProtoError::Empty("user id"));
+        }
+        let mut b = Vec::with_capacity(SADDRS_LEN);
+        put_fixed_str(&mut b, &self.app, APP_ID_LEN, "app id")?;
+        put_fixed_str(&mut b, &self.user, USER_ID_LEN, "user id")?;
+        put_fixed_str(&mut b, &self.file_id, FILE_ID_LEN, "file id")?;
+        Ok(b)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let app = non_empty(r.fixed_str(APP_ID_LEN, "app id")?, "app id")?;
+        let user = non_empty(r.fixed_str(USER_ID_LEN, "user id")?, "user id")?;
+        let file_id = r.fixed_str(FILE_ID_LEN, "file id")?;
+        r.end("TRACKER_SADDRS")?;
+        Ok(SaddrsReq { app, user, file_id })
+    }
+}
+
+/// A storage node's address as the tracker hands it out.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl NodeAddr {
+    fn put(&self, b: &mut Vec<u8>) -> Result<(), ProtoError> {
+        check_host_port(&self.host, self.port)?;
+        put_fixed_str(b, &self.host, HOST_LEN, "host")?;
+        b.extend_from_slice(&self.port.to_be_bytes());
+        Ok(())
+    }
+
+    fn read(r: &mut Rd<'_>) -> Result<Self, ProtoError> {
+        let host = host_field(r)?;
+        let port = port_field(r)?;
+        Ok(NodeAddr { host, port })
+    }
+}
+
+impl std::fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Reply to SADDRS: the user's group and its online nodes, preferred first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaddrsReply {
+    pub group: String,
+    /// Answered from the tracker's last view because the database is unreachable.
+    pub stale: bool,
+    pub nodes: Vec<NodeAddr>,
+}
+
+impl SaddrsReply {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        if self.nodes.len() > NODES_MAX {
+            return Err(ProtoError::Invalid {
+                field: "nodes",
+                why: "over 32 nodes",
+            });
+        }
+        if self.group.is_empty() {
+            return Err(ProtoError::Empty("group"));
+        }
+        let mut b = Vec::with_capacity(GROUP_LEN + 3 + self.nodes.len() * ADDR_LEN);
+        put_fixed_str(&mut b, &self.group, GROUP_LEN, "group")?;
+        b.push(self.stale as u8);
+        b.extend_from_slice(&(self.nodes.len() as u16).to_be_bytes());
+        for n in &self.nodes {
+            n.put(&mut b)?;
+        }
+        Ok(b)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let group = group_field(&mut r)?;
+        let stale = flag_field(&mut r, "stale")?;
+        let n = count_field(&mut r, "node count", NODES_MAX, ADDR_LEN)?;
+        let mut nodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            nodes.push(NodeAddr::read(&mut r)?);
+        }
+        r.end("TRACKER_SADDRS reply")?;
+        Ok(SaddrsReply {
+            group,
+            stale,
+            nodes,
+        })
+    }
+}
+
+/// One node in a GROUPS reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub addr: NodeAddr,
+    pub online: bool,
+    /// Unix ms the node reported as its start time.
+    pub started: u64,
+    /// Ms since the tracker last heard a JOIN or BEAT from it.
+    pub beat_age_ms: u64,
+    pub free: u64,
+}
+
+/// One group in a GROUPS reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    pub name: String,
+    /// Users the router table assigns to this group.
+    pub users: u64,
+    pub nodes: Vec<NodeView>,
+}
+
+/// Reply to TRACKER_GROUPS (13): the tracker's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupsReply {
+    pub stale: bool,
+    pub groups: Vec<GroupView>,
+}
+
+impl GroupsReply {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        if self.groups.len() > GROUPS_MAX {
+            return Err(ProtoError::Invalid {
+                field: "groups",
+                why: "over 256 groups",
+            });
+        }
+        let mut b = Vec::with_capacity(3 + self.groups.len() * GROUP_VIEW_LEN);
+        b.push(self.stale as u8);
+        b.extend_from_slice(&(self.groups.len() as u16).to_be_bytes());
+        for g in &self.groups {
+            if g.nodes.len() > NODES_MAX {
+                return Err(ProtoError::Invalid {
+                    field: "nodes",
+                    why: "over 32 nodes",
+                });
+            }
+            if g.name.is_empty() {
+                return Err(ProtoError::Empty("group"));
+            }
+            put_fixed_str(&mut b, &g.name, GROUP_LEN, "group")?;
+            b.extend_from_slice(&g.users.to_be_bytes());
+            b.extend_from_slice(&(g.nodes.len() as u16).to_be_bytes());
+            for n in &g.nodes {
+                n.addr.put(&mut b)?;
+                b.push(n.online as u8);
+                b.extend_from_slice(&n.started.to_be_bytes());
+                b.extend_from_slice(&n.beat_age_ms.to_be_bytes());
+                b.extend_from_slice(&n.free.to_be_bytes());
+            }
+        }
+        Ok(b)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let stale = flag_field(&mut r, "stale")?;
+        let ng = count_field(&mut r, "group count", GROUPS_MAX, GROUP_VIEW_LEN)?;
+        let mut groups = Vec::with_capacity(ng);
+        for _ in 0..ng {
+            let name = group_field(&mut r)?;
+            let users = r.u64("users")?;
+            let nn = count_field(&mut r, "node count", NODES_MAX, NODE_VIEW_LEN)?;
+            let mut nodes = Vec::with_capacity(nn);
+            for _ in 0..nn {
+                let addr = NodeAddr::read(&mut r)?;
+                let online = flag_field(&mut r, "online")?;
+                let started = r.u64("started")?;
+                let beat_age_ms = r.u64("beat age")?;
+                let free = r.u64("free")?;
+                nodes.push(NodeView {
+                    addr,
+                    online,
+                    started,
+                    beat_age_ms,
+                    free,
+                });
+            }
+            groups.push(GroupView { name, users, nodes });
+        }
+        r.end("TRACKER_GROUPS reply")?;
+        Ok(GroupsReply { stale, groups })
+    }
+}
+
+/// ID_GET (40): `count` fresh ids of the sequence named `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdGet {
+    pub key: String,
+    pub count: u32,
+}
+
+fn check_id_count(count: u32) -> Result<(), ProtoError> {
+    if count == 0 || count > ID_COUNT_MAX {
+        return Err(ProtoError::Invalid {
+            field: "count",
+            why: "outside 1 ..= 65536",
+        });
+    }
+    Ok(())
+}
+
+impl IdGet {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        if self.key.is_empty() {
+            return Err(ProtoError::Empty("id key"));
+        }
+        check_id_count(self.count)?;
+        let mut b = Vec::with_capacity(ID_GET_LEN);
+        put_fixed_str(&mut b, &self.key, ID_KEY_LEN, "id key")?;
+        b.extend_from_slice(&self.count.to_be_bytes());
+        Ok(b)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let key = non_empty(r.fixed_str(ID_KEY_LEN, "id key")?, "id key")?;
+        let count = r.u32("count")?;
+        r.end("ID_GET")?;
+        check_id_count(count)?;
+        Ok(IdGet { key, count })
+    }
+}
+
+/// Reply to ID_GET: ids `first ..= first + count - 1` belong to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdReply {
+    pub first: u64,
+    pub count: u32,
+}
+
+impl IdReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(ID_REPLY_LEN);
+        b.extend_from_slice(&self.first.to_be_bytes());
+        b.extend_from_slice(&self.count.to_be_bytes());
+        b
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let first = r.u64("first")?;
+        let count = r.u32("count")?;
+        r.end("ID_GET reply")?;
+        check_id_count(count)?;
+        if first.checked_add(u64::from(count) - 1).is_none() {
+            return Err(ProtoError::Invalid {
+                field: "first",
+                why: "first + count overflows",
+            });
+        }
+        Ok(IdReply { first, count })
+    }
+}
+
+/// The body rules of the replies to the cluster commands, for [`Decoder::replies`]: control
+/// bodies up to the largest reply of the command.
+pub fn cluster_reply_spec(c: u8) -> Option<BodySpec> {
+    let meta = match c {
+        cmd::REPLY_TRACKER => GROUPS_REPLY_MAX,
+        cmd::REPLY_ID => ID_REPLY_LEN,
+        _ => return None,
+    };
+    Some(BodySpec {
+        meta,
+        exact: false,
+        payload_max: 0,
+    })
+}

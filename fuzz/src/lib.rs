@@ -1,0 +1,163 @@
+//! Fuzzing harnesses: one function per fuzz target, each feeding arbitrary bytes to a decoder that
+//! faces the network and checking the invariants the code promises (no panic, no unbounded
+//! allocation, consumed bytes within the input, results within their bounds).
+//!
+//! `targets/` (cargo-fuzz, `./fuzz/run.sh`) calls these from libFuzzer; `tests/corpus.rs` replays
+//! every committed input in `corpus/<target>/` through them on each `cargo test`.
+
+use ferry_common::proto;
+use ferry_common::proto::{self as frames, BodySpec, Decoded, Decoder, cmd};
+use ferry_server::http::{head, range};
+
+/// A harness: arbitrary bytes in, a panic out if a promise is broken.
+pub type Harness = fn(&[u8]);
+
+/// The targets by name, as `corpus/<name>/` and `targets/fuzz_targets/<name>.rs` know them.
+pub const TARGETS: &[(&str, Harness)] = &[
+    ("frames", frames),
+    ("replies", replies),
+    ("http_head", http_head),
+    ("http_range", http_range),
+    ("signed_url", signed_url),
+];
+
+/// Splits `data` into chunks whose sizes come from `data` itself, so the fuzzer explores every
+/// way a stream can be cut (seed 001's half and sticky packets).
+fn chunks(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let step = usize::from(data.first().copied().unwrap_or(0) % 17) + 1;
+    data.get(1..).unwrap_or_default().chunks(step)
+}
+
+/// Drives one decoder over a chunked stream, checking that every call consumes within its input
+/// and makes progress, and hands every decoded frame to `on_frame`.
+fn drive(mut d: Decoder, data: &[u8], on_frame: impl Fn(u8, u8, &[u8], u64)) {
+    for mut input in chunks(data) {
+        while !input.is_empty() {
+            let Ok((used, item)) = d.decode(input) else {
+                return; // the connection would get an error frame and close
+            };
+            assert!(used <= input.len(), "decoder consumed past its input");
+            if let Some(Decoded::Frame {
+                header,
+                meta,
+                payload_len,
+            }) = &item
+            {
+                on_frame(header.cmd, header.status, meta, *payload_len);
+            }
+            if let Some(Decoded::Payload { data, .. }) = &item {
+                assert!(
+                    data.len() <= used,
+                    "payload slice longer than what was consumed"
+                );
+            }
+            assert!(used > 0 || item.is_some(), "decoder made no progress");
+            input = &input[used..];
+        }
+    }
+}
+
+/// Requests as a server or proxy reads them: the frame decoder, then the body parser of the
+/// command the frame names (what `server/src/conn.rs` calls).
+pub fn frames(data: &[u8]) {
+    drive(
+        Decoder::requests(),
+        data,
+        |c, _status, body, payload_len| {
+            let spec = proto::request_spec(c).expect("the decoder passed an unknown command");
+            assert!(body.len() <= spec.meta && payload_len <= spec.payload_max);
+            // Results are ignored: the point is that every parser returns instead of panicking.
+            let _ = match c {
+                cmd::HELLO => frames::Hello::decode(body).map(drop),
+                cmd::PROBE => frames::decode_probe(body).map(drop),
+                cmd::UPLOAD => frames::UploadMeta::decode(body).map(drop),
+                cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => {
+                    frames::decode_file_id(body).map(drop)
+                }
+                cmd::DOWNLOAD => frames::DownloadReq::decode(body).map(drop),
+                cmd::UPLOAD_INIT => frames::UploadInit::decode(body).map(drop),
+                cmd::UPLOAD_QUERY | cmd::UPLOAD_OVER => frames::decode_upload_id(body).map(drop),
+                cmd::UPLOAD_BLOCK => frames::BlockMeta::decode(body, payload_len).map(drop),
+                cmd::UPLOAD_PROVE => frames::Prove::decode(body).map(drop),
+                _ => Ok(()),
+            };
+        },
+    );
+}
+
+/// The largest reply body a client accepts per reply command (control bodies only here; the
+/// DOWNLOAD reply's payload is bounded like a block).
+fn reply_spec(c: u8) -> Option<BodySpec> {
+    match c {
+        cmd::REPLY_STORAGE | cmd::REPLY_PROXY => Some(BodySpec {
+            meta: frames::STAT_REPLY_LEN,
+            exact: false,
+            payload_max: proto::BLOCK_MAX,
+        }),
+        _ => None,
+    }
+}
+
+/// Replies as a client reads them: the reply decoder, error bodies, then every reply parser.
+pub fn replies(data: &[u8]) {
+    drive(Decoder::replies(reply_spec), data, |_c, status, body, _| {
+        if status != proto::status::OK {
+            let _ = frames::ErrorBody::decode(body);
+            return;
+        }
+        let _ = frames::Identity::decode(body);
+        let _ = frames::StatReply::decode(body);
+        let _ = frames::UploadInitReply::decode(body);
+        let _ = frames::Breakpoint::decode(body);
+        let _ = frames::BlockAck::decode(body);
+        let _ = frames::decode_download_meta(body);
+    });
+}
+
+/// An HTTP request head as the gateway parses it, then its query and path decoding.
+pub fn http_head(data: &[u8]) {
+    if let head::Parsed::Complete(h, len) = head::parse(data) {
+        assert!(len <= data.len());
+        let (path, query) = h.target.split_once('?').unwrap_or((&h.target, ""));
+        let _ = head::percent_decode(path);
+        for key in ["app", "exp", "sig"] {
+            let _ = head::query_param(query, key);
+        }
+    }
+}
+
+/// A `Range` header against a body size: the first 8 bytes are the size, the rest the header.
+/// A part must lie inside the body, whatever the numbers (CVE-2017-7529 class).
+pub fn http_range(data: &[u8]) {
+    let (size, text) = match data.split_first_chunk::<8>() {
+        Some((s, rest)) => (u64::from_be_bytes(*s), rest),
+        None => (0, data),
+    };
+    let text = String::from_utf8_lossy(text);
+    if let range::Ranged::Part { start, end } = range::resolve(Some(&text), size) {
+        assert!(
+            start <= end && end < size,
+            "range {start}-{end} outside a {size}-byte body"
+        );
+    }
+}
+
+/// Signed-URL checks on hostile values: whatever the inputs, verification answers, and only the
+/// right signature passes (hex digits in either case: they are the same MAC bytes).
+pub fn signed_url(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(4, '\n');
+    let (id, exp, app, sig) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let exp = exp.parse::<u64>().unwrap_or(0);
+    let secret = b"fuzzing-secret-0123456789";
+    let good = ferry_common::signing::sign(secret, id, exp, app);
+    assert!(ferry_common::signing::verify(secret, id, exp, app, &good));
+    if !sig.eq_ignore_ascii_case(&good) {
+        assert!(!ferry_common::signing::verify(secret, id, exp, app, sig));
+    }
+}

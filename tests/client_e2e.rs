@@ -13,8 +13,9 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::cli::{Run, ferry, ok, run};
 use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
 
 const BS: u64 = 64 * 1024;
@@ -95,68 +96,6 @@ impl Cluster {
     fn proc(&self, name: &str) -> &Proc {
         self.procs.iter().find(|p| p.name == name).unwrap()
     }
-}
-
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {:?}", self.stdout, self.stderr))
-    }
-    fn report(&self) -> Value {
-        self.json()["report"].clone()
-    }
-}
-
-/// A `ferry` command with the test's state dir and no proxy list from the environment.
-fn ferry(state: &Path, proxies: &[SocketAddr], args: &[&str]) -> Command {
-    let mut c = Command::new(bin("ferry"));
-    c.env("FERRY_STATE_DIR", state)
-        .env_remove("FERRY_PROXIES")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    for p in proxies {
-        c.arg("--proxy").arg(p.to_string());
-    }
-    c.args(args);
-    c
-}
-
-/// Runs to completion (bounded).
-fn run(mut cmd: Command) -> Run {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("ferry ran over 60 s: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn ok(cmd: Command) -> Run {
-    let r = run(cmd);
-    assert!(r.ok, "ferry failed: {}", r.stderr);
-    r
 }
 
 fn upload(c: &Cluster, via: &[SocketAddr], file: &Path, extra: &[&str]) -> Run {

@@ -95,6 +95,16 @@ pub enum Command {
         #[arg(long, env = "FERRY_HTTP_BASE", default_value = "http://127.0.0.1:7480")]
         base: String,
     },
+    /// Print a tracker's view of the cluster: groups, their users, and each node's state
+    /// (online/offline), time since its last beat and free bytes.
+    Groups {
+        /// Tracker address (host:port); repeat to try several in turn.
+        #[arg(long = "tracker", value_name = "ADDR", required = true)]
+        trackers: Vec<String>,
+        /// Give up on a tracker after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Manage a local cluster.
     Cluster {
         #[command(subcommand)]
@@ -194,6 +204,14 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
             crate::demo::cluster_up(conf, data, say)?;
             return Ok(String::new());
         }
+        Command::Groups { trackers, timeout } => {
+            let v = crate::groups::fetch(trackers, *timeout)?;
+            return Ok(if cli.json {
+                crate::groups::to_json(&v).to_string()
+            } else {
+                crate::groups::render(&v)
+            });
+        }
         Command::Url {
             file_id,
             expires,
@@ -258,7 +276,10 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                 String::new()
             }
         }
-        Command::Demo { .. } | Command::Cluster { .. } | Command::Url { .. } => {
+        Command::Demo { .. }
+        | Command::Cluster { .. }
+        | Command::Url { .. }
+        | Command::Groups { .. } => {
             unreachable!("handled above")
         }
     };

@@ -19,6 +19,7 @@ pub mod demo;
 mod download;
 pub mod error;
 mod files;
+pub mod groups;
 mod link;
 mod pool;
 pub mod report;

@@ -7,3 +7,4 @@ pub mod net;
 pub mod proto;
 pub mod reactor;
 pub mod signing;
+pub mod token;

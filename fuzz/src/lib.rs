@@ -19,6 +19,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("http_head", http_head),
     ("http_range", http_range),
     ("signed_url", signed_url),
+    ("hello_token", hello_token),
 ];
 
 /// Splits `data` into chunks whose sizes come from `data` itself, so the fuzzer explores every
@@ -85,8 +86,9 @@ pub fn frames(data: &[u8]) {
     );
 }
 
-/// The largest reply body a client accepts per reply command (control bodies only here; the
-/// DOWNLOAD reply's payload is bounded like a block).
+/// The largest reply body a client accepts per reply command (storage replies: the largest
+/// control reply, then a payload bounded like a block; tracker and id replies as the cluster
+/// clients read them).
 fn reply_spec(c: u8) -> Option<BodySpec> {
     match c {
         cmd::REPLY_STORAGE | cmd::REPLY_PROXY => Some(BodySpec {
@@ -94,7 +96,7 @@ fn reply_spec(c: u8) -> Option<BodySpec> {
             exact: false,
             payload_max: proto::BLOCK_MAX,
         }),
-        _ => None,
+        _ => frames::cluster_reply_spec(c),
     }
 }
 
@@ -111,6 +113,10 @@ pub fn replies(data: &[u8]) {
         let _ = frames::Breakpoint::decode(body);
         let _ = frames::BlockAck::decode(body);
         let _ = frames::decode_download_meta(body);
+        let _ = frames::decode_beat_reply(body);
+        let _ = frames::SaddrsReply::decode(body);
+        let _ = frames::GroupsReply::decode(body);
+        let _ = frames::IdReply::decode(body);
     });
 }
 
@@ -159,5 +165,34 @@ pub fn signed_url(data: &[u8]) {
     assert!(ferry_common::signing::verify(secret, id, exp, app, &good));
     if !sig.eq_ignore_ascii_case(&good) {
         assert!(!ferry_common::signing::verify(secret, id, exp, app, sig));
+    }
+}
+
+/// A HELLO body and its session token: the HELLO parser, then token parsing and verification.
+/// A token that passes must be exactly what minting its claims with the key gives (one encoding
+/// per identity), and must not pass twice (its nonce is spent).
+pub fn hello_token(data: &[u8]) {
+    use ferry_common::token::{Claims, Policy, Verifier};
+    let credential = match frames::Hello::decode(data) {
+        Ok(h) => h.credential,
+        Err(_) => data.to_vec(),
+    };
+    let key = b"fuzzing-key-0123456789abcdef".to_vec();
+    let keys = [("demo".to_owned(), [("k1".to_owned(), key.clone())].into())].into();
+    let v = Verifier::new(Policy {
+        keys,
+        skew_secs: 60,
+        max_lifetime_secs: 86_400,
+        max_live_tokens: 16,
+    });
+    let now = 1_800_000_000;
+    let _ = Claims::parse(&credential);
+    if let Ok(c) = v.verify(&credential, now) {
+        assert_eq!(
+            c.mint(&key).as_deref(),
+            Ok(&credential[..]),
+            "two encodings verify"
+        );
+        assert!(v.verify(&credential, now).is_err(), "a token passed twice");
     }
 }

@@ -11,6 +11,7 @@
 //! the connection reads the next block (at most [`INFLIGHT_MAX`] blocks waiting per connection).
 //! The syncer wakes the connection through a pipe registered as the connection's second source.
 
+use crate::cluster::Roles;
 use crate::outbox::{Outbox, Written};
 use crate::store::{
     BlockStart, BlockWriter, Download, OpError, SmallStart, SmallWriter, Storage, Who,
@@ -19,7 +20,8 @@ use crate::syncer::{AckSlot, SyncJob};
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
     self, BlockAck, BlockMeta, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode, Header, Hello,
-    Identity, Prove, Role, StatReply, UploadInit, UploadMeta, cmd, status,
+    IdGet, Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta, cmd,
+    status,
 };
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
 use log::{debug, info, warn};
@@ -64,6 +66,7 @@ pub struct ServerConn {
     sock: TcpStream,
     peer: SocketAddr,
     st: Arc<Storage>,
+    roles: Arc<Roles>,
     dec: Decoder,
     rbuf: Vec<u8>,
     rpos: usize,
@@ -96,6 +99,7 @@ impl ServerConn {
         sock: TcpStream,
         peer: SocketAddr,
         st: Arc<Storage>,
+        roles: Arc<Roles>,
         syncer: Sender<SyncJob>,
     ) -> io::Result<Self> {
         let rbuf = vec![0u8; st.cfg.read_buffer_kib * 1024];
@@ -104,6 +108,7 @@ impl ServerConn {
             sock,
             peer,
             st,
+            roles,
             dec: Decoder::requests(),
             rbuf,
             rpos: 0,
@@ -157,6 +162,11 @@ impl ServerConn {
     }
 
     fn error(&mut self, e: &OpError, req: u8) {
+        self.error_as(e, req, cmd::REPLY_STORAGE);
+    }
+
+    /// An error reply with the reply command of the role that answers (`REPLY_*`).
+    fn error_as(&mut self, e: &OpError, req: u8, reply_cmd: u8) {
         // Codes 1-5 mean the stream can no longer be trusted: answer, then close.
         let fatal = (e.code as u16) <= 5;
         if fatal {
@@ -166,7 +176,7 @@ impl ServerConn {
             debug!("{}: {} failed: {e}", self.peer, cmd::name(req));
         }
         let body = ErrorBody::new(e.code, e.text.clone());
-        self.push_bytes(body.frame(cmd::REPLY_STORAGE));
+        self.push_bytes(body.frame(reply_cmd));
     }
 
     fn flush(&mut self) -> Flush {
@@ -249,6 +259,7 @@ impl ServerConn {
                 );
                 return;
             }
+            cmd::HELLO if !self.roles.storage => {}
             cmd::HELLO => {
                 if self.who.is_some() {
                     let e = OpError::new(ErrorCode::BadFrame, "HELLO already received");
@@ -280,15 +291,15 @@ impl ServerConn {
             | cmd::TRACKER_BEAT
             | cmd::TRACKER_SADDRS
             | cmd::TRACKER_GROUPS
-            | cmd::ID_GET => {
-                // Cluster roles need no HELLO (nodes and proxies talk to them directly).
-                let e = OpError::new(
-                    ErrorCode::UnknownCommand,
-                    format!("{} is not served here (role not enabled)", cmd::name(h.cmd)),
-                );
-                return self.error(&e, h.cmd);
-            }
+            | cmd::ID_GET => return self.cluster(h.cmd, meta),
             _ => {}
+        }
+        if !self.roles.storage {
+            let e = OpError::new(
+                ErrorCode::UnknownCommand,
+                format!("{} is not served here (no storage role)", cmd::name(h.cmd)),
+            );
+            return self.error(&e, h.cmd);
         }
         let Some(who) = self.who.clone() else {
             let e = OpError::new(
@@ -333,6 +344,45 @@ impl ServerConn {
         };
         if let Err(e) = r {
             self.error(&e, h.cmd);
+        }
+    }
+
+    /// The tracker and id commands: no HELLO needed; error 3 when the role is not enabled.
+    fn cluster(&mut self, c: u8, meta: &[u8]) {
+        let reply_cmd = if c == cmd::ID_GET {
+            cmd::REPLY_ID
+        } else {
+            cmd::REPLY_TRACKER
+        };
+        let roles = self.roles.clone();
+        let r = match (c, &roles.tracker, &roles.ids) {
+            (cmd::ID_GET, _, Some(ids)) => IdGet::decode(meta)
+                .map_err(bad)
+                .and_then(|q| ids.get(&q))
+                .map(|r| r.encode()),
+            (cmd::TRACKER_JOIN, Some(t), _) => NodeHello::decode_join(meta)
+                .map_err(bad)
+                .and_then(|j| t.join(&j))
+                .map(proto::encode_beat_reply),
+            (cmd::TRACKER_BEAT, Some(t), _) => NodeHello::decode_beat(meta)
+                .map_err(bad)
+                .and_then(|b| t.beat(&b))
+                .map(proto::encode_beat_reply),
+            (cmd::TRACKER_SADDRS, Some(t), _) => SaddrsReq::decode(meta)
+                .map_err(bad)
+                .and_then(|q| t.saddrs(&q))
+                .and_then(|r| r.encode().map_err(internal)),
+            (cmd::TRACKER_GROUPS, Some(t), _) => {
+                t.groups().and_then(|r| r.encode().map_err(internal))
+            }
+            _ => Err(OpError::new(
+                ErrorCode::UnknownCommand,
+                format!("{} is not served here (role not enabled)", cmd::name(c)),
+            )),
+        };
+        match r {
+            Ok(body) => self.push_bytes(proto::frame(reply_cmd, status::OK, &body)),
+            Err(e) => self.error_as(&e, c, reply_cmd),
         }
     }
 
@@ -483,6 +533,11 @@ impl ServerConn {
     }
 }
 
+/// A reply we built does not encode: our bug, not the peer's.
+fn internal(e: proto::ProtoError) -> OpError {
+    OpError::new(ErrorCode::Internal, e.to_string())
+}
+
 /// A field error in a request the decoder accepted: malformed, so the connection closes.
 fn bad(e: proto::ProtoError) -> OpError {
     OpError::new(e.code(), e.to_string())
@@ -579,6 +634,8 @@ impl Conn for ServerConn {
 /// The server's reactor service: one [`ServerConn`] per accepted connection.
 pub struct ServerService {
     pub st: Arc<Storage>,
+    /// Which roles answer (storage, tracker, id).
+    pub roles: Arc<Roles>,
     pub syncer: Sender<SyncJob>,
     /// The HTTP gateway, serving listener 1 when `[http] listen` is set.
     pub http: Option<Arc<crate::http::Gateway>>,
@@ -597,7 +654,13 @@ impl Service for ServerService {
             return gw.accept(stream, peer);
         }
         debug!("{peer}: connected");
-        match ServerConn::new(stream, peer, self.st.clone(), self.syncer.clone()) {
+        match ServerConn::new(
+            stream,
+            peer,
+            self.st.clone(),
+            self.roles.clone(),
+            self.syncer.clone(),
+        ) {
             Ok(c) => Some(Box::new(c)),
             Err(e) => {
                 warn!("{peer}: cannot set up the connection: {e}");

@@ -37,6 +37,24 @@ impl StepAllocator {
     }
 }
 
+impl StepAllocator {
+    /// `count` consecutive ids; returns the first. When the current step has fewer left, its
+    /// rest is skipped and a new step of at least `count` ids is reserved (ids stay unique and
+    /// increasing; skipped ones are never handed out, like the rest of a step at a restart).
+    pub fn next_ids(&self, count: u64) -> Result<u64> {
+        let count = count.max(1);
+        let mut r = self.range.lock();
+        if r.1 - r.0 < count {
+            let n = self.step.max(count);
+            let start = self.meta.reserve_ids(&self.key, n)?;
+            *r = (start, start + n);
+        }
+        let first = r.0;
+        r.0 += count;
+        Ok(first)
+    }
+}
+
 impl IdAllocator for StepAllocator {
     fn next_id(&self) -> Result<u64> {
         let mut r = self.range.lock();
@@ -91,6 +109,10 @@ mod tests {
         // A "restart": a new allocator over the same DB starts after the reserved range.
         let b = StepAllocator::new(meta, "data", 3);
         assert_eq!(b.next_id().unwrap(), 7);
+        // Batches are consecutive and skip to a new step when the current one is too short.
+        assert_eq!(b.next_ids(2).unwrap(), 8);
+        assert_eq!(b.next_ids(5).unwrap(), 10);
+        assert_eq!(b.next_ids(1).unwrap(), 15);
         let (x, y) = (file_id(1), file_id(1));
         assert_ne!(x, y);
         assert!(x.starts_with("0000000000000001-") && x.len() == 33);

@@ -9,7 +9,9 @@
 //! - [`outbox`]: a connection's outgoing bytes and sendfile ranges (both protocols).
 //! - [`reaper`]: expires idle upload sessions.
 //! - [`http`]: the HTTP streaming gateway (second listener, `[http]` in the config).
+//! - [`cluster`]: the tracker and id roles, and a cluster node's JOIN/BEAT thread.
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod http;
@@ -70,13 +72,25 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
         st.cfg.workers,
         st.cfg.block_size,
     );
+    let roles = Arc::new(cluster::Roles::start(&st.cfg, st.meta())?);
+    // A cluster node announces the address it really listens on (the port may have been 0).
+    let beater = match (&st.cfg.cluster, r.local_addrs().first()) {
+        (Some(c), Some(&bound)) if roles.storage => Some(
+            cluster::beat::Beater::start(c, c.advertise.unwrap_or(bound), st.root().to_owned())
+                .context("cannot start the tracker beat thread")?,
+        ),
+        _ => None,
+    };
     let reaper = reaper::Reaper::start(st.clone());
     let syncer = syncer::Syncer::start(st.clone()).context("cannot start the block syncer")?;
     let result = r.run(Arc::new(conn::ServerService {
         st: st.clone(),
+        roles: roles.clone(),
         syncer: syncer.sender(),
         http,
     }));
+    drop(beater);
+    roles.stop();
     syncer.stop();
     reaper.stop();
     info!("ferry-server stopped");

@@ -246,6 +246,11 @@ impl Storage {
         &self.root
     }
 
+    /// The metadata store (the id role reserves its steps in it).
+    pub fn meta(&self) -> Arc<dyn MetaStore> {
+        self.meta.clone()
+    }
+
     fn recover(&self) -> anyhow::Result<()> {
         for f in self.meta.files_with_status(FILE_DELETING)? {
             // A deletion cut short between marking the record and dropping it.

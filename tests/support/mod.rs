@@ -2,6 +2,8 @@
 //! always killed (even when a test panics), readiness probes, and test data.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cli;
+
 use ferry_common::proto::{self, Header, Identity};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -249,4 +251,24 @@ pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Whether the command-line tool `tool` is installed. In CI (`CI` set) a missing tool is a test
+/// failure, because `.ci/run` installs every tool the tests use; elsewhere the caller skips,
+/// and this says so.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{tool} is not installed (CI must install it: .ci/run)"
+        );
+        eprintln!("SKIPPED: {tool} is not installed (apt-get install it to run this test)");
+    }
+    found
 }

@@ -14,10 +14,12 @@
 //! by a *payload* that receivers stream to disk or socket instead of buffering, so memory does not
 //! grow with file or block size.
 
+mod call;
 mod cluster;
 mod decoder;
 mod frames;
 
+pub use call::{CallError, Caller, call_once};
 pub use cluster::*;
 pub use decoder::{Decoded, Decoder};
 pub use frames::*;

@@ -1,0 +1,187 @@
+//! The storage node's side of the tracker protocol: a thread that JOINs every tracker of
+//! `[cluster]` and BEATs each one every beat interval (the tracker says how often), with the
+//! free bytes of the data volume. A tracker that forgot the node (NotJoined: restarted on an
+//! empty database, or the node was moved) gets a JOIN again. Unreachable trackers are logged
+//! once per outage, not on every beat.
+
+use crate::config::ClusterConfig;
+use crate::meta::now_ms;
+use crossbeam_channel::{Sender, bounded};
+use ferry_common::proto::{self, BEAT_REPLY_LEN, CallError, ErrorCode, NodeHello, call_once, cmd};
+use log::{info, warn};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Until a tracker says otherwise.
+const DEFAULT_INTERVAL: Duration = Duration::from_millis(2000);
+/// Beats are never closer than this, whatever a tracker asks.
+const MIN_INTERVAL: Duration = Duration::from_millis(50);
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bytes available to unprivileged writers on the volume holding `dir` (0 if unknown).
+pub fn free_bytes(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) => s.blocks_available().saturating_mul(s.fragment_size()),
+        Err(e) => {
+            warn!("cannot statvfs {}: {e}", dir.display());
+            0
+        }
+    }
+}
+
+struct TrackerLink {
+    addr: SocketAddr,
+    joined: bool,
+    /// An outage of this tracker has been logged.
+    down: bool,
+    interval: Duration,
+}
+
+pub struct Beater {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Beater {
+    /// Starts beating for the node serving on `advertise` in `cfg.group`.
+    pub fn start(
+        cfg: &ClusterConfig,
+        advertise: SocketAddr,
+        data: PathBuf,
+    ) -> std::io::Result<Beater> {
+        let me = NodeHello {
+            group: cfg.group.clone(),
+            host: advertise.ip().to_string(),
+            port: advertise.port(),
+            version: proto::VERSION,
+            started: now_ms(),
+            free: 0,
+        };
+        let mut links: Vec<TrackerLink> = cfg
+            .trackers
+            .iter()
+            .map(|&addr| TrackerLink {
+                addr,
+                joined: false,
+                down: false,
+                interval: DEFAULT_INTERVAL,
+            })
+            .collect();
+        let (tx, rx) = bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("tracker-beat".into())
+            .spawn(move || {
+                loop {
+                    let mut me = me.clone();
+                    me.free = free_bytes(&data);
+                    let started = Instant::now();
+                    for l in &mut links {
+                        l.exchange(&me);
+                    }
+                    let every = links
+                        .iter()
+                        .map(|l| l.interval)
+                        .min()
+                        .unwrap_or(DEFAULT_INTERVAL)
+                        .max(MIN_INTERVAL);
+                    let wait = every.saturating_sub(started.elapsed());
+                    if !matches!(
+                        rx.recv_timeout(wait),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                    ) {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Beater {
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops beating (shutdown); trackers mark the node offline after their window.
+    pub fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Beater {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl TrackerLink {
+    /// One JOIN (if not joined) or BEAT (re-JOIN on NotJoined).
+    fn exchange(&mut self, me: &NodeHello) {
+        let r = if self.joined {
+            match self.send(cmd::TRACKER_BEAT, me) {
+                Err(e) if e.code() == Some(ErrorCode::NotJoined) => {
+                    info!(
+                        "tracker {} does not know this node; joining again",
+                        self.addr
+                    );
+                    self.joined = false;
+                    self.send(cmd::TRACKER_JOIN, me)
+                }
+                r => r,
+            }
+        } else {
+            self.send(cmd::TRACKER_JOIN, me)
+        };
+        match r {
+            Ok(ms) => {
+                if !self.joined {
+                    info!(
+                        "joined tracker {} as {}:{} in group {} (beat every {ms} ms)",
+                        self.addr, me.host, me.port, me.group
+                    );
+                } else if self.down {
+                    info!("tracker {} reachable again", self.addr);
+                }
+                self.joined = true;
+                self.down = false;
+                self.interval = Duration::from_millis(u64::from(ms));
+            }
+            Err(e) => {
+                if !self.down {
+                    warn!("tracker {} failed (retrying every beat): {e}", self.addr);
+                    self.down = true;
+                }
+                // A refused JOIN (unknown group) or a lost tracker: JOIN again next time.
+                if e.code() != Some(ErrorCode::Unavailable) {
+                    self.joined = false;
+                }
+            }
+        }
+    }
+
+    fn send(&self, c: u8, me: &NodeHello) -> Result<u32, CallError> {
+        let body = if c == cmd::TRACKER_JOIN {
+            me.encode_join()
+        } else {
+            me.encode_beat()
+        }
+        .map_err(|e| CallError::Garbled {
+            peer: self.addr,
+            why: format!("cannot encode our own {}: {e}", cmd::name(c)),
+        })?;
+        let b = call_once(
+            self.addr,
+            CALL_TIMEOUT,
+            c,
+            &body,
+            cmd::REPLY_TRACKER,
+            BEAT_REPLY_LEN,
+        )?;
+        proto::decode_beat_reply(&b).map_err(|e| CallError::Garbled {
+            peer: self.addr,
+            why: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,445 @@
+//! The tracker role (seed 004's tracker, commands 10-13): storage nodes JOIN and BEAT, proxies
+//! ask where a user lives (SADDRS), anyone may ask for the cluster view (GROUPS).
+//!
+//! The database ([`ClusterStore`]) is the truth shared by every tracker; each tracker keeps a
+//! [`View`] of it in memory, refreshed by a background thread, so SADDRS and GROUPS cost no
+//! database round trip, and so the tracker keeps answering (marked stale) while the database is
+//! unreachable. Beats this tracker receives update its view at once; beats other trackers
+//! receive show up at the next refresh. A node is online while its last beat is younger than
+//! `offline_after_ms`, computed at answer time, so it goes offline without any event and comes
+//! back with its next beat.
+
+use super::store::{ClusterStore, Joined, NodeRow};
+use crate::config::TrackerConfig;
+use crate::meta::now_ms;
+use crate::store::OpError;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use ferry_common::proto::{
+    ErrorCode, GROUPS_MAX, GroupView, GroupsReply, NODES_MAX, NodeAddr, NodeHello, NodeView,
+    SaddrsReply, SaddrsReq,
+};
+use log::{info, warn};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Routes remembered in memory (a route never changes once recorded, so entries stay valid);
+/// past this the cache is emptied rather than grown.
+const ROUTES_MAX: usize = 100_000;
+
+/// What the tracker last read from the database, plus the beats it received since.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    /// At least one refresh has succeeded: there is something to answer from.
+    loaded: bool,
+    /// The last refresh (or a request) failed to reach the database.
+    stale: bool,
+    /// Group -> users routed to it.
+    groups: BTreeMap<String, u64>,
+    nodes: BTreeMap<NodeAddr, NodeRow>,
+}
+
+pub struct Tracker {
+    store: Arc<dyn ClusterStore>,
+    cfg: TrackerConfig,
+    view: RwLock<View>,
+    routes: Mutex<HashMap<(String, String), String>>,
+    /// An outage has been logged; the next success logs the recovery.
+    down_logged: Mutex<bool>,
+    stop: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+}
+
+/// How often the view is reloaded: well inside the offline window, so a node another tracker
+/// hears from never looks offline here.
+fn refresh_every(cfg: &TrackerConfig) -> Duration {
+    Duration::from_millis((cfg.offline_after_ms / 4).clamp(50, 500))
+}
+
+fn unavailable(e: &anyhow::Error) -> OpError {
+    OpError::new(
+        ErrorCode::Unavailable,
+        format!("tracker database unreachable: {e:#}"),
+    )
+}
+
+impl Tracker {
+    /// Starts the tracker: creates the configured groups (retried by the refresh thread while
+    /// the database is down) and loads the first view.
+    pub fn start(store: Arc<dyn ClusterStore>, cfg: TrackerConfig) -> Arc<Tracker> {
+        let t = Arc::new(Tracker {
+            store,
+            cfg,
+            view: RwLock::new(View::default()),
+            routes: Mutex::new(HashMap::new()),
+            down_logged: Mutex::new(false),
+            stop: Mutex::new(None),
+        });
+        let mut groups_made = t.create_groups();
+        t.refresh();
+        let (tx, rx): (Sender<()>, Receiver<()>) = bounded(1);
+        let every = refresh_every(&t.cfg);
+        let me = Arc::downgrade(&t);
+        let h = std::thread::Builder::new()
+            .name("tracker-view".into())
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = rx.recv_timeout(every)
+                {
+                    let Some(t) = me.upgrade() else { return };
+                    if !groups_made {
+                        groups_made = t.create_groups();
+                    }
+                    t.refresh();
+                }
+            });
+        match h {
+            Ok(h) => *t.stop.lock() = Some((tx, h)),
+            Err(e) => warn!("tracker: cannot start the view refresh thread: {e}"),
+        }
+        t
+    }
+
+    /// Stops the refresh thread.
+    pub fn stop(&self) {
+        if let Some((tx, h)) = self.stop.lock().take() {
+            drop(tx);
+            let _ = h.join();
+        }
+    }
+
+    fn create_groups(&self) -> bool {
+        for g in &self.cfg.groups {
+            match self.store.create_group(g) {
+                Ok(true) => {}
+                Ok(false) => warn!("tracker: cannot create group {g}: {GROUPS_MAX} groups exist"),
+                Err(e) => {
+                    self.db_failed(&e);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn db_failed(&self, e: &anyhow::Error) {
+        self.view.write().stale = true;
+        let mut logged = self.down_logged.lock();
+        if !*logged {
+            warn!("tracker: database unreachable, answering from the last view (stale): {e:#}");
+            *logged = true;
+        }
+    }
+
+    fn db_ok(&self) {
+        let mut logged = self.down_logged.lock();
+        if *logged {
+            info!("tracker: database reachable again");
+            *logged = false;
+        }
+    }
+
+    /// Reloads the view from the database; on failure keeps the old one, marked stale.
+    pub fn refresh(&self) {
+        let load = || -> anyhow::Result<View> {
+            let names = self.store.groups()?;
+            let users: HashMap<String, u64> = self.store.users_per_group()?.into_iter().collect();
+            let nodes = self.store.nodes()?;
+            let groups = names
+                .into_iter()
+                .map(|g| {
+                    let u = users.get(&g).copied().unwrap_or(0);
+                    (g, u)
+                })
+                .collect();
+            let nodes = nodes.into_iter().map(|n| (n.addr.clone(), n)).collect();
+            Ok(View {
+                loaded: true,
+                stale: false,
+                groups,
+                nodes,
+            })
+        };
+        match load() {
+            Ok(mut v) => {
+                let now = now_ms();
+                let mut cur = self.view.write();
+                for (addr, n) in &mut v.nodes {
+                    // A beat received here after the query started is newer than the row.
+                    if let Some(old) = cur.nodes.get(addr)
+                        && old.group == n.group
+                        && old.last_beat_ms > n.last_beat_ms
+                    {
+                        n.last_beat_ms = old.last_beat_ms;
+                    }
+                    let was = cur.nodes.get(addr).is_some_and(|o| self.online(o, now));
+                    let is = self.online(n, now);
+                    if cur.loaded && was != is {
+                        let state = if is { "online" } else { "offline" };
+                        info!("tracker: node {addr} of group {} is {state}", n.group);
+                    }
+                }
+                *cur = v;
+                drop(cur);
+                self.db_ok();
+            }
+            Err(e) => self.db_failed(&e),
+        }
+    }
+
+    fn online(&self, n: &NodeRow, now: u64) -> bool {
+        now.saturating_sub(n.last_beat_ms) <= self.cfg.offline_after_ms
+    }
+
+    fn interval(&self) -> u32 {
+        u32::try_from(self.cfg.beat_interval_ms).unwrap_or(u32::MAX)
+    }
+
+    /// TRACKER_JOIN: records the node (its group must exist unless groups may be created).
+    pub fn join(&self, j: &NodeHello) -> Result<u32, OpError> {
+        let now = now_ms();
+        let row = NodeRow {
+            group: j.group.clone(),
+            addr: NodeAddr {
+                host: j.host.clone(),
+                port: j.port,
+            },
+            version: j.version,
+            started: j.started,
+            free: j.free,
+            last_beat_ms: now,
+        };
+        match self.store.join(&row, self.cfg.allow_create_groups) {
+            Ok(Joined::Ok) => {
+                self.db_ok();
+                info!(
+                    "tracker: node {} joined group {} (version {}, {} bytes free)",
+                    row.addr, row.group, row.version, row.free
+                );
+                let mut v = self.view.write();
+                v.groups.entry(row.group.clone()).or_insert(0);
+                v.nodes.insert(row.addr.clone(), row);
+                Ok(self.interval())
+            }
+            Ok(Joined::UnknownGroup) => Err(OpError::new(
+                ErrorCode::UnknownGroup,
+                format!(
+                    "group {} does not exist (this tracker does not create groups)",
+                    j.group
+                ),
+            )),
+            Ok(Joined::Full) => Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "group {} has {NODES_MAX} nodes already (or there are {GROUPS_MAX} groups)",
+                    j.group
+                ),
+            )),
+            Err(e) => {
+                self.db_failed(&e);
+                Err(unavailable(&e))
+            }
+        }
+    }
+
+    /// TRACKER_BEAT: refreshes a joined node; an unknown one is told to JOIN again.
+    pub fn beat(&self, b: &NodeHello) -> Result<u32, OpError> {
+        let now = now_ms();
+        let addr = NodeAddr {
+            host: b.host.clone(),
+            port: b.port,
+        };
+        let known = match self.store.beat(&b.group, &addr, b.started, b.free, now) {
+            Ok(k) => {
+                self.db_ok();
+                k
+            }
+            Err(e) => {
+                self.db_failed(&e);
+                // Keep the node alive in the view we answer from while the database is down.
+                let mut v = self.view.write();
+                match v.nodes.get_mut(&addr) {
+                    Some(n) if n.group == b.group => {
+                        n.last_beat_ms = now;
+                        n.free = b.free;
+                        n.started = b.started;
+                        return Ok(self.interval());
+                    }
+                    _ => return Err(unavailable(&e)),
+                }
+            }
+        };
+        let mut v = self.view.write();
+        if !known {
+            if v.nodes.get(&addr).is_some_and(|n| n.group == b.group) {
+                v.nodes.remove(&addr);
+            }
+            return Err(OpError::new(
+                ErrorCode::NotJoined,
+                format!("node {addr} has not joined group {}; send JOIN", b.group),
+            ));
+        }
+        let n = v.nodes.entry(addr.clone()).or_insert_with(|| NodeRow {
+            group: b.group.clone(),
+            addr,
+            version: 0,
+            started: b.started,
+            free: b.free,
+            last_beat_ms: now,
+        });
+        n.last_beat_ms = now;
+        n.free = b.free;
+        n.started = b.started;
+        Ok(self.interval())
+    }
+
+    /// The user's group: from the route cache, the router table, or a new assignment.
+    fn group_of(&self, app: &str, user: &str) -> Result<String, OpError> {
+        let key = (app.to_owned(), user.to_owned());
+        if let Some(g) = self.routes.lock().get(&key) {
+            return Ok(g.clone());
+        }
+        let found = match self.store.route(app, user) {
+            Ok(g) => g,
+            Err(e) => {
+                self.db_failed(&e);
+                return Err(unavailable(&e));
+            }
+        };
+        let group = match found {
+            Some(g) => g,
+            None => {
+                let pick = self.pick_group().ok_or_else(|| {
+                    OpError::new(
+                        ErrorCode::NoNode,
+                        format!("no group has an online node to take user {user} of app {app}"),
+                    )
+                })?;
+                let g = self.store.assign(app, user, &pick).map_err(|e| {
+                    self.db_failed(&e);
+                    unavailable(&e)
+                })?;
+                if let Some(u) = self.view.write().groups.get_mut(&g) {
+                    *u += 1;
+                }
+                info!("tracker: user {user} of app {app} routed to group {g}");
+                g
+            }
+        };
+        let mut routes = self.routes.lock();
+        if routes.len() >= ROUTES_MAX {
+            routes.clear();
+        }
+        routes.insert(key, group.clone());
+        Ok(group)
+    }
+
+    /// The group a new user goes to: one with an online node and the fewest users; ties go to
+    /// the most free bytes (of its best online node: the nodes share one volume), then the name.
+    fn pick_group(&self) -> Option<String> {
+        let now = now_ms();
+        let v = self.view.read();
+        let mut best: Option<(u64, u64, &String)> = None;
+        for (g, &users) in &v.groups {
+            let free = v
+                .nodes
+                .values()
+                .filter(|n| &n.group == g && self.online(n, now))
+                .map(|n| n.free)
+                .max();
+            let Some(free) = free else { continue };
+            let better = match best {
+                None => true,
+                Some((bu, bf, _)) => users < bu || (users == bu && free > bf),
+            };
+            if better {
+                best = Some((users, free, g));
+            }
+        }
+        best.map(|(_, _, g)| g.clone())
+    }
+
+    /// TRACKER_SADDRS: the user's group and its online nodes. Each user prefers one node of its
+    /// group (by a hash of app and user) so a group's users spread over its nodes.
+    pub fn saddrs(&self, q: &SaddrsReq) -> Result<SaddrsReply, OpError> {
+        if !self.view.read().loaded {
+            self.refresh();
+        }
+        let group = self.group_of(&q.app, &q.user)?;
+        let now = now_ms();
+        let v = self.view.read();
+        let mut nodes: Vec<NodeAddr> = v
+            .nodes
+            .values()
+            .filter(|n| n.group == group && self.online(n, now))
+            .map(|n| n.addr.clone())
+            .take(NODES_MAX)
+            .collect();
+        if nodes.is_empty() {
+            return Err(OpError::new(
+                ErrorCode::NoNode,
+                format!("group {group} has no online node"),
+            ));
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&q.app, &q.user).hash(&mut h);
+        let len = nodes.len();
+        nodes.rotate_left((h.finish() % len as u64) as usize);
+        Ok(SaddrsReply {
+            group,
+            stale: v.stale,
+            nodes,
+        })
+    }
+
+    /// TRACKER_GROUPS: the view, or error 24 if the database never answered.
+    pub fn groups(&self) -> Result<GroupsReply, OpError> {
+        if !self.view.read().loaded {
+            self.refresh();
+        }
+        let v = self.view.read();
+        if !v.loaded {
+            return Err(OpError::new(
+                ErrorCode::Unavailable,
+                "tracker database unreachable and no cluster view loaded yet",
+            ));
+        }
+        let now = now_ms();
+        let groups = v
+            .groups
+            .iter()
+            .take(GROUPS_MAX)
+            .map(|(name, &users)| GroupView {
+                name: name.clone(),
+                users,
+                nodes: v
+                    .nodes
+                    .values()
+                    .filter(|n| &n.group == name)
+                    .take(NODES_MAX)
+                    .map(|n| NodeView {
+                        addr: n.addr.clone(),
+                        online: self.online(n, now),
+                        started: n.started,
+                        beat_age_ms: now.saturating_sub(n.last_beat_ms),
+                        free: n.free,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(GroupsReply {
+            stale: v.stale,
+            groups,
+        })
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if let Some((tx, _h)) = self.stop.get_mut().take() {
+            // The refresh thread holds only a weak reference; dropping the sender ends it.
+            drop(tx);
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Running the `ferry` CLI from tests: bounded in time, output captured, JSON parsed.
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {:?}", self.stdout, self.stderr))
+    }
+    pub fn report(&self) -> Value {
+        self.json()["report"].clone()
+    }
+}
+
+/// A `ferry` command with the test's state dir and no proxy list or log level from the
+/// environment.
+pub fn ferry(state: &Path, proxies: &[SocketAddr], args: &[&str]) -> Command {
+    let mut c = Command::new(super::bin("ferry"));
+    c.env("FERRY_STATE_DIR", state)
+        .env_remove("FERRY_PROXIES")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for p in proxies {
+        c.arg("--proxy").arg(p.to_string());
+    }
+    c.args(args);
+    c
+}
+
+/// Runs to completion; killed (and the test failed) after 60 s.
+pub fn run(mut cmd: Command) -> Run {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("ferry ran over 60 s: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs and insists on success.
+pub fn ok(cmd: Command) -> Run {
+    let r = run(cmd);
+    assert!(r.ok, "ferry failed: {}", r.stderr);
+    r
+}

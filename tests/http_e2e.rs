@@ -858,19 +858,35 @@ fn serve_page(html: String) -> SocketAddr {
     addr
 }
 
+/// The byte range of a 206 line in the gateway's debug log (`... -> 206 (N bytes, bytes a-b/size)`).
+fn logged_range(line: &str) -> Option<(u64, u64, u64)> {
+    let (_, r) = line.split_once("-> 206 (")?.1.split_once(", bytes ")?;
+    let (span, size) = r.trim_end_matches(')').split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?, size.parse().ok()?))
+}
+
+#[test]
+fn logged_range_reads_the_gateway_line() {
+    let l = "[.. DEBUG ferry_server::http::conn] 127.0.0.1:5: GET /files/x HTTP/1.1 -> 206 \
+             (100 bytes, bytes 1000-1099/5000)";
+    assert_eq!(logged_range(l), Some((1000, 1099, 5000)));
+    assert_eq!(logged_range("... -> 200 (5000 bytes)"), None);
+}
+
 #[test]
 fn chromium_plays_and_seeks_a_signed_video() {
     if !have("ffmpeg") || !have("chromium") {
         return;
     }
     let srv = Server::start("");
-    // 3 s of 720p noise (~40 MB) with the index (moov) at the END, as a camera or a plain ffmpeg
-    // run writes it: the player reads the head, then must seek in the file with a Range request
-    // for the index at the end, then come back for the frames.
+    // 10 s of 640x360 noise (~35 MB, a keyframe every second). With preload=metadata the player
+    // reads only the head of the file (the index is at the front) and stops; the middle is tens
+    // of MB past anything it has buffered, so seeking there needs a new Range request.
     let src = srv.path("noise.mp4");
     let st = Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg("testsrc2=duration=3:size=1280x720:rate=25")
+        .arg("testsrc2=duration=10:size=640x360:rate=25")
         .args([
             "-vf",
             "noise=alls=80:allf=t",
@@ -878,16 +894,23 @@ fn chromium_plays_and_seeks_a_signed_video() {
             "libx264",
             "-preset",
             "ultrafast",
+            "-g",
+            "25",
         ])
-        .args(["-pix_fmt", "yuv420p"])
+        .args(["-pix_fmt", "yuv420p", "-movflags", "+faststart"])
         .arg(&src)
         .status()
         .unwrap();
     assert!(st.success(), "ffmpeg could not generate the test video");
+    let size = std::fs::metadata(&src).unwrap().len();
+    assert!(
+        size > 20 << 20,
+        "test video too small to prove a seek: {size} bytes"
+    );
     let id = srv.upload(&src);
     let url = srv.url(&id);
     let page = serve_page(format!(
-        "<!doctype html><html><body><video id=v muted playsinline preload=auto \
+        "<!doctype html><html><body><video id=v muted playsinline preload=metadata \
          src=\"{url}\"></video></body></html>"
     ));
     let devtools = free_addr();
@@ -935,42 +958,53 @@ fn chromium_plays_and_seeks_a_signed_video() {
         "Page.navigate",
         serde_json::json!({"url": format!("http://{page}/")}),
     );
-    // Play until the clock moves, pause, and report.
-    let play = r#"
+    ws.call(
+        1,
+        "Page.navigate",
+        serde_json::json!({"url": format!("http://{page}/")}),
+    );
+    // Wait for the metadata only (duration known), without playing.
+    let metadata = r#"
         new Promise((resolve) => {
           const fail = (why) => resolve(JSON.stringify({error: why}));
           const start = Date.now();
-          setTimeout(() => fail('timed out'), 20000);
+          setTimeout(() => fail('no metadata in 20 s'), 20000);
           const wait = () => {
             const v = document.getElementById('v');
-            if (!v) { return Date.now() - start > 10000 ? fail('no video element') : setTimeout(wait, 50); }
-            if (v.error) return fail('media error ' + v.error.code + ' ' + v.error.message);
-            v.play().then(() => {
-              const played = () => {
-                if (v.error) return fail('media error ' + v.error.code);
-                if (v.currentTime > 0.2) {
-                  v.pause();
-                  resolve(JSON.stringify({duration: v.duration, currentTime: v.currentTime}));
-                } else { setTimeout(played, 20); }
-              };
-              played();
-            }, (e) => fail('play() rejected: ' + e));
+            if (v && v.error) return fail('media error ' + v.error.code + ' ' + v.error.message);
+            if (v && v.readyState >= 1 && v.duration > 0) {
+              return resolve(JSON.stringify({duration: v.duration, readyState: v.readyState}));
+            }
+            if (Date.now() - start > 19000) return;
+            setTimeout(wait, 50);
           };
           wait();
         })"#;
-    // Seek to the middle and wait until a frame there is ready.
-    let seek = r#"
+    // Seek to the middle, wait until a frame there is ready, then play on from there until the
+    // clock has moved, and report.
+    let seek_and_play = r#"
         new Promise((resolve) => {
           const fail = (why) => resolve(JSON.stringify({error: why}));
-          setTimeout(() => fail('seek timed out'), 20000);
+          setTimeout(() => fail('seek and play timed out after 30 s'), 30000);
           const v = document.getElementById('v');
           const mid = v.duration / 2;
           v.addEventListener('seeked', () => {
             const ready = () => {
-              if (v.readyState >= 2) {
-                resolve(JSON.stringify({currentTime: v.currentTime, readyState: v.readyState,
-                                        mid: mid}));
-              } else { setTimeout(ready, 20); }
+              if (v.error) return fail('media error ' + v.error.code);
+              if (v.readyState < 2) return setTimeout(ready, 20);
+              const seeked = {currentTime: v.currentTime, readyState: v.readyState};
+              v.play().then(() => {
+                const played = () => {
+                  if (v.error) return fail('media error ' + v.error.code);
+                  if (v.currentTime > mid + 0.3) {
+                    v.pause();
+                    resolve(JSON.stringify({mid: mid, seeked: seeked,
+                                            currentTime: v.currentTime,
+                                            readyState: v.readyState}));
+                  } else { setTimeout(played, 20); }
+                };
+                played();
+              }, (e) => fail('play() rejected: ' + e));
             };
             ready();
           }, {once: true});
@@ -986,12 +1020,13 @@ fn chromium_plays_and_seeks_a_signed_video() {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         assert!(
             v.is_object() && v.get("error").is_none(),
-            "chromium playback failed: {text}"
+            "chromium playback failed: {text}\ngateway log:\n{}",
+            srv.proc.log_text()
         );
         v
     };
     let t = Instant::now();
-    let played = loop {
+    let meta = loop {
         // The first evaluation may run before the navigation committed.
         let r = ws.call(
             2,
@@ -999,7 +1034,7 @@ fn chromium_plays_and_seeks_a_signed_video() {
             serde_json::json!({"expression": "!!document.getElementById('v')", "returnByValue": true}),
         );
         if r["result"]["value"].as_bool() == Some(true) {
-            break eval(&mut ws, 3, play);
+            break eval(&mut ws, 3, metadata);
         }
         assert!(
             t.elapsed() < Duration::from_secs(15),
@@ -1007,34 +1042,58 @@ fn chromium_plays_and_seeks_a_signed_video() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let duration = played["duration"].as_f64().unwrap();
-    assert!((duration - 3.0).abs() < 0.1, "duration {duration}");
-    assert!(played["currentTime"].as_f64().unwrap() > 0.2, "{played}");
-    let before_seek = srv.partial_answers();
-    let v = eval(&mut ws, 4, seek);
-    let current = v["currentTime"].as_f64().unwrap();
+    let duration = meta["duration"].as_f64().unwrap();
+    assert!((duration - 10.0).abs() < 0.1, "duration {duration}");
+    let answers = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(" -> "))
+            .map(str::to_owned)
+            .collect()
+    };
+    // A range starts "in the middle" when it starts in the middle fifth of the file: the
+    // keyframe at 5 s sits near size/2 in this constant-rate stream.
+    let mid_band = |start: u64| start > size * 2 / 5 && start < size * 3 / 5;
+    let before = answers(&srv.proc.log_text());
+    let v = eval(&mut ws, 4, seek_and_play);
+    let after = answers(&srv.proc.log_text());
+    let new = &after[before.len().min(after.len())..];
+    let report = format!(
+        "metadata {meta}, seek and play {v}\nanswers before the seek: {before:#?}\n\
+         answers after: {new:#?}"
+    );
+    // The browser's side: the seek landed in the middle, a frame was ready there, and playback
+    // went on from it.
+    let mid = v["mid"].as_f64().unwrap();
+    let seeked = v["seeked"]["currentTime"].as_f64().unwrap();
     assert!(
-        (current - duration / 2.0).abs() < 0.2,
-        "currentTime {current} after seeking"
+        (seeked - mid).abs() < 0.2,
+        "currentTime {seeked} after seeking to {mid}: {report}"
     );
-    assert!(v["readyState"].as_i64().unwrap() >= 2, "{v}");
-    // Media elements fetch with Range requests. With the index at the end of the file the player
-    // had to seek in the file before it could play: the gateway answered several distinct Range
-    // requests with 206 (whole-file 200s would mean the player never got ranges). The seek to
-    // the middle itself is usually served from the stream already open (Chromium reads ahead).
-    let partial = srv.partial_answers();
-    let log = srv.proc.log_text();
-    let answers: Vec<&str> = log.lines().filter(|l| l.contains(" -> ")).collect();
+    assert!(v["seeked"]["readyState"].as_i64().unwrap() >= 2, "{report}");
+    assert!(v["currentTime"].as_f64().unwrap() > mid + 0.3, "{report}");
+    assert!(v["readyState"].as_i64().unwrap() >= 2, "{report}");
+    // The server's side: nothing near the middle was asked for before the seek, and a new 206
+    // whose Content-Range starts there was sent after it.
     assert!(
-        before_seek >= 2,
-        "playback should have needed at least two 206 answers: {answers:#?}"
+        before.iter().all(|l| !l.contains(" -> 200 "))
+            && new.iter().all(|l| !l.contains(" -> 200 ")),
+        "the player was sent a whole-file 200: {report}"
     );
     assert!(
-        !answers.iter().any(|l| l.contains(" -> 200 ")),
-        "the player was sent a whole-file 200: {answers:#?}"
+        !before
+            .iter()
+            .filter_map(|l| logged_range(l))
+            .any(|(a, _, _)| mid_band(a)),
+        "the middle was requested before the seek: {report}"
     );
-    eprintln!(
-        "chromium: played {played}, seeked {v}; gateway answers: {answers:#?}; 206 before the \
-         seek {before_seek}, after {partial}"
+    let seek_range = new
+        .iter()
+        .filter_map(|l| logged_range(l))
+        .find(|&(a, _, total)| total == size && mid_band(a));
+    assert!(
+        seek_range.is_some(),
+        "no 206 starting near the middle ({} of {size} bytes) after the seek: {report}",
+        size / 2
     );
+    eprintln!("chromium: {report}\nseek served by 206 {seek_range:?}");
 }

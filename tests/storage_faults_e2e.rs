@@ -258,3 +258,229 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
     let out = dir.path().join("out");
     assert_eq!(download_sha(&state, srv.addr, &id, &out), sha256_file(&f));
 }
+
+/// libfaketime's preload library (Debian package `faketime`).
+fn libfaketime() -> Option<PathBuf> {
+    if !support::have("faketime") {
+        return None;
+    }
+    let found = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join("faketime/libfaketimeMT.so.1"))
+    .find(|p| p.exists());
+    assert!(
+        found.is_some(),
+        "faketime is installed but libfaketimeMT.so.1 is not found"
+    );
+    found
+}
+
+#[test]
+fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
+    let Some(lib) = libfaketime() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (data, state) = (dir.path().join("data"), dir.path().join("state"));
+    // The server's wall clock is whatever this file says, re-read on every call; its
+    // monotonic clock stays real (FAKETIME_DONT_FAKE_MONOTONIC).
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let conf = dir.path().join("server.toml");
+    std::fs::write(&conf, "session_ttl_secs = 6\n").unwrap();
+    let addr = free_addr();
+    let mut cmd = Command::new(bin("ferry-server"));
+    cmd.arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(&data)
+        .env("LD_PRELOAD", &lib)
+        .env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
+    wait_ready(addr, Duration::from_secs(15));
+
+    // Half an upload: the client is killed once some blocks are acknowledged.
+    let f = dir.path().join("clip.mov");
+    make_file(&f, 64 << 20, 5);
+    let args = [
+        "--json",
+        "upload",
+        "--threads",
+        "1",
+        "--block-size",
+        "64KiB",
+        f.to_str().unwrap(),
+    ];
+    let mut client = Proc::spawn(
+        "ferry-upload",
+        &mut ferry(&state, &[addr], &args),
+        dir.path(),
+    );
+    let t = std::time::Instant::now();
+    while !srv.log_text().contains("upload session") {
+        assert!(t.elapsed() < Duration::from_secs(20), "no session opened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    client.kill();
+
+    // The wall clock jumps two days ahead, far past the 6 s session lifetime, while only
+    // 2 s really pass: the session is not idle by the monotonic clock, so it must survive.
+    std::fs::write(&clock, "+2d\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let r = run(ferry(&state, &[addr], &args));
+    assert!(r.ok, "{}", r.stderr);
+    let rep = r.report();
+    assert_eq!(
+        rep["resumed"], true,
+        "the session died with the clock jump: {rep}"
+    );
+    assert!(rep["blocks_skipped"].as_u64().unwrap() > 0, "{rep}");
+    let id = r.json()["file_id"].as_str().unwrap().to_owned();
+    let out = dir.path().join("out");
+    assert_eq!(download_sha(&state, addr, &id, &out), sha256_file(&f));
+
+    // The clock jumps back a day: an idle session still expires after its 6 real seconds.
+    let g = dir.path().join("other.mov");
+    make_file(&g, 64 << 20, 6);
+    let gargs = [
+        "--json",
+        "upload",
+        "--threads",
+        "1",
+        "--block-size",
+        "64KiB",
+        g.to_str().unwrap(),
+    ];
+    let mut client = Proc::spawn(
+        "ferry-upload2",
+        &mut ferry(&state, &[addr], &gargs),
+        dir.path(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    client.kill();
+    std::fs::write(&clock, "-1d\n").unwrap();
+    let t = std::time::Instant::now();
+    while !files_under(&data.join("tmp")).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "an idle session outlived its lifetime after the clock went back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(srv.log_text().contains("expired"));
+}
+
+/// Starts a plain server with `extra` config lines on a given address.
+fn server_at(dir: &Path, data: &Path, addr: SocketAddr, extra: &str, name: &str) -> Proc {
+    let conf = dir.join(format!("{name}.toml"));
+    std::fs::write(&conf, extra).unwrap();
+    let mut cmd = Command::new(bin("ferry-server"));
+    cmd.arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(data);
+    let p = Proc::spawn(name, &mut cmd, dir);
+    wait_ready(addr, Duration::from_secs(15));
+    p
+}
+
+#[test]
+fn kill_9_at_each_phase_of_a_commit_loses_nothing_and_tears_nothing() {
+    use ferry_server::config::PHASES;
+    let dir = tempfile::tempdir().unwrap();
+    // Big uploads (five 64 KiB blocks) go through every phase; small ones (one request)
+    // through the file phases.
+    let big = dir.path().join("big.mp4");
+    make_file(&big, (5 * 65536) - 100, 21);
+    let small = dir.path().join("small.jpg");
+    make_file(&small, 30_000, 22);
+    let cases = PHASES.iter().map(|p| (*p, &big)).chain(
+        PHASES
+            .iter()
+            .filter(|p| p.starts_with("file-"))
+            .map(|p| (*p, &small)),
+    );
+    for (n, (phase, file)) in cases.enumerate() {
+        let case = dir.path().join(format!("case{n}"));
+        std::fs::create_dir_all(&case).unwrap();
+        let (data, state) = (case.join("data"), case.join("state"));
+        let addr = free_addr();
+        let mut srv = server_at(
+            &case,
+            &data,
+            addr,
+            &format!("[faults]\npause_at = \"{phase}\"\npause_ms = 60000\n"),
+            "paused",
+        );
+        let args = [
+            "--json",
+            "upload",
+            "--threads",
+            "1",
+            "--block-size",
+            "64KiB",
+            file.to_str().unwrap(),
+        ];
+        let mut client = Proc::spawn("upload", &mut ferry(&state, &[addr], &args), &case);
+        let marker = format!("phase {phase} reached");
+        let t = std::time::Instant::now();
+        while !srv.log_text().contains(&marker) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{phase}: never reached\n{}",
+                srv.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        srv.kill();
+        client.kill();
+
+        // Restarted, before any client comes back: whatever is visible is whole.
+        let srv = server_at(&case, &data, addr, "", "restarted");
+        let want = sha256_file(file);
+        for f in files_under(&data.join("data")) {
+            assert_eq!(sha256_file(&f), want, "{phase}: torn file {}", f.display());
+        }
+        // The rerun finishes the upload; exactly one copy is stored; no temp file is left.
+        let r = run(ferry(&state, &[addr], &args));
+        assert!(r.ok, "{phase}: rerun failed: {}", r.stderr);
+        let id = r.json()["file_id"].as_str().unwrap().to_owned();
+        let out = case.join("out");
+        assert_eq!(download_sha(&state, addr, &id, &out), want, "{phase}");
+        let stored = files_under(&data.join("data"));
+        assert_eq!(stored.len(), 1, "{phase}: {stored:?}");
+        // Nothing acknowledged is sent again: at most the block in flight at the kill, and
+        // none once every block was acknowledged (file phases).
+        let rep = r.report();
+        if *file == big {
+            let limit = if phase.starts_with("file-") { 0 } else { 1 };
+            assert!(
+                rep["blocks_resent"].as_u64().unwrap() <= limit,
+                "{phase}: {rep}"
+            );
+            if phase.starts_with("file-") {
+                assert_eq!(rep["blocks_sent"], 0, "{phase}: {rep}");
+            }
+        }
+        assert!(
+            files_under(&data.join("tmp")).is_empty(),
+            "{phase}: temp files left"
+        );
+        eprintln!(
+            "{phase} ({}): rerun ok, report {rep}",
+            file.file_name().unwrap().to_string_lossy()
+        );
+        drop(srv);
+    }
+}

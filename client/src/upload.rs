@@ -80,7 +80,7 @@ pub fn upload(job: &UploadJob) -> Result<TransferReport> {
     };
     let mut link = Link::new(job.shared);
     let done = if size <= u64::from(job.block_size) {
-        small(job, &mut link, &file, size, &name, &mut report)?
+        small(job, &mut link, &file, &meta, &name, &mut report)?
     } else {
         None
     };
@@ -99,18 +99,19 @@ fn small(
     job: &UploadJob,
     link: &mut Link,
     file: &File,
-    size: u64,
+    fmeta: &Metadata,
     name: &str,
     report: &mut TransferReport,
 ) -> Result<Option<()>> {
+    let size = fmeta.len();
     let mut buf = vec![0u8; size as usize];
     file.read_exact_at(&mut buf, 0)
         .map_err(|e| read_error(job.path, 0, e))?;
-    // One key for every retry of this file: a retry whose earlier copy was stored (its reply
-    // lost with a dying proxy) gets that file's id back instead of a second copy.
+    let sha256 = files::sha256(&buf);
+    let key_file = small_key(job, fmeta, size, sha256)?;
     let meta = UploadMeta {
-        key: rand::rng().random(),
-        sha256: files::sha256(&buf),
+        key: key_file.1,
+        sha256,
         name: name.to_owned(),
     }
     .encode()
@@ -125,6 +126,8 @@ fn small(
             Err(f) => Err(f),
         }
     })?;
+    // Answered either way: the key has done its job.
+    key_file.0.remove();
     let Some(id) = id else {
         log::info!("server refused {size} bytes as a small file; using a block session");
         return Ok(None);
@@ -136,6 +139,39 @@ fn small(
     report.blocks_resent = tries - 1;
     report.bytes_transferred = size * u64::from(tries);
     Ok(Some(()))
+}
+
+/// The upload key of a small file: one key for every try of this file, kept in the state dir
+/// until the server has answered, so that a rerun after a give-up or a crash (the server may
+/// have stored the file and lost the reply) gets that file's id back instead of a second copy.
+fn small_key(
+    job: &UploadJob,
+    fmeta: &Metadata,
+    size: u64,
+    sha256: [u8; 32],
+) -> Result<(state::StateFile, [u8; 16])> {
+    std::fs::create_dir_all(job.state_dir).map_err(|e| {
+        ClientError::io(
+            format!("cannot create state dir {}", job.state_dir.display()),
+            e,
+        )
+    })?;
+    let path = state_path(job, fmeta).with_extension("small");
+    if let Some((sf, h)) = state::open_upload(&path)
+        && h.size == size
+        && h.sha256 == sha256
+    {
+        return Ok((sf, h.upload_id));
+    }
+    let key: [u8; 16] = rand::rng().random();
+    let head = state::UploadHead {
+        upload_id: key,
+        sha256,
+        size,
+        block_size: job.block_size,
+    };
+    let blocks = state::block_count(size, job.block_size).unwrap_or(0);
+    Ok((state::create_upload(&path, &head, blocks)?, key))
 }
 
 /// Where the resume state of this upload lives: keyed by what makes it "the same upload".

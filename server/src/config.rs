@@ -83,6 +83,23 @@ impl Default for TrackerConfig {
     }
 }
 
+/// The named phases of storing data, in order. The server logs each (debug level) and
+/// `faults.pause_at` can hold it at one, so a test can kill -9 it exactly there.
+pub const PHASES: &[&str] = &[
+    // A block's bytes are written and CRC-checked, not yet synced.
+    "block-written",
+    // fdatasync done, the block not yet recorded.
+    "block-synced",
+    // Recorded in the metadata DB, not yet acknowledged.
+    "block-recorded",
+    // A new file's committing row is inserted, the file not yet renamed into place.
+    "file-inserted",
+    // Renamed (or linked) into place, the directory not yet synced, the row not committed.
+    "file-renamed",
+    // The row is committed (the file is stored), the client not yet answered.
+    "file-committed",
+];
+
 /// Fault injection for tests that cannot produce the real fault (see `fault_write_fail_after`).
 #[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +108,11 @@ pub struct Faults {
     /// further payload write fails with ENOSPC. Only for tests on machines where a small tmpfs
     /// cannot be mounted; never set it in production.
     pub write_fail_after: Option<u64>,
+    /// Hold the worker for `pause_ms` each time it reaches this phase (one of [`PHASES`]), after
+    /// logging "phase NAME reached". Tests kill -9 the server there. Never in production.
+    pub pause_at: Option<String>,
+    /// How long `pause_at` holds (milliseconds; default 30000).
+    pub pause_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,6 +217,11 @@ impl Config {
             && (c.group.is_empty() || c.trackers.is_empty())
         {
             bail!("[cluster] needs a group and at least one tracker");
+        }
+        if let Some(p) = &self.faults.pause_at
+            && !PHASES.contains(&p.as_str())
+        {
+            bail!("faults.pause_at must be one of {PHASES:?}");
         }
         self.http.check()?;
         Ok(())

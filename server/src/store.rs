@@ -27,6 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// An operation's failure as the client will see it: an error code and a human text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +88,10 @@ struct SessionState {
     finishing: bool,
     /// Removed (completed, discarded or expired): late writers must not record anything.
     gone: bool,
-    expires_ms: u64,
+    /// Last activity, on the monotonic clock: a session expires after `session_ttl_secs` of
+    /// real idleness, so a wall-clock jump neither kills a live session nor keeps a dead one.
+    /// The database keeps a wall-clock expiry too, only for sessions found at start-up.
+    active: Instant,
     challenge: Option<Challenge>,
 }
 
@@ -181,6 +185,15 @@ pub struct Storage {
 
 const TMP: &str = "tmp";
 const HASH_CHUNK: usize = 1 << 20;
+
+/// A session found at start-up was last active `ttl - (expires_ms - now_ms)` ago by the wall
+/// clock (the only clock that survives a restart); from then on the monotonic clock counts.
+fn active_at_start(expires_ms: u64, now_ms: u64, ttl: std::time::Duration) -> Instant {
+    let left = std::time::Duration::from_millis(expires_ms.saturating_sub(now_ms)).min(ttl);
+    Instant::now()
+        .checked_sub(ttl - left)
+        .unwrap_or_else(Instant::now)
+}
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -308,7 +321,7 @@ impl Storage {
                 writing: HashSet::new(),
                 finishing: false,
                 gone: false,
-                expires_ms: rec.expires_ms,
+                active: active_at_start(rec.expires_ms, now, self.cfg.session_ttl()),
                 challenge: rec.challenge.clone(),
             };
             map.insert(
@@ -330,6 +343,17 @@ impl Storage {
             }
         }
         Ok(())
+    }
+
+    /// Marks a named phase of storing data (config::PHASES) in the log; test-only
+    /// `faults.pause_at` holds the worker there so a test can kill the process at that point.
+    fn phase(&self, name: &'static str, what: &dyn std::fmt::Display) {
+        debug!("phase {name}: {what}");
+        if self.cfg.faults.pause_at.as_deref() == Some(name) {
+            let ms = self.cfg.faults.pause_ms.unwrap_or(30_000);
+            warn!("phase {name} reached ({what}): pausing {ms} ms (faults.pause_at)");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
     }
 
     /// Test-only fault (config `faults.write_fail_after`): fail payload writes past a budget.
@@ -359,8 +383,14 @@ impl Storage {
         }
     }
 
+    /// The wall-clock expiry recorded in the database for a session active now.
     fn expiry(&self) -> u64 {
         now_ms() + self.cfg.session_ttl_secs * 1000
+    }
+
+    /// Whether a session has been idle for its whole lifetime (monotonic clock).
+    fn idle_out(&self, st: &SessionState) -> bool {
+        st.active.elapsed() >= self.cfg.session_ttl()
     }
 
     /// Allocates a numeric id, file id and final path, creating the path's directories.
@@ -385,6 +415,7 @@ impl Storage {
         self.meta
             .insert_file(rec, upload)
             .map_err(|e| db_err(e, "file insert"))?;
+        self.phase("file-inserted", &rec.id);
         let dst = self.root.join(&rec.path);
         let placed = if link {
             fs::hard_link(src, &dst)
@@ -395,6 +426,7 @@ impl Storage {
             let _ = self.meta.drop_file(&rec.id);
             return Err(io_err(&e, "cannot place the file"));
         }
+        self.phase("file-renamed", &rec.id);
         let synced = fsync_dir(dst.parent().unwrap_or(&self.root))
             .and_then(|_| fsync_dir(&self.root.join(TMP)));
         if let Err(e) = synced {
@@ -403,7 +435,9 @@ impl Storage {
         }
         self.meta
             .commit_file(&rec.id)
-            .map_err(|e| db_err(e, "file commit"))
+            .map_err(|e| db_err(e, "file commit"))?;
+        self.phase("file-committed", &rec.id);
+        Ok(())
     }
 
     // ---- small files (UPLOAD 70) ----
@@ -474,7 +508,6 @@ impl Storage {
             .blocks()
             .map_err(|e| OpError::new(ErrorCode::BadFrame, e.to_string()))?;
         let mut map = self.sessions.lock();
-        let now = now_ms();
         let existing = map.values().find(|s| {
             s.rec.app == who.app
                 && s.rec.user == who.user
@@ -484,9 +517,9 @@ impl Storage {
         });
         if let Some(s) = existing {
             let mut st = s.state.lock();
-            if !st.gone && !st.finishing && st.expires_ms > now {
-                st.expires_ms = self.expiry();
-                let _ = self.meta.touch_session(&s.rec.id, st.expires_ms);
+            if !st.gone && !st.finishing && !self.idle_out(&st) {
+                st.active = Instant::now();
+                let _ = self.meta.touch_session(&s.rec.id, self.expiry());
                 debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
                 return Ok(UploadInitReply {
                     upload_id: s.rec.id,
@@ -575,7 +608,7 @@ impl Storage {
             writing: HashSet::new(),
             finishing: false,
             gone: false,
-            expires_ms: rec.expires_ms,
+            active: Instant::now(),
             challenge,
         };
         map.insert(
@@ -1015,7 +1048,7 @@ impl Storage {
         for s in candidates {
             {
                 let mut st = s.state.lock();
-                if st.expires_ms > now || st.finishing || !st.writing.is_empty() || st.gone {
+                if !self.idle_out(&st) || st.finishing || !st.writing.is_empty() || st.gone {
                     continue;
                 }
                 st.gone = true;
@@ -1148,6 +1181,8 @@ impl Storage {
     /// may be acknowledged). Results come back in the order of `blocks`.
     pub fn persist_blocks(&self, mut blocks: Vec<BlockWriter>) -> Vec<OpResult<BlockAck>> {
         let mut results: Vec<Option<OpResult<BlockAck>>> = vec![None; blocks.len()];
+        let group = BlockGroup(&blocks);
+        self.phase("block-written", &group);
         if self.cfg.sync_blocks {
             let mut synced: HashMap<UploadId, Option<OpError>> = HashMap::new();
             for (i, w) in blocks.iter().enumerate() {
@@ -1172,6 +1207,7 @@ impl Storage {
                 )));
             }
         }
+        self.phase("block-synced", &group);
         let expires = self.expiry();
         let marks: Vec<(UploadId, u32, u32)> = blocks
             .iter()
@@ -1187,6 +1223,7 @@ impl Storage {
                 *r = Some(Err(e.clone()));
             }
         }
+        self.phase("block-recorded", &BlockGroup(&blocks));
         for (w, r) in blocks.iter_mut().zip(results.iter_mut()) {
             if r.is_some() {
                 continue; // failed: dropping the writer releases the block, which stays missing
@@ -1195,7 +1232,7 @@ impl Storage {
             state.stored.set(w.idx);
             state.crcs[w.idx as usize] = w.crc;
             state.writing.remove(&w.idx);
-            state.expires_ms = expires;
+            state.active = Instant::now();
             w.done = true;
             debug!(
                 "upload {} block {} stored",
@@ -1213,6 +1250,24 @@ impl Storage {
                 )))
             })
             .collect()
+    }
+}
+
+/// A group of blocks as the phase log names them: "upload <id> blocks [i, j, ...]".
+struct BlockGroup<'a>(&'a [BlockWriter]);
+
+impl std::fmt::Display for BlockGroup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, w) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{sep}upload {} block {}",
+                hex::encode(w.session.rec.id),
+                w.idx
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -3,11 +3,14 @@
 //! mio registers every source edge-triggered and has no EPOLLONESHOT, so oneshot semantics are
 //! kept here, by ownership: a connection is either *idle* (parked in the slab, armed in epoll) or
 //! *busy* (moved, as a `Box<dyn Conn>`, to exactly one worker through a crossbeam channel). A
-//! worker runs the handler until its sockets say WouldBlock and sends the connection back; the
-//! reactor then re-arms every source with `reregister` (EPOLL_CTL_MOD, which re-checks readiness
-//! and queues a fresh event if data arrived meanwhile). Events that arrive while a connection is
-//! busy are merged into its `pending` set and dispatched again as soon as it comes back, so no
-//! readiness is lost and no connection is ever run by two workers at once.
+//! worker runs the handler until its sockets say WouldBlock, then parks the connection itself:
+//! under the lock that guards the slab it re-arms every source with `reregister` (EPOLL_CTL_MOD,
+//! which re-checks readiness and queues a fresh event if data arrived meanwhile). Events that
+//! arrive while a connection is busy are merged into its `pending` set; the worker that parks it
+//! runs it again at once (or queues it, when other connections wait for a worker), so no
+//! readiness is lost and no connection is ever run by two workers at once. Parking on the worker
+//! rather than handing the connection back to the poll thread saves a thread wake-up per run
+//! (the poll thread is woken only for an earlier deadline or the end of a drain).
 //!
 //! The reactor also owns: non-blocking accept with a connection limit, idle timeouts and
 //! per-connection deadlines on a deadline heap, a `Waker` for workers and for shutdown, and
@@ -23,7 +26,8 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Poll, Token, Waker};
+use mio::{Interest, Poll, Registry, Token, Waker};
+use parking_lot::Mutex;
 use slab::Slab;
 use std::io;
 use std::net::SocketAddr;
@@ -190,13 +194,6 @@ struct Job {
     events: Events,
 }
 
-struct Done {
-    key: usize,
-    generation: u32,
-    conn: Box<dyn Conn>,
-    step: Step,
-}
-
 /// A reactor bound to its listeners, ready to [`run`](Reactor::run).
 pub struct Reactor {
     poll: Poll,
@@ -244,37 +241,47 @@ impl Reactor {
 
     /// Runs until shutdown completes. Worker threads are started here and end with it.
     pub fn run(self, service: Arc<dyn Service>) -> io::Result<()> {
-        let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<Msg>();
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                slab: Slab::new(),
+                timers: Timers::default(),
+                drain_until: None,
+                poll_until: None,
+            }),
+            registry: self.poll.registry().try_clone()?,
+            jobs: job_tx,
+            waker: self.handle.waker.clone(),
+            stats: self.handle.stats.clone(),
+            idle_timeout: self.cfg.idle_timeout,
+        });
+        let n = self.cfg.workers.max(1);
         let mut workers = Vec::new();
-        for i in 0..self.cfg.workers.max(1) {
+        for i in 0..n {
             let rx = job_rx.clone();
-            let tx = done_tx.clone();
-            let waker = self.handle.waker.clone();
+            let sh = shared.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn(move || worker(rx, tx, waker))?,
+                    .spawn(move || worker(&sh, &rx))?,
             );
         }
         drop(job_rx);
-        drop(done_tx);
         let mut lp = Loop {
             poll: self.poll,
             cfg: self.cfg,
             listeners: self.listeners.into_iter().map(Some).collect(),
             handle: self.handle,
             service,
-            slab: Slab::new(),
-            timers: Timers::default(),
-            job_tx,
-            done_rx,
+            shared: shared.clone(),
             generation: 0,
-            drain_until: None,
             accept_retry: None,
         };
         let result = lp.run();
-        // Closing the job channel ends the workers once they finish what they hold.
+        // Every worker ends once it has finished what was queued before this message.
+        for _ in 0..n {
+            let _ = shared.jobs.send(Msg::Exit);
+        }
         drop(lp);
         for w in workers {
             let _ = w.join();
@@ -283,30 +290,209 @@ impl Reactor {
     }
 }
 
-fn worker(rx: Receiver<Job>, tx: Sender<Done>, waker: Arc<Waker>) {
-    for mut job in rx {
-        // A handler bug must cost one connection, not a worker thread and everyone behind it.
-        let step = match std::panic::catch_unwind(AssertUnwindSafe(|| job.conn.run(&job.events))) {
-            Ok(step) => step,
-            Err(_) => {
-                log::error!(
-                    "connection handler panicked; closing connection {}",
-                    job.key
-                );
-                Step::Close
+/// What the job channel carries.
+enum Msg {
+    Run(Job),
+    Exit,
+}
+
+/// State shared by the poll thread and the workers: the slab and the deadline heap behind one
+/// lock, held only for bookkeeping (never while a handler runs).
+struct Shared {
+    core: Mutex<Core>,
+    /// A clone of the poll's registry: workers re-arm the connections they finish themselves.
+    registry: Registry,
+    jobs: Sender<Msg>,
+    waker: Arc<Waker>,
+    stats: Arc<Stats>,
+    idle_timeout: Duration,
+}
+
+struct Core {
+    slab: Slab<Slot>,
+    timers: Timers,
+    drain_until: Option<Instant>,
+    /// The deadline the poll thread last planned to wake at (`None`: no deadline, it waits for
+    /// events only). A worker that queues an earlier deadline wakes it.
+    poll_until: Option<Instant>,
+}
+
+fn worker(sh: &Shared, rx: &Receiver<Msg>) {
+    while let Ok(Msg::Run(mut job)) = rx.recv() {
+        loop {
+            // A handler bug must cost one connection, not a worker thread and everyone behind it.
+            let step =
+                match std::panic::catch_unwind(AssertUnwindSafe(|| job.conn.run(&job.events))) {
+                    Ok(step) => step,
+                    Err(_) => {
+                        log::error!(
+                            "connection handler panicked; closing connection {}",
+                            job.key
+                        );
+                        Step::Close
+                    }
+                };
+            // Events that came in while it ran are served here at once when no other
+            // connection is waiting for a worker; otherwise it queues behind them.
+            match sh.finished(job, step, rx.is_empty()) {
+                Some(next) => job = next,
+                None => break,
             }
-        };
-        let done = Done {
-            key: job.key,
-            generation: job.generation,
-            conn: job.conn,
-            step,
-        };
-        if tx.send(done).is_err() {
-            return;
         }
-        let _ = waker.wake();
     }
+}
+
+impl Shared {
+    fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            warn!("cannot wake the poll thread: {e}");
+        }
+    }
+
+    /// A worker is done with a connection: close it, or re-arm and park it. Returns the
+    /// connection again when it must run at once and `inline` allows this worker to do it.
+    fn finished(&self, job: Job, step: Step, inline: bool) -> Option<Job> {
+        let mut core = self.core.lock();
+        let slot = core.slab.get(job.key)?;
+        if slot.generation != job.generation {
+            return None;
+        }
+        if step == Step::Close {
+            self.remove(&mut core, job.key);
+            drop(core);
+            let mut conn = job.conn;
+            conn.closed(CloseReason::Handler);
+            return None;
+        }
+        self.park(&mut core, job.key, job.conn, inline)
+    }
+
+    /// Re-arms a connection's sources and parks it idle, or runs it again at once if events came
+    /// in while it was busy (returned to the caller when `inline`, else queued).
+    fn park(
+        &self,
+        core: &mut Core,
+        key: usize,
+        mut conn: Box<dyn Conn>,
+        inline: bool,
+    ) -> Option<Job> {
+        let slot = &mut core.slab[key];
+        let generation = slot.generation;
+        let mut seen = [false; MAX_SOURCES];
+        let mut failed = None;
+        conn.sources(&mut |i, src, want| {
+            if i >= MAX_SOURCES {
+                failed = Some(io::Error::other("source index out of range"));
+                return;
+            }
+            seen[i] = true;
+            if let Err(e) = arm(
+                &self.registry,
+                src,
+                token(key, generation, i),
+                slot.armed[i],
+                want,
+            ) {
+                failed = Some(e);
+            }
+            slot.armed[i] = want;
+        });
+        for (i, s) in seen.iter().enumerate() {
+            if !s {
+                slot.armed[i] = None; // the handler dropped it; closing the fd left epoll
+            }
+        }
+        if let Some(e) = failed {
+            warn!("cannot arm connection {key}: {e}");
+            conn.closed(CloseReason::Register);
+            self.remove(core, key);
+            return None;
+        }
+        slot.timer = conn.deadline();
+        let next = next_deadline(slot, self.idle_timeout);
+        if slot.queued.is_none_or(|q| next < q) {
+            slot.queued = Some(next);
+            core.timers.push(next, key, generation);
+            if core.poll_until.is_none_or(|p| next < p) {
+                core.poll_until = Some(next);
+                self.wake();
+            }
+        }
+        let slot = &mut core.slab[key];
+        let pending = match std::mem::replace(&mut slot.state, State::Idle(conn)) {
+            State::Busy { pending } => pending,
+            State::Idle(_) => Events::default(),
+        };
+        if pending.is_empty() {
+            return None;
+        }
+        let job = self.take(core, key, pending)?;
+        if inline {
+            return Some(job);
+        }
+        self.send(core, job);
+        None
+    }
+
+    /// Marks an idle slot busy and returns its job, or merges the events if a worker has it.
+    fn take(&self, core: &mut Core, key: usize, ev: Events) -> Option<Job> {
+        let slot = core.slab.get_mut(key)?;
+        match &mut slot.state {
+            State::Busy { pending } => {
+                pending.merge(&ev);
+                None
+            }
+            State::Idle(_) => {
+                let State::Idle(conn) = std::mem::replace(
+                    &mut slot.state,
+                    State::Busy {
+                        pending: Events::default(),
+                    },
+                ) else {
+                    unreachable!()
+                };
+                self.stats.dispatched.fetch_add(1, Ordering::Relaxed);
+                Some(Job {
+                    key,
+                    generation: slot.generation,
+                    conn,
+                    events: ev,
+                })
+            }
+        }
+    }
+
+    /// Hands the connection to a worker, or remembers the events if a worker has it already.
+    fn dispatch(&self, core: &mut Core, key: usize, ev: Events) {
+        if let Some(job) = self.take(core, key, ev) {
+            self.send(core, job);
+        }
+    }
+
+    fn send(&self, core: &mut Core, job: Job) {
+        if let Err(e) = self.jobs.send(Msg::Run(job)) {
+            // Only possible once the workers are gone; close rather than leak.
+            if let Msg::Run(mut job) = e.into_inner() {
+                job.conn.closed(CloseReason::Handler);
+                self.remove(core, job.key);
+            }
+        }
+    }
+
+    fn remove(&self, core: &mut Core, key: usize) {
+        if core.slab.try_remove(key).is_some() {
+            self.stats.active.fetch_sub(1, Ordering::Relaxed);
+            // A draining poll thread waits for the slab to empty.
+            if core.drain_until.is_some() && core.slab.is_empty() {
+                self.wake();
+            }
+        }
+    }
+}
+
+fn next_deadline(slot: &Slot, idle_timeout: Duration) -> Instant {
+    let idle = slot.last_ready + idle_timeout;
+    slot.timer.map_or(idle, |t| t.min(idle))
 }
 
 struct Loop {
@@ -315,12 +501,8 @@ struct Loop {
     listeners: Vec<Option<TcpListener>>,
     handle: Handle,
     service: Arc<dyn Service>,
-    slab: Slab<Slot>,
-    timers: Timers,
-    job_tx: Sender<Job>,
-    done_rx: Receiver<Done>,
+    shared: Arc<Shared>,
     generation: u32,
-    drain_until: Option<Instant>,
     accept_retry: Option<Instant>,
 }
 
@@ -337,6 +519,7 @@ impl Loop {
             None
         };
         let mut events = mio::Events::with_capacity(1024);
+        let shared = self.shared.clone();
         loop {
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -345,49 +528,58 @@ impl Loop {
                 }
                 return Err(e);
             }
-            for ev in events.iter() {
-                match ev.token() {
-                    WAKER => {}
-                    SIGNALS => {
-                        if let Some(s) = signals.as_mut() {
-                            for sig in s.pending() {
-                                info!("signal {sig}: shutting down");
-                                self.handle.stop.store(true, Ordering::SeqCst);
+            let mut accept = Vec::new();
+            {
+                let mut core = shared.core.lock();
+                let now = Instant::now();
+                for ev in events.iter() {
+                    match ev.token() {
+                        WAKER => {}
+                        SIGNALS => {
+                            if let Some(s) = signals.as_mut() {
+                                for sig in s.pending() {
+                                    info!("signal {sig}: shutting down");
+                                    self.handle.stop.store(true, Ordering::SeqCst);
+                                }
                             }
                         }
+                        t => match is_listener(t) {
+                            Some(i) => accept.push(i),
+                            None => ready(&shared, &mut core, t, Ready::from_event(ev), now),
+                        },
                     }
-                    t => match is_listener(t) {
-                        Some(i) => self.accept(i),
-                        None => self.ready(t, Ready::from_event(ev)),
-                    },
                 }
             }
-            while let Ok(done) = self.done_rx.try_recv() {
-                self.finished(done);
+            for i in accept {
+                self.accept(i);
             }
             self.fire_timers();
-            if self.handle.stop.load(Ordering::SeqCst) && self.drain_until.is_none() {
-                self.begin_drain();
+            let mut core = shared.core.lock();
+            if self.handle.stop.load(Ordering::SeqCst) && core.drain_until.is_none() {
+                self.begin_drain(&mut core);
             }
-            if let Some(until) = self.drain_until {
-                if self.slab.is_empty() {
+            if let Some(until) = core.drain_until {
+                if core.slab.is_empty() {
                     info!("all connections closed; exiting");
                     return Ok(());
                 }
                 if Instant::now() >= until {
-                    self.force_close();
+                    self.force_close(&mut core);
                     return Ok(());
                 }
             }
         }
     }
 
+    /// How long to sleep in `poll`; also tells the workers when this thread will wake.
     fn poll_timeout(&self) -> Option<Duration> {
-        let next = [self.timers.next(), self.drain_until, self.accept_retry]
+        let mut core = self.shared.core.lock();
+        let next = [core.timers.next(), core.drain_until, self.accept_retry]
             .into_iter()
             .flatten()
-            .min()?;
-        Some(next.saturating_duration_since(Instant::now()))
+            .min();
+        core.poll_until = next;
+        Some(next?.saturating_duration_since(Instant::now()))
     }
 
     fn accept(&mut self, i: usize) {
@@ -408,7 +600,7 @@ impl Loop {
                 }
             };
             let stats = &self.handle.stats;
-            if self.slab.len() >= self.cfg.max_connections {
+            if self.shared.core.lock().slab.len() >= self.cfg.max_connections {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     "connection limit {} reached; refusing {peer}",
@@ -424,146 +616,20 @@ impl Loop {
             stats.accepted.fetch_add(1, Ordering::Relaxed);
             stats.active.fetch_add(1, Ordering::Relaxed);
             self.generation = (self.generation + 1) & ((1 << GEN_BITS) - 1);
-            let now = Instant::now();
-            let key = self.slab.insert(Slot {
+            let shared = &self.shared;
+            let mut core = shared.core.lock();
+            let key = core.slab.insert(Slot {
                 generation: self.generation,
                 state: State::Busy {
                     pending: Events::default(),
                 },
                 armed: [None; MAX_SOURCES],
-                last_ready: now,
+                last_ready: Instant::now(),
                 timer: None,
                 queued: None,
             });
-            self.park(key, conn);
+            shared.park(&mut core, key, conn, false);
         }
-    }
-
-    /// A socket event for a connection.
-    fn ready(&mut self, t: Token, r: Ready) {
-        let (key, generation, source) = untoken(t);
-        let Some(slot) = self.slab.get_mut(key) else {
-            return;
-        };
-        if slot.generation != generation {
-            return; // stale event for a reused slab key
-        }
-        slot.last_ready = Instant::now();
-        let mut ev = Events {
-            draining: self.drain_until.is_some(),
-            ..Events::default()
-        };
-        ev.add(source, r);
-        self.dispatch(key, ev);
-    }
-
-    /// Hands the connection to a worker, or remembers the events if a worker has it already.
-    fn dispatch(&mut self, key: usize, ev: Events) {
-        let Some(slot) = self.slab.get_mut(key) else {
-            return;
-        };
-        match &mut slot.state {
-            State::Busy { pending } => pending.merge(&ev),
-            State::Idle(_) => {
-                let State::Idle(conn) = std::mem::replace(
-                    &mut slot.state,
-                    State::Busy {
-                        pending: Events::default(),
-                    },
-                ) else {
-                    unreachable!()
-                };
-                self.handle.stats.dispatched.fetch_add(1, Ordering::Relaxed);
-                let job = Job {
-                    key,
-                    generation: slot.generation,
-                    conn,
-                    events: ev,
-                };
-                if let Err(e) = self.job_tx.send(job) {
-                    // Only possible if every worker died; close rather than leak.
-                    let mut job = e.into_inner();
-                    job.conn.closed(CloseReason::Handler);
-                    self.remove(key);
-                }
-            }
-        }
-    }
-
-    /// A worker returned a connection.
-    fn finished(&mut self, done: Done) {
-        let Some(slot) = self.slab.get(done.key) else {
-            return;
-        };
-        if slot.generation != done.generation {
-            return;
-        }
-        if done.step == Step::Close {
-            let mut conn = done.conn;
-            conn.closed(CloseReason::Handler);
-            self.remove(done.key);
-            return;
-        }
-        self.park(done.key, done.conn);
-    }
-
-    /// Re-arms a connection's sources and parks it idle, or runs it again at once if events came
-    /// in while it was busy.
-    fn park(&mut self, key: usize, mut conn: Box<dyn Conn>) {
-        let registry = self.poll.registry();
-        let slot = &mut self.slab[key];
-        let generation = slot.generation;
-        let mut seen = [false; MAX_SOURCES];
-        let mut failed = None;
-        conn.sources(&mut |i, src, want| {
-            if i >= MAX_SOURCES {
-                failed = Some(io::Error::other("source index out of range"));
-                return;
-            }
-            seen[i] = true;
-            if let Err(e) = arm(
-                registry,
-                src,
-                token(key, generation, i),
-                slot.armed[i],
-                want,
-            ) {
-                failed = Some(e);
-            }
-            slot.armed[i] = want;
-        });
-        for (i, s) in seen.iter().enumerate() {
-            if !s {
-                slot.armed[i] = None; // the handler dropped it; closing the fd left epoll
-            }
-        }
-        if let Some(e) = failed {
-            warn!("cannot arm connection {key}: {e}");
-            conn.closed(CloseReason::Register);
-            self.remove(key);
-            return;
-        }
-        slot.timer = conn.deadline();
-        let next = self.next_deadline(key);
-        let slot = &mut self.slab[key];
-        if slot.queued.is_none_or(|q| next < q) {
-            slot.queued = Some(next);
-            self.timers.push(next, key, generation);
-        }
-        let slot = &mut self.slab[key];
-        let pending = match std::mem::replace(&mut slot.state, State::Idle(conn)) {
-            State::Busy { pending } => pending,
-            State::Idle(_) => Events::default(),
-        };
-        if !pending.is_empty() {
-            self.dispatch(key, pending);
-        }
-    }
-
-    fn next_deadline(&self, key: usize) -> Instant {
-        let slot = &self.slab[key];
-        let idle = slot.last_ready + self.cfg.idle_timeout;
-        slot.timer.map_or(idle, |t| t.min(idle))
     }
 
     fn fire_timers(&mut self) {
@@ -574,32 +640,31 @@ impl Loop {
                 self.accept(i);
             }
         }
-        while let Some((key, generation)) = self.timers.pop_due(now) {
-            let Some(slot) = self.slab.get_mut(key) else {
+        let shared = self.shared.clone();
+        let mut closing = Vec::new();
+        let mut core = shared.core.lock();
+        let idle_timeout = self.cfg.idle_timeout;
+        while let Some((key, generation)) = core.timers.pop_due(now) {
+            let draining = core.drain_until.is_some();
+            let Some(slot) = core.slab.get_mut(key) else {
                 continue;
             };
             if slot.generation != generation {
                 continue;
             }
             slot.queued = None;
-            let idle_at = slot.last_ready + self.cfg.idle_timeout;
+            let idle_at = slot.last_ready + idle_timeout;
             let busy = matches!(slot.state, State::Busy { .. });
             if idle_at <= now && !busy {
-                self.handle
-                    .stats
-                    .idle_closed
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 if let Some(Slot {
-                    state: State::Idle(mut conn),
+                    state: State::Idle(conn),
                     ..
-                }) = self.slab.try_remove(key)
+                }) = core.slab.try_remove(key)
                 {
-                    debug!(
-                        "connection {key} idle for {:?}; closing",
-                        self.cfg.idle_timeout
-                    );
-                    conn.closed(CloseReason::Idle);
-                    self.handle.stats.active.fetch_sub(1, Ordering::Relaxed);
+                    debug!("connection {key} idle for {idle_timeout:?}; closing");
+                    closing.push(conn);
+                    shared.stats.active.fetch_sub(1, Ordering::Relaxed);
                 }
                 continue;
             }
@@ -607,28 +672,30 @@ impl Loop {
                 slot.timer = None;
                 let ev = Events {
                     timer: true,
-                    draining: self.drain_until.is_some(),
+                    draining,
                     ..Events::default()
                 };
-                self.dispatch(key, ev);
+                shared.dispatch(&mut core, key, ev);
             }
             // Re-queue at the real next deadline (busy slots are re-queued when they park).
-            if let Some(Slot {
-                state: State::Idle(_),
-                ..
-            }) = self.slab.get(key)
+            if let Some(slot) = core.slab.get_mut(key)
+                && matches!(slot.state, State::Idle(_))
             {
-                let next = self.next_deadline(key);
-                self.slab[key].queued = Some(next);
-                self.timers.push(next, key, generation);
+                let next = next_deadline(slot, idle_timeout);
+                slot.queued = Some(next);
+                core.timers.push(next, key, generation);
             }
+        }
+        drop(core);
+        for mut conn in closing {
+            conn.closed(CloseReason::Idle);
         }
     }
 
     /// Stops accepting and tells every connection to finish up.
-    fn begin_drain(&mut self) {
+    fn begin_drain(&mut self, core: &mut Core) {
         let until = Instant::now() + self.cfg.shutdown_grace;
-        self.drain_until = Some(until);
+        core.drain_until = Some(until);
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
                 let _ = self.poll.registry().deregister(&mut l);
@@ -636,36 +703,50 @@ impl Loop {
         }
         info!(
             "draining {} connection(s) for up to {:?}",
-            self.slab.len(),
+            core.slab.len(),
             self.cfg.shutdown_grace
         );
-        let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
+        let keys: Vec<usize> = core.slab.iter().map(|(k, _)| k).collect();
         for key in keys {
             let ev = Events {
                 draining: true,
                 timer: true,
                 ..Events::default()
             };
-            self.dispatch(key, ev);
+            self.shared.dispatch(core, key, ev);
         }
     }
 
-    fn force_close(&mut self) {
-        let n = self.slab.len();
+    fn force_close(&mut self, core: &mut Core) {
+        let n = core.slab.len();
         warn!("shutdown grace period over; closing {n} connection(s)");
-        for slot in self.slab.drain() {
+        // Busy connections are dropped by their workers, who no longer find their slot.
+        for slot in core.slab.drain() {
             if let State::Idle(mut conn) = slot.state {
                 conn.closed(CloseReason::Shutdown);
             }
         }
         self.handle.stats.active.store(0, Ordering::Relaxed);
     }
+}
 
-    fn remove(&mut self, key: usize) {
-        if self.slab.try_remove(key).is_some() {
-            self.handle.stats.active.fetch_sub(1, Ordering::Relaxed);
-        }
+/// A socket event for a connection.
+fn ready(shared: &Shared, core: &mut Core, t: Token, r: Ready, now: Instant) {
+    let (key, generation, source) = untoken(t);
+    let draining = core.drain_until.is_some();
+    let Some(slot) = core.slab.get_mut(key) else {
+        return;
+    };
+    if slot.generation != generation {
+        return; // stale event for a reused slab key
     }
+    slot.last_ready = now;
+    let mut ev = Events {
+        draining,
+        ..Events::default()
+    };
+    ev.add(source, r);
+    shared.dispatch(core, key, ev);
 }
 
 /// Brings one source's registration from `had` to `want`. Re-registering an armed source is

@@ -242,3 +242,90 @@ fn busy_connection_gets_the_grace_period() {
         "{took:?}"
     );
 }
+
+/// Answers each byte it reads with "T" once a deadline it sets after that run has passed.
+struct Delayed {
+    sock: TcpStream,
+    delay: Duration,
+    due: Option<Instant>,
+}
+
+impl Conn for Delayed {
+    fn run(&mut self, ev: &Events) -> Step {
+        if ev.draining {
+            return Step::Close;
+        }
+        if ev.timer && self.due.is_some_and(|d| Instant::now() >= d) {
+            self.due = None;
+            return match self.sock.write(b"T") {
+                Ok(1) => Step::Keep,
+                _ => Step::Close,
+            };
+        }
+        let mut b = [0u8; 64];
+        loop {
+            match self.sock.read(&mut b) {
+                Ok(0) => return Step::Close,
+                Ok(_) => self.due = Some(Instant::now() + self.delay),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
+                Err(_) => return Step::Close,
+            }
+        }
+    }
+    fn sources(&mut self, arm: &mut Arm<'_>) {
+        arm(0, &mut self.sock, Some(Interest::READABLE));
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.due
+    }
+}
+
+struct DelayedService(Duration);
+
+impl Service for DelayedService {
+    fn accept(&self, sock: TcpStream, _: SocketAddr, _: usize) -> Option<Box<dyn Conn>> {
+        Some(Box::new(Delayed {
+            sock,
+            delay: self.0,
+            due: None,
+        }))
+    }
+}
+
+#[test]
+fn a_deadline_set_on_a_worker_wakes_the_sleeping_poll_thread() {
+    // Workers park connections themselves. The poll thread sleeps until the earliest deadline it
+    // knows (here the 60 s idle timeout), so a worker that queues an earlier one must wake it.
+    let l = crate::net::listen("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+    let r = Reactor::new(
+        Config {
+            workers: 2,
+            idle_timeout: Duration::from_secs(60),
+            ..Config::default()
+        },
+        vec![l],
+    )
+    .unwrap();
+    let addr = r.local_addrs()[0];
+    let handle = r.handle();
+    let delay = Duration::from_millis(200);
+    let thread = std::thread::spawn(move || r.run(Arc::new(DelayedService(delay))));
+    let mut s = client(addr);
+    for round in 0..3 {
+        // Let the poll thread settle into its long sleep first.
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        s.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        s.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("round {round}: no timer answer: {e}"));
+        let took = t.elapsed();
+        assert_eq!(&got, b"T");
+        assert!(
+            took >= delay && took < Duration::from_secs(5),
+            "round {round}: timer fired after {took:?}, asked for {delay:?}"
+        );
+    }
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}

@@ -106,8 +106,10 @@ impl HttpConn {
         if a.status == 206 {
             self.gw.stats.partial.fetch_add(1, Ordering::Relaxed);
         }
+        // One line per answer, with the range served: the end-to-end tests read these to see
+        // which part of a file a player asked for (and when).
         debug!(
-            "{}: {} {} HTTP/1.{} -> {} ({} bytes)",
+            "{}: {} {} HTTP/1.{} -> {} ({} bytes{})",
             self.peer,
             h.method,
             h.target
@@ -115,7 +117,11 @@ impl HttpConn {
                 .map_or(h.target.as_str(), |(p, _)| p),
             h.minor,
             a.status,
-            a.length.unwrap_or(0)
+            a.length.unwrap_or(0),
+            a.headers
+                .iter()
+                .find(|(k, _)| *k == "Content-Range")
+                .map_or(String::new(), |(_, v)| format!(", {v}"))
         );
         self.start(a, h.method == "HEAD", h.keep_alive && !draining);
     }

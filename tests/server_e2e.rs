@@ -69,7 +69,12 @@ impl Client {
         let mut h = [0u8; HEADER_LEN];
         self.s.read_exact(&mut h).expect("reply header");
         let h = Header::decode(&h);
-        assert_eq!(h.cmd, cmd::REPLY_STORAGE);
+        // Storage replies, or the id/tracker reply of a cluster command this server refuses.
+        assert!(
+            [cmd::REPLY_STORAGE, cmd::REPLY_ID, cmd::REPLY_TRACKER].contains(&h.cmd),
+            "reply command {}",
+            h.cmd
+        );
         assert!(h.body_len <= 80 << 20, "reply of {} bytes", h.body_len);
         let mut body = vec![0u8; h.body_len as usize];
         self.s.read_exact(&mut body).expect("reply body");

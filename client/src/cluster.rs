@@ -841,3 +841,81 @@ fn wait_ready(addr: SocketAddr, expect: Role, limit: Duration) -> std::io::Resul
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(nodes: usize, groups: usize, meta_url: Option<&str>) -> Spec {
+        Spec {
+            nodes,
+            groups,
+            meta_url: meta_url.map(str::to_owned),
+            beat_interval_ms: 1000,
+            offline_after_ms: 3000,
+            route_cache_ms: 2000,
+        }
+    }
+
+    #[test]
+    fn several_nodes_or_groups_need_postgres() {
+        spec(1, 1, None).validate().unwrap();
+        spec(2, 2, Some("postgres://u@127.0.0.1:5432/db"))
+            .validate()
+            .unwrap();
+        for bad in [spec(2, 1, None), spec(1, 2, None)] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains("--meta-url") && e.contains(META_URL_ENV), "{e}");
+        }
+        let e = spec(1, 2, Some("/tmp/meta.db"))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a postgres:// URL"), "{e}");
+        assert!(spec(0, 1, None).validate().is_err());
+        assert!(spec(NODES_MAX + 1, 1, None).validate().is_err());
+        assert!(spec(1, GROUPS_MAX + 1, None).validate().is_err());
+    }
+
+    #[test]
+    fn meta_url_comes_from_flag_then_env_then_server_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(resolve_meta_url(None, None, d).unwrap(), None);
+        std::fs::write(
+            d.join("server.toml"),
+            "meta_url = \"postgres://conf@h/db\"\n",
+        )
+        .unwrap();
+        let conf = Some("postgres://conf@h/db".to_owned());
+        assert_eq!(resolve_meta_url(None, None, d).unwrap(), conf);
+        assert_eq!(
+            resolve_meta_url(None, Some(String::new()), d).unwrap(),
+            conf
+        );
+        let env = Some("postgres://env@h/db".to_owned());
+        assert_eq!(resolve_meta_url(None, env.clone(), d).unwrap(), env);
+        assert_eq!(
+            resolve_meta_url(Some("postgres://flag@h/db"), env, d).unwrap(),
+            Some("postgres://flag@h/db".to_owned())
+        );
+    }
+
+    #[test]
+    fn fixed_layout_keeps_nodes_clear_of_the_other_ports() {
+        let l = GroupsLayout::fixed(&spec(NODES_MAX, 2, None));
+        let nodes = l.nodes();
+        assert_eq!(nodes.len(), 2 * NODES_MAX);
+        assert_eq!(nodes[0].1, "g1-node1");
+        assert_eq!(nodes[NODES_MAX].0, "g2");
+        let mut all: Vec<SocketAddr> = nodes.iter().map(|n| n.2).collect();
+        all.extend([l.tracker]);
+        all.extend(l.server_proxies);
+        all.extend(l.server_proxy_stats);
+        all.extend(l.client_proxies);
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a port is used twice");
+    }
+}

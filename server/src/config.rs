@@ -131,6 +131,14 @@ pub struct Config {
     pub workers: usize,
     pub max_connections: usize,
     pub idle_timeout_ms: u64,
+    /// A connection's first frame (HELLO, PROBE or a cluster command) must arrive this soon.
+    pub hello_timeout_ms: u64,
+    /// Once a frame has begun, its header and fixed part must arrive this soon (a peer
+    /// trickling a header byte by byte is cut off, whatever the idle timeout).
+    pub frame_timeout_ms: u64,
+    /// While a payload streams in, at least 64 KiB (or the rest of it) must arrive in every
+    /// window of this length.
+    pub progress_timeout_ms: u64,
     pub session_ttl_secs: u64,
     pub max_sessions: usize,
     pub shutdown_grace_ms: u64,
@@ -157,6 +165,9 @@ impl Default for Config {
             workers: 4,
             max_connections: 4096,
             idle_timeout_ms: 120_000,
+            hello_timeout_ms: 10_000,
+            frame_timeout_ms: 30_000,
+            progress_timeout_ms: 60_000,
             session_ttl_secs: 86_400,
             max_sessions: 10_000,
             shutdown_grace_ms: 10_000,
@@ -203,6 +214,10 @@ impl Config {
         }
         if self.workers == 0 || self.max_connections == 0 || self.max_sessions == 0 {
             bail!("workers, max_connections and max_sessions must be at least 1");
+        }
+        if self.hello_timeout_ms == 0 || self.frame_timeout_ms == 0 || self.progress_timeout_ms == 0
+        {
+            bail!("hello_timeout_ms, frame_timeout_ms and progress_timeout_ms must be at least 1");
         }
         if !(4..=16 * 1024).contains(&self.read_buffer_kib) {
             bail!("read_buffer_kib must be within 4 ..= 16384");

@@ -32,6 +32,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Where the bytes of the current data frame's payload go.
 enum Sink {
@@ -84,7 +85,25 @@ pub struct ServerConn {
     /// A malformed frame was answered: close once the error frame is out.
     close_after_flush: bool,
     eof: bool,
+    /// The deadline that guards against a slow peer right now, if any.
+    guard: Option<(Instant, Guard)>,
+    /// A whole frame has arrived (the HELLO guard is over).
+    framed: bool,
+    /// Payload bytes received since the progress guard was last renewed.
+    progress: u64,
 }
+
+/// What a connection's deadline guards (config `hello_timeout_ms`, `frame_timeout_ms`,
+/// `progress_timeout_ms`). Between frames there is none: the reactor's idle timeout applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    Hello,
+    Frame,
+    Progress,
+}
+
+/// Payload a stream must bring per progress window to keep its connection.
+const PROGRESS_BYTES: u64 = 64 * 1024;
 
 enum Flush {
     Done,
@@ -101,10 +120,11 @@ impl ServerConn {
         st: Arc<Storage>,
         roles: Arc<Roles>,
         syncer: Sender<SyncJob>,
-    ) -> io::Result<Self> {
+        (wake_tx, wake_rx): (pipe::Sender, pipe::Receiver),
+    ) -> Self {
         let rbuf = vec![0u8; st.cfg.read_buffer_kib * 1024];
-        let (wake_tx, wake_rx) = pipe::new()?;
-        Ok(ServerConn {
+        let st_hello_ms = st.cfg.hello_timeout_ms;
+        ServerConn {
             sock,
             peer,
             st,
@@ -123,7 +143,13 @@ impl ServerConn {
             sink: Sink::None,
             close_after_flush: false,
             eof: false,
-        })
+            guard: Some((
+                Instant::now() + Duration::from_millis(st_hello_ms),
+                Guard::Hello,
+            )),
+            framed: false,
+            progress: 0,
+        }
     }
 
     /// Bytes or a file range are being written to the socket.
@@ -238,7 +264,10 @@ impl ServerConn {
                             header,
                             meta,
                             payload_len,
-                        }) => self.on_frame(header, &meta, payload_len),
+                        }) => {
+                            self.framed = true;
+                            self.on_frame(header, &meta, payload_len)
+                        }
                         Some(Decoded::Payload { data, last }) => self.on_payload(data, last),
                     }
                 }
@@ -461,6 +490,7 @@ impl ServerConn {
     }
 
     fn on_payload(&mut self, data: &[u8], last: bool) {
+        self.progress += data.len() as u64;
         match &mut self.sink {
             Sink::Small(w) => w.write(&self.st, data),
             Sink::Block(w) => w.write(&self.st, data),
@@ -543,8 +573,109 @@ fn bad(e: proto::ProtoError) -> OpError {
     OpError::new(e.code(), e.to_string())
 }
 
+impl ServerConn {
+    /// Sets the deadline for what the connection is waiting for now (see [`Guard`]).
+    fn update_guard(&mut self) {
+        let cfg = &self.st.cfg;
+        let in_payload = !matches!(self.sink, Sink::None);
+        let want = if !self.framed {
+            Guard::Hello
+        } else if in_payload {
+            Guard::Progress
+        } else if !self.dec.is_idle() {
+            Guard::Frame
+        } else {
+            self.guard = None;
+            return;
+        };
+        let now = Instant::now();
+        // While the server itself holds reading back (waiting for the syncer), the peer cannot
+        // make progress: the window starts again when reading resumes.
+        let renew = match self.guard {
+            Some((_, g)) if g == want => {
+                (want == Guard::Progress && self.progress >= PROGRESS_BYTES)
+                    || (want != Guard::Hello && !self.can_take_input())
+            }
+            _ => true,
+        };
+        if renew {
+            let ms = match want {
+                Guard::Hello => cfg.hello_timeout_ms,
+                Guard::Frame => cfg.frame_timeout_ms,
+                Guard::Progress => cfg.progress_timeout_ms,
+            };
+            self.guard = Some((now + Duration::from_millis(ms), want));
+            self.progress = 0;
+        }
+    }
+
+    /// A guard ran out: the peer is told why (best effort: it may not be reading) and the
+    /// connection closes.
+    fn guard_expired(&mut self, g: Guard) -> Step {
+        let cfg = &self.st.cfg;
+        let why = match g {
+            Guard::Hello => format!("no first frame within {} ms", cfg.hello_timeout_ms),
+            Guard::Frame => format!("frame incomplete after {} ms", cfg.frame_timeout_ms),
+            Guard::Progress => format!(
+                "upload stalled: under {PROGRESS_BYTES} bytes in {} ms",
+                cfg.progress_timeout_ms
+            ),
+        };
+        info!("{}: {why}; closing", self.peer);
+        if !self.writing() {
+            let body = ErrorBody::new(ErrorCode::Limit, why);
+            let _ = self.sock.write(&body.frame(cmd::REPLY_STORAGE));
+        }
+        Step::Close
+    }
+}
+
 impl Conn for ServerConn {
     fn run(&mut self, ev: &Events) -> Step {
+        if let Some((until, g)) = self.guard
+            && ev.timer
+            && Instant::now() >= until
+        {
+            return self.guard_expired(g);
+        }
+        let step = self.serve(ev);
+        self.update_guard();
+        step
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.guard.map(|(until, _)| until)
+    }
+
+    fn sources(&mut self, arm: &mut Arm<'_>) {
+        let sock = if self.writing() {
+            Some(Interest::WRITABLE)
+        } else if self.eof || !self.can_take_input() {
+            // Nothing to read for now: waiting for the syncer (its pipe wakes us) or closing.
+            None
+        } else {
+            Some(Interest::READABLE)
+        };
+        arm(0, &mut self.sock, sock);
+        arm(1, &mut self.wake_rx, Some(Interest::READABLE));
+    }
+
+    fn closed(&mut self, why: CloseReason) {
+        if !matches!(self.sink, Sink::None) {
+            info!(
+                "{}: connection closed ({why:?}) during an upload payload; the block stays missing",
+                self.peer
+            );
+        } else {
+            debug!("{}: connection closed ({why:?})", self.peer);
+        }
+        self.sink = Sink::None;
+    }
+}
+
+impl ServerConn {
+    /// Reads, decodes and answers until the socket would block or replies must wait.
+    fn serve(&mut self, ev: &Events) -> Step {
         // Wake-ups from the syncer only say "look at the queue", which flush does below.
         let mut drain = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
@@ -604,31 +735,6 @@ impl Conn for ServerConn {
             }
         }
     }
-
-    fn sources(&mut self, arm: &mut Arm<'_>) {
-        let sock = if self.writing() {
-            Some(Interest::WRITABLE)
-        } else if self.eof || !self.can_take_input() {
-            // Nothing to read for now: waiting for the syncer (its pipe wakes us) or closing.
-            None
-        } else {
-            Some(Interest::READABLE)
-        };
-        arm(0, &mut self.sock, sock);
-        arm(1, &mut self.wake_rx, Some(Interest::READABLE));
-    }
-
-    fn closed(&mut self, why: CloseReason) {
-        if !matches!(self.sink, Sink::None) {
-            info!(
-                "{}: connection closed ({why:?}) during an upload payload; the block stays missing",
-                self.peer
-            );
-        } else {
-            debug!("{}: connection closed ({why:?})", self.peer);
-        }
-        self.sink = Sink::None;
-    }
 }
 
 /// The server's reactor service: one [`ServerConn`] per accepted connection.
@@ -654,19 +760,26 @@ impl Service for ServerService {
             return gw.accept(stream, peer);
         }
         debug!("{peer}: connected");
-        match ServerConn::new(
+        // The connection's wake-up pipe is its only other descriptor; without it (EMFILE) the
+        // peer is told why instead of finding its connection silently closed.
+        let wake = match pipe::new() {
+            Ok(w) => w,
+            Err(e) => {
+                warn!("{peer}: cannot set up the connection: {e}");
+                let mut stream = stream;
+                let body = ErrorBody::new(ErrorCode::Limit, "server out of file descriptors");
+                let _ = stream.write(&body.frame(cmd::REPLY_STORAGE));
+                return None;
+            }
+        };
+        Some(Box::new(ServerConn::new(
             stream,
             peer,
             self.st.clone(),
             self.roles.clone(),
             self.syncer.clone(),
-        ) {
-            Ok(c) => Some(Box::new(c)),
-            Err(e) => {
-                warn!("{peer}: cannot set up the connection: {e}");
-                None
-            }
-        }
+            wake,
+        )))
     }
 
     fn refuse(&self, mut stream: TcpStream, peer: SocketAddr) {

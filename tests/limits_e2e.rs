@@ -1,0 +1,292 @@
+//! Limits the security issue asks for, driven past their edge against the real `ferry-server`:
+//! each checks a clear outcome, bounded resources and a healthy service for everyone else.
+
+mod support;
+
+use ferry_common::proto::{self, HEADER_LEN};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::{Proc, bin, free_addr, wait_ready};
+
+/// User + system CPU time of a process, in clock ticks (USER_HZ, 100 per second here).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// What became of a connection that sent a PROBE.
+#[derive(Debug, PartialEq, Eq)]
+enum Fate {
+    /// Answered.
+    Served,
+    /// Refused with error 17 (Limit): told why, then closed.
+    Refused,
+    /// Closed without a word.
+    Dropped,
+    /// Nothing yet (waiting in the backlog).
+    Waiting,
+}
+
+fn send_probe(s: &mut TcpStream) {
+    let _ = s.write_all(&proto::frame(proto::cmd::PROBE, 0, &proto::probe_body()));
+}
+
+fn fate(s: &mut TcpStream, wait: Duration) -> Fate {
+    let _ = s.set_read_timeout(Some(wait));
+    let mut h = [0u8; HEADER_LEN];
+    match s.read_exact(&mut h) {
+        Ok(()) => {
+            let h = proto::Header::decode(&h);
+            if h.status == proto::status::OK {
+                return Fate::Served;
+            }
+            let mut body = vec![0u8; (h.body_len as usize).min(2048)];
+            let _ = s.read_exact(&mut body);
+            match proto::ErrorBody::decode(&body) {
+                Ok(e) if e.code == proto::ErrorCode::Limit => Fate::Refused,
+                other => panic!("unexpected answer at the fd limit: {other:?}"),
+            }
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Fate::Waiting
+        }
+        Err(_) => Fate::Dropped,
+    }
+}
+
+#[test]
+fn accept_survives_emfile_without_spinning() {
+    if !support::have("prlimit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    // 64 descriptors in all: after the server's own (listeners, epoll, SQLite, logs) only a
+    // few dozen remain for connections (each takes its socket and a wake-up pipe).
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=64:64")
+        .arg(bin("ferry-server"))
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(dir.path().join("data"));
+    let srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
+    wait_ready(addr, Duration::from_secs(15));
+
+    // Far more connections than descriptors: the kernel completes every handshake into the
+    // backlog; the server accepts until it runs out.
+    let mut conns: Vec<TcpStream> = (0..120)
+        .map(|_| TcpStream::connect(addr).expect("the backlog takes the connection"))
+        .collect();
+    for s in conns.iter_mut() {
+        send_probe(s);
+    }
+    let t = Instant::now();
+    let out_of_fds = |log: &str| log.contains("accept failed") || log.contains("cannot set up");
+    while !out_of_fds(&srv.log_text()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the descriptor limit was never reached"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Stuck at the limit: the accept loop must wait, not spin.
+    let before = cpu_ticks(srv.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(srv.pid()) - before;
+    assert!(
+        used <= 40,
+        "{used} ticks of CPU in 2 s at EMFILE: the accept loop spins"
+    );
+
+    // Every connection was served, refused with a reason, or waits: none dropped silently.
+    let fates: Vec<Fate> = conns
+        .iter_mut()
+        .map(|s| fate(s, Duration::from_millis(20)))
+        .collect();
+    let count = |f: Fate| fates.iter().filter(|&x| *x == f).count();
+    let (served, refused, waiting) = (
+        count(Fate::Served),
+        count(Fate::Refused),
+        count(Fate::Waiting),
+    );
+    eprintln!("at the limit: {served} served, {refused} refused, {waiting} waiting");
+    assert_eq!(
+        count(Fate::Dropped),
+        0,
+        "connections closed without an answer: {fates:?}"
+    );
+    assert!(served > 0, "nothing served at the limit");
+
+    // Descriptors come back: whoever waited is served, and so are new connections.
+    let mut waiting: Vec<TcpStream> = conns
+        .into_iter()
+        .zip(&fates)
+        .filter(|(_, f)| **f == Fate::Waiting)
+        .map(|(s, _)| s)
+        .collect();
+    for s in waiting.iter_mut() {
+        assert_eq!(
+            fate(s, Duration::from_secs(5)),
+            Fate::Served,
+            "a waiting connection"
+        );
+    }
+    drop(waiting);
+    // (The server notices the closed connections within moments; until then a newcomer may
+    // still be refused with error 17.)
+    wait_ready(addr, Duration::from_secs(10));
+    let warnings = srv.log_text().matches("accept failed").count();
+    assert!(
+        warnings < 200,
+        "{warnings} accept warnings: the retry must be paced"
+    );
+}
+
+/// Reads frames until one is an error; returns its code and text (None: closed or timed out
+/// without one).
+fn error_reply(s: &mut TcpStream, wait: Duration) -> Option<(proto::ErrorCode, String)> {
+    let _ = s.set_read_timeout(Some(wait));
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).ok()?;
+    let h = proto::Header::decode(&h);
+    let mut body = vec![0u8; usize::try_from(h.body_len).ok()?.min(2048)];
+    s.read_exact(&mut body).ok()?;
+    if h.status == proto::status::OK {
+        return None;
+    }
+    proto::ErrorBody::decode(&body)
+        .ok()
+        .map(|e| (e.code, e.text))
+}
+
+fn closed(s: &mut TcpStream) -> bool {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut b = [0u8; 16];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let conf = dir.path().join("server.toml");
+    std::fs::write(
+        &conf,
+        "idle_timeout_ms = 60000\nhello_timeout_ms = 800\nframe_timeout_ms = 800\n\
+         progress_timeout_ms = 800\nblock_size = 65536\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("ferry-server"));
+    cmd.arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(dir.path().join("data"));
+    let _srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
+    wait_ready(addr, Duration::from_secs(15));
+    let hello = proto::frame(
+        proto::cmd::HELLO,
+        0,
+        &proto::Hello::new("demo", "slowpoke", b"t")
+            .encode()
+            .unwrap(),
+    );
+
+    // 1. Connects and says nothing.
+    let t = Instant::now();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let e = error_reply(&mut silent, Duration::from_secs(5)).expect("told why");
+    assert_eq!(e.0, proto::ErrorCode::Limit, "{e:?}");
+    assert!(e.1.contains("first frame"), "{e:?}");
+    assert!(closed(&mut silent));
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "cut off after {:?}",
+        t.elapsed()
+    );
+
+    // 2. Trickles a STAT header one byte at a time, each byte well within the idle timeout.
+    let mut trickle = TcpStream::connect(addr).unwrap();
+    trickle.write_all(&hello).unwrap();
+    assert!(
+        error_reply(&mut trickle, Duration::from_secs(5)).is_none(),
+        "HELLO accepted"
+    );
+    let stat = proto::frame(proto::cmd::STAT, 0, &proto::encode_file_id("x").unwrap());
+    let t = Instant::now();
+    let mut cut = false;
+    for b in &stat {
+        if trickle.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        if t.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let e = error_reply(&mut trickle, Duration::from_secs(2));
+    assert!(
+        cut || e.as_ref().is_some_and(|e| e.1.contains("incomplete")),
+        "a trickled header was still accepted after {:?}: {e:?}",
+        t.elapsed()
+    );
+
+    // 3. Starts a block upload, then lets its payload stall.
+    let mut stall = TcpStream::connect(addr).unwrap();
+    stall.write_all(&hello).unwrap();
+    assert!(error_reply(&mut stall, Duration::from_secs(5)).is_none());
+    let data = vec![7u8; 300_000];
+    let init = proto::UploadInit {
+        size: data.len() as u64,
+        block_size: 65536,
+        sha256: [0; 32],
+        name: "stall.bin".into(),
+    };
+    stall
+        .write_all(&proto::frame(
+            proto::cmd::UPLOAD_INIT,
+            0,
+            &init.encode().unwrap(),
+        ))
+        .unwrap();
+    let _ = stall.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut h = [0u8; HEADER_LEN];
+    stall.read_exact(&mut h).unwrap();
+    let h = proto::Header::decode(&h);
+    let mut body = vec![0u8; h.body_len as usize];
+    stall.read_exact(&mut body).unwrap();
+    let reply = proto::UploadInitReply::decode(&body).unwrap();
+    let block = &data[..65536];
+    let meta = proto::BlockMeta {
+        upload_id: reply.upload_id,
+        index: 0,
+        offset: 0,
+        len: 65536,
+        crc32c: crc32c::crc32c(block),
+    };
+    let head = proto::data_frame_head(proto::cmd::UPLOAD_BLOCK, 0, &meta.encode(), 65536);
+    stall.write_all(&head).unwrap();
+    stall.write_all(&block[..1000]).unwrap(); // then nothing more
+    let t = Instant::now();
+    let e = error_reply(&mut stall, Duration::from_secs(5)).expect("told why");
+    assert!(e.1.contains("stalled"), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+
+    // Everyone else is still served.
+    assert!(support::probe(addr, Duration::from_secs(2)).is_some());
+}

@@ -344,6 +344,11 @@ fn kill_9_of_the_node_serving_an_upload_finishes_through_its_peer() {
     );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let id = v["file_id"].as_str().unwrap();
+    // The kill cut requests in flight: they were retried (through the peer, the only node of
+    // the group left).
+    let report = &v["report"];
+    let redone = report["retries"].as_u64().unwrap() + report["blocks_resent"].as_u64().unwrap();
+    assert!(redone > 0, "the kill interrupted nothing: {report}");
     assert_eq!(stored_copies(&s.cluster.group_data(&group), &sha), 1);
     let back = s.path("big.out");
     let r = s.download(user, id, &back);

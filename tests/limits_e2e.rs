@@ -155,21 +155,42 @@ fn accept_survives_emfile_without_spinning() {
     );
 }
 
-/// Reads frames until one is an error; returns its code and text (None: closed or timed out
-/// without one).
-fn error_reply(s: &mut TcpStream, wait: Duration) -> Option<(proto::ErrorCode, String)> {
+/// The next reply on a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    Error(proto::ErrorCode, String),
+    /// Closed, or nothing within the wait.
+    Nothing,
+}
+
+fn answer(s: &mut TcpStream, wait: Duration) -> Answer {
     let _ = s.set_read_timeout(Some(wait));
     let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).ok()?;
-    let h = proto::Header::decode(&h);
-    let mut body = vec![0u8; usize::try_from(h.body_len).ok()?.min(2048)];
-    s.read_exact(&mut body).ok()?;
-    if h.status == proto::status::OK {
-        return None;
+    if s.read_exact(&mut h).is_err() {
+        return Answer::Nothing;
     }
-    proto::ErrorBody::decode(&body)
-        .ok()
-        .map(|e| (e.code, e.text))
+    let h = proto::Header::decode(&h);
+    let len = usize::try_from(h.body_len).unwrap_or(usize::MAX).min(2048);
+    let mut body = vec![0u8; len];
+    if s.read_exact(&mut body).is_err() {
+        return Answer::Nothing;
+    }
+    if h.status == proto::status::OK {
+        return Answer::Ok;
+    }
+    match proto::ErrorBody::decode(&body) {
+        Ok(e) => Answer::Error(e.code, e.text),
+        Err(_) => Answer::Nothing,
+    }
+}
+
+/// The error a connection is told (panics on anything else).
+fn error_reply(s: &mut TcpStream, wait: Duration) -> (proto::ErrorCode, String) {
+    match answer(s, wait) {
+        Answer::Error(c, t) => (c, t),
+        other => panic!("expected an error frame, got {other:?}"),
+    }
 }
 
 fn closed(s: &mut TcpStream) -> bool {
@@ -209,7 +230,7 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
     // 1. Connects and says nothing.
     let t = Instant::now();
     let mut silent = TcpStream::connect(addr).unwrap();
-    let e = error_reply(&mut silent, Duration::from_secs(5)).expect("told why");
+    let e = error_reply(&mut silent, Duration::from_secs(5));
     assert_eq!(e.0, proto::ErrorCode::Limit, "{e:?}");
     assert!(e.1.contains("first frame"), "{e:?}");
     assert!(closed(&mut silent));
@@ -222,9 +243,10 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
     // 2. Trickles a STAT header one byte at a time, each byte well within the idle timeout.
     let mut trickle = TcpStream::connect(addr).unwrap();
     trickle.write_all(&hello).unwrap();
-    assert!(
-        error_reply(&mut trickle, Duration::from_secs(5)).is_none(),
-        "HELLO accepted"
+    assert_eq!(
+        answer(&mut trickle, Duration::from_secs(5)),
+        Answer::Ok,
+        "HELLO"
     );
     let stat = proto::frame(proto::cmd::STAT, 0, &proto::encode_file_id("x").unwrap());
     let t = Instant::now();
@@ -239,9 +261,9 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
             break;
         }
     }
-    let e = error_reply(&mut trickle, Duration::from_secs(2));
+    let e = answer(&mut trickle, Duration::from_secs(2));
     assert!(
-        cut || e.as_ref().is_some_and(|e| e.1.contains("incomplete")),
+        cut || matches!(&e, Answer::Error(_, t) if t.contains("incomplete")),
         "a trickled header was still accepted after {:?}: {e:?}",
         t.elapsed()
     );
@@ -249,7 +271,11 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
     // 3. Starts a block upload, then lets its payload stall.
     let mut stall = TcpStream::connect(addr).unwrap();
     stall.write_all(&hello).unwrap();
-    assert!(error_reply(&mut stall, Duration::from_secs(5)).is_none());
+    assert_eq!(
+        answer(&mut stall, Duration::from_secs(5)),
+        Answer::Ok,
+        "HELLO"
+    );
     let data = vec![7u8; 300_000];
     let init = proto::UploadInit {
         size: data.len() as u64,
@@ -283,10 +309,84 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
     stall.write_all(&head).unwrap();
     stall.write_all(&block[..1000]).unwrap(); // then nothing more
     let t = Instant::now();
-    let e = error_reply(&mut stall, Duration::from_secs(5)).expect("told why");
+    let e = error_reply(&mut stall, Duration::from_secs(5));
     assert!(e.1.contains("stalled"), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(4));
 
     // Everyone else is still served.
     assert!(support::probe(addr, Duration::from_secs(2)).is_some());
+}
+
+#[test]
+fn a_proxy_caps_sessions_per_client_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv_addr = free_addr();
+    let mut cmd = Command::new(bin("ferry-server"));
+    cmd.arg("--listen")
+        .arg(srv_addr.to_string())
+        .arg("--data")
+        .arg(dir.path().join("data"));
+    let _srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
+    wait_ready(srv_addr, Duration::from_secs(15));
+    let addr = free_addr();
+    let conf = dir.path().join("proxy.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"{addr}\"\nupstreams = [\"{srv_addr}\"]\nmax_connections_per_ip = 2\n\
+             check_interval_ms = 200\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("ferry-proxy"));
+    cmd.arg("--config").arg(&conf);
+    let _proxy = Proc::spawn("ferry-proxy", &mut cmd, dir.path());
+    wait_ready(addr, Duration::from_secs(15));
+    let hello = proto::frame(
+        proto::cmd::HELLO,
+        0,
+        &proto::Hello::new("demo", "many", b"t").encode().unwrap(),
+    );
+    let session = || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&hello).unwrap();
+        let a = answer(&mut s, Duration::from_secs(5));
+        (s, a)
+    };
+    // Wait until the proxy has marked its upstream up, then hold two sessions.
+    let t = Instant::now();
+    let (a, b) = loop {
+        let (a, ea) = session();
+        if ea == Answer::Ok {
+            let (b, eb) = session();
+            assert_eq!(eb, Answer::Ok, "second session");
+            break (a, b);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "upstream never usable: {ea:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A third from the same address is refused with a reason.
+    let (_c, ec) = session();
+    assert!(
+        matches!(ec, Answer::Error(proto::ErrorCode::Limit, _)),
+        "third session: {ec:?}"
+    );
+    // One closes: room for another.
+    drop(a);
+    let t = Instant::now();
+    loop {
+        let (_d, ed) = session();
+        if ed == Answer::Ok {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "slot never freed: {ed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(b);
 }

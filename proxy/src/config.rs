@@ -43,6 +43,8 @@ pub struct Config {
     pub fall: u32,
     /// Most sessions at once; more are answered with error 17 (Limit) and closed.
     pub max_connections: usize,
+    /// Most sessions from one client IP address (0: no cap), refused the same way.
+    pub max_connections_per_ip: usize,
     /// Reactor worker threads; 0 = one per CPU.
     pub workers: usize,
     /// Relay with splice(2) through a pipe per direction; false = a userspace buffer.
@@ -70,6 +72,7 @@ impl Default for Config {
             rise: 2,
             fall: 2,
             max_connections: 4096,
+            max_connections_per_ip: 0,
             workers: 0,
             zero_copy: true,
             pipe_size: 256 * 1024,

@@ -45,6 +45,7 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
     let rcfg = reactor::Config {
         workers: cfg.worker_count(),
         max_connections: cfg.max_connections,
+        max_per_ip: cfg.max_connections_per_ip,
         idle_timeout: cfg.idle_timeout,
         shutdown_grace: cfg.shutdown_grace,
         handle_signals,

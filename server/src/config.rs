@@ -130,6 +130,9 @@ pub struct Config {
     pub small_file_max: u64,
     pub workers: usize,
     pub max_connections: usize,
+    /// Most connections from one IP address (0: no cap). The binary protocol's peers are
+    /// proxies, each carrying many clients; the HTTP gateway's are players.
+    pub max_connections_per_ip: usize,
     pub idle_timeout_ms: u64,
     /// A connection's first frame (HELLO, PROBE or a cluster command) must arrive this soon.
     pub hello_timeout_ms: u64,
@@ -164,6 +167,7 @@ impl Default for Config {
             small_file_max: 4 << 20,
             workers: 4,
             max_connections: 4096,
+            max_connections_per_ip: 1024,
             idle_timeout_ms: 120_000,
             hello_timeout_ms: 10_000,
             frame_timeout_ms: 30_000,

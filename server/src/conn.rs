@@ -404,10 +404,14 @@ impl ServerConn {
             (cmd::TRACKER_GROUPS, Some(t), _) => {
                 t.groups().and_then(|r| r.encode().map_err(internal))
             }
-            _ => Err(OpError::new(
-                ErrorCode::UnknownCommand,
-                format!("{} is not served here (role not enabled)", cmd::name(c)),
-            )),
+            // Like any command this server does not know: its own reply command.
+            _ => {
+                let e = OpError::new(
+                    ErrorCode::UnknownCommand,
+                    format!("{} is not served here (role not enabled)", cmd::name(c)),
+                );
+                return self.error(&e, c);
+            }
         };
         match r {
             Ok(body) => self.push_bytes(proto::frame(reply_cmd, status::OK, &body)),

@@ -9,7 +9,7 @@
 
 use crate::meta::MetaStore;
 use anyhow::Result;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use rand::RngExt;
 use std::sync::Arc;
 
@@ -18,12 +18,27 @@ pub trait IdAllocator: Send + Sync {
     fn next_id(&self) -> Result<u64>;
 }
 
-/// seed 004's id role: memory increments, DB steps.
+/// seed 004's id role: memory increments, DB steps. The next step is reserved ahead, once half
+/// of the current one is handed out, by the request that crosses that mark and without holding
+/// the lock; so the others keep taking ids from memory while the database works, and a stream
+/// of single ids rarely waits for a reservation.
 pub struct StepAllocator {
     meta: Arc<dyn MetaStore>,
     key: String,
     step: u64,
-    range: Mutex<(u64, u64)>,
+    state: Mutex<Steps>,
+    /// Signalled when a reservation ends (ok or not).
+    reserved: Condvar,
+}
+
+#[derive(Default)]
+struct Steps {
+    /// Ids `cur.0 .. cur.1` are free to hand out.
+    cur: (u64, u64),
+    /// The step reserved ahead.
+    next: Option<(u64, u64)>,
+    /// A reservation is running (by some caller, outside the lock).
+    reserving: bool,
 }
 
 impl StepAllocator {
@@ -32,39 +47,67 @@ impl StepAllocator {
             meta,
             key: key.into(),
             step: step.max(1),
-            range: Mutex::new((0, 0)),
+            state: Mutex::new(Steps::default()),
+            reserved: Condvar::new(),
         }
     }
-}
 
-impl StepAllocator {
+    /// Reserves `n` ids with the lock released; marks the reservation running meanwhile.
+    fn reserve(&self, st: &mut MutexGuard<'_, Steps>, n: u64) -> Result<(u64, u64)> {
+        st.reserving = true;
+        let r = MutexGuard::unlocked(st, || self.meta.reserve_ids(&self.key, n));
+        st.reserving = false;
+        self.reserved.notify_all();
+        let start = r?;
+        Ok((start, start + n))
+    }
+
     /// `count` consecutive ids; returns the first. When the current step has fewer left, its
-    /// rest is skipped and a new step of at least `count` ids is reserved (ids stay unique and
-    /// increasing; skipped ones are never handed out, like the rest of a step at a restart).
+    /// rest is skipped for the step reserved ahead (or a new step of at least `count` ids): ids
+    /// stay unique and increasing; skipped ones are never handed out, like the rest of a step at
+    /// a restart.
     pub fn next_ids(&self, count: u64) -> Result<u64> {
         let count = count.max(1);
-        let mut r = self.range.lock();
-        if r.1 - r.0 < count {
-            let n = self.step.max(count);
-            let start = self.meta.reserve_ids(&self.key, n)?;
-            *r = (start, start + n);
+        let mut st = self.state.lock();
+        loop {
+            if st.cur.1 - st.cur.0 >= count {
+                break;
+            }
+            if let Some(n) = st.next.take()
+                && n.1 - n.0 >= count
+            {
+                st.cur = n;
+                continue;
+            }
+            if st.reserving {
+                self.reserved.wait(&mut st);
+                continue;
+            }
+            let r = self.reserve(&mut st, self.step.max(count))?;
+            // Another caller may have moved on meanwhile; keep the range for whoever needs it.
+            if st.cur.1 - st.cur.0 < count {
+                st.cur = r;
+            } else if st.next.is_none() {
+                st.next = Some(r);
+            }
         }
-        let first = r.0;
-        r.0 += count;
+        let first = st.cur.0;
+        st.cur.0 += count;
+        if st.cur.1 - st.cur.0 < self.step / 2 && st.next.is_none() && !st.reserving {
+            match self.reserve(&mut st, self.step) {
+                Ok(r) if st.next.is_none() => st.next = Some(r),
+                Ok(_) => {}
+                // Not this caller's problem: its ids are taken; the next one tries again.
+                Err(e) => log::debug!("reserving ids ahead for {} failed: {e:#}", self.key),
+            }
+        }
         Ok(first)
     }
 }
 
 impl IdAllocator for StepAllocator {
     fn next_id(&self) -> Result<u64> {
-        let mut r = self.range.lock();
-        if r.0 >= r.1 {
-            let start = self.meta.reserve_ids(&self.key, self.step)?;
-            *r = (start, start + self.step);
-        }
-        let id = r.0;
-        r.0 += 1;
-        Ok(id)
+        self.next_ids(1)
     }
 }
 
@@ -101,6 +144,34 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_batches_with_reservations_ahead_never_overlap() {
+        let meta: Arc<dyn MetaStore> = Arc::new(SqliteStore::memory().unwrap());
+        let a = StepAllocator::new(meta, "k", 10);
+        let mut ranges: Vec<(u64, u64)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let a = &a;
+                    s.spawn(move || {
+                        (0..500u64)
+                            .map(|i| {
+                                let n = 1 + (i * 7 + t) % 13;
+                                let first = a.next_ids(n).unwrap();
+                                (first, first + n)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        ranges.sort();
+        assert_eq!(ranges.len(), 4000);
+        for w in ranges.windows(2) {
+            assert!(w[0].1 <= w[1].0, "{:?} overlaps {:?}", w[0], w[1]);
+        }
+    }
+
+    #[test]
     fn ids_are_unique_across_restarts_and_unguessable() {
         let meta: Arc<dyn MetaStore> = Arc::new(SqliteStore::memory().unwrap());
         let a = StepAllocator::new(meta.clone(), "data", 3);
@@ -109,12 +180,45 @@ mod tests {
         // A "restart": a new allocator over the same DB starts after the reserved range.
         let b = StepAllocator::new(meta, "data", 3);
         assert_eq!(b.next_id().unwrap(), 7);
-        // Batches are consecutive and skip to a new step when the current one is too short.
+        // Batches are consecutive; a step emptied below half has the next one reserved ahead
+        // (10..13), which a batch too big for it skips for a step of its own size (13..18).
         assert_eq!(b.next_ids(2).unwrap(), 8);
-        assert_eq!(b.next_ids(5).unwrap(), 10);
-        assert_eq!(b.next_ids(1).unwrap(), 15);
+        assert_eq!(b.next_ids(5).unwrap(), 13);
+        assert_eq!(b.next_ids(1).unwrap(), 18);
         let (x, y) = (file_id(1), file_id(1));
         assert_ne!(x, y);
         assert!(x.starts_with("0000000000000001-") && x.len() == 33);
+    }
+
+    /// Two nodes (two pools on one PostgreSQL database), many threads each: every id is
+    /// handed out once. Small steps make the nodes race for the id row all the time.
+    #[test]
+    fn two_nodes_on_one_database_never_share_an_id() {
+        let Some(db) =
+            crate::meta::pg::testdb::create("two_nodes_on_one_database_never_share_an_id")
+        else {
+            return;
+        };
+        const THREADS: usize = 8;
+        const EACH: usize = 250;
+        let nodes: Vec<Arc<StepAllocator>> = (0..2)
+            .map(|_| {
+                let meta: Arc<dyn MetaStore> = Arc::new(db.store());
+                Arc::new(StepAllocator::new(meta, "data", 7))
+            })
+            .collect();
+        let ids: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let a = nodes[t % 2].clone();
+                    s.spawn(move || (0..EACH).map(|_| a.next_id().unwrap()).collect::<Vec<_>>())
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let unique: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        assert_eq!(ids.len(), THREADS * EACH);
+        assert_eq!(unique.len(), ids.len(), "an id was handed out twice");
+        assert!(ids.iter().all(|&i| i >= 1));
     }
 }

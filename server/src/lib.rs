@@ -43,6 +43,7 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     let rcfg = reactor::Config {
         workers: cfg.workers,
         max_connections: cfg.max_connections,
+        max_per_ip: cfg.max_connections_per_ip,
         idle_timeout: cfg.idle_timeout(),
         shutdown_grace: cfg.shutdown_grace(),
         handle_signals: true,

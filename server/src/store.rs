@@ -9,8 +9,8 @@
 use crate::config::Config;
 use crate::ids::{IdAllocator, StepAllocator, file_id, file_path};
 use crate::meta::{
-    Challenge, FILE_COMMITTING, FILE_DELETING, FileRec, MetaStore, SessionRec, Sha256 as Digest32,
-    SqliteStore, UploadId, now_ms, now_secs,
+    Challenge, Claim, FILE_COMMITTING, FILE_DELETING, FileRec, MetaStore, SessionRec,
+    Sha256 as Digest32, UploadId, now_ms, now_secs,
 };
 use ferry_common::proto::{
     BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorCode, UploadInit, UploadInitReply,
@@ -92,6 +92,10 @@ struct SessionState {
     /// real idleness, so a wall-clock jump neither kills a live session nor keeps a dead one.
     /// The database keeps a wall-clock expiry too, only for sessions found at start-up.
     active: Instant,
+    /// The expiry in the session's DB row as this node last wrote or read it. Every node writes
+    /// a new one on activity, so a different value in the DB means a peer saw activity: a
+    /// comparison for equality, which no clock jump can fool.
+    db_expires: u64,
     challenge: Option<Challenge>,
 }
 
@@ -179,11 +183,59 @@ pub struct Storage {
     /// Bytes of payload written so far, for the test-only write fault (config `faults`).
     written: AtomicU64,
     pub downloads_over: AtomicU64,
-    /// Held for the life of the process: a second server on this data dir fails to start.
-    _lock: File,
+    /// This node's name among the peers sharing the data dir; empty for a standalone server.
+    node: String,
+    /// This node's temp dir relative to the data dir: `tmp` standalone, `tmp/<node>` on a node.
+    tmp_rel: String,
+    /// Held for the life of the process: standalone, `LOCK` exclusively (nothing else may use
+    /// the data dir); a node, `LOCK` shared plus `nodes/<node>.lock` exclusively (peers yes,
+    /// a standalone server or a second process with the same node name no).
+    _locks: Vec<File>,
 }
 
 const TMP: &str = "tmp";
+/// Per-node lock files of the nodes sharing a data dir.
+const NODES: &str = "nodes";
+
+/// Opens (creating) a lock file.
+fn open_lock(path: &Path) -> anyhow::Result<File> {
+    use anyhow::Context;
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Node names become file names (lock file, temp dir): short, no path characters.
+fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n != "."
+        && n != ".."
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+/// This server's node name: `[cluster] node_name`, else its advertise (or listen) address;
+/// "" for a standalone server.
+fn node_name(cfg: &Config) -> anyhow::Result<String> {
+    let Some(c) = &cfg.cluster else {
+        return Ok(String::new());
+    };
+    let name = match &c.node_name {
+        Some(n) => n.clone(),
+        None => c.advertise.unwrap_or(cfg.listen).to_string(),
+    };
+    if !valid_node_name(&name) {
+        anyhow::bail!(
+            "[cluster] node_name {name:?}: use 1-64 letters, digits, '.', '_', '-' or ':'"
+        );
+    }
+    Ok(name)
+}
 const HASH_CHUNK: usize = 1 << 20;
 
 /// A session found at start-up was last active `ttl - (expires_ms - now_ms)` ago by the wall
@@ -216,30 +268,63 @@ fn random_hex() -> String {
 impl Storage {
     /// Opens (creating if needed) the data dir, locks it, opens the metadata DB and recovers from
     /// whatever a crash left behind: committing files are finished or dropped, sessions whose
-    /// temp file is gone or which expired are removed, stray temp files are deleted.
+    /// temp file is gone or which expired are removed, stray temp files are deleted. A node of
+    /// a group (`[cluster]`) touches only what it owns or what a dead peer left (see
+    /// [`Storage::recover`]).
     pub fn open(cfg: Config) -> anyhow::Result<Storage> {
         use anyhow::Context;
         let root = cfg.data.clone();
-        fs::create_dir_all(root.join(TMP))
+        let node = node_name(&cfg)?;
+        let tmp_rel = if node.is_empty() {
+            TMP.to_string()
+        } else {
+            format!("{TMP}/{node}")
+        };
+        fs::create_dir_all(root.join(&tmp_rel))
             .with_context(|| format!("cannot create data dir {}", root.display()))?;
         fs::create_dir_all(root.join("data"))?;
+        fs::create_dir_all(root.join(NODES))?;
         let lock_path = root.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        lock.try_lock().map_err(|_| {
-            anyhow::anyhow!(
-                "data dir {} is in use by another ferry-server (lock {})",
-                root.display(),
-                lock_path.display()
-            )
-        })?;
-        let meta: Arc<dyn MetaStore> = Arc::new(SqliteStore::open(&root.join("meta.db"))?);
+        let lock = open_lock(&lock_path)?;
+        let mut locks = Vec::new();
+        if node.is_empty() {
+            lock.try_lock().map_err(|_| {
+                anyhow::anyhow!(
+                    "data dir {} is in use by another ferry-server (lock {})",
+                    root.display(),
+                    lock_path.display()
+                )
+            })?;
+            locks.push(lock);
+        } else {
+            lock.try_lock_shared().map_err(|_| {
+                anyhow::anyhow!(
+                    "data dir {} is in use by a standalone ferry-server (lock {})",
+                    root.display(),
+                    lock_path.display()
+                )
+            })?;
+            locks.push(lock);
+            let node_lock_path = root.join(NODES).join(format!("{node}.lock"));
+            let node_lock = open_lock(&node_lock_path)?;
+            node_lock.try_lock().map_err(|_| {
+                anyhow::anyhow!(
+                    "node {node} is already running on data dir {} (lock {})",
+                    root.display(),
+                    node_lock_path.display()
+                )
+            })?;
+            locks.push(node_lock);
+        }
+        let meta = crate::meta::open(cfg.meta_url.as_deref(), &root)?;
         let ids: Arc<dyn IdAllocator> =
             Arc::new(StepAllocator::new(meta.clone(), "data", cfg.id_step));
+        if !node.is_empty() {
+            info!(
+                "storage node {node} on shared data dir {} (temp files in {tmp_rel})",
+                root.display()
+            );
+        }
         let st = Storage {
             cfg,
             root,
@@ -249,10 +334,37 @@ impl Storage {
             small_keys: KeyClaims::default(),
             written: AtomicU64::new(0),
             downloads_over: AtomicU64::new(0),
-            _lock: lock,
+            node,
+            tmp_rel,
+            _locks: locks,
         };
         st.recover()?;
         Ok(st)
+    }
+
+    /// This node's name ("" standalone).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the process that wrote records as `node` may still be running. Standalone, no
+    /// other writer can be (the exclusive `LOCK`). On a node: the records of a standalone
+    /// server ("") are abandoned (it cannot run beside us), and a peer is alive exactly while
+    /// it holds `nodes/<peer>.lock`: the kernel drops that lock when the process dies, however
+    /// it dies, so a free lock proves the peer gone.
+    fn peer_alive(&self, peer: &str) -> bool {
+        if peer == self.node {
+            return true;
+        }
+        if self.node.is_empty() || peer.is_empty() || !valid_node_name(peer) {
+            return false;
+        }
+        let path = self.root.join(NODES).join(format!("{peer}.lock"));
+        let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) else {
+            return false; // never started here
+        };
+        // Dropping `f` releases the probe lock at once.
+        f.try_lock().is_err()
     }
 
     pub fn root(&self) -> &Path {
@@ -264,6 +376,15 @@ impl Storage {
         self.meta.clone()
     }
 
+    /// Start-up clean-up. What each step may touch, so that a live peer's work survives:
+    /// - deletions cut short (`deleting` rows): any; finishing one is idempotent (unlink, drop).
+    /// - `committing` rows: this node's, or a dead peer's ([`Storage::peer_alive`]); a live
+    ///   peer may be between its insert and its rename.
+    /// - sessions: expired ones (the expiry in the DB is refreshed by whichever node sees
+    ///   activity, and the delete is conditional on it), and ones whose temp file is gone
+    ///   (temp files are created before their session row and removed only when the session
+    ///   ends). Every other session is kept and loaded, whoever started it.
+    /// - stray temp files (no session row): in this node's temp dir, and in dead peers' dirs.
     fn recover(&self) -> anyhow::Result<()> {
         for f in self.meta.files_with_status(FILE_DELETING)? {
             // A deletion cut short between marking the record and dropping it.
@@ -278,6 +399,13 @@ impl Storage {
             self.meta.drop_file(&f.id)?;
         }
         for f in self.meta.files_with_status(FILE_COMMITTING)? {
+            if f.node != self.node && self.peer_alive(&f.node) {
+                debug!(
+                    "recovery: file {} is being committed by live node {}",
+                    f.id, f.node
+                );
+                continue;
+            }
             if self.root.join(&f.path).exists() {
                 // Content was verified before the rename; only the final commit was lost.
                 info!("recovery: finishing commit of file {} ({})", f.id, f.path);
@@ -290,58 +418,129 @@ impl Storage {
         }
         let now = now_ms();
         let mut keep = HashSet::new();
-        let mut map = self.sessions.lock();
         for rec in self.meta.sessions()? {
             let path = self.root.join(&rec.temp_path);
             let hex_id = hex::encode(rec.id);
-            if rec.expires_ms <= now || !path.exists() {
-                info!("recovery: removing upload session {hex_id} (expired or temp file gone)");
+            if rec.expires_ms <= now {
+                if self.meta.expire_session(&rec.id, rec.expires_ms)? {
+                    info!("recovery: removed expired upload session {hex_id}");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            } else if !path.exists() {
+                info!("recovery: removing upload session {hex_id} (temp file gone)");
                 self.meta.delete_session(&rec.id)?;
-                let _ = fs::remove_file(&path);
                 continue;
             }
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let mut stored = Breakpoint::new(rec.blocks);
-            let mut crcs = vec![0; rec.blocks as usize];
-            for (i, crc) in self.meta.session_blocks(&rec.id)? {
-                if i < rec.blocks {
-                    stored.set(i);
-                    crcs[i as usize] = crc;
+            keep.insert(path);
+            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
+            match self.load_session(rec, active) {
+                Ok(s) => {
+                    let st = s.state.lock();
+                    info!(
+                        "recovery: upload session {hex_id} resumes with {}/{} blocks",
+                        st.stored.count(),
+                        s.rec.blocks
+                    );
+                }
+                Err(e) => warn!("recovery: upload session {hex_id} not loaded: {e:#}"),
+            }
+        }
+        let mut dirs = vec![self.root.join(&self.tmp_rel)];
+        if !self.node.is_empty() {
+            for entry in fs::read_dir(self.root.join(TMP))? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir() && name != self.node && !self.peer_alive(&name) {
+                    dirs.push(entry.path());
                 }
             }
-            info!(
-                "recovery: upload session {hex_id} resumes with {}/{} blocks",
-                stored.count(),
-                rec.blocks
-            );
-            keep.insert(path);
-            let state = SessionState {
-                stored,
-                crcs,
-                writing: HashSet::new(),
-                finishing: false,
-                gone: false,
-                active: active_at_start(rec.expires_ms, now, self.cfg.session_ttl()),
-                challenge: rec.challenge.clone(),
-            };
-            map.insert(
-                rec.id,
-                Arc::new(Session {
-                    rec,
-                    file,
-                    state: Mutex::new(state),
-                    hash: Mutex::default(),
-                }),
-            );
         }
-        drop(map);
-        for entry in fs::read_dir(self.root.join(TMP))? {
-            let path = entry?.path();
-            if !keep.contains(&path) {
-                info!("recovery: removing stray temp file {}", path.display());
-                let _ = fs::remove_file(&path);
+        for dir in dirs {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_file() && !keep.contains(&path) {
+                    info!("recovery: removing stray temp file {}", path.display());
+                    let _ = fs::remove_file(&path);
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Puts a session from the DB into memory (a restart, or a peer started it): its temp file
+    /// opened, its acknowledged blocks from the DB, last `active` then. A session already in
+    /// memory wins.
+    fn load_session(&self, rec: SessionRec, active: Instant) -> anyhow::Result<Arc<Session>> {
+        use anyhow::Context;
+        let path = self.root.join(&rec.temp_path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open temp file {}", path.display()))?;
+        let (stored, crcs) = self.acknowledged(&rec)?;
+        let state = SessionState {
+            stored,
+            crcs,
+            writing: HashSet::new(),
+            finishing: false,
+            gone: false,
+            active,
+            db_expires: rec.expires_ms,
+            challenge: rec.challenge.clone(),
+        };
+        let id = rec.id;
+        let s = Arc::new(Session {
+            rec,
+            file,
+            state: Mutex::new(state),
+            hash: Mutex::default(),
+        });
+        Ok(self.sessions.lock().entry(id).or_insert(s).clone())
+    }
+
+    /// The acknowledged blocks of a session as the DB has them (every node records there).
+    fn acknowledged(&self, rec: &SessionRec) -> anyhow::Result<(Breakpoint, Vec<u32>)> {
+        let mut stored = Breakpoint::new(rec.blocks);
+        let mut crcs = vec![0; rec.blocks as usize];
+        for (i, crc) in self.meta.session_blocks(&rec.id)? {
+            if i < rec.blocks {
+                stored.set(i);
+                crcs[i as usize] = crc;
+            }
+        }
+        Ok((stored, crcs))
+    }
+
+    /// Brings a session's acknowledged blocks, expiry and challenge up to the DB's before an
+    /// answer that depends on them (QUERY, OVER): a peer may have stored blocks of it. A
+    /// session the DB no longer has ended elsewhere (finished or expired) and is forgotten.
+    fn refresh(&self, s: &Arc<Session>) -> OpResult<()> {
+        let rec = self
+            .meta
+            .session(&s.rec.id)
+            .map_err(|e| db_err(e, "session lookup"))?;
+        let Some(rec) = rec else {
+            self.forget(&s.rec.id);
+            return Err(OpError::new(
+                ErrorCode::UnknownUpload,
+                "upload session ended",
+            ));
+        };
+        let (stored, crcs) = self
+            .acknowledged(&rec)
+            .map_err(|e| db_err(e, "block lookup"))?;
+        let mut st = s.state.lock();
+        st.stored = stored;
+        st.crcs = crcs;
+        if st.db_expires != rec.expires_ms {
+            // A peer recorded activity since this node last looked.
+            st.active = Instant::now();
+            st.db_expires = rec.expires_ms;
+        }
+        st.challenge = rec.challenge;
         Ok(())
     }
 
@@ -372,8 +571,28 @@ impl Storage {
         f.write_all_at(data, off)
     }
 
+    /// The session `id` of `who`: from memory, else from the DB (a peer started it, or it was
+    /// reaped from memory here while a peer kept it alive).
     fn session(&self, who: &Who, id: &UploadId) -> OpResult<Arc<Session>> {
-        let s = self.sessions.lock().get(id).cloned();
+        let mut s = self.sessions.lock().get(id).cloned();
+        if s.is_none() {
+            let rec = self
+                .meta
+                .session(id)
+                .map_err(|e| db_err(e, "session lookup"))?;
+            if let Some(rec) = rec.filter(|r| r.app == who.app && r.user == who.user) {
+                match self.load_session(rec, Instant::now()) {
+                    Ok(loaded) => {
+                        info!(
+                            "upload session {} loaded from the metadata DB",
+                            hex::encode(id)
+                        );
+                        s = Some(loaded);
+                    }
+                    Err(e) => warn!("upload session {}: {e:#}", hex::encode(id)),
+                }
+            }
+        }
         match s {
             Some(s) if s.rec.app == who.app && s.rec.user == who.user => Ok(s),
             _ => Err(OpError::new(
@@ -428,7 +647,7 @@ impl Storage {
         }
         self.phase("file-renamed", &rec.id);
         let synced = fsync_dir(dst.parent().unwrap_or(&self.root))
-            .and_then(|_| fsync_dir(&self.root.join(TMP)));
+            .and_then(|_| fsync_dir(&self.root.join(&self.tmp_rel)));
         if let Err(e) = synced {
             // The rename may or may not be durable; the committing row lets start-up decide.
             return Err(io_err(&e, "cannot sync the data directory"));
@@ -454,17 +673,7 @@ impl Storage {
                 ),
             ));
         }
-        let key = (who.app.clone(), who.user.clone(), meta.key);
-        if !self.small_keys.lock().insert(key.clone()) {
-            return Err(OpError::new(
-                ErrorCode::Busy,
-                "an upload with this key is in progress",
-            ));
-        }
-        let claim = KeyClaim {
-            set: self.small_keys.clone(),
-            key,
-        };
+        let claim = self.claim_key(who, &meta.key)?;
         // Checked while holding the claim, so a copy committing right now cannot slip past.
         let done = self
             .meta
@@ -476,7 +685,7 @@ impl Storage {
         }
         let tmp = self
             .root
-            .join(TMP)
+            .join(&self.tmp_rel)
             .join(format!("small-{}.part", random_hex()));
         let file = OpenOptions::new()
             .create_new(true)
@@ -501,6 +710,46 @@ impl Storage {
         })))
     }
 
+    /// Claims a small upload's key: in memory against this node's other connections, in the
+    /// DB against peers (whose claim is taken over only once they are proved dead).
+    fn claim_key(&self, who: &Who, key: &UploadId) -> OpResult<KeyClaim> {
+        let busy = || OpError::new(ErrorCode::Busy, "an upload with this key is in progress");
+        let k = (who.app.clone(), who.user.clone(), *key);
+        if !self.small_keys.lock().insert(k.clone()) {
+            return Err(busy());
+        }
+        // From here on, dropping `claim` releases both claims.
+        let claim = KeyClaim {
+            set: self.small_keys.clone(),
+            key: k,
+            meta: self.meta.clone(),
+            node: self.node.clone(),
+        };
+        let held = self
+            .meta
+            .claim_key(&who.app, &who.user, key, &self.node)
+            .map_err(|e| db_err(e, "upload key claim"))?;
+        match held {
+            Claim::Mine => Ok(claim),
+            Claim::Held(peer) if self.peer_alive(&peer) => {
+                debug!("upload key held by live node {peer}");
+                Err(busy())
+            }
+            Claim::Held(peer) => {
+                let taken = self
+                    .meta
+                    .take_claim(&who.app, &who.user, key, &peer, &self.node)
+                    .map_err(|e| db_err(e, "upload key claim"))?;
+                if taken {
+                    info!("took over an upload key claim of dead node {peer:?}");
+                    Ok(claim)
+                } else {
+                    Err(busy())
+                }
+            }
+        }
+    }
+
     // ---- big files ----
 
     pub fn init(&self, who: &Who, init: &UploadInit) -> OpResult<UploadInitReply> {
@@ -519,7 +768,10 @@ impl Storage {
             let mut st = s.state.lock();
             if !st.gone && !st.finishing && !self.idle_out(&st) {
                 st.active = Instant::now();
-                let _ = self.meta.touch_session(&s.rec.id, self.expiry());
+                let expires = self.expiry();
+                if self.meta.touch_session(&s.rec.id, expires).is_ok() {
+                    st.db_expires = expires;
+                }
                 debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
                 return Ok(UploadInitReply {
                     upload_id: s.rec.id,
@@ -536,7 +788,7 @@ impl Storage {
             ));
         }
         let id: UploadId = rand::rng().random();
-        let temp_rel = format!("{TMP}/{}.part", hex::encode(id));
+        let temp_rel = format!("{}/{}.part", self.tmp_rel, hex::encode(id));
         let temp = self.root.join(&temp_rel);
         let file = OpenOptions::new()
             .create_new(true)
@@ -609,6 +861,7 @@ impl Storage {
             finishing: false,
             gone: false,
             active: Instant::now(),
+            db_expires: rec.expires_ms,
             challenge,
         };
         map.insert(
@@ -625,6 +878,7 @@ impl Storage {
 
     pub fn query(&self, who: &Who, id: &UploadId) -> OpResult<Breakpoint> {
         let s = self.session(who, id)?;
+        self.refresh(&s)?;
         let st = s.state.lock();
         if st.gone {
             return Err(OpError::new(
@@ -713,6 +967,13 @@ impl Storage {
             Ok(s) => s,
             Err(e) => return self.already_finished(who, id, e),
         };
+        match self.refresh(&s) {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::UnknownUpload => {
+                return self.already_finished(who, id, e);
+            }
+            Err(e) => return Err(e),
+        }
         {
             let mut st = s.state.lock();
             if st.gone {
@@ -812,6 +1073,7 @@ impl Storage {
             block_size: r.block_size,
             crcs: s.state.lock().crcs.clone(),
             created: now_secs(),
+            node: self.node.clone(),
         };
         self.commit_new_file(&rec, &self.root.join(&r.temp_path), false, Some(&r.id))?;
         self.forget(&r.id);
@@ -910,6 +1172,7 @@ impl Storage {
                 block_size: src.block_size,
                 crcs: src.crcs.clone(),
                 created: now_secs(),
+                node: self.node.clone(),
             };
             // The temp file goes first: if we crash after the commit below, start-up sees a
             // session without its temp file and removes it.
@@ -1047,11 +1310,48 @@ impl Storage {
         let mut n = 0;
         for s in candidates {
             {
-                let mut st = s.state.lock();
+                let st = s.state.lock();
                 if !self.idle_out(&st) || st.finishing || !st.writing.is_empty() || st.gone {
                     continue;
                 }
+            }
+            // Idle here; a peer may have kept it alive (or ended it) through the DB.
+            let seen = match self.meta.session(&s.rec.id) {
+                Ok(Some(rec)) => rec.expires_ms,
+                Ok(None) => {
+                    debug!("upload session {} ended elsewhere", hex::encode(s.rec.id));
+                    self.forget(&s.rec.id);
+                    continue;
+                }
+                Err(e) => {
+                    warn!("cannot look up session {}: {e:#}", hex::encode(s.rec.id));
+                    continue;
+                }
+            };
+            {
+                let mut st = s.state.lock();
+                if st.db_expires != seen {
+                    st.active = Instant::now();
+                    st.db_expires = seen;
+                    continue;
+                }
+                if st.finishing || !st.writing.is_empty() || st.gone {
+                    continue;
+                }
+                // Late writers here must not record blocks of a session being removed.
                 st.gone = true;
+            }
+            // Deleted only if no node recorded activity since `seen`.
+            let removed = match self.meta.expire_session(&s.rec.id, seen) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("cannot expire session {}: {e:#}", hex::encode(s.rec.id));
+                    false
+                }
+            };
+            if !removed {
+                s.state.lock().gone = false;
+                continue;
             }
             info!(
                 "upload session {} expired ({} of {} blocks stored); removing it and its temp file",
@@ -1059,10 +1359,43 @@ impl Storage {
                 s.state.lock().stored.count(),
                 s.rec.blocks
             );
-            self.discard(&s);
+            self.forget(&s.rec.id);
+            let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
             n += 1;
         }
+        self.adopt_orphans(now);
         n
+    }
+
+    /// Sessions in the DB that no running node holds (their node died and did not come back)
+    /// are taken into memory once their wall-clock expiry has passed, already idle, so the next
+    /// reap removes them like any other. A live peer's session is not touched: its node keeps
+    /// the expiry in the future while the session is in use.
+    fn adopt_orphans(&self, now: u64) {
+        let all = match self.meta.sessions() {
+            Ok(all) => all,
+            Err(e) => {
+                warn!("cannot list upload sessions: {e:#}");
+                return;
+            }
+        };
+        for rec in all {
+            if rec.expires_ms > now || self.sessions.lock().contains_key(&rec.id) {
+                continue;
+            }
+            let hex_id = hex::encode(rec.id);
+            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
+            match self.load_session(rec.clone(), active) {
+                Ok(_) => debug!("adopted expired upload session {hex_id} of a departed node"),
+                Err(e) => {
+                    // Its temp file is gone: nothing to resume.
+                    debug!("upload session {hex_id}: {e:#}; removing it");
+                    if let Err(e) = self.meta.expire_session(&rec.id, rec.expires_ms) {
+                        warn!("cannot expire session {hex_id}: {e:#}");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1233,6 +1566,7 @@ impl Storage {
             state.crcs[w.idx as usize] = w.crc;
             state.writing.remove(&w.idx);
             state.active = Instant::now();
+            state.db_expires = expires;
             w.done = true;
             debug!(
                 "upload {} block {} stored",
@@ -1285,10 +1619,18 @@ type KeyClaims = Arc<Mutex<HashSet<(String, String, UploadId)>>>;
 pub struct KeyClaim {
     set: KeyClaims,
     key: (String, String, UploadId),
+    meta: Arc<dyn MetaStore>,
+    node: String,
 }
 
 impl Drop for KeyClaim {
     fn drop(&mut self) {
+        let (app, user, key) = &self.key;
+        // The DB claim goes first, so that while the memory claim stands nobody here re-claims.
+        if let Err(e) = self.meta.release_claim(app, user, key, &self.node) {
+            // Left behind, it is taken over once this node is restarted or proved dead.
+            warn!("cannot release the upload key claim of app {app} user {user}: {e:#}");
+        }
         self.set.lock().remove(&self.key);
     }
 }
@@ -1375,6 +1717,7 @@ impl SmallWriter {
             block_size: self.block_size,
             crcs: std::mem::take(&mut self.crcs),
             created: now_secs(),
+            node: st.node.clone(),
         };
         st.commit_new_file(&rec, &self.tmp, false, Some(&self.meta.key))?;
         self.done = true;
@@ -1420,6 +1763,7 @@ mod tests {
             block_size: 65536,
             crcs: vec![crc32c::crc32c(b"abc")],
             created: 0,
+            node: String::new(),
         }
     }
 
@@ -1488,6 +1832,206 @@ mod tests {
             )
             .unwrap();
         assert!(dl.zero_copy && dl.len == 3 && dl.crc == crc32c::crc32c(b"abc"));
+    }
+
+    fn open_node(dir: &Path, name: &str) -> anyhow::Result<Storage> {
+        Storage::open(Config {
+            data: dir.to_path_buf(),
+            cluster: Some(crate::config::ClusterConfig {
+                group: "g1".into(),
+                trackers: vec!["127.0.0.1:9".parse().unwrap()],
+                advertise: None,
+                node_name: Some(name.into()),
+            }),
+            session_ttl_secs: 60,
+            ..Config::default()
+        })
+    }
+
+    fn who() -> Who {
+        Who {
+            app: "a".into(),
+            user: "u".into(),
+        }
+    }
+
+    /// Stores block `idx` (all bytes `fill`) of a 2-block, 64 KiB-block session.
+    fn store_block(st: &Storage, id: &UploadId, idx: u32, fill: u8) {
+        let data = vec![fill; 65536];
+        let m = BlockMeta {
+            upload_id: *id,
+            index: idx,
+            offset: u64::from(idx) * 65536,
+            len: 65536,
+            crc32c: crc32c::crc32c(&data),
+        };
+        let BlockStart::Write(mut w) = st.block_begin(&who(), &m).unwrap() else {
+            panic!("block {idx} is new");
+        };
+        w.write(st, &data);
+        let r = st.persist_blocks(vec![w.verify().unwrap()]);
+        assert_eq!(r, vec![Ok(BlockAck::Written)]);
+    }
+
+    #[test]
+    fn nodes_share_a_data_dir_and_lock_out_a_standalone_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let _b = open_node(dir.path(), "b").unwrap();
+        let twin = open_node(dir.path(), "a").err().unwrap();
+        assert!(twin.to_string().contains("already running"), "{twin}");
+        let alone = Storage::open(Config {
+            data: dir.path().to_path_buf(),
+            ..Config::default()
+        });
+        assert!(alone.err().unwrap().to_string().contains("in use"));
+        assert!(
+            open_node(dir.path(), "../x").is_err(),
+            "names are file names"
+        );
+        assert!(a.peer_alive("b") && !a.peer_alive("c") && !a.peer_alive(""));
+    }
+
+    /// A session begun on node A is resumed and finished through node B; B's blocks show in
+    /// A's QUERY; B's start-up leaves A's temp file and committing row alone while A lives, and
+    /// a later node cleans up after A once it is dead.
+    #[test]
+    fn a_peer_resumes_a_session_and_recovery_spares_live_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let data: Vec<u8> = [vec![1u8; 65536], vec![2u8; 65536]].concat();
+        let init = UploadInit {
+            size: data.len() as u64,
+            block_size: 65536,
+            sha256: Sha256::digest(&data).into(),
+            name: "f".into(),
+        };
+        let id = a.init(&who(), &init).unwrap().upload_id;
+        store_block(&a, &id, 0, 1);
+        // A's work in flight: a small upload's temp file and a committing row.
+        fs::write(dir.path().join("tmp/a/small-x.part"), b"x").unwrap();
+        let mut committing = rec("a-committing", 950, &file_path(950, 1));
+        committing.node = "a".into();
+        a.meta.insert_file(&committing, None).unwrap();
+
+        let b = open_node(dir.path(), "b").unwrap();
+        assert!(dir.path().join("tmp/a/small-x.part").exists());
+        assert_eq!(a.meta.files_with_status(FILE_COMMITTING).unwrap().len(), 1);
+        assert_eq!(b.query(&who(), &id).unwrap().count(), 1);
+        store_block(&b, &id, 1, 2);
+        assert_eq!(a.query(&who(), &id).unwrap().count(), 2, "A sees B's block");
+        let fid = b.over(&who(), &id).unwrap();
+        // A's stale session answers a repeated OVER with the file B made.
+        assert_eq!(a.over(&who(), &id).unwrap(), fid);
+        assert_eq!(a.stat(&who(), &fid).unwrap().size, 2 * 65536);
+
+        drop(a); // A dies: its lock is free
+        let c = open_node(dir.path(), "c").unwrap();
+        assert!(!dir.path().join("tmp/a/small-x.part").exists());
+        assert!(
+            c.meta
+                .files_with_status(FILE_COMMITTING)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(c.stat(&who(), &fid).unwrap().size, 2 * 65536);
+    }
+
+    #[test]
+    fn a_small_upload_key_is_written_by_one_node_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let b = open_node(dir.path(), "b").unwrap();
+        let body = b"hello".to_vec();
+        let meta = UploadMeta {
+            key: [5; 16],
+            sha256: Sha256::digest(&body).into(),
+            name: "h".into(),
+        };
+        let SmallStart::Write(mut w) = a.small_begin(&who(), meta.clone(), 5).unwrap() else {
+            panic!("new key");
+        };
+        let busy = b.small_begin(&who(), meta.clone(), 5);
+        assert_eq!(busy.err().map(|e| e.code), Some(ErrorCode::Busy));
+        w.write(&a, &body);
+        let id = w.finish(&a).unwrap();
+        match b.small_begin(&who(), meta.clone(), 5) {
+            Ok(SmallStart::Done(again)) => assert_eq!(again, id),
+            _ => panic!("the peer answers the finished key with its file id"),
+        }
+        // A claim left by a node that died mid-write is taken over; one of a live node is not.
+        let key = [6; 16];
+        let other = UploadMeta { key, ..meta };
+        assert_eq!(
+            a.meta.claim_key("a", "u", &key, "dead").unwrap(),
+            Claim::Mine
+        );
+        assert!(matches!(
+            b.small_begin(&who(), other.clone(), 5),
+            Ok(SmallStart::Write(_))
+        ));
+        assert_eq!(a.meta.claim_key("a", "u", &key, "a").unwrap(), Claim::Mine);
+        let busy = b.small_begin(&who(), other, 5);
+        assert_eq!(busy.err().map(|e| e.code), Some(ErrorCode::Busy));
+    }
+
+    /// Node A's session is idle on A's clock, but B kept it alive in the DB: A must not reap
+    /// it. Once nobody touched it for a whole TTL of A's clock, A reaps it.
+    #[test]
+    fn the_reaper_asks_the_database_before_removing_an_idle_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_node(dir.path(), "a").unwrap();
+        let init = UploadInit {
+            size: 65536,
+            block_size: 65536,
+            sha256: [0; 32],
+            name: "f".into(),
+        };
+        let id = a.init(&who(), &init).unwrap().upload_id;
+        let s = a.sessions.lock().get(&id).cloned().unwrap();
+        let long_ago = Instant::now().checked_sub(a.cfg.session_ttl() * 2).unwrap();
+        s.state.lock().active = long_ago;
+        let peer_expiry = s.state.lock().db_expires + 1;
+        a.meta.touch_session(&id, peer_expiry).unwrap(); // B's activity
+        assert_eq!(a.reap(), 0);
+        assert!(a.meta.session(&id).unwrap().is_some());
+        assert!(
+            !a.idle_out(&s.state.lock()),
+            "B's activity counts as activity"
+        );
+        s.state.lock().active = long_ago;
+        assert_eq!(a.reap(), 1);
+        assert!(a.meta.session(&id).unwrap().is_none());
+        assert!(!dir.path().join(&s.rec.temp_path).exists());
+    }
+
+    /// A session whose node died for good (only in the DB, expired) is removed by a peer.
+    #[test]
+    fn a_departed_nodes_expired_session_is_reaped_by_a_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open_node(dir.path(), "b").unwrap();
+        let temp = "tmp/gone-node/x.part";
+        fs::create_dir_all(dir.path().join("tmp/gone-node")).unwrap();
+        fs::write(dir.path().join(temp), b"x").unwrap();
+        let rec = SessionRec {
+            id: [7; 16],
+            app: "a".into(),
+            user: "u".into(),
+            size: 1,
+            block_size: 65536,
+            blocks: 1,
+            sha256: [0; 32],
+            name: "x".into(),
+            temp_path: temp.into(),
+            created: 0,
+            expires_ms: now_ms() - 1,
+            challenge: None,
+        };
+        b.meta.insert_session(&rec).unwrap();
+        assert_eq!(b.reap(), 0, "adopted first");
+        assert_eq!(b.reap(), 1);
+        assert!(b.meta.session(&rec.id).unwrap().is_none());
+        assert!(!dir.path().join(temp).exists());
     }
 
     #[test]

@@ -272,3 +272,69 @@ pub fn have(tool: &str) -> bool {
     }
     found
 }
+
+/// A throwaway PostgreSQL database on the server `FERRY_PG_URL` names, dropped (with its
+/// connections) when this is dropped.
+pub struct PgDb {
+    admin: String,
+    name: String,
+    /// The database's URL, for `meta_url` / `FERRY_META_URL`.
+    pub url: String,
+}
+
+/// A fresh database, or None with a "skipped" note when `FERRY_PG_URL` is unset. With
+/// `CI=true` an unset `FERRY_PG_URL` fails the test instead: CI must run the PostgreSQL tests.
+pub fn pg_db(test: &str) -> Option<PgDb> {
+    let admin = match std::env::var("FERRY_PG_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: FERRY_PG_URL unset, but CI=true requires the PostgreSQL tests"
+            );
+            eprintln!("{test}: skipped: FERRY_PG_URL unset");
+            return None;
+        }
+    };
+    let name = format!("ferry_e2e_{}", hex::encode(random_bytes(8, seed_now())));
+    let mut c = postgres::Client::connect(&admin, postgres::NoTls).expect("connect FERRY_PG_URL");
+    c.batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("create test database");
+    let url = with_dbname(&admin, &name);
+    Some(PgDb { admin, name, url })
+}
+
+fn seed_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        ^ u64::from(std::process::id())
+}
+
+/// `postgres://user@host:port/db?opts` with the database replaced by `name`.
+pub fn with_dbname(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[after_scheme..]
+        .find('/')
+        .map_or(base.len(), |i| after_scheme + i);
+    format!("{}/{name}{query}", &base[..host_end])
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        match postgres::Client::connect(&self.admin, postgres::NoTls) {
+            Ok(mut c) => {
+                let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+                if let Err(e) = c.batch_execute(&sql) {
+                    eprintln!("cannot drop test database {}: {e}", self.name);
+                }
+            }
+            Err(e) => eprintln!("cannot drop test database {}: {e}", self.name),
+        }
+    }
+}

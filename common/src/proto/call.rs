@@ -63,7 +63,9 @@ impl Caller {
         self.s.read_exact(&mut hb).map_err(io)?;
         let h = Header::decode(&hb);
         let garbled = |why: String| CallError::Garbled { peer, why };
-        if h.cmd != reply_cmd {
+        // An error frame may come with another reply command: a server without the role
+        // answers error 3 as the storage server it is.
+        if h.cmd != reply_cmd && h.status != status::ERROR {
             return Err(garbled(format!(
                 "reply command {} to {}, expected {}",
                 cmd::name(h.cmd),

@@ -29,8 +29,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Poll, Registry, Token, Waker};
 use parking_lot::Mutex;
 use slab::Slab;
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,6 +102,9 @@ pub trait Service: Send + Sync + 'static {
 pub struct Config {
     pub workers: usize,
     pub max_connections: usize,
+    /// Most connections from one peer IP address (0: no cap); beyond it the service's `refuse`
+    /// answers, as for `max_connections`, so one client cannot take every slot.
+    pub max_per_ip: usize,
     /// A connection with no readiness for this long is closed.
     pub idle_timeout: Duration,
     /// How long in-flight connections may run after SIGTERM (or [`Handle::shutdown`]).
@@ -114,6 +118,7 @@ impl Default for Config {
         Config {
             workers: 4,
             max_connections: 4096,
+            max_per_ip: 0,
             idle_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(10),
             handle_signals: false,
@@ -179,6 +184,8 @@ enum State {
 
 struct Slot {
     generation: u32,
+    /// The peer's address, counted in `Core::per_ip` while the slot lives.
+    ip: IpAddr,
     state: State,
     armed: [Option<Interest>; MAX_SOURCES],
     last_ready: Instant,
@@ -245,6 +252,7 @@ impl Reactor {
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 slab: Slab::new(),
+                per_ip: HashMap::new(),
                 timers: Timers::default(),
                 drain_until: None,
                 poll_until: None,
@@ -310,6 +318,8 @@ struct Shared {
 
 struct Core {
     slab: Slab<Slot>,
+    /// Live connections per peer address (only when `max_per_ip` is set).
+    per_ip: HashMap<IpAddr, usize>,
     timers: Timers,
     drain_until: Option<Instant>,
     /// The deadline the poll thread last planned to wake at (`None`: no deadline, it waits for
@@ -480,11 +490,23 @@ impl Shared {
     }
 
     fn remove(&self, core: &mut Core, key: usize) {
-        if core.slab.try_remove(key).is_some() {
+        if let Some(slot) = core.slab.try_remove(key) {
+            core.forget_peer(slot.ip);
             self.stats.active.fetch_sub(1, Ordering::Relaxed);
             // A draining poll thread waits for the slab to empty.
             if core.drain_until.is_some() && core.slab.is_empty() {
                 self.wake();
+            }
+        }
+    }
+}
+
+impl Core {
+    fn forget_peer(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
             }
         }
     }
@@ -600,11 +622,19 @@ impl Loop {
                 }
             };
             let stats = &self.handle.stats;
-            if self.shared.core.lock().slab.len() >= self.cfg.max_connections {
+            let (total, from_peer) = {
+                let core = self.shared.core.lock();
+                let n = core.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+                (core.slab.len(), n)
+            };
+            let per_ip = self.cfg.max_per_ip;
+            if total >= self.cfg.max_connections || (per_ip > 0 && from_peer >= per_ip) {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 debug!(
-                    "connection limit {} reached; refusing {peer}",
-                    self.cfg.max_connections
+                    "connection limit reached ({total} of {}, {from_peer} of {per_ip} from {}); \
+                     refusing {peer}",
+                    self.cfg.max_connections,
+                    peer.ip()
                 );
                 self.service.refuse(stream, peer);
                 continue;
@@ -618,8 +648,12 @@ impl Loop {
             self.generation = (self.generation + 1) & ((1 << GEN_BITS) - 1);
             let shared = &self.shared;
             let mut core = shared.core.lock();
+            if per_ip > 0 {
+                *core.per_ip.entry(peer.ip()).or_insert(0) += 1;
+            }
             let key = core.slab.insert(Slot {
                 generation: self.generation,
+                ip: peer.ip(),
                 state: State::Busy {
                     pending: Events::default(),
                 },
@@ -659,9 +693,11 @@ impl Loop {
                 shared.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 if let Some(Slot {
                     state: State::Idle(conn),
+                    ip,
                     ..
                 }) = core.slab.try_remove(key)
                 {
+                    core.forget_peer(ip);
                     debug!("connection {key} idle for {idle_timeout:?}; closing");
                     closing.push(conn);
                     shared.stats.active.fetch_sub(1, Ordering::Relaxed);

@@ -196,6 +196,41 @@ fn connection_limit_refuses_without_harming_others() {
 }
 
 #[test]
+fn per_ip_cap_refuses_one_address_and_frees_its_slots_on_close() {
+    let r = start(Config {
+        max_per_ip: 2,
+        idle_timeout: Duration::from_millis(300),
+        ..Config::default()
+    });
+    let echo = |s: &mut std::net::TcpStream| {
+        let mut one = [0u8; 1];
+        s.write_all(b"x").is_ok() && s.read_exact(&mut one).is_ok()
+    };
+    let mut a = client(r.addr);
+    let mut b = client(r.addr);
+    assert!(echo(&mut a) && echo(&mut b));
+    // Loopback is one address: a third connection from it is refused.
+    let mut c = client(r.addr);
+    let _ = c.write_all(b"c");
+    let mut one = [0u8; 1];
+    assert!(
+        matches!(c.read(&mut one), Ok(0) | Err(_)),
+        "third connection refused"
+    );
+    assert_eq!(r.handle.stats().refused.load(Ordering::SeqCst), 1);
+    // A closed connection frees its slot; so does one closed for idleness.
+    drop(a);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut d = client(r.addr);
+    assert!(echo(&mut d), "a freed slot is usable");
+    std::thread::sleep(Duration::from_millis(700)); // b and d go idle and are closed
+    let mut e = client(r.addr);
+    let mut f = client(r.addr);
+    assert!(echo(&mut e) && echo(&mut f), "idle-closed slots are freed");
+    r.stop();
+}
+
+#[test]
 fn shutdown_stops_accepting_and_drains() {
     let r = start(Config {
         shutdown_grace: Duration::from_secs(3),

@@ -51,6 +51,12 @@ impl Beater {
         advertise: SocketAddr,
         data: PathBuf,
     ) -> std::io::Result<Beater> {
+        if advertise.ip().is_unspecified() {
+            warn!(
+                "[cluster] advertises {advertise}, which proxies cannot connect to; set \
+                 cluster.advertise to this node's reachable address"
+            );
+        }
         let me = NodeHello {
             group: cfg.group.clone(),
             host: advertise.ip().to_string(),
@@ -153,8 +159,9 @@ impl TrackerLink {
                     warn!("tracker {} failed (retrying every beat): {e}", self.addr);
                     self.down = true;
                 }
-                // A refused JOIN (unknown group) or a lost tracker: JOIN again next time.
-                if e.code() != Some(ErrorCode::Unavailable) {
+                // A refused request (unknown group, a limit): JOIN again next time. An
+                // unreachable tracker may still know us; if not, its NotJoined says so.
+                if e.code().is_some_and(|c| c != ErrorCode::Unavailable) {
                     self.joined = false;
                 }
             }

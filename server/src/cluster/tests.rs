@@ -296,7 +296,7 @@ fn tracker(groups: &[&str], offline_ms: u64) -> (Arc<Switch>, Arc<Tracker>) {
 
 #[test]
 fn tracker_rules() {
-    let (_sw, t) = tracker(&["g1", "g2"], 300);
+    let (_sw, t) = tracker(&["g1", "g2"], 1000);
     assert_eq!(
         t.beat(&hello("g1", 1, 0)).unwrap_err().code,
         ErrorCode::NotJoined
@@ -320,7 +320,7 @@ fn tracker_rules() {
         vec![1, 1]
     );
     // g2's node stops beating: offline, and its user gets NoNode naming the group.
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1300));
     t.beat(&hello("g1", 1, 100)).unwrap();
     let v = t.groups().unwrap();
     let online: Vec<bool> = v.groups.iter().map(|g| g.nodes[0].online).collect();

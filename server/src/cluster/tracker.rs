@@ -250,7 +250,15 @@ impl Tracker {
             host: b.host.clone(),
             port: b.port,
         };
-        let known = match self.store.beat(&b.group, &addr, b.started, b.free, now) {
+        // While the database is known to be down, a known node's beat only refreshes the view:
+        // no request waits on a connection timeout (the refresh thread notices the recovery).
+        let stale = self.view.read().stale;
+        let r = if stale {
+            Err(anyhow::anyhow!("database unreachable at the last refresh"))
+        } else {
+            self.store.beat(&b.group, &addr, b.started, b.free, now)
+        };
+        let known = match r {
             Ok(k) => {
                 self.db_ok();
                 k
@@ -299,6 +307,15 @@ impl Tracker {
         let key = (app.to_owned(), user.to_owned());
         if let Some(g) = self.routes.lock().get(&key) {
             return Ok(g.clone());
+        }
+        if self.view.read().stale {
+            return Err(OpError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "tracker database unreachable at the last refresh; cannot route new user \
+                     {user} of app {app} yet"
+                ),
+            ));
         }
         let found = match self.store.route(app, user) {
             Ok(g) => g,
@@ -432,14 +449,5 @@ impl Tracker {
             stale: v.stale,
             groups,
         })
-    }
-}
-
-impl Drop for Tracker {
-    fn drop(&mut self) {
-        if let Some((tx, _h)) = self.stop.get_mut().take() {
-            // The refresh thread holds only a weak reference; dropping the sender ends it.
-            drop(tx);
-        }
     }
 }

@@ -1,108 +1,13 @@
-//! Metadata store: files, upload sessions with their acknowledged blocks, and id steps.
-//!
-//! [`MetaStore`] is what the storage code uses; [`SqliteStore`] is the embedded default (WAL +
-//! `synchronous=FULL`, so a committed transaction survives a process kill and a power cut). A
-//! PostgreSQL backend can implement the same trait with the same schema.
+//! The embedded SQLite backend of [`MetaStore`].
 
+use super::{
+    Challenge, Claim, FILE_DELETING, FILE_STORED, FileRec, MetaStore, SCHEMA_VERSION, SessionRec,
+    Sha256, UploadId, blob_to_crcs, crcs_to_blob, int, now_ms, now_secs, to_arr,
+};
 use anyhow::{Context, Result};
-use ferry_common::proto::{SHA256_LEN, UPLOAD_ID_LEN};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
-
-pub type UploadId = [u8; UPLOAD_ID_LEN];
-pub type Sha256 = [u8; SHA256_LEN];
-
-/// File status values (seed 004's `status` column).
-pub const FILE_COMMITTING: u8 = 0;
-pub const FILE_STORED: u8 = 1;
-/// Being deleted: invisible, its bytes are being unlinked; start-up finishes the deletion.
-pub const FILE_DELETING: u8 = 2;
-
-/// One stored file (or one committing; see [`FILE_COMMITTING`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileRec {
-    pub id: String,
-    pub num: u64,
-    pub app: String,
-    pub user: String,
-    pub status: u8,
-    /// Relative to the data dir; always built by the server from `num`.
-    pub path: String,
-    pub size: u64,
-    pub sha256: Sha256,
-    pub name: String,
-    pub block_size: u32,
-    pub crcs: Vec<u32>,
-    pub created: u64,
-}
-
-/// The proof-of-possession challenge of a session: hash `len` bytes at `off` of `file`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
-    /// Id of the stored file holding the same content.
-    pub file: String,
-    pub off: u64,
-    pub len: u64,
-}
-
-/// One big-file upload session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRec {
-    pub id: UploadId,
-    pub app: String,
-    pub user: String,
-    pub size: u64,
-    pub block_size: u32,
-    pub blocks: u32,
-    pub sha256: Sha256,
-    pub name: String,
-    /// Relative to the data dir.
-    pub temp_path: String,
-    pub created: u64,
-    /// Unix milliseconds.
-    pub expires_ms: u64,
-    pub challenge: Option<Challenge>,
-}
-
-/// What the storage role needs from a metadata backend. Every method is one transaction.
-pub trait MetaStore: Send + Sync {
-    /// Reserves `step` ids for `key` and returns the first; the range is never handed out again.
-    fn reserve_ids(&self, key: &str, step: u64) -> Result<u64>;
-    /// Inserts a committing file record and, in the same transaction, records which upload
-    /// (a big file's session id, or a small file's upload key) it finishes.
-    fn insert_file(&self, f: &FileRec, upload: Option<&UploadId>) -> Result<()>;
-    /// Marks a committing file stored and, in the same transaction, deletes the session it
-    /// finishes (if any).
-    fn commit_file(&self, id: &str) -> Result<()>;
-    /// The stored file an upload (session id or small-file key) of (`app`, `user`) produced.
-    fn finished_upload(&self, app: &str, user: &str, upload: &UploadId) -> Result<Option<String>>;
-    /// Forgets finished uploads older than `before_ms`; returns how many.
-    fn expire_finished(&self, before_ms: u64) -> Result<usize>;
-    /// A file visible to `app` (stored, not committing).
-    fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
-    /// A stored file of `app` with this content, for instant upload.
-    fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>>;
-    /// Marks a stored file of `app` deleting (invisible from then on), returning it; the caller
-    /// unlinks its bytes and then drops the record.
-    fn delete_file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
-    /// Deletes any file record (after a deletion's unlink, or start-up clean-up).
-    fn drop_file(&self, id: &str) -> Result<()>;
-    /// Every file record in `status` (start-up: committing and deleting ones).
-    fn files_with_status(&self, status: u8) -> Result<Vec<FileRec>>;
-    fn insert_session(&self, s: &SessionRec) -> Result<()>;
-    fn sessions(&self) -> Result<Vec<SessionRec>>;
-    /// (index, crc) of every acknowledged block of a session.
-    fn session_blocks(&self, id: &UploadId) -> Result<Vec<(u32, u32)>>;
-    /// Records blocks (upload id, index, crc) as stored, in one transaction, and refreshes
-    /// their sessions' expiry.
-    fn mark_blocks(&self, blocks: &[(UploadId, u32, u32)], expires_ms: u64) -> Result<()>;
-    /// Forgets blocks (found damaged when the file was re-read).
-    fn unmark_blocks(&self, id: &UploadId, idx: &[u32]) -> Result<()>;
-    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<()>;
-    fn set_challenge(&self, id: &UploadId, c: Option<&Challenge>) -> Result<()>;
-    fn delete_session(&self, id: &UploadId) -> Result<()>;
-}
 
 /// SQLite through one connection behind a mutex: metadata writes are tiny next to the block
 /// I/O around them, and one writer is what SQLite serialises to anyway.
@@ -112,43 +17,29 @@ pub struct SqliteStore {
 
 const SCHEMA: &str = include_str!("schema.sql");
 
-fn crcs_to_blob(crcs: &[u32]) -> Vec<u8> {
-    crcs.iter().flat_map(|c| c.to_be_bytes()).collect()
-}
-
-fn blob_to_crcs(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn to_arr<const N: usize>(v: Vec<u8>, what: &'static str) -> rusqlite::Result<[u8; N]> {
-    v.try_into().map_err(|_| {
-        rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Blob,
-            format!("{what} has the wrong length").into(),
-        )
-    })
-}
-
 const FILE_COLS: &str =
-    "id, num, app, user, status, path, size, sha256, name, block_size, crcs, created";
+    "id, num, app, user, status, path, size, sha256, name, block_size, crcs, created, node";
+
+/// A column value the record cannot hold, as a rusqlite error (so it fails the query).
+fn bad(e: anyhow::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
+}
 
 fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRec> {
     Ok(FileRec {
         id: r.get(0)?,
-        num: r.get::<_, i64>(1)? as u64,
+        num: int(r.get(1)?, "num").map_err(bad)?,
         app: r.get(2)?,
         user: r.get(3)?,
         status: r.get(4)?,
         path: r.get(5)?,
-        size: r.get::<_, i64>(6)? as u64,
-        sha256: to_arr(r.get(7)?, "sha256")?,
+        size: int(r.get(6)?, "size").map_err(bad)?,
+        sha256: to_arr(r.get(7)?, "sha256").map_err(bad)?,
         name: r.get(8)?,
         block_size: r.get(9)?,
-        crcs: blob_to_crcs(&r.get::<_, Vec<u8>>(10)?),
-        created: r.get::<_, i64>(11)? as u64,
+        crcs: blob_to_crcs(&r.get::<_, Vec<u8>>(10)?).map_err(bad)?,
+        created: int(r.get(11)?, "created").map_err(bad)?,
+        node: r.get(12)?,
     })
 }
 
@@ -158,40 +49,54 @@ const SESSION_COLS: &str = "id, app, user, size, block_size, blocks, sha256, nam
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRec> {
     let file: Option<String> = r.get(11)?;
     Ok(SessionRec {
-        id: to_arr(r.get(0)?, "upload id")?,
+        id: to_arr(r.get(0)?, "upload id").map_err(bad)?,
         app: r.get(1)?,
         user: r.get(2)?,
-        size: r.get::<_, i64>(3)? as u64,
+        size: int(r.get(3)?, "size").map_err(bad)?,
         block_size: r.get(4)?,
         blocks: r.get(5)?,
-        sha256: to_arr(r.get(6)?, "sha256")?,
+        sha256: to_arr(r.get(6)?, "sha256").map_err(bad)?,
         name: r.get(7)?,
         temp_path: r.get(8)?,
-        created: r.get::<_, i64>(9)? as u64,
-        expires_ms: r.get::<_, i64>(10)? as u64,
+        created: int(r.get(9)?, "created").map_err(bad)?,
+        expires_ms: int(r.get(10)?, "expires").map_err(bad)?,
         challenge: match file {
             Some(file) => Some(Challenge {
                 file,
-                off: r.get::<_, i64>(12)? as u64,
-                len: r.get::<_, i64>(13)? as u64,
+                off: int(r.get(12)?, "challenge_off").map_err(bad)?,
+                len: int(r.get(13)?, "challenge_len").map_err(bad)?,
             }),
             None => None,
         },
     })
 }
 
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Brings a database to [`SCHEMA_VERSION`] in one transaction: the version-1 tables
+/// (`schema.sql`, idempotent), then every later step the `schema_version` row has not seen.
+fn migrate(db: &mut Connection) -> Result<()> {
+    let tx = db.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL); \
+         INSERT INTO schema_version (version) \
+         SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM schema_version);",
+    )?;
+    let v: i64 = tx.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?;
+    if v > SCHEMA_VERSION {
+        anyhow::bail!("metadata schema version {v} is newer than this server's {SCHEMA_VERSION}");
+    }
+    if v < 2 {
+        tx.execute_batch(
+            "ALTER TABLE files ADD COLUMN node TEXT NOT NULL DEFAULT ''; \
+             CREATE TABLE upload_claims ( \
+                 app TEXT NOT NULL, user TEXT NOT NULL, key BLOB NOT NULL, \
+                 node TEXT NOT NULL, claimed INTEGER NOT NULL, \
+                 PRIMARY KEY (app, user, key)) WITHOUT ROWID;",
+        )?;
+    }
+    tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])?;
+    tx.commit()?;
+    Ok(())
 }
 
 impl SqliteStore {
@@ -202,15 +107,15 @@ impl SqliteStore {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
-        db.execute_batch(SCHEMA)
-            .with_context(|| format!("cannot apply schema to {}", path.display()))?;
+        let mut db = db;
+        migrate(&mut db).with_context(|| format!("cannot apply schema to {}", path.display()))?;
         Ok(SqliteStore { db: Mutex::new(db) })
     }
 
     /// An in-memory store for unit tests.
     pub fn memory() -> Result<SqliteStore> {
-        let db = Connection::open_in_memory()?;
-        db.execute_batch(SCHEMA)?;
+        let mut db = Connection::open_in_memory()?;
+        migrate(&mut db)?;
         Ok(SqliteStore { db: Mutex::new(db) })
     }
 }
@@ -218,7 +123,9 @@ impl SqliteStore {
 impl MetaStore for SqliteStore {
     fn reserve_ids(&self, key: &str, step: u64) -> Result<u64> {
         let mut db = self.db.lock();
-        let tx = db.transaction()?;
+        // IMMEDIATE: take the write lock before reading, so another process sharing this file
+        // cannot read the same `next` in between.
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Ids start at 1 so that 0 never names a file.
         let next: i64 = tx
             .query_row("SELECT next FROM id_steps WHERE key = ?1", [key], |r| {
@@ -226,8 +133,10 @@ impl MetaStore for SqliteStore {
             })
             .optional()?
             .unwrap_or(1);
-        let end = (next as u64)
+        let next: u64 = int(next, "id_steps.next")?;
+        let end = next
             .checked_add(step)
+            .filter(|&e| i64::try_from(e).is_ok())
             .context("id space exhausted")?;
         tx.execute(
             "INSERT INTO id_steps (key, next, updated) VALUES (?1, ?2, ?3) \
@@ -235,7 +144,7 @@ impl MetaStore for SqliteStore {
             params![key, end as i64, now_secs() as i64],
         )?;
         tx.commit()?;
-        Ok(next as u64)
+        Ok(next)
     }
 
     fn insert_file(&self, f: &FileRec, upload: Option<&UploadId>) -> Result<()> {
@@ -245,7 +154,7 @@ impl MetaStore for SqliteStore {
         tx.execute(
             &format!(
                 "INSERT INTO files ({FILE_COLS}, updated) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ),
             params![
                 f.id,
@@ -260,6 +169,7 @@ impl MetaStore for SqliteStore {
                 f.block_size,
                 crcs_to_blob(&f.crcs),
                 f.created as i64,
+                f.node,
                 now
             ],
         )?;
@@ -417,6 +327,17 @@ impl MetaStore for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    fn session(&self, id: &UploadId) -> Result<Option<SessionRec>> {
+        let db = self.db.lock();
+        Ok(db
+            .query_row(
+                &format!("SELECT {SESSION_COLS} FROM upload_sessions WHERE id = ?1"),
+                [id.as_slice()],
+                session_row,
+            )
+            .optional()?)
+    }
+
     fn session_blocks(&self, id: &UploadId) -> Result<Vec<(u32, u32)>> {
         let db = self.db.lock();
         let mut st = db.prepare("SELECT idx, crc FROM session_blocks WHERE upload_id = ?1")?;
@@ -486,88 +407,70 @@ impl MetaStore for SqliteStore {
         tx.commit()?;
         Ok(())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn file(id: &str, num: u64) -> FileRec {
-        FileRec {
-            id: id.into(),
-            num,
-            app: "app".into(),
-            user: "u".into(),
-            status: FILE_COMMITTING,
-            path: format!("data/{num}"),
-            size: 10,
-            sha256: [7; 32],
-            name: "n".into(),
-            block_size: 65536,
-            crcs: vec![1, 2],
-            created: 5,
+    fn expire_session(&self, id: &UploadId, seen_expires_ms: u64) -> Result<bool> {
+        let mut db = self.db.lock();
+        let tx = db.transaction()?;
+        let n = tx.execute(
+            "DELETE FROM upload_sessions WHERE id = ?1 AND expires = ?2",
+            params![id.as_slice(), seen_expires_ms as i64],
+        )?;
+        if n > 0 {
+            tx.execute(
+                "DELETE FROM session_blocks WHERE upload_id = ?1",
+                [id.as_slice()],
+            )?;
         }
+        tx.commit()?;
+        Ok(n > 0)
     }
 
-    #[test]
-    fn files_are_visible_once_committed_and_only_to_their_app() {
-        let m = SqliteStore::memory().unwrap();
-        m.insert_file(&file("a", 1), None).unwrap();
-        assert_eq!(m.file("a", "app").unwrap(), None);
-        assert_eq!(m.files_with_status(FILE_COMMITTING).unwrap().len(), 1);
-        m.commit_file("a").unwrap();
-        let got = m.file("a", "app").unwrap().unwrap();
-        assert_eq!(got.crcs, vec![1, 2]);
-        assert_eq!(got.status, FILE_STORED);
-        assert_eq!(m.file("a", "other").unwrap(), None);
-        assert!(m.find_content("app", &[7; 32], 10).unwrap().is_some());
-        assert!(m.find_content("app", &[7; 32], 11).unwrap().is_none());
-        assert!(m.delete_file("a", "other").unwrap().is_none());
-        assert!(m.delete_file("a", "app").unwrap().is_some());
-        assert!(m.file("a", "app").unwrap().is_none());
-    }
-
-    #[test]
-    fn sessions_and_blocks_round_trip() {
-        let m = SqliteStore::memory().unwrap();
-        let s = SessionRec {
-            id: [3; 16],
-            app: "a".into(),
-            user: "u".into(),
-            size: 100,
-            block_size: 65536,
-            blocks: 1,
-            sha256: [1; 32],
-            name: "x".into(),
-            temp_path: "tmp/x".into(),
-            created: 1,
-            expires_ms: 2,
-            challenge: None,
+    fn claim_key(&self, app: &str, user: &str, key: &UploadId, node: &str) -> Result<Claim> {
+        let mut db = self.db.lock();
+        let tx = db.transaction()?;
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT node FROM upload_claims WHERE app = ?1 AND user = ?2 AND key = ?3",
+                params![app, user, key.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let claim = match holder {
+            Some(h) if h != node => Claim::Held(h),
+            _ => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO upload_claims (app, user, key, node, claimed) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![app, user, key.as_slice(), node, now_ms() as i64],
+                )?;
+                Claim::Mine
+            }
         };
-        m.insert_session(&s).unwrap();
-        m.mark_blocks(&[(s.id, 0, 99)], 50).unwrap();
-        let c = Challenge {
-            file: "f".into(),
-            off: 3,
-            len: 4,
-        };
-        m.set_challenge(&s.id, Some(&c)).unwrap();
-        let got = m.sessions().unwrap();
-        assert_eq!(got[0].expires_ms, 50);
-        assert_eq!(got[0].challenge, Some(c));
-        assert_eq!(m.session_blocks(&s.id).unwrap(), vec![(0, 99)]);
-        m.unmark_blocks(&s.id, &[0]).unwrap();
-        assert!(m.session_blocks(&s.id).unwrap().is_empty());
-        m.delete_session(&s.id).unwrap();
-        assert!(m.sessions().unwrap().is_empty());
+        tx.commit()?;
+        Ok(claim)
     }
 
-    #[test]
-    fn id_steps_never_overlap() {
-        let m = SqliteStore::memory().unwrap();
-        let a = m.reserve_ids("data", 10).unwrap();
-        let b = m.reserve_ids("data", 10).unwrap();
-        assert_eq!(a, 1);
-        assert_eq!(b, 11);
+    fn take_claim(
+        &self,
+        app: &str,
+        user: &str,
+        key: &UploadId,
+        from: &str,
+        node: &str,
+    ) -> Result<bool> {
+        let n = self.db.lock().execute(
+            "UPDATE upload_claims SET node = ?5, claimed = ?6 \
+             WHERE app = ?1 AND user = ?2 AND key = ?3 AND node = ?4",
+            params![app, user, key.as_slice(), from, node, now_ms() as i64],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn release_claim(&self, app: &str, user: &str, key: &UploadId, node: &str) -> Result<()> {
+        self.db.lock().execute(
+            "DELETE FROM upload_claims WHERE app = ?1 AND user = ?2 AND key = ?3 AND node = ?4",
+            params![app, user, key.as_slice(), node],
+        )?;
+        Ok(())
     }
 }

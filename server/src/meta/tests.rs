@@ -1,0 +1,250 @@
+//! One set of test bodies, run against both backends: `sqlite::NAME` on an in-memory SQLite,
+//! `pg::NAME` on a throwaway PostgreSQL database (see [`super::pg::testdb`]).
+
+use super::*;
+
+fn file(id: &str, num: u64) -> FileRec {
+    FileRec {
+        id: id.into(),
+        num,
+        app: "app".into(),
+        user: "u".into(),
+        status: FILE_COMMITTING,
+        path: format!("data/{num}"),
+        size: 10,
+        sha256: [7; 32],
+        name: "n".into(),
+        block_size: 65536,
+        crcs: vec![1, 2, u32::MAX],
+        created: 5,
+        node: "n1".into(),
+    }
+}
+
+fn session(id: u8, expires_ms: u64) -> SessionRec {
+    SessionRec {
+        id: [id; 16],
+        app: "a".into(),
+        user: "u".into(),
+        size: 100,
+        block_size: 65536,
+        blocks: 1,
+        sha256: [1; 32],
+        name: "x".into(),
+        temp_path: "tmp/x".into(),
+        created: 1,
+        expires_ms,
+        challenge: None,
+    }
+}
+
+fn files_are_visible_once_committed_and_only_to_their_app(m: &dyn MetaStore) {
+    m.insert_file(&file("a", 1), None).unwrap();
+    assert_eq!(m.file("a", "app").unwrap(), None);
+    let committing = m.files_with_status(FILE_COMMITTING).unwrap();
+    assert_eq!(committing.len(), 1);
+    assert_eq!(committing[0].node, "n1");
+    m.commit_file("a").unwrap();
+    let got = m.file("a", "app").unwrap().unwrap();
+    assert_eq!(got.crcs, vec![1, 2, u32::MAX]);
+    assert_eq!(got.status, FILE_STORED);
+    assert_eq!(m.file("a", "other").unwrap(), None);
+    assert!(m.find_content("app", &[7; 32], 10).unwrap().is_some());
+    assert!(m.find_content("app", &[7; 32], 11).unwrap().is_none());
+    assert!(m.delete_file("a", "other").unwrap().is_none());
+    let gone = m.delete_file("a", "app").unwrap().unwrap();
+    assert_eq!((gone.id.as_str(), gone.status), ("a", FILE_STORED));
+    assert!(m.file("a", "app").unwrap().is_none());
+    assert!(m.delete_file("a", "app").unwrap().is_none(), "deleted once");
+    assert_eq!(m.files_with_status(FILE_DELETING).unwrap().len(), 1);
+    m.drop_file("a").unwrap();
+    assert!(m.files_with_status(FILE_DELETING).unwrap().is_empty());
+}
+
+fn a_file_number_is_stored_once(m: &dyn MetaStore) {
+    m.insert_file(&file("a", 9), None).unwrap();
+    assert!(m.insert_file(&file("b", 9), None).is_err());
+}
+
+fn finished_uploads_answer_once_stored(m: &dyn MetaStore) {
+    let key = [4; 16];
+    m.insert_file(&file("f", 2), Some(&key)).unwrap();
+    assert_eq!(m.finished_upload("app", "u", &key).unwrap(), None);
+    m.commit_file("f").unwrap();
+    assert_eq!(
+        m.finished_upload("app", "u", &key).unwrap().as_deref(),
+        Some("f")
+    );
+    assert_eq!(m.finished_upload("app", "other", &key).unwrap(), None);
+    assert_eq!(m.expire_finished(0).unwrap(), 0);
+    assert_eq!(m.expire_finished(u64::MAX / 2).unwrap(), 1);
+    assert_eq!(m.finished_upload("app", "u", &key).unwrap(), None);
+}
+
+fn sessions_and_blocks_round_trip(m: &dyn MetaStore) {
+    let s = session(3, 2);
+    m.insert_session(&s).unwrap();
+    assert_eq!(m.session(&s.id).unwrap().as_ref(), Some(&s));
+    assert_eq!(m.session(&[9; 16]).unwrap(), None);
+    m.mark_blocks(&[(s.id, 0, 99), (s.id, 1, u32::MAX)], 50)
+        .unwrap();
+    let c = Challenge {
+        file: "f".into(),
+        off: 3,
+        len: 4,
+    };
+    m.set_challenge(&s.id, Some(&c)).unwrap();
+    let got = m.sessions().unwrap();
+    assert_eq!(got[0].expires_ms, 50);
+    assert_eq!(got[0].challenge, Some(c));
+    let mut blocks = m.session_blocks(&s.id).unwrap();
+    blocks.sort_unstable();
+    assert_eq!(blocks, vec![(0, 99), (1, u32::MAX)]);
+    m.unmark_blocks(&s.id, &[0, 1]).unwrap();
+    assert!(m.session_blocks(&s.id).unwrap().is_empty());
+    m.touch_session(&s.id, 70).unwrap();
+    assert_eq!(m.session(&s.id).unwrap().unwrap().expires_ms, 70);
+    m.delete_session(&s.id).unwrap();
+    assert!(m.sessions().unwrap().is_empty());
+}
+
+fn a_committed_file_ends_its_session(m: &dyn MetaStore) {
+    let s = session(5, 1000);
+    m.insert_session(&s).unwrap();
+    m.mark_blocks(&[(s.id, 0, 1)], 1000).unwrap();
+    m.insert_file(&file("f", 3), Some(&s.id)).unwrap();
+    m.commit_file("f").unwrap();
+    assert_eq!(m.session(&s.id).unwrap(), None);
+    assert!(m.session_blocks(&s.id).unwrap().is_empty());
+}
+
+fn sessions_expire_only_if_nobody_used_them_since(m: &dyn MetaStore) {
+    let s = session(6, 100);
+    m.insert_session(&s).unwrap();
+    // A node saw expiry 100; meanwhile a peer recorded a block, moving it to 500.
+    m.mark_blocks(&[(s.id, 0, 1)], 500).unwrap();
+    assert!(!m.expire_session(&s.id, 100).unwrap());
+    assert!(m.session(&s.id).unwrap().is_some());
+    assert!(m.expire_session(&s.id, 500).unwrap());
+    assert!(m.session(&s.id).unwrap().is_none());
+    assert!(m.session_blocks(&s.id).unwrap().is_empty());
+    assert!(!m.expire_session(&s.id, 500).unwrap(), "once");
+}
+
+fn key_claims_exclude_other_nodes(m: &dyn MetaStore) {
+    let k = [8; 16];
+    assert_eq!(m.claim_key("a", "u", &k, "n1").unwrap(), Claim::Mine);
+    assert_eq!(
+        m.claim_key("a", "u", &k, "n2").unwrap(),
+        Claim::Held("n1".into())
+    );
+    // Another user's key is another claim.
+    assert_eq!(m.claim_key("a", "v", &k, "n2").unwrap(), Claim::Mine);
+    // n1 restarted: its old claim is its own again.
+    assert_eq!(m.claim_key("a", "u", &k, "n1").unwrap(), Claim::Mine);
+    // n2 proved n1 dead and takes over; n1's stale take fails.
+    assert!(m.take_claim("a", "u", &k, "n1", "n2").unwrap());
+    assert!(!m.take_claim("a", "u", &k, "n1", "n3").unwrap());
+    // Releasing someone else's claim does nothing.
+    m.release_claim("a", "u", &k, "n1").unwrap();
+    assert_eq!(
+        m.claim_key("a", "u", &k, "n1").unwrap(),
+        Claim::Held("n2".into())
+    );
+    m.release_claim("a", "u", &k, "n2").unwrap();
+    assert_eq!(m.claim_key("a", "u", &k, "n1").unwrap(), Claim::Mine);
+}
+
+fn id_steps_never_overlap(m: &dyn MetaStore) {
+    let a = m.reserve_ids("data", 10).unwrap();
+    let b = m.reserve_ids("data", 10).unwrap();
+    let c = m.reserve_ids("other", 1).unwrap();
+    assert_eq!((a, b, c), (1, 11, 1));
+}
+
+/// Declares `sqlite::NAME` and `pg::NAME` for every test body NAME above.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    let m = crate::meta::SqliteStore::memory().unwrap();
+                    super::$name(&m);
+                }
+            )*
+        }
+        mod pg {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(db) = crate::meta::pg::testdb::create(stringify!($name)) {
+                        super::$name(&db.store());
+                    }
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    files_are_visible_once_committed_and_only_to_their_app,
+    a_file_number_is_stored_once,
+    finished_uploads_answer_once_stored,
+    sessions_and_blocks_round_trip,
+    a_committed_file_ends_its_session,
+    sessions_expire_only_if_nobody_used_them_since,
+    key_claims_exclude_other_nodes,
+    id_steps_never_overlap,
+);
+
+/// A database from before schema version 2 (as main's server left it) is migrated in place.
+#[test]
+fn sqlite_migrates_a_version_1_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.db");
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(include_str!("schema.sql")).unwrap();
+        db.execute(
+            "INSERT INTO files (id, num, app, user, status, path, size, sha256, name, \
+             block_size, crcs, created, updated) VALUES ('old', 1, 'app', 'u', 1, 'p', 0, \
+             zeroblob(32), '', 65536, x'', 0, 0)",
+            [],
+        )
+        .unwrap();
+    }
+    for _ in 0..2 {
+        let m = SqliteStore::open(&path).unwrap();
+        let old = m.file("old", "app").unwrap().unwrap();
+        assert_eq!(old.node, "");
+        assert_eq!(m.claim_key("a", "u", &[1; 16], "n").unwrap(), Claim::Mine);
+    }
+}
+
+#[test]
+fn pg_schema_is_applied_once_by_nodes_starting_together() {
+    let Some(db) =
+        crate::meta::pg::testdb::create("pg_schema_is_applied_once_by_nodes_starting_together")
+    else {
+        return;
+    };
+    let stores: Vec<PgStore> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| db.store())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    stores[0].insert_file(&file("x", 1), None).unwrap();
+    assert_eq!(
+        stores[3].files_with_status(FILE_COMMITTING).unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn open_picks_the_backend_from_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    open(None, dir.path()).unwrap();
+    assert!(dir.path().join("meta.db").exists());
+    let err = open(Some("mysql://x@h/db"), dir.path()).err().unwrap();
+    assert!(err.to_string().contains("unsupported"), "{err}");
+}

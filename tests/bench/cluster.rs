@@ -1,0 +1,287 @@
+//! `cargo bench --bench cluster`: the id and tracker roles over loopback, on the embedded
+//! backend and on PostgreSQL in the same run (PostgreSQL from `FERRY_PG_URL`, in a scratch
+//! database dropped at the end; without it only the embedded rows are printed).
+//!
+//! - ID_GET ids/s with 1 and 8 client threads, one id per request and batches of
+//!   `FERRY_BENCH_BATCH` (default 1000), the id server reserving steps of `id_step = 1000`;
+//!   and one id per request with 32 requests in flight per connection (pipelined: what the
+//!   server sustains, not one loopback round trip per id);
+//! - SADDRS requests/s with 1 and 8 client threads over `FERRY_BENCH_USERS` users (default
+//!   1000, all routed before timing: the steady state a proxy sees).
+//!
+//! Each client thread keeps one connection and sends one request at a time. Every measurement
+//! lasts `FERRY_BENCH_SECS` (default 2) and runs `FERRY_BENCH_RUNS` times (default 3): median
+//! and min-max. The target: at least 100k ids/s with steps of 1000.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use ferry_common::proto::{
+    self, Caller, ID_REPLY_LEN, IdGet, IdReply, NodeHello, SADDRS_REPLY_MAX, SaddrsReq, cmd,
+};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{env_u64, median};
+
+const T: Duration = Duration::from_secs(5);
+
+struct Srv {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, name: &str, conf: &str, meta_url: Option<&str>) -> Srv {
+    let addr = support::free_addr();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!("workers = 4\nidle_timeout_ms = 600000\n{conf}"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-server"));
+    cmd.arg("--config")
+        .arg(&path)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data")
+        .arg(dir.join(format!("{name}-data")))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    match meta_url {
+        Some(u) => cmd.env("FERRY_META_URL", u),
+        None => cmd.env_remove("FERRY_META_URL"),
+    };
+    let child = cmd.spawn().unwrap();
+    let srv = Srv { child, addr };
+    support::wait_ready(addr, Duration::from_secs(20));
+    srv
+}
+
+/// Runs `threads` clients for `secs`; each calls `op` in a loop and returns how many units
+/// (ids, requests) it completed. Returns units per second.
+fn rate(
+    threads: usize,
+    secs: Duration,
+    op: impl Fn(&mut Caller) -> u64 + Sync,
+    addr: SocketAddr,
+) -> f64 {
+    let t0 = Instant::now();
+    let total: u64 = std::thread::scope(|sc| {
+        let js: Vec<_> = (0..threads)
+            .map(|_| {
+                let op = &op;
+                sc.spawn(move || {
+                    let mut c = Caller::connect(addr, T).unwrap();
+                    let mut n = 0;
+                    while t0.elapsed() < secs {
+                        n += op(&mut c);
+                    }
+                    n
+                })
+            })
+            .collect();
+        js.into_iter().map(|j| j.join().unwrap()).sum()
+    });
+    total as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn ids(c: &mut Caller, count: u32) -> u64 {
+    let q = IdGet {
+        key: "bench".into(),
+        count,
+    }
+    .encode()
+    .unwrap();
+    let b = c
+        .call(cmd::ID_GET, &q, cmd::REPLY_ID, ID_REPLY_LEN)
+        .unwrap();
+    u64::from(IdReply::decode(&b).unwrap().count)
+}
+
+/// `depth` single-id requests written at once on a raw connection, then their replies read:
+/// the server's capacity rather than one round trip per id.
+fn ids_pipelined(s: &mut TcpStream, depth: usize) -> u64 {
+    let q = IdGet {
+        key: "bench".into(),
+        count: 1,
+    }
+    .encode()
+    .unwrap();
+    let one = proto::frame(cmd::ID_GET, 0, &q);
+    s.write_all(&one.repeat(depth)).unwrap();
+    let mut replies = vec![0u8; depth * (proto::HEADER_LEN + ID_REPLY_LEN)];
+    s.read_exact(&mut replies).unwrap();
+    for r in replies.chunks(proto::HEADER_LEN + ID_REPLY_LEN) {
+        assert_eq!((r[8], r[9]), (cmd::REPLY_ID, 0), "an ID_GET reply");
+    }
+    depth as u64
+}
+
+fn saddrs_body(user: u64) -> Vec<u8> {
+    SaddrsReq {
+        app: "bench".into(),
+        user: format!("user{user}"),
+        file_id: String::new(),
+    }
+    .encode()
+    .unwrap()
+}
+
+fn saddrs(c: &mut Caller, user: u64) -> u64 {
+    let b = c
+        .call(
+            cmd::TRACKER_SADDRS,
+            &saddrs_body(user),
+            cmd::REPLY_TRACKER,
+            SADDRS_REPLY_MAX,
+        )
+        .unwrap();
+    assert!(!b.is_empty());
+    1
+}
+
+fn report(what: &str, samples: &[f64], unit: &str) {
+    let (m, lo, hi) = median(samples);
+    println!("{what:<44} {m:>12.0} {unit}  (min {lo:.0}, max {hi:.0})");
+}
+
+fn bench_backend(label: &str, dir: &Path, url: Option<&str>, runs: usize, secs: Duration) {
+    let batch = env_u64("FERRY_BENCH_BATCH", 1000) as u32;
+    let users = env_u64("FERRY_BENCH_USERS", 1000).max(1);
+    let id = start(
+        dir,
+        &format!("ids-{label}"),
+        "roles = [\"id\"]\nid_step = 1000\n",
+        url,
+    );
+    for threads in [1usize, 8] {
+        for count in [1u32, batch] {
+            let s: Vec<f64> = (0..runs)
+                .map(|_| rate(threads, secs, |c| ids(c, count), id.addr))
+                .collect();
+            report(
+                &format!("{label}: ID_GET count={count}, {threads} thread(s)"),
+                &s,
+                "ids/s",
+            );
+        }
+    }
+    for threads in [1usize, 8] {
+        let s: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t0 = Instant::now();
+                let total: u64 = std::thread::scope(|sc| {
+                    let js: Vec<_> = (0..threads)
+                        .map(|_| {
+                            sc.spawn(|| {
+                                let mut s = TcpStream::connect(id.addr).unwrap();
+                                s.set_nodelay(true).unwrap();
+                                let mut n = 0;
+                                while t0.elapsed() < secs {
+                                    n += ids_pipelined(&mut s, 32);
+                                }
+                                n
+                            })
+                        })
+                        .collect();
+                    js.into_iter().map(|j| j.join().unwrap()).sum()
+                });
+                total as f64 / t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        report(
+            &format!("{label}: ID_GET count=1, 32 in flight, {threads} thread(s)"),
+            &s,
+            "ids/s",
+        );
+    }
+    drop(id);
+    let tracker = start(
+        dir,
+        &format!("tracker-{label}"),
+        "roles = [\"tracker\"]\n[tracker]\noffline_after_ms = 600000\ngroups = [\"g1\", \"g2\"]\n",
+        url,
+    );
+    for (g, port) in [("g1", 7401u16), ("g2", 7402)] {
+        let j = NodeHello {
+            group: g.into(),
+            host: "127.0.0.1".into(),
+            port,
+            version: proto::VERSION,
+            started: 1,
+            free: 1 << 30,
+        };
+        proto::call_once(
+            tracker.addr,
+            T,
+            cmd::TRACKER_JOIN,
+            &j.encode_join().unwrap(),
+            cmd::REPLY_TRACKER,
+            4,
+        )
+        .unwrap();
+    }
+    // Route every user once (the assignments hit the database), then time the steady state.
+    let t0 = Instant::now();
+    let mut c = Caller::connect(tracker.addr, T).unwrap();
+    for u in 0..users {
+        saddrs(&mut c, u);
+    }
+    let first = users as f64 / t0.elapsed().as_secs_f64();
+    println!("{label}: SADDRS first assignment of {users} users (1 thread)    {first:>12.0} req/s");
+    for threads in [1usize, 8] {
+        let s: Vec<f64> = (0..runs)
+            .map(|_| {
+                let next = std::sync::atomic::AtomicU64::new(0);
+                rate(
+                    threads,
+                    secs,
+                    |c| {
+                        saddrs(
+                            c,
+                            next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % users,
+                        )
+                    },
+                    tracker.addr,
+                )
+            })
+            .collect();
+        report(
+            &format!("{label}: SADDRS, {threads} thread(s)"),
+            &s,
+            "req/s",
+        );
+    }
+}
+
+fn main() {
+    let runs = env_u64("FERRY_BENCH_RUNS", 3).max(1) as usize;
+    let secs = Duration::from_secs(env_u64("FERRY_BENCH_SECS", 2).max(1));
+    let dir = tempfile::tempdir().unwrap();
+    println!("cluster roles over loopback: {runs} runs of {secs:?} each, median (min, max)");
+    bench_backend("embedded", dir.path(), None, runs, secs);
+    let Ok(admin) = std::env::var("FERRY_PG_URL") else {
+        println!("postgres: skipped (FERRY_PG_URL unset)");
+        return;
+    };
+    let name = format!("ferry_bench_{:016x}", rand::random::<u64>());
+    let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+    c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let url = match admin.rfind('/') {
+        Some(i) if i > admin.find("://").map_or(0, |j| j + 2) => format!("{}/{name}", &admin[..i]),
+        _ => format!("{admin}/{name}"),
+    };
+    bench_backend("postgres", dir.path(), Some(&url), runs, secs);
+    let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+}

@@ -1,0 +1,284 @@
+//! Storage nodes of one group sharing one data dir and one PostgreSQL database (issue #8,
+//! "Multi-node storage"): real `ferry-server` processes with distinct node names, driven by the
+//! real `ferry` client.
+//!
+//! - An upload through node A survives A's SIGKILL: the client fails over to node B, which
+//!   loads A's session from the database and finishes it; the file is byte-identical, stored
+//!   once, and A restarted on the same dir serves it too (its recovery leaves B's work alone).
+//! - Small uploads through both nodes at once get file ids that never collide.
+//!
+//! The nodes have a `[cluster]` section (that is where the node name lives) whose tracker
+//! address has nothing listening: these tests are about the shared storage, not membership.
+//! They need `FERRY_PG_URL` (skipped without it, failed without it when CI=true).
+
+mod support;
+
+use serde_json::Value;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{PgDb, Proc, bin, count_files, free_addr, make_file, pg_db, sha256_file, wait_ready};
+
+const BS: u64 = 64 * 1024;
+
+struct Group {
+    dir: tempfile::TempDir,
+    db: PgDb,
+    tracker: SocketAddr,
+    nodes: Vec<(String, SocketAddr, Option<Proc>)>,
+}
+
+impl Group {
+    fn new(db: PgDb) -> Group {
+        Group {
+            dir: tempfile::tempdir().unwrap(),
+            db,
+            tracker: free_addr(),
+            nodes: Vec::new(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts (or restarts) node `name` on the shared data dir and database.
+    fn start(&mut self, name: &str) -> SocketAddr {
+        let addr = match self.nodes.iter().find(|n| n.0 == name) {
+            Some(n) => n.1,
+            None => free_addr(),
+        };
+        let conf = self.path(&format!("{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "meta_url = {:?}\nsync_blocks = false\nid_step = 5\nidle_timeout_ms = 2000\n\
+                 [cluster]\ngroup = \"g1\"\ntrackers = [\"{}\"]\nnode_name = \"{name}\"\n",
+                self.db.url, self.tracker
+            ),
+        )
+        .unwrap();
+        let p = Proc::spawn(
+            &format!("node-{name}"),
+            Command::new(bin("ferry-server"))
+                .arg("--config")
+                .arg(&conf)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--data")
+                .arg(self.path("data"))
+                .env_remove("FERRY_META_URL"),
+            self.dir.path(),
+        );
+        wait_ready(addr, Duration::from_secs(20));
+        self.nodes.retain(|n| n.0 != name);
+        self.nodes.push((name.into(), addr, Some(p)));
+        addr
+    }
+
+    fn node(&mut self, name: &str) -> &mut Proc {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.0 == name)
+            .and_then(|n| n.2.as_mut())
+            .unwrap()
+    }
+}
+
+/// A `ferry` command with the test's state dir, talking to the nodes directly.
+fn ferry(state: &Path, via: &[SocketAddr], args: &[&str]) -> Command {
+    let mut c = Command::new(bin("ferry"));
+    c.env("FERRY_STATE_DIR", state)
+        .env_remove("FERRY_PROXIES")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for p in via {
+        c.arg("--proxy").arg(p.to_string());
+    }
+    c.args(args);
+    c
+}
+
+/// Runs to completion (bounded) and returns its JSON output.
+fn run_json(mut cmd: Command) -> Value {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("ferry ran over 60 s: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ferry failed: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"))
+}
+
+/// Set bits in the first bitmap of a client upload state file (after its 68-byte header).
+fn bits_set(path: &Path, blocks: usize) -> u32 {
+    let Ok(b) = std::fs::read(path) else { return 0 };
+    b.get(68..68 + blocks.div_ceil(8))
+        .map(|m| m.iter().map(|x| x.count_ones()).sum())
+        .unwrap_or(0)
+}
+
+/// The numeric id a file id starts with (16 hex digits, then a dash).
+fn num_of(file_id: &str) -> u64 {
+    let hex = file_id.split('-').next().unwrap();
+    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("file id {file_id}: {e}"))
+}
+
+#[test]
+fn upload_through_a_killed_node_finishes_through_its_peer() {
+    let Some(db) = pg_db("upload_through_a_killed_node_finishes_through_its_peer") else {
+        return;
+    };
+    let mut g = Group::new(db);
+    let a = g.start("a");
+    let b = g.start("b");
+    let src = g.path("src");
+    let size: u64 = 24 << 20;
+    make_file(&src, size, 21);
+    let blocks = (size / BS) as usize;
+    let state = g.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let conf = g.path("client.toml");
+    std::fs::write(&conf, "timeout_ms = 1000\n").unwrap();
+    let out = g.path("client.out");
+    // Node A first: the client sends everything there until A dies, then fails over to B.
+    let mut client = ferry(
+        &state,
+        &[a, b],
+        &[
+            "--config",
+            conf.to_str().unwrap(),
+            "--json",
+            "upload",
+            src.to_str().unwrap(),
+            "--block-size",
+            "64KiB",
+            "--threads",
+            "2",
+        ],
+    );
+    let mut child = client
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let begun = || -> u32 {
+        std::fs::read_dir(&state)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| bits_set(&e.path(), blocks))
+            .sum()
+    };
+    let t = Instant::now();
+    while begun() < blocks as u32 / 4 {
+        if t.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the upload made no progress through node A before the kill");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    g.node("a").kill(); // SIGKILL mid-transfer
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the client did not finish through node B within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let err = std::fs::read_to_string(out.with_extension("err")).unwrap();
+    assert!(status.success(), "upload failed after node A died: {err}");
+    let v: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    eprintln!("upload through A (killed) then B: {}", v["report"]);
+    assert!(v["report"]["failovers"].as_u64().unwrap() >= 1, "{v}");
+    let id = v["file_id"].as_str().unwrap().to_owned();
+    let b_log = g.node("b").log_text();
+    assert!(
+        b_log.contains("loaded from the metadata DB"),
+        "node B must resume node A's session, not start another: {b_log}"
+    );
+
+    let got = g.path("via-b");
+    run_json(ferry(
+        &state,
+        &[b],
+        &["--json", "download", &id, "-o", got.to_str().unwrap()],
+    ));
+    assert_eq!(sha256_file(&got), sha256_file(&src));
+    assert_eq!(count_files(&g.path("data/data")), 1, "stored exactly once");
+
+    // A restarts on the same dir: its recovery must leave B's work alone, and it serves the
+    // file B finished. No temp file is left behind by either node.
+    let a = g.start("a");
+    let again = g.path("via-a");
+    run_json(ferry(
+        &state,
+        &[a],
+        &["--json", "download", &id, "-o", again.to_str().unwrap()],
+    ));
+    assert_eq!(sha256_file(&again), sha256_file(&src));
+    assert_eq!(count_files(&g.path("data/tmp")), 0);
+    assert_eq!(count_files(&g.path("data/data")), 1);
+}
+
+#[test]
+fn ids_from_two_nodes_never_collide() {
+    let Some(db) = pg_db("ids_from_two_nodes_never_collide") else {
+        return;
+    };
+    let mut g = Group::new(db);
+    let nodes = [g.start("a"), g.start("b")];
+    const EACH: u64 = 12;
+    // Id steps of 5 (the nodes' `id_step`) and 12 files per node: the nodes race for the id
+    // row again and again.
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(n, &addr)| {
+                let g = &g;
+                s.spawn(move || {
+                    let state = g.path(&format!("state-{n}"));
+                    (0..EACH)
+                        .map(|i| {
+                            let f = g.path(&format!("small-{n}-{i}"));
+                            make_file(&f, 1000 + i, 100 * n as u64 + i);
+                            let v = run_json(ferry(
+                                &state,
+                                &[addr],
+                                &["--json", "upload", f.to_str().unwrap()],
+                            ));
+                            v["file_id"].as_str().unwrap().to_owned()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let nums: HashSet<u64> = ids.iter().map(|i| num_of(i)).collect();
+    assert_eq!(ids.len() as u64, 2 * EACH);
+    assert_eq!(
+        nums.len(),
+        ids.len(),
+        "two nodes handed out one id: {ids:?}"
+    );
+    assert_eq!(count_files(&g.path("data/data")), ids.len());
+}

@@ -15,63 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use support::cli::{self, Run};
-use support::{make_file, sha256_file};
+use support::{PgDb, make_file, pg_db, sha256_file};
 
 const APP: &str = "demo";
-
-/// A scratch PostgreSQL database, dropped (forcibly) with this value.
-struct PgDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create(test: &str) -> Option<PgDb> {
-        let admin = match std::env::var("FERRY_PG_URL") {
-            Ok(u) if !u.is_empty() => u,
-            _ => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "{test}: FERRY_PG_URL must be set in CI"
-                );
-                println!("{test}: skipped (FERRY_PG_URL unset)");
-                return None;
-            }
-        };
-        let name = format!("ferry_ce_{:016x}", rand::random::<u64>());
-        let mut c = postgres::Client::connect(&admin, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("{test}: cannot reach FERRY_PG_URL {admin}: {e}"));
-        c.batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap_or_else(|e| panic!("{test}: cannot create database {name}: {e}"));
-        // Same server and credentials, the new database.
-        let (base, query) = admin
-            .split_once('?')
-            .map_or((admin.as_str(), ""), |(b, q)| (b, q));
-        let host_end = base.find("://").map_or(0, |i| i + 3);
-        let host = match base[host_end..].find('/') {
-            Some(i) => &base[..host_end + i],
-            None => base,
-        };
-        let url = if query.is_empty() {
-            format!("{host}/{name}")
-        } else {
-            format!("{host}/{name}?{query}")
-        };
-        Some(PgDb { admin, name, url })
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
-    }
-}
 
 /// One test's cluster, database and scratch space. Field order is drop order: the cluster
 /// stops before its database is dropped and its directory removed.
@@ -86,7 +32,7 @@ struct Setup {
 
 impl Setup {
     fn start(test: &str, nodes: usize, groups: usize) -> Option<Setup> {
-        let db = PgDb::create(test)?;
+        let db = pg_db(test)?;
         let dir = tempfile::tempdir().unwrap();
         let spec = Spec {
             nodes,

@@ -119,9 +119,21 @@ pub enum ClusterAction {
         /// Directory holding server.toml and the four proxy configs.
         #[arg(long, value_name = "DIR", default_value = "conf")]
         conf: PathBuf,
-        /// The server's data directory.
+        /// The server's data directory (with --nodes/--groups: the tracker's and each group's
+        /// data dirs go under it, and the generated configs in DIR/conf).
         #[arg(long, value_name = "DIR", default_value = "ferry-data")]
         data: PathBuf,
+        /// Storage nodes per group: start a multi-node cluster (tracker+id server, G groups of
+        /// N nodes sharing a data dir each, a routing server-proxy pair, a client-proxy pair).
+        #[arg(long, value_name = "N")]
+        nodes: Option<usize>,
+        /// Groups of storage nodes (multi-node cluster; default 1 with --nodes).
+        #[arg(long, value_name = "G")]
+        groups: Option<usize>,
+        /// PostgreSQL URL for the cluster's metadata (required when N > 1 or G > 1); else
+        /// FERRY_META_URL, else `meta_url` in the conf dir's server.toml.
+        #[arg(long, value_name = "URL")]
+        meta_url: Option<String>,
     },
 }
 
@@ -199,9 +211,29 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
             });
         }
         Command::Cluster {
-            action: ClusterAction::Up { conf, data },
+            action:
+                ClusterAction::Up {
+                    conf,
+                    data,
+                    nodes,
+                    groups,
+                    meta_url,
+                },
         } => {
-            crate::demo::cluster_up(conf, data, say)?;
+            if nodes.is_none() && groups.is_none() && meta_url.is_none() {
+                crate::demo::cluster_up(conf, data, say)?;
+            } else {
+                let env = std::env::var(crate::cluster::META_URL_ENV).ok();
+                let spec = crate::cluster::Spec {
+                    nodes: nodes.unwrap_or(1),
+                    groups: groups.unwrap_or(1),
+                    meta_url: crate::cluster::resolve_meta_url(meta_url.as_deref(), env, conf)?,
+                    beat_interval_ms: 1000,
+                    offline_after_ms: 3000,
+                    route_cache_ms: 2000,
+                };
+                crate::cluster::up_groups(&spec, data, say)?;
+            }
             return Ok(String::new());
         }
         Command::Groups { trackers, timeout } => {

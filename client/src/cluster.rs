@@ -1,13 +1,19 @@
-//! A local ferry cluster as child processes: one server, a server-proxy pair and a client-proxy
-//! pair, all on loopback, started from the binaries next to the running `ferry` and the configs
-//! in `conf/`. `ferry demo`, `ferry cluster up` and the chaos tests run on it.
+//! A local ferry cluster as child processes, all on loopback, started from the binaries next to
+//! the running `ferry`:
+//!
+//! - [`Cluster::start`]: one server, a server-proxy pair and a client-proxy pair, with the configs
+//!   in `conf/`. `ferry demo`, `ferry cluster up` and the chaos tests run on it.
+//! - [`Cluster::start_groups`]: a multi-node cluster (`ferry cluster up --nodes N --groups G`):
+//!   a tracker+id server, G groups of N storage nodes (the nodes of a group share one data dir
+//!   and, with the tracker, one PostgreSQL database), a routing server-proxy pair and a
+//!   client-proxy pair. Its configs are generated into `<data>/conf/`.
 //!
 //! Processes are started in dependency order and each is waited for until it answers a PROBE with
 //! the right identity. Every child is killed and reaped when the cluster is dropped, so no test
 //! or interrupted demo leaves processes behind.
 
 use crate::error::{ClientError, Result};
-use ferry_common::proto::{self, Header, Identity, Role};
+use ferry_common::proto::{self, Header, Identity, Role, cmd};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -100,8 +106,12 @@ pub enum Logs {
 }
 
 struct Member {
-    name: &'static str,
+    name: String,
+    /// The binary: "ferry-server" or "ferry-proxy".
+    exe: &'static str,
     args: Vec<String>,
+    /// FERRY_META_URL for the child: `Some(Some(url))` set, `Some(None)` removed, `None` inherited.
+    meta_env: Option<Option<String>>,
     expect: Role,
     addr: SocketAddr,
     child: Option<Child>,
@@ -113,7 +123,10 @@ pub struct Cluster {
     bin_dir: PathBuf,
     logs: Logs,
     members: Vec<Member>,
+    /// Where the members listen. In a multi-node cluster `server` is the tracker+id server.
     pub layout: Layout,
+    /// The multi-node cluster's shape, when started with [`Cluster::start_groups`].
+    pub groups: Option<GroupsLayout>,
     pub data_dir: PathBuf,
 }
 
@@ -181,20 +194,41 @@ impl Cluster {
             logs,
             members: Vec::new(),
             layout,
+            groups: None,
             data_dir: data_dir.to_path_buf(),
         };
         for (name, args, expect, addr) in plan {
-            cluster.members.push(Member {
-                name,
-                args,
-                expect,
-                addr,
-                child: None,
-                restarts: 0,
-            });
-            cluster.start_member(name)?;
+            let exe = if name == SERVER {
+                "ferry-server"
+            } else {
+                "ferry-proxy"
+            };
+            cluster.add(name.to_owned(), exe, args, None, expect, addr)?;
         }
         Ok(cluster)
+    }
+
+    /// Appends a member and starts it.
+    fn add(
+        &mut self,
+        name: String,
+        exe: &'static str,
+        args: Vec<String>,
+        meta_env: Option<Option<String>>,
+        expect: Role,
+        addr: SocketAddr,
+    ) -> Result<()> {
+        self.members.push(Member {
+            name: name.clone(),
+            exe,
+            args,
+            meta_env,
+            expect,
+            addr,
+            child: None,
+            restarts: 0,
+        });
+        self.start_member(&name)
     }
 
     fn member(&mut self, name: &str) -> Result<&mut Member> {
@@ -212,13 +246,18 @@ impl Cluster {
         if m.child.is_some() {
             return Ok(());
         }
-        let exe = bin_dir.join(if m.name == SERVER {
-            "ferry-server"
-        } else {
-            "ferry-proxy"
-        });
+        let exe = bin_dir.join(m.exe);
         let mut cmd = Command::new(&exe);
         cmd.args(&m.args).stdin(Stdio::null()).stdout(Stdio::null());
+        match &m.meta_env {
+            Some(Some(url)) => {
+                cmd.env(META_URL_ENV, url);
+            }
+            Some(None) => {
+                cmd.env_remove(META_URL_ENV);
+            }
+            None => {}
+        }
         match &logs {
             Logs::Dir(d) => {
                 let path = d.join(format!("{}.log", m.name));
@@ -237,8 +276,8 @@ impl Cluster {
             .spawn()
             .map_err(|e| ClientError::io(format!("starting {} ({})", m.name, exe.display()), e))?;
         if let (Logs::Prefixed, Some(err)) = (&logs, child.stderr.take()) {
-            let name = m.name;
-            std::thread::spawn(move || prefix_lines(name, err));
+            let name = m.name.clone();
+            std::thread::spawn(move || prefix_lines(&name, err));
         }
         m.child = Some(child);
         let (addr, expect) = (m.addr, m.expect);
@@ -275,21 +314,21 @@ impl Cluster {
     }
 
     /// PIDs of the running members.
-    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+    pub fn pids(&self) -> Vec<(String, u32)> {
         self.members
             .iter()
-            .filter_map(|m| m.child.as_ref().map(|c| (m.name, c.id())))
+            .filter_map(|m| m.child.as_ref().map(|c| (m.name.clone(), c.id())))
             .collect()
     }
 
     /// Members that exited on their own (not killed through this cluster).
-    pub fn exited(&mut self) -> Vec<&'static str> {
+    pub fn exited(&mut self) -> Vec<String> {
         let mut dead = Vec::new();
         for m in &mut self.members {
             if let Some(c) = m.child.as_mut()
                 && !matches!(c.try_wait(), Ok(None))
             {
-                dead.push(m.name);
+                dead.push(m.name.clone());
             }
         }
         dead
@@ -317,6 +356,428 @@ impl Cluster {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// The environment variable that overrides a server's `meta_url` (and gives `cluster up` its
+/// database when no flag does).
+pub const META_URL_ENV: &str = "FERRY_META_URL";
+/// Name of the tracker+id member of a multi-node cluster.
+pub const TRACKER: &str = "tracker";
+/// Most nodes per group (a tracker's SADDRS answer lists at most 32).
+pub const NODES_MAX: usize = proto::NODES_MAX;
+/// Most groups a local cluster may have.
+pub const GROUPS_MAX: usize = 64;
+
+/// The shape of a multi-node cluster and its timing knobs.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub nodes: usize,
+    pub groups: usize,
+    /// The shared metadata database (`postgres://...`); required when nodes or groups > 1.
+    pub meta_url: Option<String>,
+    /// The tracker's `beat_interval_ms` and `offline_after_ms`.
+    pub beat_interval_ms: u64,
+    pub offline_after_ms: u64,
+    /// The routing server-proxies' `route_cache_ms`.
+    pub route_cache_ms: u64,
+}
+
+impl Spec {
+    /// Checks the shape, and that several nodes or groups have PostgreSQL to share.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=NODES_MAX).contains(&self.nodes) {
+            return Err(ClientError::Input(format!(
+                "--nodes must be 1 ..= {NODES_MAX}, not {}",
+                self.nodes
+            )));
+        }
+        if !(1..=GROUPS_MAX).contains(&self.groups) {
+            return Err(ClientError::Input(format!(
+                "--groups must be 1 ..= {GROUPS_MAX}, not {}",
+                self.groups
+            )));
+        }
+        let pg = self
+            .meta_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"));
+        if (self.nodes > 1 || self.groups > 1) && !pg {
+            return Err(ClientError::Input(format!(
+                "a cluster of {} group(s) x {} node(s) shares its metadata in PostgreSQL: pass \
+                 --meta-url postgres://USER@HOST:PORT/DB, set {META_URL_ENV}, or set meta_url \
+                 in the conf dir's server.toml{}",
+                self.groups,
+                self.nodes,
+                match &self.meta_url {
+                    Some(u) => format!(" (got {u:?}, not a postgres:// URL)"),
+                    None => String::new(),
+                }
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where the members of a multi-node cluster listen.
+#[derive(Debug, Clone)]
+pub struct GroupsLayout {
+    /// The tracker+id server.
+    pub tracker: SocketAddr,
+    /// Each group's name (g1, g2, ...) and its nodes' addresses.
+    pub groups: Vec<(String, Vec<SocketAddr>)>,
+    pub server_proxies: [SocketAddr; 2],
+    pub server_proxy_stats: [SocketAddr; 2],
+    pub client_proxies: [SocketAddr; 2],
+}
+
+/// The member name of node `n` (from 1) of `group`.
+pub fn node_name(group: &str, n: usize) -> String {
+    format!("{group}-node{n}")
+}
+
+fn group_names(groups: usize) -> Vec<String> {
+    (1..=groups).map(|g| format!("g{g}")).collect()
+}
+
+impl GroupsLayout {
+    /// The ports `ferry cluster up --nodes N --groups G` uses: tracker 7300, nodes from 7601,
+    /// routing server-proxies 7411/7412 (stats 7511/7512), client-proxies 7421/7422, as in
+    /// conf/, so `ferry --config conf/client.toml` works against it.
+    pub fn fixed(spec: &Spec) -> GroupsLayout {
+        let at = |port: usize| SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let groups = group_names(spec.groups)
+            .into_iter()
+            .enumerate()
+            .map(|(g, name)| {
+                let nodes = (0..spec.nodes).map(|n| at(7601 + g * spec.nodes + n));
+                (name, nodes.collect())
+            })
+            .collect();
+        GroupsLayout {
+            tracker: at(7300),
+            groups,
+            server_proxies: [at(7411), at(7412)],
+            server_proxy_stats: [at(7511), at(7512)],
+            client_proxies: [at(7421), at(7422)],
+        }
+    }
+
+    /// Fresh loopback ports (tests).
+    pub fn free_ports(spec: &Spec) -> Result<GroupsLayout> {
+        let mut held = Vec::new();
+        let mut next = || -> Result<SocketAddr> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| ClientError::io("picking a free port", e))?;
+            let a = l
+                .local_addr()
+                .map_err(|e| ClientError::io("picking a free port", e))?;
+            held.push(l);
+            Ok(a)
+        };
+        let mut groups = Vec::new();
+        for name in group_names(spec.groups) {
+            let nodes = (0..spec.nodes).map(|_| next()).collect::<Result<_>>()?;
+            groups.push((name, nodes));
+        }
+        Ok(GroupsLayout {
+            tracker: next()?,
+            groups,
+            server_proxies: [next()?, next()?],
+            server_proxy_stats: [next()?, next()?],
+            client_proxies: [next()?, next()?],
+        })
+    }
+
+    /// Every storage node: (group, member name, address).
+    pub fn nodes(&self) -> Vec<(String, String, SocketAddr)> {
+        let mut v = Vec::new();
+        for (g, nodes) in &self.groups {
+            for (i, a) in nodes.iter().enumerate() {
+                v.push((g.clone(), node_name(g, i + 1), *a));
+            }
+        }
+        v
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn toml_list(addrs: &[SocketAddr]) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| toml_str(&a.to_string())).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn write_conf(dir: &Path, name: &str, text: &str) -> Result<String> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text)
+        .map_err(|e| ClientError::io(format!("writing {}", path.display()), e))?;
+    Ok(path.display().to_string())
+}
+
+impl Cluster {
+    /// Starts a multi-node cluster: the tracker+id server, then every storage node (waiting
+    /// until the tracker lists them all online), then the routing server-proxies and the
+    /// client-proxies. Configs go to `<data_dir>/conf/`, the tracker's data to
+    /// `<data_dir>/tracker`, group G's shared data dir is `<data_dir>/G`.
+    pub fn start_groups(
+        bin_dir: &Path,
+        spec: &Spec,
+        layout: GroupsLayout,
+        data_dir: &Path,
+        logs: Logs,
+    ) -> Result<Cluster> {
+        spec.validate()?;
+        let conf_dir = data_dir.join("conf");
+        for d in [&conf_dir, &data_dir.join(TRACKER)] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| ClientError::io(format!("creating {}", d.display()), e))?;
+        }
+        if let Logs::Dir(d) = &logs {
+            std::fs::create_dir_all(d)
+                .map_err(|e| ClientError::io(format!("creating {}", d.display()), e))?;
+        }
+        let l = &layout;
+        let mut cluster = Cluster {
+            bin_dir: bin_dir.to_path_buf(),
+            logs,
+            members: Vec::new(),
+            layout: Layout {
+                server: l.tracker,
+                server_proxies: l.server_proxies,
+                client_proxies: l.client_proxies,
+                client_proxy_stats: [None, None],
+            },
+            groups: Some(layout.clone()),
+            data_dir: data_dir.to_path_buf(),
+        };
+        // Every server gets the database in its config and in FERRY_META_URL (which a server
+        // prefers), so a different URL in our own environment cannot leak into a member.
+        let meta = spec.meta_url.clone();
+        let meta_line = meta
+            .as_deref()
+            .map_or_else(String::new, |u| format!("meta_url = {}\n", toml_str(u)));
+        let names: Vec<String> = l.groups.iter().map(|(g, _)| toml_str(g)).collect();
+        let tracker_conf = format!(
+            "# Generated by ferry cluster up: the tracker and id server.\n\
+             listen = {}\ndata = {}\n{meta_line}roles = [\"tracker\", \"id\"]\n\n\
+             [tracker]\ngroups = [{}]\nbeat_interval_ms = {}\noffline_after_ms = {}\n",
+            toml_str(&l.tracker.to_string()),
+            toml_str(&data_dir.join(TRACKER).display().to_string()),
+            names.join(", "),
+            spec.beat_interval_ms,
+            spec.offline_after_ms,
+        );
+        let path = write_conf(&conf_dir, TRACKER, &tracker_conf)?;
+        cluster.add(
+            TRACKER.into(),
+            "ferry-server",
+            vec!["--config".into(), path],
+            Some(meta.clone()),
+            Role::Server,
+            l.tracker,
+        )?;
+        for (group, name, addr) in l.nodes() {
+            let data = data_dir.join(&group);
+            std::fs::create_dir_all(&data)
+                .map_err(|e| ClientError::io(format!("creating {}", data.display()), e))?;
+            let text = format!(
+                "# Generated by ferry cluster up: storage node {name} of group {group}.\n\
+                 listen = {}\ndata = {}\n{meta_line}roles = [\"storage\"]\n\n\
+                 [cluster]\ngroup = {}\ntrackers = {}\nnode_name = {}\n",
+                toml_str(&addr.to_string()),
+                toml_str(&data.display().to_string()),
+                toml_str(&group),
+                toml_list(&[l.tracker]),
+                toml_str(&name),
+            );
+            let path = write_conf(&conf_dir, &name, &text)?;
+            let args = vec!["--config".into(), path];
+            cluster.add(
+                name,
+                "ferry-server",
+                args,
+                Some(meta.clone()),
+                Role::Server,
+                addr,
+            )?;
+        }
+        wait_joined(l.tracker, l.nodes().len(), Duration::from_secs(15)).map_err(|e| {
+            ClientError::Cluster(format!(
+                "the storage nodes did not all join the tracker: {e}"
+            ))
+        })?;
+        for (i, name) in [SERVER_PROXY_A, SERVER_PROXY_B].into_iter().enumerate() {
+            let text = format!(
+                "# Generated by ferry cluster up: routing server-proxy.\n\
+                 listen = {}\ntrackers = {}\nroute_cache_ms = {}\nstats_listen = {}\n",
+                toml_str(&l.server_proxies[i].to_string()),
+                toml_list(&[l.tracker]),
+                spec.route_cache_ms,
+                toml_str(&l.server_proxy_stats[i].to_string()),
+            );
+            let path = write_conf(&conf_dir, name, &text)?;
+            let args = vec!["--config".into(), path];
+            cluster.add(
+                name.into(),
+                "ferry-proxy",
+                args,
+                None,
+                Role::Proxy,
+                l.server_proxies[i],
+            )?;
+        }
+        for (i, name) in [CLIENT_PROXY_A, CLIENT_PROXY_B].into_iter().enumerate() {
+            let text = format!(
+                "# Generated by ferry cluster up: client-proxy.\nlisten = {}\nupstreams = {}\n",
+                toml_str(&l.client_proxies[i].to_string()),
+                toml_list(&l.server_proxies),
+            );
+            let path = write_conf(&conf_dir, name, &text)?;
+            let args = vec!["--config".into(), path];
+            cluster.add(
+                name.into(),
+                "ferry-proxy",
+                args,
+                None,
+                Role::Proxy,
+                l.client_proxies[i],
+            )?;
+        }
+        Ok(cluster)
+    }
+
+    /// The data dir the nodes of `group` share.
+    pub fn group_data(&self, group: &str) -> PathBuf {
+        self.data_dir.join(group)
+    }
+}
+
+/// The metadata database for `cluster up`: the flag, else FERRY_META_URL, else `meta_url` in
+/// the conf dir's server.toml.
+pub fn resolve_meta_url(
+    flag: Option<&str>,
+    env: Option<String>,
+    conf_dir: &Path,
+) -> Result<Option<String>> {
+    if let Some(u) = flag {
+        return Ok(Some(u.to_owned()));
+    }
+    if let Some(u) = env.filter(|u| !u.is_empty()) {
+        return Ok(Some(u));
+    }
+    let path = conf_dir.join(format!("{SERVER}.toml"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ClientError::io(format!("reading {}", path.display()), e)),
+    };
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| ClientError::Cluster(format!("{}: {e}", path.display())))?;
+    Ok(table
+        .get("meta_url")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned))
+}
+
+/// `ferry cluster up --nodes N --groups G`: runs a multi-node cluster in the foreground, logs
+/// prefixed by member, until Ctrl-C (or until a member exits on its own).
+pub fn up_groups(spec: &Spec, data: &Path, say: crate::demo::Say) -> Result<()> {
+    spec.validate()?;
+    let bins = crate::demo::bin_dir()?;
+    let layout = GroupsLayout::fixed(spec);
+    let slot: std::sync::Arc<parking_lot::Mutex<Option<Cluster>>> = Default::default();
+    crate::demo::stop_on_signal(slot.clone(), None, say)?;
+    let c = Cluster::start_groups(&bins, spec, layout.clone(), data, Logs::Prefixed)?;
+    *slot.lock() = Some(c);
+    say(&format!(
+        "ferry cluster up: tracker+id {}; {} group(s) x {} node(s), data in {}/<group>:",
+        layout.tracker,
+        spec.groups,
+        spec.nodes,
+        data.display()
+    ));
+    for (g, nodes) in &layout.groups {
+        let list: Vec<String> = nodes.iter().map(|a| a.to_string()).collect();
+        say(&format!("  {g}: {}", list.join(" ")));
+    }
+    say(&format!(
+        "routing server-proxies {} {} (stats {} {}), client-proxies {} {}; metadata in {}. \
+         Ctrl-C stops all.",
+        layout.server_proxies[0],
+        layout.server_proxies[1],
+        layout.server_proxy_stats[0],
+        layout.server_proxy_stats[1],
+        layout.client_proxies[0],
+        layout.client_proxies[1],
+        spec.meta_url
+            .as_deref()
+            .unwrap_or("each node's embedded SQLite"),
+    ));
+    say(&format!(
+        "try: ferry --proxy {} --proxy {} --user alice upload FILE; ferry groups --tracker {}",
+        layout.client_proxies[0], layout.client_proxies[1], layout.tracker
+    ));
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let mut guard = slot.lock();
+        let Some(c) = guard.as_mut() else {
+            return Ok(());
+        };
+        let dead = c.exited();
+        if !dead.is_empty() {
+            return Err(ClientError::Cluster(format!(
+                "cluster members exited: {dead:?}"
+            )));
+        }
+    }
+}
+
+/// The tracker's view (TRACKER_GROUPS).
+pub fn tracker_groups(tracker: SocketAddr) -> std::result::Result<proto::GroupsReply, String> {
+    let mut c =
+        proto::Caller::connect(tracker, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    let body = c
+        .call(
+            cmd::TRACKER_GROUPS,
+            &[],
+            cmd::REPLY_TRACKER,
+            proto::GROUPS_REPLY_MAX,
+        )
+        .map_err(|e| e.to_string())?;
+    proto::GroupsReply::decode(&body).map_err(|e| e.to_string())
+}
+
+/// Waits until the tracker lists `want` nodes online.
+fn wait_joined(
+    tracker: SocketAddr,
+    want: usize,
+    limit: Duration,
+) -> std::result::Result<(), String> {
+    let t = Instant::now();
+    loop {
+        let seen = match tracker_groups(tracker) {
+            Ok(v) => {
+                let online = v
+                    .groups
+                    .iter()
+                    .flat_map(|g| &g.nodes)
+                    .filter(|n| n.online)
+                    .count();
+                if online >= want {
+                    return Ok(());
+                }
+                format!("{online} of {want} nodes online")
+            }
+            Err(e) => e,
+        };
+        if t.elapsed() >= limit {
+            return Err(format!("after {limit:?}: {seen}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -378,5 +839,83 @@ fn wait_ready(addr: SocketAddr, expect: Role, limit: Duration) -> std::io::Resul
             return Err(err);
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(nodes: usize, groups: usize, meta_url: Option<&str>) -> Spec {
+        Spec {
+            nodes,
+            groups,
+            meta_url: meta_url.map(str::to_owned),
+            beat_interval_ms: 1000,
+            offline_after_ms: 3000,
+            route_cache_ms: 2000,
+        }
+    }
+
+    #[test]
+    fn several_nodes_or_groups_need_postgres() {
+        spec(1, 1, None).validate().unwrap();
+        spec(2, 2, Some("postgres://u@127.0.0.1:5432/db"))
+            .validate()
+            .unwrap();
+        for bad in [spec(2, 1, None), spec(1, 2, None)] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains("--meta-url") && e.contains(META_URL_ENV), "{e}");
+        }
+        let e = spec(1, 2, Some("/tmp/meta.db"))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a postgres:// URL"), "{e}");
+        assert!(spec(0, 1, None).validate().is_err());
+        assert!(spec(NODES_MAX + 1, 1, None).validate().is_err());
+        assert!(spec(1, GROUPS_MAX + 1, None).validate().is_err());
+    }
+
+    #[test]
+    fn meta_url_comes_from_flag_then_env_then_server_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(resolve_meta_url(None, None, d).unwrap(), None);
+        std::fs::write(
+            d.join("server.toml"),
+            "meta_url = \"postgres://conf@h/db\"\n",
+        )
+        .unwrap();
+        let conf = Some("postgres://conf@h/db".to_owned());
+        assert_eq!(resolve_meta_url(None, None, d).unwrap(), conf);
+        assert_eq!(
+            resolve_meta_url(None, Some(String::new()), d).unwrap(),
+            conf
+        );
+        let env = Some("postgres://env@h/db".to_owned());
+        assert_eq!(resolve_meta_url(None, env.clone(), d).unwrap(), env);
+        assert_eq!(
+            resolve_meta_url(Some("postgres://flag@h/db"), env, d).unwrap(),
+            Some("postgres://flag@h/db".to_owned())
+        );
+    }
+
+    #[test]
+    fn fixed_layout_keeps_nodes_clear_of_the_other_ports() {
+        let l = GroupsLayout::fixed(&spec(NODES_MAX, 2, None));
+        let nodes = l.nodes();
+        assert_eq!(nodes.len(), 2 * NODES_MAX);
+        assert_eq!(nodes[0].1, "g1-node1");
+        assert_eq!(nodes[NODES_MAX].0, "g2");
+        let mut all: Vec<SocketAddr> = nodes.iter().map(|n| n.2).collect();
+        all.extend([l.tracker]);
+        all.extend(l.server_proxies);
+        all.extend(l.server_proxy_stats);
+        all.extend(l.client_proxies);
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a port is used twice");
     }
 }

@@ -22,6 +22,9 @@ pub enum Fault {
     /// The proxy took the session but could reach no upstream (error 19): it is alive and the
     /// servers behind it are down or restarting.
     NoUpstream(String),
+    /// A routing proxy found no online node in the user's group (error 23; the text names the
+    /// group). Waited out like [`Fault::NoUpstream`]: the group's nodes may be restarting.
+    NoNode(ErrorBody),
     /// The request could not be written: the peer is gone or not reading.
     Send(String),
     /// No reply within the timeout.
@@ -35,11 +38,12 @@ pub enum Fault {
 }
 
 impl Fault {
-    /// A proxy answered that it could reach no upstream (error 19).
+    /// A proxy answered that it could reach no upstream (error 19) or, routing, no node of
+    /// the user's group (error 23).
     pub fn is_upstream_down(&self) -> bool {
         match self {
-            Fault::NoUpstream(_) => true,
-            Fault::Server(e) => e.code == ErrorCode::Upstream,
+            Fault::NoUpstream(_) | Fault::NoNode(_) => true,
+            Fault::Server(e) => matches!(e.code, ErrorCode::Upstream | ErrorCode::NoNode),
             _ => false,
         }
     }
@@ -52,7 +56,9 @@ impl Fault {
             | Fault::Timeout(s)
             | Fault::Dropped(s)
             | Fault::Garbled(s) => s.clone(),
-            Fault::Server(e) => format!("error {} {:?}: {}", e.code as u16, e.code, e.text),
+            Fault::Server(e) | Fault::NoNode(e) => {
+                format!("error {} {:?}: {}", e.code as u16, e.code, e.text)
+            }
         }
     }
 }
@@ -90,6 +96,7 @@ impl Conn {
         };
         // A peer that takes the connection but cannot open a session is as good as down.
         let body = c.call(cmd::HELLO, hello, 3).map_err(|f| match f {
+            Fault::Server(e) if e.code == ErrorCode::NoNode => Fault::NoNode(e),
             Fault::Server(e) if !e.code.retryable() => Fault::Server(e),
             other if other.is_upstream_down() => {
                 Fault::NoUpstream(format!("HELLO to {peer}: {}", other.describe()))

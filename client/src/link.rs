@@ -10,12 +10,15 @@
 //!   `tries_per_proxy x proxies` attempts, so an all-down list fails with a clear error;
 //! - except while proxies answer `Upstream`: they are alive and the servers behind them are
 //!   most likely restarting, so the request keeps trying for a retry window of
-//!   `tries_per_proxy x timeout` (30 s by default) before it gives up.
+//!   `tries_per_proxy x timeout` (30 s by default) before it gives up;
+//! - `NoNode` (a routing proxy found no online node in the user's group) is waited out the same
+//!   way; if the window ends on it, the request fails with that error (code 23, naming the
+//!   group), so the user learns which group is down rather than "unreachable".
 
 use crate::conn::{Conn, Fault};
 use crate::error::ClientError;
 use crate::rotation::{Proxies, backoff};
-use ferry_common::proto::ErrorCode;
+use ferry_common::proto::{ErrorBody, ErrorCode};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -102,6 +105,8 @@ impl<'a> Link<'a> {
         let mut attempt = 0u32;
         // Set when a proxy answered `Upstream`: it lives, its servers are (re)starting.
         let mut upstream_down = false;
+        // The last failure was `NoNode`: the error to give up with.
+        let mut no_node: Option<ErrorBody> = None;
         loop {
             if attempt >= max
                 && !(upstream_down && started.elapsed() < self.shared.upstream_window())
@@ -143,6 +148,10 @@ impl<'a> Link<'a> {
                         last = fault.describe();
                         log::debug!("{op}: {last}");
                         upstream_down |= fault.is_upstream_down();
+                        no_node = match fault {
+                            Fault::NoNode(e) => Some(e),
+                            _ => None,
+                        };
                         self.switch();
                         continue;
                     }
@@ -161,6 +170,7 @@ impl<'a> Link<'a> {
                 Err(fault) => {
                     last = fault.describe();
                     log::debug!("{op} via {}: {last}", self.peer());
+                    no_node = None;
                     match fault {
                         // The peer closed a long-idle session (its idle timeout): reconnect
                         // to the same proxy before calling it dead.
@@ -170,12 +180,22 @@ impl<'a> Link<'a> {
                             upstream_down = true;
                             self.switch()
                         }
+                        Fault::NoNode(e) => {
+                            upstream_down = true;
+                            no_node = Some(e);
+                            self.switch()
+                        }
                         Fault::Timeout(_) | Fault::Dropped(_) | Fault::Garbled(_) => {
                             self.failed_try()
                         }
                         Fault::Server(e) => match e.code {
                             ErrorCode::Upstream => {
                                 upstream_down = true;
+                                self.switch()
+                            }
+                            ErrorCode::NoNode => {
+                                upstream_down = true;
+                                no_node = Some(e);
                                 self.switch()
                             }
                             ErrorCode::Busy | ErrorCode::Io | ErrorCode::Limit | ErrorCode::Crc => {
@@ -191,6 +211,17 @@ impl<'a> Link<'a> {
                     }
                 }
             }
+        }
+        if let Some(e) = no_node {
+            return Err(server_error(
+                op,
+                e.code,
+                &format!(
+                    "{} (still so after {attempt} attempts in {:.1?})",
+                    e.text,
+                    started.elapsed()
+                ),
+            ));
         }
         Err(ClientError::Unreachable {
             op: op.to_owned(),

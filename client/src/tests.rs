@@ -45,6 +45,8 @@ struct Faults {
     ranges_served: AtomicU32,
     /// Answer this many HELLOs with error 19, like a proxy whose server is restarting.
     upstream_down_hellos: AtomicU32,
+    /// Answer this many HELLOs with error 23, like a routing proxy whose user's group is down.
+    no_node_hellos: AtomicU32,
 }
 
 struct Fake {
@@ -113,6 +115,14 @@ fn serve(mut s: TcpStream, store: &Mutex<Store>, f: &Faults) {
                     .is_ok() =>
             {
                 error(&mut s, ErrorCode::Upstream, "no upstream could be reached");
+                return;
+            }
+            cmd::HELLO
+                if f.no_node_hellos
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok() =>
+            {
+                error(&mut s, ErrorCode::NoNode, "group g2 has no online node");
                 return;
             }
             cmd::HELLO => {
@@ -418,6 +428,37 @@ fn a_server_restart_behind_the_proxies_is_waited_out() {
     let up = c.upload(&src, None, None, &Quiet).unwrap();
     assert!(up.retries >= u64::from(hellos_refused), "{up:?}");
     assert_eq!(fake.faults.upstream_down_hellos.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_group_without_nodes_is_waited_out_then_reported_by_name() {
+    // A routing proxy answers "no node" a few times (the group's nodes restarting): the request
+    // keeps trying within its window and succeeds.
+    let fake = Fake::start();
+    fake.faults.no_node_hellos.store(6, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::direct(vec![fake.addr, fake.addr], dir.path().join("state"));
+    s.timeout = Duration::from_secs(2);
+    let c = Client::new(s).unwrap();
+    let src = dir.path().join("src");
+    std::fs::write(&src, b"hello").unwrap();
+    let up = c.upload(&src, None, None, &Quiet).unwrap();
+    assert!(up.retries >= 6, "{up:?}");
+    assert_eq!(fake.faults.no_node_hellos.load(Ordering::SeqCst), 0);
+    // The group never comes back: the request ends after its window (tries x timeout = 1.5 s),
+    // not in a hang, with the proxy's error naming the group.
+    fake.faults.no_node_hellos.store(u32::MAX, Ordering::SeqCst);
+    let c = client_for(vec![fake.addr, fake.addr], &dir.path().join("state"));
+    let t = Instant::now();
+    let e = c.stat("g2/000000000001").unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(e.code(), Some(ErrorCode::NoNode), "{e}");
+    assert!(e.to_string().contains("group g2 has no online node"), "{e}");
 }
 
 #[test]

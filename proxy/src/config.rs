@@ -1,5 +1,5 @@
 //! Proxy settings: a TOML file (every key optional, unknown keys refused) with command-line
-//! overrides for the listen address and the upstream list.
+//! overrides for the listen address and the upstream (or tracker) list.
 
 use anyhow::{Context, bail};
 use ferry_common::config::millis;
@@ -16,6 +16,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Upstreams in order of preference: the first is the primary, the rest are standbys.
     pub upstreams: Vec<SocketAddr>,
+    /// Trackers to ask where a session's user lives (a routing server-proxy); exactly one of
+    /// `upstreams` and `trackers` is set.
+    pub trackers: Vec<SocketAddr>,
+    /// How long a tracker's answer (the user's group and its nodes) is reused.
+    #[serde(rename = "route_cache_ms", deserialize_with = "millis::deserialize")]
+    pub route_cache: Duration,
     /// Longest wait for one upstream's TCP connect (and for one health probe).
     #[serde(
         rename = "connect_timeout_ms",
@@ -57,6 +63,8 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
             upstreams: Vec::new(),
+            trackers: Vec::new(),
+            route_cache: Duration::from_millis(2000),
             connect_timeout: Duration::from_millis(1000),
             hello_timeout: Duration::from_millis(5000),
             idle_timeout: Duration::from_millis(120_000),
@@ -82,8 +90,15 @@ pub const PIPE_MAX: usize = 1024 * 1024;
 impl Config {
     /// Rejects settings the proxy cannot run with, naming the key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.upstreams.is_empty() {
-            bail!("no upstreams: set `upstreams` in the config or pass --upstream");
+        match (self.upstreams.is_empty(), self.trackers.is_empty()) {
+            (true, true) => bail!(
+                "no upstreams: set `upstreams` (or `trackers` for a routing server-proxy) in the \
+                 config, or pass --upstream (or --tracker)"
+            ),
+            (false, false) => bail!(
+                "set either `upstreams` (fixed upstreams) or `trackers` (routing by user), not both"
+            ),
+            _ => {}
         }
         if self.rise == 0 || self.fall == 0 {
             bail!("rise and fall must be at least 1");
@@ -99,12 +114,18 @@ impl Config {
             ("hello_timeout_ms", self.hello_timeout),
             ("idle_timeout_ms", self.idle_timeout),
             ("check_interval_ms", self.check_interval),
+            ("route_cache_ms", self.route_cache),
         ] {
             if d < Duration::from_millis(10) {
                 bail!("{name} must be at least 10");
             }
         }
         Ok(())
+    }
+
+    /// Routing by user through trackers (rather than fixed upstreams).
+    pub fn routed(&self) -> bool {
+        !self.trackers.is_empty()
     }
 
     /// Worker threads to start.
@@ -134,6 +155,10 @@ pub struct Cli {
     /// `upstreams` from the config.
     #[arg(long = "upstream")]
     pub upstreams: Vec<SocketAddr>,
+    /// Tracker address, repeated (tried in turn): route each session to its user's group.
+    /// Replaces `trackers` from the config (and clears `upstreams`).
+    #[arg(long = "tracker", conflicts_with = "upstreams")]
+    pub trackers: Vec<SocketAddr>,
 }
 
 impl Cli {
@@ -150,8 +175,14 @@ impl Cli {
         if let Some(l) = self.listen {
             cfg.listen = l;
         }
+        // A list given on the command line decides the mode, whatever the file said.
         if !self.upstreams.is_empty() {
             cfg.upstreams = self.upstreams.clone();
+            cfg.trackers.clear();
+        }
+        if !self.trackers.is_empty() {
+            cfg.trackers = self.trackers.clone();
+            cfg.upstreams.clear();
         }
         cfg.validate().context("invalid proxy configuration")?;
         Ok(cfg)
@@ -189,7 +220,39 @@ mod tests {
         assert_eq!(cfg.stats_listen.unwrap().port(), 9001);
         assert_eq!(cfg.shutdown_grace, Duration::from_millis(600));
         cfg.validate().unwrap();
+        assert!(!cfg.routed());
         assert!(parse("listen = \"127.0.0.1:1\"\nupstream = []\n").is_err());
+    }
+
+    #[test]
+    fn exactly_one_of_upstreams_and_trackers() {
+        let routed =
+            parse("trackers = [\"127.0.0.1:7300\", \"127.0.0.1:7301\"]\nroute_cache_ms = 500\n")
+                .unwrap();
+        routed.validate().unwrap();
+        assert!(routed.routed());
+        assert_eq!(routed.route_cache, Duration::from_millis(500));
+        let both = Config {
+            upstreams: vec!["127.0.0.1:1".parse().unwrap()],
+            ..routed.clone()
+        };
+        assert!(
+            both.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
+        let too_short = Config {
+            route_cache: Duration::from_millis(1),
+            ..routed
+        };
+        assert!(
+            too_short
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("route_cache_ms")
+        );
     }
 
     #[test]
@@ -228,6 +291,7 @@ mod tests {
             "client-proxy-b",
             "server-proxy-a",
             "server-proxy-b",
+            "server-proxy-routed",
         ] {
             let path = dir.join(format!("{name}.toml"));
             let cfg: Config = ferry_common::config::load(&path).unwrap();

@@ -1,11 +1,14 @@
 //! ferry-proxy: the relay in front of clients (client-proxy) and in front of servers
 //! (server-proxy). It reads the first frame of a session itself (answers PROBE, checks HELLO),
-//! connects to the first healthy upstream (primary, then standbys), forwards the HELLO and then
-//! relays bytes both ways with splice(2), without parsing them. See docs/PROXY.md.
+//! connects to the first healthy upstream (primary, then standbys) or, configured with trackers,
+//! to a node of the HELLO user's group, forwards the HELLO and then relays bytes both ways with
+//! splice(2), without parsing them. See docs/PROXY.md.
 
 pub mod config;
 pub mod first;
+pub mod lookup;
 pub mod relay;
+pub mod route;
 pub mod session;
 pub mod stats;
 pub mod upstream;
@@ -16,7 +19,8 @@ use anyhow::Context;
 use ferry_common::reactor::{self, Reactor};
 use log::{error, info, warn};
 use relay::Mode;
-use session::{ProxyService, Shared};
+use route::RouteCache;
+use session::{ProxyService, Router, Shared};
 use stats::{Counters, StatsServer};
 use std::sync::Arc;
 use upstream::{Checker, Upstreams};
@@ -57,16 +61,27 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
         None => None,
     };
     let _checker = Checker::start(ups.clone(), cfg.check_interval, cfg.connect_timeout);
-    let standbys: Vec<String> = cfg.upstreams[1..].iter().map(|a| a.to_string()).collect();
+    let list = |v: &[std::net::SocketAddr]| {
+        v.iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let target = match cfg.upstreams.split_first() {
+        Some((primary, standbys)) => format!("primary {primary} standbys [{}]", list(standbys)),
+        None => format!(
+            "routing by user via trackers [{}], routes cached {:?}",
+            list(&cfg.trackers),
+            cfg.route_cache
+        ),
+    };
     info!(
-        "ferry-proxy listening on {} -> primary {} standbys [{}]; relay mode: {}, {} bytes per \
-         direction; {} workers, max {} sessions, fd limit {fds}",
+        "ferry-proxy listening on {} -> {target}; relay mode: {}, {} bytes per direction; {} \
+         workers, max {} sessions, fd limit {fds}",
         reactor
             .local_addrs()
             .first()
             .map_or_else(|| cfg.listen.to_string(), |a| a.to_string()),
-        cfg.upstreams[0],
-        standbys.join(", "),
         mode.name(),
         cfg.pipe_size,
         rcfg.workers,
@@ -80,6 +95,10 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
             pipe_size: cfg.pipe_size,
             connect_timeout: cfg.connect_timeout,
             hello_timeout: cfg.hello_timeout,
+            router: cfg.routed().then(|| Router {
+                trackers: cfg.trackers.clone().into(),
+                cache: RouteCache::new(cfg.route_cache),
+            }),
         }),
     });
     reactor.run(service).context("reactor failed")?;

@@ -4,17 +4,20 @@
 //! its own.
 //!
 //! Phases: read the first frame (bounded, with a deadline) -> answer PROBE / refuse junk, or
-//! connect to an upstream (primary first, failing over in order, each attempt with a deadline)
-//! -> relay both ways without parsing until both directions have passed their FIN on, or cut the
-//! session at once when the upstream dies under it.
+//! (routing server-proxy) look the user's group up at a tracker unless it is cached (source 2,
+//! see [`crate::lookup`]) -> connect to an upstream or node (preferred first, failing over in
+//! order, each attempt with a deadline) -> relay both ways without parsing until both directions
+//! have passed their FIN on, or cut the session at once when the upstream dies under it.
 
 use crate::first::{FIRST_MAX, First, classify};
+use crate::lookup::{self, Answer, Lookup};
 use crate::relay::{Failure, Flow, Mode};
+use crate::route::{Route, RouteCache};
 use crate::stats::Counters;
 use crate::upstream::Upstreams;
 use ferry_common::proto::{ErrorBody, ErrorCode, Hello, cmd};
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
-use log::debug;
+use log::{debug, warn};
 use mio::Interest;
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
@@ -31,6 +34,25 @@ pub struct Shared {
     pub pipe_size: usize,
     pub connect_timeout: Duration,
     pub hello_timeout: Duration,
+    /// Routing by user through trackers; `None`: the fixed upstream list `ups`.
+    pub router: Option<Router>,
+}
+
+/// What a routing server-proxy needs: the trackers (asked in turn) and the route cache.
+pub struct Router {
+    pub trackers: Arc<[SocketAddr]>,
+    pub cache: RouteCache,
+}
+
+/// Where a session is being connected to.
+struct Targets {
+    /// Addresses in the order to try them.
+    list: Vec<SocketAddr>,
+    /// The preferred one (fixed primary, or the group's first node); others count as standby.
+    primary: Option<SocketAddr>,
+    /// Routed sessions: the group, and whether the route was already refreshed once.
+    group: Option<String>,
+    refreshed: bool,
 }
 
 /// How long a refused peer gets to read our error frame before the socket is closed.
@@ -48,10 +70,16 @@ enum Phase {
         pos: usize,
         until: Instant,
     },
-    /// Connecting to `order[tried - 1]`; `head` is every byte read from the front so far.
+    /// Asking a tracker where the HELLO's user lives; `head` is every byte read from the front.
+    Lookup {
+        lookup: Lookup,
+        head: Vec<u8>,
+        refreshed: bool,
+    },
+    /// Connecting to `targets.list[tried - 1]`; `head` is every byte read from the front so far.
     Connect {
         back: TcpStream,
-        order: Vec<usize>,
+        targets: Targets,
         tried: usize,
         until: Instant,
         head: Vec<u8>,
@@ -147,8 +175,7 @@ impl Session {
                     }
                     First::Hello { hello, .. } => {
                         self.hello = Some(hello);
-                        let order = self.sh.ups.order();
-                        return self.connect_next(order, 0, buf);
+                        return self.route(buf, false);
                     }
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -166,20 +193,120 @@ impl Session {
         (Phase::First { buf, until }, Step::Keep)
     }
 
-    /// Starts a connect to the next upstream in `order` from position `from`; when none is left
-    /// the front gets error 19 (Upstream).
-    fn connect_next(&mut self, order: Vec<usize>, from: usize, head: Vec<u8>) -> (Phase, Step) {
-        let c = &self.sh.counters;
-        for k in from..order.len() {
-            let Some(u) = self.sh.ups.get(order[k]) else {
-                continue;
+    /// Picks where the session goes: the fixed upstreams in health order, or (routing) the
+    /// user's group from the cache or a tracker. `refreshed`: the cached route already failed
+    /// once, so ask a tracker whatever the cache says.
+    fn route(&mut self, head: Vec<u8>, refreshed: bool) -> (Phase, Step) {
+        let sh = self.sh.clone();
+        let Some(router) = &sh.router else {
+            let targets = Targets {
+                list: sh
+                    .ups
+                    .order()
+                    .into_iter()
+                    .filter_map(|i| sh.ups.get(i).map(|u| u.addr))
+                    .collect(),
+                primary: sh.ups.get(0).map(|u| u.addr),
+                group: None,
+                refreshed: true,
             };
-            match TcpStream::connect(u.addr) {
+            return self.connect_next(targets, 0, head);
+        };
+        let c = &sh.counters;
+        let Some(hello) = &self.hello else {
+            return self.finish("internal: routing without a HELLO");
+        };
+        let (app, user) = (hello.app.clone(), hello.user.clone());
+        if !refreshed && let Some(route) = router.cache.get(&app, &user, Instant::now()) {
+            c.route_cache_hits.fetch_add(1, Ordering::Relaxed);
+            return self.connect_route(route, head, false);
+        }
+        if !refreshed {
+            c.route_cache_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        c.route_lookups.fetch_add(1, Ordering::Relaxed);
+        let req = match lookup::request(&app, &user) {
+            Ok(r) => r,
+            // A decoded HELLO's app and user always fit the SADDRS fields.
+            Err(e) => return self.finish(format!("internal: cannot build SADDRS: {e}")),
+        };
+        let lookup = Lookup::start(router.trackers.clone(), req, sh.connect_timeout);
+        self.run_lookup(lookup, head, refreshed)
+    }
+
+    fn run_lookup(&mut self, mut lookup: Lookup, head: Vec<u8>, refreshed: bool) -> (Phase, Step) {
+        let sh = self.sh.clone();
+        let c = &sh.counters;
+        let (Some(router), Some(hello)) = (&sh.router, self.hello.clone()) else {
+            return self.finish("internal: lookup without a router");
+        };
+        match lookup.run() {
+            None => (
+                Phase::Lookup {
+                    lookup,
+                    head,
+                    refreshed,
+                },
+                Step::Keep,
+            ),
+            Some(Answer::Found { route, stale }) => {
+                if stale {
+                    c.route_stale.fetch_add(1, Ordering::Relaxed);
+                }
+                if route.nodes.is_empty() {
+                    c.route_no_node.fetch_add(1, Ordering::Relaxed);
+                    let why = format!("group {} has no node with a usable address", route.group);
+                    let frame = ErrorBody::new(ErrorCode::NoNode, &why).frame(cmd::REPLY_PROXY);
+                    return self.reply(frame, why);
+                }
+                router
+                    .cache
+                    .put(&hello.app, &hello.user, &route, Instant::now());
+                self.connect_route(route, head, refreshed)
+            }
+            Some(Answer::NoNode(text)) => {
+                c.route_no_node.fetch_add(1, Ordering::Relaxed);
+                let frame = ErrorBody::new(ErrorCode::NoNode, &text).frame(cmd::REPLY_PROXY);
+                self.reply(frame, format!("no node: {text}"))
+            }
+            Some(Answer::Failed(why)) => {
+                c.route_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    "{}: route lookup for app={} user={} failed: {why}",
+                    self.peer, hello.app, hello.user
+                );
+                let text = format!("no tracker answered: {why}");
+                let frame = ErrorBody::new(ErrorCode::Upstream, &text).frame(cmd::REPLY_PROXY);
+                self.reply(frame, text)
+            }
+        }
+    }
+
+    fn connect_route(&mut self, route: Route, head: Vec<u8>, refreshed: bool) -> (Phase, Step) {
+        let Some(router) = &self.sh.router else {
+            return self.finish("internal: route without a router");
+        };
+        let targets = Targets {
+            list: router.cache.order(&route.nodes, Instant::now()),
+            primary: route.nodes.first().copied(),
+            group: Some(route.group),
+            refreshed,
+        };
+        self.connect_next(targets, 0, head)
+    }
+
+    /// Starts a connect to the next target from position `from`; when none is left, a routed
+    /// session asks a tracker again (once), and otherwise the front gets error 19 (Upstream).
+    fn connect_next(&mut self, targets: Targets, from: usize, head: Vec<u8>) -> (Phase, Step) {
+        let c = &self.sh.counters;
+        for k in from..targets.list.len() {
+            let addr = targets.list[k];
+            match TcpStream::connect(addr) {
                 Ok(back) => {
                     return (
                         Phase::Connect {
                             back,
-                            order,
+                            targets,
                             tried: k + 1,
                             until: Instant::now() + self.sh.connect_timeout,
                             head,
@@ -188,23 +315,37 @@ impl Session {
                     );
                 }
                 Err(e) => {
-                    debug!("{}: connect to {} failed: {e}", self.peer, u.addr);
-                    if k + 1 < order.len() {
+                    debug!("{}: connect to {addr} failed: {e}", self.peer);
+                    self.connect_failed(&targets, addr);
+                    if k + 1 < targets.list.len() {
                         c.failovers.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
         }
+        if !targets.refreshed {
+            return self.route(head, true);
+        }
         c.no_upstream.fetch_add(1, Ordering::Relaxed);
-        let why = "no upstream could be reached";
-        let frame = ErrorBody::new(ErrorCode::Upstream, why).frame(cmd::REPLY_PROXY);
+        let why = match &targets.group {
+            Some(g) => format!("no node of group {g} could be reached"),
+            None => String::from("no upstream could be reached"),
+        };
+        let frame = ErrorBody::new(ErrorCode::Upstream, &why).frame(cmd::REPLY_PROXY);
         self.reply(frame, why)
+    }
+
+    /// A routed session's connect failed: its group's cached nodes are no longer trusted.
+    fn connect_failed(&self, targets: &Targets, addr: SocketAddr) {
+        if let (Some(router), Some(group)) = (&self.sh.router, &targets.group) {
+            router.cache.node_failed(group, addr, Instant::now());
+        }
     }
 
     fn run_connect(&mut self, phase: Phase, ev: &Events) -> (Phase, Step) {
         let Phase::Connect {
             back,
-            order,
+            targets,
             tried,
             until,
             head,
@@ -212,11 +353,7 @@ impl Session {
         else {
             return (phase, Step::Keep);
         };
-        let addr = order
-            .get(tried.wrapping_sub(1))
-            .and_then(|&i| self.sh.ups.get(i))
-            .map(|u| u.addr);
-        let Some(addr) = addr else {
+        let Some(&addr) = targets.list.get(tried.wrapping_sub(1)) else {
             return self.finish("internal: upstream index lost");
         };
         let mut failed = None;
@@ -225,7 +362,11 @@ impl Session {
                 Ok(Some(e)) | Err(e) => failed = Some(e.to_string()),
                 Ok(None) => match back.peer_addr() {
                     Ok(_) => {
-                        return self.connected(back, addr, order.get(tried - 1) == Some(&0), head);
+                        if let Some(router) = &self.sh.router {
+                            router.cache.node_ok(addr);
+                        }
+                        let primary = targets.primary == Some(addr);
+                        return self.connected(back, addr, primary, head);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                     Err(e) => failed = Some(e.to_string()),
@@ -239,7 +380,7 @@ impl Session {
             None => (
                 Phase::Connect {
                     back,
-                    order,
+                    targets,
                     tried,
                     until,
                     head,
@@ -249,10 +390,11 @@ impl Session {
             Some(why) => {
                 debug!("{}: connect to {addr} failed: {why}", self.peer);
                 drop(back);
-                if tried < order.len() {
+                self.connect_failed(&targets, addr);
+                if tried < targets.list.len() {
                     self.sh.counters.failovers.fetch_add(1, Ordering::Relaxed);
                 }
-                self.connect_next(order, tried, head)
+                self.connect_next(targets, tried, head)
             }
         }
     }
@@ -404,6 +546,11 @@ impl Conn for Session {
         let (phase, step) = match phase {
             Phase::First { buf, until } => self.run_first(buf, until, ev),
             p @ Phase::Reply { .. } => self.run_reply(p),
+            Phase::Lookup {
+                lookup,
+                head,
+                refreshed,
+            } => self.run_lookup(lookup, head, refreshed),
             p @ Phase::Connect { .. } => self.run_connect(p, ev),
             Phase::Relay {
                 back,
@@ -427,6 +574,19 @@ impl Conn for Session {
                     Interest::READABLE
                 };
                 arm(0, &mut self.front, Some(want));
+            }
+            Phase::Lookup { lookup, .. } => {
+                // The front waits (bytes after the HELLO stay in its socket); the tracker
+                // socket is source 2 so it never shares a registration slot with the node's.
+                arm(0, &mut self.front, None);
+                let want = if lookup.wants_write() {
+                    Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                if let Some(sock) = lookup.sock.as_mut() {
+                    arm(2, sock, Some(want));
+                }
             }
             Phase::Connect { back, .. } => {
                 // Bytes after the HELLO stay in the front socket until the relay starts.
@@ -455,6 +615,7 @@ impl Conn for Session {
             Phase::First { until, .. }
             | Phase::Reply { until, .. }
             | Phase::Connect { until, .. } => Some(*until),
+            Phase::Lookup { lookup, .. } => Some(lookup.until),
             Phase::Relay { .. } | Phase::Done => None,
         }
     }

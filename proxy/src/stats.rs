@@ -37,6 +37,18 @@ pub struct Counters {
     pub rejected: AtomicU64,
     /// Sessions cut because their upstream died mid-session.
     pub upstream_lost: AtomicU64,
+    /// Routing: sessions whose route came from the cache.
+    pub route_cache_hits: AtomicU64,
+    /// Routing: sessions that found no fresh cached route.
+    pub route_cache_misses: AtomicU64,
+    /// Routing: SADDRS lookups started (cache misses plus refreshes after every node failed).
+    pub route_lookups: AtomicU64,
+    /// Routing: lookups no tracker answered (the session got error 19).
+    pub route_failures: AtomicU64,
+    /// Routing: sessions answered with error 23 (the user's group has no online node).
+    pub route_no_node: AtomicU64,
+    /// Routing: answers a tracker marked stale (given from its last view, database down).
+    pub route_stale: AtomicU64,
 }
 
 impl Counters {
@@ -57,6 +69,12 @@ impl Counters {
             ("refused", g(&self.refused)),
             ("rejected", g(&self.rejected)),
             ("upstream_lost", g(&self.upstream_lost)),
+            ("route_cache_hits", g(&self.route_cache_hits)),
+            ("route_cache_misses", g(&self.route_cache_misses)),
+            ("route_lookups", g(&self.route_lookups)),
+            ("route_failures", g(&self.route_failures)),
+            ("route_no_node", g(&self.route_no_node)),
+            ("route_stale", g(&self.route_stale)),
             ("zero_copy", zero_copy as u64),
         ] {
             let _ = writeln!(out, "{name} {v}");

@@ -1,6 +1,7 @@
 //! Readiness as the handlers see it: per source, gathered since the handler last ran.
 
-/// Most sockets/pipes one connection may register (the proxy uses two: front and back).
+/// Most sockets/pipes one connection may register (the proxy uses front and back, and while a
+/// routing proxy asks a tracker, the lookup socket as a third).
 pub const MAX_SOURCES: usize = 4;
 
 /// Readiness bits of one source.

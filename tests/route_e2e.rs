@@ -1,0 +1,438 @@
+//! End-to-end tests of the routing server-proxy (`trackers` instead of `upstreams`): the real
+//! `ferry-proxy` binary between a test client and stand-in trackers and storage nodes written
+//! here, so the routing rules are checked without PostgreSQL (tests/cluster_e2e.rs runs the real
+//! tracker and servers). A stand-in tracker answers TRACKER_SADDRS from a table (user -> group,
+//! group -> nodes) and counts the lookups; a stand-in node answers PROBE, and after a HELLO
+//! sends one frame naming itself, so the test sees where each session landed.
+
+mod support;
+
+use ferry_common::proto::{
+    self, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, NodeAddr, SaddrsReply, SaddrsReq, cmd,
+    status,
+};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::{Proc, free_addr, wait_ready};
+
+const IO: Duration = Duration::from_secs(10);
+
+fn read_frame(s: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h)?;
+    let h = Header::decode(&h);
+    assert!(h.body_len <= 64 * 1024, "{h:?}");
+    let mut b = vec![0u8; h.body_len as usize];
+    s.read_exact(&mut b)?;
+    Ok((h, b))
+}
+
+/// A stand-in storage node: PROBE -> server identity; HELLO -> one frame "node NAME user USER".
+struct Node {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Node {
+    fn start(name: &str) -> Node {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, name) = (stop.clone(), name.to_owned());
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let name = name.clone();
+                        std::thread::spawn(move || serve_node(s, &name));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Node { addr, stop }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_node(mut s: TcpStream, name: &str) {
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(IO)).unwrap();
+    let Ok((h, body)) = read_frame(&mut s) else {
+        return;
+    };
+    let out = match h.cmd {
+        cmd::PROBE => proto::frame(
+            cmd::REPLY_STORAGE,
+            status::OK,
+            &proto::Identity {
+                version: proto::VERSION,
+                role: proto::Role::Server,
+            }
+            .encode(),
+        ),
+        cmd::HELLO => {
+            let hello = Hello::decode(&body).unwrap();
+            let text = format!("node {name} user {}", hello.user);
+            proto::frame(cmd::REPLY_STORAGE, status::OK, text.as_bytes())
+        }
+        _ => return,
+    };
+    let _ = s.write_all(&out);
+}
+
+/// What a stand-in tracker answers.
+#[derive(Default)]
+struct Table {
+    users: HashMap<String, String>,
+    groups: HashMap<String, Vec<SocketAddr>>,
+}
+
+struct Tracker {
+    addr: SocketAddr,
+    table: Arc<Mutex<Table>>,
+    lookups: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Tracker {
+    fn start() -> Tracker {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let table = Arc::new(Mutex::new(Table::default()));
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, n, flag) = (table.clone(), lookups.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let (t, n) = (t.clone(), n.clone());
+                        std::thread::spawn(move || serve_tracker(s, &t, &n));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Tracker {
+            addr,
+            table,
+            lookups,
+            stop,
+        }
+    }
+
+    fn route(&self, user: &str, group: &str) {
+        let mut t = self.table.lock().unwrap();
+        t.users.insert(user.into(), group.into());
+    }
+
+    fn nodes(&self, group: &str, nodes: &[SocketAddr]) {
+        let mut t = self.table.lock().unwrap();
+        t.groups.insert(group.into(), nodes.to_vec());
+    }
+
+    fn lookups(&self) -> usize {
+        self.lookups.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_tracker(mut s: TcpStream, table: &Mutex<Table>, lookups: &AtomicUsize) {
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(IO)).unwrap();
+    let Ok((h, body)) = read_frame(&mut s) else {
+        return;
+    };
+    assert_eq!(h.cmd, cmd::TRACKER_SADDRS);
+    let req = SaddrsReq::decode(&body).unwrap();
+    lookups.fetch_add(1, Ordering::SeqCst);
+    let t = table.lock().unwrap();
+    let group = t
+        .users
+        .get(&req.user)
+        .cloned()
+        .unwrap_or_else(|| "g1".into());
+    let nodes = t.groups.get(&group).cloned().unwrap_or_default();
+    let out = if nodes.is_empty() {
+        ErrorBody::new(
+            ErrorCode::NoNode,
+            format!("group {group} has no online node"),
+        )
+        .frame(cmd::REPLY_TRACKER)
+    } else {
+        let reply = SaddrsReply {
+            group,
+            stale: false,
+            nodes: nodes
+                .iter()
+                .map(|a| NodeAddr {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                })
+                .collect(),
+        };
+        proto::frame(cmd::REPLY_TRACKER, status::OK, &reply.encode().unwrap())
+    };
+    let _ = s.write_all(&out);
+}
+
+/// A routing proxy in front of `trackers`.
+fn proxy(
+    dir: &std::path::Path,
+    trackers: &[SocketAddr],
+    cache_ms: u64,
+) -> (Proc, SocketAddr, SocketAddr) {
+    let listen = free_addr();
+    let stats = free_addr();
+    let list: Vec<String> = trackers.iter().map(|a| format!("\"{a}\"")).collect();
+    let conf = dir.join(format!("routed-{}.toml", listen.port()));
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"{listen}\"\ntrackers = [{}]\nroute_cache_ms = {cache_ms}\n\
+             connect_timeout_ms = 300\nstats_listen = \"{stats}\"\nworkers = 2\n",
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    let p = Proc::spawn(
+        "routed-proxy",
+        Command::new(support::bin("ferry-proxy")).args(["--config", conf.to_str().unwrap()]),
+        dir,
+    );
+    wait_ready(listen, Duration::from_secs(10));
+    (p, listen, stats)
+}
+
+/// Opens a session as `user` and returns the first frame that comes back.
+fn session(proxy: SocketAddr, user: &str) -> (Header, Vec<u8>) {
+    let mut s = TcpStream::connect_timeout(&proxy, IO).unwrap();
+    s.set_read_timeout(Some(IO)).unwrap();
+    let hello = Hello::new("demo", user, b"").encode().unwrap();
+    s.write_all(&proto::frame(cmd::HELLO, 0, &hello)).unwrap();
+    read_frame(&mut s).unwrap()
+}
+
+/// The node a session as `user` landed on.
+fn landed(proxy: SocketAddr, user: &str) -> String {
+    let (h, body) = session(proxy, user);
+    assert_eq!(h.status, status::OK, "{}", String::from_utf8_lossy(&body));
+    let text = String::from_utf8(body).unwrap();
+    let rest = text.strip_prefix("node ").unwrap();
+    let (node, who) = rest.split_once(" user ").unwrap();
+    assert_eq!(who, user);
+    node.to_owned()
+}
+
+fn error_of(proxy: SocketAddr, user: &str) -> ErrorBody {
+    let (h, body) = session(proxy, user);
+    assert_eq!((h.cmd, h.status), (cmd::REPLY_PROXY, status::ERROR));
+    ErrorBody::decode(&body).unwrap()
+}
+
+fn stats(addr: SocketAddr) -> HashMap<String, u64> {
+    let mut s = TcpStream::connect_timeout(&addr, IO).unwrap();
+    s.set_read_timeout(Some(IO)).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+fn closed_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn users_land_in_their_group_and_routes_are_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, a2, b1) = (Node::start("a1"), Node::start("a2"), Node::start("b1"));
+    let t = Tracker::start();
+    t.nodes("g1", &[a1.addr, a2.addr]);
+    t.nodes("g2", &[b1.addr]);
+    t.route("alice", "g1");
+    t.route("bob", "g2");
+    let (_p, px, st) = proxy(dir.path(), &[t.addr], 60_000);
+    for _ in 0..5 {
+        assert_eq!(
+            landed(px, "alice"),
+            "a1",
+            "the group's first node is preferred"
+        );
+        assert_eq!(landed(px, "bob"), "b1");
+    }
+    // One lookup per user; the other sessions were served from the cache.
+    assert_eq!(t.lookups(), 2);
+    let s = stats(st);
+    assert_eq!(s["route_lookups"], 2);
+    assert_eq!(s["route_cache_misses"], 2);
+    assert_eq!(s["route_cache_hits"], 8);
+    assert_eq!(s["sessions_relayed"], 10);
+    assert_eq!(s["route_failures"], 0);
+}
+
+#[test]
+fn entries_expire_after_route_cache_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, b1) = (Node::start("a1"), Node::start("b1"));
+    let t = Tracker::start();
+    t.nodes("g1", &[a1.addr]);
+    t.nodes("g2", &[b1.addr]);
+    t.route("alice", "g1");
+    let (_p, px, _) = proxy(dir.path(), &[t.addr], 200);
+    assert_eq!(landed(px, "alice"), "a1");
+    // The tracker moves alice; within the cache period the proxy still uses the old answer.
+    t.route("alice", "g2");
+    assert_eq!(landed(px, "alice"), "a1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(landed(px, "alice"), "b1");
+    assert_eq!(t.lookups(), 2);
+}
+
+#[test]
+fn a_dead_node_fails_over_to_its_peer_and_drops_the_group_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let a2 = Node::start("a2");
+    let t = Tracker::start();
+    let dead = closed_addr();
+    t.nodes("g1", &[dead, a2.addr]);
+    t.route("alice", "g1");
+    t.route("bob", "g1");
+    let (_p, px, st) = proxy(dir.path(), &[t.addr], 60_000);
+    assert_eq!(landed(px, "alice"), "a2");
+    // The failed connect dropped g1's nodes: bob's session asks again, and tries the dead
+    // node last (so it is not even attempted).
+    assert_eq!(landed(px, "bob"), "a2");
+    assert_eq!(t.lookups(), 2);
+    let s = stats(st);
+    assert_eq!(s["failovers"], 1, "{s:?}");
+    assert_eq!(s["standby_sessions"], 2, "{s:?}");
+}
+
+#[test]
+fn every_node_dead_refreshes_once_then_error_19_naming_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tracker::start();
+    t.nodes("g1", &[closed_addr(), closed_addr()]);
+    t.route("alice", "g1");
+    let (_p, px, st) = proxy(dir.path(), &[t.addr], 60_000);
+    let started = Instant::now();
+    let e = error_of(px, "alice");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(e.code, ErrorCode::Upstream);
+    assert!(e.text.contains("group g1"), "{}", e.text);
+    assert_eq!(t.lookups(), 2, "one lookup and one refresh");
+    assert_eq!(stats(st)["no_upstream"], 1);
+}
+
+#[test]
+fn a_group_without_online_nodes_gets_error_23_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tracker::start();
+    t.route("carol", "g3");
+    let (_p, px, st) = proxy(dir.path(), &[t.addr], 60_000);
+    let started = Instant::now();
+    let e = error_of(px, "carol");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(e.code, ErrorCode::NoNode);
+    assert_eq!(e.text, "group g3 has no online node");
+    // Not cached: the next session asks again and finds the group back.
+    let c1 = Node::start("c1");
+    t.nodes("g3", &[c1.addr]);
+    assert_eq!(landed(px, "carol"), "c1");
+    assert_eq!(stats(st)["route_no_node"], 1);
+}
+
+#[test]
+fn trackers_are_tried_in_turn_and_none_answering_is_error_19() {
+    let dir = tempfile::tempdir().unwrap();
+    let a1 = Node::start("a1");
+    let t = Tracker::start();
+    t.nodes("g1", &[a1.addr]);
+    // A tracker that accepts but never answers, a closed port, then a working one.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed_addr();
+    let (_p, px, st) = proxy(
+        dir.path(),
+        &[silent.local_addr().unwrap(), dead, t.addr],
+        60_000,
+    );
+    assert_eq!(landed(px, "alice"), "a1");
+    // Only dead trackers: a clear error in bounded time (one connect timeout per tracker).
+    let (_p2, px2, st2) = proxy(dir.path(), &[silent.local_addr().unwrap(), dead], 60_000);
+    let started = Instant::now();
+    let e = error_of(px2, "alice");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(e.code, ErrorCode::Upstream);
+    assert!(e.text.contains("no tracker answered"), "{}", e.text);
+    assert!(e.text.contains(&dead.to_string()), "{}", e.text);
+    assert_eq!(stats(st2)["route_failures"], 1);
+    assert_eq!(stats(st)["route_failures"], 0);
+}
+
+#[test]
+fn the_client_cli_reports_a_group_without_nodes_clearly_and_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tracker::start();
+    t.route("dave", "g4");
+    let (_p, px, _) = proxy(dir.path(), &[t.addr], 60_000);
+    let conf = dir.path().join("client.toml");
+    std::fs::write(&conf, "timeout_ms = 300\ntries_per_proxy = 2\n").unwrap();
+    let started = Instant::now();
+    let out = Command::new(support::bin("ferry"))
+        .args([
+            "--config",
+            conf.to_str().unwrap(),
+            "--proxy",
+            &px.to_string(),
+        ])
+        .args(["--app", "demo", "--user", "dave", "--json", "stat", "g4/1"])
+        .env("FERRY_STATE_DIR", dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["code"], 23, "{stdout}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("group g4 has no online node"),
+        "{stdout}"
+    );
+    // It kept asking during its retry window rather than failing on the first answer.
+    assert!(t.lookups() >= 2, "{}", t.lookups());
+}

@@ -42,7 +42,18 @@ impl Setup {
             offline_after_ms: 1500,
             route_cache_ms: 1000,
         };
-        let layout = GroupsLayout::free_ports(&spec).unwrap();
+        // Ports from support::free_addr, which never hands the same port to two tests of this
+        // process (the three tests start clusters at the same time).
+        let a = support::free_addr;
+        let layout = GroupsLayout {
+            tracker: a(),
+            groups: (1..=spec.groups)
+                .map(|g| (format!("g{g}"), (0..spec.nodes).map(|_| a()).collect()))
+                .collect(),
+            server_proxies: [a(), a()],
+            server_proxy_stats: [a(), a()],
+            client_proxies: [a(), a()],
+        };
         let logs = dir.path().join("logs");
         let bins = support::bin("ferry-server").parent().unwrap().to_path_buf();
         let cluster = Cluster::start_groups(

@@ -463,32 +463,6 @@ impl GroupsLayout {
         }
     }
 
-    /// Fresh loopback ports (tests).
-    pub fn free_ports(spec: &Spec) -> Result<GroupsLayout> {
-        let mut held = Vec::new();
-        let mut next = || -> Result<SocketAddr> {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")
-                .map_err(|e| ClientError::io("picking a free port", e))?;
-            let a = l
-                .local_addr()
-                .map_err(|e| ClientError::io("picking a free port", e))?;
-            held.push(l);
-            Ok(a)
-        };
-        let mut groups = Vec::new();
-        for name in group_names(spec.groups) {
-            let nodes = (0..spec.nodes).map(|_| next()).collect::<Result<_>>()?;
-            groups.push((name, nodes));
-        }
-        Ok(GroupsLayout {
-            tracker: next()?,
-            groups,
-            server_proxies: [next()?, next()?],
-            server_proxy_stats: [next()?, next()?],
-            client_proxies: [next()?, next()?],
-        })
-    }
-
     /// Every storage node: (group, member name, address).
     pub fn nodes(&self) -> Vec<(String, String, SocketAddr)> {
         let mut v = Vec::new();

@@ -1084,3 +1084,114 @@ fn session_and_connection_limits_answer_error_17() {
     // The session that was allowed still works.
     c.upload_small("ok", b"fine").unwrap();
 }
+
+/// Every regular file under `dir`, as paths relative to it.
+fn relative_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if let Ok(r) = p.strip_prefix(dir) {
+                out.push(r.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn hostile_names_are_metadata_and_other_tenants_see_not_found() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let srv = Server::start(dir.path(), &data, "");
+    let mut c = Client::hello(srv.addr, "demo", "mallory");
+    let body = bytes(5000, 77);
+    // Names that would escape a naive path join are stored as names, nothing more.
+    let long = "x".repeat(proto::NAME_LEN);
+    let names = [
+        "../../../../etc/passwd",
+        "/tmp/absolute.jpg",
+        "..",
+        "dir/../../up.mp4",
+        "名前 with spaces.mp4",
+        long.as_str(),
+    ];
+    let mut ids = Vec::new();
+    for n in names {
+        let id = c.upload_small(n, &body).unwrap();
+        assert_eq!(c.stat(&id).unwrap().name, n, "name kept as given");
+        ids.push(id);
+    }
+    // On disk: only server-made paths (data/aaa/bbb/ccc/<hex>_ddd), nothing outside the data dir.
+    let stored = relative_files(&data.join("data"));
+    assert_eq!(stored.len(), names.len(), "{stored:?}");
+    for p in &stored {
+        let parts: Vec<&str> = p.split('/').collect();
+        assert!(
+            parts.len() == 4
+                && parts[..3]
+                    .iter()
+                    .all(|d| d.len() == 3 && d.bytes().all(|b| b.is_ascii_digit())),
+            "unexpected stored path {p}"
+        );
+    }
+    let outside = relative_files(dir.path());
+    assert!(
+        outside
+            .iter()
+            .all(|p| !p.contains("passwd") && !p.contains("absolute")),
+        "{outside:?}"
+    );
+
+    // Names the fixed-width field rules refuse: NUL inside, a control character, not UTF-8.
+    for raw in [&b"a\0b.jpg"[..], b"tab\there.jpg", b"\xff\xfe.jpg"] {
+        let mut meta = Vec::new();
+        meta.extend_from_slice(&rand::random::<[u8; 16]>());
+        meta.extend_from_slice(&sha(&body));
+        let mut name = raw.to_vec();
+        name.resize(proto::NAME_LEN, 0);
+        meta.extend_from_slice(&name);
+        let mut f = proto::data_frame_head(cmd::UPLOAD, 0, &meta, body.len() as u64);
+        f.extend_from_slice(&body);
+        let mut bad = Client::hello(srv.addr, "demo", "mallory");
+        bad.s.write_all(&f).unwrap();
+        assert_eq!(code(bad.result()), ErrorCode::BadFrame, "name {raw:?}");
+        assert!(bad.closed());
+    }
+    assert_eq!(relative_files(&data.join("data")).len(), names.len());
+
+    // Another app asking for these ids hears exactly what a made-up id gets.
+    let mut other = Client::hello(srv.addr, "otherapp", "mallory");
+    let made_up = "0000000000000001-aaaaaaaaaaaaaaaa";
+    let missing_stat = other.stat(made_up).unwrap_err();
+    let missing_dl = other.download(made_up, 0, 10).unwrap_err();
+    let missing_del = other.delete(made_up).unwrap_err();
+    for id in &ids {
+        let stat = other.stat(id).unwrap_err();
+        let dl = other.download(id, 0, 10).unwrap_err();
+        let del = other.delete(id).unwrap_err();
+        assert_eq!(stat.0, ErrorCode::NotFound);
+        assert_eq!(
+            (stat.0, dl.0, del.0),
+            (missing_stat.0, missing_dl.0, missing_del.0)
+        );
+        assert_eq!(
+            (
+                stat.1.replace(id.as_str(), "ID"),
+                dl.1.replace(id.as_str(), "ID")
+            ),
+            (
+                missing_stat.1.replace(made_up, "ID"),
+                missing_dl.1.replace(made_up, "ID")
+            ),
+            "the error text tells a foreign file from a missing one"
+        );
+    }
+    // And the owner still has every file.
+    for id in &ids {
+        assert_eq!(c.download_all(id, body.len() as u64, 1 << 20), body);
+    }
+}

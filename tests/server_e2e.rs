@@ -1087,19 +1087,11 @@ fn session_and_connection_limits_answer_error_17() {
 
 /// Every regular file under `dir`, as paths relative to it.
 fn relative_files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if let Ok(r) = p.strip_prefix(dir) {
-                out.push(r.to_string_lossy().into_owned());
-            }
-        }
-    }
-    out
+    support::files_under(dir)
+        .iter()
+        .filter_map(|p| p.strip_prefix(dir).ok())
+        .map(|r| r.to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]

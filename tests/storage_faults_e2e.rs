@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use support::cli::{ferry, ok, run};
-use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
+use support::{Proc, bin, files_under, free_addr, make_file, sha256_file, wait_ready};
 
 /// A `ferry-server` on `data`, optionally under `fiu-run -x` (fault points controllable at run
 /// time with `fiu-ctrl`).
@@ -47,23 +47,6 @@ impl Server {
             .expect("fiu-ctrl runs");
         assert!(st.success(), "fiu-ctrl -c {command:?} failed");
     }
-}
-
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// `ferry upload` one block of 64 KiB at a time over one connection: slow enough for a fault to

@@ -695,19 +695,7 @@ pub fn up_groups(spec: &Spec, data: &Path, say: crate::demo::Say) -> Result<()> 
         "try: ferry --proxy {} --proxy {} --user alice upload FILE; ferry groups --tracker {}",
         layout.client_proxies[0], layout.client_proxies[1], layout.tracker
     ));
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let mut guard = slot.lock();
-        let Some(c) = guard.as_mut() else {
-            return Ok(());
-        };
-        let dead = c.exited();
-        if !dead.is_empty() {
-            return Err(ClientError::Cluster(format!(
-                "cluster members exited: {dead:?}"
-            )));
-        }
-    }
+    crate::demo::watch(&slot)
 }
 
 /// The tracker's view (TRACKER_GROUPS).

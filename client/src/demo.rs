@@ -322,6 +322,12 @@ pub fn cluster_up(conf_dir: &Path, data: &Path, say: Say) -> Result<()> {
         "try: ferry --proxy {} --proxy {} upload FILE",
         layout.client_proxies[0], layout.client_proxies[1]
     ));
+    watch(&slot)
+}
+
+/// Keeps a foreground cluster running until a signal takes it (see [`stop_on_signal`]) or one
+/// of its members exits on its own (an error naming them).
+pub fn watch(slot: &Mutex<Option<Cluster>>) -> Result<()> {
     loop {
         std::thread::sleep(Duration::from_secs(1));
         let mut guard = slot.lock();

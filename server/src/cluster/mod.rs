@@ -21,19 +21,15 @@ use crate::meta::MetaStore;
 use anyhow::Result;
 use std::sync::Arc;
 
-/// The cluster database for `meta_url`: PostgreSQL for a `postgres://` URL, else the embedded
-/// SQLite database of the data dir (the same `meta.db` the storage role uses).
+/// The cluster database for `meta_url`, read by the same rule as the storage role's
+/// ([`crate::meta::backend`]): PostgreSQL, or the embedded `meta.db` of the data dir.
 pub fn open_store(cfg: &Config) -> Result<Arc<dyn store::ClusterStore>> {
-    match cfg.meta_url.as_deref() {
-        Some(url) if is_pg_url(url) => Ok(Arc::new(pg::PgCluster::open(url)?)),
-        _ => Ok(Arc::new(store::SqliteCluster::open(
+    match crate::meta::backend(cfg.meta_url.as_deref())? {
+        crate::meta::Backend::Pg(url) => Ok(Arc::new(pg::PgCluster::open(url)?)),
+        crate::meta::Backend::Sqlite => Ok(Arc::new(store::SqliteCluster::open(
             &cfg.data.join("meta.db"),
         )?)),
     }
-}
-
-pub fn is_pg_url(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// The cluster roles this process runs, handed to every connection.

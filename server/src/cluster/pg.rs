@@ -30,9 +30,15 @@ impl PgCluster {
     /// A pool for `url` (`postgres://user@host:port/db`); the schema is applied when the
     /// database first answers, so a tracker may start while it is down.
     pub fn open(url: &str) -> Result<PgCluster> {
-        let mut cfg: Config = url
+        let cfg: Config = url
             .parse()
-            .with_context(|| format!("invalid PostgreSQL URL in meta_url: {url}"))?;
+            // Not echoed: it may carry a password.
+            .context("meta_url is not a valid PostgreSQL URL")?;
+        Ok(Self::open_config(cfg))
+    }
+
+    /// The same, from a parsed configuration.
+    pub fn open_config(mut cfg: Config) -> PgCluster {
         cfg.connect_timeout(Duration::from_secs(2));
         let pool = Pool::builder()
             .max_size(4)
@@ -41,10 +47,10 @@ impl PgCluster {
             // Failed connects come back to the caller as errors; the tracker logs them once.
             .error_handler(Box::new(NopErrorHandler))
             .build_unchecked(PostgresConnectionManager::new(cfg, NoTls));
-        Ok(PgCluster {
+        PgCluster {
             pool,
             ready: AtomicBool::new(false),
-        })
+        }
     }
 
     fn conn(&self) -> Result<PooledConnection<Manager>> {

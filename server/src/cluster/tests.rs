@@ -13,71 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// A scratch PostgreSQL database, dropped with this value.
-pub struct PgDb {
-    admin: String,
-    name: String,
-    pub url: String,
-}
-
-impl PgDb {
-    /// A fresh database on `FERRY_PG_URL`, or None (after printing "skipped") when unset.
-    pub fn create(test: &str) -> Option<PgDb> {
-        let admin = match std::env::var("FERRY_PG_URL") {
-            Ok(u) if !u.is_empty() => u,
-            _ => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "{test}: FERRY_PG_URL must be set in CI"
-                );
-                println!("{test}: PostgreSQL half skipped (FERRY_PG_URL unset)");
-                return None;
-            }
-        };
-        let name = format!("ferry_t_{:016x}", rand::random::<u64>());
-        let mut c = postgres::Client::connect(&admin, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("{test}: cannot reach FERRY_PG_URL {admin}: {e}"));
-        c.batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap_or_else(|e| panic!("{test}: cannot create database {name}: {e}"));
-        let url = with_db(&admin, &name);
-        Some(PgDb { admin, name, url })
-    }
-}
-
-/// `url` with its database name replaced.
-pub fn with_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{host_part}/{db}{query}")
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
-    }
-}
-
 /// Runs `f` against a fresh embedded store and, when available, a fresh PostgreSQL database;
 /// `open` makes a second handle on the same database (a second tracker).
 fn both(test: &str, f: impl Fn(&dyn Fn() -> Arc<dyn ClusterStore>)) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta.db");
     f(&|| Arc::new(SqliteCluster::open(&path).unwrap()) as Arc<dyn ClusterStore>);
-    if let Some(db) = PgDb::create(test) {
-        let url = db.url.clone();
-        f(&|| Arc::new(PgCluster::open(&url).unwrap()) as Arc<dyn ClusterStore>);
+    if let Some(db) = crate::meta::pg::testdb::create(test) {
+        f(&|| Arc::new(PgCluster::open_config(db.cfg.clone())) as Arc<dyn ClusterStore>);
     }
 }
 
@@ -381,14 +324,23 @@ fn tracker_without_a_view_is_unavailable() {
 }
 
 #[test]
-fn pg_url_database_swap() {
-    assert_eq!(
-        with_db("postgres://u@h:1/postgres", "x"),
-        "postgres://u@h:1/x"
+fn the_cluster_store_reads_meta_url_like_the_storage_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = crate::config::Config {
+        data: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    super::open_store(&cfg).unwrap();
+    assert!(dir.path().join("meta.db").exists());
+    // An unknown scheme is an error, not a silent fall-back to the embedded database, and the
+    // message does not repeat the URL (it may hold a password).
+    cfg.meta_url = Some("mysql://ferry:secret@h/db".into());
+    let err = super::open_store(&cfg).err().unwrap().to_string();
+    assert!(
+        err.contains("unsupported") && !err.contains("secret"),
+        "{err}"
     );
-    assert_eq!(
-        with_db("postgres://u@h:1/p?sslmode=disable", "x"),
-        "postgres://u@h:1/x?sslmode=disable"
-    );
-    assert_eq!(with_db("postgres://u@h:1", "x"), "postgres://u@h:1/x");
+    cfg.meta_url = Some("postgres://ferry:secret@[bad".into());
+    let err = format!("{:#}", super::open_store(&cfg).err().unwrap());
+    assert!(!err.contains("secret"), "{err}");
 }

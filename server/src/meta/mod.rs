@@ -157,13 +157,29 @@ pub trait MetaStore: Send + Sync {
 /// Opens the backend `meta_url` names: unset = SQLite at `<data>/meta.db`,
 /// `postgres://` or `postgresql://` = PostgreSQL.
 pub fn open(meta_url: Option<&str>, data: &Path) -> Result<Arc<dyn MetaStore>> {
+    match backend(meta_url)? {
+        Backend::Sqlite => Ok(Arc::new(SqliteStore::open(&data.join("meta.db"))?)),
+        Backend::Pg(url) => Ok(Arc::new(PgStore::open(url)?)),
+    }
+}
+
+/// Where `meta_url` puts metadata (the storage role's and the cluster roles' alike).
+pub enum Backend<'a> {
+    /// The embedded database, `<data>/meta.db`.
+    Sqlite,
+    /// PostgreSQL at this URL.
+    Pg(&'a str),
+}
+
+/// Reads `meta_url`: unset = SQLite, `postgres://` or `postgresql://` = PostgreSQL, anything
+/// else an error naming only the scheme (the URL may carry a password).
+pub fn backend(meta_url: Option<&str>) -> Result<Backend<'_>> {
     match meta_url {
-        None => Ok(Arc::new(SqliteStore::open(&data.join("meta.db"))?)),
+        None => Ok(Backend::Sqlite),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(Arc::new(PgStore::open(url)?))
+            Ok(Backend::Pg(url))
         }
         Some(url) => {
-            // Never echo the whole URL: it may carry a password.
             let scheme = url.split(':').next().unwrap_or("");
             anyhow::bail!("meta_url: unsupported scheme {scheme:?} (use postgres://...)")
         }

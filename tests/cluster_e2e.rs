@@ -345,3 +345,39 @@ fn a_group_with_no_online_node_is_a_clear_error_in_bounded_time() {
     assert!(s.download(&other_user, &id, &out).ok);
     assert_eq!(sha256_file(&out), sha256_file(&src));
 }
+
+#[test]
+fn cluster_up_without_a_shared_database_is_refused_with_the_way_out() {
+    // Through the real CLI: several nodes need PostgreSQL, and saying so must not start anything.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    let data = dir.path().join("data");
+    let mut cmd = support::cli::ferry(
+        &dir.path().join("state"),
+        &[],
+        &[
+            "cluster",
+            "up",
+            "--nodes",
+            "2",
+            "--groups",
+            "2",
+            "--conf",
+            conf.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
+    cmd.env_remove("FERRY_META_URL");
+    let t = std::time::Instant::now();
+    let r = support::cli::run(cmd);
+    assert!(!r.ok, "started without a database: {}", r.stdout);
+    assert!(
+        r.stderr.contains("PostgreSQL") && r.stderr.contains("--meta-url"),
+        "{}",
+        r.stderr
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(support::count_files(&data), 0, "nothing was started");
+}

@@ -124,7 +124,7 @@ impl Setup {
         }
         .encode()
         .unwrap();
-        let mut c = Caller::connect(self.layout.tracker, Duration::from_secs(5)).unwrap();
+        let mut c = Caller::connect(self.layout.tracker, Duration::from_secs(5), None).unwrap();
         let reply = c
             .call(
                 cmd::TRACKER_SADDRS,

@@ -158,6 +158,7 @@ fn groups(t: SocketAddr) -> Result<GroupsReply, CallError> {
     let b = call_once(
         t,
         T,
+        None,
         cmd::TRACKER_GROUPS,
         &[],
         cmd::REPLY_TRACKER,
@@ -175,6 +176,7 @@ fn saddrs(t: SocketAddr, app: &str, user: &str) -> Result<SaddrsReply, CallError
     let b = call_once(
         t,
         T,
+        None,
         cmd::TRACKER_SADDRS,
         &q.encode().unwrap(),
         cmd::REPLY_TRACKER,
@@ -198,7 +200,7 @@ fn fake(t: SocketAddr, c: u8, group: &str, port: u16, free: u64) -> Result<u32, 
     } else {
         n.encode_beat()
     };
-    let b = call_once(t, T, c, &body.unwrap(), cmd::REPLY_TRACKER, 4)?;
+    let b = call_once(t, T, None, c, &body.unwrap(), cmd::REPLY_TRACKER, 4)?;
     Ok(proto::decode_beat_reply(&b).unwrap())
 }
 
@@ -456,7 +458,7 @@ fn take_ids(servers: &[SocketAddr], rounds: usize) -> Vec<(u64, u64)> {
             let addr = servers[i % servers.len()];
             let ranges = ranges.clone();
             sc.spawn(move || {
-                let mut s = proto::Caller::connect(addr, T).unwrap();
+                let mut s = proto::Caller::connect(addr, T, None).unwrap();
                 let mut last = 0;
                 let mut mine = Vec::new();
                 for r in 0..rounds {

@@ -701,7 +701,7 @@ pub fn up_groups(spec: &Spec, data: &Path, say: crate::demo::Say) -> Result<()> 
 /// The tracker's view (TRACKER_GROUPS).
 pub fn tracker_groups(tracker: SocketAddr) -> std::result::Result<proto::GroupsReply, String> {
     let mut c =
-        proto::Caller::connect(tracker, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        proto::Caller::connect(tracker, Duration::from_secs(2), None).map_err(|e| e.to_string())?;
     let body = c
         .call(
             cmd::TRACKER_GROUPS,

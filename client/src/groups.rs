@@ -23,6 +23,7 @@ pub fn fetch(trackers: &[String], timeout: Duration) -> Result<GroupsReply, Clie
             match call_once(
                 a,
                 timeout,
+                None,
                 cmd::TRACKER_GROUPS,
                 &[],
                 cmd::REPLY_TRACKER,

@@ -82,7 +82,7 @@ fn rate(
             .map(|_| {
                 let op = &op;
                 sc.spawn(move || {
-                    let mut c = Caller::connect(addr, T).unwrap();
+                    let mut c = Caller::connect(addr, T, None).unwrap();
                     let mut n = 0;
                     while t0.elapsed() < secs {
                         n += op(&mut c);
@@ -225,6 +225,7 @@ fn bench_backend(label: &str, dir: &Path, url: Option<&str>, runs: usize, secs: 
         proto::call_once(
             tracker.addr,
             T,
+            None,
             cmd::TRACKER_JOIN,
             &j.encode_join().unwrap(),
             cmd::REPLY_TRACKER,
@@ -234,7 +235,7 @@ fn bench_backend(label: &str, dir: &Path, url: Option<&str>, runs: usize, secs: 
     }
     // Route every user once (the assignments hit the database), then time the steady state.
     let t0 = Instant::now();
-    let mut c = Caller::connect(tracker.addr, T).unwrap();
+    let mut c = Caller::connect(tracker.addr, T, None).unwrap();
     for u in 0..users {
         saddrs(&mut c, u);
     }

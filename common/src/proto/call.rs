@@ -1,7 +1,9 @@
 //! One blocking request/reply exchange over a std TCP stream, for the cluster's small control
-//! calls (a node's JOIN/BEAT, `ferry groups`, a proxy's SADDRS, tests): no HELLO, bounded reply.
+//! calls (a node's JOIN/BEAT, `ferry groups`, tests): no HELLO, an optional LINK proof, bounded
+//! reply.
 
 use super::*;
+use crate::auth::SigningKey;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -35,13 +37,21 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Connects with `timeout` for the connect and for each read and write after it.
-    pub fn connect(peer: SocketAddr, timeout: Duration) -> Result<Caller, CallError> {
+    /// Connects with `timeout` for the connect and for each read and write after it, and
+    /// opens with a LINK proof signed by `link` when given (peers with `[link.accept]` want one).
+    pub fn connect(
+        peer: SocketAddr,
+        timeout: Duration,
+        link: Option<&SigningKey>,
+    ) -> Result<Caller, CallError> {
         let io = |e| CallError::Io { peer, e };
-        let s = TcpStream::connect_timeout(&peer, timeout).map_err(io)?;
+        let mut s = TcpStream::connect_timeout(&peer, timeout).map_err(io)?;
         s.set_read_timeout(Some(timeout)).map_err(io)?;
         s.set_write_timeout(Some(timeout)).map_err(io)?;
         let _ = s.set_nodelay(true);
+        if let Some(k) = link {
+            s.write_all(&k.link_frame()).map_err(io)?;
+        }
         Ok(Caller { s, peer })
     }
 
@@ -94,14 +104,15 @@ impl Caller {
     }
 }
 
-/// Connects, makes one call, closes.
+/// Connects (with a LINK proof when `link` is given), makes one call, closes.
 pub fn call_once(
     peer: SocketAddr,
     timeout: Duration,
+    link: Option<&SigningKey>,
     command: u8,
     body: &[u8],
     reply_cmd: u8,
     max_reply: usize,
 ) -> Result<Vec<u8>, CallError> {
-    Caller::connect(peer, timeout)?.call(command, body, reply_cmd, max_reply)
+    Caller::connect(peer, timeout, link)?.call(command, body, reply_cmd, max_reply)
 }

@@ -63,6 +63,10 @@ pub mod cmd {
     pub const HELLO: u8 = 1;
     /// Health/identity probe answered by whichever ferry process receives it.
     pub const PROBE: u8 = 2;
+    /// Link proof: the first frame on a connection one ferry process opens to another (a
+    /// token of the pseudo-app `ferry-link`, see `auth`). No reply when valid; error 6 and
+    /// close when not.
+    pub const LINK: u8 = 3;
     /// A storage node joins its group at a tracker (seed 004's numbers for 10-13 and 40).
     pub const TRACKER_JOIN: u8 = 10;
     /// A storage node's heartbeat.
@@ -106,6 +110,7 @@ pub mod cmd {
         match c {
             HELLO => "HELLO",
             PROBE => "PROBE",
+            LINK => "LINK",
             TRACKER_JOIN => "TRACKER_JOIN",
             TRACKER_BEAT => "TRACKER_BEAT",
             TRACKER_SADDRS => "TRACKER_SADDRS",
@@ -196,6 +201,7 @@ pub fn request_spec(c: u8) -> Option<BodySpec> {
     match c {
         cmd::HELLO => control(HELLO_MAX, false),
         cmd::PROBE => control(2, true),
+        cmd::LINK => control(crate::token::TOKEN_MAX, false),
         cmd::UPLOAD => Some(BodySpec {
             meta: UPLOAD_META,
             exact: true,

@@ -170,6 +170,7 @@ impl TrackerLink {
         let b = call_once(
             self.addr,
             CALL_TIMEOUT,
+            None,
             c,
             &body,
             cmd::REPLY_TRACKER,

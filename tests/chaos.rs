@@ -87,6 +87,7 @@ fn write_conf(dir: &Path) {
             // The shipped HTTP port is fixed; this suite does not use the gateway.
             t.remove("http");
             t.insert("sync_blocks".into(), false.into());
+            support::auth::add_test_keys(&mut t);
         } else {
             // The shipped stats ports are fixed; tests must not bind them.
             t.remove("stats_listen");
@@ -134,6 +135,7 @@ struct Ctx {
 fn ferry(ctx: &Ctx, user: &str, args: &[&str]) -> Option<serde_json::Value> {
     for attempt in 0..3 {
         let mut cmd = Command::new(support::bin("ferry"));
+        cmd.env("FERRY_KEY", support::auth::key_env());
         for p in &ctx.proxies {
             cmd.args(["--proxy", p]);
         }
@@ -183,6 +185,7 @@ const KEEP_SOURCES: usize = 3;
 fn delete(ctx: &Ctx, user: &str, id: &str) -> bool {
     for attempt in 0..3 {
         let mut cmd = Command::new(support::bin("ferry"));
+        cmd.env("FERRY_KEY", support::auth::key_env());
         for p in &ctx.proxies {
             cmd.args(["--proxy", p]);
         }

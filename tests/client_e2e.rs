@@ -48,7 +48,14 @@ impl Cluster {
         let server = free_addr();
         // A short server idle timeout releases blocks held by connections through a hung proxy.
         let conf = dir.path().join("server.toml");
-        std::fs::write(&conf, "idle_timeout_ms = 2000\nsync_blocks = false\n").unwrap();
+        std::fs::write(
+            &conf,
+            format!(
+                "idle_timeout_ms = 2000\nsync_blocks = false\n{}",
+                support::auth::auth_toml()
+            ),
+        )
+        .unwrap();
         let mut procs = vec![Proc::spawn(
             "ferry-server",
             Command::new(bin("ferry-server"))

@@ -36,6 +36,7 @@ fn conf_on_free_ports(dir: &Path) -> Vec<SocketAddr> {
         if i == 0 {
             // The shipped HTTP port is fixed; tests running side by side must not share it.
             t.remove("http");
+            support::auth::add_test_keys(&mut t);
         }
         if i > 0 {
             t.insert("upstreams".into(), ups.into());
@@ -101,6 +102,7 @@ fn demo_kills_a_proxy_mid_upload_and_verifies() {
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
     let out = Command::new(support::bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .args(["--json", "demo", "--size", "48MiB", "--conf"])
         .arg(&conf)
         .arg("--data")
@@ -130,6 +132,7 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
     let mut child = Command::new(support::bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .args(["demo", "--size", "4GiB", "--conf"])
         .arg(&conf)
         .stdout(Stdio::null())
@@ -151,6 +154,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
     let mut child = Command::new(support::bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .args(["cluster", "up", "--conf"])
         .arg(&conf)
         .arg("--data")
@@ -176,6 +180,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     support::make_file(&src, 3 << 20, 5);
     let proxies = format!("{},{}", addrs[3], addrs[4]);
     let up = Command::new(support::bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .env("FERRY_PROXIES", &proxies)
         .env("FERRY_STATE_DIR", tmp.path().join("state"))
         .args(["upload", src.to_str().unwrap(), "--block-size", "1MiB"])
@@ -189,6 +194,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     let id = String::from_utf8(up.stdout).unwrap().trim().to_owned();
     let out = tmp.path().join("out");
     let down = Command::new(support::bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .env("FERRY_PROXIES", &proxies)
         .args(["download", &id, "-o", out.to_str().unwrap()])
         .output()

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
 
 const APP: &str = "demo";
-const SECRET: &str = "test-secret-0123456789abcdef";
+const SECRET: &str = "test-url-secret-0123456789abcdef-0123456789";
 
 struct Server {
     proc: Proc,
@@ -34,8 +34,9 @@ impl Server {
             &conf,
             format!(
                 "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\n\
-                 [http]\nlisten = \"{http}\"\n{extra_http}\n[http.secrets]\n{APP} = \"{SECRET}\"\n",
-                dir.path().join("data").display()
+                 [http]\nlisten = \"{http}\"\n{extra_http}\n[http.secrets]\n{APP} = \"{SECRET}\"\n{}",
+                dir.path().join("data").display(),
+                support::auth::auth_toml()
             ),
         )
         .unwrap();
@@ -66,6 +67,7 @@ impl Server {
     /// Uploads with the real client (straight to the server, no proxy) as app `demo`.
     fn upload(&self, path: &Path) -> String {
         let out = Command::new(bin("ferry"))
+            .env("FERRY_KEY", support::auth::key_env())
             .args(["--proxy", &self.addr.to_string(), "--app", APP, "upload"])
             .arg(path)
             .env("FERRY_STATE_DIR", self.dir.path().join("state"))
@@ -82,6 +84,7 @@ impl Server {
     /// A signed URL printed by `ferry url` (secret from FERRY_SECRET).
     fn url(&self, file_id: &str) -> String {
         let out = Command::new(bin("ferry"))
+            .env("FERRY_KEY", support::auth::key_env())
             .args(["--app", APP, "url", file_id, "--expires", "10m", "--base"])
             .arg(format!("http://{}", self.http))
             .env("FERRY_SECRET", SECRET)
@@ -436,6 +439,7 @@ fn ferry_url_reads_the_secret_from_config_or_env_never_a_flag() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no secret for app"));
     // There is no flag for the secret.
     let out = Command::new(bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .args(["url", &id, "--secret", SECRET])
         .output()
         .unwrap();

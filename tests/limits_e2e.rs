@@ -217,9 +217,7 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
     let hello = proto::frame(
         proto::cmd::HELLO,
         0,
-        &proto::Hello::new("demo", "slowpoke", b"t")
-            .encode()
-            .unwrap(),
+        &support::auth::hello_body("demo", "slowpoke"),
     );
 
     // 1. Connects and says nothing.
@@ -333,7 +331,7 @@ fn a_proxy_caps_sessions_per_client_address() {
     let hello = proto::frame(
         proto::cmd::HELLO,
         0,
-        &proto::Hello::new("demo", "many", b"t").encode().unwrap(),
+        &support::auth::hello_body("demo", "many"),
     );
     let session = || {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -388,7 +386,7 @@ fn server_with(dir: &std::path::Path, conf: &str) -> (Proc, std::net::SocketAddr
 
 fn hello_as(addr: std::net::SocketAddr, user: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    let body = proto::Hello::new("demo", user, b"t").encode().unwrap();
+    let body = support::auth::hello_body("demo", user);
     s.write_all(&proto::frame(proto::cmd::HELLO, 0, &body))
         .unwrap();
     assert_eq!(answer(&mut s, Duration::from_secs(5)), Answer::Ok, "HELLO");

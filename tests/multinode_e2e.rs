@@ -56,8 +56,10 @@ impl Group {
             &conf,
             format!(
                 "meta_url = {:?}\nsync_blocks = false\nid_step = 5\nidle_timeout_ms = 2000\n\
-                 [cluster]\ngroup = \"g1\"\ntrackers = [\"{}\"]\nnode_name = \"{name}\"\n",
-                self.db.url, self.tracker
+                 [cluster]\ngroup = \"g1\"\ntrackers = [\"{}\"]\nnode_name = \"{name}\"\n{}",
+                self.db.url,
+                self.tracker,
+                support::auth::auth_toml()
             ),
         )
         .unwrap();

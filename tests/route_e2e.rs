@@ -407,6 +407,7 @@ fn the_client_cli_reports_a_group_without_nodes_clearly_and_in_bounded_time() {
     std::fs::write(&conf, "timeout_ms = 300\ntries_per_proxy = 2\n").unwrap();
     let started = Instant::now();
     let out = Command::new(support::bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .args([
             "--config",
             conf.to_str().unwrap(),

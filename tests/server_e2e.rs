@@ -5,7 +5,7 @@ mod support;
 
 use ferry_common::proto::{
     self, BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header,
-    Hello, Prove, StatReply, UploadInit, UploadInitReply, UploadMeta, cmd, status,
+    Prove, StatReply, UploadInit, UploadInitReply, UploadMeta, cmd, status,
 };
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -55,7 +55,7 @@ impl Client {
 
     fn hello(addr: SocketAddr, app: &str, user: &str) -> Client {
         let mut c = Client::connect(addr);
-        let body = Hello::new(app, user, b"token").encode().unwrap();
+        let body = support::auth::hello_body(app, user);
         let r = c.call(cmd::HELLO, &body).expect("HELLO accepted");
         assert_eq!(r, vec![0, 1, 2], "identity: version 1, role server");
         c
@@ -261,6 +261,7 @@ impl Server {
         .map(|l| format!("{l}\n"))
         .collect();
         text.push_str(extra);
+        text.push_str(&support::auth::auth_toml());
         std::fs::write(&conf, text).unwrap();
         Server::spawn(dir, data, conf)
     }
@@ -429,7 +430,7 @@ fn small_files_stat_download_delete() {
 fn session_opening_and_malformed_frames() {
     let dir = tempdir();
     let srv = Server::start(dir.path(), &dir.path().join("data"), "");
-    let hello = Hello::new("demo", "alice", b"").encode().unwrap();
+    let hello = support::auth::hello_body("demo", "alice");
 
     // Anything but HELLO/PROBE first: error 5 and close.
     let mut c = Client::connect(srv.addr);
@@ -935,6 +936,8 @@ fn sigterm_finishes_the_block_in_flight_and_data_dir_is_locked() {
     let mut second = Proc::spawn(
         "second-server",
         Command::new(support::bin("ferry-server"))
+            .arg("--config")
+            .arg(dir.path().join("server.toml"))
             .arg("--listen")
             .arg(support::free_addr().to_string())
             .arg("--data")

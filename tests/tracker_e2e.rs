@@ -85,7 +85,11 @@ impl Srv {
     ) -> Srv {
         let data = dir.join(format!("{name}-data"));
         let conf = dir.join(format!("{name}.toml"));
-        std::fs::write(&conf, format!("workers = 3\n{conf_text}")).unwrap();
+        std::fs::write(
+            &conf,
+            format!("workers = 3\n{conf_text}\n{}", support::auth::auth_toml()),
+        )
+        .unwrap();
         let proc = launch(name, &conf, addr, &data, dir, backend);
         Srv {
             proc,
@@ -267,6 +271,7 @@ fn nodes_join_beat_go_offline_and_come_back() {
         );
         // `ferry groups` shows the same view, as text and as JSON.
         let out = Command::new(support::bin("ferry"))
+            .env("FERRY_KEY", support::auth::key_env())
             .args(["groups", "--tracker", &tr.addr.to_string()])
             .output()
             .unwrap();
@@ -278,6 +283,7 @@ fn nodes_join_beat_go_offline_and_come_back() {
             "{text}"
         );
         let out = Command::new(support::bin("ferry"))
+            .env("FERRY_KEY", support::auth::key_env())
             .args(["--json", "groups", "--tracker", &tr.addr.to_string()])
             .output()
             .unwrap();
@@ -609,7 +615,7 @@ fn bad_input_gets_clear_errors() {
         ),
         (ErrorCode::UnknownCommand, true)
     );
-    let hello = proto::Hello::new("demo", "alice", b"").encode().unwrap();
+    let hello = support::auth::hello_body("demo", "alice");
     assert_eq!(
         raw(tr.addr, &proto::frame(cmd::HELLO, 0, &hello)).0,
         ErrorCode::UnknownCommand

@@ -6,7 +6,8 @@
 //! key `[auth.keys.APP] ID` of servers and routing proxies, the signed-URL secret
 //! `[http.secrets] APP`, and a link key `ID` wherever it appears (`[link.send] id = ID` in the
 //! sender, `[link.accept] ID` in the receiver). The client config it writes next to them holds
-//! the app key, so `ferry --config` works against the cluster.
+//! the app key, so `ferry --config` works against the cluster. A config that already holds a
+//! real secret (not a placeholder) keeps it, and the other members get the same.
 
 use crate::error::{ClientError, Result};
 use ferry_common::auth::{SigningKey, new_secret};
@@ -26,6 +27,20 @@ fn table<'a>(t: &'a mut toml::Table, key: &str) -> Option<&'a mut toml::Table> {
 impl Secrets {
     fn get(&mut self, name: String) -> String {
         self.by_name.entry(name).or_insert_with(new_secret).clone()
+    }
+
+    /// The cluster's secret for `name`, given the value a config has: a real secret (one that
+    /// passes `check_secret`) is kept and becomes the name's secret if it has none yet; a
+    /// placeholder is replaced.
+    fn settle(&mut self, name: String, current: Option<&str>) -> String {
+        if let Some(v) = current.filter(|v| ferry_common::auth::check_secret("", v).is_ok()) {
+            return self
+                .by_name
+                .entry(name)
+                .or_insert_with(|| v.to_owned())
+                .clone();
+        }
+        self.get(name)
     }
 
     /// The secret of app key `id` of `app`, made now if no member config named it yet.
@@ -54,24 +69,25 @@ impl Secrets {
         if let Some(keys) = table(t, "auth").and_then(|a| table(a, "keys")) {
             for (app, ids) in keys.iter_mut() {
                 for (id, v) in ids.as_table_mut().into_iter().flatten() {
-                    *v = self.app_key(app, id).secret.into();
+                    *v = self.settle(format!("auth/{app}/{id}"), v.as_str()).into();
                 }
             }
         }
         if let Some(apps) = table(t, "http").and_then(|h| table(h, "secrets")) {
             for (app, v) in apps.iter_mut() {
-                *v = self.http(app).into();
+                *v = self.settle(format!("http/{app}"), v.as_str()).into();
             }
         }
         if let Some(link) = table(t, "link") {
             if let Some(send) = table(link, "send") {
                 let id = send.get("id").and_then(|v| v.as_str()).unwrap_or("");
-                let secret = self.link(id).secret;
+                let current = send.get("secret").and_then(|v| v.as_str());
+                let secret = self.settle(format!("link/{id}"), current);
                 send.insert("secret".into(), secret.into());
             }
             if let Some(accept) = table(link, "accept") {
                 for (id, v) in accept.iter_mut() {
-                    *v = self.link(id).secret.into();
+                    *v = self.settle(format!("link/{id}"), v.as_str()).into();
                 }
             }
         }
@@ -163,5 +179,16 @@ mod tests {
         }
         assert!(sent != app && app != http);
         assert_eq!(proxy["listen"].as_str(), Some("127.0.0.1:1"));
+        // A real secret is kept and shared.
+        let real = new_secret();
+        let mut t: toml::Table = format!("[auth.keys.chaos]\nk9 = \"{real}\"\n")
+            .parse()
+            .unwrap();
+        s.fill(&mut t);
+        assert_eq!(
+            t["auth"]["keys"]["chaos"]["k9"].as_str(),
+            Some(real.as_str())
+        );
+        assert_eq!(s.key_of("chaos").unwrap().secret, real);
     }
 }

@@ -29,7 +29,7 @@ pub struct Session {
 /// What a command needs before it may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// Nothing: PROBE (it only says who answers).
+    /// Nothing: PROBE (it only says who answers) and LINK (it is the proof).
     Nothing,
     /// The connection's LINK proof, when this process requires one: HELLO and the tracker and
     /// id commands (peers are proxies, storage nodes and admin tools).
@@ -42,9 +42,9 @@ pub enum Need {
 /// refuses those before they get here).
 pub fn need(c: u8) -> Option<Need> {
     Some(match c {
-        cmd::PROBE => Need::Nothing,
-        cmd::LINK
-        | cmd::HELLO
+        // LINK is itself the proof: the connection handler checks it.
+        cmd::PROBE | cmd::LINK => Need::Nothing,
+        cmd::HELLO
         | cmd::TRACKER_JOIN
         | cmd::TRACKER_BEAT
         | cmd::TRACKER_SADDRS

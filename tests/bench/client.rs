@@ -23,6 +23,7 @@ use support::{Proc, bin, env_u64, free_addr, make_file, median, wait_ready};
 fn ferry(state: &Path, via: SocketAddr, args: &[&str]) -> (Duration, String) {
     let t = Instant::now();
     let out = Command::new(bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .env("FERRY_STATE_DIR", state)
         .env_remove("FERRY_PROXIES")
         .arg("--proxy")

@@ -14,7 +14,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use ferry_common::proto::{self, HEADER_LEN, Header, Hello, Identity, Role, cmd};
+use ferry_common::proto::{self, HEADER_LEN, Header, Identity, Role, cmd};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -70,11 +70,7 @@ fn sink(mut s: TcpStream) {
 }
 
 fn hello() -> Vec<u8> {
-    proto::frame(
-        cmd::HELLO,
-        0,
-        &Hello::new("bench", "bench", b"").encode().unwrap(),
-    )
+    proto::frame(cmd::HELLO, 0, &support::auth::hello_body("bench", "bench"))
 }
 
 /// Streams `bytes` to `addr` and waits for the sink's count; returns the seconds taken.

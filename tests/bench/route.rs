@@ -18,7 +18,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use ferry_common::proto::{self, HEADER_LEN, Header, Hello, cmd};
+use ferry_common::proto::{self, HEADER_LEN, Header, cmd};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
@@ -29,11 +29,7 @@ use support::{Proc, bin, env_u64, free_addr, make_file, median, wait_ready};
 
 /// One session's setup time: connect, HELLO, the HELLO reply.
 fn setup(via: SocketAddr, user: &str) -> Duration {
-    let hello = proto::frame(
-        cmd::HELLO,
-        0,
-        &Hello::new("bench", user, b"").encode().unwrap(),
-    );
+    let hello = proto::frame(cmd::HELLO, 0, &support::auth::hello_body("bench", user));
     let t = Instant::now();
     let mut s = TcpStream::connect(via).expect("connect");
     s.set_nodelay(true).unwrap();
@@ -51,6 +47,7 @@ fn setup(via: SocketAddr, user: &str) -> Duration {
 fn ferry(state: &Path, via: SocketAddr, args: &[&str]) -> (Duration, String) {
     let t = Instant::now();
     let out = Command::new(bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
         .env("FERRY_STATE_DIR", state)
         .env_remove("FERRY_PROXIES")
         .args([

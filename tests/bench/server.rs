@@ -17,8 +17,7 @@
 mod support;
 
 use ferry_common::proto::{
-    self, BlockMeta, DownloadReq, HEADER_LEN, Header, Hello, UploadInit, UploadInitReply, cmd,
-    status,
+    self, BlockMeta, DownloadReq, HEADER_LEN, Header, UploadInit, UploadInitReply, cmd, status,
 };
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -96,7 +95,7 @@ impl Conn {
         let s = TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
         let mut c = Conn { s };
-        let hello = Hello::new("bench", user, b"").encode().unwrap();
+        let hello = support::auth::hello_body("bench", user);
         c.s.write_all(&proto::frame(cmd::HELLO, 0, &hello)).unwrap();
         c.reply();
         c

@@ -45,3 +45,27 @@ pub fn hello_body(app: &str, user: &str) -> Vec<u8> {
 pub fn hello_frame(app: &str, user: &str) -> Vec<u8> {
     proto::frame(cmd::HELLO, 0, &hello_body(app, user))
 }
+
+/// Adds the test app keys to a server (or routing proxy) config table, next to its own.
+pub fn add_test_keys(t: &mut toml::Table) {
+    let auth = t
+        .entry("auth")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(auth) = auth.as_table_mut() else {
+        panic!("[auth] is not a table");
+    };
+    let keys = auth
+        .entry("keys")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(keys) = keys.as_table_mut() else {
+        panic!("[auth.keys] is not a table");
+    };
+    for app in APPS {
+        let ids = keys
+            .entry(app.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(ids) = ids.as_table_mut() {
+            ids.insert(KEY_ID.into(), KEY_SECRET.into());
+        }
+    }
+}

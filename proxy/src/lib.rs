@@ -1,5 +1,6 @@
 //! ferry-proxy: the relay in front of clients (client-proxy) and in front of servers
-//! (server-proxy). It reads the first frame of a session itself (answers PROBE, checks HELLO),
+//! (server-proxy). It reads the first frame of a session itself (answers PROBE, checks a LINK
+//! proof when `[link.accept]` asks for one, checks HELLO and, routing, its session token),
 //! connects to the first healthy upstream (primary, then standbys) or, configured with trackers,
 //! to a node of the HELLO user's group, forwards the HELLO and then relays bytes both ways with
 //! splice(2), without parsing them. See docs/PROXY.md.

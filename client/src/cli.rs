@@ -83,6 +83,9 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = "conf")]
         conf: PathBuf,
     },
+    /// Print a new random secret (64 hex digits) for an app key, a link key or a signed-URL
+    /// secret in a config file.
+    Keygen,
     /// Print a signed HTTP URL for a stored file (the server's HTTP gateway). The app's secret
     /// comes from FERRY_SECRET or the config (`[secrets] APP = "..."`, or `secret = "..."`),
     /// never from the command line.
@@ -237,11 +240,23 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
             return Ok(String::new());
         }
         Command::Groups { trackers, timeout } => {
-            let v = crate::groups::fetch(trackers, *timeout)?;
+            let link = settings::link_key(
+                settings::load_file(cli.config.as_deref())?,
+                &EnvVars::from_process(),
+            )?;
+            let v = crate::groups::fetch(trackers, *timeout, link.as_ref())?;
             return Ok(if cli.json {
                 crate::groups::to_json(&v).to_string()
             } else {
                 crate::groups::render(&v)
+            });
+        }
+        Command::Keygen => {
+            let secret = ferry_common::auth::new_secret();
+            return Ok(if cli.json {
+                json!({"command": "keygen", "secret": secret}).to_string()
+            } else {
+                secret
             });
         }
         Command::Url {
@@ -311,6 +326,7 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
         Command::Demo { .. }
         | Command::Cluster { .. }
         | Command::Url { .. }
+        | Command::Keygen
         | Command::Groups { .. } => {
             unreachable!("handled above")
         }

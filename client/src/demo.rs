@@ -169,7 +169,20 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
         &data_dir,
         Logs::Dir(logs.clone()),
     );
-    *slot.lock() = Some(started?);
+    let mut started = started?;
+    let key = started.secrets.key_of("demo").ok_or_else(|| {
+        ClientError::Cluster(format!(
+            "{}/server.toml has no [auth.keys.demo]: the demo uploads as app demo",
+            conf_dir.display()
+        ))
+    })?;
+    if let Some(p) = started.write_client_conf("demo")? {
+        say(&format!(
+            "demo: client config for this cluster: {}",
+            p.display()
+        ));
+    }
+    *slot.lock() = Some(started);
 
     let src = tmp.path().join("demo.bin");
     say(&format!("demo: generating {} MiB of test data", size >> 20));
@@ -179,6 +192,7 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
     let mut up_settings = Settings::direct(layout.client_proxies.to_vec(), state.clone());
     up_settings.app = "demo".into();
     up_settings.user = "demo".into();
+    up_settings.key = Some(key);
     let uploader = Client::new(up_settings.clone())?;
 
     // The killer waits for the halfway mark, then SIGKILLs the primary server-proxy and restarts it.
@@ -307,7 +321,8 @@ pub fn cluster_up(conf_dir: &Path, data: &Path, say: Say) -> Result<()> {
     let layout = Layout::from_conf(conf_dir)?;
     let slot: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
     stop_on_signal(slot.clone(), None, say)?;
-    let c = Cluster::start(&bins, conf_dir, layout.clone(), data, Logs::Prefixed)?;
+    let mut c = Cluster::start(&bins, conf_dir, layout.clone(), data, Logs::Prefixed)?;
+    let client_conf = c.write_client_conf("demo")?;
     *slot.lock() = Some(c);
     say(&format!(
         "ferry cluster up: server {}, server-proxies {} {}, client-proxies {} {}; data in {}. Ctrl-C stops all.",
@@ -318,10 +333,16 @@ pub fn cluster_up(conf_dir: &Path, data: &Path, say: Say) -> Result<()> {
         layout.client_proxies[1],
         data.display()
     ));
-    say(&format!(
-        "try: ferry --proxy {} --proxy {} upload FILE",
-        layout.client_proxies[0], layout.client_proxies[1]
-    ));
+    match client_conf {
+        Some(p) => say(&format!(
+            "try: ferry --config {} upload FILE (that config holds this cluster's app key)",
+            p.display()
+        )),
+        None => say(&format!(
+            "try: FERRY_KEY=ID:SECRET ferry --proxy {} --proxy {} upload FILE",
+            layout.client_proxies[0], layout.client_proxies[1]
+        )),
+    }
     watch(&slot)
 }
 

@@ -1,13 +1,18 @@
 //! `ferry groups`: the cluster view from a tracker (TRACKER_GROUPS), as text or JSON.
 
 use crate::error::ClientError;
+use ferry_common::auth::SigningKey;
 use ferry_common::proto::{CallError, GROUPS_REPLY_MAX, GroupsReply, call_once, cmd};
 use serde_json::json;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 /// Asks each tracker in turn until one answers.
-pub fn fetch(trackers: &[String], timeout: Duration) -> Result<GroupsReply, ClientError> {
+pub fn fetch(
+    trackers: &[String],
+    timeout: Duration,
+    link: Option<&SigningKey>,
+) -> Result<GroupsReply, ClientError> {
     if trackers.is_empty() {
         return Err(ClientError::Input(
             "ferry groups needs --tracker ADDR".into(),
@@ -23,7 +28,7 @@ pub fn fetch(trackers: &[String], timeout: Duration) -> Result<GroupsReply, Clie
             match call_once(
                 a,
                 timeout,
-                None,
+                link,
                 cmd::TRACKER_GROUPS,
                 &[],
                 cmd::REPLY_TRACKER,
@@ -153,7 +158,7 @@ mod tests {
     #[test]
     fn no_tracker_is_an_input_error() {
         assert!(matches!(
-            fetch(&[], Duration::from_secs(1)),
+            fetch(&[], Duration::from_secs(1), None),
             Err(ClientError::Input(_))
         ));
     }

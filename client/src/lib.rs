@@ -24,6 +24,7 @@ mod link;
 mod pool;
 pub mod report;
 pub mod rotation;
+pub mod secrets;
 pub mod settings;
 pub mod size;
 pub mod state;
@@ -38,11 +39,38 @@ pub use settings::Settings;
 
 use conn::Fault;
 use error::Result;
+use ferry_common::auth::SigningKey;
 use ferry_common::proto::{ErrorCode, Hello, cmd, encode_file_id};
+use ferry_common::token::Scope;
 use link::{Link, Shared};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
+
+/// How long a session token is valid: it is used once, at HELLO, right after it is made.
+const TOKEN_LIFETIME_SECS: u64 = 300;
+
+/// Who the client speaks for, and the app key its session tokens are made with.
+#[derive(Clone)]
+pub(crate) struct Credentials {
+    app: String,
+    user: String,
+    key: SigningKey,
+}
+
+impl Credentials {
+    /// A HELLO body with a fresh token allowing `scope`. One per connection: the server
+    /// refuses a token it has seen before.
+    pub(crate) fn hello(&self, scope: Scope) -> Result<Vec<u8>> {
+        let token = self
+            .key
+            .mint(&self.app, &self.user, scope, TOKEN_LIFETIME_SECS)
+            .map_err(|e| ClientError::Input(format!("cannot make a session token: {e}")))?;
+        Hello::new(&self.app, &self.user, &token)
+            .encode()
+            .map_err(|e| ClientError::Input(format!("app/user: {e}")))
+    }
+}
 
 /// What STAT tells about a stored file.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -58,7 +86,7 @@ pub struct FileInfo {
 
 pub struct Client {
     settings: Settings,
-    hello: Vec<u8>,
+    creds: Credentials,
 }
 
 impl Client {
@@ -69,21 +97,33 @@ impl Client {
         settings::check_threads(settings.threads)?;
         size::check_block_size(u64::from(settings.block_size))
             .map_err(|e| ClientError::Input(format!("block size: {e}")))?;
-        let hello = Hello::new(&settings.app, &settings.user, &settings.credential)
-            .encode()
-            .map_err(|e| ClientError::Input(format!("app/user: {e}")))?;
-        Ok(Client { settings, hello })
+        let Some(key) = settings.key.clone() else {
+            return Err(ClientError::Input(
+                "no app key: set FERRY_KEY=KEY_ID:SECRET, or `[key]` (id, secret) in the config"
+                    .into(),
+            ));
+        };
+        let creds = Credentials {
+            app: settings.app.clone(),
+            user: settings.user.clone(),
+            key,
+        };
+        // Fails now, not on the first connection, if a token cannot be made.
+        creds.hello(Scope::READ)?;
+        Ok(Client { settings, creds })
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
 
-    /// Fresh shared state (proxy health, counters) for one operation.
-    fn shared(&self) -> Shared {
+    /// Fresh shared state (proxy health, counters) for one operation whose sessions need
+    /// `scope`.
+    fn shared(&self, scope: Scope) -> Shared {
         Shared {
             proxies: rotation::Proxies::new(self.settings.proxies.clone()),
-            hello: self.hello.clone(),
+            creds: self.creds.clone(),
+            scope,
             timeout: self.settings.timeout,
             tries_per_proxy: self.settings.tries_per_proxy,
             failovers: AtomicU64::new(0),
@@ -104,7 +144,7 @@ impl Client {
         let block_size = block_size.unwrap_or(self.settings.block_size);
         size::check_block_size(u64::from(block_size))
             .map_err(|e| ClientError::Input(format!("block size: {e}")))?;
-        let shared = self.shared();
+        let shared = self.shared(Scope(Scope::READ.0 | Scope::WRITE.0));
         upload::upload(&upload::UploadJob {
             shared: &shared,
             path,
@@ -127,7 +167,7 @@ impl Client {
     ) -> Result<TransferReport> {
         let threads = threads.unwrap_or(self.settings.threads);
         settings::check_threads(threads)?;
-        let shared = self.shared();
+        let shared = self.shared(Scope::READ);
         download::download(&download::DownloadJob {
             shared: &shared,
             file_id,
@@ -138,7 +178,7 @@ impl Client {
     }
 
     pub fn stat(&self, file_id: &str) -> Result<FileInfo> {
-        let shared = self.shared();
+        let shared = self.shared(Scope::READ);
         let st = download::stat(&mut Link::new(&shared), file_id)?;
         Ok(FileInfo {
             file_id: file_id.to_owned(),
@@ -152,7 +192,7 @@ impl Client {
 
     pub fn delete(&self, file_id: &str) -> Result<()> {
         let body = encode_file_id(file_id).map_err(|e| download::bad_id(file_id, e))?;
-        let shared = self.shared();
+        let shared = self.shared(Scope::DELETE);
         let mut tries = 0u32;
         Link::new(&shared).call("delete", |c| {
             tries += 1;

@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 /// What every thread of one transfer shares.
 pub struct Shared {
     pub proxies: Proxies,
-    pub hello: Vec<u8>,
+    /// Makes each connection's HELLO (a fresh token every time).
+    pub creds: crate::Credentials,
+    /// What the operation's sessions need to do.
+    pub scope: ferry_common::token::Scope,
     pub timeout: Duration,
     pub tries_per_proxy: u32,
     pub failovers: AtomicU64,
@@ -139,7 +142,8 @@ impl<'a> Link<'a> {
             }
             if self.conn.is_none() {
                 let addr = self.peer();
-                match Conn::open(addr, self.shared.timeout, &self.shared.hello) {
+                let hello = self.shared.creds.hello(self.shared.scope)?;
+                match Conn::open(addr, self.shared.timeout, &hello) {
                     Ok(c) => self.conn = Some(c),
                     Err(Fault::Server(e)) if !e.code.retryable() => {
                         return Err(server_error(op, e.code, &e.text));

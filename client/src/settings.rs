@@ -3,6 +3,7 @@
 
 use crate::error::{ClientError, Result};
 use crate::size;
+use ferry_common::auth::SigningKey;
 use ferry_common::proto::{APP_ID_LEN, USER_ID_LEN};
 use serde::Deserialize;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -33,6 +34,12 @@ pub struct FileConfig {
     pub tries_per_proxy: Option<u32>,
     /// Where upload resume state is kept (default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`).
     pub state_dir: Option<PathBuf>,
+    /// The app key session tokens are made with (`[key] id = "k1"`, `secret = "..."`);
+    /// `FERRY_KEY=ID:SECRET` wins over it. Never a flag: flags show in `ps`.
+    pub key: Option<SigningKey>,
+    /// The link key `ferry groups` proves to trackers that require one (`[link] id`, `secret`);
+    /// `FERRY_LINK_KEY=ID:SECRET` wins over it.
+    pub link: Option<SigningKey>,
     /// The app's secret for signed HTTP URLs (`ferry url`); `FERRY_SECRET` wins over it.
     pub secret: Option<String>,
     /// Secrets per app for signed HTTP URLs (`[secrets] APP = "..."`); wins over `secret`.
@@ -54,6 +61,10 @@ pub struct EnvVars {
     pub app: Option<String>,
     pub user: Option<String>,
     pub state_dir: Option<String>,
+    /// `FERRY_KEY`: `ID:SECRET` of the app key.
+    pub key: Option<String>,
+    /// `FERRY_LINK_KEY`: `ID:SECRET` of a link key.
+    pub link: Option<String>,
     pub login: Option<String>,
     pub home: Option<String>,
     pub xdg_cache: Option<String>,
@@ -67,6 +78,8 @@ impl EnvVars {
             app: get("FERRY_APP"),
             user: get("FERRY_USER"),
             state_dir: get("FERRY_STATE_DIR"),
+            key: get("FERRY_KEY"),
+            link: get("FERRY_LINK_KEY"),
             login: get("USER"),
             home: get("HOME"),
             xdg_cache: get("XDG_CACHE_HOME"),
@@ -80,8 +93,8 @@ pub struct Settings {
     pub proxies: Vec<SocketAddr>,
     pub app: String,
     pub user: String,
-    /// Sent in HELLO; empty until the authentication issue defines it.
-    pub credential: Vec<u8>,
+    /// The app key every connection's HELLO token is made with (required for transfers).
+    pub key: Option<SigningKey>,
     pub threads: usize,
     pub block_size: u32,
     pub timeout: Duration,
@@ -97,7 +110,7 @@ impl Settings {
             proxies: addrs,
             app: DEFAULT_APP.into(),
             user: "anonymous".into(),
-            credential: Vec::new(),
+            key: None,
             threads: DEFAULT_THREADS,
             block_size: DEFAULT_BLOCK_SIZE,
             timeout: DEFAULT_TIMEOUT,
@@ -179,17 +192,42 @@ pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Setting
         (_, _, _, Some(h)) if !h.is_empty() => Path::new(h).join(".cache").join("ferry"),
         _ => std::env::temp_dir().join("ferry-state"),
     };
+    let key = pick_key("FERRY_KEY", env.key.as_deref(), file.key, "app key")?;
     Ok(Settings {
         proxies,
         app,
         user,
-        credential: Vec::new(),
+        key,
         threads,
         block_size,
         timeout,
         tries_per_proxy,
         state_dir,
     })
+}
+
+/// A key from the environment (`ID:SECRET`, wins) or the config file, checked.
+fn pick_key(
+    var: &str,
+    env: Option<&str>,
+    file: Option<SigningKey>,
+    what: &str,
+) -> Result<Option<SigningKey>> {
+    let key = match env.filter(|v| !v.is_empty()) {
+        Some(pair) => Some(
+            SigningKey::from_pair(pair).map_err(|e| ClientError::Input(format!("{var}: {e}")))?,
+        ),
+        None => file,
+    };
+    if let Some(k) = &key {
+        k.check(what).map_err(ClientError::Input)?;
+    }
+    Ok(key)
+}
+
+/// The link key for calls to trackers (`ferry groups`): `FERRY_LINK_KEY`, else `[link]`.
+pub fn link_key(file: FileConfig, env: &EnvVars) -> Result<Option<SigningKey>> {
+    pick_key("FERRY_LINK_KEY", env.link.as_deref(), file.link, "link key")
 }
 
 pub fn check_threads(n: usize) -> Result<()> {

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use ferry_common::auth::{AuthConfig, LinkConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -157,6 +158,12 @@ pub struct Config {
     pub faults: Faults,
     /// The HTTP streaming gateway (`[http]`; off unless `http.listen` is set).
     pub http: crate::http::HttpConfig,
+    /// The app keys every session's HELLO token is checked against (required with the storage
+    /// role).
+    pub auth: AuthConfig,
+    /// LINK proofs: the key this server proves to trackers, and the proxies' keys it requires
+    /// before any HELLO or cluster command.
+    pub link: LinkConfig,
 }
 
 impl Default for Config {
@@ -188,6 +195,8 @@ impl Default for Config {
             challenge_max: 1 << 20,
             faults: Faults::default(),
             http: crate::http::HttpConfig::default(),
+            auth: AuthConfig::default(),
+            link: LinkConfig::default(),
         }
     }
 }
@@ -257,6 +266,10 @@ impl Config {
             bail!("faults.pause_at must be one of {PHASES:?}");
         }
         self.http.check()?;
+        if self.has_role(Role::Storage) {
+            self.auth.check("auth").map_err(anyhow::Error::msg)?;
+        }
+        self.link.check().map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
@@ -280,18 +293,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shipped_config_parses_and_flags_override() {
+    fn shipped_config_parses_but_its_example_secrets_refuse_start() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../conf/server.toml");
         let args = Args {
-            config: Some(path),
+            config: Some(path.clone()),
             listen: Some("127.0.0.1:9".parse().unwrap()),
             data: Some(PathBuf::from("/tmp/x")),
         };
-        let cfg = Config::from_args(&args).unwrap();
-        assert_eq!(cfg.listen.port(), 9);
-        assert_eq!(cfg.data, PathBuf::from("/tmp/x"));
+        let e = format!("{:#}", Config::from_args(&args).unwrap_err());
+        assert!(
+            e.contains("example placeholder") && e.contains("ferry keygen"),
+            "{e}"
+        );
+        // With real secrets in place of the placeholders it starts, and flags override.
+        let mut cfg: Config = ferry_common::config::load(&path).unwrap();
+        for keys in cfg.auth.keys.values_mut() {
+            for s in keys.values_mut() {
+                *s = ferry_common::auth::new_secret();
+            }
+        }
+        for s in cfg
+            .link
+            .accept
+            .values_mut()
+            .chain(cfg.http.secrets.values_mut())
+        {
+            *s = ferry_common::auth::new_secret();
+        }
+        if let Some(k) = &mut cfg.link.send {
+            k.secret = ferry_common::auth::new_secret();
+        }
+        cfg.check().unwrap();
         assert_eq!(cfg.block_size, 4 << 20);
         assert_eq!(cfg.faults, Faults::default());
+        assert!(
+            !cfg.link.accept.is_empty(),
+            "the example requires link proofs"
+        );
     }
 
     #[test]

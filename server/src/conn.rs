@@ -11,6 +11,7 @@
 //! the connection reads the next block (at most [`INFLIGHT_MAX`] blocks waiting per connection).
 //! The syncer wakes the connection through a pipe registered as the connection's second source.
 
+use crate::access::{Access, Session};
 use crate::cluster::Roles;
 use crate::outbox::{Outbox, Written};
 use crate::store::{
@@ -68,6 +69,7 @@ pub struct ServerConn {
     peer: SocketAddr,
     st: Arc<Storage>,
     roles: Arc<Roles>,
+    access: Arc<Access>,
     dec: Decoder,
     rbuf: Vec<u8>,
     rpos: usize,
@@ -80,15 +82,16 @@ pub struct ServerConn {
     syncer: Sender<SyncJob>,
     wake_tx: Arc<pipe::Sender>,
     wake_rx: pipe::Receiver,
-    who: Option<Who>,
+    /// What the peer has proved (LINK, HELLO token).
+    session: Session,
     sink: Sink,
     /// A malformed frame was answered: close once the error frame is out.
     close_after_flush: bool,
     eof: bool,
     /// The deadline that guards against a slow peer right now, if any.
     guard: Option<(Instant, Guard)>,
-    /// A whole frame has arrived (the HELLO guard is over).
-    framed: bool,
+    /// Whole frames received other than LINK (the first one ends the HELLO guard).
+    frames: u32,
     /// Payload bytes received since the progress guard was last renewed.
     progress: u64,
 }
@@ -119,6 +122,7 @@ impl ServerConn {
         peer: SocketAddr,
         st: Arc<Storage>,
         roles: Arc<Roles>,
+        access: Arc<Access>,
         syncer: Sender<SyncJob>,
         (wake_tx, wake_rx): (pipe::Sender, pipe::Receiver),
     ) -> Self {
@@ -129,6 +133,7 @@ impl ServerConn {
             peer,
             st,
             roles,
+            access,
             dec: Decoder::requests(),
             rbuf,
             rpos: 0,
@@ -139,7 +144,7 @@ impl ServerConn {
             syncer,
             wake_tx: Arc::new(wake_tx),
             wake_rx,
-            who: None,
+            session: Session::default(),
             sink: Sink::None,
             close_after_flush: false,
             eof: false,
@@ -147,7 +152,7 @@ impl ServerConn {
                 Instant::now() + Duration::from_millis(st_hello_ms),
                 Guard::Hello,
             )),
-            framed: false,
+            frames: 0,
             progress: 0,
         }
     }
@@ -189,6 +194,12 @@ impl ServerConn {
 
     fn error(&mut self, e: &OpError, req: u8) {
         self.error_as(e, req, cmd::REPLY_STORAGE);
+    }
+
+    /// An error reply, then close: for peers that failed authorization.
+    fn refuse(&mut self, e: &OpError, req: u8) {
+        self.error(e, req);
+        self.close_after_flush = true;
     }
 
     /// An error reply with the reply command of the role that answers (`REPLY_*`).
@@ -265,7 +276,9 @@ impl ServerConn {
                             meta,
                             payload_len,
                         }) => {
-                            self.framed = true;
+                            if header.cmd != cmd::LINK {
+                                self.frames = self.frames.saturating_add(1);
+                            }
                             self.on_frame(header, &meta, payload_len)
                         }
                         Some(Decoded::Payload { data, last }) => self.on_payload(data, last),
@@ -277,6 +290,10 @@ impl ServerConn {
     }
 
     fn on_frame(&mut self, h: Header, meta: &[u8], payload_len: u64) {
+        // The one authorization step: every command passes it before anything else.
+        if let Err(e) = self.access.authorize(h.cmd, &self.session) {
+            return self.refuse(&e, h.cmd);
+        }
         match h.cmd {
             cmd::PROBE => {
                 self.reply(
@@ -288,22 +305,41 @@ impl ServerConn {
                 );
                 return;
             }
-            cmd::HELLO if !self.roles.storage => {}
+            cmd::LINK => {
+                let e = if self.frames > 0 || self.session.link.is_some() {
+                    OpError::new(
+                        ErrorCode::BadFrame,
+                        "LINK must be a connection's first frame",
+                    )
+                } else {
+                    match self.access.link(self.peer, meta) {
+                        Ok(link) => {
+                            if let Some(k) = &link {
+                                debug!("{}: linked with key {k}", self.peer);
+                            }
+                            self.session.link = link;
+                            return;
+                        }
+                        Err(e) => e,
+                    }
+                };
+                return self.refuse(&e, h.cmd);
+            }
             cmd::HELLO => {
-                if self.who.is_some() {
+                if self.session.who.is_some() {
                     let e = OpError::new(ErrorCode::BadFrame, "HELLO already received");
                     return self.error(&e, h.cmd);
                 }
-                match Hello::decode(meta) {
-                    Ok(hello) => {
+                let r = Hello::decode(meta)
+                    .map_err(bad)
+                    .and_then(|hello| self.access.hello(self.peer, &hello));
+                match r {
+                    Ok((who, scope)) => {
                         debug!(
-                            "{}: session for app {} user {}",
-                            self.peer, hello.app, hello.user
+                            "{}: session for app {} user {} (scope {:#b})",
+                            self.peer, who.app, who.user, scope.0
                         );
-                        self.who = Some(Who {
-                            app: hello.app,
-                            user: hello.user,
-                        });
+                        self.session.who = Some((who, scope));
                         self.reply(
                             &Identity {
                                 version: proto::VERSION,
@@ -312,7 +348,8 @@ impl ServerConn {
                             .encode(),
                         );
                     }
-                    Err(e) => self.error(&OpError::new(e.code(), e.to_string()), h.cmd),
+                    Err(e) if e.code == ErrorCode::Auth => self.refuse(&e, h.cmd),
+                    Err(e) => self.error(&e, h.cmd),
                 }
                 return;
             }
@@ -323,19 +360,10 @@ impl ServerConn {
             | cmd::ID_GET => return self.cluster(h.cmd, meta),
             _ => {}
         }
-        if !self.roles.storage {
-            let e = OpError::new(
-                ErrorCode::UnknownCommand,
-                format!("{} is not served here (no storage role)", cmd::name(h.cmd)),
-            );
-            return self.error(&e, h.cmd);
-        }
-        let Some(who) = self.who.clone() else {
-            let e = OpError::new(
-                ErrorCode::HelloRequired,
-                format!("{} before HELLO", cmd::name(h.cmd)),
-            );
-            return self.error(&e, h.cmd);
+        // `authorize` let a file command through, so the session has passed HELLO.
+        let Some((who, _)) = self.session.who.clone() else {
+            let e = OpError::new(ErrorCode::Internal, "file command without a session");
+            return self.refuse(&e, h.cmd);
         };
         let r = match h.cmd {
             cmd::UPLOAD => self.start_small(&who, meta, payload_len),
@@ -582,7 +610,7 @@ impl ServerConn {
     fn update_guard(&mut self) {
         let cfg = &self.st.cfg;
         let in_payload = !matches!(self.sink, Sink::None);
-        let want = if !self.framed {
+        let want = if self.frames == 0 {
             Guard::Hello
         } else if in_payload {
             Guard::Progress
@@ -746,6 +774,8 @@ pub struct ServerService {
     pub st: Arc<Storage>,
     /// Which roles answer (storage, tracker, id).
     pub roles: Arc<Roles>,
+    /// Who may do what (LINK proofs, HELLO tokens).
+    pub access: Arc<Access>,
     pub syncer: Sender<SyncJob>,
     /// The HTTP gateway, serving listener 1 when `[http] listen` is set.
     pub http: Option<Arc<crate::http::Gateway>>,
@@ -781,6 +811,7 @@ impl Service for ServerService {
             peer,
             self.st.clone(),
             self.roles.clone(),
+            self.access.clone(),
             self.syncer.clone(),
             wake,
         )))

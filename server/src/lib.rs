@@ -1,5 +1,6 @@
 //! ferry's storage server (seed 002's server side, seed 004's storage role).
 //!
+//! - [`access`]: LINK proofs, HELLO tokens and the authorize step every command passes.
 //! - [`config`]: `conf/server.toml` and the command line.
 //! - [`meta`]: the metadata store (SQLite by default) behind the [`meta::MetaStore`] trait.
 //! - [`ids`]: file ids and paths from an id allocator with DB-persisted steps.
@@ -11,6 +12,7 @@
 //! - [`http`]: the HTTP streaming gateway (second listener, `[http]` in the config).
 //! - [`cluster`]: the tracker and id roles, and a cluster node's JOIN/BEAT thread.
 
+pub mod access;
 pub mod cluster;
 pub mod config;
 pub mod conn;
@@ -77,8 +79,13 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     // A cluster node announces the address it really listens on (the port may have been 0).
     let beater = match (&st.cfg.cluster, r.local_addrs().first()) {
         (Some(c), Some(&bound)) if roles.storage => Some(
-            cluster::beat::Beater::start(c, c.advertise.unwrap_or(bound), st.root().to_owned())
-                .context("cannot start the tracker beat thread")?,
+            cluster::beat::Beater::start(
+                c,
+                st.cfg.link.send.clone(),
+                c.advertise.unwrap_or(bound),
+                st.root().to_owned(),
+            )
+            .context("cannot start the tracker beat thread")?,
         ),
         _ => None,
     };
@@ -87,6 +94,7 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     let result = r.run(Arc::new(conn::ServerService {
         st: st.clone(),
         roles: roles.clone(),
+        access: Arc::new(access::Access::new(&st.cfg)),
         syncer: syncer.sender(),
         http,
     }));

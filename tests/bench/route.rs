@@ -137,7 +137,7 @@ fn main() {
         &format!("sync_blocks = false\n[cluster]\ngroup = \"g1\"\ntrackers = [\"{tracker}\"]\n"),
     );
     let t = Instant::now();
-    while !ferry_client::cluster::tracker_groups(tracker)
+    while !ferry_client::cluster::tracker_groups(tracker, None)
         .is_ok_and(|v| v.groups.iter().any(|g| g.nodes.iter().any(|n| n.online)))
     {
         assert!(t.elapsed() < Duration::from_secs(20), "node never joined");

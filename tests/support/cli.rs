@@ -22,11 +22,12 @@ impl Run {
     }
 }
 
-/// A `ferry` command with the test's state dir and no proxy list or log level from the
-/// environment.
+/// A `ferry` command with the test's state dir and app key, and no proxy list or log level
+/// from the environment.
 pub fn ferry(state: &Path, proxies: &[SocketAddr], args: &[&str]) -> Command {
     let mut c = Command::new(super::bin("ferry"));
     c.env("FERRY_STATE_DIR", state)
+        .env("FERRY_KEY", super::auth::key_env())
         .env_remove("FERRY_PROXIES")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());

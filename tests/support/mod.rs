@@ -2,6 +2,7 @@
 //! always killed (even when a test panics), readiness probes, and test data.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod auth;
 pub mod cli;
 
 use ferry_common::proto::{self, Header, Identity};
@@ -347,7 +348,7 @@ impl Drop for PgDb {
 }
 
 /// A `ferry-server` on `addr` over `data`, with `conf` as its config file (written to
-/// `dir/<name>.toml`). `program` is the command to start: the server itself, or a wrapper
+/// `dir/<name>.toml`; the test app keys of [`auth`] are appended unless `conf` has `[auth`). `program` is the command to start: the server itself, or a wrapper
 /// (`fiu-run -x`, `prlimit ...`) already given the server's path as its argument.
 pub fn server_command(
     mut program: Command,
@@ -358,6 +359,11 @@ pub fn server_command(
     data: &Path,
 ) -> Command {
     let path = dir.join(format!("{name}.toml"));
+    let conf = if conf.contains("[auth") {
+        conf.to_owned()
+    } else {
+        format!("{conf}\n{}", auth::auth_toml())
+    };
     std::fs::write(&path, conf).unwrap();
     program
         .arg("--config")

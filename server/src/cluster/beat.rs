@@ -7,6 +7,7 @@
 use crate::config::ClusterConfig;
 use crate::meta::now_ms;
 use crossbeam_channel::{Sender, bounded};
+use ferry_common::auth::SigningKey;
 use ferry_common::proto::{self, BEAT_REPLY_LEN, CallError, ErrorCode, NodeHello, call_once, cmd};
 use log::{info, warn};
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct TrackerLink {
     addr: SocketAddr,
+    /// The LINK proof key (`[link.send]`), for trackers that require one.
+    link: Option<SigningKey>,
     joined: bool,
     /// An outage of this tracker has been logged.
     down: bool,
@@ -37,6 +40,7 @@ impl Beater {
     /// Starts beating for the node serving on `advertise` in `cfg.group`.
     pub fn start(
         cfg: &ClusterConfig,
+        link: Option<SigningKey>,
         advertise: SocketAddr,
         data: PathBuf,
     ) -> std::io::Result<Beater> {
@@ -59,6 +63,7 @@ impl Beater {
             .iter()
             .map(|&addr| TrackerLink {
                 addr,
+                link: link.clone(),
                 joined: false,
                 down: false,
                 interval: DEFAULT_INTERVAL,
@@ -170,7 +175,7 @@ impl TrackerLink {
         let b = call_once(
             self.addr,
             CALL_TIMEOUT,
-            None,
+            self.link.as_ref(),
             c,
             &body,
             cmd::REPLY_TRACKER,

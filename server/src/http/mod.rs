@@ -53,9 +53,6 @@ const META_CACHE_MAX: usize = 8192;
 /// (app, file id).
 type MetaKey = (String, String);
 
-/// Shortest app secret accepted.
-pub const SECRET_MIN: usize = 16;
-
 /// `[http]` in the server config.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -110,12 +107,8 @@ impl HttpConfig {
             if app.is_empty() || app.len() > APP_ID_LEN {
                 bail!("http.secrets: app id {app:?} must be 1 ..= {APP_ID_LEN} bytes");
             }
-            if secret.len() < SECRET_MIN {
-                bail!(
-                    "http.secrets.{app}: the secret must be at least {SECRET_MIN} bytes (an empty \
-                     or short secret would make signed URLs forgeable)"
-                );
-            }
+            ferry_common::auth::check_secret(&format!("http.secrets.{app}"), secret)
+                .map_err(anyhow::Error::msg)?;
         }
         if !(1024..=1 << 20).contains(&self.max_header_bytes) {
             bail!("http.max_header_bytes must be within 1024 ..= 1048576");
@@ -261,10 +254,19 @@ mod tests {
         assert!(c.check().is_err());
         c.secrets.insert("demo".into(), "short".into());
         assert!(c.check().is_err());
-        c.secrets.insert("demo".into(), "x".repeat(SECRET_MIN));
-        assert!(c.check().is_ok());
         c.secrets
-            .insert("an-app-id-too-long".into(), "x".repeat(32));
+            .insert("demo".into(), "x".repeat(ferry_common::auth::SECRET_MIN));
+        assert!(c.check().is_err(), "one repeated character");
+        c.secrets
+            .insert("demo".into(), "example-CHANGE-ME-0123456789abcdef".into());
+        assert!(c.check().is_err(), "a placeholder");
+        c.secrets
+            .insert("demo".into(), ferry_common::auth::new_secret());
+        assert!(c.check().is_ok());
+        c.secrets.insert(
+            "an-app-id-too-long".into(),
+            ferry_common::auth::new_secret(),
+        );
         assert!(c.check().is_err());
         let c = HttpConfig {
             max_header_bytes: 100,
@@ -288,6 +290,7 @@ mod tests {
         );
         assert!(!cfg.http.public_reads);
         assert!(cfg.http.secrets.contains_key("demo"));
-        assert!(cfg.check().is_ok());
+        // Its secret is a placeholder, which the server refuses to run with.
+        assert!(cfg.http.check().is_err());
     }
 }

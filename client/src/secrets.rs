@@ -1,0 +1,167 @@
+//! Fresh secrets for a local cluster (`ferry demo`, `ferry cluster up`).
+//!
+//! The configs in conf/ carry placeholder secrets, which every ferry process refuses to run
+//! with. A local cluster writes its members' configs with these placeholders replaced by random
+//! secrets, one per key name, so the same key gets the same secret in every member: the app
+//! key `[auth.keys.APP] ID` of servers and routing proxies, the signed-URL secret
+//! `[http.secrets] APP`, and a link key `ID` wherever it appears (`[link.send] id = ID` in the
+//! sender, `[link.accept] ID` in the receiver). The client config it writes next to them holds
+//! the app key, so `ferry --config` works against the cluster.
+
+use crate::error::{ClientError, Result};
+use ferry_common::auth::{SigningKey, new_secret};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The secrets of one local cluster, by key name.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    by_name: BTreeMap<String, String>,
+}
+
+fn table<'a>(t: &'a mut toml::Table, key: &str) -> Option<&'a mut toml::Table> {
+    t.get_mut(key).and_then(toml::Value::as_table_mut)
+}
+
+impl Secrets {
+    fn get(&mut self, name: String) -> String {
+        self.by_name.entry(name).or_insert_with(new_secret).clone()
+    }
+
+    /// The secret of app key `id` of `app`, made now if no member config named it yet.
+    pub fn app_key(&mut self, app: &str, id: &str) -> SigningKey {
+        SigningKey {
+            id: id.to_owned(),
+            secret: self.get(format!("auth/{app}/{id}")),
+        }
+    }
+
+    /// The signed-URL secret of `app`.
+    pub fn http(&mut self, app: &str) -> String {
+        self.get(format!("http/{app}"))
+    }
+
+    /// The link key `id`.
+    pub fn link(&mut self, id: &str) -> SigningKey {
+        SigningKey {
+            id: id.to_owned(),
+            secret: self.get(format!("link/{id}")),
+        }
+    }
+
+    /// Replaces every secret of a member config (server or proxy) with this cluster's.
+    pub fn fill(&mut self, t: &mut toml::Table) {
+        if let Some(keys) = table(t, "auth").and_then(|a| table(a, "keys")) {
+            for (app, ids) in keys.iter_mut() {
+                for (id, v) in ids.as_table_mut().into_iter().flatten() {
+                    *v = self.app_key(app, id).secret.into();
+                }
+            }
+        }
+        if let Some(apps) = table(t, "http").and_then(|h| table(h, "secrets")) {
+            for (app, v) in apps.iter_mut() {
+                *v = self.http(app).into();
+            }
+        }
+        if let Some(link) = table(t, "link") {
+            if let Some(send) = table(link, "send") {
+                let id = send.get("id").and_then(|v| v.as_str()).unwrap_or("");
+                let secret = self.link(id).secret;
+                send.insert("secret".into(), secret.into());
+            }
+            if let Some(accept) = table(link, "accept") {
+                for (id, v) in accept.iter_mut() {
+                    *v = self.link(id).secret.into();
+                }
+            }
+        }
+    }
+
+    /// Reads `src`, fills in this cluster's secrets and writes the result to `dst`.
+    pub fn write_filled(&mut self, src: &Path, dst: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(src)
+            .map_err(|e| ClientError::io(format!("reading {}", src.display()), e))?;
+        let mut t: toml::Table = text
+            .parse()
+            .map_err(|e| ClientError::Cluster(format!("{}: {e}", src.display())))?;
+        self.fill(&mut t);
+        let header = format!(
+            "# Generated from {} with this cluster's own secrets.\n",
+            src.display()
+        );
+        write_private(dst, &(header + &t.to_string()))
+    }
+
+    /// The signed-URL secret of `app`, if some member config named one.
+    pub fn http_of(&self, app: &str) -> Option<String> {
+        self.by_name.get(&format!("http/{app}")).cloned()
+    }
+
+    /// The link key `id`, if some member config named it.
+    pub fn link_of(&self, id: &str) -> Option<SigningKey> {
+        self.by_name
+            .get(&format!("link/{id}"))
+            .map(|secret| SigningKey {
+                id: id.to_owned(),
+                secret: secret.clone(),
+            })
+    }
+
+    /// The app key of `app` some member config named (the first key id), if any.
+    pub fn key_of(&self, app: &str) -> Option<SigningKey> {
+        let prefix = format!("auth/{app}/");
+        self.by_name.iter().find_map(|(name, secret)| {
+            name.strip_prefix(&prefix).map(|id| SigningKey {
+                id: id.to_owned(),
+                secret: secret.clone(),
+            })
+        })
+    }
+}
+
+/// Writes a file only its owner can read (it holds secrets).
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e| ClientError::io(format!("writing {}", path.display()), e);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_become_one_fresh_secret_per_key_name() {
+        let mut s = Secrets::default();
+        let mut proxy: toml::Table = "listen = \"127.0.0.1:1\"\n[link.send]\nid = \"cp\"\n\
+                                      secret = \"example-CHANGE-ME\"\n"
+            .parse()
+            .unwrap();
+        let mut server: toml::Table = "[auth.keys.demo]\nk1 = \"x\"\n[http.secrets]\ndemo = \
+                                       \"y\"\n[link.accept]\ncp = \"z\"\n"
+            .parse()
+            .unwrap();
+        s.fill(&mut proxy);
+        s.fill(&mut server);
+        let sent = proxy["link"]["send"]["secret"].as_str().unwrap();
+        assert_eq!(server["link"]["accept"]["cp"].as_str().unwrap(), sent);
+        let app = server["auth"]["keys"]["demo"]["k1"].as_str().unwrap();
+        assert_eq!(s.app_key("demo", "k1").secret, app);
+        assert_eq!(s.key_of("demo").unwrap().secret, app);
+        assert!(s.key_of("other").is_none());
+        let http = server["http"]["secrets"]["demo"].as_str().unwrap();
+        for v in [sent, app, http] {
+            ferry_common::auth::check_secret("generated", v).unwrap();
+        }
+        assert!(sent != app && app != http);
+        assert_eq!(proxy["listen"].as_str(), Some("127.0.0.1:1"));
+    }
+}

@@ -1416,3 +1416,77 @@ fn a_chain_with_link_proofs_fails_over_to_the_standby_server_proxy() {
     assert_eq!(up.links.load(Ordering::SeqCst), 4);
     assert_eq!(up.link_refused.load(Ordering::SeqCst), 0);
 }
+
+/// The real ferry-server behind a linked client-proxy -> server-proxy chain: the CLI's uploads
+/// and downloads pass, and skipping the client-proxy gets error 6. With `server_link`, the
+/// server requires the server-proxy's proof too, and skipping both proxies gets 6 from it.
+fn real_server_chain(server_link: bool) {
+    let dir = tmp();
+    let (cp_secret, sp_secret) = (new_secret(), new_secret());
+    let server = free_addr();
+    // The test app keys are appended by start_server.
+    let mut conf = String::from("sync_blocks = false\n");
+    if server_link {
+        conf.push_str(&link_accept(&[("sp", &sp_secret)]));
+    }
+    let _srv = support::start_server(
+        dir.path(),
+        "ferry-server",
+        &conf,
+        server,
+        &dir.path().join("data"),
+    );
+    let sp = Proxy::start(
+        dir.path(),
+        "server-proxy",
+        &[server],
+        &format!(
+            "{}{}",
+            link_accept(&[("cp-a", &cp_secret)]),
+            link_send("sp", &sp_secret)
+        ),
+    );
+    let cp = Proxy::start(
+        dir.path(),
+        "client-proxy",
+        &[sp.addr],
+        &link_send("cp-a", &cp_secret),
+    );
+    let src = dir.path().join("src");
+    support::make_file(&src, 5 << 20, 17);
+    let state = dir.path().join("state");
+    let ferry = |via: SocketAddr, args: &[&str]| support::cli::ferry(&state, &[via], args);
+    let up = support::cli::ok(ferry(cp.addr, &["--json", "upload", src.to_str().unwrap()]));
+    let id = up.json()["file_id"].as_str().unwrap().to_owned();
+    let out = dir.path().join("out");
+    support::cli::ok(ferry(
+        cp.addr,
+        &["--json", "download", &id, "-o", out.to_str().unwrap()],
+    ));
+    assert_eq!(support::sha256_file(&src), support::sha256_file(&out));
+    // Skipping the client-proxy (and, when the server wants proofs, both proxies) gets error
+    // 6, however valid the client's token is.
+    let shortcuts: &[SocketAddr] = if server_link {
+        &[sp.addr, server]
+    } else {
+        &[sp.addr]
+    };
+    for &via in shortcuts {
+        let r = support::cli::run(ferry(via, &["--json", "stat", &id]));
+        assert!(!r.ok, "{via}: {}", r.stdout);
+        assert_eq!(r.json()["code"], 6, "{via}: {}", r.stdout);
+    }
+    assert!(sp.stat("link_refused") >= 1);
+}
+
+#[test]
+fn the_real_server_behind_linked_proxies_serves_clients_and_refuses_shortcuts() {
+    real_server_chain(false);
+}
+
+#[test]
+#[ignore = "ferry-server (main 5bafcc2) with [link.accept] refuses the LINK frame itself: \
+            server/src/access.rs need(LINK) is Need::Link, checked before the proof is read"]
+fn the_real_server_requiring_links_behind_linked_proxies() {
+    real_server_chain(true);
+}

@@ -26,21 +26,10 @@ use support::{Proc, free_addr, wait_ready};
 
 const IO: Duration = Duration::from_secs(10);
 
-/// The app key the routing proxies check tokens against (`[auth.keys.demo] k1`).
-const APP_SECRET: &str = "5c8e0f7a2b14d9e36a0c4f1b7d2e8a9c3f6b0d1e4a7c2f5b8e1d4a7c0f3b6e92";
-
-fn app_key() -> SigningKey {
-    SigningKey {
-        id: "k1".into(),
-        secret: APP_SECRET.into(),
-    }
-}
-
-/// A fresh session token for `user` of app demo.
+/// A fresh session token for `user` of app demo, made with the tests' shared app key (which
+/// the routing proxies get in `[auth.keys.*]`).
 fn token(user: &str) -> Vec<u8> {
-    app_key()
-        .mint("demo", user, ferry_common::token::Scope::ALL, 300)
-        .unwrap()
+    support::auth::token("demo", user)
 }
 
 /// Link proofs a stand-in received (LINK frame bodies), in arrival order.
@@ -245,7 +234,7 @@ fn serve_tracker(
     let _ = s.write_all(&out);
 }
 
-/// A routing proxy in front of `trackers`, checking tokens made with [`app_key`].
+/// A routing proxy in front of `trackers`, checking tokens made with the tests' app key.
 fn proxy(
     dir: &std::path::Path,
     trackers: &[SocketAddr],
@@ -269,9 +258,9 @@ fn proxy_with(
         &conf,
         format!(
             "listen = \"{listen}\"\ntrackers = [{}]\nroute_cache_ms = {cache_ms}\n\
-             connect_timeout_ms = 300\nstats_listen = \"{stats}\"\nworkers = 2\n{tables}\n\
-             [auth.keys.demo]\nk1 = \"{APP_SECRET}\"\n",
-            list.join(", ")
+             connect_timeout_ms = 300\nstats_listen = \"{stats}\"\nworkers = 2\n{tables}\n{}",
+            list.join(", "),
+            support::auth::auth_toml()
         ),
     )
     .unwrap();
@@ -482,7 +471,7 @@ fn the_client_cli_reports_a_group_without_nodes_clearly_and_in_bounded_time() {
         ])
         .args(["--app", "demo", "--user", "dave", "--json", "stat", "g4/1"])
         .env("FERRY_STATE_DIR", dir.path().join("state"))
-        .env("FERRY_KEY", format!("k1:{APP_SECRET}"))
+        .env("FERRY_KEY", support::auth::key_env())
         .output()
         .unwrap();
     assert!(
@@ -544,7 +533,7 @@ fn sessions_need_a_valid_token_and_are_routed_by_its_user() {
     assert_eq!(refused(px, "bobby", &moved).code, ErrorCode::Auth);
     // Signed with a key the proxy does not have.
     let stranger = SigningKey {
-        id: "k1".into(),
+        id: support::auth::KEY_ID.into(),
         secret: new_secret(),
     };
     let forged = stranger
@@ -554,7 +543,7 @@ fn sessions_need_a_valid_token_and_are_routed_by_its_user() {
     // Expired half an hour ago (well past the allowed clock skew).
     let now = now_secs();
     let expired = ferry_common::token::Claims {
-        key_id: "k1".into(),
+        key_id: support::auth::KEY_ID.into(),
         app: "demo".into(),
         user: "alice".into(),
         scope: ferry_common::token::Scope::ALL,
@@ -562,7 +551,7 @@ fn sessions_need_a_valid_token_and_are_routed_by_its_user() {
         expires: now - 1800,
         nonce: [9; 16],
     }
-    .mint(APP_SECRET.as_bytes())
+    .mint(support::auth::KEY_SECRET.as_bytes())
     .unwrap();
     let e = refused(px, "alice", &expired);
     assert_eq!(
@@ -588,7 +577,7 @@ fn sessions_need_a_valid_token_and_are_routed_by_its_user() {
     assert_eq!(s["sessions_relayed"], 2, "{s:?}");
     assert_eq!(s["route_lookups"], 2, "{s:?}");
     // The secret never reaches the log.
-    assert!(!_p.log_text().contains(APP_SECRET));
+    assert!(!_p.log_text().contains(support::auth::KEY_SECRET));
 }
 
 #[test]

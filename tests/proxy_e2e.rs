@@ -3,10 +3,12 @@
 //! PROBE with a server identity and, after reading a HELLO, does what the HELLO's app id says:
 //! "echo" (send everything back, pass the FIN on), "sink" (count and checksum everything, reply
 //! with count + CRC32C after the FIN) or "source" (user id = byte count: send that many pattern
-//! bytes, then FIN, then wait for the client's FIN).
+//! bytes, then FIN, then wait for the client's FIN). Started with link keys, it wants a valid
+//! LINK proof before the HELLO, as a ferry-server with `[link.accept]` does.
 
 mod support;
 
+use ferry_common::auth::{LinkConfig, LinkVerifier, SigningKey, new_secret};
 use ferry_common::proto::{
     self, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, Identity, Role, cmd,
 };
@@ -120,11 +122,24 @@ struct Upstream {
     sourced: Arc<AtomicU64>,
     /// Sessions whose handler has returned (the connection is closed).
     finished: Arc<AtomicUsize>,
+    /// Link proofs accepted, and sessions refused for a missing or bad one.
+    links: Arc<AtomicUsize>,
+    link_refused: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Upstream {
     fn start(addr: SocketAddr) -> Upstream {
+        Upstream::start_with(addr, None)
+    }
+
+    /// An upstream that wants a LINK proof checked by `link` (shared between upstreams, a
+    /// proof used twice anywhere is a replay).
+    fn start_linked(addr: SocketAddr, link: Arc<LinkVerifier>) -> Upstream {
+        Upstream::start_with(addr, Some(link))
+    }
+
+    fn start_with(addr: SocketAddr, link: Option<Arc<LinkVerifier>>) -> Upstream {
         let t = Instant::now();
         let listener = loop {
             match ferry_common::net::listen(addr, 1024) {
@@ -141,6 +156,8 @@ impl Upstream {
         let served = Arc::new(AtomicUsize::new(0));
         let sourced = Arc::new(AtomicU64::new(0));
         let finished = Arc::new(AtomicUsize::new(0));
+        let links = Arc::new(AtomicUsize::new(0));
+        let link_refused = Arc::new(AtomicUsize::new(0));
         let thread = {
             let (stop, conns, served, sourced, finished) = (
                 stop.clone(),
@@ -149,6 +166,7 @@ impl Upstream {
                 sourced.clone(),
                 finished.clone(),
             );
+            let (links, link_refused) = (links.clone(), link_refused.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
@@ -159,8 +177,12 @@ impl Upstream {
                             }
                             let (served, sourced) = (served.clone(), sourced.clone());
                             let finished = finished.clone();
+                            let link = link.clone();
+                            let (links, link_refused) = (links.clone(), link_refused.clone());
                             std::thread::spawn(move || {
-                                serve(s, &served, &sourced);
+                                if linked(&s, link.as_deref(), &links, &link_refused) {
+                                    serve(s, &served, &sourced);
+                                }
                                 finished.fetch_add(1, Ordering::SeqCst);
                             });
                         }
@@ -179,6 +201,8 @@ impl Upstream {
             served,
             sourced,
             finished,
+            links,
+            link_refused,
             thread: Some(thread),
         }
     }
@@ -215,6 +239,42 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
     let mut body = vec![0u8; h.body_len as usize];
     s.read_exact(&mut body)?;
     Ok((h, body))
+}
+
+/// With link keys: reads the LINK frame and checks it, answering error 6 and closing on a
+/// missing or bad one (a PROBE is answered without one). Returns whether the session goes on.
+fn linked(
+    s: &TcpStream,
+    link: Option<&LinkVerifier>,
+    links: &AtomicUsize,
+    refused: &AtomicUsize,
+) -> bool {
+    let Some(v) = link else {
+        return true;
+    };
+    let mut s = s.try_clone().unwrap();
+    let why = match read_frame(&mut s) {
+        Ok((h, _)) if h.cmd == cmd::PROBE => {
+            let id = Identity {
+                version: proto::VERSION,
+                role: Role::Server,
+            };
+            let _ = s.write_all(&proto::frame(cmd::REPLY_STORAGE, 0, &id.encode()));
+            return false;
+        }
+        Ok((h, body)) if h.cmd == cmd::LINK => match v.verify(&body) {
+            Ok(_) => {
+                links.fetch_add(1, Ordering::SeqCst);
+                return true;
+            }
+            Err(e) => format!("link proof not valid: {e}"),
+        },
+        Ok((h, _)) => format!("link proof required, got {}", cmd::name(h.cmd)),
+        Err(e) => format!("no frame: {e}"),
+    };
+    refused.fetch_add(1, Ordering::SeqCst);
+    let _ = s.write_all(&ErrorBody::new(ErrorCode::Auth, why).frame(cmd::REPLY_STORAGE));
+    false
 }
 
 fn serve(mut s: TcpStream, served: &AtomicUsize, sourced: &AtomicU64) {
@@ -1094,4 +1154,339 @@ fn killing_real_proxies_in_a_chain() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(closed_within(&mut s, Duration::from_secs(1)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Link proofs: client-proxy --LINK--> server-proxy --LINK--> upstream.
+
+fn link_send(id: &str, secret: &str) -> String {
+    format!("[link.send]\nid = \"{id}\"\nsecret = \"{secret}\"\n")
+}
+
+fn link_accept(keys: &[(&str, &str)]) -> String {
+    let mut out = String::from("[link.accept]\n");
+    for (id, secret) in keys {
+        out.push_str(&format!("{id} = \"{secret}\"\n"));
+    }
+    out
+}
+
+/// A receiver's check of proofs made with `id`/`secret`.
+fn verifier(id: &str, secret: &str) -> Arc<LinkVerifier> {
+    let cfg = LinkConfig {
+        send: None,
+        accept: [(id.to_owned(), secret.to_owned())].into(),
+    };
+    Arc::new(cfg.verifier().unwrap())
+}
+
+/// Reads the error frame the proxy answers with, checks it is `code` and returns its text, and
+/// that the proxy then closes.
+fn refused_with(s: &mut TcpStream, code: ErrorCode) -> String {
+    let (h, body) = read_frame(s).expect("an error frame");
+    assert_eq!((h.cmd, h.status), (cmd::REPLY_PROXY, proto::status::ERROR));
+    let e = ErrorBody::decode(&body).unwrap();
+    assert_eq!(e.code, code, "{}", e.text);
+    assert!(
+        closed_within(s, Duration::from_secs(2)),
+        "not closed after error {code:?}"
+    );
+    e.text
+}
+
+/// Sends `bytes` (then nothing) straight to `addr` and returns the connection.
+fn raw_session(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(bytes).unwrap();
+    s
+}
+
+#[test]
+fn link_proofs_let_proxied_sessions_through_and_keep_stray_clients_out() {
+    let dir = tmp();
+    let (cp_secret, sp_secret) = (new_secret(), new_secret());
+    let up = Upstream::start_linked(free_addr(), verifier("sp", &sp_secret));
+    let sp = Proxy::start(
+        dir.path(),
+        "server-proxy",
+        &[up.addr],
+        &format!(
+            "{}{}",
+            link_accept(&[("cp-a", &cp_secret)]),
+            link_send("sp", &sp_secret)
+        ),
+    );
+    // (Proxy::start already saw the server-proxy answer a PROBE without a proof.)
+    // A stray client with a valid HELLO straight to the server-proxy: error 6, nothing forwarded.
+    let mut s = session(sp.addr, "echo", "u");
+    assert_eq!(refused_with(&mut s, ErrorCode::Auth), "link proof required");
+    // Garbage in a LINK frame, and a LINK of another key id.
+    let mut junk = proto::frame(cmd::LINK, 0, &[7u8; 120]);
+    junk.extend_from_slice(&hello_frame("echo", "u"));
+    let mut s = raw_session(sp.addr, &junk);
+    assert_eq!(
+        refused_with(&mut s, ErrorCode::Auth),
+        "link proof not valid"
+    );
+    let other = SigningKey {
+        id: "cp-z".into(),
+        secret: cp_secret.clone(),
+    };
+    let mut s = raw_session(sp.addr, &other.link_frame());
+    let text = refused_with(&mut s, ErrorCode::Auth);
+    assert!(
+        !text.contains(&cp_secret) && !text.contains("cp-z"),
+        "{text}"
+    );
+    // A valid proof opens one session; the same bytes again are a replay.
+    let key = SigningKey {
+        id: "cp-a".into(),
+        secret: cp_secret.clone(),
+    };
+    let proof = key.link_frame();
+    let mut once = proof.clone();
+    once.extend_from_slice(&hello_frame("echo", "u"));
+    once.extend_from_slice(b"ping");
+    let mut s = raw_session(sp.addr, &once);
+    let mut four = [0u8; 4];
+    s.read_exact(&mut four).unwrap();
+    assert_eq!(&four, b"ping", "the upstream saw the HELLO, not our LINK");
+    drop(s);
+    let mut again = proof;
+    again.extend_from_slice(&hello_frame("echo", "u"));
+    let mut s = raw_session(sp.addr, &again);
+    assert_eq!(
+        refused_with(&mut s, ErrorCode::Auth),
+        "link proof not valid"
+    );
+    assert_eq!(up.served(), 1, "no refused session reached the upstream");
+    // Through a client-proxy that proves itself: sessions pass, each with its own proof both
+    // hops (the upstream checks the server-proxy's, and would refuse a replay).
+    let cp = Proxy::start(
+        dir.path(),
+        "client-proxy",
+        &[sp.addr],
+        &link_send("cp-a", &cp_secret),
+    );
+    for i in 0..3 {
+        echo(cp.addr, 100_000, 4096, i);
+    }
+    sink(cp.addr, 300_001, 9);
+    source(cp.addr, 1 << 20);
+    assert_eq!(up.served(), 6);
+    assert_eq!(up.links.load(Ordering::SeqCst), 6);
+    assert_eq!(up.link_refused.load(Ordering::SeqCst), 0);
+    // The client-proxy's health check probes the server-proxy without a proof, and sees it up.
+    assert_eq!(
+        cp.stat(&format!(
+            "upstream_up{{addr=\"{}\",role=\"primary\"}}",
+            sp.addr
+        )),
+        1
+    );
+    // A client-proxy with the wrong secret: its clients get the server-proxy's error 6.
+    let bad = Proxy::start(
+        dir.path(),
+        "client-proxy-bad",
+        &[sp.addr],
+        &link_send("cp-a", &new_secret()),
+    );
+    let mut s = session(bad.addr, "echo", "u");
+    assert_eq!(
+        refused_with(&mut s, ErrorCode::Auth),
+        "link proof not valid"
+    );
+    assert_eq!(up.served(), 6);
+    let st = sp.stats();
+    assert_eq!(st["link_refused"], 5, "{st:?}");
+    assert_eq!(st["sessions_relayed"], 6, "{st:?}");
+    // The refusals are logged with the reason, never with a secret.
+    let log = sp.proc.log_text();
+    assert!(log.contains("bad signature"), "{log}");
+    assert!(log.contains("replayed"), "{log}");
+    assert!(!log.contains(&cp_secret) && !log.contains(&sp_secret));
+}
+
+#[test]
+fn a_proxy_with_a_placeholder_secret_refuses_to_start() {
+    let dir = tmp();
+    let up = free_addr();
+    let conf = dir.path().join("proxy.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"{}\"\nupstreams = [\"{up}\"]\n{}",
+            free_addr(),
+            link_send("cp-a", "example-client-proxy-a-link-key-CHANGE-ME")
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(support::bin("ferry-proxy"));
+    cmd.arg("--config").arg(&conf);
+    let mut p = Proc::spawn("proxy", &mut cmd, dir.path());
+    let st = p.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!st.success());
+    let log = p.log_text();
+    assert!(
+        log.contains("[link.send] (key cp-a) is an example placeholder"),
+        "{log}"
+    );
+    assert!(!log.contains("CHANGE-ME"), "{log}");
+}
+
+#[test]
+fn failover_and_failback_with_a_fresh_link_proof_per_connection() {
+    let dir = tmp();
+    let secret = new_secret();
+    // Primary and standby share one replay cache: a proof sent twice anywhere is refused.
+    let v = verifier("cp-a", &secret);
+    let paddr = free_addr();
+    let mut primary = Upstream::start_linked(paddr, v.clone());
+    let standby = Upstream::start_linked(free_addr(), v.clone());
+    let p = Proxy::start(
+        dir.path(),
+        "proxy",
+        &[paddr, standby.addr],
+        &format!(
+            "check_interval_ms = 300\nrise = 1\nfall = 1\nconnect_timeout_ms = 300\n{}",
+            link_send("cp-a", &secret)
+        ),
+    );
+    for i in 0..3 {
+        echo(p.addr, 10_000, 1000, i);
+    }
+    assert_eq!(primary.served(), 3);
+    // The primary dies: the first session after it may try it and fail over within itself,
+    // the rest go to the standby; every one arrives with a proof of its own.
+    primary.kill();
+    for i in 0..3 {
+        echo(p.addr, 10_000, 1000, 10 + i);
+    }
+    assert_eq!(standby.served(), 3);
+    let first_links = primary.links.load(Ordering::SeqCst);
+    assert_eq!(first_links, 3);
+    // Back up: new sessions fail back to the primary.
+    let primary = Upstream::start_linked(paddr, v.clone());
+    let t = Instant::now();
+    while primary.served() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(3), "no failback");
+        echo(p.addr, 100, 100, 20);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sessions = 6 + primary.served() + (standby.served() - 3);
+    let refused =
+        primary.link_refused.load(Ordering::SeqCst) + standby.link_refused.load(Ordering::SeqCst);
+    assert_eq!(refused, 0, "a proof was reused or bad");
+    let links =
+        first_links + primary.links.load(Ordering::SeqCst) + standby.links.load(Ordering::SeqCst);
+    assert_eq!(links, sessions, "one proof per session");
+    assert_eq!(p.stat("sessions_relayed") as usize, sessions);
+}
+
+#[test]
+fn a_chain_with_link_proofs_fails_over_to_the_standby_server_proxy() {
+    let dir = tmp();
+    let (cp_secret, sp_secret) = (new_secret(), new_secret());
+    let up = Upstream::start_linked(free_addr(), verifier("sp", &sp_secret));
+    let sp_conf = format!(
+        "check_interval_ms = 300\nrise = 1\nfall = 1\nconnect_timeout_ms = 300\n{}{}",
+        link_accept(&[("cp-a", &cp_secret)]),
+        link_send("sp", &sp_secret)
+    );
+    let mut spa = Proxy::start(dir.path(), "server-proxy-a", &[up.addr], &sp_conf);
+    let spb = Proxy::start(dir.path(), "server-proxy-b", &[up.addr], &sp_conf);
+    let cp = Proxy::start(
+        dir.path(),
+        "client-proxy",
+        &[spa.addr, spb.addr],
+        &format!(
+            "check_interval_ms = 300\nrise = 1\nfall = 1\nconnect_timeout_ms = 300\n{}",
+            link_send("cp-a", &cp_secret)
+        ),
+    );
+    echo(cp.addr, 50_000, 4096, 1);
+    assert_eq!(spa.stat("sessions_relayed"), 1);
+    spa.proc.kill();
+    for i in 0..3 {
+        echo(cp.addr, 50_000, 4096, 2 + i);
+    }
+    assert_eq!(spb.stat("sessions_relayed"), 3);
+    assert_eq!(spb.stat("link_refused"), 0);
+    assert_eq!(up.links.load(Ordering::SeqCst), 4);
+    assert_eq!(up.link_refused.load(Ordering::SeqCst), 0);
+}
+
+/// The real ferry-server behind a linked client-proxy -> server-proxy chain: the CLI's uploads
+/// and downloads pass, and skipping the client-proxy gets error 6. With `server_link`, the
+/// server requires the server-proxy's proof too, and skipping both proxies gets 6 from it.
+fn real_server_chain(server_link: bool) {
+    let dir = tmp();
+    let (cp_secret, sp_secret) = (new_secret(), new_secret());
+    let server = free_addr();
+    // The test app keys are appended by start_server.
+    let mut conf = String::from("sync_blocks = false\n");
+    if server_link {
+        conf.push_str(&link_accept(&[("sp", &sp_secret)]));
+    }
+    let _srv = support::start_server(
+        dir.path(),
+        "ferry-server",
+        &conf,
+        server,
+        &dir.path().join("data"),
+    );
+    let sp = Proxy::start(
+        dir.path(),
+        "server-proxy",
+        &[server],
+        &format!(
+            "{}{}",
+            link_accept(&[("cp-a", &cp_secret)]),
+            link_send("sp", &sp_secret)
+        ),
+    );
+    let cp = Proxy::start(
+        dir.path(),
+        "client-proxy",
+        &[sp.addr],
+        &link_send("cp-a", &cp_secret),
+    );
+    let src = dir.path().join("src");
+    support::make_file(&src, 5 << 20, 17);
+    let state = dir.path().join("state");
+    let ferry = |via: SocketAddr, args: &[&str]| support::cli::ferry(&state, &[via], args);
+    let up = support::cli::ok(ferry(cp.addr, &["--json", "upload", src.to_str().unwrap()]));
+    let id = up.json()["file_id"].as_str().unwrap().to_owned();
+    let out = dir.path().join("out");
+    support::cli::ok(ferry(
+        cp.addr,
+        &["--json", "download", &id, "-o", out.to_str().unwrap()],
+    ));
+    assert_eq!(support::sha256_file(&src), support::sha256_file(&out));
+    // Skipping the client-proxy (and, when the server wants proofs, both proxies) gets error
+    // 6, however valid the client's token is.
+    let shortcuts: &[SocketAddr] = if server_link {
+        &[sp.addr, server]
+    } else {
+        &[sp.addr]
+    };
+    for &via in shortcuts {
+        let r = support::cli::run(ferry(via, &["--json", "stat", &id]));
+        assert!(!r.ok, "{via}: {}", r.stdout);
+        assert_eq!(r.json()["code"], 6, "{via}: {}", r.stdout);
+    }
+    assert!(sp.stat("link_refused") >= 1);
+}
+
+#[test]
+fn the_real_server_behind_linked_proxies_serves_clients_and_refuses_shortcuts() {
+    real_server_chain(false);
+}
+
+#[test]
+#[ignore = "ferry-server (main 5bafcc2) with [link.accept] refuses the LINK frame itself: \
+            server/src/access.rs need(LINK) is Need::Link, checked before the proof is read"]
+fn the_real_server_requiring_links_behind_linked_proxies() {
+    real_server_chain(true);
 }

@@ -3,10 +3,14 @@
 //! here, so the routing rules are checked without PostgreSQL (tests/cluster_e2e.rs runs the real
 //! tracker and servers). A stand-in tracker answers TRACKER_SADDRS from a table (user -> group,
 //! group -> nodes) and counts the lookups; a stand-in node answers PROBE, and after a HELLO
-//! sends one frame naming itself, so the test sees where each session landed.
+//! sends one frame naming itself, so the test sees where each session landed. Both take an
+//! optional LINK frame first and keep its proof, so a test can check what the proxy sent.
+//! The proxy checks the session token in every HELLO (`[auth]`), minted here with the app key
+//! the proxy is given.
 
 mod support;
 
+use ferry_common::auth::{LinkConfig, SigningKey, new_secret, now_secs};
 use ferry_common::proto::{
     self, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, NodeAddr, SaddrsReply, SaddrsReq, cmd,
     status,
@@ -22,6 +26,25 @@ use support::{Proc, free_addr, wait_ready};
 
 const IO: Duration = Duration::from_secs(10);
 
+/// A fresh session token for `user` of app demo, made with the tests' shared app key (which
+/// the routing proxies get in `[auth.keys.*]`).
+fn token(user: &str) -> Vec<u8> {
+    support::auth::token("demo", user)
+}
+
+/// Link proofs a stand-in received (LINK frame bodies), in arrival order.
+type Proofs = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// Reads the first frame, and the one after it when the first is a LINK (its proof is kept).
+fn read_opening(s: &mut TcpStream, proofs: &Proofs) -> std::io::Result<(Header, Vec<u8>)> {
+    let (h, body) = read_frame(s)?;
+    if h.cmd != cmd::LINK {
+        return Ok((h, body));
+    }
+    proofs.lock().unwrap().push(body);
+    read_frame(s)
+}
+
 fn read_frame(s: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h)?;
@@ -36,6 +59,7 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
 struct Node {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    proofs: Proofs,
 }
 
 impl Node {
@@ -44,19 +68,20 @@ impl Node {
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, name) = (stop.clone(), name.to_owned());
+        let proofs = Proofs::default();
+        let (flag, name, p) = (stop.clone(), name.to_owned(), proofs.clone());
         std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((s, _)) => {
-                        let name = name.clone();
-                        std::thread::spawn(move || serve_node(s, &name));
+                        let (name, p) = (name.clone(), p.clone());
+                        std::thread::spawn(move || serve_node(s, &name, &p));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Node { addr, stop }
+        Node { addr, stop, proofs }
     }
 }
 
@@ -66,10 +91,10 @@ impl Drop for Node {
     }
 }
 
-fn serve_node(mut s: TcpStream, name: &str) {
+fn serve_node(mut s: TcpStream, name: &str, proofs: &Proofs) {
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(IO)).unwrap();
-    let Ok((h, body)) = read_frame(&mut s) else {
+    let Ok((h, body)) = read_opening(&mut s, proofs) else {
         return;
     };
     let out = match h.cmd {
@@ -104,6 +129,9 @@ struct Tracker {
     table: Arc<Mutex<Table>>,
     lookups: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    proofs: Proofs,
+    /// The users lookups asked for, in order.
+    asked: Arc<Mutex<Vec<String>>>,
 }
 
 impl Tracker {
@@ -114,13 +142,16 @@ impl Tracker {
         let table = Arc::new(Mutex::new(Table::default()));
         let lookups = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let proofs = Proofs::default();
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let (t, n, flag) = (table.clone(), lookups.clone(), stop.clone());
+        let (p, a) = (proofs.clone(), asked.clone());
         std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((s, _)) => {
-                        let (t, n) = (t.clone(), n.clone());
-                        std::thread::spawn(move || serve_tracker(s, &t, &n));
+                        let (t, n, p, a) = (t.clone(), n.clone(), p.clone(), a.clone());
+                        std::thread::spawn(move || serve_tracker(s, &t, &n, &p, &a));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -131,6 +162,8 @@ impl Tracker {
             table,
             lookups,
             stop,
+            proofs,
+            asked,
         }
     }
 
@@ -155,14 +188,21 @@ impl Drop for Tracker {
     }
 }
 
-fn serve_tracker(mut s: TcpStream, table: &Mutex<Table>, lookups: &AtomicUsize) {
+fn serve_tracker(
+    mut s: TcpStream,
+    table: &Mutex<Table>,
+    lookups: &AtomicUsize,
+    proofs: &Proofs,
+    asked: &Mutex<Vec<String>>,
+) {
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(IO)).unwrap();
-    let Ok((h, body)) = read_frame(&mut s) else {
+    let Ok((h, body)) = read_opening(&mut s, proofs) else {
         return;
     };
     assert_eq!(h.cmd, cmd::TRACKER_SADDRS);
     let req = SaddrsReq::decode(&body).unwrap();
+    asked.lock().unwrap().push(req.user.clone());
     lookups.fetch_add(1, Ordering::SeqCst);
     let t = table.lock().unwrap();
     let group = t
@@ -194,11 +234,21 @@ fn serve_tracker(mut s: TcpStream, table: &Mutex<Table>, lookups: &AtomicUsize) 
     let _ = s.write_all(&out);
 }
 
-/// A routing proxy in front of `trackers`.
+/// A routing proxy in front of `trackers`, checking tokens made with the tests' app key.
 fn proxy(
     dir: &std::path::Path,
     trackers: &[SocketAddr],
     cache_ms: u64,
+) -> (Proc, SocketAddr, SocketAddr) {
+    proxy_with(dir, trackers, cache_ms, "")
+}
+
+/// [`proxy`] with more config sections (`tables`: TOML tables such as `[link.send]`).
+fn proxy_with(
+    dir: &std::path::Path,
+    trackers: &[SocketAddr],
+    cache_ms: u64,
+    tables: &str,
 ) -> (Proc, SocketAddr, SocketAddr) {
     let listen = free_addr();
     let stats = free_addr();
@@ -208,8 +258,9 @@ fn proxy(
         &conf,
         format!(
             "listen = \"{listen}\"\ntrackers = [{}]\nroute_cache_ms = {cache_ms}\n\
-             connect_timeout_ms = 300\nstats_listen = \"{stats}\"\nworkers = 2\n",
-            list.join(", ")
+             connect_timeout_ms = 300\nstats_listen = \"{stats}\"\nworkers = 2\n{tables}\n{}",
+            list.join(", "),
+            support::auth::auth_toml()
         ),
     )
     .unwrap();
@@ -222,11 +273,16 @@ fn proxy(
     (p, listen, stats)
 }
 
-/// Opens a session as `user` and returns the first frame that comes back.
+/// Opens a session as `user` (with a fresh token) and returns the first frame that comes back.
 fn session(proxy: SocketAddr, user: &str) -> (Header, Vec<u8>) {
+    hello_with(proxy, user, &token(user))
+}
+
+/// Opens a session with a HELLO for app demo and `user` carrying `credential`.
+fn hello_with(proxy: SocketAddr, user: &str, credential: &[u8]) -> (Header, Vec<u8>) {
     let mut s = TcpStream::connect_timeout(&proxy, IO).unwrap();
     s.set_read_timeout(Some(IO)).unwrap();
-    let hello = Hello::new("demo", user, b"").encode().unwrap();
+    let hello = Hello::new("demo", user, credential).encode().unwrap();
     s.write_all(&proto::frame(cmd::HELLO, 0, &hello)).unwrap();
     read_frame(&mut s).unwrap()
 }
@@ -416,6 +472,7 @@ fn the_client_cli_reports_a_group_without_nodes_clearly_and_in_bounded_time() {
         ])
         .args(["--app", "demo", "--user", "dave", "--json", "stat", "g4/1"])
         .env("FERRY_STATE_DIR", dir.path().join("state"))
+        .env("FERRY_KEY", support::auth::key_env())
         .output()
         .unwrap();
     assert!(
@@ -436,4 +493,128 @@ fn the_client_cli_reports_a_group_without_nodes_clearly_and_in_bounded_time() {
     );
     // It kept asking during its retry window rather than failing on the first answer.
     assert!(t.lookups() >= 2, "{}", t.lookups());
+}
+
+/// The error a session with `credential` gets.
+fn refused(proxy: SocketAddr, user: &str, credential: &[u8]) -> ErrorBody {
+    let (h, body) = hello_with(proxy, user, credential);
+    assert_eq!((h.cmd, h.status), (cmd::REPLY_PROXY, status::ERROR));
+    ErrorBody::decode(&body).unwrap()
+}
+
+#[test]
+fn sessions_need_a_valid_token_and_are_routed_by_its_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, b1) = (Node::start("a1"), Node::start("b1"));
+    let t = Tracker::start();
+    t.nodes("g1", &[a1.addr]);
+    t.nodes("g2", &[b1.addr]);
+    t.route("alice", "g1");
+    t.route("bob", "g2");
+    let (_p, px, st) = proxy(dir.path(), &[t.addr], 60_000);
+    // No token at all.
+    let e = refused(px, "alice", b"");
+    assert_eq!(
+        (e.code, e.text.as_str()),
+        (ErrorCode::Auth, "session token required")
+    );
+    // One changed byte (the MAC no longer matches).
+    let mut tampered = token("alice");
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let e = refused(px, "alice", &tampered);
+    assert_eq!(
+        (e.code, e.text.as_str()),
+        (ErrorCode::Auth, "session token not valid")
+    );
+    // The user field rewritten to someone else's (same length), MAC unchanged.
+    let mut moved = token("alice");
+    let at = moved.windows(5).position(|w| w == b"alice").unwrap();
+    moved[at..at + 5].copy_from_slice(b"bobby");
+    assert_eq!(refused(px, "bobby", &moved).code, ErrorCode::Auth);
+    // Signed with a key the proxy does not have.
+    let stranger = SigningKey {
+        id: support::auth::KEY_ID.into(),
+        secret: new_secret(),
+    };
+    let forged = stranger
+        .mint("demo", "alice", ferry_common::token::Scope::ALL, 300)
+        .unwrap();
+    assert_eq!(refused(px, "alice", &forged).code, ErrorCode::Auth);
+    // Expired half an hour ago (well past the allowed clock skew).
+    let now = now_secs();
+    let expired = ferry_common::token::Claims {
+        key_id: support::auth::KEY_ID.into(),
+        app: "demo".into(),
+        user: "alice".into(),
+        scope: ferry_common::token::Scope::ALL,
+        not_before: now - 3600,
+        expires: now - 1800,
+        nonce: [9; 16],
+    }
+    .mint(support::auth::KEY_SECRET.as_bytes())
+    .unwrap();
+    let e = refused(px, "alice", &expired);
+    assert_eq!(
+        (e.code, e.text.as_str()),
+        (ErrorCode::Auth, "session token not valid")
+    );
+    // A valid token opens one session; the same token again is a replay.
+    let once = token("alice");
+    let (h, body) = hello_with(px, "alice", &once);
+    assert_eq!(h.status, status::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, b"node a1 user alice");
+    assert_eq!(refused(px, "alice", &once).code, ErrorCode::Auth);
+    // No refused session cost a tracker lookup.
+    assert_eq!(t.lookups(), 1);
+    // A HELLO that says alice but carries bob's token goes where bob lives: the route follows
+    // the token, never the HELLO's own user field (which is forwarded as it came).
+    let (h, body) = hello_with(px, "alice", &token("bob"));
+    assert_eq!(h.status, status::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, b"node b1 user alice");
+    assert_eq!(*t.asked.lock().unwrap(), ["alice", "bob"]);
+    let s = stats(st);
+    assert_eq!(s["token_refused"], 6, "{s:?}");
+    assert_eq!(s["sessions_relayed"], 2, "{s:?}");
+    assert_eq!(s["route_lookups"], 2, "{s:?}");
+    // The secret never reaches the log.
+    assert!(!_p.log_text().contains(support::auth::KEY_SECRET));
+}
+
+#[test]
+fn a_routing_proxy_proves_itself_to_trackers_and_nodes_with_fresh_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = new_secret();
+    let (a1, a2) = (Node::start("a1"), Node::start("a2"));
+    let t = Tracker::start();
+    let dead = closed_addr();
+    t.nodes("g1", &[a1.addr, a2.addr]);
+    t.nodes("g2", &[dead, a2.addr]);
+    t.route("alice", "g1");
+    t.route("bob", "g2");
+    let link = format!("[link.send]\nid = \"sp\"\nsecret = \"{secret}\"\n");
+    let (_p, px, _) = proxy_with(dir.path(), &[t.addr], 200, &link);
+    assert_eq!(landed(px, "alice"), "a1");
+    assert_eq!(landed(px, "bob"), "a2");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(landed(px, "alice"), "a1");
+    assert_eq!(landed(px, "bob"), "a2");
+    // Every tracker and node connection opened with a proof; each passes a receiver that has
+    // the key exactly once (a proof reused anywhere would be a replay here).
+    let v = LinkConfig {
+        send: None,
+        accept: [("sp".to_owned(), secret)].into(),
+    }
+    .verifier()
+    .unwrap();
+    let tracker_proofs = t.proofs.lock().unwrap().clone();
+    assert_eq!(tracker_proofs.len(), t.lookups());
+    assert!(t.lookups() >= 4, "{}", t.lookups());
+    let mut all = tracker_proofs;
+    all.extend(a1.proofs.lock().unwrap().iter().cloned());
+    all.extend(a2.proofs.lock().unwrap().iter().cloned());
+    assert_eq!(all.len(), t.lookups() + 4);
+    for p in &all {
+        assert_eq!(v.verify(p).unwrap(), "sp");
+    }
 }

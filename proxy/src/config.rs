@@ -2,6 +2,7 @@
 //! overrides for the listen address and the upstream (or tracker) list.
 
 use anyhow::{Context, bail};
+use ferry_common::auth::{AuthConfig, LinkConfig};
 use ferry_common::config::millis;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -56,6 +57,12 @@ pub struct Config {
     /// How long sessions may keep running after SIGTERM before they are cut.
     #[serde(rename = "shutdown_grace_ms", deserialize_with = "millis::deserialize")]
     pub shutdown_grace: Duration,
+    /// `[link]`: the proof this proxy opens every upstream and tracker connection with
+    /// (`send`), and the peers allowed to open sessions here (`accept`; none = anyone).
+    pub link: LinkConfig,
+    /// `[auth]`: the app keys a routing proxy checks each HELLO's session token against.
+    /// Required with `trackers`; a proxy with fixed upstreams leaves tokens to the server.
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for Config {
@@ -78,6 +85,8 @@ impl Default for Config {
             pipe_size: 256 * 1024,
             stats_listen: None,
             shutdown_grace: Duration::from_millis(10_000),
+            link: LinkConfig::default(),
+            auth: None,
         }
     }
 }
@@ -118,6 +127,16 @@ impl Config {
         ] {
             if d < Duration::from_millis(10) {
                 bail!("{name} must be at least 10");
+            }
+        }
+        self.link.check().map_err(anyhow::Error::msg)?;
+        if self.routed() {
+            match &self.auth {
+                Some(auth) => auth.check("auth").map_err(anyhow::Error::msg)?,
+                None => bail!(
+                    "a routing proxy (`trackers`) routes by the session token in each HELLO, so it \
+                     needs [auth] with the app keys ([auth.keys.APP] KEY_ID = \"SECRET\")"
+                ),
             }
         }
         Ok(())
@@ -192,6 +211,7 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_common::auth::new_secret;
 
     fn parse(text: &str) -> Result<Config, toml::de::Error> {
         toml::from_str(text)
@@ -226,9 +246,12 @@ mod tests {
 
     #[test]
     fn exactly_one_of_upstreams_and_trackers() {
-        let routed =
-            parse("trackers = [\"127.0.0.1:7300\", \"127.0.0.1:7301\"]\nroute_cache_ms = 500\n")
-                .unwrap();
+        let routed = parse(&format!(
+            "trackers = [\"127.0.0.1:7300\", \"127.0.0.1:7301\"]\nroute_cache_ms = 500\n\
+             [auth.keys.demo]\nk1 = \"{}\"\n",
+            new_secret()
+        ))
+        .unwrap();
         routed.validate().unwrap();
         assert!(routed.routed());
         assert_eq!(routed.route_cache, Duration::from_millis(500));
@@ -284,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn shipped_confs_parse() {
+    fn shipped_confs_parse_but_refuse_to_start_with_their_placeholder_secrets() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
         for name in [
             "client-proxy-a",
@@ -294,8 +317,105 @@ mod tests {
             "server-proxy-routed",
         ] {
             let path = dir.join(format!("{name}.toml"));
-            let cfg: Config = ferry_common::config::load(&path).unwrap();
+            // What the binary does at start: load, override, validate.
+            let cli = Cli {
+                config: Some(path.clone()),
+                listen: Some("127.0.0.1:9".parse().unwrap()),
+                upstreams: Vec::new(),
+                trackers: Vec::new(),
+            };
+            let e = format!("{:#}", cli.resolve().unwrap_err());
+            assert!(e.contains("is an example placeholder"), "{name}: {e}");
+            assert!(e.contains("ferry keygen"), "{name}: {e}");
+            assert!(
+                !e.contains("CHANGE-ME"),
+                "{name}: the error repeats a secret: {e}"
+            );
+            // The same file with real secrets starts.
+            let mut cfg: Config = ferry_common::config::load(&path).unwrap();
+            let send = cfg
+                .link
+                .send
+                .as_mut()
+                .expect("every shipped proxy sends a proof");
+            send.secret = new_secret();
+            for s in cfg.link.accept.values_mut() {
+                *s = new_secret();
+            }
+            if let Some(auth) = cfg.auth.as_mut() {
+                for s in auth.keys.values_mut().flat_map(|k| k.values_mut()) {
+                    *s = new_secret();
+                }
+            }
             cfg.validate().unwrap();
+            assert_eq!(cfg.routed(), cfg.auth.is_some(), "{name}");
+            assert_eq!(
+                name.starts_with("server"),
+                !cfg.link.accept.is_empty(),
+                "{name}"
+            );
         }
+    }
+
+    #[test]
+    fn link_and_auth_sections_are_checked() {
+        let strong = new_secret();
+        let cfg = parse(&format!(
+            "upstreams = [\"127.0.0.1:1\"]\n[link.send]\nid = \"cp-a\"\nsecret = \"{strong}\"\n\
+             [link.accept]\ncp-b = \"{strong}\"\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.link.send.as_ref().unwrap().id, "cp-a");
+        assert!(cfg.link.verifier().is_some());
+        // A weak secret anywhere refuses start, naming the key but not the secret.
+        for bad in ["", "tiny1", "example-CHANGE-ME-0123456789-0123456789"] {
+            let mut c = cfg.clone();
+            c.link.accept.insert("cp-c".into(), bad.into());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("[link.accept] (key cp-c)"), "{e}");
+            assert!(bad.is_empty() || !e.contains(bad), "{e}");
+        }
+        let mut c = cfg.clone();
+        c.link.send.as_mut().unwrap().secret = "x".repeat(40);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("[link.send]")
+        );
+        assert!(parse("[link]\nsend = { id = \"a\" }\n").is_err());
+        assert!(parse("[link.send]\nid = \"a\"\nsecret = \"b\"\nother = 1\n").is_err());
+        // A routing proxy needs [auth] with a strong app key; a fixed one does not.
+        let routed = Config {
+            upstreams: Vec::new(),
+            trackers: vec!["127.0.0.1:7300".parse().unwrap()],
+            ..cfg.clone()
+        };
+        let e = routed.validate().unwrap_err().to_string();
+        assert!(e.contains("needs [auth]"), "{e}");
+        let with = |secret: &str| {
+            parse(&format!(
+                "trackers = [\"127.0.0.1:7300\"]\n[auth.keys.demo]\nk1 = \"{secret}\"\n"
+            ))
+            .unwrap()
+        };
+        with(&strong).validate().unwrap();
+        let e = with("example-demo-key-CHANGE-ME-0123456789")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[auth.keys.demo] (key k1) is an example placeholder"),
+            "{e}"
+        );
+        let empty = parse("trackers = [\"127.0.0.1:7300\"]\n[auth]\nskew_secs = 5\n").unwrap();
+        assert!(
+            empty
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("names no app")
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! ferry-proxy: the relay in front of clients (client-proxy) and in front of servers
-//! (server-proxy). It reads the first frame of a session itself (answers PROBE, checks HELLO),
+//! (server-proxy). It reads the first frame of a session itself (answers PROBE, checks a LINK
+//! proof when `[link.accept]` asks for one, checks HELLO and, routing, its session token),
 //! connects to the first healthy upstream (primary, then standbys) or, configured with trackers,
 //! to a node of the HELLO user's group, forwards the HELLO and then relays bytes both ways with
 //! splice(2), without parsing them. See docs/PROXY.md.
@@ -75,9 +76,35 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
             cfg.route_cache
         ),
     };
+    if cfg.auth.is_some() && !cfg.routed() {
+        warn!(
+            "[auth] is ignored: only a routing proxy (`trackers`) checks session tokens; with \
+             fixed upstreams the server behind checks them"
+        );
+    }
+    let link = format!(
+        "link proofs: {} in, {} out",
+        if cfg.link.accept.is_empty() {
+            String::from("not required")
+        } else {
+            format!(
+                "required from [{}]",
+                cfg.link
+                    .accept
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        cfg.link
+            .send
+            .as_ref()
+            .map_or_else(|| String::from("none"), |k| format!("as {}", k.id)),
+    );
     info!(
-        "ferry-proxy listening on {} -> {target}; relay mode: {}, {} bytes per direction; {} \
-         workers, max {} sessions, fd limit {fds}",
+        "ferry-proxy listening on {} -> {target}; {link}; relay mode: {}, {} bytes per \
+         direction; {} workers, max {} sessions, fd limit {fds}",
         reactor
             .local_addrs()
             .first()
@@ -95,10 +122,18 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
             pipe_size: cfg.pipe_size,
             connect_timeout: cfg.connect_timeout,
             hello_timeout: cfg.hello_timeout,
-            router: cfg.routed().then(|| Router {
-                trackers: cfg.trackers.clone().into(),
-                cache: RouteCache::new(cfg.route_cache),
-            }),
+            router: match (cfg.routed(), &cfg.auth) {
+                (true, Some(auth)) => Some(Router {
+                    trackers: cfg.trackers.clone().into(),
+                    cache: RouteCache::new(cfg.route_cache),
+                    auth: auth.verifier(),
+                }),
+                // Config::validate refuses a routing proxy without [auth].
+                (true, None) => anyhow::bail!("a routing proxy needs [auth]"),
+                (false, _) => None,
+            },
+            link_accept: cfg.link.verifier(),
+            link_send: cfg.link.send.clone().map(Arc::new),
         }),
     });
     reactor.run(service).context("reactor failed")?;

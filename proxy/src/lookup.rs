@@ -7,8 +7,11 @@
 //! more socket, a worker never waits on a tracker (a slow tracker costs a deadline, not a thread),
 //! and no lookup thread pool or cross-thread wake-up is needed. Each tracker gets
 //! `connect_timeout_ms` for the whole exchange (connect, request, reply); then the next is tried.
+//! With `[link.send]` every tracker connection opens with a fresh LINK proof (trackers may
+//! require one; a valid LINK has no reply, so the reply read is the SADDRS answer).
 
 use crate::route::Route;
+use ferry_common::auth::SigningKey;
 use ferry_common::proto::{
     self, ErrorBody, ErrorCode, HEADER_LEN, Header, SaddrsReply, SaddrsReq, cmd, status,
 };
@@ -49,6 +52,10 @@ pub struct Lookup {
     /// Index of the tracker being asked.
     at: usize,
     request: Vec<u8>,
+    /// The key to prove this proxy with, minted anew for each tracker connection.
+    link: Option<Arc<SigningKey>>,
+    /// What goes out on the current connection: a fresh LINK frame (if any), then `request`.
+    out: Vec<u8>,
     timeout: Duration,
     pub sock: Option<TcpStream>,
     io: Io,
@@ -68,12 +75,20 @@ pub fn request(app: &str, user: &str) -> Result<Vec<u8>, proto::ProtoError> {
 }
 
 impl Lookup {
-    /// Starts asking the first tracker. `request` is a whole SADDRS frame.
-    pub fn start(trackers: Arc<[SocketAddr]>, request: Vec<u8>, timeout: Duration) -> Self {
+    /// Starts asking the first tracker. `request` is a whole SADDRS frame; `link`: the key to
+    /// open each tracker connection with a LINK proof.
+    pub fn start(
+        trackers: Arc<[SocketAddr]>,
+        request: Vec<u8>,
+        link: Option<Arc<SigningKey>>,
+        timeout: Duration,
+    ) -> Self {
         let mut l = Lookup {
             trackers,
             at: 0,
             request,
+            link,
+            out: Vec::new(),
             timeout,
             sock: None,
             io: Io::Connecting,
@@ -95,6 +110,11 @@ impl Lookup {
                     self.at = i;
                     self.sock = Some(s);
                     self.io = Io::Connecting;
+                    self.out = match &self.link {
+                        Some(k) => k.link_frame(),
+                        None => Vec::new(),
+                    };
+                    self.out.extend_from_slice(&self.request);
                     self.until = Instant::now() + self.timeout;
                     return;
                 }
@@ -158,8 +178,8 @@ impl Lookup {
             }
         }
         if let Io::Sending { sent } = &mut self.io {
-            while *sent < self.request.len() {
-                match (&*sock).write(&self.request[*sent..]) {
+            while *sent < self.out.len() {
+                match (&*sock).write(&self.out[*sent..]) {
                     Ok(0) => return Err("connection closed while sending".into()),
                     Ok(n) => *sent += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -320,7 +340,62 @@ mod tests {
     }
 
     fn start(trackers: Vec<SocketAddr>, timeout: Duration) -> Lookup {
-        Lookup::start(trackers.into(), request("demo", "alice").unwrap(), timeout)
+        Lookup::start(
+            trackers.into(),
+            request("demo", "alice").unwrap(),
+            None,
+            timeout,
+        )
+    }
+
+    /// A one-connection tracker that wants a LINK frame before the request; returns its body.
+    fn linked_tracker(reply: Vec<u8>) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut h = [0u8; HEADER_LEN];
+            s.read_exact(&mut h).unwrap();
+            let h = Header::decode(&h);
+            assert_eq!(h.cmd, cmd::LINK);
+            let mut proof = vec![0u8; h.body_len as usize];
+            s.read_exact(&mut proof).unwrap();
+            let mut req = vec![0u8; HEADER_LEN + proto::SADDRS_LEN];
+            s.read_exact(&mut req).unwrap();
+            assert_eq!(req[8], cmd::TRACKER_SADDRS);
+            s.write_all(&reply).unwrap();
+            proof
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn each_tracker_connection_opens_with_a_fresh_link_proof() {
+        use ferry_common::auth::{LinkConfig, new_secret};
+        let key = SigningKey {
+            id: "sp".into(),
+            secret: new_secret(),
+        };
+        let accept = LinkConfig {
+            send: None,
+            accept: [("sp".to_owned(), key.secret.clone())].into(),
+        };
+        let v = accept.verifier().unwrap();
+        let (t1, j1) = linked_tracker(
+            ErrorBody::new(ErrorCode::Unavailable, "db down").frame(cmd::REPLY_TRACKER),
+        );
+        let (t2, j2) = linked_tracker(found("g1", &[("127.0.0.1", 1)], false));
+        let l = Lookup::start(
+            vec![t1, t2].into(),
+            request("demo", "alice").unwrap(),
+            Some(Arc::new(key)),
+            Duration::from_secs(2),
+        );
+        let a = finish(l);
+        assert!(matches!(a, Answer::Found { .. }), "{a:?}");
+        // Both proofs are valid for the same receiver: a reused one would be a replay.
+        assert_eq!(v.verify(&j1.join().unwrap()).unwrap(), "sp");
+        assert_eq!(v.verify(&j2.join().unwrap()).unwrap(), "sp");
     }
 
     #[test]

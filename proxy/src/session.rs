@@ -3,21 +3,24 @@
 //! one value, which the reactor keeps in its slab, so the front/back pairing needs no table of
 //! its own.
 //!
-//! Phases: read the first frame (bounded, with a deadline) -> answer PROBE / refuse junk, or
-//! (routing server-proxy) look the user's group up at a tracker unless it is cached (source 2,
+//! Phases: read the opening (bounded, with a deadline: a LINK proof first when `[link.accept]`
+//! has keys, then the first frame) -> answer PROBE / refuse junk, or (routing server-proxy) check
+//! the HELLO's session token and look the token's user up at a tracker unless cached (source 2,
 //! see [`crate::lookup`]) -> connect to an upstream or node (preferred first, failing over in
 //! order, each attempt with a deadline) -> relay both ways without parsing until both directions
 //! have passed their FIN on, or cut the session at once when the upstream dies under it.
 
-use crate::first::{FIRST_MAX, First, classify};
+use crate::first::{FIRST_MAX, First, Opening};
 use crate::lookup::{self, Answer, Lookup};
 use crate::relay::{Failure, Flow, Mode};
 use crate::route::{Route, RouteCache};
 use crate::stats::Counters;
 use crate::upstream::Upstreams;
+use ferry_common::auth::{LinkVerifier, SigningKey, now_secs};
 use ferry_common::proto::{ErrorBody, ErrorCode, Hello, cmd};
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
-use log::{debug, warn};
+use ferry_common::token::{AuthError, Verifier};
+use log::{debug, info, warn};
 use mio::Interest;
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
@@ -36,12 +39,18 @@ pub struct Shared {
     pub hello_timeout: Duration,
     /// Routing by user through trackers; `None`: the fixed upstream list `ups`.
     pub router: Option<Router>,
+    /// `[link.accept]`: when set, a session must open with a valid LINK proof.
+    pub link_accept: Option<LinkVerifier>,
+    /// `[link.send]`: every connection to an upstream or tracker opens with a fresh proof.
+    pub link_send: Option<Arc<SigningKey>>,
 }
 
 /// What a routing server-proxy needs: the trackers (asked in turn) and the route cache.
 pub struct Router {
     pub trackers: Arc<[SocketAddr]>,
     pub cache: RouteCache,
+    /// `[auth]`: checks each HELLO's session token (once: its nonce is then spent).
+    pub auth: Verifier,
 }
 
 /// Where a session is being connected to.
@@ -59,10 +68,12 @@ struct Targets {
 const REPLY_LINGER: Duration = Duration::from_secs(1);
 
 enum Phase {
-    /// Reading the first frame; `buf` holds everything read so far (at most FIRST_MAX bytes).
+    /// Reading the opening; `buf` holds what was read and not consumed (a checked LINK frame is
+    /// consumed), at most FIRST_MAX bytes.
     First {
         buf: Vec<u8>,
         until: Instant,
+        opening: Opening,
     },
     /// Writing a reply of our own (PROBE answer or error), then waiting for the peer to close.
     Reply {
@@ -101,7 +112,9 @@ pub struct Session {
     sh: Arc<Shared>,
     started: Instant,
     upstream: Option<SocketAddr>,
-    hello: Option<Hello>,
+    /// The (app, user) the session is for: a routing proxy takes them from the verified token,
+    /// never from the HELLO's own fields; a fixed one only logs the HELLO's.
+    who: Option<(String, String)>,
     end: String,
     bytes_up: u64,
     bytes_down: u64,
@@ -116,11 +129,12 @@ impl Session {
             phase: Phase::First {
                 buf: Vec::with_capacity(FIRST_MAX),
                 until: now + sh.hello_timeout,
+                opening: Opening::new(sh.link_accept.is_some()),
             },
             sh,
             started: now,
             upstream: None,
-            hello: None,
+            who: None,
             end: String::from("open"),
             bytes_up: 0,
             bytes_down: 0,
@@ -143,8 +157,15 @@ impl Session {
         self.run_reply(phase)
     }
 
-    fn run_first(&mut self, mut buf: Vec<u8>, until: Instant, ev: &Events) -> (Phase, Step) {
-        let c = &self.sh.counters;
+    fn run_first(
+        &mut self,
+        mut buf: Vec<u8>,
+        until: Instant,
+        mut opening: Opening,
+        ev: &Events,
+    ) -> (Phase, Step) {
+        let sh = self.sh.clone();
+        let c = &sh.counters;
         if ev.draining {
             return self.finish("shutting down before the first frame");
         }
@@ -158,7 +179,7 @@ impl Session {
                     c.rejected.fetch_add(1, Ordering::Relaxed);
                     return self.finish("closed before a complete first frame");
                 }
-                Ok(_) => match classify(&buf) {
+                Ok(_) => match opening.advance(&mut buf, sh.link_accept.as_ref()) {
                     First::Pending if buf.len() < FIRST_MAX => continue,
                     First::Pending => {
                         // Cannot happen (any valid first frame fits), but never wait forever.
@@ -169,12 +190,30 @@ impl Session {
                         c.probes_answered.fetch_add(1, Ordering::Relaxed);
                         return self.reply(out, "PROBE answered");
                     }
-                    First::Reject { frame, why } => {
+                    First::Reject { code, frame, why } => {
                         c.rejected.fetch_add(1, Ordering::Relaxed);
+                        if code == ErrorCode::Auth {
+                            c.link_refused.fetch_add(1, Ordering::Relaxed);
+                            info!("{}: refused: {why}", self.peer);
+                        }
                         return self.reply(frame, format!("refused: {why}"));
                     }
+                    // Only Opening::advance sees LINK frames; it never hands one out.
+                    First::Link { .. } => return self.finish("internal: LINK not consumed"),
                     First::Hello { hello, .. } => {
-                        self.hello = Some(hello);
+                        if let Some(peer) = opening.peer.take() {
+                            debug!("{}: linked as {peer}", self.peer);
+                        }
+                        let who = match &sh.router {
+                            Some(router) => {
+                                match router.auth.verify(&hello.credential, now_secs()) {
+                                    Ok(claims) => (claims.app, claims.user),
+                                    Err(e) => return self.refuse_token(&hello, &e),
+                                }
+                            }
+                            None => (hello.app.clone(), hello.user.clone()),
+                        };
+                        self.who = Some(who);
                         return self.route(buf, false);
                     }
                 },
@@ -190,7 +229,32 @@ impl Session {
                 self.sh.hello_timeout
             ));
         }
-        (Phase::First { buf, until }, Step::Keep)
+        (
+            Phase::First {
+                buf,
+                until,
+                opening,
+            },
+            Step::Keep,
+        )
+    }
+
+    /// A routing proxy's answer to a HELLO whose session token does not pass: error 6, saying
+    /// only whether it was missing or not valid (the reason goes to the log), and no lookup.
+    fn refuse_token(&mut self, hello: &Hello, e: &AuthError) -> (Phase, Step) {
+        let c = &self.sh.counters;
+        c.rejected.fetch_add(1, Ordering::Relaxed);
+        c.token_refused.fetch_add(1, Ordering::Relaxed);
+        let text = match e {
+            AuthError::Missing => "session token required",
+            _ => "session token not valid",
+        };
+        info!(
+            "{}: refused HELLO (app={} user={}): {text}: {e}",
+            self.peer, hello.app, hello.user
+        );
+        let frame = ErrorBody::new(ErrorCode::Auth, text).frame(cmd::REPLY_PROXY);
+        self.reply(frame, format!("{text}: {e}"))
     }
 
     /// Picks where the session goes: the fixed upstreams in health order, or (routing) the
@@ -213,10 +277,9 @@ impl Session {
             return self.connect_next(targets, 0, head);
         };
         let c = &sh.counters;
-        let Some(hello) = &self.hello else {
+        let Some((app, user)) = self.who.clone() else {
             return self.finish("internal: routing without a HELLO");
         };
-        let (app, user) = (hello.app.clone(), hello.user.clone());
         if !refreshed && let Some(route) = router.cache.get(&app, &user, Instant::now()) {
             c.route_cache_hits.fetch_add(1, Ordering::Relaxed);
             return self.connect_route(route, head, false);
@@ -230,14 +293,19 @@ impl Session {
             // A decoded HELLO's app and user always fit the SADDRS fields.
             Err(e) => return self.finish(format!("internal: cannot build SADDRS: {e}")),
         };
-        let lookup = Lookup::start(router.trackers.clone(), req, sh.connect_timeout);
+        let lookup = Lookup::start(
+            router.trackers.clone(),
+            req,
+            sh.link_send.clone(),
+            sh.connect_timeout,
+        );
         self.run_lookup(lookup, head, refreshed)
     }
 
     fn run_lookup(&mut self, mut lookup: Lookup, head: Vec<u8>, refreshed: bool) -> (Phase, Step) {
         let sh = self.sh.clone();
         let c = &sh.counters;
-        let (Some(router), Some(hello)) = (&sh.router, self.hello.clone()) else {
+        let (Some(router), Some((app, user))) = (&sh.router, self.who.clone()) else {
             return self.finish("internal: lookup without a router");
         };
         match lookup.run() {
@@ -259,9 +327,7 @@ impl Session {
                     let frame = ErrorBody::new(ErrorCode::NoNode, &why).frame(cmd::REPLY_PROXY);
                     return self.reply(frame, why);
                 }
-                router
-                    .cache
-                    .put(&hello.app, &hello.user, &route, Instant::now());
+                router.cache.put(&app, &user, &route, Instant::now());
                 self.connect_route(route, head, refreshed)
             }
             Some(Answer::NoNode(text)) => {
@@ -272,8 +338,8 @@ impl Session {
             Some(Answer::Failed(why)) => {
                 c.route_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(
-                    "{}: route lookup for app={} user={} failed: {why}",
-                    self.peer, hello.app, hello.user
+                    "{}: route lookup for app={app} user={user} failed: {why}",
+                    self.peer
                 );
                 let text = format!("no tracker answered: {why}");
                 let frame = ErrorBody::new(ErrorCode::Upstream, &text).frame(cmd::REPLY_PROXY);
@@ -414,7 +480,17 @@ impl Session {
         }
         self.upstream = Some(addr);
         let mut up = Flow::new(self.sh.mode, self.sh.pipe_size);
-        if let Err(e) = up.preload(&head) {
+        // A fresh proof for this connection: receivers refuse a nonce they have seen, so a
+        // session that reaches a standby after a failed attempt never resends old bytes.
+        let first = match &self.sh.link_send {
+            Some(key) => {
+                let mut f = key.link_frame();
+                f.extend_from_slice(&head);
+                f
+            }
+            None => head,
+        };
+        if let Err(e) = up.preload(&first) {
             return self.finish(format!("cannot queue the HELLO: {e}"));
         }
         let down = Flow::new(self.sh.mode, self.sh.pipe_size);
@@ -544,7 +620,11 @@ impl Conn for Session {
     fn run(&mut self, ev: &Events) -> Step {
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         let (phase, step) = match phase {
-            Phase::First { buf, until } => self.run_first(buf, until, ev),
+            Phase::First {
+                buf,
+                until,
+                opening,
+            } => self.run_first(buf, until, opening, ev),
             p @ Phase::Reply { .. } => self.run_reply(p),
             Phase::Lookup {
                 lookup,
@@ -640,9 +720,9 @@ impl Drop for Session {
             .upstream
             .map_or_else(|| String::from("-"), |a| a.to_string());
         let (app, user) = self
-            .hello
+            .who
             .as_ref()
-            .map_or(("-", "-"), |h| (h.app.as_str(), h.user.as_str()));
+            .map_or(("-", "-"), |(a, u)| (a.as_str(), u.as_str()));
         debug!(
             "session {} -> {upstream} app={app} user={user} up={} down={} bytes in {:?}: {}",
             self.peer,

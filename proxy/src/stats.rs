@@ -35,6 +35,10 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Sessions closed for a bad or missing first frame (including the HELLO timeout).
     pub rejected: AtomicU64,
+    /// Sessions refused for their link proof (missing, forged, expired or replayed LINK).
+    pub link_refused: AtomicU64,
+    /// Routing: sessions refused for their HELLO's session token (missing or not valid).
+    pub token_refused: AtomicU64,
     /// Sessions cut because their upstream died mid-session.
     pub upstream_lost: AtomicU64,
     /// Routing: sessions whose route came from the cache.
@@ -69,6 +73,8 @@ impl Counters {
             ("refused", g(&self.refused)),
             ("rejected", g(&self.rejected)),
             ("upstream_lost", g(&self.upstream_lost)),
+            ("link_refused", g(&self.link_refused)),
+            ("token_refused", g(&self.token_refused)),
             ("route_cache_hits", g(&self.route_cache_hits)),
             ("route_cache_misses", g(&self.route_cache_misses)),
             ("route_lookups", g(&self.route_lookups)),

@@ -214,11 +214,8 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
         "idle_timeout_ms = 60000\nhello_timeout_ms = 800\nframe_timeout_ms = 800\n\
          progress_timeout_ms = 800\nblock_size = 65536\n",
     );
-    let hello = proto::frame(
-        proto::cmd::HELLO,
-        0,
-        &support::auth::hello_body("demo", "slowpoke"),
-    );
+    // A fresh token per connection: servers refuse one they have seen.
+    let hello = || support::auth::hello_frame("demo", "slowpoke");
 
     // 1. Connects and says nothing.
     let t = Instant::now();
@@ -235,7 +232,7 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
 
     // 2. Trickles a STAT header one byte at a time, each byte well within the idle timeout.
     let mut trickle = TcpStream::connect(addr).unwrap();
-    trickle.write_all(&hello).unwrap();
+    trickle.write_all(&hello()).unwrap();
     assert_eq!(
         answer(&mut trickle, Duration::from_secs(5)),
         Answer::Ok,
@@ -263,7 +260,7 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
 
     // 3. Starts a block upload, then lets its payload stall.
     let mut stall = TcpStream::connect(addr).unwrap();
-    stall.write_all(&hello).unwrap();
+    stall.write_all(&hello()).unwrap();
     assert_eq!(
         answer(&mut stall, Duration::from_secs(5)),
         Answer::Ok,
@@ -328,14 +325,11 @@ fn a_proxy_caps_sessions_per_client_address() {
     cmd.arg("--config").arg(&conf);
     let _proxy = Proc::spawn("ferry-proxy", &mut cmd, dir.path());
     wait_ready(addr, Duration::from_secs(15));
-    let hello = proto::frame(
-        proto::cmd::HELLO,
-        0,
-        &support::auth::hello_body("demo", "many"),
-    );
+    // A fresh token per connection: servers refuse one they have seen.
+    let hello = || support::auth::hello_frame("demo", "many");
     let session = || {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&hello).unwrap();
+        s.write_all(&hello()).unwrap();
         let a = answer(&mut s, Duration::from_secs(5));
         (s, a)
     };

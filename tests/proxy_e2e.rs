@@ -1485,8 +1485,6 @@ fn the_real_server_behind_linked_proxies_serves_clients_and_refuses_shortcuts() 
 }
 
 #[test]
-#[ignore = "ferry-server (main 5bafcc2) with [link.accept] refuses the LINK frame itself: \
-            server/src/access.rs need(LINK) is Need::Link, checked before the proof is read"]
 fn the_real_server_requiring_links_behind_linked_proxies() {
     real_server_chain(true);
 }

@@ -260,13 +260,25 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     let clock = dir.path().join("clock");
     std::fs::write(&clock, "+0\n").unwrap();
     let addr = free_addr();
+    // The clients share the server's clock (as hosts synced to one time source would): their
+    // session tokens are checked against the server's wall clock.
+    let faked = |mut cmd: Command| {
+        cmd.env("LD_PRELOAD", &lib)
+            .env("FAKETIME_TIMESTAMP_FILE", &clock)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        cmd
+    };
     let server = Command::new(bin("ferry-server"));
     let conf = "session_ttl_secs = 6\n";
-    let mut cmd = support::server_command(server, dir.path(), "ferry-server", conf, addr, &data);
-    cmd.env("LD_PRELOAD", &lib)
-        .env("FAKETIME_TIMESTAMP_FILE", &clock)
-        .env("FAKETIME_NO_CACHE", "1")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let mut cmd = faked(support::server_command(
+        server,
+        dir.path(),
+        "ferry-server",
+        conf,
+        addr,
+        &data,
+    ));
     let srv = Proc::spawn("ferry-server", &mut cmd, dir.path());
     wait_ready(addr, Duration::from_secs(15));
 
@@ -276,7 +288,7 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     let args = one_by_one(&f);
     let mut client = Proc::spawn(
         "ferry-upload",
-        &mut ferry(&state, &[addr], &args),
+        &mut faked(ferry(&state, &[addr], &args)),
         dir.path(),
     );
     let t = std::time::Instant::now();
@@ -291,7 +303,14 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     // 2 s really pass: the session is not idle by the monotonic clock, so it must survive.
     std::fs::write(&clock, "+2d\n").unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let r = run(ferry(&state, &[addr], &args));
+    // A client whose clock was left behind has tokens from two days ago: refused, clearly.
+    let stale = run(ferry(&state, &[addr], &args));
+    assert!(
+        !stale.ok && stale.stderr.contains("error 6"),
+        "a two-day-old token was accepted: {}",
+        stale.stderr
+    );
+    let r = run(faked(ferry(&state, &[addr], &args)));
     assert!(r.ok, "{}", r.stderr);
     let rep = r.report();
     assert_eq!(
@@ -301,7 +320,13 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     assert!(rep["blocks_skipped"].as_u64().unwrap() > 0, "{rep}");
     let id = r.json()["file_id"].as_str().unwrap().to_owned();
     let out = dir.path().join("out");
-    assert_eq!(download_sha(&state, addr, &id, &out), sha256_file(&f));
+    let dl = run(faked(ferry(
+        &state,
+        &[addr],
+        &["download", &id, "-o", out.to_str().unwrap()],
+    )));
+    assert!(dl.ok, "{}", dl.stderr);
+    assert_eq!(sha256_file(&out), sha256_file(&f));
 
     // The clock jumps back a day: an idle session still expires after its 6 real seconds.
     let g = dir.path().join("other.mov");
@@ -309,7 +334,7 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     let gargs = one_by_one(&g);
     let mut client = Proc::spawn(
         "ferry-upload2",
-        &mut ferry(&state, &[addr], &gargs),
+        &mut faked(ferry(&state, &[addr], &gargs)),
         dir.path(),
     );
     std::thread::sleep(Duration::from_millis(300));

@@ -189,10 +189,9 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
     let sha = generate(&src, size, 0x00fe_4447)?;
 
     let state = tmp.path().join("state");
-    let mut up_settings = Settings::direct(layout.client_proxies.to_vec(), state.clone());
+    let mut up_settings = Settings::direct(layout.client_proxies.to_vec(), state.clone(), key);
     up_settings.app = "demo".into();
     up_settings.user = "demo".into();
-    up_settings.key = Some(key);
     let uploader = Client::new(up_settings.clone())?;
 
     // The killer waits for the halfway mark, then SIGKILLs the primary server-proxy and restarts it.

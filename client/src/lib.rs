@@ -3,7 +3,10 @@
 //!
 //! ```no_run
 //! use ferry_client::{Client, Settings, Quiet};
-//! let settings = Settings::direct(vec!["127.0.0.1:7400".parse().unwrap()], "/tmp/ferry-state".into());
+//! use ferry_common::auth::SigningKey;
+//! // The app key: from your own config or secret store, never a command-line flag.
+//! let key = SigningKey::from_pair(&std::env::var("FERRY_KEY").unwrap()).unwrap();
+//! let settings = Settings::direct(vec!["127.0.0.1:7400".parse().unwrap()], "/tmp/ferry-state".into(), key);
 //! let client = Client::new(settings).unwrap();
 //! let up = client.upload(std::path::Path::new("movie.mp4"), None, None, &Quiet).unwrap();
 //! client.download(&up.file_id, std::path::Path::new("copy.mp4"), None, &Quiet).unwrap();

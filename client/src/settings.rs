@@ -103,14 +103,14 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Settings for a client talking straight to `addrs` with defaults elsewhere (tests, library
-    /// users).
-    pub fn direct(addrs: Vec<SocketAddr>, state_dir: PathBuf) -> Self {
+    /// Settings for a client talking straight to `addrs` with `key` (an app key of the default
+    /// app) and defaults elsewhere (tests, library users).
+    pub fn direct(addrs: Vec<SocketAddr>, state_dir: PathBuf, key: SigningKey) -> Self {
         Settings {
             proxies: addrs,
             app: DEFAULT_APP.into(),
             user: "anonymous".into(),
-            key: None,
+            key: Some(key),
             threads: DEFAULT_THREADS,
             block_size: DEFAULT_BLOCK_SIZE,
             timeout: DEFAULT_TIMEOUT,

@@ -324,8 +324,15 @@ fn data(size: usize, seed: u8) -> Vec<u8> {
 
 const BS: u32 = 64 * 1024;
 
+fn test_key() -> ferry_common::auth::SigningKey {
+    ferry_common::auth::SigningKey {
+        id: "k1".into(),
+        secret: ferry_common::auth::new_secret(),
+    }
+}
+
 fn client_for(addrs: Vec<SocketAddr>, state: &Path) -> Client {
-    let mut s = Settings::direct(addrs, state.to_owned());
+    let mut s = Settings::direct(addrs, state.to_owned(), test_key());
     s.block_size = BS;
     s.timeout = Duration::from_millis(500);
     Client::new(s).unwrap()
@@ -420,7 +427,11 @@ fn a_server_restart_behind_the_proxies_is_waited_out() {
         .upstream_down_hellos
         .store(hellos_refused, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Settings::direct(vec![fake.addr, fake.addr], dir.path().join("state"));
+    let mut s = Settings::direct(
+        vec![fake.addr, fake.addr],
+        dir.path().join("state"),
+        test_key(),
+    );
     s.timeout = Duration::from_secs(2); // a 6 s window; 10 refusals take about 3 s
     let c = Client::new(s).unwrap();
     let src = dir.path().join("src");
@@ -437,7 +448,11 @@ fn a_group_without_nodes_is_waited_out_then_reported_by_name() {
     let fake = Fake::start();
     fake.faults.no_node_hellos.store(6, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Settings::direct(vec![fake.addr, fake.addr], dir.path().join("state"));
+    let mut s = Settings::direct(
+        vec![fake.addr, fake.addr],
+        dir.path().join("state"),
+        test_key(),
+    );
     s.timeout = Duration::from_secs(2);
     let c = Client::new(s).unwrap();
     let src = dir.path().join("src");

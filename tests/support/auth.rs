@@ -10,7 +10,7 @@ pub const KEY_ID: &str = "test-k1";
 /// A fixed random secret: tests need the same one in every process they start.
 pub const KEY_SECRET: &str = "5d0f3a8c2b7e41f69a0c3d2e8b1f7a64c9e2d5b0a3f8c1e7d4b6a9f2c0e3d5b8";
 /// The apps test servers know.
-pub const APPS: &[&str] = &["ferry", "demo", "bench", "chaos", "other"];
+pub const APPS: &[&str] = &["ferry", "demo", "bench", "chaos", "other", "otherapp"];
 
 pub fn key() -> SigningKey {
     SigningKey {

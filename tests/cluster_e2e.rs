@@ -97,7 +97,15 @@ impl Setup {
             "--json",
         ];
         all.extend_from_slice(args);
-        cli::ferry(&self.state, &self.layout.client_proxies, &all)
+        // The cluster made its own app key; this client uses it.
+        let key = self
+            .cluster
+            .secrets
+            .key_of(APP)
+            .expect("the cluster's app key");
+        let mut cmd = cli::ferry(&self.state, &self.layout.client_proxies, &all);
+        cmd.env("FERRY_KEY", format!("{}:{}", key.id, key.secret));
+        cmd
     }
 
     fn upload(&self, user: &str, file: &Path) -> String {
@@ -124,7 +132,13 @@ impl Setup {
         }
         .encode()
         .unwrap();
-        let mut c = Caller::connect(self.layout.tracker, Duration::from_secs(5), None).unwrap();
+        // The tracker takes linked peers only (the cluster's admin link key).
+        let admin = self
+            .cluster
+            .secrets
+            .link_of(ferry_client::cluster::ADMIN_LINK_ID);
+        let mut c =
+            Caller::connect(self.layout.tracker, Duration::from_secs(5), admin.as_ref()).unwrap();
         let reply = c
             .call(
                 cmd::TRACKER_SADDRS,

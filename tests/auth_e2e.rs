@@ -1,0 +1,408 @@
+//! Authentication and authorization against the real `ferry-server` (issue 9): every request
+//! command, opened with a missing, expired, tampered, wrong-key and other-tenant token, and a
+//! server that takes linked peers only.
+
+mod support;
+
+use ferry_common::auth::{SigningKey, new_secret, now_secs};
+use ferry_common::proto::{
+    self, BlockMeta, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, Prove,
+    UploadInit, UploadInitReply, UploadMeta, cmd, status,
+};
+use ferry_common::token::{Claims, Scope};
+use ferry_server::access::{Need, need};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+use support::auth::{KEY_ID, key};
+
+/// What came back for a request.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Ok(Vec<u8>),
+    Err(ErrorCode),
+    /// The connection closed without (another) answer.
+    Closed,
+}
+
+struct Conn(TcpStream);
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Conn(s)
+    }
+
+    fn send(&mut self, frame: &[u8]) {
+        // The peer may already have closed (after refusing an earlier frame).
+        let _ = self.0.write_all(frame);
+    }
+
+    fn recv(&mut self) -> Reply {
+        let mut h = [0u8; HEADER_LEN];
+        if self.0.read_exact(&mut h).is_err() {
+            return Reply::Closed;
+        }
+        let h = Header::decode(&h);
+        let mut body = vec![0u8; usize::try_from(h.body_len).unwrap().min(1 << 20)];
+        if self.0.read_exact(&mut body).is_err() {
+            return Reply::Closed;
+        }
+        if h.status == status::OK {
+            return Reply::Ok(body);
+        }
+        Reply::Err(ErrorBody::decode(&body).unwrap().code)
+    }
+
+    fn call(&mut self, frame: &[u8]) -> Reply {
+        self.send(frame);
+        self.recv()
+    }
+
+    /// A session of `app`/`user` with a fresh valid token.
+    fn session(addr: SocketAddr, app: &str, user: &str) -> Conn {
+        let mut c = Conn::open(addr);
+        let r = c.call(&support::auth::hello_frame(app, user));
+        assert!(matches!(r, Reply::Ok(_)), "HELLO as {app}/{user}: {r:?}");
+        c
+    }
+}
+
+fn hello_with(app: &str, user: &str, token: &[u8]) -> Vec<u8> {
+    proto::frame(
+        cmd::HELLO,
+        0,
+        &Hello::new(app, user, token).encode().unwrap(),
+    )
+}
+
+/// The ways a credential can be bad, each a token for demo/alice (or none).
+fn bad_tokens() -> Vec<(&'static str, Vec<u8>)> {
+    let now = now_secs();
+    let claims = |not_before: u64, expires: u64| Claims {
+        key_id: KEY_ID.into(),
+        app: "demo".into(),
+        user: "alice".into(),
+        scope: Scope::ALL,
+        not_before,
+        expires,
+        nonce: rand::random(),
+    };
+    let expired = claims(now - 3600, now - 1800)
+        .mint(support::auth::KEY_SECRET.as_bytes())
+        .unwrap();
+    // A valid token with one bit of its user id flipped ("alice" -> "alicd").
+    let mut tampered = key().mint("demo", "alice", Scope::ALL, 300).unwrap();
+    let at = tampered.windows(5).position(|w| w == b"alice").unwrap() + 4;
+    tampered[at] ^= 1;
+    let wrong_key = SigningKey {
+        id: KEY_ID.into(),
+        secret: new_secret(),
+    }
+    .mint("demo", "alice", Scope::ALL, 300)
+    .unwrap();
+    vec![
+        ("missing", Vec::new()),
+        ("expired", expired),
+        ("tampered", tampered),
+        ("wrong key", wrong_key),
+    ]
+}
+
+/// What alice of demo has stored: a small file, and a big upload in progress.
+struct Owned {
+    file: String,
+    upload: [u8; 16],
+}
+
+const SMALL: &[u8] = b"alice's private clip";
+
+fn small_upload_frame(data: &[u8]) -> Vec<u8> {
+    let meta = UploadMeta {
+        key: rand::random(),
+        sha256: Sha256::digest(data).into(),
+        name: "clip.bin".into(),
+    }
+    .encode()
+    .unwrap();
+    let mut f = proto::data_frame_head(cmd::UPLOAD, 0, &meta, data.len() as u64);
+    f.extend_from_slice(data);
+    f
+}
+
+fn init_frame() -> Vec<u8> {
+    let body = UploadInit {
+        size: 256 * 1024,
+        block_size: 128 * 1024,
+        sha256: [7; 32],
+        name: "big.bin".into(),
+    }
+    .encode()
+    .unwrap();
+    proto::frame(cmd::UPLOAD_INIT, 0, &body)
+}
+
+fn setup(addr: SocketAddr) -> Owned {
+    let mut c = Conn::session(addr, "demo", "alice");
+    let Reply::Ok(id) = c.call(&small_upload_frame(SMALL)) else {
+        panic!("alice's upload failed");
+    };
+    let file = proto::decode_file_id(&id).unwrap();
+    let Reply::Ok(r) = c.call(&init_frame()) else {
+        panic!("alice's UPLOAD_INIT failed");
+    };
+    Owned {
+        file,
+        upload: UploadInitReply::decode(&r).unwrap().upload_id,
+    }
+}
+
+/// A well-formed request of command `c` about alice's things.
+fn request(c: u8, o: &Owned) -> Vec<u8> {
+    let fid = || proto::encode_file_id(&o.file).unwrap();
+    match c {
+        cmd::UPLOAD => small_upload_frame(b"somebody else's bytes"),
+        cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => proto::frame(c, 0, &fid()),
+        cmd::DOWNLOAD => {
+            let body = DownloadReq {
+                file_id: o.file.clone(),
+                offset: 0,
+                len: SMALL.len() as u64,
+            }
+            .encode()
+            .unwrap();
+            proto::frame(c, 0, &body)
+        }
+        cmd::UPLOAD_INIT => init_frame(),
+        cmd::UPLOAD_QUERY | cmd::UPLOAD_OVER => proto::frame(c, 0, &o.upload),
+        cmd::UPLOAD_BLOCK => {
+            let data = vec![9u8; 128 * 1024];
+            let meta = BlockMeta {
+                upload_id: o.upload,
+                index: 0,
+                offset: 0,
+                len: data.len() as u32,
+                crc32c: crc32c::crc32c(&data),
+            }
+            .encode();
+            let mut f = proto::data_frame_head(c, 0, &meta, data.len() as u64);
+            f.extend_from_slice(&data);
+            f
+        }
+        cmd::UPLOAD_PROVE => {
+            let body = Prove {
+                upload_id: o.upload,
+                sha256: [7; 32],
+            }
+            .encode();
+            proto::frame(c, 0, &body)
+        }
+        other => panic!("no request made for {}", cmd::name(other)),
+    }
+}
+
+/// Every command that needs a session (all the file commands).
+fn file_commands() -> Vec<u8> {
+    (0..=255u8)
+        .filter(|&c| matches!(need(c), Some(Need::Session(_))))
+        .collect()
+}
+
+/// Alice's things are untouched: the file reads back whole, the upload still answers.
+fn intact(addr: SocketAddr, o: &Owned) {
+    let mut c = Conn::session(addr, "demo", "alice");
+    let r = c.call(&request(cmd::DOWNLOAD, o));
+    let Reply::Ok(body) = r else {
+        panic!("alice's file is gone: {r:?}");
+    };
+    assert!(body.ends_with(SMALL), "alice's file changed");
+    assert!(matches!(
+        c.call(&request(cmd::UPLOAD_QUERY, o)),
+        Reply::Ok(_)
+    ));
+}
+
+#[test]
+fn every_file_command_with_every_bad_credential_is_refused_and_does_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    let _srv = support::start_server(dir.path(), "ferry-server", "", addr, &dir.path().join("d"));
+    let owned = setup(addr);
+    let commands = file_commands();
+    assert_eq!(commands.len(), 10, "{commands:?}");
+    let mut tried = 0;
+    for &c in &commands {
+        // No HELLO at all: error 5, then closed.
+        let mut s = Conn::open(addr);
+        assert_eq!(
+            s.call(&request(c, &owned)),
+            Reply::Err(ErrorCode::HelloRequired),
+            "{} before HELLO",
+            cmd::name(c)
+        );
+        assert_eq!(s.recv(), Reply::Closed);
+        for (what, token) in bad_tokens() {
+            // The command sent right behind the refused HELLO is never answered.
+            let mut s = Conn::open(addr);
+            let mut both = hello_with("demo", "alice", &token);
+            both.extend_from_slice(&request(c, &owned));
+            s.send(&both);
+            assert_eq!(
+                s.recv(),
+                Reply::Err(ErrorCode::Auth),
+                "{} with a {what} token",
+                cmd::name(c)
+            );
+            assert_eq!(
+                s.recv(),
+                Reply::Closed,
+                "{} ran after a {what} token",
+                cmd::name(c)
+            );
+            tried += 1;
+        }
+        // Another tenant with a valid token of its own: alice's file and upload do not exist
+        // for it, exactly as made-up ones do not.
+        let mut other = Conn::session(addr, "other", "alice");
+        let r = other.call(&request(c, &owned));
+        let want = match c {
+            cmd::UPLOAD | cmd::UPLOAD_INIT => None,
+            cmd::STAT | cmd::DOWNLOAD | cmd::DELETE | cmd::DOWNLOAD_OVER => {
+                Some(ErrorCode::NotFound)
+            }
+            _ => Some(ErrorCode::UnknownUpload),
+        };
+        match want {
+            // Creating is allowed, in its own space.
+            None => assert!(matches!(r, Reply::Ok(_)), "{}: {r:?}", cmd::name(c)),
+            Some(code) => assert_eq!(r, Reply::Err(code), "other tenant's {}", cmd::name(c)),
+        }
+        tried += 1;
+        intact(addr, &owned);
+    }
+    eprintln!("{tried} command x credential cases refused, alice's data intact after each");
+}
+
+#[test]
+fn a_replayed_token_and_a_token_without_the_scope_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    let _srv = support::start_server(dir.path(), "ferry-server", "", addr, &dir.path().join("d"));
+    let owned = setup(addr);
+    // The same HELLO bytes twice (a captured session opening, replayed).
+    let hello = support::auth::hello_frame("demo", "alice");
+    assert!(matches!(Conn::open(addr).call(&hello), Reply::Ok(_)));
+    assert_eq!(Conn::open(addr).call(&hello), Reply::Err(ErrorCode::Auth));
+    // A read-only token reads but cannot write or delete; the refusal closes the session.
+    for c in file_commands() {
+        // Each connection needs its own token: one per HELLO.
+        let mut s = Conn::open(addr);
+        let t = key().mint("demo", "alice", Scope::READ, 300).unwrap();
+        assert!(matches!(
+            s.call(&hello_with("demo", "alice", &t)),
+            Reply::Ok(_)
+        ));
+        let r = s.call(&request(c, &owned));
+        match need(c) {
+            Some(Need::Session(Scope::READ)) => {
+                assert!(matches!(r, Reply::Ok(_)), "{}: {r:?}", cmd::name(c))
+            }
+            _ => {
+                assert_eq!(r, Reply::Err(ErrorCode::Auth), "{}", cmd::name(c));
+                assert_eq!(s.recv(), Reply::Closed);
+            }
+        }
+    }
+    intact(addr, &owned);
+    // The HELLO's own app/user fields cannot pick another identity than its token's.
+    let t = key().mint("demo", "mallory", Scope::ALL, 300).unwrap();
+    assert_eq!(
+        Conn::open(addr).call(&hello_with("demo", "alice", &t)),
+        Reply::Err(ErrorCode::Auth)
+    );
+}
+
+#[test]
+fn a_server_taking_linked_peers_only_refuses_direct_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    let link = SigningKey {
+        id: "sp".into(),
+        secret: new_secret(),
+    };
+    let conf = format!(
+        "roles = [\"storage\", \"tracker\", \"id\"]\n[link.accept]\nsp = \"{}\"\n",
+        link.secret
+    );
+    let _srv = support::start_server(
+        dir.path(),
+        "ferry-server",
+        &conf,
+        addr,
+        &dir.path().join("d"),
+    );
+    // Every command but PROBE and LINK, sent first by a client with no link proof: error 6.
+    let mut refused = Vec::new();
+    for c in (0..=255u8).filter(|&c| need(c).is_some()) {
+        if matches!(need(c), Some(Need::Nothing)) {
+            continue;
+        }
+        let frame = match c {
+            cmd::HELLO => support::auth::hello_frame("demo", "alice"),
+            _ => proto::frame(c, 0, &vec![0u8; proto::request_spec(c).unwrap().meta]),
+        };
+        let mut s = Conn::open(addr);
+        assert_eq!(
+            s.call(&frame),
+            Reply::Err(ErrorCode::Auth),
+            "{} without a link proof",
+            cmd::name(c)
+        );
+        assert_eq!(s.recv(), Reply::Closed);
+        refused.push(cmd::name(c));
+    }
+    eprintln!("refused without a link proof: {refused:?}");
+    assert!(refused.contains(&"TRACKER_GROUPS") && refused.contains(&"HELLO"));
+    // PROBE needs nothing.
+    let probe = proto::frame(cmd::PROBE, 0, &proto::probe_body());
+    assert!(matches!(Conn::open(addr).call(&probe), Reply::Ok(_)));
+    // A proxy with the key: LINK (no reply), then a session that works.
+    let mut s = Conn::open(addr);
+    s.send(&link.link_frame());
+    assert!(matches!(
+        s.call(&support::auth::hello_frame("demo", "alice")),
+        Reply::Ok(_)
+    ));
+    assert!(matches!(
+        s.call(&small_upload_frame(b"via a proxy")),
+        Reply::Ok(_)
+    ));
+    // A replayed proof, a proof from a wrong key, a second LINK: refused and closed.
+    let proof = link.link_frame();
+    let mut first = Conn::open(addr);
+    first.send(&proof);
+    assert!(matches!(first.call(&probe), Reply::Ok(_)));
+    let wrong = SigningKey {
+        id: "sp".into(),
+        secret: new_secret(),
+    }
+    .link_frame();
+    for (what, frames) in [
+        ("replayed", vec![proof.clone()]),
+        ("wrong key", vec![wrong]),
+        ("second", vec![link.link_frame(), link.link_frame()]),
+    ] {
+        let mut s = Conn::open(addr);
+        let mut bytes: Vec<u8> = frames.concat();
+        bytes.extend_from_slice(&support::auth::hello_frame("demo", "alice"));
+        s.send(&bytes);
+        let r = s.recv();
+        assert!(
+            matches!(r, Reply::Err(ErrorCode::Auth | ErrorCode::BadFrame)),
+            "{what} LINK: {r:?}"
+        );
+        assert_eq!(s.recv(), Reply::Closed, "{what} LINK");
+    }
+}

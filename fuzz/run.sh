@@ -11,7 +11,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(frames replies http_head http_range signed_url hello_token)
+    targets=(frames replies http_head http_range signed_url hello_token proxy_opening)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 for t in "${targets[@]}"; do

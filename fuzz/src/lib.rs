@@ -20,6 +20,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("http_range", http_range),
     ("signed_url", signed_url),
     ("hello_token", hello_token),
+    ("proxy_opening", proxy_opening),
 ];
 
 /// Splits `data` into chunks whose sizes come from `data` itself, so the fuzzer explores every
@@ -194,5 +195,42 @@ pub fn hello_token(data: &[u8]) {
             "two encodings verify"
         );
         assert!(v.verify(&credential, now).is_err(), "a token passed twice");
+    }
+}
+
+/// A session's opening as a link-requiring proxy reads it (LINK proof, then HELLO or PROBE),
+/// delivered in arbitrary pieces, with the proxy's cap on what it reads before deciding. Every
+/// outcome must be a decision within that cap, a HELLO whose frame lies within the buffer, and
+/// a LINK proof must never pass unless it verifies (the fuzzer cannot forge the MAC).
+pub fn proxy_opening(data: &[u8]) {
+    use ferry_common::auth::LinkConfig;
+    use ferry_proxy::first::{FIRST_MAX, First, Opening};
+    let secret = "fuzzing-link-key-0123456789abcdef-0123".to_owned();
+    let link = LinkConfig {
+        send: None,
+        accept: [("cp".to_owned(), secret)].into(),
+    };
+    let verifier = link.verifier();
+    for required in [true, false] {
+        let mut op = Opening::new(required);
+        let mut buf = Vec::new();
+        for piece in chunks(data) {
+            // The session reads at most FIRST_MAX bytes before it must have decided.
+            let room = FIRST_MAX.saturating_sub(buf.len());
+            buf.extend_from_slice(&piece[..piece.len().min(room)]);
+            match op.advance(&mut buf, verifier.as_ref()) {
+                First::Pending => assert!(buf.len() < FIRST_MAX, "undecided at the cap"),
+                First::Hello { frame_len, .. } => {
+                    assert!(frame_len <= buf.len(), "HELLO frame past the buffer");
+                    assert!(
+                        !required || op.peer.is_some(),
+                        "HELLO let through without a verified link proof"
+                    );
+                    break;
+                }
+                First::Link { .. } => panic!("advance returned an unconsumed LINK"),
+                First::Probe(_) | First::Reject { .. } => break,
+            }
+        }
     }
 }

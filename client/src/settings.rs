@@ -408,6 +408,69 @@ mod tests {
             .is_err()
         );
     }
+
+    #[test]
+    fn app_and_link_keys_come_from_config_or_env_and_weak_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let (a, b) = (
+            ferry_common::auth::new_secret(),
+            ferry_common::auth::new_secret(),
+        );
+        std::fs::write(
+            &p,
+            format!(
+                "proxies = [\"127.0.0.1:7421\"]\n[key]\nid = \"k1\"\nsecret = \"{a}\"\n\
+                 [link]\nid = \"admin\"\nsecret = \"{b}\"\n"
+            ),
+        )
+        .unwrap();
+        let file = || load_file(Some(&p)).unwrap();
+        let s = resolve(file(), &Flags::default(), &EnvVars::default()).unwrap();
+        assert_eq!(
+            s.key.as_ref().map(|k| (k.id.as_str(), k.secret.as_str())),
+            Some(("k1", a.as_str()))
+        );
+        let link = link_key(file(), &EnvVars::default()).unwrap().unwrap();
+        assert_eq!(
+            (link.id.as_str(), link.secret.as_str()),
+            ("admin", b.as_str())
+        );
+        // The environment wins over the file.
+        let env = EnvVars {
+            key: Some(format!("k2:{b}")),
+            link: Some(format!("ops:{a}")),
+            ..EnvVars::default()
+        };
+        assert_eq!(
+            resolve(file(), &Flags::default(), &env)
+                .unwrap()
+                .key
+                .unwrap()
+                .id,
+            "k2"
+        );
+        assert_eq!(link_key(file(), &env).unwrap().unwrap().id, "ops");
+        // Placeholders and malformed pairs are refused, naming the way out.
+        for bad in ["k1:example-CHANGE-ME", "no-colon", "k1:short"] {
+            let env = EnvVars {
+                key: Some(bad.into()),
+                ..EnvVars::default()
+            };
+            let e = resolve(file(), &Flags::default(), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("FERRY_KEY") || e.contains("keygen"),
+                "{bad}: {e}"
+            );
+        }
+        // Without a key a client cannot be made, and says how to give one.
+        let mut s = resolve(file(), &Flags::default(), &EnvVars::default()).unwrap();
+        s.key = None;
+        let e = crate::Client::new(s).err().unwrap().to_string();
+        assert!(e.contains("FERRY_KEY"), "{e}");
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use crate::{Client, ClientError, Quiet, Settings};
 use ferry_common::proto::{self, *};
+use ferry_common::token::{Claims, Scope};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -47,6 +48,8 @@ struct Faults {
     upstream_down_hellos: AtomicU32,
     /// Answer this many HELLOs with error 23, like a routing proxy whose user's group is down.
     no_node_hellos: AtomicU32,
+    /// The credential of every HELLO received.
+    tokens: Mutex<Vec<Vec<u8>>>,
 }
 
 struct Fake {
@@ -126,7 +129,7 @@ fn serve(mut s: TcpStream, store: &Mutex<Store>, f: &Faults) {
                 return;
             }
             cmd::HELLO => {
-                Hello::decode(&b).unwrap();
+                f.tokens.lock().push(Hello::decode(&b).unwrap().credential);
                 reply(
                     &mut s,
                     &Identity {
@@ -385,6 +388,25 @@ fn round_trips_of_edge_sizes() {
     // Finished uploads leave no state behind.
     let left = std::fs::read_dir(dir.path().join("state")).unwrap().count();
     assert_eq!(left, 0);
+    // Every connection opened with its own token (servers refuse a nonce twice), naming the
+    // settings' app and user, with the scope of what it was for.
+    let tokens = fake.faults.tokens.lock();
+    let claims: Vec<Claims> = tokens.iter().map(|t| Claims::parse(t).unwrap().0).collect();
+    let nonces: std::collections::HashSet<_> = claims.iter().map(|c| c.nonce).collect();
+    assert_eq!(nonces.len(), claims.len(), "a token was reused");
+    assert!(claims.len() > 12, "{} sessions", claims.len());
+    assert!(
+        claims
+            .iter()
+            .all(|c| c.app == "ferry" && c.user == "anonymous")
+    );
+    let scopes: std::collections::BTreeSet<u8> = claims.iter().map(|c| c.scope.0).collect();
+    let (r, w, d) = (Scope::READ.0, Scope::WRITE.0, Scope::DELETE.0);
+    assert_eq!(
+        scopes,
+        [r, r | w, d].into_iter().collect(),
+        "read, upload, delete"
+    );
 }
 
 #[test]

@@ -50,7 +50,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
     let conf = d.join("server.toml");
-    std::fs::write(&conf, format!("sync_blocks = {sync}\n")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("sync_blocks = {sync}\n{}", support::auth::auth_toml()),
+    )
+    .unwrap();
 
     let server = free_addr();
     let _srv = Proc::spawn(

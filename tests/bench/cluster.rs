@@ -45,7 +45,10 @@ fn start(dir: &Path, name: &str, conf: &str, meta_url: Option<&str>) -> Srv {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
-        format!("workers = 4\nidle_timeout_ms = 600000\n{conf}"),
+        format!(
+            "workers = 4\nidle_timeout_ms = 600000\n{conf}\n{}",
+            support::auth::auth_toml()
+        ),
     )
     .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-server"));

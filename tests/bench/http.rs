@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::{env_u64, free_addr, median, random_bytes, rss_kib};
 
 const APP: &str = "bench";
-const SECRET: &str = "bench-secret-0123456789abcdef";
+const SECRET: &str = "bench-url-secret-0123456789abcdef-0123456789";
 
 fn have(tool: &str) -> bool {
     let ok = Command::new("sh")
@@ -212,8 +212,9 @@ fn main() {
         format!(
             "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\nidle_timeout_ms = 600000\n\
              workers = {workers}\n\
-             [http]\nlisten = \"{http}\"\n[http.secrets]\n{APP} = \"{SECRET}\"\n",
-            d.join("data").display()
+             [http]\nlisten = \"{http}\"\n[http.secrets]\n{APP} = \"{SECRET}\"\n{}",
+            d.join("data").display(),
+            support::auth::auth_toml()
         ),
     )
     .unwrap();

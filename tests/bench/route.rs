@@ -77,8 +77,9 @@ fn server(d: &Path, name: &str, listen: SocketAddr, conf: &str) -> Proc {
     std::fs::write(
         &path,
         format!(
-            "listen = \"{listen}\"\ndata = \"{}\"\n{conf}",
-            data.display()
+            "listen = \"{listen}\"\ndata = \"{}\"\n{conf}\n{}",
+            data.display(),
+            support::auth::auth_toml()
         ),
     )
     .unwrap();
@@ -141,10 +142,18 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (_fixed, fixed) = proxy(d, "fixed-proxy", &["--upstream".into(), node.to_string()]);
+    // A routing proxy checks session tokens, so it holds the app keys.
+    let routed_conf = d.join("routed-proxy.toml");
+    std::fs::write(&routed_conf, support::auth::auth_toml()).unwrap();
     let (_routed, routed) = proxy(
         d,
         "routed-proxy",
-        &["--tracker".into(), tracker.to_string()],
+        &[
+            "--config".into(),
+            routed_conf.display().to_string(),
+            "--tracker".into(),
+            tracker.to_string(),
+        ],
     );
 
     // Warm both paths (and the routed proxy's cache for "cached").

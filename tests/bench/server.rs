@@ -51,7 +51,10 @@ fn start(dir: &Path, sync: bool) -> Srv {
     let conf = dir.join("server.toml");
     std::fs::write(
         &conf,
-        format!("workers = 4\nsync_blocks = {sync}\nidle_timeout_ms = 600000\n"),
+        format!(
+            "workers = 4\nsync_blocks = {sync}\nidle_timeout_ms = 600000\n{}",
+            support::auth::auth_toml()
+        ),
     )
     .unwrap();
     let data = dir.join(format!("data-{}", if sync { "sync" } else { "nosync" }));

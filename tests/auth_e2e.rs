@@ -4,7 +4,8 @@
 
 mod support;
 
-use ferry_common::auth::{SigningKey, new_secret, now_secs};
+use ferry_common::auth::{SigningKey, new_secret};
+use ferry_common::clock::now_secs;
 use ferry_common::proto::{
     self, BlockMeta, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, Prove,
     UploadInit, UploadInitReply, UploadMeta, cmd, status,

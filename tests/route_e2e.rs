@@ -10,7 +10,8 @@
 
 mod support;
 
-use ferry_common::auth::{LinkConfig, SigningKey, new_secret, now_secs};
+use ferry_common::auth::{LinkConfig, SigningKey, new_secret};
+use ferry_common::clock::now_secs;
 use ferry_common::proto::{
     self, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, NodeAddr, SaddrsReply, SaddrsReq, cmd,
     status,

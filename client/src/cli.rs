@@ -364,9 +364,7 @@ fn signed_url(
     if file_id.is_empty() {
         return Err(ClientError::Input("empty file id".into()));
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = ferry_common::clock::now_secs();
     let exp = now.saturating_add(expires.as_secs().max(1));
     let url = ferry_common::signing::signed_url(base, secret.as_bytes(), file_id, exp, &app);
     Ok(if cli.json {

@@ -11,6 +11,7 @@
 //! Secrets live in config files (or the environment), never on a command line, and a process
 //! refuses to start with an empty, short or example secret ([`check_secret`]).
 
+use crate::clock::now_secs;
 use crate::proto::{self, cmd, status};
 use crate::token::{AuthError, Claims, NONCE_LEN, Policy, Scope, Verifier};
 use rand::RngExt;
@@ -25,14 +26,6 @@ pub const LINK_APP: &str = "ferry-link";
 pub const LINK_LIFETIME_SECS: u64 = 60;
 /// Shortest secret accepted anywhere (bytes). 32 random bytes, hex or base64 encoded, pass.
 pub const SECRET_MIN: usize = 32;
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// A fresh random secret (64 hex digits) for configs made by `ferry keygen` and the demo.
 pub fn new_secret() -> String {

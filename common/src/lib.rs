@@ -2,6 +2,7 @@
 //! reactor that the proxy and the server run on ([`reactor`]), config loading and logging.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod logging;
 pub mod net;

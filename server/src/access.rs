@@ -3,7 +3,8 @@
 
 use crate::config::{Config, Role};
 use crate::store::{OpError, Who};
-use ferry_common::auth::{LinkVerifier, now_secs};
+use ferry_common::auth::LinkVerifier;
+use ferry_common::clock::now_secs;
 use ferry_common::proto::{ErrorCode, Hello, cmd};
 use ferry_common::token::{AuthError, Scope, Verifier};
 use log::warn;

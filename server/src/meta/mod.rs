@@ -213,19 +213,7 @@ pub(crate) fn int<T: TryFrom<i64>>(v: i64, what: &'static str) -> Result<T> {
         .with_context(|| format!("{what} column holds {v}, out of range"))
 }
 
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use ferry_common::clock::{now_ms, now_secs};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -77,6 +77,28 @@ fn wait_for_line(err: &mut impl BufRead, needle: &str) {
 }
 
 /// Sends SIGINT (Ctrl-C) and waits for the exit status (20 s at most).
+/// A `ferry demo` / `ferry cluster up` run in a process group of its own: if the test fails
+/// before it stopped the run, the whole group (the run and every member it started) is killed,
+/// so a failing test leaves nothing behind.
+struct Group(std::process::Child);
+
+impl Group {
+    fn spawn(cmd: &mut Command) -> Group {
+        use std::os::unix::process::CommandExt;
+        Group(cmd.process_group(0).spawn().unwrap())
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
@@ -131,19 +153,20 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
-    let mut child = Command::new(support::bin("ferry"))
-        .env("FERRY_KEY", support::auth::key_env())
-        .args(["demo", "--size", "4GiB", "--conf"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = Group::spawn(
+        Command::new(support::bin("ferry"))
+            .env("FERRY_KEY", support::auth::key_env())
+            .args(["demo", "--size", "4GiB", "--conf"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let child = &mut run.0;
     // Wait until the cluster is up and the demo is generating or uploading.
     let mut err = BufReader::new(child.stderr.take().unwrap());
     wait_for_line(&mut err, "generating");
     assert!(!none_answer(&addrs[..1]), "the server should be up");
-    let status = interrupt(&mut child);
+    let status = interrupt(child);
     assert_eq!(status.code(), Some(130));
     assert!(none_answer(&addrs), "processes left after Ctrl-C");
 }
@@ -153,16 +176,17 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
-    let mut child = Command::new(support::bin("ferry"))
-        .env("FERRY_KEY", support::auth::key_env())
-        .args(["cluster", "up", "--conf"])
-        .arg(&conf)
-        .arg("--data")
-        .arg(tmp.path().join("data"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = Group::spawn(
+        Command::new(support::bin("ferry"))
+            .env("FERRY_KEY", support::auth::key_env())
+            .args(["cluster", "up", "--conf"])
+            .arg(&conf)
+            .arg("--data")
+            .arg(tmp.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let child = &mut run.0;
     let mut err = BufReader::new(child.stderr.take().unwrap());
     wait_for_line(&mut err, "Ctrl-C stops all");
     // Keep draining its log (prefixed by member) so it never blocks on a full pipe.
@@ -206,7 +230,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     );
     assert_eq!(support::sha256_file(&out), support::sha256_file(&src));
 
-    let status = interrupt(&mut child);
+    let status = interrupt(child);
     assert_eq!(status.code(), Some(130));
     assert!(none_answer(&addrs), "processes left after Ctrl-C");
     let log = log.join().unwrap();

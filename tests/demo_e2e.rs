@@ -199,14 +199,31 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
         }
         all
     });
-    // A transfer through the client-proxy pair it started.
+    // The members run on generated configs: private, with fresh secrets in place of every
+    // placeholder, and a client config that holds the app key and the client-proxies.
+    let generated = tmp.path().join("data").join("conf");
+    for f in support::files_under(&generated) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is readable by others", f.display());
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            !text.contains("CHANGE-ME"),
+            "{} keeps a placeholder",
+            f.display()
+        );
+    }
+    let client_conf = generated.join("client.toml");
+    // A transfer through the client-proxy pair it started, with that client config alone (as
+    // the README says), no key in the environment.
     let src = tmp.path().join("src");
     support::make_file(&src, 3 << 20, 5);
-    let proxies = format!("{},{}", addrs[3], addrs[4]);
     let up = Command::new(support::bin("ferry"))
-        .env("FERRY_KEY", support::auth::key_env())
-        .env("FERRY_PROXIES", &proxies)
+        .env_remove("FERRY_KEY")
+        .env_remove("FERRY_PROXIES")
         .env("FERRY_STATE_DIR", tmp.path().join("state"))
+        .arg("--config")
+        .arg(&client_conf)
         .args(["upload", src.to_str().unwrap(), "--block-size", "1MiB"])
         .output()
         .unwrap();
@@ -218,8 +235,10 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     let id = String::from_utf8(up.stdout).unwrap().trim().to_owned();
     let out = tmp.path().join("out");
     let down = Command::new(support::bin("ferry"))
-        .env("FERRY_KEY", support::auth::key_env())
-        .env("FERRY_PROXIES", &proxies)
+        .env_remove("FERRY_KEY")
+        .env_remove("FERRY_PROXIES")
+        .arg("--config")
+        .arg(&client_conf)
         .args(["download", &id, "-o", out.to_str().unwrap()])
         .output()
         .unwrap();

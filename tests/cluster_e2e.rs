@@ -41,6 +41,7 @@ impl Setup {
             beat_interval_ms: 300,
             offline_after_ms: 1500,
             route_cache_ms: 1000,
+            port_base: ferry_client::cluster::PORT_BASE,
         };
         // Ports from support::free_addr, which never hands the same port to two tests of this
         // process (the three tests start clusters at the same time).
@@ -394,4 +395,119 @@ fn cluster_up_without_a_shared_database_is_refused_with_the_way_out() {
     );
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(support::count_files(&data), 0, "nothing was started");
+}
+
+/// A `--port-base` whose whole block of ports (as `GroupsLayout::fixed` lays them out for
+/// `nodes` nodes) is free now, below the ephemeral range that `support::free_port` and the
+/// kernel hand out, so no other test can be given one of them.
+fn free_port_base(nodes: usize) -> u16 {
+    let offsets: Vec<u16> = [0, 111, 112, 121, 122, 211, 212]
+        .into_iter()
+        .chain((0..nodes as u16).map(|n| 301 + n))
+        .collect();
+    let start = 10_000 + (std::process::id() % 200) as u16 * 100;
+    for base in (start..30_000)
+        .step_by(1000)
+        .chain((10_000..start).step_by(1000))
+    {
+        let held: Vec<_> = offsets
+            .iter()
+            .map_while(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).ok())
+            .collect();
+        if held.len() == offsets.len() {
+            return base;
+        }
+    }
+    panic!("no free block of ports for cluster up");
+}
+
+#[test]
+fn cluster_up_through_the_binary_serves_a_user_and_stops_on_ctrl_c() {
+    let Some(db) = pg_db("cluster_up_cli") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, data) = (dir.path().join("conf"), dir.path().join("data"));
+    std::fs::create_dir_all(&conf).unwrap();
+    let base = free_port_base(2);
+    let mut run = support::Group::spawn(
+        support::cli::ferry(
+            &dir.path().join("state"),
+            &[],
+            &[
+                "cluster",
+                "up",
+                "--nodes",
+                "2",
+                "--meta-url",
+                &db.url,
+                "--port-base",
+                &base.to_string(),
+                "--conf",
+                conf.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+            ],
+        )
+        .env_remove("FERRY_KEY")
+        .stderr(Stdio::piped()),
+    );
+    let mut err = std::io::BufReader::new(run.0.stderr.take().unwrap());
+    support::wait_for_line(&mut err, "Ctrl-C stops all");
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+
+    // The client config it wrote is all a user needs: client-proxies, app key, admin link key.
+    let client_conf = data.join("conf").join("client.toml");
+    let tracker = format!("127.0.0.1:{base}");
+    let ferry = |args: &[&str]| {
+        let mut all = vec!["--config", client_conf.to_str().unwrap(), "--json"];
+        all.extend_from_slice(args);
+        let mut cmd = cli::ferry(&dir.path().join("state"), &[], &all);
+        cmd.env_remove("FERRY_KEY");
+        cli::run(cmd)
+    };
+    let src = dir.path().join("src");
+    make_file(&src, 3 << 20, 8);
+    let up = ferry(&["--user", "alice", "upload", src.to_str().unwrap()]);
+    assert!(up.ok, "upload: {}", up.stderr);
+    let id = up.json()["file_id"].as_str().unwrap().to_owned();
+    let out = dir.path().join("out");
+    let down = ferry(&[
+        "--user",
+        "alice",
+        "download",
+        &id,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(down.ok, "download: {}", down.stderr);
+    assert_eq!(sha256_file(&out), sha256_file(&src));
+    let g = ferry(&["groups", "--tracker", &tracker]);
+    assert!(g.ok, "groups: {}", g.stderr);
+    let v = g.json();
+    let nodes = v["groups"][0]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{v}");
+    assert!(nodes.iter().all(|n| n["online"] == true), "{v}");
+    assert_eq!(v["groups"][0]["users"], 1, "{v}");
+    // Without the link key the tracker says no.
+    let mut bare = cli::ferry(
+        &dir.path().join("state"),
+        &[],
+        &["groups", "--tracker", &tracker],
+    );
+    bare.env_remove("FERRY_LINK_KEY");
+    let r = cli::run(bare);
+    assert!(!r.ok && r.stderr.contains("error 6"), "{}", r.stderr);
+
+    let status = support::interrupt(&mut run.0);
+    assert_eq!(status.code(), Some(130));
+    let t = Instant::now();
+    while support::probe(tracker.parse().unwrap(), Duration::from_millis(300)).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the tracker outlived Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

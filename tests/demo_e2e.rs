@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MEMBERS: [&str; 5] = [
     "server",
@@ -59,59 +59,6 @@ fn conf_on_free_ports(dir: &Path) -> Vec<SocketAddr> {
     addrs
 }
 
-/// Reads `ferry`'s stderr until a line contains `needle` (30 s at most).
-fn wait_for_line(err: &mut impl BufRead, needle: &str) {
-    let t = Instant::now();
-    let mut line = String::new();
-    while !line.contains(needle) {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "ended before {needle:?}"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no {needle:?} in 30 s"
-        );
-    }
-}
-
-/// Sends SIGINT (Ctrl-C) and waits for the exit status (20 s at most).
-/// A `ferry demo` / `ferry cluster up` run in a process group of its own: if the test fails
-/// before it stopped the run, the whole group (the run and every member it started) is killed,
-/// so a failing test leaves nothing behind.
-struct Group(std::process::Child);
-
-impl Group {
-    fn spawn(cmd: &mut Command) -> Group {
-        use std::os::unix::process::CommandExt;
-        Group(cmd.process_group(0).spawn().unwrap())
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
-            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "SIGINT ignored");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn none_answer(addrs: &[SocketAddr]) -> bool {
     addrs
         .iter()
@@ -153,7 +100,7 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
-    let mut run = Group::spawn(
+    let mut run = support::Group::spawn(
         Command::new(support::bin("ferry"))
             .env("FERRY_KEY", support::auth::key_env())
             .args(["demo", "--size", "4GiB", "--conf"])
@@ -164,9 +111,9 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     let child = &mut run.0;
     // Wait until the cluster is up and the demo is generating or uploading.
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    wait_for_line(&mut err, "generating");
+    support::wait_for_line(&mut err, "generating");
     assert!(!none_answer(&addrs[..1]), "the server should be up");
-    let status = interrupt(child);
+    let status = support::interrupt(child);
     assert_eq!(status.code(), Some(130));
     assert!(none_answer(&addrs), "processes left after Ctrl-C");
 }
@@ -176,7 +123,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
-    let mut run = Group::spawn(
+    let mut run = support::Group::spawn(
         Command::new(support::bin("ferry"))
             .env("FERRY_KEY", support::auth::key_env())
             .args(["cluster", "up", "--conf"])
@@ -188,7 +135,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     );
     let child = &mut run.0;
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    wait_for_line(&mut err, "Ctrl-C stops all");
+    support::wait_for_line(&mut err, "Ctrl-C stops all");
     // Keep draining its log (prefixed by member) so it never blocks on a full pipe.
     let log = std::thread::spawn(move || {
         let mut all = String::new();
@@ -249,7 +196,7 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
     );
     assert_eq!(support::sha256_file(&out), support::sha256_file(&src));
 
-    let status = interrupt(child);
+    let status = support::interrupt(child);
     assert_eq!(status.code(), Some(130));
     assert!(none_answer(&addrs), "processes left after Ctrl-C");
     let log = log.join().unwrap();

@@ -137,6 +137,10 @@ pub enum ClusterAction {
         /// FERRY_META_URL, else `meta_url` in the conf dir's server.toml.
         #[arg(long, value_name = "URL")]
         meta_url: Option<String>,
+        /// With --nodes/--groups: the tracker's port; the others follow it (nodes from +301,
+        /// routing server-proxies +111/+112 with stats +211/+212, client-proxies +121/+122).
+        #[arg(long, value_name = "PORT", default_value_t = crate::cluster::PORT_BASE)]
+        port_base: u16,
     },
 }
 
@@ -221,6 +225,7 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                     nodes,
                     groups,
                     meta_url,
+                    port_base,
                 },
         } => {
             if nodes.is_none() && groups.is_none() && meta_url.is_none() {
@@ -234,6 +239,7 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                     beat_interval_ms: 1000,
                     offline_after_ms: 3000,
                     route_cache_ms: 2000,
+                    port_base: *port_base,
                 };
                 crate::cluster::up_groups(&spec, data, say)?;
             }

@@ -432,7 +432,12 @@ pub struct Spec {
     pub offline_after_ms: u64,
     /// The routing server-proxies' `route_cache_ms`.
     pub route_cache_ms: u64,
+    /// The tracker's port; every other port of [`GroupsLayout::fixed`] is relative to it.
+    pub port_base: u16,
 }
+
+/// The default `--port-base`: the ports of conf/.
+pub const PORT_BASE: u16 = 7300;
 
 impl Spec {
     /// Checks the shape, and that several nodes or groups have PostgreSQL to share.
@@ -447,6 +452,13 @@ impl Spec {
             return Err(ClientError::Input(format!(
                 "--groups must be 1 ..= {GROUPS_MAX}, not {}",
                 self.groups
+            )));
+        }
+        let last = usize::from(self.port_base) + 301 + self.groups * self.nodes;
+        if self.port_base < 1024 || last > usize::from(u16::MAX) {
+            return Err(ClientError::Input(format!(
+                "--port-base must leave room for {} ports above it, within 1024 ..= 65535",
+                last - usize::from(self.port_base)
             )));
         }
         let pg = self
@@ -492,11 +504,12 @@ fn group_names(groups: usize) -> Vec<String> {
 }
 
 impl GroupsLayout {
-    /// The ports `ferry cluster up --nodes N --groups G` uses: tracker 7300, nodes from 7601,
-    /// routing server-proxies 7411/7412 (stats 7511/7512), client-proxies 7421/7422, as in
-    /// conf/, so `ferry --config conf/client.toml` works against it.
+    /// The ports `ferry cluster up --nodes N --groups G` uses, from `spec.port_base` (B, by
+    /// default 7300 as in conf/): tracker B, nodes from B+301, routing server-proxies
+    /// B+111/B+112 (stats B+211/B+212), client-proxies B+121/B+122.
     pub fn fixed(spec: &Spec) -> GroupsLayout {
-        let at = |port: usize| SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let b = usize::from(spec.port_base);
+        let at = |port: usize| SocketAddr::from(([127, 0, 0, 1], (port - 7300 + b) as u16));
         let groups = group_names(spec.groups)
             .into_iter()
             .enumerate()
@@ -922,6 +935,7 @@ mod tests {
             beat_interval_ms: 1000,
             offline_after_ms: 3000,
             route_cache_ms: 2000,
+            port_base: PORT_BASE,
         }
     }
 
@@ -971,6 +985,21 @@ mod tests {
 
     #[test]
     fn fixed_layout_keeps_nodes_clear_of_the_other_ports() {
+        let moved = GroupsLayout::fixed(&Spec {
+            port_base: 20_000,
+            ..spec(2, 1, None)
+        });
+        assert_eq!(moved.tracker.port(), 20_000);
+        assert_eq!(moved.client_proxies[0].port(), 20_121);
+        assert_eq!(moved.nodes()[1].2.port(), 20_302);
+        let pg = Some("postgres://u@h/db");
+        for bad in [80, 65_300] {
+            let s = Spec {
+                port_base: bad,
+                ..spec(2, 2, pg)
+            };
+            assert!(s.validate().is_err(), "port base {bad}");
+        }
         let l = GroupsLayout::fixed(&spec(NODES_MAX, 2, None));
         let nodes = l.nodes();
         assert_eq!(nodes.len(), 2 * NODES_MAX);

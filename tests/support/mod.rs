@@ -6,7 +6,7 @@ pub mod auth;
 pub mod cli;
 
 use ferry_common::proto::{self, Header, Identity};
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -401,5 +401,58 @@ pub fn wait_log(p: &Proc, needle: &str, limit: Duration) {
             p.log_text()
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A process run in a process group of its own (`ferry demo`, `ferry cluster up`): if the test
+/// fails before it stopped the run, the whole group (the run and every member it started) is killed,
+/// so a failing test leaves nothing behind.
+pub struct Group(pub std::process::Child);
+
+impl Group {
+    pub fn spawn(cmd: &mut Command) -> Group {
+        use std::os::unix::process::CommandExt;
+        Group(cmd.process_group(0).spawn().unwrap())
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Reads `ferry`'s stderr until a line contains `needle` (30 s at most).
+pub fn wait_for_line(err: &mut impl BufRead, needle: &str) {
+    let t = Instant::now();
+    let mut line = String::new();
+    while !line.contains(needle) {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "ended before {needle:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no {needle:?} in 30 s"
+        );
+    }
+}
+
+/// Sends SIGINT (Ctrl-C) and waits for the exit status (20 s at most).
+pub fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "SIGINT ignored");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -79,6 +79,7 @@ fn upload_all(addr: SocketAddr, paths: &[PathBuf], state: &Path) -> Vec<String> 
                             .args(["--proxy", &addr.to_string(), "--app", APP, "upload"])
                             .arg(&p)
                             .env("FERRY_STATE_DIR", &state)
+                            .env("FERRY_KEY", support::auth::key_env())
                             .output()
                             .unwrap();
                         assert!(

@@ -3,8 +3,7 @@
 
 use super::head::{self, Head};
 use super::range::{self, Ranged};
-use super::{Gateway, HttpConfig};
-use crate::meta::FileRec;
+use super::{Gateway, HttpConfig, Stored};
 use crate::store::Who;
 use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
 use ferry_common::signing;
@@ -12,7 +11,7 @@ use log::warn;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What follows the response head.
 pub enum Body {
@@ -21,7 +20,7 @@ pub enum Body {
     Text(Vec<u8>),
     /// `len` bytes at `off` of a stored file, sent by sendfile.
     File {
-        file: File,
+        file: Arc<File>,
         off: u64,
         len: u64,
     },
@@ -30,6 +29,11 @@ pub enum Body {
 /// A complete answer to one request.
 pub struct Answer {
     pub status: u16,
+    /// The stored file's precomputed header lines, written first: its validators, and with
+    /// `true` its content lines too ([`Stored::inline`]).
+    pub stored: Option<(Arc<Stored>, bool)>,
+    /// Whole header lines written next (the content lines of an attachment).
+    pub lines: String,
     pub headers: Vec<(&'static str, String)>,
     /// The `Content-Length` to announce (for a HEAD: what the GET would send); none for 304.
     pub length: Option<u64>,
@@ -63,6 +67,8 @@ impl Answer {
         let text = format!("{status} {}: {text}\n", reason(status)).into_bytes();
         Answer {
             status,
+            stored: None,
+            lines: String::new(),
             headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
             length: Some(text.len() as u64),
             body: Body::Text(text),
@@ -70,10 +76,12 @@ impl Answer {
         }
     }
 
-    fn not_modified(headers: Vec<(&'static str, String)>) -> Answer {
+    fn not_modified(f: Arc<Stored>) -> Answer {
         Answer {
             status: 304,
-            headers,
+            stored: Some((f, false)),
+            lines: String::new(),
+            headers: Vec::new(),
             length: None,
             body: Body::None,
             close: false,
@@ -90,6 +98,13 @@ impl Answer {
             reason(self.status),
             httpdate::fmt_http_date(now)
         );
+        if let Some((f, with_content)) = &self.stored {
+            s.push_str(&f.validators);
+            if *with_content {
+                s.push_str(&f.inline);
+            }
+        }
+        s.push_str(&self.lines);
         for (k, v) in &self.headers {
             let _ = write!(s, "{k}: {v}\r\n");
         }
@@ -265,6 +280,18 @@ pub fn disposition(kind: &str, name: &str) -> String {
     format!("{kind}; filename=\"{fallback}\"; filename*=UTF-8''{enc}")
 }
 
+/// The header lines about a body's content: Content-Type from the stored name, a
+/// Content-Disposition of `kind` with `name` (none for an empty name), and the two lines that
+/// keep a stored HTML or SVG from running scripts on this origin (stored names are client-given).
+pub fn content_lines(stored_name: &str, kind: &str, name: &str) -> String {
+    let mut s = format!("Content-Type: {}\r\n", content_type(stored_name));
+    if !name.is_empty() {
+        let _ = write!(s, "Content-Disposition: {}\r\n", disposition(kind, name));
+    }
+    s.push_str("X-Content-Type-Options: nosniff\r\nContent-Security-Policy: sandbox\r\n");
+    s
+}
+
 fn strip_weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
 }
@@ -289,31 +316,18 @@ fn if_range_holds(header: &str, etag: &str, modified: u64) -> bool {
     }
 }
 
-/// Looks the file up (cache first) and opens its bytes. A cached record whose file cannot be
-/// opened any more (deleted meanwhile) is looked up again in the metadata store.
-fn open_stored(gw: &Gateway, who: &Who, id: &str) -> Result<(Arc<FileRec>, File), Answer> {
-    let mut cached_ok = true;
-    loop {
-        let f = match gw.lookup(who, id, cached_ok) {
-            Ok(f) => f,
-            Err(e) if e.code == ErrorCode::NotFound => {
-                return Err(Answer::error(404, "no such file", false));
-            }
-            Err(e) => {
-                warn!("http: lookup of file {id} failed: {e}");
-                return Err(Answer::error(500, "metadata lookup failed", false));
-            }
-        };
-        match File::open(gw.st.root().join(&f.path)) {
-            Ok(file) => return Ok((f, file)),
-            Err(_) if cached_ok => {
-                gw.forget(who, id);
-                cached_ok = false;
-            }
-            Err(e) => {
-                warn!("http: cannot open stored file {id} ({}): {e}", f.path);
-                return Err(Answer::error(500, "stored file unreadable", false));
-            }
+/// Looks the file up (cache first) with its open bytes.
+fn open_stored(gw: &Gateway, who: &Who, id: &str) -> Result<Arc<Stored>, Answer> {
+    match gw.lookup(who, id) {
+        Ok(f) => Ok(f),
+        Err(e) if e.code == ErrorCode::NotFound => Err(Answer::error(404, "no such file", false)),
+        Err(e) if e.code == ErrorCode::Io => {
+            warn!("http: {}", e.text);
+            Err(Answer::error(500, "stored file unreadable", false))
+        }
+        Err(e) => {
+            warn!("http: lookup of file {id} failed: {e}");
+            Err(Answer::error(500, "metadata lookup failed", false))
         }
     }
 }
@@ -339,70 +353,64 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
         app,
         user: "http".into(),
     };
-    let (f, file) = match open_stored(gw, &who, &r.file_id) {
+    let f = match open_stored(gw, &who, &r.file_id) {
         Ok(x) => x,
         Err(a) => return a,
     };
-    let etag = format!("\"{}\"", hex::encode(f.sha256));
-    let modified = UNIX_EPOCH + Duration::from_secs(f.created);
-    let mut headers = vec![
-        ("Accept-Ranges", "bytes".to_owned()),
-        ("ETag", etag.clone()),
-        ("Last-Modified", httpdate::fmt_http_date(modified)),
-        ("Cache-Control", "private".to_owned()),
-    ];
+    let rec = &f.rec;
     if let Some(inm) = &h.if_none_match {
-        if none_match_hits(inm, &etag) {
-            return Answer::not_modified(headers);
+        if none_match_hits(inm, &f.etag) {
+            return Answer::not_modified(f);
         }
     } else if let Some(ims) = &h.if_modified_since
         && let Ok(t) = httpdate::parse_http_date(ims)
-        && t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) >= f.created
+        && t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) >= rec.created
     {
-        return Answer::not_modified(headers);
+        return Answer::not_modified(f);
     }
-    let name = r.name.as_deref().unwrap_or(&f.name);
-    headers.push(("Content-Type", content_type(&f.name).to_owned()));
-    let kind = if r.name.is_some() {
-        "attachment"
-    } else {
-        "inline"
+    let mut headers = Vec::new();
+    // `/files/{id}/{name}`: an attachment under the name from the URL; `/files/{id}`: the
+    // stored file's own (precomputed) lines.
+    let lines = match &r.name {
+        Some(name) => content_lines(&rec.name, "attachment", name),
+        None => String::new(),
     };
-    if !name.is_empty() {
-        headers.push(("Content-Disposition", disposition(kind, name)));
-    }
-    // Stored names are client-given: never let a stored HTML or SVG run scripts on this origin.
-    headers.push(("X-Content-Type-Options", "nosniff".to_owned()));
-    headers.push(("Content-Security-Policy", "sandbox".to_owned()));
+    let inline = r.name.is_none();
     let range_applies = match &h.if_range {
-        Some(v) => if_range_holds(v, &etag, f.created),
+        Some(v) => if_range_holds(v, &f.etag, rec.created),
         None => true,
     };
     let ranged = if range_applies {
-        range::resolve(h.range.as_deref(), f.size)
+        range::resolve(h.range.as_deref(), rec.size)
     } else {
         Ranged::Full
     };
     let (status, off, len) = match ranged {
-        Ranged::Full => (200, 0, f.size),
+        Ranged::Full => (200, 0, rec.size),
         Ranged::Part { start, end } => {
-            headers.push(("Content-Range", format!("bytes {start}-{end}/{}", f.size)));
+            headers.push(("Content-Range", format!("bytes {start}-{end}/{}", rec.size)));
             (206, start, end - start + 1)
         }
         Ranged::Unsatisfiable => {
             let mut a = Answer::error(416, "range not satisfiable", false);
             a.headers
-                .push(("Content-Range", format!("bytes */{}", f.size)));
+                .push(("Content-Range", format!("bytes */{}", rec.size)));
             return a;
         }
     };
     let body = if is_head || len == 0 {
         Body::None
     } else {
-        Body::File { file, off, len }
+        Body::File {
+            file: f.file.clone(),
+            off,
+            len,
+        }
     };
     Answer {
         status,
+        stored: Some((f, inline)),
+        lines,
         headers,
         length: Some(len),
         body,
@@ -413,6 +421,7 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn cfg(public: bool) -> HttpConfig {
         let mut c = HttpConfig {

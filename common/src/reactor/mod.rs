@@ -81,6 +81,16 @@ pub trait Conn: Send + 'static {
         None
     }
 
+    /// The last run left every source it reports with an unchanged interest drained: read (or
+    /// written) until WouldBlock, or a short read that emptied the socket. Such a source is not
+    /// re-armed (no EPOLL_CTL_MOD): its edge-triggered registration reports the next readiness by
+    /// itself, and readiness that comes while the connection runs is merged into its pending
+    /// events. The default, `false`, re-arms every source, so the kernel re-checks readiness
+    /// (needed by a run that stops early with work left, e.g. a spent write budget).
+    fn settled(&self) -> bool {
+        false
+    }
+
     /// Called once when the reactor drops the connection for a reason of its own (or after
     /// [`Step::Close`]); for logging and counters.
     fn closed(&mut self, _why: CloseReason) {}
@@ -390,12 +400,16 @@ impl Shared {
         let generation = slot.generation;
         let mut seen = [false; MAX_SOURCES];
         let mut failed = None;
+        let settled = conn.settled();
         conn.sources(&mut |i, src, want| {
             if i >= MAX_SOURCES {
                 failed = Some(io::Error::other("source index out of range"));
                 return;
             }
             seen[i] = true;
+            if settled && want.is_some() && slot.armed[i] == want {
+                return;
+            }
             if let Err(e) = arm(
                 &self.registry,
                 src,

@@ -175,6 +175,8 @@ pub struct HttpStats {
 pub struct Gateway {
     pub st: Arc<Storage>,
     pub cfg: HttpConfig,
+    /// The URL-signing secrets, keyed once.
+    pub keys: respond::Keys,
     /// The bound address of the HTTP listener (tells HTTP sockets apart in `refuse`).
     pub addr: SocketAddr,
     open: AtomicUsize,
@@ -199,6 +201,7 @@ impl Gateway {
         }
         Gateway {
             st,
+            keys: respond::Keys::new(&cfg),
             cfg,
             addr,
             open: AtomicUsize::new(0),

@@ -8,6 +8,7 @@ use crate::store::Who;
 use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
 use ferry_common::signing;
 use log::warn;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::sync::Arc;
@@ -177,9 +178,29 @@ impl Denied {
     }
 }
 
+/// What [`authorize`] checks URLs against: `public_reads` and each app's keyed verifier (the
+/// secret's HMAC key schedule, computed once).
+pub struct Keys {
+    public_reads: bool,
+    apps: HashMap<String, signing::Verifier>,
+}
+
+impl Keys {
+    pub fn new(cfg: &HttpConfig) -> Keys {
+        Keys {
+            public_reads: cfg.public_reads,
+            apps: cfg
+                .secrets
+                .iter()
+                .map(|(app, secret)| (app.clone(), signing::Verifier::new(secret.as_bytes())))
+                .collect(),
+        }
+    }
+}
+
 /// Checks the signed-URL parameters (or public reads) and returns the app whose files the request
 /// may read. Runs before any lookup, so a 403 says nothing about the file.
-pub fn authorize(cfg: &HttpConfig, file_id: &str, query: &str, now: u64) -> Result<String, Denied> {
+pub fn authorize(keys: &Keys, file_id: &str, query: &str, now: u64) -> Result<String, Denied> {
     let get = |k: &str| head::query_param(query, k).map_err(|_| Denied::Invalid);
     let app = get("app")?;
     let sig = get("sig")?;
@@ -192,7 +213,7 @@ pub fn authorize(cfg: &HttpConfig, file_id: &str, query: &str, now: u64) -> Resu
     };
     let Some(sig) = sig else {
         // Unsigned: only when the operator allows public reads; `app` still scopes the lookup.
-        return if cfg.public_reads {
+        return if keys.public_reads {
             Ok(app)
         } else {
             Err(Denied::Missing)
@@ -201,10 +222,10 @@ pub fn authorize(cfg: &HttpConfig, file_id: &str, query: &str, now: u64) -> Resu
     let exp = get("exp")?
         .and_then(|e| e.parse::<u64>().ok())
         .ok_or(Denied::Invalid)?;
-    let Some(secret) = cfg.secrets.get(&app) else {
+    let Some(key) = keys.apps.get(&app) else {
         return Err(Denied::Invalid);
     };
-    if !signing::verify(secret.as_bytes(), file_id, exp, &app, &sig) {
+    if !key.verify(file_id, exp, &app, &sig) {
         return Err(Denied::Invalid);
     }
     // Checked after the MAC so a forged URL learns nothing from the expiry answer either.
@@ -345,7 +366,7 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
         return Answer::error(404, "no such path (use /files/{file_id})", false);
     };
     let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let app = match authorize(&gw.cfg, &r.file_id, query, now_secs) {
+    let app = match authorize(&gw.keys, &r.file_id, query, now_secs) {
         Ok(app) => app,
         Err(d) => return Answer::error(403, d.text(), false),
     };
@@ -423,14 +444,14 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn cfg(public: bool) -> HttpConfig {
+    fn cfg(public: bool) -> Keys {
         let mut c = HttpConfig {
             public_reads: public,
             ..HttpConfig::default()
         };
         c.secrets
             .insert("demo".into(), "0123456789abcdef-secret".into());
-        c
+        Keys::new(&c)
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl Gateway {
             return Ok(f.clone());
         }
         let rec = self.st.stat(who, id)?;
-        let file = File::open(self.st.root().join(&rec.path)).map_err(|e| {
+        let file = open_noatime(&self.st.root().join(&rec.path)).map_err(|e| {
             OpError::new(
                 ErrorCode::Io,
                 format!("cannot open stored file {id} ({}): {e}", rec.path),
@@ -272,6 +272,20 @@ impl Gateway {
 
     fn released(&self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Opens a stored file for reading without access-time updates (every sendfile would touch the
+/// inode otherwise); O_NOATIME needs the file's owner, so anything else opens it plainly.
+fn open_noatime(path: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => File::open(path),
+        r => r,
     }
 }
 

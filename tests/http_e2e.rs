@@ -374,6 +374,32 @@ fn curl_ranges_conditionals_and_signatures() {
     assert_eq!(both.matches("HTTP/1.1 206 ").count(), 1, "{both}");
     assert_eq!(both.matches("HTTP/1.1 200 ").count(), 1, "{both}");
     assert!(both.find("206").unwrap() < both.find("200 OK").unwrap());
+
+    // The gateway keeps looked-up files open for a while: a delete must still be seen at once.
+    assert_eq!(curl(d, &url, &["-r", "0-9"]).status, 206);
+    let out = Command::new(bin("ferry"))
+        .env("FERRY_KEY", support::auth::key_env())
+        .args([
+            "--proxy",
+            &srv.addr.to_string(),
+            "--app",
+            APP,
+            "delete",
+            &id,
+        ])
+        .env("FERRY_STATE_DIR", srv.path("state"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "delete failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        curl(d, &url, &[]).status,
+        404,
+        "a deleted file is still served"
+    );
 }
 
 #[test]

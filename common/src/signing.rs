@@ -53,6 +53,53 @@ pub fn verify(secret: &[u8], file_id: &str, exp: u64, app: &str, sig_hex: &str) 
     mac(secret, file_id, exp, app).verify_slice(&sig).is_ok()
 }
 
+/// One secret's HMAC key schedule, computed once: a server checking many URLs with the same
+/// secret saves the two SHA-256 blocks of keying (and the string and hex allocations) that
+/// [`verify`] spends on every call. Same answers as [`verify`].
+#[derive(Clone)]
+pub struct Verifier(HmacSha256);
+
+impl Verifier {
+    pub fn new(secret: &[u8]) -> Verifier {
+        Verifier(
+            <HmacSha256 as KeyInit>::new_from_slice(secret)
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length")),
+        )
+    }
+
+    /// [`verify`] with this secret.
+    pub fn verify(&self, file_id: &str, exp: u64, app: &str, sig_hex: &str) -> bool {
+        let mut sig = [0u8; SIG_HEX_LEN / 2];
+        if sig_hex.len() != SIG_HEX_LEN || hex::decode_to_slice(sig_hex, &mut sig).is_err() {
+            return false;
+        }
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = exp;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let mut m = self.0.clone();
+        for part in [
+            SIGNED_METHOD.as_bytes(),
+            b"\n",
+            file_id.as_bytes(),
+            b"\n",
+            &digits[at..],
+            b"\n",
+            app.as_bytes(),
+        ] {
+            m.update(part);
+        }
+        m.verify_slice(&sig).is_ok()
+    }
+}
+
 /// Percent-encodes everything except RFC 3986 unreserved characters (for query values).
 pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -122,6 +169,27 @@ mod tests {
             "demo",
             &s.to_ascii_uppercase()
         ));
+    }
+
+    #[test]
+    fn the_keyed_verifier_agrees_with_verify() {
+        let v = Verifier::new(b"k");
+        for (id, exp, app) in [
+            ("0001-abc", 100, "demo"),
+            ("x", 0, "a"),
+            ("y", u64::MAX, ""),
+        ] {
+            let s = sign(b"k", id, exp, app);
+            assert!(v.verify(id, exp, app, &s));
+            assert!(v.verify(id, exp, app, &s.to_ascii_uppercase()));
+            assert!(!Verifier::new(b"k2").verify(id, exp, app, &s));
+            assert!(!v.verify(id, exp.wrapping_add(1), app, &s));
+            assert!(!v.verify(id, exp, "other", &s));
+            assert!(!v.verify("z", exp, app, &s));
+            assert!(!v.verify(id, exp, app, &s[..62]));
+            assert!(!v.verify(id, exp, app, &"zz".repeat(32)));
+            assert!(!v.verify(id, exp, app, ""));
+        }
     }
 
     #[test]

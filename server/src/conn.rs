@@ -249,7 +249,8 @@ impl ServerConn {
                         &dl.crc.to_be_bytes(),
                         dl.len,
                     );
-                    self.out.start(head, Some((dl.file, dl.offset, dl.len)));
+                    self.out
+                        .start(head, Some((Arc::new(dl.file), dl.offset, dl.len)));
                 }
                 Some(OutItem::Ack(_)) => self.out.start(next, None),
                 None => {}

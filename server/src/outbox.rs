@@ -7,6 +7,7 @@ use mio::net::TcpStream;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// Largest sendfile(2) call; a range is sent in pieces of at most this.
 const SENDFILE_MAX: usize = 4 << 20;
@@ -23,7 +24,8 @@ pub enum Written {
 }
 
 struct Range {
-    file: File,
+    /// Shared with other answers sending the same file (sendfile reads at an explicit offset).
+    file: Arc<File>,
     off: i64,
     left: u64,
 }
@@ -58,7 +60,7 @@ impl Outbox {
 
     /// Starts the next answer: `head`, then `len` bytes of `file` from `off` if given. Only
     /// called when nothing is left to write.
-    pub fn start(&mut self, head: Vec<u8>, file: Option<(File, u64, u64)>) {
+    pub fn start(&mut self, head: Vec<u8>, file: Option<(Arc<File>, u64, u64)>) {
         self.buf = head;
         self.pos = 0;
         self.range = file.map(|(file, off, len)| Range {

@@ -183,6 +183,8 @@ pub struct Storage {
     /// Bytes of payload written so far, for the test-only write fault (config `faults`).
     written: AtomicU64,
     pub downloads_over: AtomicU64,
+    /// Files deleted since start-up (see [`Storage::deletes`]).
+    deleted: AtomicU64,
     /// This node's name among the peers sharing the data dir; empty for a standalone server.
     node: String,
     /// This node's temp dir relative to the data dir: `tmp` standalone, `tmp/<node>` on a node.
@@ -345,6 +347,7 @@ impl Storage {
             small_keys: KeyClaims::default(),
             written: AtomicU64::new(0),
             downloads_over: AtomicU64::new(0),
+            deleted: AtomicU64::new(0),
             node,
             tmp_rel,
             _locks: locks,
@@ -380,6 +383,13 @@ impl Storage {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// How many files were deleted through this server so far: a cache of stored files (the
+    /// HTTP gateway's open descriptors) is stale once this moves. Counted as soon as the record
+    /// is marked deleting, before the bytes go.
+    pub fn deletes(&self) -> u64 {
+        self.deleted.load(Ordering::Acquire)
     }
 
     /// The metadata store (the id role reserves its steps in it).
@@ -1312,6 +1322,7 @@ impl Storage {
             }
             Err(e) => return Err(db_err(e, "file delete")),
         };
+        self.deleted.fetch_add(1, Ordering::Release);
         // The record is marked deleting (invisible) first, the bytes go next, the record last:
         // a crash anywhere in between is finished at start-up, so no file outlives its record.
         let path = self.root.join(&f.path);

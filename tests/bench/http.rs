@@ -43,8 +43,19 @@ fn have(tool: &str) -> bool {
 
 struct Kill(Child);
 
+/// SIGTERM first, SIGKILL after 5 s: nginx's master stops its workers on SIGTERM, while a
+/// SIGKILLed master leaves them running (orphans holding the port and taking CPU from later runs).
 impl Drop for Kill {
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -79,6 +90,7 @@ fn upload_all(addr: SocketAddr, paths: &[PathBuf], state: &Path) -> Vec<String> 
                             .args(["--proxy", &addr.to_string(), "--app", APP, "upload"])
                             .arg(&p)
                             .env("FERRY_STATE_DIR", &state)
+                            .env("FERRY_KEY", support::auth::key_env())
                             .output()
                             .unwrap();
                         assert!(

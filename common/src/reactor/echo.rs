@@ -63,6 +63,11 @@ impl Conn for Echo {
         arm(0, &mut self.sock, Some(want));
     }
 
+    /// Every run that keeps the connection ended at WouldBlock.
+    fn settled(&self) -> bool {
+        true
+    }
+
     fn closed(&mut self, _why: CloseReason) {
         self.closed.fetch_add(1, Ordering::SeqCst);
     }

@@ -81,6 +81,16 @@ pub trait Conn: Send + 'static {
         None
     }
 
+    /// The last run left every source it reports with an unchanged interest drained: read (or
+    /// written) until WouldBlock, or a short read that emptied the socket. Such a source is not
+    /// re-armed (no EPOLL_CTL_MOD): its edge-triggered registration reports the next readiness by
+    /// itself, and readiness that comes while the connection runs is merged into its pending
+    /// events. The default, `false`, re-arms every source, so the kernel re-checks readiness
+    /// (needed by a run that stops early with work left, e.g. a spent write budget).
+    fn settled(&self) -> bool {
+        false
+    }
+
     /// Called once when the reactor drops the connection for a reason of its own (or after
     /// [`Step::Close`]); for logging and counters.
     fn closed(&mut self, _why: CloseReason) {}
@@ -390,12 +400,16 @@ impl Shared {
         let generation = slot.generation;
         let mut seen = [false; MAX_SOURCES];
         let mut failed = None;
+        let settled = conn.settled();
         conn.sources(&mut |i, src, want| {
             if i >= MAX_SOURCES {
                 failed = Some(io::Error::other("source index out of range"));
                 return;
             }
             seen[i] = true;
+            if settled && want.is_some() && slot.armed[i] == want {
+                return;
+            }
             if let Err(e) = arm(
                 &self.registry,
                 src,
@@ -489,6 +503,23 @@ impl Shared {
         }
     }
 
+    /// [`Shared::send`] without the lock held (taken again only if the workers are gone).
+    fn send_unlocked(&self, job: Job) {
+        if let Err(e) = self.jobs.send(Msg::Run(job))
+            && let Msg::Run(mut job) = e.into_inner()
+        {
+            job.conn.closed(CloseReason::Handler);
+            let mut core = self.core.lock();
+            if core
+                .slab
+                .get(job.key)
+                .is_some_and(|s| s.generation == job.generation)
+            {
+                self.remove(&mut core, job.key);
+            }
+        }
+    }
+
     fn remove(&self, core: &mut Core, key: usize) {
         if let Some(slot) = core.slab.try_remove(key) {
             core.forget_peer(slot.ip);
@@ -542,6 +573,7 @@ impl Loop {
         };
         let mut events = mio::Events::with_capacity(1024);
         let shared = self.shared.clone();
+        let mut jobs = Vec::new();
         loop {
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -567,10 +599,21 @@ impl Loop {
                         }
                         t => match is_listener(t) {
                             Some(i) => accept.push(i),
-                            None => ready(&shared, &mut core, t, Ready::from_event(ev), now),
+                            None => jobs.extend(ready(
+                                &shared,
+                                &mut core,
+                                t,
+                                Ready::from_event(ev),
+                                now,
+                            )),
                         },
                     }
                 }
+            }
+            // Handed to the workers after the lock is released: a send may wake a worker (a
+            // futex syscall), and workers parking connections wait for this lock.
+            for job in jobs.drain(..) {
+                shared.send_unlocked(job);
             }
             for i in accept {
                 self.accept(i);
@@ -766,15 +809,14 @@ impl Loop {
     }
 }
 
-/// A socket event for a connection.
-fn ready(shared: &Shared, core: &mut Core, t: Token, r: Ready, now: Instant) {
+/// A socket event for a connection: its job when a worker must run it now (`None` when the
+/// event is stale or merged into a busy connection's pending set).
+fn ready(shared: &Shared, core: &mut Core, t: Token, r: Ready, now: Instant) -> Option<Job> {
     let (key, generation, source) = untoken(t);
     let draining = core.drain_until.is_some();
-    let Some(slot) = core.slab.get_mut(key) else {
-        return;
-    };
+    let slot = core.slab.get_mut(key)?;
     if slot.generation != generation {
-        return; // stale event for a reused slab key
+        return None; // stale event for a reused slab key
     }
     slot.last_ready = now;
     let mut ev = Events {
@@ -782,7 +824,7 @@ fn ready(shared: &Shared, core: &mut Core, t: Token, r: Ready, now: Instant) {
         ..Events::default()
     };
     ev.add(source, r);
-    shared.dispatch(core, key, ev);
+    shared.take(core, key, ev)
 }
 
 /// Brings one source's registration from `had` to `want`. Re-registering an armed source is

@@ -57,6 +57,8 @@ pub struct HttpConn {
     /// WouldBlock: the reactor re-arms with EPOLL_CTL_MOD, which re-checks readiness.
     maybe_more: bool,
     eof: bool,
+    /// The last run ended with the socket drained (see [`Conn::settled`]).
+    settled: bool,
 }
 
 impl HttpConn {
@@ -76,6 +78,7 @@ impl HttpConn {
             lingering: None,
             maybe_more: true,
             eof: false,
+            settled: false,
         }
     }
 
@@ -182,6 +185,7 @@ impl HttpConn {
 
 impl Conn for HttpConn {
     fn run(&mut self, ev: &Events) -> Step {
+        self.settled = false;
         if ev.timer && !self.writing() && self.deadline.is_some_and(|d| Instant::now() >= d) {
             if self.len == 0 {
                 debug!("{}: idle http connection closed", self.peer);
@@ -239,7 +243,9 @@ impl Conn for HttpConn {
                 return Step::Close;
             }
             if !self.maybe_more && !ev.timer {
+                // The last read emptied the socket: the next request is a new edge.
                 self.maybe_more = true;
+                self.settled = true;
                 return Step::Keep;
             }
             let space = self.buf.len() - self.len;
@@ -249,7 +255,10 @@ impl Conn for HttpConn {
                     self.len += n;
                     self.maybe_more = n == space;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.settled = true;
+                    return Step::Keep;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     debug!("{}: read failed: {e}", self.peer);
@@ -272,6 +281,12 @@ impl Conn for HttpConn {
 
     fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    /// Only after a run that ended reading (not writing: a spent write budget leaves the
+    /// socket writable with no new edge to come).
+    fn settled(&self) -> bool {
+        self.settled
     }
 
     fn closed(&mut self, why: CloseReason) {

@@ -161,7 +161,13 @@ pub struct BadEscape;
 pub fn query_param(query: &str, key: &str) -> Result<Option<String>, BadEscape> {
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if percent_decode(k).as_deref() == Some(key) {
+        // Without escapes a name is itself (no allocation for the usual case).
+        let hit = if k.contains('%') {
+            percent_decode(k).as_deref() == Some(key)
+        } else {
+            k == key
+        };
+        if hit {
             return percent_decode(v).map(Some).ok_or(BadEscape);
         }
     }

@@ -25,9 +25,9 @@ pub mod range;
 pub mod respond;
 
 use crate::meta::FileRec;
-use crate::store::{OpResult, Storage, Who};
+use crate::store::{OpError, OpResult, Storage, Who};
 use anyhow::bail;
-use ferry_common::proto::APP_ID_LEN;
+use ferry_common::proto::{APP_ID_LEN, ErrorCode};
 use ferry_common::reactor::Conn;
 use log::{debug, warn};
 use mio::net::TcpStream;
@@ -35,23 +35,61 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-/// How long a looked-up file record is reused without asking the metadata store again. A file
-/// deleted meanwhile is found out earlier than that when its bytes are gone (opening it fails and
-/// the lookup is repeated), so at worst a deleted file stays readable this long, like any HTTP
-/// cache would serve it.
+/// How long a looked-up file (record and open descriptor) is reused without asking the metadata
+/// store again. A delete through this server empties the cache at once ([`Storage::deletes`]);
+/// a file removed otherwise (by a peer node sharing the data dir, or by hand) stays readable at
+/// most this long through a cached descriptor, like any HTTP cache would serve it.
 pub const META_TTL: Duration = Duration::from_secs(1);
-/// Most cached file records; the cache is emptied when it is full (it refills in one TTL).
+/// Most cached files; the cache is emptied when it is full (it refills in one TTL). Each holds
+/// an open descriptor, so the cache is also kept to a quarter of the open-file limit.
 const META_CACHE_MAX: usize = 8192;
 
-/// (app, file id).
-type MetaKey = (String, String);
+/// A stored file as the gateway serves it: its record, its open bytes (shared by every answer
+/// that sends them: sendfile reads at an explicit offset) and the response header lines that
+/// depend on the record only.
+pub struct Stored {
+    pub rec: FileRec,
+    pub file: Arc<File>,
+    /// `"<hex sha256>"`.
+    pub etag: String,
+    /// Accept-Ranges, ETag, Last-Modified and Cache-Control lines (every answer about the file).
+    pub validators: String,
+    /// Content-Type, `inline` Content-Disposition with the stored name, X-Content-Type-Options
+    /// and Content-Security-Policy lines (answers with the body under `/files/{id}`).
+    pub inline: String,
+    at: Instant,
+    /// [`Storage::deletes`] when it was looked up.
+    deletes: u64,
+}
+
+impl Stored {
+    fn new(rec: FileRec, file: File, deletes: u64) -> Stored {
+        let etag = format!("\"{}\"", hex::encode(rec.sha256));
+        let modified = UNIX_EPOCH + Duration::from_secs(rec.created);
+        let validators = format!(
+            "Accept-Ranges: bytes\r\nETag: {etag}\r\nLast-Modified: {}\r\n\
+             Cache-Control: private\r\n",
+            httpdate::fmt_http_date(modified)
+        );
+        let inline = respond::content_lines(&rec.name, "inline", &rec.name);
+        Stored {
+            rec,
+            file: Arc::new(file),
+            etag,
+            validators,
+            inline,
+            at: Instant::now(),
+            deletes,
+        }
+    }
+}
 
 /// `[http]` in the server config.
 #[derive(Clone, Deserialize)]
@@ -137,14 +175,19 @@ pub struct HttpStats {
 pub struct Gateway {
     pub st: Arc<Storage>,
     pub cfg: HttpConfig,
+    /// The URL-signing secrets, keyed once.
+    pub keys: respond::Keys,
     /// The bound address of the HTTP listener (tells HTTP sockets apart in `refuse`).
     pub addr: SocketAddr,
     open: AtomicUsize,
     pub stats: HttpStats,
-    /// (app, file id) -> record and when it was looked up. Players fetch the same file in many
-    /// small ranges, and the SQLite lookup (behind one mutex) was the largest user-space cost
-    /// per request.
-    meta: Mutex<HashMap<MetaKey, (Arc<FileRec>, Instant)>>,
+    /// File id -> the file as last looked up and opened. Players fetch the same file in many
+    /// small ranges, and small files are fetched over and over: the SQLite lookup (behind one
+    /// mutex) was the largest user-space cost per request, opening the file the largest system
+    /// one.
+    cache: Mutex<HashMap<String, Arc<Stored>>>,
+    /// Most entries in `cache`.
+    cache_max: usize,
 }
 
 impl Gateway {
@@ -158,36 +201,42 @@ impl Gateway {
         }
         Gateway {
             st,
+            keys: respond::Keys::new(&cfg),
             cfg,
             addr,
             open: AtomicUsize::new(0),
             stats: HttpStats::default(),
-            meta: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
+            cache_max: cache_max(),
         }
     }
 
-    /// The file record of `id` for `who.app`: from the cache when fresh (and `cached_ok`), else
-    /// from the metadata store (which refreshes the cache).
-    pub fn lookup(&self, who: &Who, id: &str, cached_ok: bool) -> OpResult<Arc<FileRec>> {
-        let key = (who.app.clone(), id.to_owned());
-        if cached_ok
-            && let Some((f, at)) = self.meta.lock().get(&key)
-            && at.elapsed() < META_TTL
+    /// The file `id` of `who.app`, looked up and opened: from the cache when fresh, else from
+    /// the metadata store and the data dir (which refreshes the cache). A file that cannot be
+    /// opened is an `Io` error.
+    pub fn lookup(&self, who: &Who, id: &str) -> OpResult<Arc<Stored>> {
+        let deletes = self.st.deletes();
+        if let Some(f) = self.cache.lock().get(id)
+            && f.rec.app == who.app
+            && f.deletes == deletes
+            && f.at.elapsed() < META_TTL
         {
             return Ok(f.clone());
         }
-        let f = Arc::new(self.st.stat(who, id)?);
-        let mut m = self.meta.lock();
-        if m.len() >= META_CACHE_MAX {
+        let rec = self.st.stat(who, id)?;
+        let file = open_noatime(&self.st.root().join(&rec.path)).map_err(|e| {
+            OpError::new(
+                ErrorCode::Io,
+                format!("cannot open stored file {id} ({}): {e}", rec.path),
+            )
+        })?;
+        let f = Arc::new(Stored::new(rec, file, deletes));
+        let mut m = self.cache.lock();
+        if m.len() >= self.cache_max {
             m.clear();
         }
-        m.insert(key, (f.clone(), Instant::now()));
+        m.insert(id.to_owned(), f.clone());
         Ok(f)
-    }
-
-    /// Drops a cached record whose file could not be opened.
-    pub fn forget(&self, who: &Who, id: &str) {
-        self.meta.lock().remove(&(who.app.clone(), id.to_owned()));
     }
 
     /// A new HTTP connection, unless the gateway's own connection limit is reached.
@@ -224,6 +273,28 @@ impl Gateway {
     fn released(&self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Opens a stored file for reading without access-time updates (every sendfile would touch the
+/// inode otherwise); O_NOATIME needs the file's owner, so anything else opens it plainly.
+fn open_noatime(path: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => File::open(path),
+        r => r,
+    }
+}
+
+/// [`META_CACHE_MAX`], or a quarter of the open-file limit when that is less (each cached file
+/// holds a descriptor; connections need theirs).
+fn cache_max() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft / 4).map_or(META_CACHE_MAX, |n| n.clamp(1, META_CACHE_MAX))
 }
 
 /// A summary when the server stops (the reactor drops the service last).

@@ -3,16 +3,16 @@
 
 use super::head::{self, Head};
 use super::range::{self, Ranged};
-use super::{Gateway, HttpConfig};
-use crate::meta::FileRec;
+use super::{Gateway, HttpConfig, Stored};
 use crate::store::Who;
 use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
 use ferry_common::signing;
 use log::warn;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What follows the response head.
 pub enum Body {
@@ -21,7 +21,7 @@ pub enum Body {
     Text(Vec<u8>),
     /// `len` bytes at `off` of a stored file, sent by sendfile.
     File {
-        file: File,
+        file: Arc<File>,
         off: u64,
         len: u64,
     },
@@ -30,6 +30,11 @@ pub enum Body {
 /// A complete answer to one request.
 pub struct Answer {
     pub status: u16,
+    /// The stored file's precomputed header lines, written first: its validators, and with
+    /// `true` its content lines too ([`Stored::inline`]).
+    pub stored: Option<(Arc<Stored>, bool)>,
+    /// Whole header lines written next (the content lines of an attachment).
+    pub lines: String,
     pub headers: Vec<(&'static str, String)>,
     /// The `Content-Length` to announce (for a HEAD: what the GET would send); none for 304.
     pub length: Option<u64>,
@@ -63,6 +68,8 @@ impl Answer {
         let text = format!("{status} {}: {text}\n", reason(status)).into_bytes();
         Answer {
             status,
+            stored: None,
+            lines: String::new(),
             headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
             length: Some(text.len() as u64),
             body: Body::Text(text),
@@ -70,10 +77,12 @@ impl Answer {
         }
     }
 
-    fn not_modified(headers: Vec<(&'static str, String)>) -> Answer {
+    fn not_modified(f: Arc<Stored>) -> Answer {
         Answer {
             status: 304,
-            headers,
+            stored: Some((f, false)),
+            lines: String::new(),
+            headers: Vec::new(),
             length: None,
             body: Body::None,
             close: false,
@@ -90,6 +99,13 @@ impl Answer {
             reason(self.status),
             httpdate::fmt_http_date(now)
         );
+        if let Some((f, with_content)) = &self.stored {
+            s.push_str(&f.validators);
+            if *with_content {
+                s.push_str(&f.inline);
+            }
+        }
+        s.push_str(&self.lines);
         for (k, v) in &self.headers {
             let _ = write!(s, "{k}: {v}\r\n");
         }
@@ -162,9 +178,29 @@ impl Denied {
     }
 }
 
+/// What [`authorize`] checks URLs against: `public_reads` and each app's keyed verifier (the
+/// secret's HMAC key schedule, computed once).
+pub struct Keys {
+    public_reads: bool,
+    apps: HashMap<String, signing::Verifier>,
+}
+
+impl Keys {
+    pub fn new(cfg: &HttpConfig) -> Keys {
+        Keys {
+            public_reads: cfg.public_reads,
+            apps: cfg
+                .secrets
+                .iter()
+                .map(|(app, secret)| (app.clone(), signing::Verifier::new(secret.as_bytes())))
+                .collect(),
+        }
+    }
+}
+
 /// Checks the signed-URL parameters (or public reads) and returns the app whose files the request
 /// may read. Runs before any lookup, so a 403 says nothing about the file.
-pub fn authorize(cfg: &HttpConfig, file_id: &str, query: &str, now: u64) -> Result<String, Denied> {
+pub fn authorize(keys: &Keys, file_id: &str, query: &str, now: u64) -> Result<String, Denied> {
     let get = |k: &str| head::query_param(query, k).map_err(|_| Denied::Invalid);
     let app = get("app")?;
     let sig = get("sig")?;
@@ -177,7 +213,7 @@ pub fn authorize(cfg: &HttpConfig, file_id: &str, query: &str, now: u64) -> Resu
     };
     let Some(sig) = sig else {
         // Unsigned: only when the operator allows public reads; `app` still scopes the lookup.
-        return if cfg.public_reads {
+        return if keys.public_reads {
             Ok(app)
         } else {
             Err(Denied::Missing)
@@ -186,10 +222,10 @@ pub fn authorize(cfg: &HttpConfig, file_id: &str, query: &str, now: u64) -> Resu
     let exp = get("exp")?
         .and_then(|e| e.parse::<u64>().ok())
         .ok_or(Denied::Invalid)?;
-    let Some(secret) = cfg.secrets.get(&app) else {
+    let Some(key) = keys.apps.get(&app) else {
         return Err(Denied::Invalid);
     };
-    if !signing::verify(secret.as_bytes(), file_id, exp, &app, &sig) {
+    if !key.verify(file_id, exp, &app, &sig) {
         return Err(Denied::Invalid);
     }
     // Checked after the MAC so a forged URL learns nothing from the expiry answer either.
@@ -265,6 +301,18 @@ pub fn disposition(kind: &str, name: &str) -> String {
     format!("{kind}; filename=\"{fallback}\"; filename*=UTF-8''{enc}")
 }
 
+/// The header lines about a body's content: Content-Type from the stored name, a
+/// Content-Disposition of `kind` with `name` (none for an empty name), and the two lines that
+/// keep a stored HTML or SVG from running scripts on this origin (stored names are client-given).
+pub fn content_lines(stored_name: &str, kind: &str, name: &str) -> String {
+    let mut s = format!("Content-Type: {}\r\n", content_type(stored_name));
+    if !name.is_empty() {
+        let _ = write!(s, "Content-Disposition: {}\r\n", disposition(kind, name));
+    }
+    s.push_str("X-Content-Type-Options: nosniff\r\nContent-Security-Policy: sandbox\r\n");
+    s
+}
+
 fn strip_weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
 }
@@ -289,31 +337,18 @@ fn if_range_holds(header: &str, etag: &str, modified: u64) -> bool {
     }
 }
 
-/// Looks the file up (cache first) and opens its bytes. A cached record whose file cannot be
-/// opened any more (deleted meanwhile) is looked up again in the metadata store.
-fn open_stored(gw: &Gateway, who: &Who, id: &str) -> Result<(Arc<FileRec>, File), Answer> {
-    let mut cached_ok = true;
-    loop {
-        let f = match gw.lookup(who, id, cached_ok) {
-            Ok(f) => f,
-            Err(e) if e.code == ErrorCode::NotFound => {
-                return Err(Answer::error(404, "no such file", false));
-            }
-            Err(e) => {
-                warn!("http: lookup of file {id} failed: {e}");
-                return Err(Answer::error(500, "metadata lookup failed", false));
-            }
-        };
-        match File::open(gw.st.root().join(&f.path)) {
-            Ok(file) => return Ok((f, file)),
-            Err(_) if cached_ok => {
-                gw.forget(who, id);
-                cached_ok = false;
-            }
-            Err(e) => {
-                warn!("http: cannot open stored file {id} ({}): {e}", f.path);
-                return Err(Answer::error(500, "stored file unreadable", false));
-            }
+/// Looks the file up (cache first) with its open bytes.
+fn open_stored(gw: &Gateway, who: &Who, id: &str) -> Result<Arc<Stored>, Answer> {
+    match gw.lookup(who, id) {
+        Ok(f) => Ok(f),
+        Err(e) if e.code == ErrorCode::NotFound => Err(Answer::error(404, "no such file", false)),
+        Err(e) if e.code == ErrorCode::Io => {
+            warn!("http: {}", e.text);
+            Err(Answer::error(500, "stored file unreadable", false))
+        }
+        Err(e) => {
+            warn!("http: lookup of file {id} failed: {e}");
+            Err(Answer::error(500, "metadata lookup failed", false))
         }
     }
 }
@@ -331,7 +366,7 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
         return Answer::error(404, "no such path (use /files/{file_id})", false);
     };
     let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let app = match authorize(&gw.cfg, &r.file_id, query, now_secs) {
+    let app = match authorize(&gw.keys, &r.file_id, query, now_secs) {
         Ok(app) => app,
         Err(d) => return Answer::error(403, d.text(), false),
     };
@@ -339,70 +374,64 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
         app,
         user: "http".into(),
     };
-    let (f, file) = match open_stored(gw, &who, &r.file_id) {
+    let f = match open_stored(gw, &who, &r.file_id) {
         Ok(x) => x,
         Err(a) => return a,
     };
-    let etag = format!("\"{}\"", hex::encode(f.sha256));
-    let modified = UNIX_EPOCH + Duration::from_secs(f.created);
-    let mut headers = vec![
-        ("Accept-Ranges", "bytes".to_owned()),
-        ("ETag", etag.clone()),
-        ("Last-Modified", httpdate::fmt_http_date(modified)),
-        ("Cache-Control", "private".to_owned()),
-    ];
+    let rec = &f.rec;
     if let Some(inm) = &h.if_none_match {
-        if none_match_hits(inm, &etag) {
-            return Answer::not_modified(headers);
+        if none_match_hits(inm, &f.etag) {
+            return Answer::not_modified(f);
         }
     } else if let Some(ims) = &h.if_modified_since
         && let Ok(t) = httpdate::parse_http_date(ims)
-        && t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) >= f.created
+        && t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) >= rec.created
     {
-        return Answer::not_modified(headers);
+        return Answer::not_modified(f);
     }
-    let name = r.name.as_deref().unwrap_or(&f.name);
-    headers.push(("Content-Type", content_type(&f.name).to_owned()));
-    let kind = if r.name.is_some() {
-        "attachment"
-    } else {
-        "inline"
+    let mut headers = Vec::new();
+    // `/files/{id}/{name}`: an attachment under the name from the URL; `/files/{id}`: the
+    // stored file's own (precomputed) lines.
+    let lines = match &r.name {
+        Some(name) => content_lines(&rec.name, "attachment", name),
+        None => String::new(),
     };
-    if !name.is_empty() {
-        headers.push(("Content-Disposition", disposition(kind, name)));
-    }
-    // Stored names are client-given: never let a stored HTML or SVG run scripts on this origin.
-    headers.push(("X-Content-Type-Options", "nosniff".to_owned()));
-    headers.push(("Content-Security-Policy", "sandbox".to_owned()));
+    let inline = r.name.is_none();
     let range_applies = match &h.if_range {
-        Some(v) => if_range_holds(v, &etag, f.created),
+        Some(v) => if_range_holds(v, &f.etag, rec.created),
         None => true,
     };
     let ranged = if range_applies {
-        range::resolve(h.range.as_deref(), f.size)
+        range::resolve(h.range.as_deref(), rec.size)
     } else {
         Ranged::Full
     };
     let (status, off, len) = match ranged {
-        Ranged::Full => (200, 0, f.size),
+        Ranged::Full => (200, 0, rec.size),
         Ranged::Part { start, end } => {
-            headers.push(("Content-Range", format!("bytes {start}-{end}/{}", f.size)));
+            headers.push(("Content-Range", format!("bytes {start}-{end}/{}", rec.size)));
             (206, start, end - start + 1)
         }
         Ranged::Unsatisfiable => {
             let mut a = Answer::error(416, "range not satisfiable", false);
             a.headers
-                .push(("Content-Range", format!("bytes */{}", f.size)));
+                .push(("Content-Range", format!("bytes */{}", rec.size)));
             return a;
         }
     };
     let body = if is_head || len == 0 {
         Body::None
     } else {
-        Body::File { file, off, len }
+        Body::File {
+            file: f.file.clone(),
+            off,
+            len,
+        }
     };
     Answer {
         status,
+        stored: Some((f, inline)),
+        lines,
         headers,
         length: Some(len),
         body,
@@ -413,15 +442,16 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    fn cfg(public: bool) -> HttpConfig {
+    fn cfg(public: bool) -> Keys {
         let mut c = HttpConfig {
             public_reads: public,
             ..HttpConfig::default()
         };
         c.secrets
             .insert("demo".into(), "0123456789abcdef-secret".into());
-        c
+        Keys::new(&c)
     }
 
     #[test]

@@ -226,14 +226,11 @@ impl MetaStore for SqliteStore {
 
     fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>> {
         let db = self.db.lock();
-        Ok(db
-            .query_row(
-                &format!(
-                    "SELECT {FILE_COLS} FROM files WHERE id = ?1 AND app = ?2 AND status = ?3"
-                ),
-                params![id, app, FILE_STORED],
-                file_row,
-            )
+        // The hottest query (every download, every HTTP cache miss): prepared once.
+        let mut q = db.prepare_cached(&format!(
+            "SELECT {FILE_COLS} FROM files WHERE id = ?1 AND app = ?2 AND status = ?3"
+        ))?;
+        Ok(q.query_row(params![id, app, FILE_STORED], file_row)
             .optional()?)
     }
 

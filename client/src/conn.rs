@@ -164,8 +164,8 @@ impl Conn {
                 let mut b = vec![0u8; h.body_len as usize];
                 self.read(&mut b)?;
                 let e = ErrorBody::decode(&b).map_err(|e| self.garbled(e.to_string()))?;
-                if (e.code as u16) <= ErrorCode::HelloRequired as u16 {
-                    // The peer closes after framing errors; so do we.
+                if e.code.ends_session() {
+                    // The peer closes after such errors; so do we.
                     let _ = self.stream.shutdown(Shutdown::Both);
                 }
                 Err(Fault::Server(e))

@@ -204,9 +204,9 @@ impl<'a> Link<'a> {
                             }
                             ErrorCode::Busy | ErrorCode::Io | ErrorCode::Limit | ErrorCode::Crc => {
                             }
-                            code if (code as u16) <= ErrorCode::HelloRequired as u16 => {
-                                // A framing error means we and the peer disagree; a new
-                                // session will not help.
+                            code if code.ends_session() => {
+                                // The peer closed: we disagree on framing or it refused us,
+                                // and a new session will not help.
                                 self.conn = None;
                                 return Err(server_error(op, code, &e.text));
                             }

@@ -196,17 +196,9 @@ impl ServerConn {
         self.error_as(e, req, cmd::REPLY_STORAGE);
     }
 
-    /// An error reply, then close: for peers that failed authorization.
-    fn refuse(&mut self, e: &OpError, req: u8) {
-        self.error(e, req);
-        self.close_after_flush = true;
-    }
-
     /// An error reply with the reply command of the role that answers (`REPLY_*`).
     fn error_as(&mut self, e: &OpError, req: u8, reply_cmd: u8) {
-        // Codes 1-5 mean the stream can no longer be trusted: answer, then close.
-        let fatal = (e.code as u16) <= 5;
-        if fatal {
+        if e.code.ends_session() {
             warn!("{}: {} refused ({e}); closing", self.peer, cmd::name(req));
             self.close_after_flush = true;
         } else {
@@ -293,7 +285,7 @@ impl ServerConn {
     fn on_frame(&mut self, h: Header, meta: &[u8], payload_len: u64) {
         // The one authorization step: every command passes it before anything else.
         if let Err(e) = self.access.authorize(h.cmd, &self.session) {
-            return self.refuse(&e, h.cmd);
+            return self.error(&e, h.cmd);
         }
         match h.cmd {
             cmd::PROBE => {
@@ -324,7 +316,7 @@ impl ServerConn {
                         Err(e) => e,
                     }
                 };
-                return self.refuse(&e, h.cmd);
+                return self.error(&e, h.cmd);
             }
             cmd::HELLO => {
                 if self.session.who.is_some() {
@@ -349,7 +341,6 @@ impl ServerConn {
                             .encode(),
                         );
                     }
-                    Err(e) if e.code == ErrorCode::Auth => self.refuse(&e, h.cmd),
                     Err(e) => self.error(&e, h.cmd),
                 }
                 return;
@@ -364,7 +355,7 @@ impl ServerConn {
         // `authorize` let a file command through, so the session has passed HELLO.
         let Some((who, _)) = self.session.who.clone() else {
             let e = OpError::new(ErrorCode::Internal, "file command without a session");
-            return self.refuse(&e, h.cmd);
+            return self.error(&e, h.cmd);
         };
         let r = match h.cmd {
             cmd::UPLOAD => self.start_small(&who, meta, payload_len),

@@ -314,6 +314,12 @@ impl ErrorCode {
 
     /// Whether a client should retry the same request (possibly elsewhere) after this error.
     /// NotJoined is not: the node must send a different request (JOIN) first.
+    /// Whoever sends this error closes the connection after it: the stream can no longer be
+    /// trusted to be in sync (codes 1-5), or the peer has no business on it (6, Auth).
+    pub fn ends_session(self) -> bool {
+        (self as u16) <= ErrorCode::Auth as u16
+    }
+
     pub fn retryable(self) -> bool {
         matches!(
             self,

@@ -569,6 +569,11 @@ fn cluster_error_codes() {
     assert!(!ErrorCode::UnknownGroup.retryable());
     assert!(ErrorCode::NoNode.retryable());
     assert!(ErrorCode::Unavailable.retryable());
+    // Framing errors and Auth end the session; nothing else does.
+    for v in 1..=24 {
+        let c = ErrorCode::from_u16(v).unwrap();
+        assert_eq!(c.ends_session(), v <= 6, "{c:?}");
+    }
     assert_eq!(cmd::name(cmd::ID_GET), "ID_GET");
 }
 

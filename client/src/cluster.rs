@@ -249,26 +249,24 @@ impl Cluster {
             secrets,
         };
         for (name, args, expect, addr) in plan {
-            let exe = if name == SERVER {
-                "ferry-server"
-            } else {
-                "ferry-proxy"
-            };
-            cluster.add(name.to_owned(), exe, args, None, expect, addr)?;
+            cluster.add(name.to_owned(), args, None, expect, addr)?;
         }
         Ok(cluster)
     }
 
-    /// Appends a member and starts it.
+    /// Appends a member and starts it: `ferry-server` for [`Role::Server`], else `ferry-proxy`.
     fn add(
         &mut self,
         name: String,
-        exe: &'static str,
         args: Vec<String>,
         meta_env: Option<Option<String>>,
         expect: Role,
         addr: SocketAddr,
     ) -> Result<()> {
+        let exe = match expect {
+            Role::Server => "ferry-server",
+            Role::Proxy => "ferry-proxy",
+        };
         self.members.push(Member {
             name: name.clone(),
             exe,
@@ -642,11 +640,10 @@ impl Cluster {
             spec.beat_interval_ms,
             spec.offline_after_ms,
         );
-        let path = write_conf(&conf_dir, TRACKER, &tracker_conf)?;
-        cluster.add(
-            TRACKER.into(),
-            "ferry-server",
-            vec!["--config".into(), path],
+        cluster.add_generated(
+            &conf_dir,
+            TRACKER,
+            &tracker_conf,
             Some(meta.clone()),
             Role::Server,
             l.tracker,
@@ -665,12 +662,10 @@ impl Cluster {
                 toml_list(&[l.tracker]),
                 toml_str(&name),
             );
-            let path = write_conf(&conf_dir, &name, &text)?;
-            let args = vec!["--config".into(), path];
-            cluster.add(
-                name,
-                "ferry-server",
-                args,
+            cluster.add_generated(
+                &conf_dir,
+                &name,
+                &text,
                 Some(meta.clone()),
                 Role::Server,
                 addr,
@@ -698,12 +693,10 @@ impl Cluster {
                 spec.route_cache_ms,
                 toml_str(&l.server_proxy_stats[i].to_string()),
             );
-            let path = write_conf(&conf_dir, name, &text)?;
-            let args = vec!["--config".into(), path];
-            cluster.add(
-                name.into(),
-                "ferry-proxy",
-                args,
+            cluster.add_generated(
+                &conf_dir,
+                name,
+                &text,
                 None,
                 Role::Proxy,
                 l.server_proxies[i],
@@ -716,18 +709,31 @@ impl Cluster {
                 toml_str(&l.client_proxies[i].to_string()),
                 toml_list(&l.server_proxies),
             );
-            let path = write_conf(&conf_dir, name, &text)?;
-            let args = vec!["--config".into(), path];
-            cluster.add(
-                name.into(),
-                "ferry-proxy",
-                args,
+            cluster.add_generated(
+                &conf_dir,
+                name,
+                &text,
                 None,
                 Role::Proxy,
                 l.client_proxies[i],
             )?;
         }
         Ok(cluster)
+    }
+
+    /// Writes a generated member config (`conf_dir/<name>.toml`) and starts the member on it.
+    fn add_generated(
+        &mut self,
+        conf_dir: &Path,
+        name: &str,
+        text: &str,
+        meta_env: Option<Option<String>>,
+        expect: Role,
+        addr: SocketAddr,
+    ) -> Result<()> {
+        let path = write_conf(conf_dir, name, text)?;
+        let args = vec!["--config".into(), path];
+        self.add(name.to_owned(), args, meta_env, expect, addr)
     }
 
     /// The data dir the nodes of `group` share.

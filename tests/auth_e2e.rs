@@ -407,3 +407,50 @@ fn a_server_taking_linked_peers_only_refuses_direct_clients() {
         assert_eq!(s.recv(), Reply::Closed, "{what} LINK");
     }
 }
+
+#[test]
+fn placeholder_secrets_and_missing_keys_stop_the_binaries_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped server config, as is: its secrets are placeholders.
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/server.toml");
+    let out = std::process::Command::new(support::bin("ferry-server"))
+        .arg("--config")
+        .arg(&shipped)
+        .arg("--listen")
+        .arg(support::free_addr().to_string())
+        .arg("--data")
+        .arg(dir.path().join("d"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with placeholder secrets");
+    assert!(
+        err.contains("placeholder") && err.contains("ferry keygen"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("d").exists(),
+        "it created its data dir before refusing"
+    );
+    // The client: no key, a malformed one, a placeholder one. Each is refused before connecting
+    // (the address is a closed port), naming where the key comes from.
+    let state = dir.path().join("state");
+    let nowhere = support::free_addr();
+    for (key, want) in [
+        (None, "FERRY_KEY"),
+        (Some("no-colon"), "FERRY_KEY"),
+        (
+            Some("k1:example-CHANGE-ME-0123456789abcdef0123"),
+            "ferry keygen",
+        ),
+    ] {
+        let mut cmd = support::cli::ferry(&state, &[nowhere], &["stat", "1-x"]);
+        match key {
+            Some(k) => cmd.env("FERRY_KEY", k),
+            None => cmd.env_remove("FERRY_KEY"),
+        };
+        let r = support::cli::run(cmd);
+        assert!(!r.ok && r.stderr.contains(want), "{key:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    }
+}

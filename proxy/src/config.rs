@@ -218,6 +218,13 @@ mod tests {
     }
 
     #[test]
+    fn listeners_default_to_loopback_and_stats_to_off() {
+        let cfg = Config::default();
+        assert!(cfg.listen.ip().is_loopback());
+        assert_eq!(cfg.stats_listen, None);
+    }
+
+    #[test]
     fn keys_parse_and_unknown_keys_fail() {
         let cfg = parse(
             "listen = \"127.0.0.1:9000\"\nupstreams = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n\

@@ -333,6 +333,13 @@ mod tests {
     }
 
     #[test]
+    fn listeners_default_to_loopback_and_the_gateway_to_off() {
+        let cfg = Config::default();
+        assert!(cfg.listen.ip().is_loopback());
+        assert_eq!(cfg.http.listen, None);
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let cfg = Config {
             block_size: 1000,

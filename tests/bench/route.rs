@@ -9,6 +9,9 @@
 //!   the user's route cached (the normal case: one lookup per user per `route_cache_ms`); routed
 //!   with a new user every session (a cache miss: a SADDRS round trip, and the tracker assigning
 //!   the user a group in its database). Target (issue 8): routing adds under 1 ms.
+//! - what the session token costs: connect + HELLO (its token verified: HMAC, validity window,
+//!   replay cache) + reply straight at the node, next to connect + PROBE + reply (no token) in
+//!   the same rounds; the difference is the token check.
 //! - upload/download MB/s of a `FERRY_BENCH_MB` file (default 256) with the `ferry` client
 //!   through each proxy (4 threads), median and min-max of the runs.
 //!
@@ -27,18 +30,23 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{Proc, bin, env_u64, free_addr, make_file, median, wait_ready};
 
-/// One session's setup time: connect, HELLO, the HELLO reply.
+/// One session's setup time: connect, HELLO (a fresh token, made before the clock starts),
+/// the HELLO reply.
 fn setup(via: SocketAddr, user: &str) -> Duration {
-    let hello = proto::frame(cmd::HELLO, 0, &support::auth::hello_body("bench", user));
+    round_trip(via, &support::auth::hello_frame("bench", user))
+}
+
+/// Connect, send `first` (HELLO or PROBE), read its reply: the time it took.
+fn round_trip(via: SocketAddr, first: &[u8]) -> Duration {
     let t = Instant::now();
     let mut s = TcpStream::connect(via).expect("connect");
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&hello).unwrap();
+    s.write_all(first).unwrap();
     let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).expect("HELLO reply");
+    s.read_exact(&mut h).expect("reply");
     let h = Header::decode(&h);
-    assert_eq!(h.status, 0, "HELLO refused via {via}");
+    assert_eq!(h.status, 0, "refused via {via}");
     let mut body = vec![0u8; h.body_len.min(64) as usize];
     s.read_exact(&mut body).unwrap();
     t.elapsed()
@@ -166,7 +174,8 @@ fn main() {
         v.clear();
         m
     };
-    let mut rows: [Vec<f64>; 3] = Default::default();
+    let probe = proto::frame(cmd::PROBE, 0, &proto::probe_body());
+    let mut rows: [Vec<f64>; 5] = Default::default();
     let mut fresh = 0u64;
     let mut samples = Vec::with_capacity(sessions);
     for _ in 0..runs {
@@ -175,10 +184,12 @@ fn main() {
                 let took = match k {
                     0 => setup(fixed, "cached"),
                     1 => setup(routed, "cached"),
-                    _ => {
+                    2 => {
                         fresh += 1;
                         setup(routed, &format!("new{fresh}"))
                     }
+                    3 => round_trip(node, &probe),
+                    _ => setup(node, "cached"),
                 };
                 samples.push(took.as_secs_f64() * 1e6);
             }
@@ -200,6 +211,19 @@ fn main() {
             "  {name:<27} {:>22}   routing adds {:+.0} us",
             cell(v, 0),
             m - fixed_m
+        );
+    }
+    let (probe_m, _, _) = median(&rows[3]);
+    println!("straight at the node, microseconds per connection (same rounds):");
+    for (name, v) in [
+        ("PROBE (no token)", &rows[3]),
+        ("HELLO (token verified)", &rows[4]),
+    ] {
+        let (m, _, _) = median(v);
+        println!(
+            "  {name:<27} {:>22}   token check adds {:+.0} us",
+            cell(v, 0),
+            m - probe_m
         );
     }
 

@@ -32,8 +32,10 @@ pub const FILE_DELETING: u8 = 2;
 
 /// The schema version both backends migrate to at start (table `schema_version`).
 /// 1: files, sessions, blocks, finished uploads, id steps. 2: `files.node` (who is committing
-/// a file) and `upload_claims` (small-upload keys being written, across nodes).
-pub const SCHEMA_VERSION: i64 = 2;
+/// a file) and `upload_claims` (small-upload keys being written, across nodes). 3: indexes on
+/// `finished_uploads` by file (every commit and delete looks its upload up by file id) and by
+/// age (the reaper's expiry); without them each of those scanned a day of uploads.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// One stored file (or one committing; see [`FILE_COMMITTING`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,5 +217,7 @@ pub(crate) fn int<T: TryFrom<i64>>(v: i64, what: &'static str) -> Result<T> {
 
 pub use ferry_common::clock::{now_ms, now_secs};
 
+#[cfg(test)]
+mod plans;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -137,7 +137,7 @@ impl PgStore {
                 Some(v) if v > SCHEMA_VERSION => anyhow::bail!(
                     "metadata schema version {v} is newer than this server's {SCHEMA_VERSION}"
                 ),
-                // Versions 1 and 2 differ by objects SCHEMA creates if missing; later
+                // Versions 1 to 3 differ by objects SCHEMA creates if missing; later
                 // versions add their steps here.
                 Some(_) => {
                     tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])?;

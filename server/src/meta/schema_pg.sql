@@ -1,5 +1,5 @@
 -- ferry-server metadata on PostgreSQL: the same tables and columns as schema.sql (SQLite) at
--- schema version 2, with PostgreSQL types. Every integer is BIGINT (u32 CRCs and sizes fit
+-- schema version 3, with PostgreSQL types. Every integer is BIGINT (u32 CRCs and sizes fit
 -- without sign tricks); `user` is a reserved word here, so it is always quoted.
 -- Applied at every start under an advisory lock; every statement is idempotent.
 
@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS finished_uploads (
     finished    BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS finished_file ON finished_uploads (file_id);
+CREATE INDEX IF NOT EXISTS finished_age ON finished_uploads (finished);  -- schema version 3
 
 CREATE TABLE IF NOT EXISTS id_steps (
     key         TEXT PRIMARY KEY,

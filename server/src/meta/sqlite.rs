@@ -12,7 +12,7 @@ use std::path::Path;
 /// SQLite through one connection behind a mutex: metadata writes are tiny next to the block
 /// I/O around them, and one writer is what SQLite serialises to anyway.
 pub struct SqliteStore {
-    db: Mutex<Connection>,
+    pub(super) db: Mutex<Connection>,
 }
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -71,9 +71,32 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRec> {
     })
 }
 
-/// Brings a database to [`SCHEMA_VERSION`] in one transaction: the version-1 tables
-/// (`schema.sql`, idempotent), then every later step the `schema_version` row has not seen.
+/// The steps from one schema version to the next: `(version it brings the database to, SQL)`.
+const STEPS: &[(i64, &str)] = &[
+    (
+        2,
+        "ALTER TABLE files ADD COLUMN node TEXT NOT NULL DEFAULT ''; \
+         CREATE TABLE upload_claims ( \
+             app TEXT NOT NULL, user TEXT NOT NULL, key BLOB NOT NULL, \
+             node TEXT NOT NULL, claimed INTEGER NOT NULL, \
+             PRIMARY KEY (app, user, key)) WITHOUT ROWID;",
+    ),
+    (
+        3,
+        "CREATE INDEX finished_file ON finished_uploads (file_id); \
+         CREATE INDEX finished_age ON finished_uploads (finished);",
+    ),
+];
+
+/// Brings a database to [`SCHEMA_VERSION`] in one transaction.
 fn migrate(db: &mut Connection) -> Result<()> {
+    migrate_to(db, SCHEMA_VERSION)
+}
+
+/// Brings a database to `target` in one transaction: the version-1 tables (`schema.sql`,
+/// idempotent), then every step the `schema_version` row has not seen. Tests write the
+/// databases older servers left with a lower `target`.
+pub(super) fn migrate_to(db: &mut Connection, target: i64) -> Result<()> {
     let tx = db.transaction()?;
     tx.execute_batch(SCHEMA)?;
     tx.execute_batch(
@@ -85,16 +108,11 @@ fn migrate(db: &mut Connection) -> Result<()> {
     if v > SCHEMA_VERSION {
         anyhow::bail!("metadata schema version {v} is newer than this server's {SCHEMA_VERSION}");
     }
-    if v < 2 {
-        tx.execute_batch(
-            "ALTER TABLE files ADD COLUMN node TEXT NOT NULL DEFAULT ''; \
-             CREATE TABLE upload_claims ( \
-                 app TEXT NOT NULL, user TEXT NOT NULL, key BLOB NOT NULL, \
-                 node TEXT NOT NULL, claimed INTEGER NOT NULL, \
-                 PRIMARY KEY (app, user, key)) WITHOUT ROWID;",
-        )?;
+    for (to, sql) in STEPS.iter().filter(|(to, _)| *to > v && *to <= target) {
+        tx.execute_batch(sql)
+            .with_context(|| format!("schema step to version {to}"))?;
     }
-    tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])?;
+    tx.execute("UPDATE schema_version SET version = ?1", [v.max(target)])?;
     tx.commit()?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn file(id: &str, num: u64) -> FileRec {
+pub(super) fn file(id: &str, num: u64) -> FileRec {
     FileRec {
         id: id.into(),
         num,
@@ -21,7 +21,7 @@ fn file(id: &str, num: u64) -> FileRec {
     }
 }
 
-fn session(id: u8, expires_ms: u64) -> SessionRec {
+pub(super) fn session(id: u8, expires_ms: u64) -> SessionRec {
     SessionRec {
         id: [id; 16],
         app: "a".into(),
@@ -219,6 +219,59 @@ fn sqlite_migrates_a_version_1_database() {
         let old = m.file("old", "app").unwrap().unwrap();
         assert_eq!(old.node, "");
         assert_eq!(m.claim_key("a", "u", &[1; 16], "n").unwrap(), Claim::Mine);
+    }
+}
+
+/// A database the version-2 server wrote (finished uploads without an index, so every commit
+/// scanned them) gets its indexes at open, keeps its rows, and finishes a pending commit.
+#[test]
+fn sqlite_migrates_a_version_2_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.db");
+    {
+        let mut db = rusqlite::Connection::open(&path).unwrap();
+        super::sqlite::migrate_to(&mut db, 2).unwrap();
+        let plan: String = db
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT upload_id FROM finished_uploads WHERE file_id = 'x'",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert_eq!(plan, "SCAN finished_uploads", "version 2 had no index");
+        let m = SqliteStore {
+            db: parking_lot::Mutex::new(db),
+        };
+        m.insert_session(&session(2, 1000)).unwrap();
+        m.insert_file(&file("old", 1), Some(&[2; 16])).unwrap();
+    }
+    for _ in 0..2 {
+        let m = SqliteStore::open(&path).unwrap();
+        m.commit_file("old").unwrap();
+        assert_eq!(
+            m.session(&[2; 16]).unwrap(),
+            None,
+            "the commit ended its session"
+        );
+        assert_eq!(
+            m.finished_upload("app", "u", &[2; 16]).unwrap().as_deref(),
+            Some("old")
+        );
+    }
+    let db = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = db
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    for index in ["finished_file", "finished_age"] {
+        let n: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                [index],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1, "{index}");
     }
 }
 

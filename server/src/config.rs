@@ -129,6 +129,7 @@ pub struct Config {
     pub tracker: TrackerConfig,
     pub block_size: u32,
     pub small_file_max: u64,
+    /// Worker threads (default 16, more than the cores: they wait in fsync; see conf/server.toml).
     pub workers: usize,
     pub max_connections: usize,
     /// Most connections from one IP address (0: no cap). The binary protocol's peers are
@@ -177,7 +178,7 @@ impl Default for Config {
             tracker: TrackerConfig::default(),
             block_size: 4 << 20,
             small_file_max: 4 << 20,
-            workers: 4,
+            workers: 16,
             max_connections: 4096,
             max_connections_per_ip: 1024,
             idle_timeout_ms: 120_000,

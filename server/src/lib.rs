@@ -22,6 +22,7 @@ pub mod meta;
 pub mod outbox;
 pub mod reaper;
 pub mod store;
+pub mod sync_group;
 pub mod syncer;
 
 use anyhow::Context;

@@ -3,8 +3,9 @@
 //!
 //! [`MetaStore`] is what the storage code uses. Two backends implement it with the same
 //! schema and the same tests ([`tests`] runs every test body against both):
-//! - [`SqliteStore`] ([`sqlite`]): the embedded default in `<data>/meta.db` (WAL +
-//!   `synchronous=FULL`, so a committed transaction survives a process kill and a power cut);
+//! - [`SqliteStore`] ([`sqlite`]): the embedded default in `<data>/meta.db` (WAL, synced
+//!   before a write returns, by one fsync shared among the writers waiting at the same moment:
+//!   a returned write survives a process kill and a power cut);
 //! - [`PgStore`] ([`pg`]): PostgreSQL through a small connection pool, shared by the storage
 //!   nodes of a group (and the tracker and id roles).
 //!

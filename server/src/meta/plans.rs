@@ -263,7 +263,7 @@ fn sqlite_statements_use_an_index() {
 fn sqlite_guard_finds_the_missing_index_of_schema_version_2() {
     let mut db = rusqlite::Connection::open_in_memory().unwrap();
     sqlite::migrate_to(&mut db, 2).unwrap();
-    let m = sqlite::SqliteStore { db: Mutex::new(db) };
+    let m = sqlite::SqliteStore::over(db);
     populate(&m);
     let found = sqlite_full_reads(&m).join("\n");
     for method in ["commit_file", "delete_file", "drop_file", "expire_finished"] {

@@ -239,9 +239,7 @@ fn sqlite_migrates_a_version_2_database() {
             )
             .unwrap();
         assert_eq!(plan, "SCAN finished_uploads", "version 2 had no index");
-        let m = SqliteStore {
-            db: parking_lot::Mutex::new(db),
-        };
+        let m = SqliteStore::over(db);
         m.insert_session(&session(2, 1000)).unwrap();
         m.insert_file(&file("old", 1), Some(&[2; 16])).unwrap();
     }
@@ -273,6 +271,42 @@ fn sqlite_migrates_a_version_2_database() {
             .unwrap();
         assert_eq!(n, 1, "{index}");
     }
+}
+
+/// Writers on a database file share their WAL syncs (group commit); every write that returned
+/// is there when the database is opened again.
+#[test]
+fn sqlite_group_commit_keeps_every_returned_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.db");
+    {
+        let m = SqliteStore::open(&path).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let m = &m;
+                s.spawn(move || {
+                    for i in 0..25 {
+                        let num = t * 1000 + i + 1;
+                        let f = file(&format!("f{num}"), num);
+                        m.insert_file(&f, Some(&[t as u8 * 32 + i as u8; 16]))
+                            .unwrap();
+                        m.commit_file(&f.id).unwrap();
+                    }
+                });
+            }
+        });
+    }
+    let m = SqliteStore::open(&path).unwrap();
+    for t in 0..8u64 {
+        for i in 0..25 {
+            let num = t * 1000 + i + 1;
+            assert!(
+                m.file(&format!("f{num}"), "app").unwrap().is_some(),
+                "f{num}"
+            );
+        }
+    }
+    assert!(m.files_with_status(FILE_COMMITTING).unwrap().is_empty());
 }
 
 #[test]

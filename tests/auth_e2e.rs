@@ -408,6 +408,92 @@ fn a_server_taking_linked_peers_only_refuses_direct_clients() {
     }
 }
 
+/// A user's session reaches the server through linked proxies, so the connection carries the
+/// server-proxy's LINK; after the user's HELLO it may send file commands only. With every scope,
+/// JOIN, BEAT, SADDRS, GROUPS and ID_GET are error 6 and close the connection, and the cluster
+/// is as it was: the same tracker view, no id drawn.
+#[test]
+fn a_users_session_cannot_reach_the_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    let link = SigningKey {
+        id: "sp".into(),
+        secret: new_secret(),
+    };
+    let conf = format!(
+        "roles = [\"storage\", \"tracker\", \"id\"]\n[tracker]\ngroups = [\"g1\"]\n\
+         [link.accept]\nsp = \"{}\"\n",
+        link.secret
+    );
+    let _srv = support::start_server(
+        dir.path(),
+        "ferry-server",
+        &conf,
+        addr,
+        &dir.path().join("d"),
+    );
+    // A member: its own linked connection, no HELLO.
+    let member = |frame: Vec<u8>| -> Vec<u8> {
+        let mut c = Conn::open(addr);
+        c.send(&link.link_frame());
+        match c.call(&frame) {
+            Reply::Ok(b) => b,
+            other => panic!("member's {}: {other:?}", cmd::name(frame[8])),
+        }
+    };
+    let groups =
+        || proto::GroupsReply::decode(&member(proto::frame(cmd::TRACKER_GROUPS, 0, &[]))).unwrap();
+    let id_get = proto::IdGet {
+        key: "photos".into(),
+        count: 1,
+    }
+    .encode()
+    .unwrap();
+    let next_id = || {
+        proto::IdReply::decode(&member(proto::frame(cmd::ID_GET, 0, &id_get)))
+            .unwrap()
+            .first
+    };
+    let view = groups();
+    let first = next_id();
+    // What an attacker would send: a node of its own in g1, a route lookup, the view, ids.
+    let node = proto::NodeHello {
+        group: "g1".into(),
+        host: "127.0.0.1".into(),
+        port: 7401,
+        version: proto::VERSION,
+        started: 1,
+        free: 1 << 40,
+    };
+    let saddrs = proto::SaddrsReq {
+        app: "demo".into(),
+        user: "bob".into(),
+        file_id: String::new(),
+    };
+    let attempts = [
+        proto::frame(cmd::TRACKER_JOIN, 0, &node.encode_join().unwrap()),
+        proto::frame(cmd::TRACKER_BEAT, 0, &node.encode_beat().unwrap()),
+        proto::frame(cmd::TRACKER_SADDRS, 0, &saddrs.encode().unwrap()),
+        proto::frame(cmd::TRACKER_GROUPS, 0, &[]),
+        proto::frame(cmd::ID_GET, 0, &id_get),
+    ];
+    for scope in [Scope::READ, Scope::WRITE, Scope::DELETE, Scope::ALL] {
+        for frame in &attempts {
+            let what = format!("{} with scope {scope:?}", cmd::name(frame[8]));
+            let mut c = Conn::open(addr);
+            c.send(&link.link_frame());
+            let token = key().mint("demo", "mallory", scope, 300).unwrap();
+            let r = c.call(&hello_with("demo", "mallory", &token));
+            assert!(matches!(r, Reply::Ok(_)), "HELLO for {what}: {r:?}");
+            assert_eq!(c.call(frame), Reply::Err(ErrorCode::Auth), "{what}");
+            assert_eq!(c.recv(), Reply::Closed, "{what}");
+        }
+    }
+    assert_eq!(groups(), view, "the tracker's view changed");
+    assert_eq!(next_id(), first + 1, "ids were drawn");
+    assert!(view.groups[0].nodes.is_empty());
+}
+
 #[test]
 fn placeholder_secrets_and_missing_keys_stop_the_binaries_with_the_way_out() {
     let dir = tempfile::tempdir().unwrap();

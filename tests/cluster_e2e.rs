@@ -490,6 +490,40 @@ fn cluster_up_through_the_binary_serves_a_user_and_stops_on_ctrl_c() {
     assert_eq!(nodes.len(), 2, "{v}");
     assert!(nodes.iter().all(|n| n["online"] == true), "{v}");
     assert_eq!(v["groups"][0]["users"], 1, "{v}");
+    // The client-proxies it wrote cap connections per client address: the one past the cap
+    // is refused while the others are held.
+    let cp: toml::Table = std::fs::read_to_string(data.join("conf").join("client-proxy-a.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cap = cp
+        .get("max_connections_per_ip")
+        .and_then(|v| v.as_integer())
+        .unwrap_or(0) as usize;
+    assert!(
+        (1..=1024).contains(&cap),
+        "client-proxy cap per address: {cap}"
+    );
+    let cp_addr: std::net::SocketAddr = cp["listen"].as_str().unwrap().parse().unwrap();
+    let held: Vec<std::net::TcpStream> = (0..cap)
+        .map(|_| std::net::TcpStream::connect(cp_addr).unwrap())
+        .collect();
+    let mut over = std::net::TcpStream::connect(cp_addr).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 512];
+    let n = std::io::Read::read(&mut over, &mut b).unwrap_or(0);
+    if n > 0 {
+        // An error frame (17, over a limit), then the close.
+        let h = proto::Header::decode(b[..proto::HEADER_LEN].try_into().unwrap());
+        assert_ne!(
+            h.status,
+            proto::status::OK,
+            "connection {} was served",
+            cap + 1
+        );
+        while std::io::Read::read(&mut over, &mut b).unwrap_or(0) > 0 {}
+    }
+    drop(held);
     // Without the link key the tracker says no.
     let mut bare = cli::ferry(
         &dir.path().join("state"),

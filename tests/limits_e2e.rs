@@ -307,6 +307,51 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
     assert!(support::probe(addr, Duration::from_secs(2)).is_some());
 }
 
+/// PROBE answers a stranger but does not keep its connection: without LINK or HELLO it stays
+/// under the first-frame deadline for its whole life. A session (HELLO) is not under it.
+#[test]
+fn probes_do_not_keep_a_strangers_connection_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, addr) = server_with(
+        dir.path(),
+        "idle_timeout_ms = 60000\nhello_timeout_ms = 800\n",
+    );
+    let mut squatter = TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    let mut answered = 0;
+    let end = loop {
+        send_probe(&mut squatter);
+        match answer(&mut squatter, Duration::from_secs(2)) {
+            Answer::Ok => answered += 1,
+            other => break other,
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{answered} PROBEs answered over {:?} and the connection is still open",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(answered >= 2, "only {answered} PROBEs answered");
+    assert!(
+        matches!(&end, Answer::Error(proto::ErrorCode::Limit, t) if t.contains("first frame"))
+            || end == Answer::Nothing,
+        "{end:?}"
+    );
+    assert!(closed(&mut squatter));
+    assert!(
+        t.elapsed() >= Duration::from_millis(700) && t.elapsed() < Duration::from_secs(3),
+        "closed after {:?}, the deadline is 800 ms",
+        t.elapsed()
+    );
+
+    // A session outlives the first-frame deadline; its PROBEs are answered.
+    let mut session = hello_as(addr, "member");
+    std::thread::sleep(Duration::from_millis(1200));
+    send_probe(&mut session);
+    assert_eq!(answer(&mut session, Duration::from_secs(2)), Answer::Ok);
+}
+
 #[test]
 fn a_proxy_caps_sessions_per_client_address() {
     let dir = tempfile::tempdir().unwrap();

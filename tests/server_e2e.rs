@@ -479,8 +479,9 @@ fn session_opening_and_malformed_frames() {
     // A second HELLO.
     assert_eq!(code(c.call(cmd::HELLO, &hello)), ErrorCode::BadFrame);
     assert!(c.closed());
-    // Unknown command (a cluster role this server does not run).
-    let mut c = Client::hello(srv.addr, "demo", "alice");
+    // Unknown command (a cluster role this server does not run), from a member's connection
+    // (no HELLO: on a user's session a cluster command is refused before that, with 6).
+    let mut c = Client::connect(srv.addr);
     let get = proto::IdGet {
         key: "files".into(),
         count: 1,

@@ -32,9 +32,13 @@ pub struct Session {
 pub enum Need {
     /// Nothing: PROBE (it only says who answers) and LINK (it is the proof).
     Nothing,
-    /// The connection's LINK proof, when this process requires one: HELLO and the tracker and
-    /// id commands (peers are proxies, storage nodes and admin tools).
+    /// The connection's LINK proof, when this process requires one: HELLO.
     Link,
+    /// The control plane (the tracker and id commands): a cluster member's connection, which
+    /// is linked with the member's own key when this process requires links, and never a
+    /// user's session. After a HELLO the connection is a relayed user's, whatever proof the
+    /// hop before it gave, so it may send file commands only.
+    Member,
     /// A session whose token allows this scope.
     Session(Scope),
 }
@@ -45,12 +49,12 @@ pub fn need(c: u8) -> Option<Need> {
     Some(match c {
         // LINK is itself the proof: the connection handler checks it.
         cmd::PROBE | cmd::LINK => Need::Nothing,
-        cmd::HELLO
-        | cmd::TRACKER_JOIN
+        cmd::HELLO => Need::Link,
+        cmd::TRACKER_JOIN
         | cmd::TRACKER_BEAT
         | cmd::TRACKER_SADDRS
         | cmd::TRACKER_GROUPS
-        | cmd::ID_GET => Need::Link,
+        | cmd::ID_GET => Need::Member,
         cmd::STAT | cmd::DOWNLOAD | cmd::DOWNLOAD_OVER => Need::Session(Scope::READ),
         cmd::UPLOAD
         | cmd::UPLOAD_INIT
@@ -82,7 +86,7 @@ impl Access {
 
     /// The one check every command passes: PROBE needs nothing; with `[link.accept]` everything
     /// else needs the connection's LINK proof; file commands need a session whose token allows
-    /// them. Errors are code 6 (Auth), or 5 (HelloRequired) for a file command before HELLO.
+    /// them; cluster commands are refused on a session (a HELLO was sent). Errors are code 6 (Auth), or 5 (HelloRequired) for a file command before HELLO.
     pub fn authorize(&self, c: u8, s: &Session) -> Result<(), OpError> {
         let linked = s.link.is_some() || !self.link_required();
         match need(c) {
@@ -97,6 +101,12 @@ impl Access {
                 cmd::name(c)
             ))),
             Some(Need::Link) => Ok(()),
+            Some(Need::Member) if s.who.is_some() => Err(auth_error(format!(
+                "{} refused: a user's session may send file commands only (the cluster's \
+                 commands are for its members' own connections)",
+                cmd::name(c)
+            ))),
+            Some(Need::Member) => Ok(()),
             Some(Need::Session(scope)) => match &s.who {
                 None => Err(OpError::new(
                     ErrorCode::HelloRequired,
@@ -238,6 +248,12 @@ mod tests {
                 Need::Link => {
                     assert_eq!(code(&Session::default()), Some(ErrorCode::Auth));
                     assert_eq!(code(&linked), None);
+                }
+                Need::Member => {
+                    assert_eq!(code(&Session::default()), Some(ErrorCode::Auth));
+                    assert_eq!(code(&linked), None);
+                    // A linked hop carrying a user's session: the user's standing, not the hop's.
+                    assert_eq!(code(&reader), Some(ErrorCode::Auth), "{}", cmd::name(c));
                 }
                 Need::Session(scope) => {
                     assert_eq!(code(&Session::default()), Some(ErrorCode::Auth));

@@ -90,8 +90,11 @@ pub struct ServerConn {
     eof: bool,
     /// The deadline that guards against a slow peer right now, if any.
     guard: Option<(Instant, Guard)>,
-    /// Whole frames received other than LINK (the first one ends the HELLO guard).
+    /// Whole frames received other than LINK (the first one ends the HELLO guard, unless it
+    /// and every one after it is a PROBE from an unlinked peer: see [`ServerConn::stranger`]).
     frames: u32,
+    /// Of those, PROBEs.
+    probes: u32,
     /// Payload bytes received since the progress guard was last renewed.
     progress: u64,
 }
@@ -153,6 +156,7 @@ impl ServerConn {
                 Guard::Hello,
             )),
             frames: 0,
+            probes: 0,
             progress: 0,
         }
     }
@@ -271,6 +275,9 @@ impl ServerConn {
                         }) => {
                             if header.cmd != cmd::LINK {
                                 self.frames = self.frames.saturating_add(1);
+                            }
+                            if header.cmd == cmd::PROBE {
+                                self.probes = self.probes.saturating_add(1);
                             }
                             self.on_frame(header, &meta, payload_len)
                         }
@@ -598,11 +605,17 @@ fn bad(e: proto::ProtoError) -> OpError {
 }
 
 impl ServerConn {
+    /// The peer has sent only PROBEs and proved nothing (no LINK, no HELLO): it keeps the
+    /// first-frame deadline, so probing answers a health check but cannot hold a connection.
+    fn stranger(&self) -> bool {
+        self.frames == self.probes && self.session.link.is_none()
+    }
+
     /// Sets the deadline for what the connection is waiting for now (see [`Guard`]).
     fn update_guard(&mut self) {
         let cfg = &self.st.cfg;
         let in_payload = !matches!(self.sink, Sink::None);
-        let want = if self.frames == 0 {
+        let want = if self.frames == 0 || self.stranger() {
             Guard::Hello
         } else if in_payload {
             Guard::Progress

@@ -325,25 +325,27 @@ fn a_replayed_token_and_a_token_without_the_scope_are_refused() {
     );
 }
 
-#[test]
-fn a_server_taking_linked_peers_only_refuses_direct_clients() {
-    let dir = tempfile::tempdir().unwrap();
+/// A server with the storage, tracker and id roles (tracker group `g1`) that takes linked
+/// peers only, and the link key of its server-proxy (`sp`).
+fn linked_server(dir: &std::path::Path) -> (support::Proc, SocketAddr, SigningKey) {
     let addr = support::free_addr();
     let link = SigningKey {
         id: "sp".into(),
         secret: new_secret(),
     };
     let conf = format!(
-        "roles = [\"storage\", \"tracker\", \"id\"]\n[link.accept]\nsp = \"{}\"\n",
+        "roles = [\"storage\", \"tracker\", \"id\"]\n[tracker]\ngroups = [\"g1\"]\n\
+         [link.accept]\nsp = \"{}\"\n",
         link.secret
     );
-    let _srv = support::start_server(
-        dir.path(),
-        "ferry-server",
-        &conf,
-        addr,
-        &dir.path().join("d"),
-    );
+    let srv = support::start_server(dir, "ferry-server", &conf, addr, &dir.join("d"));
+    (srv, addr, link)
+}
+
+#[test]
+fn a_server_taking_linked_peers_only_refuses_direct_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, addr, link) = linked_server(dir.path());
     // Every command but PROBE and LINK, sent first by a client with no link proof: error 6.
     let mut refused = Vec::new();
     for c in (0..=255u8).filter(|&c| need(c).is_some()) {
@@ -415,23 +417,7 @@ fn a_server_taking_linked_peers_only_refuses_direct_clients() {
 #[test]
 fn a_users_session_cannot_reach_the_control_plane() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = support::free_addr();
-    let link = SigningKey {
-        id: "sp".into(),
-        secret: new_secret(),
-    };
-    let conf = format!(
-        "roles = [\"storage\", \"tracker\", \"id\"]\n[tracker]\ngroups = [\"g1\"]\n\
-         [link.accept]\nsp = \"{}\"\n",
-        link.secret
-    );
-    let _srv = support::start_server(
-        dir.path(),
-        "ferry-server",
-        &conf,
-        addr,
-        &dir.path().join("d"),
-    );
+    let (_srv, addr, link) = linked_server(dir.path());
     // A member: its own linked connection, no HELLO.
     let member = |frame: Vec<u8>| -> Vec<u8> {
         let mut c = Conn::open(addr);

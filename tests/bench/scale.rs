@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support::{env_u64, free_addr, median, random_bytes, rss_kib, start_server};
+use support::{env_u64, free_addr, median, peak_rss_kib, random_bytes, rss_kib, start_server};
 
 /// The server config: the defaults, with idle connections kept while the clients think.
 const CONF: &str = "idle_timeout_ms = 600000\n";
@@ -125,15 +125,6 @@ fn cpu_secs(pid: i32) -> f64 {
         .sum();
     // /proc counts in USER_HZ ticks, which the Linux ABI fixes at 100 per second.
     ticks / 100.0
-}
-
-fn peak_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Bytes of the metadata database with its WAL.

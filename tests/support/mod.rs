@@ -225,10 +225,20 @@ pub fn sha256_file(path: &Path) -> String {
 
 /// Resident set size of a process in KiB (from /proc), 0 if it is gone.
 pub fn rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The largest resident set size a process had, in KiB (0 if it is gone).
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A KiB figure of /proc/<pid>/status (`field` with its colon).
+fn status_kib(pid: i32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }

@@ -10,6 +10,8 @@ mod support;
 
 use ferry_client::cluster::{Cluster, GroupsLayout, Logs, Spec};
 use ferry_common::proto::{self, Caller, SaddrsReply, SaddrsReq, cmd};
+use ferry_common::token::Scope;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -264,6 +266,111 @@ fn users_spread_over_groups_uploads_land_in_their_group_and_download_through_a_p
         assert!(r.ok, "download as {user} after its node died: {}", r.stderr);
         assert_eq!(&sha256_file(&out), sha, "{user}");
     }
+}
+
+/// A user's session through the whole linked chain (client-proxy, routing server-proxy, node)
+/// cannot reach the control plane: after a valid HELLO, with each scope, JOIN, BEAT, SADDRS,
+/// GROUPS and ID_GET are error 6 and close the session, and the tracker's view is unchanged.
+#[test]
+fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
+    let Some(s) = Setup::start("planes", 1, 1) else {
+        return;
+    };
+    let admin = s
+        .cluster
+        .secrets
+        .link_of(ferry_client::cluster::ADMIN_LINK_ID);
+    let view = || {
+        let mut c =
+            Caller::connect(s.layout.tracker, Duration::from_secs(5), admin.as_ref()).unwrap();
+        let b = c
+            .call(
+                cmd::TRACKER_GROUPS,
+                &[],
+                cmd::REPLY_TRACKER,
+                proto::GROUPS_REPLY_MAX,
+            )
+            .unwrap();
+        let v = proto::GroupsReply::decode(&b).unwrap();
+        let nodes: Vec<(String, String, u16)> = v
+            .groups
+            .iter()
+            .flat_map(|g| {
+                g.nodes
+                    .iter()
+                    .map(|n| (g.name.clone(), n.addr.host.clone(), n.addr.port))
+            })
+            .collect();
+        nodes
+    };
+    let before = view();
+    let node = proto::NodeHello {
+        group: "g1".into(),
+        host: "127.0.0.1".into(),
+        port: 7401,
+        version: proto::VERSION,
+        started: 1,
+        free: 1 << 40,
+    };
+    let attempts = [
+        proto::frame(cmd::TRACKER_JOIN, 0, &node.encode_join().unwrap()),
+        proto::frame(cmd::TRACKER_BEAT, 0, &node.encode_beat().unwrap()),
+        proto::frame(
+            cmd::TRACKER_SADDRS,
+            0,
+            &SaddrsReq {
+                app: APP.into(),
+                user: "ann".into(),
+                file_id: String::new(),
+            }
+            .encode()
+            .unwrap(),
+        ),
+        proto::frame(cmd::TRACKER_GROUPS, 0, &[]),
+        proto::frame(
+            cmd::ID_GET,
+            0,
+            &proto::IdGet {
+                key: "files".into(),
+                count: 1,
+            }
+            .encode()
+            .unwrap(),
+        ),
+    ];
+    let key = s
+        .cluster
+        .secrets
+        .key_of(APP)
+        .expect("the cluster's app key");
+    for scope in [Scope::READ, Scope::WRITE, Scope::DELETE] {
+        for frame in &attempts {
+            let what = format!("{} with scope {scope:?}", cmd::name(frame[8]));
+            let mut c = std::net::TcpStream::connect(s.layout.client_proxies[0]).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let token = key.mint(APP, "mallory", scope, 300).unwrap();
+            let hello = proto::Hello::new(APP, "mallory", &token).encode().unwrap();
+            c.write_all(&proto::frame(cmd::HELLO, 0, &hello)).unwrap();
+            assert_eq!(reply(&mut c), Some(Ok(())), "HELLO for {what}");
+            c.write_all(frame).unwrap();
+            assert_eq!(reply(&mut c), Some(Err(proto::ErrorCode::Auth)), "{what}");
+            assert_eq!(reply(&mut c), None, "{what}: the session was not closed");
+        }
+    }
+    assert_eq!(view(), before, "the tracker's view changed");
+}
+
+/// The next answer on a raw connection: Ok, an error code, or None once it is closed.
+fn reply(c: &mut std::net::TcpStream) -> Option<Result<(), proto::ErrorCode>> {
+    let mut h = [0u8; proto::HEADER_LEN];
+    c.read_exact(&mut h).ok()?;
+    let h = proto::Header::decode(&h);
+    let mut body = vec![0u8; usize::try_from(h.body_len).ok()?.min(1 << 16)];
+    c.read_exact(&mut body).ok()?;
+    if h.status == proto::status::OK {
+        return Some(Ok(()));
+    }
+    Some(Err(proto::ErrorBody::decode(&body).ok()?.code))
 }
 
 #[test]

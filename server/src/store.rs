@@ -264,6 +264,31 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and its missing parents below `root`, syncing the parent of each one made: a
+/// new directory's own entry must be as durable as the file later renamed into it (a new one
+/// is needed once per 512 files). Another worker making the same one at the same moment is
+/// fine: whoever finds it made syncs its parent too.
+fn create_dirs_synced(dir: &Path, root: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while d != root && !d.is_dir() {
+        missing.push(d);
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    for m in missing.into_iter().rev() {
+        match fs::create_dir(m) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        fsync_dir(m.parent().unwrap_or(root))?;
+    }
+    Ok(())
+}
+
 /// Reserves disk space for a temp file so block writes do not hit ENOSPC halfway.
 fn preallocate(f: &File, len: u64) -> io::Result<()> {
     use nix::fcntl::{FallocateFlags, fallocate};
@@ -656,7 +681,8 @@ impl Storage {
         let num = self.ids.next_id().map_err(|e| db_err(e, "id allocation"))?;
         let path = file_path(num, now_secs());
         if let Some(dir) = self.root.join(&path).parent() {
-            fs::create_dir_all(dir).map_err(|e| io_err(&e, "cannot create data directory"))?;
+            create_dirs_synced(dir, &self.root)
+                .map_err(|e| io_err(&e, "cannot create data directory"))?;
         }
         Ok((num, file_id(num), path))
     }
@@ -2088,6 +2114,18 @@ mod tests {
         assert_eq!(b.reap(), 1);
         assert!(b.meta.session(&rec.id).unwrap().is_none());
         assert!(!dir.path().join(temp).exists());
+    }
+
+    #[test]
+    fn new_data_directories_are_made_level_by_level_below_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("data/001/002/003");
+        create_dirs_synced(&deep, dir.path()).unwrap();
+        assert!(deep.is_dir());
+        create_dirs_synced(&deep, dir.path()).unwrap();
+        fs::write(dir.path().join("data/001/file"), b"x").unwrap();
+        let blocked = dir.path().join("data/001/file/004");
+        assert!(create_dirs_synced(&blocked, dir.path()).is_err());
     }
 
     #[test]

@@ -442,27 +442,7 @@ fn a_users_session_cannot_reach_the_control_plane() {
     };
     let view = groups();
     let first = next_id();
-    // What an attacker would send: a node of its own in g1, a route lookup, the view, ids.
-    let node = proto::NodeHello {
-        group: "g1".into(),
-        host: "127.0.0.1".into(),
-        port: 7401,
-        version: proto::VERSION,
-        started: 1,
-        free: 1 << 40,
-    };
-    let saddrs = proto::SaddrsReq {
-        app: "demo".into(),
-        user: "bob".into(),
-        file_id: String::new(),
-    };
-    let attempts = [
-        proto::frame(cmd::TRACKER_JOIN, 0, &node.encode_join().unwrap()),
-        proto::frame(cmd::TRACKER_BEAT, 0, &node.encode_beat().unwrap()),
-        proto::frame(cmd::TRACKER_SADDRS, 0, &saddrs.encode().unwrap()),
-        proto::frame(cmd::TRACKER_GROUPS, 0, &[]),
-        proto::frame(cmd::ID_GET, 0, &id_get),
-    ];
+    let attempts = support::control_plane_attempts("demo", &id_get);
     for scope in [Scope::READ, Scope::WRITE, Scope::DELETE, Scope::ALL] {
         for frame in &attempts {
             let what = format!("{} with scope {scope:?}", cmd::name(frame[8]));

@@ -304,40 +304,13 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
         nodes
     };
     let before = view();
-    let node = proto::NodeHello {
-        group: "g1".into(),
-        host: "127.0.0.1".into(),
-        port: 7401,
-        version: proto::VERSION,
-        started: 1,
-        free: 1 << 40,
-    };
-    let attempts = [
-        proto::frame(cmd::TRACKER_JOIN, 0, &node.encode_join().unwrap()),
-        proto::frame(cmd::TRACKER_BEAT, 0, &node.encode_beat().unwrap()),
-        proto::frame(
-            cmd::TRACKER_SADDRS,
-            0,
-            &SaddrsReq {
-                app: APP.into(),
-                user: "ann".into(),
-                file_id: String::new(),
-            }
-            .encode()
-            .unwrap(),
-        ),
-        proto::frame(cmd::TRACKER_GROUPS, 0, &[]),
-        proto::frame(
-            cmd::ID_GET,
-            0,
-            &proto::IdGet {
-                key: "files".into(),
-                count: 1,
-            }
-            .encode()
-            .unwrap(),
-        ),
-    ];
+    let id_get = proto::IdGet {
+        key: "files".into(),
+        count: 1,
+    }
+    .encode()
+    .unwrap();
+    let attempts = support::control_plane_attempts(APP, &id_get);
     let key = s
         .cluster
         .secrets

@@ -466,3 +466,30 @@ pub fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The frames of a tenant reaching for the control plane: a node of its own in group `g1`
+/// (JOIN, BEAT), the route of another user of `app`, the cluster's view, and `id_get` (an
+/// ID_GET body). A user's session must get error 6 for each and be closed.
+pub fn control_plane_attempts(app: &str, id_get: &[u8]) -> Vec<Vec<u8>> {
+    use ferry_common::proto::{self, NodeHello, SaddrsReq, cmd};
+    let node = NodeHello {
+        group: "g1".into(),
+        host: "127.0.0.1".into(),
+        port: 7401,
+        version: proto::VERSION,
+        started: 1,
+        free: 1 << 40,
+    };
+    let saddrs = SaddrsReq {
+        app: app.into(),
+        user: "bob".into(),
+        file_id: String::new(),
+    };
+    vec![
+        proto::frame(cmd::TRACKER_JOIN, 0, &node.encode_join().unwrap()),
+        proto::frame(cmd::TRACKER_BEAT, 0, &node.encode_beat().unwrap()),
+        proto::frame(cmd::TRACKER_SADDRS, 0, &saddrs.encode().unwrap()),
+        proto::frame(cmd::TRACKER_GROUPS, 0, &[]),
+        proto::frame(cmd::ID_GET, 0, id_get),
+    ]
+}

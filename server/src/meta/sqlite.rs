@@ -96,6 +96,9 @@ const STEPS: &[(i64, &str)] = &[
     ),
 ];
 
+// The last step is the version this server writes.
+const _: () = assert!(STEPS[STEPS.len() - 1].0 == SCHEMA_VERSION);
+
 /// Brings a database to [`SCHEMA_VERSION`] in one transaction.
 fn migrate(db: &mut Connection) -> Result<()> {
     migrate_to(db, SCHEMA_VERSION)
@@ -172,6 +175,13 @@ impl SqliteStore {
         }
     }
 
+    /// Points the WAL syncs at `path`: a test that makes them fail sees which writes wait
+    /// for one.
+    #[cfg(test)]
+    pub(super) fn sync_wal_at(&mut self, path: PathBuf) {
+        self.wal = Some((path, SyncGroup::default()));
+    }
+
     /// Makes every transaction committed so far survive a power cut: one fsync of the WAL,
     /// shared with the writers that need one at the same time. The WAL is opened for each sync
     /// (a descriptor kept open would outlive a WAL file another process removed).
@@ -193,12 +203,15 @@ impl SqliteStore {
 
     /// Runs `f` in one transaction, durable only with a later [`Self::durable`]: for what a
     /// power cut may take, because it takes the process and the upload it guards with it.
+    /// IMMEDIATE: the transaction takes the write lock before its first read, so one that
+    /// reads and then writes waits (busy timeout) for another process sharing the file instead
+    /// of failing when that process committed in between.
     fn write_unsynced<T>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
     ) -> Result<T> {
         let mut db = self.db.lock();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let v = f(&tx)?;
         tx.commit()?;
         Ok(v)
@@ -212,11 +225,10 @@ fn exec(tx: &rusqlite::Transaction<'_>, sql: &str, p: impl rusqlite::Params) -> 
 
 impl MetaStore for SqliteStore {
     fn reserve_ids(&self, key: &str, step: u64) -> Result<u64> {
-        // IMMEDIATE: take the write lock before reading, so another process sharing this file
-        // cannot read the same `next` in between.
-        let next = {
-            let mut db = self.db.lock();
-            let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // A step handed out must never be handed out again, even after a power cut; the
+        // transaction holds the write lock from its start (see `write_unsynced`), so another
+        // process sharing this file cannot read the same `next` in between.
+        self.write(|tx| {
             // Ids start at 1 so that 0 never names a file.
             let next: i64 = tx
                 .prepare_cached("SELECT next FROM id_steps WHERE key = ?1")?
@@ -229,17 +241,13 @@ impl MetaStore for SqliteStore {
                 .filter(|&e| i64::try_from(e).is_ok())
                 .context("id space exhausted")?;
             exec(
-                &tx,
+                tx,
                 "INSERT INTO id_steps (key, next, updated) VALUES (?1, ?2, ?3) \
                  ON CONFLICT(key) DO UPDATE SET next = ?2, updated = ?3",
                 params![key, end as i64, now_secs() as i64],
             )?;
-            tx.commit()?;
-            next
-        };
-        // A step handed out must never be handed out again, even after a power cut.
-        self.durable()?;
-        Ok(next)
+            Ok(next)
+        })
     }
 
     fn insert_file(&self, f: &FileRec, upload: Option<&UploadId>) -> Result<()> {

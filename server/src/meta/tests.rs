@@ -309,6 +309,37 @@ fn sqlite_group_commit_keeps_every_returned_write() {
     assert!(m.files_with_status(FILE_COMMITTING).unwrap().is_empty());
 }
 
+/// Every write a reply depends on returns only after its WAL sync: with the sync failing, each
+/// fails and says so. Key claims, which no reply depends on, do not wait for one.
+#[test]
+fn sqlite_writes_return_only_after_their_wal_sync() {
+    fn unsynced<T: std::fmt::Debug>(what: &str, r: Result<T>) {
+        match r {
+            Ok(v) => panic!("{what} returned {v:?} without its WAL sync"),
+            Err(e) => assert!(format!("{e:#}").contains("cannot sync"), "{what}: {e:#}"),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = SqliteStore::open(&dir.path().join("meta.db")).unwrap();
+    let s = session(1, 10);
+    m.insert_session(&s).unwrap();
+    m.sync_wal_at(dir.path().join("gone").join("meta.db-wal"));
+    unsynced("reserve_ids", m.reserve_ids("data", 10));
+    unsynced("insert_file", m.insert_file(&file("f", 1), Some(&[3; 16])));
+    unsynced("commit_file", m.commit_file("f"));
+    unsynced("mark_blocks", m.mark_blocks(&[(s.id, 0, 1)], 20));
+    unsynced("touch_session", m.touch_session(&s.id, 30));
+    unsynced("delete_file", m.delete_file("f", "app"));
+    unsynced("drop_file", m.drop_file("f"));
+    unsynced("expire_finished", m.expire_finished(0));
+    unsynced("delete_session", m.delete_session(&s.id));
+    assert_eq!(
+        m.claim_key("app", "u", &[4; 16], "n1").unwrap(),
+        Claim::Mine
+    );
+    m.release_claim("app", "u", &[4; 16], "n1").unwrap();
+}
+
 #[test]
 fn pg_schema_is_applied_once_by_nodes_starting_together() {
     let Some(db) =

@@ -325,27 +325,91 @@ fn a_replayed_token_and_a_token_without_the_scope_are_refused() {
     );
 }
 
+/// The link keys a [`linked_server`] accepts, with what `[link.members]` makes them: a relay
+/// (`cp`), a router (`sp`), a storage node bound to group g1 at 127.0.0.1:7401 (`node-a`, the
+/// address `support::control_plane_attempts` claims) and an admin tool (`admin`).
+struct LinkKeys {
+    cp: SigningKey,
+    sp: SigningKey,
+    node: SigningKey,
+    admin: SigningKey,
+}
+
 /// A server with the storage, tracker and id roles (tracker group `g1`) that takes linked
-/// peers only, and the link key of its server-proxy (`sp`).
-fn linked_server(dir: &std::path::Path) -> (support::Proc, SocketAddr, SigningKey) {
+/// peers only.
+fn linked_server(dir: &std::path::Path) -> (support::Proc, SocketAddr, LinkKeys) {
     let addr = support::free_addr();
-    let link = SigningKey {
-        id: "sp".into(),
+    let k = |id: &str| SigningKey {
+        id: id.into(),
         secret: new_secret(),
+    };
+    let keys = LinkKeys {
+        cp: k("cp"),
+        sp: k("sp"),
+        node: k("node-a"),
+        admin: k("admin"),
     };
     let conf = format!(
         "roles = [\"storage\", \"tracker\", \"id\"]\n[tracker]\ngroups = [\"g1\"]\n\
-         [link.accept]\nsp = \"{}\"\n",
-        link.secret
+         [link.accept]\ncp = \"{}\"\nsp = \"{}\"\nnode-a = \"{}\"\nadmin = \"{}\"\n\
+         [link.members]\nsp = {{ kind = \"router\" }}\nadmin = {{ kind = \"admin\" }}\n\
+         node-a = {{ kind = \"node\", group = \"g1\", addr = \"127.0.0.1:7401\" }}\n",
+        keys.cp.secret, keys.sp.secret, keys.node.secret, keys.admin.secret
     );
     let srv = support::start_server(dir, "ferry-server", &conf, addr, &dir.join("d"));
-    (srv, addr, link)
+    (srv, addr, keys)
+}
+
+/// One frame on a fresh connection opened with `key`'s LINK proof.
+fn as_member(addr: SocketAddr, key: &SigningKey, frame: &[u8]) -> (Reply, Conn) {
+    let mut c = Conn::open(addr);
+    c.send(&key.link_frame());
+    let r = c.call(frame);
+    (r, c)
+}
+
+/// The tracker's view, read with the admin key.
+fn view(addr: SocketAddr, keys: &LinkKeys) -> proto::GroupsReply {
+    match as_member(
+        addr,
+        &keys.admin,
+        &proto::frame(cmd::TRACKER_GROUPS, 0, &[]),
+    )
+    .0
+    {
+        Reply::Ok(b) => proto::GroupsReply::decode(&b).unwrap(),
+        other => panic!("GROUPS with the admin key: {other:?}"),
+    }
+}
+
+fn id_get_body() -> Vec<u8> {
+    proto::IdGet {
+        key: "photos".into(),
+        count: 1,
+    }
+    .encode()
+    .unwrap()
+}
+
+/// The next id of the id role, drawn with the node's key.
+fn next_id(addr: SocketAddr, keys: &LinkKeys) -> u64 {
+    match as_member(
+        addr,
+        &keys.node,
+        &proto::frame(cmd::ID_GET, 0, &id_get_body()),
+    )
+    .0
+    {
+        Reply::Ok(b) => proto::IdReply::decode(&b).unwrap().first,
+        other => panic!("ID_GET with the node's key: {other:?}"),
+    }
 }
 
 #[test]
 fn a_server_taking_linked_peers_only_refuses_direct_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let (_srv, addr, link) = linked_server(dir.path());
+    let (_srv, addr, keys) = linked_server(dir.path());
+    let link = keys.sp;
     // Every command but PROBE and LINK, sent first by a client with no link proof: error 6.
     let mut refused = Vec::new();
     for c in (0..=255u8).filter(|&c| need(c).is_some()) {
@@ -417,31 +481,11 @@ fn a_server_taking_linked_peers_only_refuses_direct_clients() {
 #[test]
 fn a_users_session_cannot_reach_the_control_plane() {
     let dir = tempfile::tempdir().unwrap();
-    let (_srv, addr, link) = linked_server(dir.path());
-    // A member: its own linked connection, no HELLO.
-    let member = |frame: Vec<u8>| -> Vec<u8> {
-        let mut c = Conn::open(addr);
-        c.send(&link.link_frame());
-        match c.call(&frame) {
-            Reply::Ok(b) => b,
-            other => panic!("member's {}: {other:?}", cmd::name(frame[8])),
-        }
-    };
-    let groups =
-        || proto::GroupsReply::decode(&member(proto::frame(cmd::TRACKER_GROUPS, 0, &[]))).unwrap();
-    let id_get = proto::IdGet {
-        key: "photos".into(),
-        count: 1,
-    }
-    .encode()
-    .unwrap();
-    let next_id = || {
-        proto::IdReply::decode(&member(proto::frame(cmd::ID_GET, 0, &id_get)))
-            .unwrap()
-            .first
-    };
-    let view = groups();
-    let first = next_id();
+    let (_srv, addr, keys) = linked_server(dir.path());
+    let link = &keys.sp;
+    let view_before = view(addr, &keys);
+    let first = next_id(addr, &keys);
+    let id_get = id_get_body();
     let attempts = support::control_plane_attempts("demo", &id_get);
     for scope in [Scope::READ, Scope::WRITE, Scope::DELETE, Scope::ALL] {
         for frame in &attempts {
@@ -455,9 +499,98 @@ fn a_users_session_cannot_reach_the_control_plane() {
             assert_eq!(c.recv(), Reply::Closed, "{what}");
         }
     }
-    assert_eq!(groups(), view, "the tracker's view changed");
-    assert_eq!(next_id(), first + 1, "ids were drawn");
-    assert!(view.groups[0].nodes.is_empty());
+    assert_eq!(view(addr, &keys), view_before, "the tracker's view changed");
+    assert_eq!(next_id(addr, &keys), first + 1, "ids were drawn");
+    assert!(view_before.groups[0].nodes.is_empty());
+}
+
+/// Each member kind's key, on its own connection, may send its own commands only: a relay
+/// HELLO, a router HELLO and SADDRS, a node JOIN, BEAT and ID_GET, an admin GROUPS; anything
+/// else is error 6 and a closed connection. A node's key joins and beats only for the group and
+/// address it is bound to: another group, another host or port is refused and the view stays.
+#[test]
+fn each_member_key_sends_only_its_kinds_commands_and_a_node_only_its_own_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, addr, keys) = linked_server(dir.path());
+    let attempts = support::control_plane_attempts("demo", &id_get_body());
+    let mut frames: Vec<Vec<u8>> = vec![support::auth::hello_frame("demo", "alice")];
+    frames.extend(attempts.iter().cloned());
+    // The node first: its JOIN gives the router's SADDRS a node to answer with.
+    let table: [(&SigningKey, &[u8]); 4] = [
+        (
+            &keys.node,
+            &[cmd::TRACKER_JOIN, cmd::TRACKER_BEAT, cmd::ID_GET],
+        ),
+        (&keys.cp, &[cmd::HELLO]),
+        (&keys.sp, &[cmd::HELLO, cmd::TRACKER_SADDRS]),
+        (&keys.admin, &[cmd::TRACKER_GROUPS]),
+    ];
+    for (key, may) in table {
+        for frame in &frames {
+            let c = frame[8];
+            let what = format!("{} with key {}", cmd::name(c), key.id);
+            let frame = if c == cmd::HELLO {
+                support::auth::hello_frame("demo", "alice")
+            } else {
+                frame.clone()
+            };
+            let (r, mut conn) = as_member(addr, key, &frame);
+            if may.contains(&c) {
+                assert!(matches!(r, Reply::Ok(_)), "{what}: {r:?}");
+            } else {
+                assert_eq!(r, Reply::Err(ErrorCode::Auth), "{what}");
+                assert_eq!(conn.recv(), Reply::Closed, "{what}");
+            }
+        }
+    }
+    // The node joined above, at its own place.
+    let joined = view(addr, &keys);
+    let g1 = joined.groups.iter().find(|g| g.name == "g1").unwrap();
+    assert_eq!(g1.nodes.len(), 1, "{joined:?}");
+    assert_eq!(
+        (g1.nodes[0].addr.host.as_str(), g1.nodes[0].addr.port),
+        ("127.0.0.1", 7401)
+    );
+    let node = |group: &str, host: &str, port: u16| proto::NodeHello {
+        group: group.into(),
+        host: host.into(),
+        port,
+        version: proto::VERSION,
+        started: 1,
+        free: 1 << 40,
+    };
+    for n in [
+        node("g2", "127.0.0.1", 7401),
+        node("g1", "127.0.0.1", 7402),
+        node("g1", "127.0.0.9", 7401),
+    ] {
+        for frame in [
+            proto::frame(cmd::TRACKER_JOIN, 0, &n.encode_join().unwrap()),
+            proto::frame(cmd::TRACKER_BEAT, 0, &n.encode_beat().unwrap()),
+        ] {
+            let what = format!("{} for {n:?}", cmd::name(frame[8]));
+            let (r, mut conn) = as_member(addr, &keys.node, &frame);
+            assert_eq!(r, Reply::Err(ErrorCode::Auth), "{what}");
+            assert_eq!(conn.recv(), Reply::Closed, "{what}");
+        }
+    }
+    assert_eq!(
+        places(&view(addr, &keys)),
+        places(&joined),
+        "a refused JOIN or BEAT changed the view"
+    );
+}
+
+/// The nodes of a view by group and address (what a JOIN registers; beat ages always move).
+fn places(v: &proto::GroupsReply) -> Vec<(String, String, u16)> {
+    v.groups
+        .iter()
+        .flat_map(|g| {
+            g.nodes
+                .iter()
+                .map(|n| (g.name.clone(), n.addr.host.clone(), n.addr.port))
+        })
+        .collect()
 }
 
 #[test]

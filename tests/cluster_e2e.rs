@@ -135,13 +135,10 @@ impl Setup {
         }
         .encode()
         .unwrap();
-        // The tracker takes linked peers only (the cluster's admin link key).
-        let admin = self
-            .cluster
-            .secrets
-            .link_of(ferry_client::cluster::ADMIN_LINK_ID);
+        // The tracker answers SADDRS to a routing proxy's link key only.
+        let router = self.cluster.secrets.link_of("sp");
         let mut c =
-            Caller::connect(self.layout.tracker, Duration::from_secs(5), admin.as_ref()).unwrap();
+            Caller::connect(self.layout.tracker, Duration::from_secs(5), router.as_ref()).unwrap();
         let reply = c
             .call(
                 cmd::TRACKER_SADDRS,
@@ -331,6 +328,52 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
         }
     }
     assert_eq!(view(), before, "the tracker's view changed");
+    // Members' own keys, written by `cluster up`: the node's key is bound to its group and
+    // address, so it cannot register another; the routing proxies' key cannot JOIN at all.
+    let (group, name, addr) = s.layout.nodes()[0].clone();
+    let node_key = s.cluster.secrets.link_of(&format!("node-{name}")).unwrap();
+    let router_key = s.cluster.secrets.link_of("sp").unwrap();
+    let join = |group: &str, port: u16| {
+        let n = proto::NodeHello {
+            group: group.into(),
+            host: addr.ip().to_string(),
+            port,
+            version: proto::VERSION,
+            started: 1,
+            free: 1 << 40,
+        };
+        proto::frame(cmd::TRACKER_JOIN, 0, &n.encode_join().unwrap())
+    };
+    let elsewhere = if addr.port() == 1 { 2 } else { addr.port() - 1 };
+    for (key, frame, what) in [
+        (
+            &node_key,
+            join(&group, elsewhere),
+            "the node's key, another address",
+        ),
+        (
+            &node_key,
+            join("g-other", addr.port()),
+            "the node's key, another group",
+        ),
+        (&router_key, join(&group, addr.port()), "the router's key"),
+    ] {
+        let mut c = std::net::TcpStream::connect(s.layout.tracker).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(&key.link_frame()).unwrap();
+        c.write_all(&frame).unwrap();
+        assert_eq!(
+            reply(&mut c),
+            Some(Err(proto::ErrorCode::Auth)),
+            "JOIN with {what}"
+        );
+        assert_eq!(reply(&mut c), None, "{what}: the connection was not closed");
+    }
+    assert_eq!(
+        view(),
+        before,
+        "a member's refused JOIN changed the tracker's view"
+    );
 }
 
 /// The next answer on a raw connection: Ok, an error code, or None once it is closed.

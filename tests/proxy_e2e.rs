@@ -1176,6 +1176,7 @@ fn verifier(id: &str, secret: &str) -> Arc<LinkVerifier> {
     let cfg = LinkConfig {
         send: None,
         accept: [(id.to_owned(), secret.to_owned())].into(),
+        ..LinkConfig::default()
     };
     Arc::new(cfg.verifier().unwrap())
 }

@@ -605,6 +605,7 @@ fn a_routing_proxy_proves_itself_to_trackers_and_nodes_with_fresh_links() {
     let v = LinkConfig {
         send: None,
         accept: [("sp".to_owned(), secret)].into(),
+        ..LinkConfig::default()
     }
     .verifier()
     .unwrap();

@@ -599,7 +599,9 @@ impl Cluster {
             secrets: Secrets::default(),
         };
         // Every member proves a link key to the next hop and requires one from the previous:
-        // client-proxies "cp" -> routing server-proxies "sp" -> nodes; nodes "node" -> tracker.
+        // client-proxies "cp" -> routing server-proxies "sp" -> nodes; each node its own
+        // "node-NAME" -> tracker. The tracker names what each key is ([link.members]): each
+        // node's key is bound to its group and address, "sp" is a router, "admin" reads.
         let sec = &mut cluster.secrets;
         let app_keys = format!(
             "[auth.keys.{CLUSTER_APP}]\n{} = {}\n",
@@ -621,8 +623,27 @@ impl Cluster {
                 .collect();
             format!("[link.accept]\n{}", lines.concat())
         };
-        let tracker_link = accept(sec, &["node", "sp", ADMIN_LINK_ID]);
-        let node_link = format!("{}{}", send(sec, "node"), accept(sec, &["sp"]));
+        let node_key = |name: &str| format!("node-{name}");
+        let nodes = l.nodes();
+        let mut tracker_keys: Vec<String> = nodes.iter().map(|(_, n, _)| node_key(n)).collect();
+        tracker_keys.extend(["sp".to_owned(), ADMIN_LINK_ID.to_owned()]);
+        let tracker_keys: Vec<&str> = tracker_keys.iter().map(String::as_str).collect();
+        let mut members = format!(
+            "\n[link.members]\nsp = {{ kind = \"router\" }}\n{ADMIN_LINK_ID} = {{ kind = \"admin\" }}\n"
+        );
+        for (group, name, addr) in &nodes {
+            members.push_str(&format!(
+                "{} = {{ kind = \"node\", group = {}, addr = {} }}\n",
+                node_key(name),
+                toml_str(group),
+                toml_str(&addr.to_string())
+            ));
+        }
+        let tracker_link = format!("{}{members}", accept(sec, &tracker_keys));
+        let node_links: Vec<String> = nodes
+            .iter()
+            .map(|(_, name, _)| format!("{}{}", send(sec, &node_key(name)), accept(sec, &["sp"])))
+            .collect();
         let sp_link = format!("{}{}", send(sec, "sp"), accept(sec, &["cp"]));
         let cp_link = send(sec, "cp");
         // Every server gets the database in its config and in FERRY_META_URL (which a server
@@ -651,7 +672,7 @@ impl Cluster {
             Role::Server,
             l.tracker,
         )?;
-        for (group, name, addr) in l.nodes() {
+        for ((group, name, addr), node_link) in nodes.into_iter().zip(node_links) {
             let data = data_dir.join(&group);
             std::fs::create_dir_all(&data)
                 .map_err(|e| ClientError::io(format!("creating {}", data.display()), e))?;

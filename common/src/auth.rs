@@ -215,6 +215,96 @@ pub struct LinkConfig {
     /// Key id -> secret of the processes allowed to connect here. When any is set, every
     /// connection must open with a valid LINK (PROBE excepted): clients cannot connect directly.
     pub accept: BTreeMap<String, String>,
+    /// Key id (of `accept`) -> what that peer is to this server beyond a relay of user
+    /// sessions: the cluster commands its key may send ([`Member`]). Read by ferry-server.
+    pub members: BTreeMap<String, Member>,
+}
+
+/// What an accepted link key is to the process it connects to. A key of `[link.accept]` with no
+/// `[link.members]` entry is a [`PeerKind::Relay`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerKind {
+    /// A proxy that relays user sessions: HELLO and, after it, file commands.
+    Relay,
+    /// A routing server-proxy: a relay that also asks the tracker where users live (SADDRS).
+    Router,
+    /// A storage node: JOIN and BEAT for its own group and address, ID_GET.
+    Node,
+    /// An operator's tool (`ferry groups`, `ferry cluster up`): reads the cluster view.
+    Admin,
+}
+
+impl PeerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerKind::Relay => "relay",
+            PeerKind::Router => "router",
+            PeerKind::Node => "node",
+            PeerKind::Admin => "admin",
+        }
+    }
+}
+
+/// `[link.members.<key id>]`: a cluster member's kind and, for a storage node, the group and
+/// address its key is bound to (a JOIN or BEAT naming any other is refused).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub kind: PeerKind,
+    /// A node's group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// A node's advertised address, `host:port` as it sends it in JOIN.
+    #[serde(default)]
+    pub addr: Option<String>,
+}
+
+impl Member {
+    /// A node's bound (group, host, port); `None` for other kinds.
+    pub fn node_binding(&self) -> Option<(&str, &str, u16)> {
+        let (host, port) = split_host_port(self.addr.as_deref()?)?;
+        Some((self.group.as_deref()?, host, port))
+    }
+
+    fn check(&self, id: &str) -> Result<(), String> {
+        let at = format!("[link.members.{id}]");
+        match self.kind {
+            PeerKind::Node => {
+                let group = self.group.as_deref().unwrap_or("");
+                if group.is_empty() || group.len() > proto::GROUP_LEN {
+                    return Err(format!(
+                        "{at}: a node needs `group`, the group its key may JOIN (1 to {} bytes)",
+                        proto::GROUP_LEN
+                    ));
+                }
+                if self.node_binding().is_none() {
+                    return Err(format!(
+                        "{at}: a node needs `addr`, the \"host:port\" it advertises in JOIN"
+                    ));
+                }
+            }
+            _ if self.group.is_some() || self.addr.is_some() => {
+                return Err(format!(
+                    "{at}: `group` and `addr` bind a node's key; a {} has neither",
+                    self.kind.name()
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// "host:port" (or "[v6]:port") -> (host, port).
+fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok()?;
+    (!host.is_empty() && port != 0).then_some((host, port))
 }
 
 impl LinkConfig {
@@ -229,7 +319,28 @@ impl LinkConfig {
             }
             .check("[link.accept]")?;
         }
+        let mut nodes = BTreeMap::new();
+        for (id, m) in &self.members {
+            if !self.accept.contains_key(id) {
+                return Err(format!(
+                    "[link.members.{id}]: no key {id:?} in [link.accept], so no peer can be it"
+                ));
+            }
+            m.check(id)?;
+            if let Some((_, host, port)) = m.node_binding()
+                && let Some(other) = nodes.insert((host, port), id)
+            {
+                return Err(format!(
+                    "[link.members]: nodes {other} and {id} are both bound to {host}:{port}"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// What the peer with this accepted key is: its `[link.members]` entry's kind, else a relay.
+    pub fn kind_of(&self, id: &str) -> PeerKind {
+        self.members.get(id).map_or(PeerKind::Relay, |m| m.kind)
     }
 
     /// The verifier for incoming LINK proofs, or `None` when this process takes any peer.
@@ -301,6 +412,7 @@ mod tests {
         let link = LinkConfig {
             send: Some(send.clone()),
             accept: BTreeMap::from([("cp".to_owned(), send.secret.clone())]),
+            ..LinkConfig::default()
         };
         link.check().unwrap();
         let v = link.verifier().unwrap();
@@ -317,6 +429,59 @@ mod tests {
         let token = send.mint("demo", "alice", Scope::ALL, 60).unwrap();
         assert!(v.verify(&token).is_err());
         assert!(LinkConfig::default().verifier().is_none());
+    }
+
+    #[test]
+    fn members_name_accepted_keys_and_bind_each_node_to_one_group_and_address() {
+        let k = strong();
+        let parse = |members: &str| -> Result<LinkConfig, String> {
+            let text = format!(
+                "[accept]\ncp = \"{k}\"\nsp = \"{k}\"\nn1 = \"{k}\"\nn2 = \"{k}\"\n{members}"
+            );
+            let c: LinkConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+            c.check().map(|()| c)
+        };
+        let c = parse(
+            "[members.sp]\nkind = \"router\"\n\
+             [members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"10.0.0.1:7400\"\n\
+             [members.n2]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"[::1]:7400\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.kind_of("cp"), PeerKind::Relay);
+        assert_eq!(c.kind_of("sp"), PeerKind::Router);
+        assert_eq!(
+            c.members["n1"].node_binding(),
+            Some(("g1", "10.0.0.1", 7400))
+        );
+        assert_eq!(c.members["n2"].node_binding(), Some(("g1", "::1", 7400)));
+        for (bad, says) in [
+            ("[members.x]\nkind = \"admin\"\n", "no key \"x\""),
+            (
+                "[members.n1]\nkind = \"node\"\naddr = \"h:1\"\n",
+                "needs `group`",
+            ),
+            (
+                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\n",
+                "needs `addr`",
+            ),
+            (
+                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"h:0\"\n",
+                "needs `addr`",
+            ),
+            (
+                "[members.sp]\nkind = \"router\"\ngroup = \"g1\"\n",
+                "a router has",
+            ),
+            ("[members.sp]\nkind = \"boss\"\n", "unknown variant"),
+            (
+                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"h:1\"\n\
+                 [members.n2]\nkind = \"node\"\ngroup = \"g2\"\naddr = \"h:1\"\n",
+                "both bound to h:1",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -209,6 +209,7 @@ pub fn proxy_opening(data: &[u8]) {
     let link = LinkConfig {
         send: None,
         accept: [("cp".to_owned(), secret)].into(),
+        ..LinkConfig::default()
     };
     let verifier = link.verifier();
     for required in [true, false] {

@@ -130,6 +130,12 @@ impl Config {
             }
         }
         self.link.check().map_err(anyhow::Error::msg)?;
+        if !self.link.members.is_empty() {
+            bail!(
+                "[link.members] names cluster members for a ferry-server; a proxy relays the \
+                 sessions of every key in [link.accept] and serves no cluster command"
+            );
+        }
         if self.routed() {
             match &self.auth {
                 Some(auth) => auth.check("auth").map_err(anyhow::Error::msg)?,
@@ -391,6 +397,18 @@ mod tests {
                 .to_string()
                 .contains("[link.send]")
         );
+        // Member kinds are a server's: a proxy refuses them rather than ignore them.
+        let mut c = cfg.clone();
+        c.link.members.insert(
+            "cp-b".into(),
+            ferry_common::auth::Member {
+                kind: ferry_common::auth::PeerKind::Router,
+                group: None,
+                addr: None,
+            },
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("[link.members]"), "{e}");
         assert!(parse("[link]\nsend = { id = \"a\" }\n").is_err());
         assert!(parse("[link.send]\nid = \"a\"\nsecret = \"b\"\nother = 1\n").is_err());
         // A routing proxy needs [auth] with a strong app key; a fixed one does not.

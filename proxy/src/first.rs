@@ -223,6 +223,7 @@ mod tests {
                 secret: secret.clone(),
             }),
             accept: BTreeMap::from([("cp".to_owned(), secret)]),
+            ..LinkConfig::default()
         }
     }
 

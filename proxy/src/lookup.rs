@@ -379,6 +379,7 @@ mod tests {
         let accept = LinkConfig {
             send: None,
             accept: [("sp".to_owned(), key.secret.clone())].into(),
+            ..LinkConfig::default()
         };
         let v = accept.verifier().unwrap();
         let (t1, j1) = linked_tracker(

@@ -1,13 +1,15 @@
-//! Who may do what on a binary-protocol connection: the LINK proof, the HELLO token, and the one
-//! [`authorize`] step that every command passes before it runs.
+//! Who may do what on a binary-protocol connection: the LINK proof and what its key is to this
+//! server (`[link.members]`), the HELLO token, and the one [`authorize`] step that every command
+//! passes before it runs.
 
 use crate::config::{Config, Role};
 use crate::store::{OpError, Who};
-use ferry_common::auth::LinkVerifier;
+use ferry_common::auth::{LinkVerifier, Member, PeerKind};
 use ferry_common::clock::now_secs;
-use ferry_common::proto::{ErrorCode, Hello, cmd};
+use ferry_common::proto::{ErrorCode, Hello, NodeHello, cmd};
 use ferry_common::token::{AuthError, Scope, Verifier};
 use log::warn;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 /// The process-wide checkers, built once from the config.
@@ -16,6 +18,8 @@ pub struct Access {
     tokens: Option<Verifier>,
     /// Link proofs (`[link.accept]`); `None`: peers need none.
     links: Option<LinkVerifier>,
+    /// `[link.members]`: the cluster members among the accepted keys.
+    members: BTreeMap<String, Member>,
 }
 
 /// What one connection has proved so far.
@@ -32,29 +36,30 @@ pub struct Session {
 pub enum Need {
     /// Nothing: PROBE (it only says who answers) and LINK (it is the proof).
     Nothing,
-    /// The connection's LINK proof, when this process requires one: HELLO.
-    Link,
-    /// The control plane (the tracker and id commands): a cluster member's connection, which
-    /// is linked with the member's own key when this process requires links, and never a
-    /// user's session. After a HELLO the connection is a relayed user's, whatever proof the
-    /// hop before it gave, so it may send file commands only.
-    Member,
+    /// HELLO opens a user's session, which only a relaying peer does: where this process
+    /// requires links, one whose key is a relay or a router.
+    Relay,
+    /// A cluster command: a member's own connection, never a user's session (after a HELLO the
+    /// connection is a relayed user's, whatever proof the hop before it gave, so it may send
+    /// file commands only), linked with a key of this kind where links are required.
+    Member(PeerKind),
     /// A session whose token allows this scope.
     Session(Scope),
 }
 
 /// The need of every request command; `None` for anything that is not a request (the decoder
-/// refuses those before they get here).
+/// refuses those before they get here). This is the authorization table of docs/PROTOCOL.md.
 pub fn need(c: u8) -> Option<Need> {
     Some(match c {
         // LINK is itself the proof: the connection handler checks it.
         cmd::PROBE | cmd::LINK => Need::Nothing,
-        cmd::HELLO => Need::Link,
-        cmd::TRACKER_JOIN
-        | cmd::TRACKER_BEAT
-        | cmd::TRACKER_SADDRS
-        | cmd::TRACKER_GROUPS
-        | cmd::ID_GET => Need::Member,
+        cmd::HELLO => Need::Relay,
+        // A storage node announces itself and draws the ids of the files it stores.
+        cmd::TRACKER_JOIN | cmd::TRACKER_BEAT | cmd::ID_GET => Need::Member(PeerKind::Node),
+        // A routing proxy asks where a user lives (which may record the user's group).
+        cmd::TRACKER_SADDRS => Need::Member(PeerKind::Router),
+        // An operator reads the cluster's view.
+        cmd::TRACKER_GROUPS => Need::Member(PeerKind::Admin),
         cmd::STAT | cmd::DOWNLOAD | cmd::DOWNLOAD_OVER => Need::Session(Scope::READ),
         cmd::UPLOAD
         | cmd::UPLOAD_INIT
@@ -71,11 +76,23 @@ fn auth_error(text: impl Into<String>) -> OpError {
     OpError::new(ErrorCode::Auth, text)
 }
 
+/// Who the peer of a connection is taken for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing<'a> {
+    /// This process requires no links: it trusts its network, every peer is anything.
+    Trusted,
+    /// Links are required and none was proved.
+    Unlinked,
+    /// Linked with this key, of this kind.
+    Key(&'a str, PeerKind),
+}
+
 impl Access {
     pub fn new(cfg: &Config) -> Access {
         Access {
             tokens: cfg.has_role(Role::Storage).then(|| cfg.auth.verifier()),
             links: cfg.link.verifier(),
+            members: cfg.link.members.clone(),
         }
     }
 
@@ -84,29 +101,56 @@ impl Access {
         self.links.is_some()
     }
 
-    /// The one check every command passes: PROBE needs nothing; with `[link.accept]` everything
-    /// else needs the connection's LINK proof; file commands need a session whose token allows
-    /// them; cluster commands are refused on a session (a HELLO was sent). Errors are code 6 (Auth), or 5 (HelloRequired) for a file command before HELLO.
+    fn standing<'a>(&self, s: &'a Session) -> Standing<'a> {
+        match &s.link {
+            _ if !self.link_required() => Standing::Trusted,
+            None => Standing::Unlinked,
+            Some(id) => Standing::Key(id, self.members.get(id).map_or(PeerKind::Relay, |m| m.kind)),
+        }
+    }
+
+    /// The one check every command passes, by [`need`]: PROBE needs nothing; with
+    /// `[link.accept]` everything else needs the connection's LINK proof, HELLO from a relaying
+    /// key and each cluster command from its member kind's key; file commands need a session
+    /// whose token allows them; cluster commands are refused on a session (a HELLO was sent).
+    /// Errors are code 6 (Auth), or 5 (HelloRequired) for a file command before HELLO.
     pub fn authorize(&self, c: u8, s: &Session) -> Result<(), OpError> {
-        let linked = s.link.is_some() || !self.link_required();
+        let standing = self.standing(s);
+        let wrong_kind = |id: &str, have: PeerKind, want: &str| {
+            auth_error(format!(
+                "{} refused: it is for {want}; this connection's key {id} is a {}",
+                cmd::name(c),
+                have.name()
+            ))
+        };
         match need(c) {
             None => Err(OpError::new(
                 ErrorCode::UnknownCommand,
                 format!("command {c} is not a request"),
             )),
             Some(Need::Nothing) => Ok(()),
-            Some(_) if !linked => Err(auth_error(format!(
+            Some(_) if standing == Standing::Unlinked => Err(auth_error(format!(
                 "{} refused: this server takes connections from its proxies only (link proof \
                  required)",
                 cmd::name(c)
             ))),
-            Some(Need::Link) => Ok(()),
-            Some(Need::Member) if s.who.is_some() => Err(auth_error(format!(
+            Some(Need::Relay) => match standing {
+                Standing::Key(id, k @ (PeerKind::Node | PeerKind::Admin)) => {
+                    Err(wrong_kind(id, k, "a relay's or a router's key"))
+                }
+                _ => Ok(()),
+            },
+            Some(Need::Member(_)) if s.who.is_some() => Err(auth_error(format!(
                 "{} refused: a user's session may send file commands only (the cluster's \
                  commands are for its members' own connections)",
                 cmd::name(c)
             ))),
-            Some(Need::Member) => Ok(()),
+            Some(Need::Member(want)) => match standing {
+                Standing::Key(id, have) if have != want => {
+                    Err(wrong_kind(id, have, &format!("a {}'s key", want.name())))
+                }
+                _ => Ok(()),
+            },
             Some(Need::Session(scope)) => match &s.who {
                 None => Err(OpError::new(
                     ErrorCode::HelloRequired,
@@ -119,6 +163,25 @@ impl Access {
                 Some(_) => Ok(()),
             },
         }
+    }
+
+    /// A node's JOIN or BEAT names its group and address: where links are required, they must
+    /// be the ones `[link.members]` binds the connection's key to, so no member (let alone a
+    /// tenant) can register a machine or a group that is not its own.
+    pub fn node_claim(&self, c: u8, s: &Session, n: &NodeHello) -> Result<(), OpError> {
+        let Standing::Key(id, _) = self.standing(s) else {
+            return Ok(());
+        };
+        let (group, host, port) = (n.group.as_str(), n.host.as_str(), n.port);
+        let bound = self.members.get(id).and_then(Member::node_binding);
+        if bound == Some((group, host, port)) {
+            return Ok(());
+        }
+        Err(auth_error(format!(
+            "{} refused: key {id} is not bound to group {group} at {host}:{port} \
+             ([link.members.{id}] of this tracker)",
+            cmd::name(c)
+        )))
     }
 
     /// Checks a LINK frame's proof; the peer's key id on success.
@@ -178,13 +241,18 @@ mod tests {
     use ferry_common::proto::request_spec;
     use std::collections::BTreeMap;
 
-    fn access(link: bool) -> (Access, SigningKey, SigningKey) {
+    /// The link keys of [`access`]: a relay, a router, a node bound to g1 at 127.0.0.1:7401,
+    /// an admin.
+    const KEYS: [(&str, Option<PeerKind>); 4] = [
+        ("cp", None),
+        ("sp", Some(PeerKind::Router)),
+        ("node-a", Some(PeerKind::Node)),
+        ("admin", Some(PeerKind::Admin)),
+    ];
+
+    fn access(link: bool) -> (Access, SigningKey, BTreeMap<String, SigningKey>) {
         let app_key = SigningKey {
             id: "k1".into(),
-            secret: new_secret(),
-        };
-        let link_key = SigningKey {
-            id: "sp".into(),
             secret: new_secret(),
         };
         let mut cfg = Config::default();
@@ -192,13 +260,28 @@ mod tests {
             "demo".into(),
             BTreeMap::from([(app_key.id.clone(), app_key.secret.clone())]),
         );
-        if link {
-            cfg.link
-                .accept
-                .insert(link_key.id.clone(), link_key.secret.clone());
+        let mut keys = BTreeMap::new();
+        for (id, kind) in KEYS {
+            let k = SigningKey {
+                id: id.into(),
+                secret: new_secret(),
+            };
+            if link {
+                cfg.link.accept.insert(k.id.clone(), k.secret.clone());
+                if let Some(kind) = kind {
+                    let node = kind == PeerKind::Node;
+                    let m = Member {
+                        kind,
+                        group: node.then(|| "g1".into()),
+                        addr: node.then(|| "127.0.0.1:7401".into()),
+                    };
+                    cfg.link.members.insert(id.into(), m);
+                }
+            }
+            keys.insert(id.to_owned(), k);
         }
         cfg.check().unwrap();
-        (Access::new(&cfg), app_key, link_key)
+        (Access::new(&cfg), app_key, keys)
     }
 
     const PEER: SocketAddr =
@@ -216,24 +299,25 @@ mod tests {
         }
     }
 
+    fn linked(a: &Access, k: &SigningKey) -> Session {
+        let link = a
+            .link(PEER, &k.link_frame()[ferry_common::proto::HEADER_LEN..])
+            .unwrap();
+        assert_eq!(link.as_deref(), Some(k.id.as_str()));
+        Session { link, who: None }
+    }
+
     #[test]
-    fn authorize_walks_every_command_through_every_session_state() {
-        let (a, key, link) = access(true);
+    fn authorize_walks_every_command_through_every_session_state_and_key_kind() {
+        let (a, key, keys) = access(true);
         let hello = Hello::new(
             "demo",
             "alice",
             &key.mint("demo", "alice", Scope::READ, 60).unwrap(),
         );
-        let linked = Session {
-            link: a
-                .link(PEER, &link.link_frame()[ferry_common::proto::HEADER_LEN..])
-                .unwrap(),
-            who: None,
-        };
-        assert_eq!(linked.link.as_deref(), Some("sp"));
         let reader = Session {
             who: Some(a.hello(PEER, &hello).unwrap()),
-            ..linked.clone()
+            ..linked(&a, &keys["sp"])
         };
         let unlinked_reader = Session {
             link: None,
@@ -241,29 +325,87 @@ mod tests {
         };
         for c in (0..=255u8).filter(|&c| need(c).is_some()) {
             let code = |s: &Session| a.authorize(c, s).err().map(|e| e.code);
+            let kind_may = |kind: PeerKind| match need(c).unwrap() {
+                Need::Nothing => true,
+                Need::Relay => matches!(kind, PeerKind::Relay | PeerKind::Router),
+                Need::Member(want) => kind == want,
+                Need::Session(_) => false,
+            };
+            // Every key, on its own connection (no HELLO): only its kind's commands pass.
+            for (id, kind) in KEYS {
+                let kind = kind.unwrap_or(PeerKind::Relay);
+                let s = linked(&a, &keys[id]);
+                let want = match need(c).unwrap() {
+                    Need::Session(_) => Some(ErrorCode::HelloRequired),
+                    _ if kind_may(kind) => None,
+                    _ => Some(ErrorCode::Auth),
+                };
+                assert_eq!(code(&s), want, "{} with key {id}", cmd::name(c));
+            }
             match need(c).unwrap() {
-                Need::Nothing => {
-                    assert_eq!(code(&Session::default()), None);
-                }
-                Need::Link => {
+                Need::Nothing => assert_eq!(code(&Session::default()), None),
+                Need::Relay => assert_eq!(code(&Session::default()), Some(ErrorCode::Auth)),
+                Need::Member(_) => {
                     assert_eq!(code(&Session::default()), Some(ErrorCode::Auth));
-                    assert_eq!(code(&linked), None);
-                }
-                Need::Member => {
-                    assert_eq!(code(&Session::default()), Some(ErrorCode::Auth));
-                    assert_eq!(code(&linked), None);
                     // A linked hop carrying a user's session: the user's standing, not the hop's.
                     assert_eq!(code(&reader), Some(ErrorCode::Auth), "{}", cmd::name(c));
                 }
                 Need::Session(scope) => {
                     assert_eq!(code(&Session::default()), Some(ErrorCode::Auth));
                     assert_eq!(code(&unlinked_reader), Some(ErrorCode::Auth));
-                    assert_eq!(code(&linked), Some(ErrorCode::HelloRequired));
                     let want = (scope != Scope::READ).then_some(ErrorCode::Auth);
                     assert_eq!(code(&reader), want, "{}", cmd::name(c));
                 }
             }
         }
+        // Without [link.accept] the network is trusted: any command but the file ones passes
+        // before HELLO.
+        let (open, _, _) = access(false);
+        for c in (0..=255u8).filter(|&c| need(c).is_some()) {
+            let r = open.authorize(c, &Session::default()).err().map(|e| e.code);
+            let want =
+                matches!(need(c), Some(Need::Session(_))).then_some(ErrorCode::HelloRequired);
+            assert_eq!(r, want, "{}", cmd::name(c));
+        }
+    }
+
+    #[test]
+    fn a_node_key_joins_and_beats_only_for_its_own_group_and_address() {
+        let (a, _, keys) = access(true);
+        let node = |group: &str, host: &str, port: u16| NodeHello {
+            group: group.into(),
+            host: host.into(),
+            port,
+            version: ferry_common::proto::VERSION,
+            started: 1,
+            free: 1,
+        };
+        let s = linked(&a, &keys["node-a"]);
+        for c in [cmd::TRACKER_JOIN, cmd::TRACKER_BEAT] {
+            assert!(a.node_claim(c, &s, &node("g1", "127.0.0.1", 7401)).is_ok());
+            for other in [
+                node("g2", "127.0.0.1", 7401),
+                node("g1", "127.0.0.2", 7401),
+                node("g1", "127.0.0.1", 7402),
+                node("g1", "localhost", 7401),
+            ] {
+                let e = a.node_claim(c, &s, &other).unwrap_err();
+                assert_eq!(e.code, ErrorCode::Auth, "{other:?}");
+            }
+        }
+        // A key that is no node is bound to nothing.
+        let sp = linked(&a, &keys["sp"]);
+        assert!(
+            a.node_claim(cmd::TRACKER_JOIN, &sp, &node("g1", "127.0.0.1", 7401))
+                .is_err()
+        );
+        // Without links a trusted network names its own nodes.
+        let (open, _, _) = access(false);
+        let none = Session::default();
+        assert!(
+            open.node_claim(cmd::TRACKER_JOIN, &none, &node("g9", "h", 1))
+                .is_ok()
+        );
     }
 
     #[test]

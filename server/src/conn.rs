@@ -418,10 +418,12 @@ impl ServerConn {
                 .map(|r| r.encode()),
             (cmd::TRACKER_JOIN, Some(t), _) => NodeHello::decode_join(meta)
                 .map_err(bad)
+                .and_then(|j| self.node_claim(c, j))
                 .and_then(|j| t.join(&j))
                 .map(proto::encode_beat_reply),
             (cmd::TRACKER_BEAT, Some(t), _) => NodeHello::decode_beat(meta)
                 .map_err(bad)
+                .and_then(|b| self.node_claim(c, b))
                 .and_then(|b| t.beat(&b))
                 .map(proto::encode_beat_reply),
             (cmd::TRACKER_SADDRS, Some(t), _) => SaddrsReq::decode(meta)
@@ -444,6 +446,12 @@ impl ServerConn {
             Ok(body) => self.push_bytes(proto::frame(reply_cmd, status::OK, &body)),
             Err(e) => self.error_as(&e, c, reply_cmd),
         }
+    }
+
+    /// A JOIN or BEAT passes on only for the group and address the peer's key is bound to.
+    fn node_claim(&self, c: u8, n: NodeHello) -> Result<NodeHello, OpError> {
+        self.access.node_claim(c, &self.session, &n)?;
+        Ok(n)
     }
 
     fn reply_file_id(&mut self, id: &str) -> Result<(), OpError> {

@@ -51,6 +51,14 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
         shutdown_grace: cfg.shutdown_grace(),
         handle_signals: true,
     };
+    use config::Role;
+    if cfg.link.accept.is_empty() && (cfg.has_role(Role::Tracker) || cfg.has_role(Role::Id)) {
+        log::warn!(
+            "no [link.accept]: any peer that reaches {listen} may join nodes to the tracker, \
+             read its view and draw ids; list the members' keys in [link.accept] and \
+             [link.members] unless the network is trusted"
+        );
+    }
     if cfg.faults.write_fail_after.is_some() {
         log::warn!("fault injection is ON (faults.write_fail_after): for tests only");
     }

@@ -3,7 +3,7 @@
 //! passes before it runs.
 
 use crate::config::{Config, Role};
-use crate::store::{OpError, Who};
+use crate::storage::{OpError, Who};
 use ferry_common::auth::{LinkVerifier, Member, PeerKind};
 use ferry_common::clock::now_secs;
 use ferry_common::proto::{ErrorCode, Hello, NodeHello, cmd};

@@ -14,7 +14,7 @@
 use crate::access::{Access, Session};
 use crate::cluster::Roles;
 use crate::outbox::{Outbox, Written};
-use crate::store::{
+use crate::storage::{
     BlockStart, BlockWriter, Download, OpError, SmallStart, SmallWriter, Storage, Who,
 };
 use crate::syncer::{AckSlot, SyncJob};

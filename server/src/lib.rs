@@ -4,7 +4,8 @@
 //! - [`config`]: `conf/server.toml` and the command line.
 //! - [`meta`]: the metadata store (SQLite by default) behind the [`meta::MetaStore`] trait.
 //! - [`ids`]: file ids and paths from an id allocator with DB-persisted steps.
-//! - [`store`]: the data directory, upload sessions and every file operation (disk I/O).
+//! - [`storage`]: the data directory, upload sessions and every file operation (disk I/O), one
+//!   module per lifecycle phase.
 //! - [`conn`]: one client connection on the reactor (framing, streaming, sendfile).
 //! - [`syncer`]: group commit of uploaded blocks (fdatasync + metadata) off the connections.
 //! - [`outbox`]: a connection's outgoing bytes and sendfile ranges (both protocols).
@@ -21,7 +22,7 @@ pub mod ids;
 pub mod meta;
 pub mod outbox;
 pub mod reaper;
-pub mod store;
+pub mod storage;
 pub mod sync_group;
 pub mod syncer;
 
@@ -62,7 +63,7 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     if cfg.faults.write_fail_after.is_some() {
         log::warn!("fault injection is ON (faults.write_fail_after): for tests only");
     }
-    let st = Arc::new(store::Storage::open(cfg)?);
+    let st = Arc::new(storage::Storage::open(cfg)?);
     let mut listeners = vec![ferry_common::net::listen(listen, 1024)?];
     if let Some(h) = st.cfg.http.listen {
         let l = ferry_common::net::listen(h, 1024)

@@ -1,7 +1,7 @@
 //! Expires upload sessions: a background thread removes sessions idle longer than
 //! `session_ttl_secs`, with their temp files (start-up recovery handles those left by a crash).
 
-use crate::store::Storage;
+use crate::storage::Storage;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;

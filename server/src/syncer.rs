@@ -11,7 +11,7 @@
 //! one's in-order SHA-256 (re-reading the blocks from the page cache), so UPLOAD_OVER only hashes
 //! what is left instead of the whole file.
 
-use crate::store::{BlockWriter, OpError, OpResult, Session, Storage};
+use crate::storage::{BlockWriter, OpError, OpResult, Session, Storage};
 use crossbeam_channel::{Receiver, Sender};
 use ferry_common::proto::{BlockAck, ErrorCode};
 use mio::unix::pipe;

@@ -75,7 +75,7 @@ impl Beater {
             .spawn(move || {
                 loop {
                     let mut me = me.clone();
-                    me.free = crate::store::free_bytes(&data);
+                    me.free = crate::storage::free_bytes(&data);
                     let started = Instant::now();
                     for l in &mut links {
                         l.exchange(&me);

@@ -4,7 +4,7 @@
 
 use crate::ids::StepAllocator;
 use crate::meta::MetaStore;
-use crate::store::OpError;
+use crate::storage::OpError;
 use ferry_common::proto::{ErrorCode, IdGet, IdReply};
 use parking_lot::Mutex;
 use std::collections::HashMap;

@@ -12,7 +12,7 @@
 use super::store::{ClusterStore, Joined, NodeRow};
 use crate::config::TrackerConfig;
 use crate::meta::now_ms;
-use crate::store::OpError;
+use crate::storage::OpError;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ferry_common::proto::{
     ErrorCode, GROUPS_MAX, GroupView, GroupsReply, NODES_MAX, NodeAddr, NodeHello, NodeView,

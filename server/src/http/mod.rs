@@ -25,7 +25,7 @@ pub mod range;
 pub mod respond;
 
 use crate::meta::FileRec;
-use crate::store::{OpError, OpResult, Storage, Who};
+use crate::storage::{OpError, OpResult, Storage, Who};
 use anyhow::bail;
 use ferry_common::proto::{APP_ID_LEN, ErrorCode};
 use ferry_common::reactor::Conn;

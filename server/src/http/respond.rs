@@ -4,7 +4,7 @@
 use super::head::{self, Head};
 use super::range::{self, Ranged};
 use super::{Gateway, HttpConfig, Stored};
-use crate::store::Who;
+use crate::storage::Who;
 use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
 use ferry_common::signing;
 use log::warn;

@@ -1,0 +1,313 @@
+//! Finishing an upload: UPLOAD_OVER assembles and checks the blocks, UPLOAD_PROVE links stored
+//! content; both place the file with the one commit order (`commit_new_file`).
+
+use super::*;
+use crate::ids::{file_id, file_path};
+use crate::meta::{FILE_COMMITTING, FileRec, Sha256 as Digest32, UploadId, now_secs};
+use ferry_common::proto::ErrorCode;
+use log::{info, warn};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+impl Storage {
+    /// Allocates a numeric id, file id and final path, creating the path's directories.
+    pub(super) fn new_file_slot(&self) -> OpResult<(u64, String, String)> {
+        let num = self.ids.next_id().map_err(|e| db_err(e, "id allocation"))?;
+        let path = file_path(num, now_secs());
+        if let Some(dir) = self.root.join(&path).parent() {
+            create_dirs_synced(dir, &self.root)
+                .map_err(|e| io_err(&e, "cannot create data directory"))?;
+        }
+        Ok((num, file_id(num), path))
+    }
+
+    /// Moves a verified, fsynced temp file into its final place and records it. `link` makes
+    /// a hard link instead of a rename (instant upload sharing stored content).
+    pub(super) fn commit_new_file(
+        &self,
+        rec: &FileRec,
+        src: &Path,
+        link: bool,
+        upload: Option<&UploadId>,
+    ) -> OpResult<()> {
+        self.meta
+            .insert_file(rec, upload)
+            .map_err(|e| db_err(e, "file insert"))?;
+        self.phase("file-inserted", &rec.id);
+        let dst = self.root.join(&rec.path);
+        let placed = if link {
+            fs::hard_link(src, &dst)
+        } else {
+            fs::rename(src, &dst)
+        };
+        if let Err(e) = placed {
+            let _ = self.meta.drop_file(&rec.id);
+            return Err(io_err(&e, "cannot place the file"));
+        }
+        self.phase("file-renamed", &rec.id);
+        let synced = fsync_dir(dst.parent().unwrap_or(&self.root))
+            .and_then(|_| fsync_dir(&self.root.join(&self.tmp_rel)));
+        if let Err(e) = synced {
+            // The rename may or may not be durable; the committing row lets start-up decide.
+            return Err(io_err(&e, "cannot sync the data directory"));
+        }
+        self.meta
+            .commit_file(&rec.id)
+            .map_err(|e| db_err(e, "file commit"))?;
+        self.phase("file-committed", &rec.id);
+        Ok(())
+    }
+
+    /// The file a finished upload produced: a repeated UPLOAD_OVER or UPLOAD_PROVE whose first
+    /// reply was lost (a proxy or the server died after the commit) gets the same file id, not
+    /// "unknown upload" and not a second file.
+    pub(super) fn already_finished(
+        &self,
+        who: &Who,
+        id: &UploadId,
+        unknown: OpError,
+    ) -> OpResult<String> {
+        match self.meta.finished_upload(&who.app, &who.user, id) {
+            Ok(Some(file_id)) => {
+                info!(
+                    "upload {} was already finished as file {file_id}; answering again",
+                    hex::encode(id)
+                );
+                Ok(file_id)
+            }
+            Ok(None) => Err(unknown),
+            Err(e) => Err(db_err(e, "finished upload lookup")),
+        }
+    }
+
+    pub fn over(&self, who: &Who, id: &UploadId) -> OpResult<String> {
+        let s = match self.session(who, id) {
+            Ok(s) => s,
+            Err(e) => return self.already_finished(who, id, e),
+        };
+        match self.refresh(&s) {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::UnknownUpload => {
+                return self.already_finished(who, id, e);
+            }
+            Err(e) => return Err(e),
+        }
+        {
+            let mut st = s.state.lock();
+            if st.gone {
+                let ended = OpError::new(ErrorCode::UnknownUpload, "upload session ended");
+                drop(st);
+                return self.already_finished(who, id, ended);
+            }
+            if st.finishing {
+                return Err(OpError::new(
+                    ErrorCode::Busy,
+                    "file over already in progress",
+                ));
+            }
+            let have = st.stored.count();
+            if have < s.rec.blocks {
+                return Err(OpError::new(
+                    ErrorCode::Incomplete,
+                    format!("{} of {} blocks missing", s.rec.blocks - have, s.rec.blocks),
+                ));
+            }
+            st.finishing = true;
+        }
+        let result = self.assemble(&s);
+        if result.is_err() {
+            s.state.lock().finishing = false;
+        }
+        result
+    }
+
+    /// Re-reads the temp file, checks every block CRC and the whole SHA-256, then commits it.
+    pub(super) fn assemble(&self, s: &Arc<Session>) -> OpResult<String> {
+        let r = &s.rec;
+        let hex_id = hex::encode(r.id);
+        // Every block is stored (checked by the caller): hash what the background hasher has
+        // not reached yet. Holding the progress lock keeps the hasher out meanwhile.
+        let mut h = s.hash.lock();
+        let mut buf = Vec::new();
+        s.advance_locked(&mut h, &mut buf)
+            .map_err(|e| io_err(&e, "cannot re-read the upload"))?;
+        if h.next < r.blocks {
+            return Err(OpError::new(ErrorCode::Incomplete, "blocks missing"));
+        }
+        let damaged = std::mem::take(&mut h.damaged);
+        if !damaged.is_empty() {
+            // The hash covered damaged bytes: start it over once they are sent again.
+            *h = HashProgress::default();
+        }
+        let sha = h.sha.clone();
+        // `h` stays locked until the damaged blocks are unmarked, so the hasher cannot hash
+        // their old bytes again in between.
+        if !damaged.is_empty() {
+            // Acknowledged bytes that changed on disk (e.g. lost in a power cut): ask for them
+            // again rather than throwing the whole upload away.
+            warn!(
+                "upload {hex_id}: {} block(s) no longer match their CRC on disk; marked missing",
+                damaged.len()
+            );
+            self.meta
+                .unmark_blocks(&r.id, &damaged)
+                .map_err(|e| db_err(e, "block unmark"))?;
+            let mut st = s.state.lock();
+            for &i in &damaged {
+                st.stored.bitmap[(i / 8) as usize] &= !(1 << (i % 8));
+            }
+            return Err(OpError::new(
+                ErrorCode::Incomplete,
+                format!(
+                    "{} block(s) damaged on disk; send them again",
+                    damaged.len()
+                ),
+            ));
+        }
+        drop(h);
+        let got: Digest32 = sha.finalize().into();
+        if got != r.sha256 {
+            warn!("upload {hex_id}: SHA-256 mismatch; discarding the session");
+            self.discard(s);
+            return Err(OpError::new(
+                ErrorCode::HashMismatch,
+                "assembled file does not match its SHA-256; upload discarded",
+            ));
+        }
+        s.file
+            .sync_all()
+            .map_err(|e| io_err(&e, "cannot sync the upload"))?;
+        let (num, id, path) = self.new_file_slot()?;
+        let rec = FileRec {
+            id: id.clone(),
+            num,
+            app: r.app.clone(),
+            user: r.user.clone(),
+            status: FILE_COMMITTING,
+            path,
+            size: r.size,
+            sha256: r.sha256,
+            name: r.name.clone(),
+            block_size: r.block_size,
+            crcs: s.state.lock().crcs.clone(),
+            created: now_secs(),
+            node: self.node.clone(),
+        };
+        self.commit_new_file(&rec, &self.root.join(&r.temp_path), false, Some(&r.id))?;
+        self.forget(&r.id);
+        info!(
+            "upload {hex_id} complete: file {id} ({} bytes, {} blocks) at {}",
+            r.size, r.blocks, rec.path
+        );
+        Ok(id)
+    }
+
+    pub fn prove(&self, who: &Who, id: &UploadId, proof: &Digest32) -> OpResult<String> {
+        let s = match self.session(who, id) {
+            Ok(s) => s,
+            Err(e) => return self.already_finished(who, id, e),
+        };
+        let (gone, challenge) = {
+            let st = s.state.lock();
+            (st.gone, st.challenge.clone())
+        };
+        if gone {
+            let ended = OpError::new(ErrorCode::UnknownUpload, "upload session ended");
+            return self.already_finished(who, id, ended);
+        }
+        let Some(c) = challenge else {
+            return Err(OpError::new(
+                ErrorCode::ProofFailed,
+                "no stored content to prove for this upload; send the blocks",
+            ));
+        };
+        let src = match self.meta.file(&c.file, &who.app) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                // The stored copy was deleted since the challenge was set: no instant upload.
+                s.state.lock().challenge = None;
+                let _ = self.meta.set_challenge(&s.rec.id, None);
+                return Err(OpError::new(
+                    ErrorCode::ProofFailed,
+                    "the stored content is gone; send the blocks",
+                ));
+            }
+            Err(e) => return Err(db_err(e, "file lookup")),
+        };
+        let src_path = self.root.join(&src.path);
+        let f = File::open(&src_path).map_err(|e| io_err(&e, "cannot open stored content"))?;
+        let want = hash_range(&f, c.off, c.len).map_err(|e| io_err(&e, "cannot read content"))?;
+        if want != *proof {
+            warn!(
+                "upload {}: wrong proof of possession from app {} user {}",
+                hex::encode(id),
+                who.app,
+                who.user
+            );
+            return Err(OpError::new(
+                ErrorCode::ProofFailed,
+                "wrong proof of possession",
+            ));
+        }
+        {
+            let mut st = s.state.lock();
+            if st.gone || st.finishing {
+                return Err(OpError::new(ErrorCode::Busy, "upload is being completed"));
+            }
+            st.finishing = true;
+        }
+        let result = (|| {
+            let (num, fid, path) = self.new_file_slot()?;
+            let rec = FileRec {
+                id: fid.clone(),
+                num,
+                app: who.app.clone(),
+                user: who.user.clone(),
+                status: FILE_COMMITTING,
+                path,
+                size: src.size,
+                sha256: src.sha256,
+                name: s.rec.name.clone(),
+                block_size: src.block_size,
+                crcs: src.crcs.clone(),
+                created: now_secs(),
+                node: self.node.clone(),
+            };
+            // The temp file goes first: if we crash after the commit below, start-up sees a
+            // session without its temp file and removes it.
+            let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
+            self.commit_new_file(&rec, &src_path, true, Some(&s.rec.id))?;
+            Ok(fid)
+        })();
+        match &result {
+            Ok(fid) => {
+                self.forget(&s.rec.id);
+                info!(
+                    "instant upload {}: file {fid} shares the content of {}",
+                    hex::encode(id),
+                    src.id
+                );
+            }
+            Err(_) => s.state.lock().finishing = false,
+        }
+        result
+    }
+}
+
+/// SHA-256 of a byte range of a file.
+pub(super) fn hash_range(f: &File, off: u64, len: u64) -> io::Result<Digest32> {
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK.min(len as usize).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], off + done)?;
+        sha.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(sha.finalize().into())
+}

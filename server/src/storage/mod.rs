@@ -1,0 +1,170 @@
+//! The storage role: the data directory, upload sessions and every file operation, one module
+//! per lifecycle phase.
+//!
+//! Connections call these methods on their worker threads; the disk I/O (pwrite, pread,
+//! fsync, rename) happens inline there. Durability order for every new file: bytes written and
+//! fsynced in `tmp/`, a *committing* file row, rename into `data/...`, fsync of the directory,
+//! then the row is marked stored (and the upload session deleted) in one transaction. Start-up
+//! finishes or rolls back whatever a crash interrupted (see [`Storage::open`]).
+
+mod blocks;
+mod datadir;
+mod errors;
+mod faults;
+mod finish;
+mod recovery;
+mod session;
+mod small;
+mod stored;
+#[cfg(test)]
+mod tests;
+
+pub use blocks::{BlockStart, BlockWriter};
+pub use datadir::free_bytes;
+pub use errors::{OpError, OpResult};
+pub use session::Session;
+pub use small::{KeyClaim, SmallStart, SmallWriter};
+pub use stored::Download;
+
+use datadir::{
+    NODES, TMP, create_dirs_synced, fsync_dir, lock_data_dir, node_name, preallocate, random_hex,
+};
+use errors::{db_err, io_err};
+use session::{HASH_CHUNK, HashProgress};
+use small::KeyClaims;
+
+use crate::config::Config;
+use crate::ids::{IdAllocator, StepAllocator};
+use crate::meta::{MetaStore, UploadId, now_ms};
+use ferry_common::proto::ErrorCode;
+use log::info;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Who a session speaks for (from its HELLO). Scopes every operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    pub app: String,
+    pub user: String,
+}
+
+/// The storage role over one data directory.
+pub struct Storage {
+    pub cfg: Config,
+    root: PathBuf,
+    meta: Arc<dyn MetaStore>,
+    ids: Arc<dyn IdAllocator>,
+    sessions: Mutex<HashMap<UploadId, Arc<Session>>>,
+    /// Small uploads being written now, by (app, user, upload key): a retry of one that is still
+    /// committing waits (Busy) instead of storing a second copy.
+    small_keys: KeyClaims,
+    /// Bytes of payload written so far, for the test-only write fault (config `faults`).
+    written: AtomicU64,
+    pub downloads_over: AtomicU64,
+    /// Files deleted since start-up (see [`Storage::deletes`]).
+    deleted: AtomicU64,
+    /// This node's name among the peers sharing the data dir; empty for a standalone server.
+    node: String,
+    /// This node's temp dir relative to the data dir: `tmp` standalone, `tmp/<node>` on a node.
+    tmp_rel: String,
+    /// Held for the life of the process: standalone, `LOCK` exclusively (nothing else may use
+    /// the data dir); a node, `LOCK` shared plus `nodes/<node>.lock` exclusively (peers yes,
+    /// a standalone server or a second process with the same node name no).
+    _locks: Vec<File>,
+}
+
+impl Storage {
+    /// Opens (creating if needed) the data dir, locks it, opens the metadata DB and recovers from
+    /// whatever a crash left behind: committing files are finished or dropped, sessions whose
+    /// temp file is gone or which expired are removed, stray temp files are deleted. A node of
+    /// a group (`[cluster]`) touches only what it owns or what a dead peer left (see
+    /// [`Storage::recover`]).
+    pub fn open(cfg: Config) -> anyhow::Result<Storage> {
+        use anyhow::Context;
+        let root = cfg.data.clone();
+        let node = node_name(&cfg)?;
+        let tmp_rel = if node.is_empty() {
+            TMP.to_string()
+        } else {
+            format!("{TMP}/{node}")
+        };
+        for d in [tmp_rel.as_str(), "data", NODES] {
+            fs::create_dir_all(root.join(d))
+                .with_context(|| format!("cannot create data dir {}", root.display()))?;
+        }
+        let locks = lock_data_dir(&root, &node)?;
+        let meta = crate::meta::open(cfg.meta_url.as_deref(), &root)?;
+        let ids: Arc<dyn IdAllocator> =
+            Arc::new(StepAllocator::new(meta.clone(), "data", cfg.id_step));
+        if !node.is_empty() {
+            info!(
+                "storage node {node} on shared data dir {} (temp files in {tmp_rel})",
+                root.display()
+            );
+        }
+        let st = Storage {
+            cfg,
+            root,
+            meta,
+            ids,
+            sessions: Mutex::new(HashMap::new()),
+            small_keys: KeyClaims::default(),
+            written: AtomicU64::new(0),
+            downloads_over: AtomicU64::new(0),
+            deleted: AtomicU64::new(0),
+            node,
+            tmp_rel,
+            _locks: locks,
+        };
+        st.recover()?;
+        Ok(st)
+    }
+
+    /// This node's name ("" standalone).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// How many files were deleted through this server so far: a cache of stored files (the
+    /// HTTP gateway's open descriptors) is stale once this moves. Counted as soon as the record
+    /// is marked deleting, before the bytes go.
+    pub fn deletes(&self) -> u64 {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// The metadata store (the id role reserves its steps in it).
+    pub fn meta(&self) -> Arc<dyn MetaStore> {
+        self.meta.clone()
+    }
+
+    /// Refuses an upload of `size` bytes up front if it would leave less than `min_free_bytes`
+    /// free on the data volume (the reserve keeps the metadata database, logs and other
+    /// uploads' last blocks writable).
+    pub(super) fn check_reserve(&self, size: u64) -> OpResult<()> {
+        let free = free_bytes(&self.root);
+        let reserve = self.cfg.min_free_bytes;
+        if free < size.saturating_add(reserve) {
+            return Err(OpError::new(
+                ErrorCode::NoSpace,
+                format!(
+                    "{size} bytes would leave under the {reserve}-byte free-space reserve \
+                     ({free} bytes free)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The wall-clock expiry recorded in the database for a session active now.
+    pub(super) fn expiry(&self) -> u64 {
+        now_ms() + self.cfg.session_ttl_secs * 1000
+    }
+}

@@ -1,0 +1,144 @@
+//! Start-up recovery: what a crash (or a dead peer) left behind is finished or rolled back.
+
+use super::*;
+use crate::meta::{FILE_COMMITTING, FILE_DELETING, now_ms};
+use log::{debug, info, warn};
+use std::collections::HashSet;
+use std::fs::{self};
+use std::io;
+use std::time::Instant;
+
+/// A session found at start-up was last active `ttl - (expires_ms - now_ms)` ago by the wall
+/// clock (the only clock that survives a restart); from then on the monotonic clock counts.
+pub(super) fn active_at_start(expires_ms: u64, now_ms: u64, ttl: std::time::Duration) -> Instant {
+    let left = std::time::Duration::from_millis(expires_ms.saturating_sub(now_ms)).min(ttl);
+    Instant::now()
+        .checked_sub(ttl - left)
+        .unwrap_or_else(Instant::now)
+}
+
+impl Storage {
+    /// Start-up clean-up. What each step may touch, so that a live peer's work survives:
+    /// - deletions cut short (`deleting` rows): any; finishing one is idempotent (unlink, drop).
+    /// - `committing` rows: this node's, or a dead peer's ([`Storage::peer_alive`]); a live
+    ///   peer may be between its insert and its rename.
+    /// - sessions: expired ones (the expiry in the DB is refreshed by whichever node sees
+    ///   activity, and the delete is conditional on it), and ones whose temp file is gone
+    ///   (temp files are created before their session row and removed only when the session
+    ///   ends). Every other session is kept and loaded, whoever started it.
+    /// - stray temp files (no session row): in this node's temp dir, and in dead peers' dirs.
+    pub(super) fn recover(&self) -> anyhow::Result<()> {
+        for f in self.meta.files_with_status(FILE_DELETING)? {
+            // A deletion cut short between marking the record and dropping it.
+            info!("recovery: finishing deletion of file {} ({})", f.id, f.path);
+            match fs::remove_file(self.root.join(&f.path)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("removing {}", f.path)));
+                }
+            }
+            self.meta.drop_file(&f.id)?;
+        }
+        for f in self.meta.files_with_status(FILE_COMMITTING)? {
+            if f.node != self.node && self.peer_alive(&f.node) {
+                debug!(
+                    "recovery: file {} is being committed by live node {}",
+                    f.id, f.node
+                );
+                continue;
+            }
+            if self.root.join(&f.path).exists() {
+                // Content was verified before the rename; only the final commit was lost.
+                info!("recovery: finishing commit of file {} ({})", f.id, f.path);
+                self.meta.commit_file(&f.id)?;
+                let _ = fsync_dir(&self.root.join(&f.path).with_file_name(""));
+            } else {
+                info!("recovery: dropping uncommitted file row {}", f.id);
+                self.meta.drop_file(&f.id)?;
+            }
+        }
+        let now = now_ms();
+        let mut keep = HashSet::new();
+        for rec in self.meta.sessions()? {
+            let path = self.root.join(&rec.temp_path);
+            let hex_id = hex::encode(rec.id);
+            if rec.expires_ms <= now {
+                if self.meta.expire_session(&rec.id, rec.expires_ms)? {
+                    info!("recovery: removed expired upload session {hex_id}");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            } else if !path.exists() {
+                info!("recovery: removing upload session {hex_id} (temp file gone)");
+                self.meta.delete_session(&rec.id)?;
+                continue;
+            }
+            keep.insert(path);
+            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
+            match self.load_session(rec, active) {
+                Ok(s) => {
+                    let st = s.state.lock();
+                    info!(
+                        "recovery: upload session {hex_id} resumes with {}/{} blocks",
+                        st.stored.count(),
+                        s.rec.blocks
+                    );
+                }
+                Err(e) => warn!("recovery: upload session {hex_id} not loaded: {e:#}"),
+            }
+        }
+        let mut dirs = vec![self.root.join(&self.tmp_rel)];
+        if !self.node.is_empty() {
+            for entry in fs::read_dir(self.root.join(TMP))? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir() && name != self.node && !self.peer_alive(&name) {
+                    dirs.push(entry.path());
+                }
+            }
+        }
+        for dir in dirs {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_file() && !keep.contains(&path) {
+                    info!("recovery: removing stray temp file {}", path.display());
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sessions in the DB that no running node holds (their node died and did not come back)
+    /// are taken into memory once their wall-clock expiry has passed, already idle, so the next
+    /// reap removes them like any other. A live peer's session is not touched: its node keeps
+    /// the expiry in the future while the session is in use.
+    pub(super) fn adopt_orphans(&self, now: u64) {
+        let all = match self.meta.sessions() {
+            Ok(all) => all,
+            Err(e) => {
+                warn!("cannot list upload sessions: {e:#}");
+                return;
+            }
+        };
+        for rec in all {
+            if rec.expires_ms > now || self.sessions.lock().contains_key(&rec.id) {
+                continue;
+            }
+            let hex_id = hex::encode(rec.id);
+            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
+            match self.load_session(rec.clone(), active) {
+                Ok(_) => debug!("adopted expired upload session {hex_id} of a departed node"),
+                Err(e) => {
+                    // Its temp file is gone: nothing to resume.
+                    debug!("upload session {hex_id}: {e:#}; removing it");
+                    if let Err(e) = self.meta.expire_session(&rec.id, rec.expires_ms) {
+                        warn!("cannot expire session {hex_id}: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+}

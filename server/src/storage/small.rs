@@ -1,0 +1,231 @@
+//! Small files (UPLOAD 70): one frame, written to a temp file under a claim on its upload key,
+//! committed when the bytes match their SHA-256.
+
+use super::*;
+use crate::meta::{
+    Claim, FILE_COMMITTING, FileRec, MetaStore, Sha256 as Digest32, UploadId, now_secs,
+};
+use ferry_common::proto::{ErrorCode, UploadMeta};
+use log::{debug, info, warn};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+impl Storage {
+    /// Starts a small upload, or answers a repeat: if this app and user already stored a file
+    /// with this upload key (the reply was lost), its id comes back and nothing is written.
+    pub fn small_begin(&self, who: &Who, meta: UploadMeta, size: u64) -> OpResult<SmallStart> {
+        if size > self.cfg.small_file_max {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "file of {size} bytes is over the small-file limit of {} bytes; use UPLOAD_INIT",
+                    self.cfg.small_file_max
+                ),
+            ));
+        }
+        self.check_reserve(size)?;
+        let claim = self.claim_key(who, &meta.key)?;
+        // Checked while holding the claim, so a copy committing right now cannot slip past.
+        let done = self
+            .meta
+            .finished_upload(&who.app, &who.user, &meta.key)
+            .map_err(|e| db_err(e, "finished upload lookup"))?;
+        if let Some(id) = done {
+            info!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");
+            return Ok(SmallStart::Done(id));
+        }
+        let tmp = self
+            .root
+            .join(&self.tmp_rel)
+            .join(format!("small-{}.part", random_hex()));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| io_err(&e, "cannot create temp file"))?;
+        Ok(SmallStart::Write(Box::new(SmallWriter {
+            _claim: claim,
+            who: who.clone(),
+            meta,
+            size,
+            file,
+            tmp,
+            pos: 0,
+            sha: Sha256::new(),
+            crc: 0,
+            crcs: Vec::new(),
+            block_size: self.cfg.block_size,
+            err: None,
+            done: false,
+        })))
+    }
+
+    /// Claims a small upload's key: in memory against this node's other connections, in the
+    /// DB against peers (whose claim is taken over only once they are proved dead).
+    pub(super) fn claim_key(&self, who: &Who, key: &UploadId) -> OpResult<KeyClaim> {
+        let busy = || OpError::new(ErrorCode::Busy, "an upload with this key is in progress");
+        let k = (who.app.clone(), who.user.clone(), *key);
+        if !self.small_keys.lock().insert(k.clone()) {
+            return Err(busy());
+        }
+        // From here on, dropping `claim` releases both claims.
+        let claim = KeyClaim {
+            set: self.small_keys.clone(),
+            key: k,
+            meta: self.meta.clone(),
+            node: self.node.clone(),
+        };
+        let held = self
+            .meta
+            .claim_key(&who.app, &who.user, key, &self.node)
+            .map_err(|e| db_err(e, "upload key claim"))?;
+        match held {
+            Claim::Mine => Ok(claim),
+            Claim::Held(peer) if self.peer_alive(&peer) => {
+                debug!("upload key held by live node {peer}");
+                Err(busy())
+            }
+            Claim::Held(peer) => {
+                let taken = self
+                    .meta
+                    .take_claim(&who.app, &who.user, key, &peer, &self.node)
+                    .map_err(|e| db_err(e, "upload key claim"))?;
+                if taken {
+                    info!("took over an upload key claim of dead node {peer:?}");
+                    Ok(claim)
+                } else {
+                    Err(busy())
+                }
+            }
+        }
+    }
+}
+
+pub(super) type KeyClaims = Arc<Mutex<HashSet<(String, String, UploadId)>>>;
+
+/// A small upload's key, held while it is written and committed; released on drop.
+pub struct KeyClaim {
+    set: KeyClaims,
+    key: (String, String, UploadId),
+    meta: Arc<dyn MetaStore>,
+    node: String,
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        let (app, user, key) = &self.key;
+        // The DB claim goes first, so that while the memory claim stands nobody here re-claims.
+        if let Err(e) = self.meta.release_claim(app, user, key, &self.node) {
+            // Left behind, it is taken over once this node is restarted or proved dead.
+            warn!("cannot release the upload key claim of app {app} user {user}: {e:#}");
+        }
+        self.set.lock().remove(&self.key);
+    }
+}
+
+/// What starting a small upload gives.
+pub enum SmallStart {
+    /// Write the payload through this.
+    Write(Box<SmallWriter>),
+    /// The same upload (same key) was stored before: this is its file id; drop the payload.
+    Done(String),
+}
+
+/// Streams a small file's payload to a temp file, hashing as it goes. Dropped unfinished, it
+/// removes the temp file.
+pub struct SmallWriter {
+    _claim: KeyClaim,
+    who: Who,
+    meta: UploadMeta,
+    size: u64,
+    file: File,
+    tmp: PathBuf,
+    pos: u64,
+    sha: Sha256,
+    crc: u32,
+    crcs: Vec<u32>,
+    block_size: u32,
+    err: Option<OpError>,
+    done: bool,
+}
+
+impl SmallWriter {
+    pub fn write(&mut self, st: &Storage, mut data: &[u8]) {
+        if self.err.is_none()
+            && let Err(e) = st.write_at(&self.file, data, self.pos)
+        {
+            warn!("small upload {}: write failed: {e}", self.tmp.display());
+            self.err = Some(io_err(&e, "file write failed"));
+        }
+        self.sha.update(data);
+        // Per-block CRCs for downloads, even when the small-file limit exceeds the block size.
+        let bs = u64::from(self.block_size);
+        while !data.is_empty() {
+            let in_block = self.pos % bs;
+            let n = ((bs - in_block) as usize).min(data.len());
+            self.crc = crc32c::crc32c_append(self.crc, &data[..n]);
+            self.pos += n as u64;
+            if self.pos.is_multiple_of(bs) {
+                self.crcs.push(self.crc);
+                self.crc = 0;
+            }
+            data = &data[n..];
+        }
+    }
+
+    pub fn finish(mut self, st: &Storage) -> OpResult<String> {
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        if !self.pos.is_multiple_of(u64::from(self.block_size)) {
+            self.crcs.push(self.crc);
+        }
+        let sha = std::mem::take(&mut self.sha);
+        let got: Digest32 = sha.finalize().into();
+        if got != self.meta.sha256 || self.pos != self.size {
+            return Err(OpError::new(
+                ErrorCode::HashMismatch,
+                "file bytes do not match the announced SHA-256",
+            ));
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| io_err(&e, "cannot sync the file"))?;
+        let (num, id, path) = st.new_file_slot()?;
+        let rec = FileRec {
+            id: id.clone(),
+            num,
+            app: self.who.app.clone(),
+            user: self.who.user.clone(),
+            status: FILE_COMMITTING,
+            path,
+            size: self.size,
+            sha256: got,
+            name: self.meta.name.clone(),
+            block_size: self.block_size,
+            crcs: std::mem::take(&mut self.crcs),
+            created: now_secs(),
+            node: st.node.clone(),
+        };
+        st.commit_new_file(&rec, &self.tmp, false, Some(&self.meta.key))?;
+        self.done = true;
+        info!(
+            "file {id} stored: {} bytes for app {} user {} at {}",
+            self.size, self.who.app, self.who.user, rec.path
+        );
+        Ok(id)
+    }
+}
+
+impl Drop for SmallWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}

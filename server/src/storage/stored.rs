@@ -1,0 +1,138 @@
+//! Stored files: STAT, DOWNLOAD (a range and its CRC32C), DELETE, DOWNLOAD_OVER.
+
+use super::*;
+use crate::meta::FileRec;
+use ferry_common::proto::{DownloadReq, ErrorCode};
+use log::{info, warn};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+
+impl Storage {
+    pub fn stat(&self, who: &Who, id: &str) -> OpResult<FileRec> {
+        match self.meta.file(id, &who.app) {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("no such file {id}"),
+            )),
+            Err(e) => Err(db_err(e, "file lookup")),
+        }
+    }
+
+    /// Opens a range for download and works out its CRC32C: from the stored per-block table
+    /// when the range is whole blocks (no read at all), else by reading the range once.
+    pub fn download(&self, who: &Who, req: &DownloadReq) -> OpResult<Download> {
+        let f = self.stat(who, &req.file_id)?;
+        if req.offset > f.size {
+            return Err(OpError::new(
+                ErrorCode::Range,
+                format!(
+                    "offset {} is past the end of the file ({} bytes)",
+                    req.offset, f.size
+                ),
+            ));
+        }
+        let len = req.len.min(f.size - req.offset);
+        let file = File::open(self.root.join(&f.path))
+            .map_err(|e| io_err(&e, &format!("cannot open file {}", f.id)))?;
+        let bs = u64::from(f.block_size);
+        let end = req.offset + len;
+        let blocks_ok = bs > 0 && f.crcs.len() as u64 == f.size.div_ceil(bs);
+        let aligned = blocks_ok
+            && len > 0
+            && req.offset.is_multiple_of(bs)
+            && (end.is_multiple_of(bs) || end == f.size);
+        let crc = if aligned {
+            let first = (req.offset / bs) as usize;
+            let last = end.div_ceil(bs) as usize;
+            let mut crc = 0u32;
+            for i in first..last {
+                let blen = bs.min(f.size - i as u64 * bs) as usize;
+                crc = if i == first {
+                    f.crcs[i]
+                } else {
+                    crc32c::crc32c_combine(crc, f.crcs[i], blen)
+                };
+            }
+            crc
+        } else {
+            crc_range(&file, req.offset, len)
+                .map_err(|e| io_err(&e, &format!("cannot read file {}", f.id)))?
+        };
+        Ok(Download {
+            file,
+            offset: req.offset,
+            len,
+            crc,
+            zero_copy: aligned,
+        })
+    }
+
+    pub fn delete(&self, who: &Who, id: &str) -> OpResult<()> {
+        let f = match self.meta.delete_file(id, &who.app) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return Err(OpError::new(
+                    ErrorCode::NotFound,
+                    format!("no such file {id}"),
+                ));
+            }
+            Err(e) => return Err(db_err(e, "file delete")),
+        };
+        self.deleted.fetch_add(1, Ordering::Release);
+        // The record is marked deleting (invisible) first, the bytes go next, the record last:
+        // a crash anywhere in between is finished at start-up, so no file outlives its record.
+        let path = self.root.join(&f.path);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                let _ = fsync_dir(path.parent().unwrap_or(&self.root));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                // The record stays in `deleting`, so the next start-up tries again.
+                warn!("file {id}: cannot remove {}: {e}", path.display());
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.meta.drop_file(id) {
+            warn!("file {id}: bytes removed but the record stays deleting until restart: {e:#}");
+        }
+        info!("file {id} deleted by app {} user {}", who.app, who.user);
+        Ok(())
+    }
+
+    pub fn download_over(&self, who: &Who, id: &str) -> OpResult<()> {
+        let f = self.stat(who, id)?;
+        let n = self.downloads_over.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(
+            "download of file {} ({} bytes) finished by app {} user {} ({n} so far)",
+            f.id, f.size, who.app, who.user
+        );
+        Ok(())
+    }
+}
+
+/// CRC32C of a byte range of a file, read in bounded pieces.
+pub(super) fn crc_range(f: &File, off: u64, len: u64) -> io::Result<u32> {
+    let mut buf = vec![0u8; (256 * 1024).min(len as usize).max(1)];
+    let mut crc = 0;
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], off + done)?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        done += n as u64;
+    }
+    Ok(crc)
+}
+
+/// An opened download range: the connection sends `len` bytes at `offset` of `file`.
+pub struct Download {
+    pub file: File,
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+    pub zero_copy: bool,
+}

@@ -7,7 +7,6 @@ use ferry_common::proto::{BlockAck, BlockMeta, ErrorCode};
 use log::{debug, warn};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 impl Storage {
     /// Makes verified blocks durable and records them, as one group: one fdatasync per file
@@ -34,11 +33,10 @@ impl Storage {
             }
         }
         for (i, w) in blocks.iter().enumerate() {
-            if results[i].is_none() && w.session.state.lock().gone {
-                results[i] = Some(Err(OpError::new(
-                    ErrorCode::UnknownUpload,
-                    "upload session ended",
-                )));
+            if results[i].is_none()
+                && let Err(e) = w.session.state.lock().live()
+            {
+                results[i] = Some(Err(e));
             }
         }
         self.phase("block-synced", &group);
@@ -62,12 +60,7 @@ impl Storage {
             if r.is_some() {
                 continue; // failed: dropping the writer releases the block, which stays missing
             }
-            let mut state = w.session.state.lock();
-            state.stored.set(w.idx);
-            state.crcs[w.idx as usize] = w.crc;
-            state.writing.remove(&w.idx);
-            state.active = Instant::now();
-            state.db_expires = expires;
+            w.session.state.lock().block_stored(w.idx, w.crc, expires);
             w.done = true;
             debug!(
                 "upload {} block {} stored",
@@ -113,23 +106,9 @@ impl Storage {
                 ),
             ));
         }
-        let mut st = s.state.lock();
-        if st.gone {
-            return Err(OpError::new(
-                ErrorCode::UnknownUpload,
-                "upload session ended",
-            ));
-        }
-        if st.stored.has(m.index) {
+        if !s.state.lock().claim_block(m.index)? {
             return Ok(BlockStart::Stored);
         }
-        if st.finishing || !st.writing.insert(m.index) {
-            return Err(OpError::new(
-                ErrorCode::Busy,
-                format!("block {} is being written by another connection", m.index),
-            ));
-        }
-        drop(st);
         Ok(BlockStart::Write(BlockWriter {
             session: s,
             idx: m.index,
@@ -219,7 +198,7 @@ impl BlockWriter {
 impl Drop for BlockWriter {
     fn drop(&mut self) {
         if !self.done {
-            self.session.state.lock().writing.remove(&self.idx);
+            self.session.state.lock().release_block(self.idx);
         }
     }
 }

@@ -97,32 +97,38 @@ impl Storage {
             Err(e) => return Err(e),
         }
         {
-            let mut st = s.state.lock();
-            if st.gone {
-                let ended = OpError::new(ErrorCode::UnknownUpload, "upload session ended");
-                drop(st);
-                return self.already_finished(who, id, ended);
-            }
-            if st.finishing {
-                return Err(OpError::new(
-                    ErrorCode::Busy,
-                    "file over already in progress",
-                ));
-            }
+            let st = s.state.lock();
             let have = st.stored.count();
-            if have < s.rec.blocks {
+            if st.phase() == Phase::Receiving && have < s.rec.blocks {
                 return Err(OpError::new(
                     ErrorCode::Incomplete,
                     format!("{} of {} blocks missing", s.rec.blocks - have, s.rec.blocks),
                 ));
             }
-            st.finishing = true;
         }
-        let result = self.assemble(&s);
-        if result.is_err() {
-            s.state.lock().finishing = false;
+        self.finishing(who, &s, || self.assemble(&s))
+    }
+
+    /// Runs `place` in the `Finishing` phase. A session that ended meanwhile answers with the
+    /// file it ended as; one another connection is finishing is Busy; a failure goes back to
+    /// `Receiving` with what is stored.
+    fn finishing(
+        &self,
+        who: &Who,
+        s: &Arc<Session>,
+        place: impl FnOnce() -> OpResult<String>,
+    ) -> OpResult<String> {
+        if let Err(e) = s.state.lock().begin_finishing() {
+            return match e.code {
+                ErrorCode::UnknownUpload => self.already_finished(who, &s.rec.id, e),
+                _ => Err(e),
+            };
         }
-        result
+        let placed = place();
+        if placed.is_err() {
+            s.state.lock().finishing_failed();
+        }
+        placed
     }
 
     /// Re-reads the temp file, checks every block CRC and the whole SHA-256, then commits it.
@@ -211,12 +217,11 @@ impl Storage {
             Ok(s) => s,
             Err(e) => return self.already_finished(who, id, e),
         };
-        let (gone, challenge) = {
+        let (live, challenge) = {
             let st = s.state.lock();
-            (st.gone, st.challenge.clone())
+            (st.live(), st.challenge.clone())
         };
-        if gone {
-            let ended = OpError::new(ErrorCode::UnknownUpload, "upload session ended");
+        if let Err(ended) = live {
             return self.already_finished(who, id, ended);
         }
         let Some(c) = challenge else {
@@ -253,14 +258,7 @@ impl Storage {
                 "wrong proof of possession",
             ));
         }
-        {
-            let mut st = s.state.lock();
-            if st.gone || st.finishing {
-                return Err(OpError::new(ErrorCode::Busy, "upload is being completed"));
-            }
-            st.finishing = true;
-        }
-        let result = (|| {
+        let placed = self.finishing(who, &s, || {
             let (num, fid, path) = self.new_file_slot()?;
             let rec = FileRec {
                 id: fid.clone(),
@@ -281,20 +279,15 @@ impl Storage {
             // session without its temp file and removes it.
             let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
             self.commit_new_file(&rec, &src_path, true, Some(&s.rec.id))?;
+            self.forget(&s.rec.id);
+            info!(
+                "instant upload {}: file {fid} shares the content of {}",
+                hex::encode(id),
+                src.id
+            );
             Ok(fid)
-        })();
-        match &result {
-            Ok(fid) => {
-                self.forget(&s.rec.id);
-                info!(
-                    "instant upload {}: file {fid} shares the content of {}",
-                    hex::encode(id),
-                    src.id
-                );
-            }
-            Err(_) => s.state.lock().finishing = false,
-        }
-        result
+        })?;
+        Ok(placed)
     }
 }
 

@@ -10,10 +10,12 @@
 mod blocks;
 mod datadir;
 mod errors;
+mod expiry;
 mod faults;
 mod finish;
 mod recovery;
 mod session;
+mod sessions;
 mod small;
 mod stored;
 #[cfg(test)]
@@ -30,7 +32,8 @@ use datadir::{
     NODES, TMP, create_dirs_synced, fsync_dir, lock_data_dir, node_name, preallocate, random_hex,
 };
 use errors::{db_err, io_err};
-use session::{HASH_CHUNK, HashProgress};
+use recovery::active_at_start;
+use session::{HASH_CHUNK, HashProgress, Phase, SessionState};
 use small::KeyClaims;
 
 use crate::config::Config;

@@ -110,35 +110,4 @@ impl Storage {
         }
         Ok(())
     }
-
-    /// Sessions in the DB that no running node holds (their node died and did not come back)
-    /// are taken into memory once their wall-clock expiry has passed, already idle, so the next
-    /// reap removes them like any other. A live peer's session is not touched: its node keeps
-    /// the expiry in the future while the session is in use.
-    pub(super) fn adopt_orphans(&self, now: u64) {
-        let all = match self.meta.sessions() {
-            Ok(all) => all,
-            Err(e) => {
-                warn!("cannot list upload sessions: {e:#}");
-                return;
-            }
-        };
-        for rec in all {
-            if rec.expires_ms > now || self.sessions.lock().contains_key(&rec.id) {
-                continue;
-            }
-            let hex_id = hex::encode(rec.id);
-            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
-            match self.load_session(rec.clone(), active) {
-                Ok(_) => debug!("adopted expired upload session {hex_id} of a departed node"),
-                Err(e) => {
-                    // Its temp file is gone: nothing to resume.
-                    debug!("upload session {hex_id}: {e:#}; removing it");
-                    if let Err(e) = self.meta.expire_session(&rec.id, rec.expires_ms) {
-                        warn!("cannot expire session {hex_id}: {e:#}");
-                    }
-                }
-            }
-        }
-    }
 }

@@ -1,32 +1,44 @@
-//! Upload sessions of big files: opened by UPLOAD_INIT, queried for their breakpoint, loaded
-//! from the database when a peer or an earlier run started them, expired by the reaper.
+//! An upload session of a big file in memory: its phase and the only transitions between
+//! phases (LIFECYCLE.md draws them), its acknowledged blocks, and the running hash of its
+//! blocks in order.
 
 use super::*;
-use crate::meta::{Challenge, SessionRec, UploadId, now_ms, now_secs};
-use ferry_common::proto::{Breakpoint, ErrorCode, UploadInit, UploadInitReply};
-use log::{debug, info, warn};
+use crate::meta::{Challenge, SessionRec, UploadId};
+use ferry_common::proto::{Breakpoint, ErrorCode};
 use parking_lot::Mutex;
-use rand::RngExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::time::Instant;
 
 pub(super) const HASH_CHUNK: usize = 1 << 20;
 
+/// Where an upload session is in its life on this node. Only the [`SessionState`] methods
+/// below change it, each from the phases it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Open: blocks are written and recorded; UPLOAD_OVER or UPLOAD_PROVE may start.
+    Receiving,
+    /// UPLOAD_OVER or UPLOAD_PROVE is placing the file: no block is written meanwhile.
+    Finishing,
+    /// Idle for its whole lifetime: the reaper is deleting its row (only if no node recorded
+    /// activity since). Nothing is written or recorded meanwhile; back to `Receiving` if a
+    /// peer kept it alive.
+    Expiring,
+    /// Out of this node's table: stored as a file, discarded, expired, or ended by a peer. A
+    /// writer still holding it records nothing.
+    Ended,
+}
+
 /// Mutable state of an upload session.
 pub(super) struct SessionState {
+    phase: Phase,
+    /// Blocks some connection is streaming right now (fencing: nobody else may write them).
+    writing: HashSet<u32>,
     pub(super) stored: Breakpoint,
     pub(super) crcs: Vec<u32>,
-    /// Blocks some connection is streaming right now (fencing: nobody else may write them).
-    pub(super) writing: HashSet<u32>,
-    /// UPLOAD_OVER or UPLOAD_PROVE is assembling the file.
-    pub(super) finishing: bool,
-    /// Removed (completed, discarded or expired): late writers must not record anything.
-    pub(super) gone: bool,
     /// Last activity, on the monotonic clock: a session expires after `session_ttl_secs` of
     /// real idleness, so a wall-clock jump neither kills a live session nor keeps a dead one.
     /// The database keeps a wall-clock expiry too, only for sessions found at start-up.
@@ -36,6 +48,125 @@ pub(super) struct SessionState {
     /// comparison for equality, which no clock jump can fool.
     pub(super) db_expires: u64,
     pub(super) challenge: Option<Challenge>,
+}
+
+fn ended() -> OpError {
+    OpError::new(ErrorCode::UnknownUpload, "upload session ended")
+}
+
+impl SessionState {
+    /// A session entering the table `Receiving`: just opened, or loaded from the database
+    /// with the blocks it has acknowledged.
+    pub(super) fn new(
+        stored: Breakpoint,
+        crcs: Vec<u32>,
+        active: Instant,
+        db_expires: u64,
+        challenge: Option<Challenge>,
+    ) -> SessionState {
+        SessionState {
+            phase: Phase::Receiving,
+            writing: HashSet::new(),
+            stored,
+            crcs,
+            active,
+            db_expires,
+            challenge,
+        }
+    }
+
+    pub(super) fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Still served: `Receiving` or `Finishing`. Otherwise a request gets
+    /// "upload session ended" (and a repeated OVER or PROVE the file it ended as).
+    pub(super) fn live(&self) -> Result<(), OpError> {
+        match self.phase {
+            Phase::Receiving | Phase::Finishing => Ok(()),
+            Phase::Expiring | Phase::Ended => Err(ended()),
+        }
+    }
+
+    /// Whether some connection is streaming a block of it.
+    pub(super) fn writing_any(&self) -> bool {
+        !self.writing.is_empty()
+    }
+
+    /// UPLOAD_BLOCK claims block `idx` for one connection (`Receiving` only): `Ok(false)` when
+    /// it is already stored, Busy while another connection writes it or the file is being
+    /// placed.
+    pub(super) fn claim_block(&mut self, idx: u32) -> OpResult<bool> {
+        self.live()?;
+        if self.stored.has(idx) {
+            return Ok(false);
+        }
+        if self.phase == Phase::Finishing || !self.writing.insert(idx) {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                format!("block {idx} is being written by another connection"),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// A claimed block is durable and recorded with its CRC (the database's row expires at
+    /// `db_expires`): it counts as stored from now on.
+    pub(super) fn block_stored(&mut self, idx: u32, crc: u32, db_expires: u64) {
+        self.stored.set(idx);
+        self.crcs[idx as usize] = crc;
+        self.writing.remove(&idx);
+        self.active = Instant::now();
+        self.db_expires = db_expires;
+    }
+
+    /// A claimed block was not stored (the connection died, the bytes or the sync failed): it
+    /// stays missing and may be written again.
+    pub(super) fn release_block(&mut self, idx: u32) {
+        self.writing.remove(&idx);
+    }
+
+    /// `Receiving` -> `Finishing`: UPLOAD_OVER or UPLOAD_PROVE places the file. Busy while
+    /// another one does.
+    pub(super) fn begin_finishing(&mut self) -> OpResult<()> {
+        self.live()?;
+        if self.phase == Phase::Finishing {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                "the upload is being completed",
+            ));
+        }
+        self.phase = Phase::Finishing;
+        Ok(())
+    }
+
+    /// `Finishing` -> `Receiving`: placing the file failed; what is stored stays.
+    pub(super) fn finishing_failed(&mut self) {
+        if self.phase == Phase::Finishing {
+            self.phase = Phase::Receiving;
+        }
+    }
+
+    /// `Receiving` -> `Expiring`, when no block is being written.
+    pub(super) fn begin_expiry(&mut self) -> bool {
+        let idle = self.phase == Phase::Receiving && self.writing.is_empty();
+        if idle {
+            self.phase = Phase::Expiring;
+        }
+        idle
+    }
+
+    /// `Expiring` -> `Receiving`: a peer recorded activity, the row was not deleted.
+    pub(super) fn expiry_refused(&mut self) {
+        if self.phase == Phase::Expiring {
+            self.phase = Phase::Receiving;
+        }
+    }
+
+    /// Any phase -> `Ended`: the session left this node's table.
+    pub(super) fn end(&mut self) {
+        self.phase = Phase::Ended;
+    }
 }
 
 /// SHA-256 of the session's stored blocks 0..next, computed in the background as blocks are
@@ -75,7 +206,7 @@ impl Session {
             let idx = h.next;
             let want = {
                 let st = self.state.lock();
-                if st.gone || !st.stored.has(idx) {
+                if st.live().is_err() || !st.stored.has(idx) {
                     return Ok(());
                 }
                 st.crcs[idx as usize]
@@ -109,359 +240,67 @@ impl Session {
     }
 }
 
-impl Storage {
-    /// Puts a session from the DB into memory (a restart, or a peer started it): its temp file
-    /// opened, its acknowledged blocks from the DB, last `active` then. A session already in
-    /// memory wins.
-    pub(super) fn load_session(
-        &self,
-        rec: SessionRec,
-        active: Instant,
-    ) -> anyhow::Result<Arc<Session>> {
-        use anyhow::Context;
-        let path = self.root.join(&rec.temp_path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("cannot open temp file {}", path.display()))?;
-        let (stored, crcs) = self.acknowledged(&rec)?;
-        let state = SessionState {
-            stored,
-            crcs,
-            writing: HashSet::new(),
-            finishing: false,
-            gone: false,
-            active,
-            db_expires: rec.expires_ms,
-            challenge: rec.challenge.clone(),
-        };
-        let id = rec.id;
-        let s = Arc::new(Session {
-            rec,
-            file,
-            state: Mutex::new(state),
-            hash: Mutex::default(),
-        });
-        Ok(self.sessions.lock().entry(id).or_insert(s).clone())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(blocks: u32) -> SessionState {
+        SessionState::new(
+            Breakpoint::new(blocks),
+            vec![0; blocks as usize],
+            Instant::now(),
+            1,
+            None,
+        )
     }
 
-    /// The acknowledged blocks of a session as the DB has them (every node records there).
-    pub(super) fn acknowledged(&self, rec: &SessionRec) -> anyhow::Result<(Breakpoint, Vec<u32>)> {
-        let mut stored = Breakpoint::new(rec.blocks);
-        let mut crcs = vec![0; rec.blocks as usize];
-        for (i, crc) in self.meta.session_blocks(&rec.id)? {
-            if i < rec.blocks {
-                stored.set(i);
-                crcs[i as usize] = crc;
-            }
-        }
-        Ok((stored, crcs))
+    fn code<T: std::fmt::Debug>(r: OpResult<T>) -> ErrorCode {
+        r.unwrap_err().code
     }
 
-    /// Brings a session's acknowledged blocks, expiry and challenge up to the DB's before an
-    /// answer that depends on them (QUERY, OVER): a peer may have stored blocks of it. A
-    /// session the DB no longer has ended elsewhere (finished or expired) and is forgotten.
-    pub(super) fn refresh(&self, s: &Arc<Session>) -> OpResult<()> {
-        let rec = self
-            .meta
-            .session(&s.rec.id)
-            .map_err(|e| db_err(e, "session lookup"))?;
-        let Some(rec) = rec else {
-            self.forget(&s.rec.id);
-            return Err(OpError::new(
-                ErrorCode::UnknownUpload,
-                "upload session ended",
-            ));
-        };
-        let (stored, crcs) = self
-            .acknowledged(&rec)
-            .map_err(|e| db_err(e, "block lookup"))?;
-        let mut st = s.state.lock();
-        st.stored = stored;
-        st.crcs = crcs;
-        if st.db_expires != rec.expires_ms {
-            // A peer recorded activity since this node last looked.
-            st.active = Instant::now();
-            st.db_expires = rec.expires_ms;
+    #[test]
+    fn every_phase_allows_only_its_transitions() {
+        let mut st = state(3);
+        assert_eq!(st.phase(), Phase::Receiving);
+        // Receiving: one writer per block; a stored block is answered, not written.
+        assert!(st.claim_block(0).unwrap());
+        assert_eq!(code(st.claim_block(0)), ErrorCode::Busy);
+        st.block_stored(0, 7, 2);
+        assert_eq!((st.crcs[0], st.db_expires), (7, 2));
+        assert!(!st.claim_block(0).unwrap());
+        // Not expired while a block is being written.
+        assert!(st.claim_block(1).unwrap());
+        assert!(!st.begin_expiry());
+        st.release_block(1);
+        assert!(!st.stored.has(1));
+        // Finishing: no block written, no second finisher; a failure goes back.
+        st.begin_finishing().unwrap();
+        assert_eq!(st.phase(), Phase::Finishing);
+        assert_eq!(code(st.claim_block(1)), ErrorCode::Busy);
+        assert!(!st.claim_block(0).unwrap());
+        assert_eq!(code(st.begin_finishing()), ErrorCode::Busy);
+        assert!(!st.begin_expiry());
+        st.finishing_failed();
+        assert_eq!(st.phase(), Phase::Receiving);
+        // Expiring: nothing served; a peer's activity brings it back.
+        assert!(st.begin_expiry());
+        assert_eq!(code(st.live()), ErrorCode::UnknownUpload);
+        assert_eq!(code(st.claim_block(2)), ErrorCode::UnknownUpload);
+        assert_eq!(code(st.begin_finishing()), ErrorCode::UnknownUpload);
+        st.finishing_failed();
+        assert_eq!(st.phase(), Phase::Expiring);
+        st.expiry_refused();
+        assert_eq!(st.phase(), Phase::Receiving);
+        // Ended is final.
+        st.end();
+        for _ in 0..2 {
+            assert_eq!(code(st.live()), ErrorCode::UnknownUpload);
+            assert_eq!(code(st.claim_block(2)), ErrorCode::UnknownUpload);
+            assert_eq!(code(st.begin_finishing()), ErrorCode::UnknownUpload);
+            assert!(!st.begin_expiry());
+            st.expiry_refused();
+            st.finishing_failed();
+            assert_eq!(st.phase(), Phase::Ended);
         }
-        st.challenge = rec.challenge;
-        Ok(())
-    }
-
-    /// The session `id` of `who`: from memory, else from the DB (a peer started it, or it was
-    /// reaped from memory here while a peer kept it alive).
-    pub(super) fn session(&self, who: &Who, id: &UploadId) -> OpResult<Arc<Session>> {
-        let mut s = self.sessions.lock().get(id).cloned();
-        if s.is_none() {
-            let rec = self
-                .meta
-                .session(id)
-                .map_err(|e| db_err(e, "session lookup"))?;
-            if let Some(rec) = rec.filter(|r| r.app == who.app && r.user == who.user) {
-                match self.load_session(rec, Instant::now()) {
-                    Ok(loaded) => {
-                        info!(
-                            "upload session {} loaded from the metadata DB",
-                            hex::encode(id)
-                        );
-                        s = Some(loaded);
-                    }
-                    Err(e) => warn!("upload session {}: {e:#}", hex::encode(id)),
-                }
-            }
-        }
-        match s {
-            Some(s) if s.rec.app == who.app && s.rec.user == who.user => Ok(s),
-            _ => Err(OpError::new(
-                ErrorCode::UnknownUpload,
-                format!("no upload session {}", hex::encode(id)),
-            )),
-        }
-    }
-
-    /// Whether a session has been idle for its whole lifetime (monotonic clock).
-    pub(super) fn idle_out(&self, st: &SessionState) -> bool {
-        st.active.elapsed() >= self.cfg.session_ttl()
-    }
-
-    pub fn init(&self, who: &Who, init: &UploadInit) -> OpResult<UploadInitReply> {
-        let blocks = init
-            .blocks()
-            .map_err(|e| OpError::new(ErrorCode::BadFrame, e.to_string()))?;
-        let mut map = self.sessions.lock();
-        let existing = map.values().find(|s| {
-            s.rec.app == who.app
-                && s.rec.user == who.user
-                && s.rec.size == init.size
-                && s.rec.block_size == init.block_size
-                && s.rec.sha256 == init.sha256
-        });
-        if let Some(s) = existing {
-            let mut st = s.state.lock();
-            if !st.gone && !st.finishing && !self.idle_out(&st) {
-                st.active = Instant::now();
-                let expires = self.expiry();
-                if self.meta.touch_session(&s.rec.id, expires).is_ok() {
-                    st.db_expires = expires;
-                }
-                debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
-                return Ok(UploadInitReply {
-                    upload_id: s.rec.id,
-                    block_size: s.rec.block_size,
-                    blocks,
-                    challenge: st.challenge.as_ref().map(|c| (c.off, c.len)),
-                });
-            }
-        }
-        if map.len() >= self.cfg.max_sessions {
-            return Err(OpError::new(
-                ErrorCode::Limit,
-                format!("{} upload sessions open; try later", map.len()),
-            ));
-        }
-        let mine = map
-            .values()
-            .filter(|s| s.rec.app == who.app && s.rec.user == who.user)
-            .count();
-        if mine >= self.cfg.max_sessions_per_user {
-            return Err(OpError::new(
-                ErrorCode::Limit,
-                format!(
-                    "user {} already has {mine} upload sessions open (the most allowed); \
-                     finish or abandon one",
-                    who.user
-                ),
-            ));
-        }
-        self.check_reserve(init.size)?;
-        let id: UploadId = rand::rng().random();
-        let temp_rel = format!("{}/{}.part", self.tmp_rel, hex::encode(id));
-        let temp = self.root.join(&temp_rel);
-        let file = OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&temp)
-            .map_err(|e| io_err(&e, "cannot create temp file"))?;
-        if let Err(e) = preallocate(&file, init.size) {
-            let _ = fs::remove_file(&temp);
-            return Err(io_err(&e, "cannot preallocate the upload"));
-        }
-        let challenge = match self.meta.find_content(&who.app, &init.sha256, init.size) {
-            Ok(Some(f)) => {
-                let len = self.cfg.challenge_max.min(f.size);
-                let off = rand::rng().random_range(0..=f.size - len);
-                Some(Challenge {
-                    file: f.id,
-                    off,
-                    len,
-                })
-            }
-            Ok(None) => None,
-            Err(e) => {
-                let _ = fs::remove_file(&temp);
-                return Err(db_err(e, "dedupe lookup"));
-            }
-        };
-        let rec = SessionRec {
-            id,
-            app: who.app.clone(),
-            user: who.user.clone(),
-            size: init.size,
-            block_size: init.block_size,
-            blocks,
-            sha256: init.sha256,
-            name: init.name.clone(),
-            temp_path: temp_rel,
-            created: now_secs(),
-            expires_ms: self.expiry(),
-            challenge: challenge.clone(),
-        };
-        if let Err(e) = self.meta.insert_session(&rec) {
-            let _ = fs::remove_file(&temp);
-            return Err(db_err(e, "session insert"));
-        }
-        info!(
-            "upload session {} opened: app {} user {} size {} block {} ({} blocks){}",
-            hex::encode(id),
-            who.app,
-            who.user,
-            init.size,
-            init.block_size,
-            blocks,
-            if challenge.is_some() {
-                ", content already stored: challenge set"
-            } else {
-                ""
-            }
-        );
-        let reply = UploadInitReply {
-            upload_id: id,
-            block_size: init.block_size,
-            blocks,
-            challenge: challenge.as_ref().map(|c| (c.off, c.len)),
-        };
-        let state = SessionState {
-            stored: Breakpoint::new(blocks),
-            crcs: vec![0; blocks as usize],
-            writing: HashSet::new(),
-            finishing: false,
-            gone: false,
-            active: Instant::now(),
-            db_expires: rec.expires_ms,
-            challenge,
-        };
-        map.insert(
-            id,
-            Arc::new(Session {
-                rec,
-                file,
-                state: Mutex::new(state),
-                hash: Mutex::default(),
-            }),
-        );
-        Ok(reply)
-    }
-
-    pub fn query(&self, who: &Who, id: &UploadId) -> OpResult<Breakpoint> {
-        let s = self.session(who, id)?;
-        self.refresh(&s)?;
-        let st = s.state.lock();
-        if st.gone {
-            return Err(OpError::new(
-                ErrorCode::UnknownUpload,
-                "upload session ended",
-            ));
-        }
-        Ok(st.stored.clone())
-    }
-
-    /// Drops a session from memory (after its rows were deleted or committed away).
-    pub(super) fn forget(&self, id: &UploadId) {
-        if let Some(s) = self.sessions.lock().remove(id) {
-            s.state.lock().gone = true;
-        }
-    }
-
-    /// Removes a session entirely: memory, rows and temp file.
-    pub(super) fn discard(&self, s: &Arc<Session>) {
-        self.forget(&s.rec.id);
-        if let Err(e) = self.meta.delete_session(&s.rec.id) {
-            log::error!(
-                "cannot delete session {} rows: {e:#}",
-                hex::encode(s.rec.id)
-            );
-        }
-        let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
-    }
-
-    /// Removes expired upload sessions and their temp files; returns how many. Finished
-    /// uploads are remembered for one session lifetime, then forgotten too.
-    pub fn reap(&self) -> usize {
-        let now = now_ms();
-        let ttl_ms = self.cfg.session_ttl_secs * 1000;
-        if let Err(e) = self.meta.expire_finished(now.saturating_sub(ttl_ms)) {
-            warn!("cannot expire finished uploads: {e:#}");
-        }
-        let candidates: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
-        let mut n = 0;
-        for s in candidates {
-            {
-                let st = s.state.lock();
-                if !self.idle_out(&st) || st.finishing || !st.writing.is_empty() || st.gone {
-                    continue;
-                }
-            }
-            // Idle here; a peer may have kept it alive (or ended it) through the DB.
-            let seen = match self.meta.session(&s.rec.id) {
-                Ok(Some(rec)) => rec.expires_ms,
-                Ok(None) => {
-                    debug!("upload session {} ended elsewhere", hex::encode(s.rec.id));
-                    self.forget(&s.rec.id);
-                    continue;
-                }
-                Err(e) => {
-                    warn!("cannot look up session {}: {e:#}", hex::encode(s.rec.id));
-                    continue;
-                }
-            };
-            {
-                let mut st = s.state.lock();
-                if st.db_expires != seen {
-                    st.active = Instant::now();
-                    st.db_expires = seen;
-                    continue;
-                }
-                if st.finishing || !st.writing.is_empty() || st.gone {
-                    continue;
-                }
-                // Late writers here must not record blocks of a session being removed.
-                st.gone = true;
-            }
-            // Deleted only if no node recorded activity since `seen`.
-            let removed = match self.meta.expire_session(&s.rec.id, seen) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("cannot expire session {}: {e:#}", hex::encode(s.rec.id));
-                    false
-                }
-            };
-            if !removed {
-                s.state.lock().gone = false;
-                continue;
-            }
-            info!(
-                "upload session {} expired ({} of {} blocks stored); removing it and its temp file",
-                hex::encode(s.rec.id),
-                s.state.lock().stored.count(),
-                s.rec.blocks
-            );
-            self.forget(&s.rec.id);
-            let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
-            n += 1;
-        }
-        self.adopt_orphans(now);
-        n
     }
 }

@@ -206,6 +206,95 @@ fn upload_through_a_killed_node_finishes_through_its_peer() {
     assert_eq!(count_files(&g.path("data/data")), 1);
 }
 
+/// A session opened through node A is resumed by UPLOAD_INIT through node B from a client with
+/// no record of it (another device, a lost state dir, so no earlier request names the session):
+/// B loads the session from the database itself, answers with the same upload, and only the
+/// blocks A never acknowledged are sent; the file is stored once.
+#[test]
+fn upload_init_through_a_peer_resumes_the_session_another_node_opened() {
+    let Some(db) = pg_db("upload_init_through_a_peer_resumes_the_session_another_node_opened")
+    else {
+        return;
+    };
+    let mut g = Group::new(db);
+    let a = g.start("a");
+    let b = g.start("b");
+    let src = g.path("src");
+    let size: u64 = 8 << 20;
+    make_file(&src, size, 23);
+    let blocks = (size / BS) as usize;
+    let upload = |state: &Path, node: SocketAddr| {
+        let path = src.to_str().unwrap();
+        let args = [
+            "--json",
+            "upload",
+            path,
+            "--block-size",
+            "64KiB",
+            "--threads",
+            "1",
+        ];
+        ferry(state, &[node], &args)
+    };
+    // Through A, until a quarter of the blocks are begun; then the client dies.
+    let first_state = g.path("state-a");
+    std::fs::create_dir_all(&first_state).unwrap();
+    let mut child = upload(&first_state, a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let begun = || -> u32 {
+        std::fs::read_dir(&first_state)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| bits_set(&e.path(), blocks))
+            .sum()
+    };
+    let t = Instant::now();
+    while begun() < blocks as u32 / 4 {
+        if t.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the upload made no progress through node A");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Through B, from nothing.
+    let r = support::cli::run(upload(&g.path("state-b"), b));
+    assert!(r.ok, "upload through B: {}", r.stderr);
+    let rep = r.report();
+    eprintln!("the same content through B with no client state: {rep}");
+    let skipped = rep["blocks_skipped"].as_u64().unwrap();
+    assert!(skipped >= blocks as u64 / 8, "B started over: {rep}");
+    assert_eq!(
+        skipped + rep["blocks_sent"].as_u64().unwrap(),
+        blocks as u64,
+        "{rep}"
+    );
+    let b_log = g.node("b").log_text();
+    assert!(
+        b_log.contains("UPLOAD_INIT resumes upload session"),
+        "node B must resume node A's session from the database: {b_log}"
+    );
+    let got = g.path("got");
+    ok(ferry(
+        &g.path("state-b"),
+        &[b],
+        &[
+            "--json",
+            "download",
+            r.json()["file_id"].as_str().unwrap(),
+            "-o",
+            got.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(sha256_file(&got), sha256_file(&src));
+    assert_eq!(count_files(&g.path("data/data")), 1, "stored exactly once");
+}
+
 #[test]
 fn ids_from_two_nodes_never_collide() {
     let Some(db) = pg_db("ids_from_two_nodes_never_collide") else {

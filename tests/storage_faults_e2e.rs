@@ -351,6 +351,64 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     assert!(srv.log_text().contains("expired"));
 }
 
+/// One upload held in UPLOAD_INIT (a slow disk or database, here a fault that holds its worker
+/// after the reservation, before the temp file) holds up nobody else: another big upload on the
+/// same server opens its session, sends its blocks and finishes meanwhile, and the held one
+/// finishes once released.
+#[test]
+fn an_upload_held_in_init_does_not_hold_up_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let addr = free_addr();
+    let srv = support::start_server(
+        dir.path(),
+        "held",
+        "[faults]\npause_at = \"session-reserved\"\npause_ms = 5000\npause_times = 1\n",
+        addr,
+        &data,
+    );
+    let (held, other) = (dir.path().join("held.mp4"), dir.path().join("other.mp4"));
+    make_file(&held, 3 * 65536 + 7, 31);
+    make_file(&other, 3 * 65536 + 9, 32);
+    let state = dir.path().join("state");
+    let mut first = Proc::spawn(
+        "held-upload",
+        &mut ferry(&state, &[addr], &one_by_one(&held)),
+        dir.path(),
+    );
+    support::wait_log(
+        &srv,
+        "phase session-reserved reached",
+        Duration::from_secs(20),
+    );
+    let t = std::time::Instant::now();
+    let r = run(ferry(
+        &dir.path().join("state2"),
+        &[addr],
+        &one_by_one(&other),
+    ));
+    let took = t.elapsed();
+    assert!(r.ok, "{}", r.stderr);
+    eprintln!("another upload finished in {took:?} while the first was held in INIT");
+    assert!(
+        took < Duration::from_secs(4),
+        "the other upload waited for the held one: {took:?}"
+    );
+    let id = r.json()["file_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        download_sha(&state, addr, &id, &dir.path().join("out")),
+        sha256_file(&other)
+    );
+    let status = first.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}\n{}",
+        first.log_text(),
+        srv.log_text()
+    );
+}
+
 #[test]
 fn kill_9_at_each_phase_of_a_commit_loses_nothing_and_tears_nothing() {
     use ferry_server::config::PHASES;

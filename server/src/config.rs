@@ -87,6 +87,8 @@ impl Default for TrackerConfig {
 /// The named phases of storing data, in order. The server logs each (debug level) and
 /// `faults.pause_at` can hold it at one, so a test can kill -9 it exactly there.
 pub const PHASES: &[&str] = &[
+    // UPLOAD_INIT reserved a new session's place; no temp file or row yet.
+    "session-reserved",
     // A block's bytes are written and CRC-checked, not yet synced.
     "block-written",
     // fdatasync done, the block not yet recorded.
@@ -114,6 +116,9 @@ pub struct Faults {
     pub pause_at: Option<String>,
     /// How long `pause_at` holds (milliseconds; default 30000).
     pub pause_ms: Option<u64>,
+    /// Hold only the first this many arrivals at `pause_at` (default: every one), so a test
+    /// can hold one upload there while others pass.
+    pub pause_times: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -126,6 +126,17 @@ pub trait MetaStore: Send + Sync {
     fn sessions(&self) -> Result<Vec<SessionRec>>;
     /// One session (a peer started it, or this node forgot it).
     fn session(&self, id: &UploadId) -> Result<Option<SessionRec>>;
+    /// The most recently opened session of this app and user for this content that has not
+    /// expired at `now_ms` (UPLOAD_INIT resumes it on any node of the group).
+    fn open_session(
+        &self,
+        app: &str,
+        user: &str,
+        size: u64,
+        block_size: u32,
+        sha256: &Sha256,
+        now_ms: u64,
+    ) -> Result<Option<SessionRec>>;
     /// (index, crc) of every acknowledged block of a session.
     fn session_blocks(&self, id: &UploadId) -> Result<Vec<(u32, u32)>>;
     /// Records blocks (upload id, index, crc) as stored, in one transaction, and refreshes

@@ -414,6 +414,38 @@ impl MetaStore for PgStore {
         })
     }
 
+    fn open_session(
+        &self,
+        app: &str,
+        user: &str,
+        size: u64,
+        block_size: u32,
+        sha256: &Sha256,
+        now_ms: u64,
+    ) -> Result<Option<SessionRec>> {
+        let (size, now) = (big(size, "size")?, big(now_ms, "time")?);
+        self.tx(|tx| {
+            tx.query_opt(
+                &format!(
+                    r#"SELECT {SESSION_COLS} FROM upload_sessions WHERE app = $1 AND "user" = $2
+                       AND size = $3 AND block_size = $4 AND sha256 = $5 AND expires > $6
+                       ORDER BY created DESC LIMIT 1"#
+                ),
+                &[
+                    &app,
+                    &user,
+                    &size,
+                    &i64::from(block_size),
+                    &sha256.as_slice(),
+                    &now,
+                ],
+            )?
+            .as_ref()
+            .map(session_row)
+            .transpose()
+        })
+    }
+
     fn session_blocks(&self, id: &UploadId) -> Result<Vec<(u32, u32)>> {
         self.tx(|tx| {
             tx.query(

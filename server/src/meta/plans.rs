@@ -89,6 +89,9 @@ fn every_method(m: &dyn MetaStore, seen: &mut dyn FnMut(&'static str)) {
     seen("sessions");
     m.session(&s.id).unwrap();
     seen("session");
+    m.open_session("app", "u", s.size, s.block_size, &s.sha256, 0)
+        .unwrap();
+    seen("open_session");
     m.mark_blocks(&[(s.id, 0, 1)], 2_000).unwrap();
     seen("mark_blocks");
     m.session_blocks(&s.id).unwrap();

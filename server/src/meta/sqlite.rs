@@ -439,6 +439,30 @@ impl MetaStore for SqliteStore {
         Ok(q.query_row([id.as_slice()], session_row).optional()?)
     }
 
+    fn open_session(
+        &self,
+        app: &str,
+        user: &str,
+        size: u64,
+        block_size: u32,
+        sha256: &Sha256,
+        now_ms: u64,
+    ) -> Result<Option<SessionRec>> {
+        let db = self.db.lock();
+        let mut q = db.prepare_cached(&format!(
+            "SELECT {SESSION_COLS} FROM upload_sessions WHERE app = ?1 AND user = ?2 \
+             AND size = ?3 AND block_size = ?4 AND sha256 = ?5 AND expires > ?6 \
+             ORDER BY created DESC LIMIT 1"
+        ))?;
+        let size = i64::try_from(size)?;
+        let now = i64::try_from(now_ms)?;
+        Ok(q.query_row(
+            params![app, user, size, block_size, sha256.as_slice(), now],
+            session_row,
+        )
+        .optional()?)
+    }
+
     fn session_blocks(&self, id: &UploadId) -> Result<Vec<(u32, u32)>> {
         let db = self.db.lock();
         let mut st =

@@ -162,6 +162,33 @@ fn id_steps_never_overlap(m: &dyn MetaStore) {
     assert_eq!((a, b, c), (1, 11, 1));
 }
 
+fn the_open_session_of_a_content_is_the_newest_unexpired_one(m: &dyn MetaStore) {
+    let find = |user: &str, size: u64, now: u64| {
+        let s = session(0, 0);
+        m.open_session("a", user, size, s.block_size, &s.sha256, now)
+            .unwrap()
+            .map(|r| r.id[0])
+    };
+    assert_eq!(find("u", 100, 0), None);
+    let older = SessionRec {
+        created: 1,
+        ..session(1, 5_000)
+    };
+    let newer = SessionRec {
+        created: 2,
+        ..session(2, 2_000)
+    };
+    m.insert_session(&older).unwrap();
+    m.insert_session(&newer).unwrap();
+    assert_eq!(find("u", 100, 1_000), Some(2));
+    // The newer one expired: the older one is still open.
+    assert_eq!(find("u", 100, 3_000), Some(1));
+    assert_eq!(find("u", 100, 5_000), None);
+    // Another user, another size: not theirs.
+    assert_eq!(find("v", 100, 1_000), None);
+    assert_eq!(find("u", 101, 1_000), None);
+}
+
 /// Declares `sqlite::NAME` and `pg::NAME` for every test body NAME above.
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
@@ -192,6 +219,7 @@ both_backends!(
     a_file_number_is_stored_once,
     finished_uploads_answer_once_stored,
     sessions_and_blocks_round_trip,
+    the_open_session_of_a_content_is_the_newest_unexpired_one,
     a_committed_file_ends_its_session,
     sessions_expire_only_if_nobody_used_them_since,
     key_claims_exclude_other_nodes,

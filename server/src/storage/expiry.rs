@@ -18,7 +18,7 @@ impl Storage {
         if let Err(e) = self.meta.expire_finished(now.saturating_sub(ttl_ms)) {
             warn!("cannot expire finished uploads: {e:#}");
         }
-        let candidates: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        let candidates: Vec<Arc<Session>> = self.sessions.lock().open.values().cloned().collect();
         let mut n = 0;
         for s in candidates {
             {
@@ -91,7 +91,7 @@ impl Storage {
             }
         };
         for rec in all {
-            if rec.expires_ms > now || self.sessions.lock().contains_key(&rec.id) {
+            if rec.expires_ms > now || self.sessions.lock().open.contains_key(&rec.id) {
                 continue;
             }
             let hex_id = hex::encode(rec.id);

@@ -12,7 +12,13 @@ impl Storage {
     /// `faults.pause_at` holds the worker there so a test can kill the process at that point.
     pub(super) fn phase(&self, name: &'static str, what: &dyn std::fmt::Display) {
         debug!("phase {name}: {what}");
-        if self.cfg.faults.pause_at.as_deref() == Some(name) {
+        if self.cfg.faults.pause_at.as_deref() == Some(name)
+            && self
+                .cfg
+                .faults
+                .pause_times
+                .is_none_or(|t| self.paused.fetch_add(1, Ordering::Relaxed) < t)
+        {
             let ms = self.cfg.faults.pause_ms.unwrap_or(30_000);
             warn!("phase {name} reached ({what}): pausing {ms} ms (faults.pause_at)");
             std::thread::sleep(std::time::Duration::from_millis(ms));

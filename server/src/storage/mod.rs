@@ -38,11 +38,10 @@ use small::KeyClaims;
 
 use crate::config::Config;
 use crate::ids::{IdAllocator, StepAllocator};
-use crate::meta::{MetaStore, UploadId, now_ms};
+use crate::meta::{MetaStore, now_ms};
 use ferry_common::proto::ErrorCode;
 use log::info;
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,12 +60,14 @@ pub struct Storage {
     root: PathBuf,
     meta: Arc<dyn MetaStore>,
     ids: Arc<dyn IdAllocator>,
-    sessions: Mutex<HashMap<UploadId, Arc<Session>>>,
+    sessions: Mutex<sessions::Table>,
     /// Small uploads being written now, by (app, user, upload key): a retry of one that is still
     /// committing waits (Busy) instead of storing a second copy.
     small_keys: KeyClaims,
     /// Bytes of payload written so far, for the test-only write fault (config `faults`).
     written: AtomicU64,
+    /// Arrivals held at `faults.pause_at` so far (for `faults.pause_times`).
+    paused: AtomicU64,
     pub downloads_over: AtomicU64,
     /// Files deleted since start-up (see [`Storage::deletes`]).
     deleted: AtomicU64,
@@ -114,9 +115,10 @@ impl Storage {
             root,
             meta,
             ids,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::default(),
             small_keys: KeyClaims::default(),
             written: AtomicU64::new(0),
+            paused: AtomicU64::new(0),
             downloads_over: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
             node,

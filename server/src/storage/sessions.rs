@@ -3,11 +3,12 @@
 //! this node does not hold loads it from the database (a peer or an earlier run started it).
 
 use super::*;
-use crate::meta::{Challenge, SessionRec, UploadId, now_secs};
+use crate::meta::{Challenge, SessionRec, Sha256 as Digest32, UploadId, now_ms, now_secs};
 use ferry_common::proto::{Breakpoint, ErrorCode, UploadInit, UploadInitReply};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 use rand::RngExt;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,7 +38,7 @@ impl Storage {
             state: Mutex::new(state),
             hash: Mutex::default(),
         });
-        Ok(self.sessions.lock().entry(id).or_insert(s).clone())
+        Ok(self.sessions.lock().open.entry(id).or_insert(s).clone())
     }
 
     /// The acknowledged blocks of a session as the DB has them (every node records there).
@@ -86,7 +87,7 @@ impl Storage {
     /// The session `id` of `who`: from memory, else from the DB (a peer started it, or it was
     /// reaped from memory here while a peer kept it alive).
     pub(super) fn session(&self, who: &Who, id: &UploadId) -> OpResult<Arc<Session>> {
-        let mut s = self.sessions.lock().get(id).cloned();
+        let mut s = self.sessions.lock().open.get(id).cloned();
         if s.is_none() {
             let rec = self
                 .meta
@@ -119,55 +120,38 @@ impl Storage {
         st.active.elapsed() >= self.cfg.session_ttl()
     }
 
+    /// UPLOAD_INIT: resumes the session already open for this content (in this node's table,
+    /// else in the database: a peer or an earlier run opened it), or opens a new one. Opening
+    /// reserves the content in the table first (the `Reserved` phase: it counts against the
+    /// limits, and a second INIT of the same content is Busy meanwhile), then creates and
+    /// preallocates the temp file and writes the row with no lock held, so a slow disk or
+    /// database stalls this upload only.
     pub fn init(&self, who: &Who, init: &UploadInit) -> OpResult<UploadInitReply> {
         let blocks = init
             .blocks()
             .map_err(|e| OpError::new(ErrorCode::BadFrame, e.to_string()))?;
-        let mut map = self.sessions.lock();
-        let existing = map.values().find(|s| {
-            s.rec.app == who.app
-                && s.rec.user == who.user
-                && s.rec.size == init.size
-                && s.rec.block_size == init.block_size
-                && s.rec.sha256 == init.sha256
-        });
-        if let Some(s) = existing {
-            let mut st = s.state.lock();
-            if st.phase() == Phase::Receiving && !self.idle_out(&st) {
-                st.active = Instant::now();
-                let expires = self.expiry();
-                if self.meta.touch_session(&s.rec.id, expires).is_ok() {
-                    st.db_expires = expires;
-                }
-                debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
-                return Ok(UploadInitReply {
-                    upload_id: s.rec.id,
-                    block_size: s.rec.block_size,
-                    blocks,
-                    challenge: st.challenge.as_ref().map(|c| (c.off, c.len)),
-                });
-            }
+        let key = ContentKey {
+            app: who.app.clone(),
+            user: who.user.clone(),
+            size: init.size,
+            block_size: init.block_size,
+            sha256: init.sha256,
+        };
+        if let Some(reply) = self.resume_in_table(&key, blocks) {
+            return Ok(reply);
         }
-        if map.len() >= self.cfg.max_sessions {
-            return Err(OpError::new(
-                ErrorCode::Limit,
-                format!("{} upload sessions open; try later", map.len()),
-            ));
+        let reservation = self.reserve(&key)?;
+        // Another connection here may have opened it between the look and the reservation.
+        if let Some(reply) = self.resume_in_table(&key, blocks) {
+            return Ok(reply);
         }
-        let mine = map
-            .values()
-            .filter(|s| s.rec.app == who.app && s.rec.user == who.user)
-            .count();
-        if mine >= self.cfg.max_sessions_per_user {
-            return Err(OpError::new(
-                ErrorCode::Limit,
-                format!(
-                    "user {} already has {mine} upload sessions open (the most allowed); \
-                     finish or abandon one",
-                    who.user
-                ),
-            ));
+        if let Some(reply) = self.resume_from_db(&key, blocks)? {
+            return Ok(reply);
         }
+        self.phase(
+            "session-reserved",
+            &format_args!("app {} user {}", who.app, who.user),
+        );
         self.check_reserve(init.size)?;
         let id: UploadId = rand::rng().random();
         let temp_rel = format!("{}/{}.part", self.tmp_rel, hex::encode(id));
@@ -243,16 +227,120 @@ impl Storage {
             rec.expires_ms,
             challenge,
         );
-        map.insert(
-            id,
-            Arc::new(Session {
-                rec,
-                file,
-                state: Mutex::new(state),
-                hash: Mutex::default(),
-            }),
-        );
+        reservation.open(Arc::new(Session {
+            rec,
+            file,
+            state: Mutex::new(state),
+            hash: Mutex::default(),
+        }));
         Ok(reply)
+    }
+
+    /// Resumes a session of this content in the table that is `Receiving` and not idle out.
+    fn resume_in_table(&self, key: &ContentKey, blocks: u32) -> Option<UploadInitReply> {
+        let found: Vec<Arc<Session>> = self
+            .sessions
+            .lock()
+            .open
+            .values()
+            .filter(|s| key.matches(&s.rec))
+            .cloned()
+            .collect();
+        found.iter().find_map(|s| self.resume(s, blocks))
+    }
+
+    /// Loads the session of this content a peer or an earlier run opened, and resumes it.
+    fn resume_from_db(&self, key: &ContentKey, blocks: u32) -> OpResult<Option<UploadInitReply>> {
+        let rec = self
+            .meta
+            .open_session(
+                &key.app,
+                &key.user,
+                key.size,
+                key.block_size,
+                &key.sha256,
+                now_ms(),
+            )
+            .map_err(|e| db_err(e, "session lookup"))?;
+        let Some(rec) = rec else {
+            return Ok(None);
+        };
+        let hex_id = hex::encode(rec.id);
+        match self.load_session(rec, Instant::now()) {
+            Ok(s) => {
+                info!("UPLOAD_INIT resumes upload session {hex_id} from the metadata DB");
+                Ok(self.resume(&s, blocks))
+            }
+            Err(e) => {
+                warn!("upload session {hex_id}: {e:#}; opening a new one");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The INIT reply that resumes `s`, if it is `Receiving` and not idle out; its activity is
+    /// recorded here and in the database.
+    fn resume(&self, s: &Arc<Session>, blocks: u32) -> Option<UploadInitReply> {
+        let mut st = s.state.lock();
+        if st.phase() != Phase::Receiving || self.idle_out(&st) {
+            return None;
+        }
+        st.active = Instant::now();
+        let expires = self.expiry();
+        if self.meta.touch_session(&s.rec.id, expires).is_ok() {
+            st.db_expires = expires;
+        }
+        debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
+        Some(UploadInitReply {
+            upload_id: s.rec.id,
+            block_size: s.rec.block_size,
+            blocks,
+            challenge: st.challenge.as_ref().map(|c| (c.off, c.len)),
+        })
+    }
+
+    /// Reserves a place in the table for a new session of this content: Busy while another
+    /// connection opens the same content; Limit past `max_sessions` or the user's
+    /// `max_sessions_per_user` (sessions being opened count).
+    fn reserve(&self, key: &ContentKey) -> OpResult<Reservation<'_>> {
+        let mut t = self.sessions.lock();
+        if t.opening.contains(key) {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                "an upload of this content is being opened",
+            ));
+        }
+        let total = t.open.len() + t.opening.len();
+        if total >= self.cfg.max_sessions {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!("{total} upload sessions open; try later"),
+            ));
+        }
+        let mine = t
+            .open
+            .values()
+            .filter(|s| s.rec.app == key.app && s.rec.user == key.user)
+            .count()
+            + t.opening
+                .iter()
+                .filter(|k| k.app == key.app && k.user == key.user)
+                .count();
+        if mine >= self.cfg.max_sessions_per_user {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "user {} already has {mine} upload sessions open (the most allowed); \
+                     finish or abandon one",
+                    key.user
+                ),
+            ));
+        }
+        t.opening.insert(key.clone());
+        Ok(Reservation {
+            st: self,
+            key: key.clone(),
+        })
     }
 
     pub fn query(&self, who: &Who, id: &UploadId) -> OpResult<Breakpoint> {
@@ -265,7 +353,7 @@ impl Storage {
 
     /// Drops a session from memory (after its rows were deleted or committed away).
     pub(super) fn forget(&self, id: &UploadId) {
-        if let Some(s) = self.sessions.lock().remove(id) {
+        if let Some(s) = self.sessions.lock().open.remove(id) {
             s.state.lock().end();
         }
     }
@@ -280,5 +368,58 @@ impl Storage {
             );
         }
         let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
+    }
+}
+
+/// What identifies an upload's content for UPLOAD_INIT: a second INIT with the same key
+/// resumes the session instead of opening another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct ContentKey {
+    app: String,
+    user: String,
+    size: u64,
+    block_size: u32,
+    sha256: Digest32,
+}
+
+impl ContentKey {
+    fn matches(&self, r: &SessionRec) -> bool {
+        r.app == self.app
+            && r.user == self.user
+            && r.size == self.size
+            && r.block_size == self.block_size
+            && r.sha256 == self.sha256
+    }
+}
+
+/// The node's upload sessions.
+#[derive(Default)]
+pub(super) struct Table {
+    /// Sessions in memory, in any phase but `Ended`.
+    pub(super) open: HashMap<UploadId, Arc<Session>>,
+    /// Contents whose new session is being opened (`Reserved`).
+    opening: HashSet<ContentKey>,
+}
+
+/// A reserved place in the table; dropped without [`Reservation::open`] (the open failed), it
+/// frees the place.
+struct Reservation<'a> {
+    st: &'a Storage,
+    key: ContentKey,
+}
+
+impl Reservation<'_> {
+    /// `Reserved` -> `Receiving`: the session takes its place in the table (in one step, so
+    /// it is never counted twice or not at all).
+    fn open(self, s: Arc<Session>) {
+        let mut t = self.st.sessions.lock();
+        t.opening.remove(&self.key);
+        t.open.insert(s.rec.id, s);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.st.sessions.lock().opening.remove(&self.key);
     }
 }

@@ -255,7 +255,7 @@ fn the_reaper_asks_the_database_before_removing_an_idle_session() {
         name: "f".into(),
     };
     let id = a.init(&who(), &init).unwrap().upload_id;
-    let s = a.sessions.lock().get(&id).cloned().unwrap();
+    let s = a.sessions.lock().open.get(&id).cloned().unwrap();
     let long_ago = Instant::now().checked_sub(a.cfg.session_ttl() * 2).unwrap();
     s.state.lock().active = long_ago;
     let peer_expiry = s.state.lock().db_expires + 1;

@@ -25,9 +25,9 @@ pub mod range;
 pub mod respond;
 
 use crate::meta::FileRec;
-use crate::storage::{OpError, OpResult, Storage, Who};
+use crate::storage::{OpResult, Storage, Who};
 use anyhow::bail;
-use ferry_common::proto::{APP_ID_LEN, ErrorCode};
+use ferry_common::proto::APP_ID_LEN;
 use ferry_common::reactor::Conn;
 use log::{debug, warn};
 use mio::net::TcpStream;
@@ -223,13 +223,7 @@ impl Gateway {
         {
             return Ok(f.clone());
         }
-        let rec = self.st.stat(who, id)?;
-        let file = open_noatime(&self.st.root().join(&rec.path)).map_err(|e| {
-            OpError::new(
-                ErrorCode::Io,
-                format!("cannot open stored file {id} ({}): {e}", rec.path),
-            )
-        })?;
+        let (rec, file) = self.st.open_stored(who, id)?;
         let f = Arc::new(Stored::new(rec, file, deletes));
         let mut m = self.cache.lock();
         if m.len() >= self.cache_max {
@@ -272,20 +266,6 @@ impl Gateway {
 
     fn released(&self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Opens a stored file for reading without access-time updates (every sendfile would touch the
-/// inode otherwise); O_NOATIME needs the file's owner, so anything else opens it plainly.
-fn open_noatime(path: &std::path::Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOATIME)
-        .open(path)
-    {
-        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => File::open(path),
-        r => r,
     }
 }
 

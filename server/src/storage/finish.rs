@@ -230,9 +230,9 @@ impl Storage {
                 "no stored content to prove for this upload; send the blocks",
             ));
         };
-        let src = match self.meta.file(&c.file, &who.app) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
+        let (src, f) = match self.open_stored(who, &c.file) {
+            Ok(found) => found,
+            Err(e) if e.code == ErrorCode::NotFound => {
                 // The stored copy was deleted since the challenge was set: no instant upload.
                 s.state.lock().challenge = None;
                 let _ = self.meta.set_challenge(&s.rec.id, None);
@@ -241,10 +241,9 @@ impl Storage {
                     "the stored content is gone; send the blocks",
                 ));
             }
-            Err(e) => return Err(db_err(e, "file lookup")),
+            Err(e) => return Err(e),
         };
         let src_path = self.root.join(&src.path);
-        let f = File::open(&src_path).map_err(|e| io_err(&e, "cannot open stored content"))?;
         let want = hash_range(&f, c.off, c.len).map_err(|e| io_err(&e, "cannot read content"))?;
         if want != *proof {
             warn!(

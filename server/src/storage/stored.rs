@@ -1,4 +1,6 @@
-//! Stored files: STAT, DOWNLOAD (a range and its CRC32C), DELETE, DOWNLOAD_OVER.
+//! Stored files: STAT, the one opener of a stored file (DOWNLOAD, the HTTP gateway and
+//! UPLOAD_PROVE all read through it), DOWNLOAD (a range and its CRC32C), DELETE,
+//! DOWNLOAD_OVER.
 
 use super::*;
 use crate::meta::FileRec;
@@ -21,10 +23,19 @@ impl Storage {
         }
     }
 
+    /// The stored file `id` of `who.app`, looked up and opened for reading: NotFound for
+    /// another app's file or one that does not exist, Io when the record has no readable file.
+    pub fn open_stored(&self, who: &Who, id: &str) -> OpResult<(FileRec, File)> {
+        let rec = self.stat(who, id)?;
+        let file = open_noatime(&self.root.join(&rec.path))
+            .map_err(|e| io_err(&e, &format!("cannot open stored file {id} ({})", rec.path)))?;
+        Ok((rec, file))
+    }
+
     /// Opens a range for download and works out its CRC32C: from the stored per-block table
     /// when the range is whole blocks (no read at all), else by reading the range once.
     pub fn download(&self, who: &Who, req: &DownloadReq) -> OpResult<Download> {
-        let f = self.stat(who, &req.file_id)?;
+        let (f, file) = self.open_stored(who, &req.file_id)?;
         if req.offset > f.size {
             return Err(OpError::new(
                 ErrorCode::Range,
@@ -35,8 +46,6 @@ impl Storage {
             ));
         }
         let len = req.len.min(f.size - req.offset);
-        let file = File::open(self.root.join(&f.path))
-            .map_err(|e| io_err(&e, &format!("cannot open file {}", f.id)))?;
         let bs = u64::from(f.block_size);
         let end = req.offset + len;
         let blocks_ok = bs > 0 && f.crcs.len() as u64 == f.size.div_ceil(bs);
@@ -135,4 +144,19 @@ pub struct Download {
     pub len: u64,
     pub crc: u32,
     pub zero_copy: bool,
+}
+
+/// Opens a stored file for reading without access-time updates (every read or sendfile would
+/// touch the inode otherwise); O_NOATIME needs the file's owner, so anything else opens it
+/// plainly.
+fn open_noatime(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => File::open(path),
+        r => r,
+    }
 }

@@ -375,4 +375,16 @@ fn unaligned_ranges_get_a_computed_crc_and_combined_blocks_match() {
         assert_eq!(dl.crc, crc32c::crc32c(&data[off as usize..end]));
         assert_eq!(dl.zero_copy, zero_copy);
     }
+    // The one opener: the owner's app reads it; another app's "file" does not exist, and a
+    // record whose bytes are gone is an I/O error, never an empty file.
+    let (rec, f) = st.open_stored(&who, &id).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), rec.size);
+    let other = Who {
+        app: "b".into(),
+        user: "u".into(),
+    };
+    let code = |w: &Who| st.open_stored(w, &id).err().map(|e| e.code);
+    assert_eq!(code(&other), Some(ErrorCode::NotFound));
+    fs::remove_file(st.root().join(&rec.path)).unwrap();
+    assert_eq!(code(&who), Some(ErrorCode::Io));
 }

@@ -266,6 +266,12 @@ impl Config {
         {
             bail!("[cluster] needs a group and at least one tracker");
         }
+        if self.faults != Faults::default() && !cfg!(feature = "faults") {
+            bail!(
+                "[faults] injects failures for tests, and this ferry-server was built without \
+                 them (the `faults` feature, which only test builds enable): remove [faults]"
+            );
+        }
         if let Some(p) = &self.faults.pause_at
             && !PHASES.contains(&p.as_str())
         {
@@ -357,5 +363,29 @@ mod tests {
             ..Config::default()
         };
         assert!(cfg.check().is_err());
+    }
+
+    /// `[faults]` works only in a build with the `faults` feature (test builds); any other
+    /// build refuses to start with it rather than ignore it. `.ci/run` runs this test both ways.
+    #[test]
+    fn faults_need_a_build_that_has_them() {
+        let mut cfg = Config {
+            roles: vec![Role::Tracker],
+            ..Config::default()
+        };
+        cfg.check().unwrap();
+        cfg.faults.pause_at = Some("file-renamed".into());
+        let r = cfg.check();
+        if cfg!(feature = "faults") {
+            r.unwrap();
+            cfg.faults.pause_at = Some("nowhere".into());
+            assert!(cfg.check().unwrap_err().to_string().contains("pause_at"));
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("built without") && e.contains("remove [faults]"),
+                "{e}"
+            );
+        }
     }
 }

@@ -60,8 +60,8 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
              [link.members] unless the network is trusted"
         );
     }
-    if cfg.faults.write_fail_after.is_some() {
-        log::warn!("fault injection is ON (faults.write_fail_after): for tests only");
+    if cfg.faults != config::Faults::default() {
+        log::warn!("fault injection is ON ([faults]): for tests only");
     }
     let st = Arc::new(storage::Storage::open(cfg)?);
     let mut listeners = vec![ferry_common::net::listen(listen, 1024)?];

@@ -64,10 +64,9 @@ pub struct Storage {
     /// Small uploads being written now, by (app, user, upload key): a retry of one that is still
     /// committing waits (Busy) instead of storing a second copy.
     small_keys: KeyClaims,
-    /// Bytes of payload written so far, for the test-only write fault (config `faults`).
-    written: AtomicU64,
-    /// Arrivals held at `faults.pause_at` so far (for `faults.pause_times`).
-    paused: AtomicU64,
+    /// What the test-only faults (config `[faults]`) have counted.
+    #[cfg(feature = "faults")]
+    faults: faults::Counters,
     pub downloads_over: AtomicU64,
     /// Files deleted since start-up (see [`Storage::deletes`]).
     deleted: AtomicU64,
@@ -117,8 +116,8 @@ impl Storage {
             ids,
             sessions: Mutex::default(),
             small_keys: KeyClaims::default(),
-            written: AtomicU64::new(0),
-            paused: AtomicU64::new(0),
+            #[cfg(feature = "faults")]
+            faults: faults::Counters::default(),
             downloads_over: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
             node,

@@ -1,5 +1,6 @@
 //! The storage role: the data directory, upload sessions and every file operation, one module
-//! per lifecycle phase.
+//! per lifecycle phase. LIFECYCLE.md beside this file draws an upload session's and a stored
+//! file's states, the function behind every transition and what survives `kill -9` after it.
 //!
 //! Connections call these methods on their worker threads; the disk I/O (pwrite, pread,
 //! fsync, rename) happens inline there. Durability order for every new file: bytes written and

@@ -389,6 +389,68 @@ fn reply(c: &mut std::net::TcpStream) -> Option<Result<(), proto::ErrorCode>> {
     Some(Err(proto::ErrorBody::decode(&body).ok()?.code))
 }
 
+/// A storage node of one group killed and restarted (its start-up recovery runs on the shared
+/// database) leaves the other group's unfinished upload alone: the user's rerun resumes it,
+/// sending only the blocks that were missing, and the file is whole.
+#[test]
+fn a_restart_in_one_group_leaves_another_groups_upload_alone() {
+    let Some(mut s) = Setup::start("group-restart", 1, 2) else {
+        return;
+    };
+    let user = "lena";
+    let (group, _) = s.preferred(user);
+    let other = s
+        .layout
+        .nodes()
+        .into_iter()
+        .find(|(g, _, _)| *g != group)
+        .expect("a node of the other group")
+        .1;
+    let size: u64 = 48 << 20;
+    let src = s.path("video.mp4");
+    make_file(&src, size, 9);
+    let before = s.bytes_to_nodes();
+    let path = src.to_str().unwrap();
+    let mut up: Child = s
+        .ferry(user, &["upload", "--threads", "1", path])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // A quarter through, the client dies: an unfinished session stays in the user's group.
+    let t = Instant::now();
+    while s.bytes_to_nodes() - before < size / 4 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "upload did not start"
+        );
+        assert!(up.try_wait().unwrap().is_none(), "upload ended too soon");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    up.kill().unwrap();
+    up.wait().unwrap();
+    s.cluster.restart(&other).unwrap();
+    let r = cli::run(s.ferry(user, &["upload", path]));
+    assert!(r.ok, "rerun: {}\n{}", r.stderr, tails(&s.logs));
+    let rep = r.report();
+    eprintln!("rerun after a restart in group {group}'s neighbour: {rep}");
+    assert!(
+        rep["blocks_skipped"].as_u64().unwrap() >= 4,
+        "the upload started over: {rep}\n{}",
+        tails(&s.logs)
+    );
+    let out = s.path("video.out");
+    let id = r.json()["file_id"].as_str().unwrap().to_owned();
+    let down = s.download(user, &id, &out);
+    assert!(down.ok, "{}", down.stderr);
+    assert_eq!(sha256_file(&out), sha256_file(&src));
+    let log = std::fs::read_to_string(s.logs.join(format!("{other}.log"))).unwrap();
+    assert!(
+        !log.contains("removing upload session"),
+        "{other} removed another group's session: {log}"
+    );
+}
+
 #[test]
 fn kill_9_of_the_node_serving_an_upload_finishes_through_its_peer() {
     let Some(mut s) = Setup::start("kill9", 2, 2) else {

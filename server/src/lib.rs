@@ -99,7 +99,9 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    let reaper = reaper::Reaper::start(st.clone());
+    // Expiry, like start-up recovery, is the storage role's: a tracker or id server keeps no
+    // uploads of its own and must not touch the storage groups' rows.
+    let reaper = roles.storage.then(|| reaper::Reaper::start(st.clone()));
     let syncer = syncer::Syncer::start(st.clone()).context("cannot start the block syncer")?;
     let result = r.run(Arc::new(conn::ServerService {
         st: st.clone(),
@@ -111,7 +113,9 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     drop(beater);
     roles.stop();
     syncer.stop();
-    reaper.stop();
+    if let Some(r) = reaper {
+        r.stop();
+    }
     info!("ferry-server stopped");
     result.context("reactor failed")
 }

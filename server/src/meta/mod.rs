@@ -35,8 +35,10 @@ pub const FILE_DELETING: u8 = 2;
 /// 1: files, sessions, blocks, finished uploads, id steps. 2: `files.node` (who is committing
 /// a file) and `upload_claims` (small-upload keys being written, across nodes). 3: indexes on
 /// `finished_uploads` by file (every commit and delete looks its upload up by file id) and by
-/// age (the reaper's expiry); without them each of those scanned a day of uploads.
-pub const SCHEMA_VERSION: i64 = 3;
+/// age (the reaper's expiry); without them each of those scanned a day of uploads. 4: the
+/// storage group (`grp`) of every file and upload session, so the groups sharing a database
+/// keep to their own rows; older rows have group "" (a standalone server's).
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// One stored file (or one committing; see [`FILE_COMMITTING`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,11 +100,15 @@ pub enum Claim {
 
 /// What the storage role needs from a metadata backend. Every method is one transaction, and
 /// every one is correct when several processes use the same database at once.
+///
+/// A store belongs to one storage group (see [`open`]): the records it inserts are that
+/// group's, and the methods marked "(this group)" see no other group's records, so nothing a
+/// node does to its own data directory can touch another group's files or uploads.
 pub trait MetaStore: Send + Sync {
     /// Reserves `step` ids for `key` and returns the first; the range is never handed out again.
     fn reserve_ids(&self, key: &str, step: u64) -> Result<u64>;
-    /// Inserts a committing file record and, in the same transaction, records which upload
-    /// (a big file's session id, or a small file's upload key) it finishes.
+    /// Inserts a committing file record of this group and, in the same transaction, records
+    /// which upload (a big file's session id, or a small file's upload key) it finishes.
     fn insert_file(&self, f: &FileRec, upload: Option<&UploadId>) -> Result<()>;
     /// Marks a committing file stored and, in the same transaction, deletes the session it
     /// finishes (if any).
@@ -113,21 +119,24 @@ pub trait MetaStore: Send + Sync {
     fn expire_finished(&self, before_ms: u64) -> Result<usize>;
     /// A file visible to `app` (stored, not committing).
     fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
-    /// A stored file of `app` with this content, for instant upload.
+    /// A stored file of `app` with this content, for instant upload (this group: content in
+    /// another group's data directory cannot be linked).
     fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>>;
     /// Marks a stored file of `app` deleting (invisible from then on), returning it; the caller
-    /// unlinks its bytes and then drops the record.
+    /// unlinks its bytes and then drops the record (this group: only it holds the bytes).
     fn delete_file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
     /// Deletes any file record (after a deletion's unlink, or start-up clean-up).
     fn drop_file(&self, id: &str) -> Result<()>;
-    /// Every file record in `status` (start-up: committing and deleting ones).
+    /// Every file record in `status` (this group; start-up: committing and deleting ones).
     fn files_with_status(&self, status: u8) -> Result<Vec<FileRec>>;
+    /// Inserts a session of this group.
     fn insert_session(&self, s: &SessionRec) -> Result<()>;
+    /// Every session (this group: start-up recovery and the reaper's adoption).
     fn sessions(&self) -> Result<Vec<SessionRec>>;
     /// One session (a peer started it, or this node forgot it).
     fn session(&self, id: &UploadId) -> Result<Option<SessionRec>>;
     /// The most recently opened session of this app and user for this content that has not
-    /// expired at `now_ms` (UPLOAD_INIT resumes it on any node of the group).
+    /// expired at `now_ms` (this group; UPLOAD_INIT resumes it on any node of the group).
     fn open_session(
         &self,
         app: &str,
@@ -169,11 +178,16 @@ pub trait MetaStore: Send + Sync {
 }
 
 /// Opens the backend `meta_url` names: unset = SQLite at `<data>/meta.db`,
-/// `postgres://` or `postgresql://` = PostgreSQL.
-pub fn open(meta_url: Option<&str>, data: &Path) -> Result<Arc<dyn MetaStore>> {
+/// `postgres://` or `postgresql://` = PostgreSQL. The store writes its files and sessions as
+/// storage group `group`'s ("" standalone), and recovery, expiry, deletes, deduplication and
+/// resuming by content see only that group's: the groups of a cluster share one database but
+/// each has its own data directory.
+pub fn open(meta_url: Option<&str>, data: &Path, group: &str) -> Result<Arc<dyn MetaStore>> {
     match backend(meta_url)? {
-        Backend::Sqlite => Ok(Arc::new(SqliteStore::open(&data.join("meta.db"))?)),
-        Backend::Pg(url) => Ok(Arc::new(PgStore::open(url)?)),
+        Backend::Sqlite => Ok(Arc::new(
+            SqliteStore::open(&data.join("meta.db"))?.in_group(group),
+        )),
+        Backend::Pg(url) => Ok(Arc::new(PgStore::open(url)?.in_group(group))),
     }
 }
 

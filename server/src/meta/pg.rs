@@ -30,6 +30,8 @@ const MIGRATION_LOCK: i64 = 0x6665_7272_795f_6d31; // "ferry_m1"
 
 pub struct PgStore {
     pool: Pool<PostgresConnectionManager<NoTls>>,
+    /// The storage group whose rows this store writes and recovers ("" standalone).
+    group: String,
     /// host:port/db, for error context (never the password).
     target: String,
 }
@@ -110,6 +112,14 @@ impl PgStore {
         Self::open_config(cfg)
     }
 
+    /// The same store, writing and recovering the rows of storage group `group`.
+    pub fn in_group(self, group: &str) -> PgStore {
+        PgStore {
+            group: group.to_owned(),
+            ..self
+        }
+    }
+
     pub fn open_config(mut cfg: postgres::Config) -> Result<PgStore> {
         cfg.connect_timeout(CHECKOUT_TIMEOUT);
         let target = describe(&cfg);
@@ -120,7 +130,11 @@ impl PgStore {
             .connection_timeout(CHECKOUT_TIMEOUT)
             .build(PostgresConnectionManager::new(cfg, NoTls))
             .with_context(|| format!("cannot connect to PostgreSQL at {target}"))?;
-        let st = PgStore { pool, target };
+        let st = PgStore {
+            pool,
+            target,
+            group: String::new(),
+        };
         st.tx(|tx| {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
             tx.batch_execute(SCHEMA)?;
@@ -137,8 +151,8 @@ impl PgStore {
                 Some(v) if v > SCHEMA_VERSION => anyhow::bail!(
                     "metadata schema version {v} is newer than this server's {SCHEMA_VERSION}"
                 ),
-                // Versions 1 to 3 differ by objects SCHEMA creates if missing; later
-                // versions add their steps here.
+                // Versions 1 to 4 differ by objects and columns SCHEMA creates if missing;
+                // later versions add their steps here.
                 Some(_) => {
                     tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])?;
                 }
@@ -194,8 +208,8 @@ impl MetaStore for PgStore {
         self.tx(|tx| {
             tx.execute(
                 &format!(
-                    "INSERT INTO files ({FILE_COLS}, updated) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                    "INSERT INTO files ({FILE_COLS}, updated, grp) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
                 ),
                 &[
                     &f.id,
@@ -212,6 +226,7 @@ impl MetaStore for PgStore {
                     &created,
                     &f.node,
                     &now,
+                    &self.group,
                 ],
             )?;
             if let Some(u) = upload {
@@ -290,9 +305,16 @@ impl MetaStore for PgStore {
             tx.query_opt(
                 &format!(
                     "SELECT {FILE_COLS} FROM files \
-                     WHERE app = $1 AND sha256 = $2 AND size = $3 AND status = $4 LIMIT 1"
+                     WHERE app = $1 AND sha256 = $2 AND size = $3 AND status = $4 AND grp = $5 \
+                     LIMIT 1"
                 ),
-                &[&app, &sha256.as_slice(), &size, &i64::from(FILE_STORED)],
+                &[
+                    &app,
+                    &sha256.as_slice(),
+                    &size,
+                    &i64::from(FILE_STORED),
+                    &self.group,
+                ],
             )?
             .as_ref()
             .map(file_row)
@@ -308,7 +330,8 @@ impl MetaStore for PgStore {
                 .query_opt(
                     &format!(
                         "UPDATE files SET status = $4, updated = $5 \
-                         WHERE id = $1 AND app = $2 AND status = $3 RETURNING {FILE_COLS}"
+                         WHERE id = $1 AND app = $2 AND status = $3 AND grp = $6 \
+                         RETURNING {FILE_COLS}"
                     ),
                     &[
                         &id,
@@ -316,6 +339,7 @@ impl MetaStore for PgStore {
                         &i64::from(FILE_STORED),
                         &i64::from(FILE_DELETING),
                         &now,
+                        &self.group,
                     ],
                 )?
                 .as_ref()
@@ -343,8 +367,8 @@ impl MetaStore for PgStore {
     fn files_with_status(&self, status: u8) -> Result<Vec<FileRec>> {
         self.tx(|tx| {
             tx.query(
-                &format!("SELECT {FILE_COLS} FROM files WHERE status = $1"),
-                &[&i64::from(status)],
+                &format!("SELECT {FILE_COLS} FROM files WHERE status = $1 AND grp = $2"),
+                &[&i64::from(status), &self.group],
             )?
             .iter()
             .map(file_row)
@@ -369,8 +393,8 @@ impl MetaStore for PgStore {
         self.tx(|tx| {
             tx.execute(
                 &format!(
-                    "INSERT INTO upload_sessions ({SESSION_COLS}) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                    "INSERT INTO upload_sessions ({SESSION_COLS}, grp) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
                 ),
                 &[
                     &s.id.as_slice(),
@@ -387,6 +411,7 @@ impl MetaStore for PgStore {
                     &cf,
                     &co,
                     &cl,
+                    &self.group,
                 ],
             )?;
             Ok(())
@@ -395,10 +420,13 @@ impl MetaStore for PgStore {
 
     fn sessions(&self) -> Result<Vec<SessionRec>> {
         self.tx(|tx| {
-            tx.query(&format!("SELECT {SESSION_COLS} FROM upload_sessions"), &[])?
-                .iter()
-                .map(session_row)
-                .collect()
+            tx.query(
+                &format!("SELECT {SESSION_COLS} FROM upload_sessions WHERE grp = $1"),
+                &[&self.group],
+            )?
+            .iter()
+            .map(session_row)
+            .collect()
         })
     }
 
@@ -429,7 +457,7 @@ impl MetaStore for PgStore {
                 &format!(
                     r#"SELECT {SESSION_COLS} FROM upload_sessions WHERE app = $1 AND "user" = $2
                        AND size = $3 AND block_size = $4 AND sha256 = $5 AND expires > $6
-                       ORDER BY created DESC LIMIT 1"#
+                       AND grp = $7 ORDER BY created DESC LIMIT 1"#
                 ),
                 &[
                     &app,
@@ -438,6 +466,7 @@ impl MetaStore for PgStore {
                     &i64::from(block_size),
                     &sha256.as_slice(),
                     &now,
+                    &self.group,
                 ],
             )?
             .as_ref()

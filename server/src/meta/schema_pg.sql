@@ -74,4 +74,10 @@ CREATE TABLE IF NOT EXISTS upload_claims (
     PRIMARY KEY (app, "user", key)
 );
 
+-- The storage group of every file and upload session (schema version 4): the groups of a
+-- cluster share this database, each with its own data directory; a node recovers, expires,
+-- deletes and deduplicates its own group's rows only. Rows from before have group ''.
+ALTER TABLE files ADD COLUMN IF NOT EXISTS grp TEXT NOT NULL DEFAULT '';
+ALTER TABLE upload_sessions ADD COLUMN IF NOT EXISTS grp TEXT NOT NULL DEFAULT '';
+
 CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);

@@ -21,6 +21,8 @@ pub struct SqliteStore {
     pub(super) db: Mutex<Connection>,
     /// `<db>-wal` and the syncs of it; none for an in-memory database.
     wal: Option<(PathBuf, SyncGroup)>,
+    /// The storage group whose rows this store writes and recovers ("" standalone).
+    group: String,
 }
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -94,6 +96,11 @@ const STEPS: &[(i64, &str)] = &[
         "CREATE INDEX finished_file ON finished_uploads (file_id); \
          CREATE INDEX finished_age ON finished_uploads (finished);",
     ),
+    (
+        4,
+        "ALTER TABLE files ADD COLUMN grp TEXT NOT NULL DEFAULT ''; \
+         ALTER TABLE upload_sessions ADD COLUMN grp TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 // The last step is the version this server writes.
@@ -148,6 +155,7 @@ impl SqliteStore {
         let st = SqliteStore {
             db: Mutex::new(db),
             wal: Some((PathBuf::from(wal), SyncGroup::default())),
+            group: String::new(),
         };
         // The migration's commit, like every other, is durable before the server serves.
         st.durable()?;
@@ -162,7 +170,16 @@ impl SqliteStore {
         Ok(SqliteStore {
             db: Mutex::new(db),
             wal: None,
+            group: String::new(),
         })
+    }
+
+    /// The same store, writing and recovering the rows of storage group `group`.
+    pub fn in_group(self, group: &str) -> SqliteStore {
+        SqliteStore {
+            group: group.to_owned(),
+            ..self
+        }
     }
 
     /// A store over an open connection, never synced: tests that write the databases older
@@ -172,6 +189,7 @@ impl SqliteStore {
         SqliteStore {
             db: Mutex::new(db),
             wal: None,
+            group: String::new(),
         }
     }
 
@@ -256,8 +274,8 @@ impl MetaStore for SqliteStore {
             exec(
                 tx,
                 &format!(
-                    "INSERT INTO files ({FILE_COLS}, updated) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                    "INSERT INTO files ({FILE_COLS}, updated, grp) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                 ),
                 params![
                     f.id,
@@ -273,7 +291,8 @@ impl MetaStore for SqliteStore {
                     crcs_to_blob(&f.crcs),
                     f.created as i64,
                     f.node,
-                    now
+                    now,
+                    self.group
                 ],
             )?;
             if let Some(u) = upload {
@@ -347,10 +366,10 @@ impl MetaStore for SqliteStore {
         let db = self.db.lock();
         let mut q = db.prepare_cached(&format!(
             "SELECT {FILE_COLS} FROM files \
-             WHERE app = ?1 AND sha256 = ?2 AND size = ?3 AND status = ?4 LIMIT 1"
+             WHERE app = ?1 AND sha256 = ?2 AND size = ?3 AND status = ?4 AND grp = ?5 LIMIT 1"
         ))?;
         Ok(q.query_row(
-            params![app, sha256.as_slice(), size as i64, FILE_STORED],
+            params![app, sha256.as_slice(), size as i64, FILE_STORED, self.group],
             file_row,
         )
         .optional()?)
@@ -360,9 +379,10 @@ impl MetaStore for SqliteStore {
         self.write(|tx| {
             let rec = tx
                 .prepare_cached(&format!(
-                    "SELECT {FILE_COLS} FROM files WHERE id = ?1 AND app = ?2 AND status = ?3"
+                    "SELECT {FILE_COLS} FROM files \
+                     WHERE id = ?1 AND app = ?2 AND status = ?3 AND grp = ?4"
                 ))?
-                .query_row(params![id, app, FILE_STORED], file_row)
+                .query_row(params![id, app, FILE_STORED, self.group], file_row)
                 .optional()?;
             if rec.is_some() {
                 exec(
@@ -386,8 +406,10 @@ impl MetaStore for SqliteStore {
 
     fn files_with_status(&self, status: u8) -> Result<Vec<FileRec>> {
         let db = self.db.lock();
-        let mut st = db.prepare(&format!("SELECT {FILE_COLS} FROM files WHERE status = ?1"))?;
-        let rows = st.query_map([status], file_row)?;
+        let mut st = db.prepare(&format!(
+            "SELECT {FILE_COLS} FROM files WHERE status = ?1 AND grp = ?2"
+        ))?;
+        let rows = st.query_map(params![status, self.group], file_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
@@ -400,8 +422,8 @@ impl MetaStore for SqliteStore {
             exec(
                 tx,
                 &format!(
-                    "INSERT INTO upload_sessions ({SESSION_COLS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                    "INSERT INTO upload_sessions ({SESSION_COLS}, grp) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                 ),
                 params![
                     s.id.as_slice(),
@@ -417,7 +439,8 @@ impl MetaStore for SqliteStore {
                     s.expires_ms as i64,
                     cf,
                     co,
-                    cl
+                    cl,
+                    self.group
                 ],
             )?;
             Ok(())
@@ -426,8 +449,10 @@ impl MetaStore for SqliteStore {
 
     fn sessions(&self) -> Result<Vec<SessionRec>> {
         let db = self.db.lock();
-        let mut st = db.prepare_cached(&format!("SELECT {SESSION_COLS} FROM upload_sessions"))?;
-        let rows = st.query_map([], session_row)?;
+        let mut st = db.prepare_cached(&format!(
+            "SELECT {SESSION_COLS} FROM upload_sessions WHERE grp = ?1"
+        ))?;
+        let rows = st.query_map([&self.group], session_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
@@ -451,13 +476,21 @@ impl MetaStore for SqliteStore {
         let db = self.db.lock();
         let mut q = db.prepare_cached(&format!(
             "SELECT {SESSION_COLS} FROM upload_sessions WHERE app = ?1 AND user = ?2 \
-             AND size = ?3 AND block_size = ?4 AND sha256 = ?5 AND expires > ?6 \
+             AND size = ?3 AND block_size = ?4 AND sha256 = ?5 AND expires > ?6 AND grp = ?7 \
              ORDER BY created DESC LIMIT 1"
         ))?;
         let size = i64::try_from(size)?;
         let now = i64::try_from(now_ms)?;
         Ok(q.query_row(
-            params![app, user, size, block_size, sha256.as_slice(), now],
+            params![
+                app,
+                user,
+                size,
+                block_size,
+                sha256.as_slice(),
+                now,
+                self.group
+            ],
             session_row,
         )
         .optional()?)

@@ -189,6 +189,66 @@ fn the_open_session_of_a_content_is_the_newest_unexpired_one(m: &dyn MetaStore) 
     assert_eq!(find("u", 101, 1_000), None);
 }
 
+/// Two groups' stores on one database: each writes its own rows and recovers, expires,
+/// deletes, deduplicates and resumes only its own; a stored file is readable through both.
+fn groups_sharing_a_database_keep_to_their_own_rows(g1: &dyn MetaStore, g2: &dyn MetaStore) {
+    let s1 = session(1, 9_000);
+    let s2 = SessionRec {
+        sha256: [2; 32],
+        ..session(2, 9_000)
+    };
+    g1.insert_session(&s1).unwrap();
+    g2.insert_session(&s2).unwrap();
+    let ids =
+        |m: &dyn MetaStore| -> Vec<u8> { m.sessions().unwrap().iter().map(|s| s.id[0]).collect() };
+    assert_eq!((ids(g1), ids(g2)), (vec![1], vec![2]));
+    let open = |m: &dyn MetaStore, s: &SessionRec| {
+        m.open_session("a", "u", s.size, s.block_size, &s.sha256, 0)
+            .unwrap()
+            .map(|r| r.id[0])
+    };
+    assert_eq!((open(g1, &s1), open(g2, &s1)), (Some(1), None));
+    let f = file("f1", 1);
+    g1.insert_file(&f, Some(&s1.id)).unwrap();
+    let committing = |m: &dyn MetaStore| m.files_with_status(FILE_COMMITTING).unwrap().len();
+    assert_eq!((committing(g1), committing(g2)), (1, 0));
+    g1.commit_file(&f.id).unwrap();
+    assert!(
+        g1.session(&s1.id).unwrap().is_none(),
+        "the commit ends the session"
+    );
+    // Readable from any group (the routing finds its group); its bytes are g1's.
+    assert!(g1.file("f1", "app").unwrap().is_some());
+    assert!(g2.file("f1", "app").unwrap().is_some());
+    assert!(g2.find_content("app", &f.sha256, f.size).unwrap().is_none());
+    assert!(g1.find_content("app", &f.sha256, f.size).unwrap().is_some());
+    assert!(g2.delete_file("f1", "app").unwrap().is_none());
+    assert!(
+        g1.file("f1", "app").unwrap().is_some(),
+        "g2 deleted g1's file"
+    );
+    assert!(g1.delete_file("f1", "app").unwrap().is_some());
+    let deleting = |m: &dyn MetaStore| m.files_with_status(FILE_DELETING).unwrap().len();
+    assert_eq!((deleting(g1), deleting(g2)), (1, 0));
+}
+
+#[test]
+fn sqlite_groups_sharing_a_database_keep_to_their_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.db");
+    let g1 = SqliteStore::open(&path).unwrap().in_group("g1");
+    let g2 = SqliteStore::open(&path).unwrap().in_group("g2");
+    groups_sharing_a_database_keep_to_their_own_rows(&g1, &g2);
+}
+
+#[test]
+fn pg_groups_sharing_a_database_keep_to_their_own_rows() {
+    if let Some(db) = crate::meta::pg::testdb::create("groups_keep_to_their_rows") {
+        let (g1, g2) = (db.store().in_group("g1"), db.store().in_group("g2"));
+        groups_sharing_a_database_keep_to_their_own_rows(&g1, &g2);
+    }
+}
+
 /// Declares `sqlite::NAME` and `pg::NAME` for every test body NAME above.
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
@@ -267,10 +327,25 @@ fn sqlite_migrates_a_version_2_database() {
             )
             .unwrap();
         assert_eq!(plan, "SCAN finished_uploads", "version 2 had no index");
-        let m = SqliteStore::over(db);
-        m.insert_session(&session(2, 1000)).unwrap();
-        m.insert_file(&file("old", 1), Some(&[2; 16])).unwrap();
+        // The rows as the version-2 server wrote them: a session, and the committing file
+        // that finishes it.
+        db.execute_batch(
+            "INSERT INTO upload_sessions (id, app, user, size, block_size, blocks, sha256, \
+             name, temp_path, created, expires) VALUES (x'02020202020202020202020202020202', \
+             'a', 'u', 100, 65536, 1, zeroblob(32), 'x', 'tmp/x', 1, 1000); \
+             INSERT INTO files (id, num, app, user, status, path, size, sha256, name, \
+             block_size, crcs, created, updated, node) VALUES ('old', 1, 'app', 'u', 0, 'p', \
+             10, zeroblob(32), 'n', 65536, x'', 5, 5, 'n1'); \
+             INSERT INTO finished_uploads (upload_id, app, user, file_id, finished) \
+             VALUES (x'02020202020202020202020202020202', 'app', 'u', 'old', 1);",
+        )
+        .unwrap();
     }
+    // Older rows are group "": a standalone server's store still recovers them.
+    let m = SqliteStore::open(&path).unwrap();
+    assert_eq!(m.sessions().unwrap().len(), 1);
+    assert_eq!(m.files_with_status(FILE_COMMITTING).unwrap().len(), 1);
+    drop(m);
     for _ in 0..2 {
         let m = SqliteStore::open(&path).unwrap();
         m.commit_file("old").unwrap();
@@ -389,8 +464,8 @@ fn pg_schema_is_applied_once_by_nodes_starting_together() {
 #[test]
 fn open_picks_the_backend_from_the_url() {
     let dir = tempfile::tempdir().unwrap();
-    open(None, dir.path()).unwrap();
+    open(None, dir.path(), "").unwrap();
     assert!(dir.path().join("meta.db").exists());
-    let err = open(Some("mysql://x@h/db"), dir.path()).err().unwrap();
+    let err = open(Some("mysql://x@h/db"), dir.path(), "").err().unwrap();
     assert!(err.to_string().contains("unsupported"), "{err}");
 }

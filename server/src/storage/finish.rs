@@ -14,28 +14,54 @@ use std::path::Path;
 use std::sync::Arc;
 
 impl Storage {
-    /// Allocates a numeric id, file id and final path, creating the path's directories.
-    pub(super) fn new_file_slot(&self) -> OpResult<(u64, String, String)> {
+    /// The one way a file becomes stored: `content`, verified and synced at `src`, gets a
+    /// numeric id, a file id and its path (directories made and synced), then is placed with
+    /// [`Storage::commit_new_file`]. `link` hard-links `src` (stored content shared by an
+    /// instant upload) instead of renaming it; `upload` is the session or small-file key the
+    /// file finishes, so a repeated request gets the same file.
+    pub(super) fn store_new_file(
+        &self,
+        content: NewFile,
+        src: &Path,
+        link: bool,
+        upload: &UploadId,
+    ) -> OpResult<FileRec> {
         let num = self.ids.next_id().map_err(|e| db_err(e, "id allocation"))?;
         let path = file_path(num, now_secs());
         if let Some(dir) = self.root.join(&path).parent() {
             create_dirs_synced(dir, &self.root)
                 .map_err(|e| io_err(&e, "cannot create data directory"))?;
         }
-        Ok((num, file_id(num), path))
+        let rec = FileRec {
+            id: file_id(num),
+            num,
+            app: content.app,
+            user: content.user,
+            status: FILE_COMMITTING,
+            path,
+            size: content.size,
+            sha256: content.sha256,
+            name: content.name,
+            block_size: content.block_size,
+            crcs: content.crcs,
+            created: now_secs(),
+            node: self.node.clone(),
+        };
+        self.commit_new_file(&rec, src, link, upload)?;
+        Ok(rec)
     }
 
     /// Moves a verified, fsynced temp file into its final place and records it. `link` makes
     /// a hard link instead of a rename (instant upload sharing stored content).
-    pub(super) fn commit_new_file(
+    fn commit_new_file(
         &self,
         rec: &FileRec,
         src: &Path,
         link: bool,
-        upload: Option<&UploadId>,
+        upload: &UploadId,
     ) -> OpResult<()> {
         self.meta
-            .insert_file(rec, upload)
+            .insert_file(rec, Some(upload))
             .map_err(|e| db_err(e, "file insert"))?;
         self.phase("file-inserted", &rec.id);
         let dst = self.root.join(&rec.path);
@@ -187,29 +213,22 @@ impl Storage {
         s.file
             .sync_all()
             .map_err(|e| io_err(&e, "cannot sync the upload"))?;
-        let (num, id, path) = self.new_file_slot()?;
-        let rec = FileRec {
-            id: id.clone(),
-            num,
+        let content = NewFile {
             app: r.app.clone(),
             user: r.user.clone(),
-            status: FILE_COMMITTING,
-            path,
             size: r.size,
             sha256: r.sha256,
             name: r.name.clone(),
             block_size: r.block_size,
             crcs: s.state.lock().crcs.clone(),
-            created: now_secs(),
-            node: self.node.clone(),
         };
-        self.commit_new_file(&rec, &self.root.join(&r.temp_path), false, Some(&r.id))?;
+        let rec = self.store_new_file(content, &self.root.join(&r.temp_path), false, &r.id)?;
         self.forget(&r.id);
         info!(
-            "upload {hex_id} complete: file {id} ({} bytes, {} blocks) at {}",
-            r.size, r.blocks, rec.path
+            "upload {hex_id} complete: file {} ({} bytes, {} blocks) at {}",
+            rec.id, r.size, r.blocks, rec.path
         );
-        Ok(id)
+        Ok(rec.id)
     }
 
     pub fn prove(&self, who: &Who, id: &UploadId, proof: &Digest32) -> OpResult<String> {
@@ -258,26 +277,19 @@ impl Storage {
             ));
         }
         let placed = self.finishing(who, &s, || {
-            let (num, fid, path) = self.new_file_slot()?;
-            let rec = FileRec {
-                id: fid.clone(),
-                num,
+            let content = NewFile {
                 app: who.app.clone(),
                 user: who.user.clone(),
-                status: FILE_COMMITTING,
-                path,
                 size: src.size,
                 sha256: src.sha256,
                 name: s.rec.name.clone(),
                 block_size: src.block_size,
                 crcs: src.crcs.clone(),
-                created: now_secs(),
-                node: self.node.clone(),
             };
             // The temp file goes first: if we crash after the commit below, start-up sees a
             // session without its temp file and removes it.
             let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
-            self.commit_new_file(&rec, &src_path, true, Some(&s.rec.id))?;
+            let fid = self.store_new_file(content, &src_path, true, &s.rec.id)?.id;
             self.forget(&s.rec.id);
             info!(
                 "instant upload {}: file {fid} shares the content of {}",
@@ -302,4 +314,16 @@ pub(super) fn hash_range(f: &File, off: u64, len: u64) -> io::Result<Digest32> {
         done += n as u64;
     }
     Ok(sha.finalize().into())
+}
+
+/// What a new file holds, before it has an id and a place ([`Storage::store_new_file`]).
+pub(super) struct NewFile {
+    pub(super) app: String,
+    pub(super) user: String,
+    pub(super) size: u64,
+    pub(super) sha256: Digest32,
+    pub(super) name: String,
+    pub(super) block_size: u32,
+    /// CRC32C of every block.
+    pub(super) crcs: Vec<u32>,
 }

@@ -33,6 +33,7 @@ use datadir::{
     NODES, TMP, create_dirs_synced, fsync_dir, lock_data_dir, node_name, preallocate, random_hex,
 };
 use errors::{db_err, io_err};
+use finish::NewFile;
 use recovery::active_at_start;
 use session::{HASH_CHUNK, HashProgress, Phase, SessionState};
 use small::KeyClaims;
@@ -101,7 +102,8 @@ impl Storage {
                 .with_context(|| format!("cannot create data dir {}", root.display()))?;
         }
         let locks = lock_data_dir(&root, &node)?;
-        let meta = crate::meta::open(cfg.meta_url.as_deref(), &root)?;
+        let group = cfg.cluster.as_ref().map_or("", |c| c.group.as_str());
+        let meta = crate::meta::open(cfg.meta_url.as_deref(), &root, group)?;
         let ids: Arc<dyn IdAllocator> =
             Arc::new(StepAllocator::new(meta.clone(), "data", cfg.id_step));
         if !node.is_empty() {
@@ -125,7 +127,11 @@ impl Storage {
             tmp_rel,
             _locks: locks,
         };
-        st.recover()?;
+        // A process without the storage role (a tracker, an id server) keeps no uploads: its
+        // start-up must not finish or roll back the rows of the groups sharing its database.
+        if st.cfg.has_role(crate::config::Role::Storage) {
+            st.recover()?;
+        }
         Ok(st)
     }
 

@@ -18,7 +18,9 @@ pub(super) fn active_at_start(expires_ms: u64, now_ms: u64, ttl: std::time::Dura
 }
 
 impl Storage {
-    /// Start-up clean-up. What each step may touch, so that a live peer's work survives:
+    /// Start-up clean-up, of this node's group only: the metadata store returns no other
+    /// group's rows (another group's files and temp files live in another data directory). What
+    /// each step may touch, so that a live peer's work survives:
     /// - deletions cut short (`deleting` rows): any; finishing one is idempotent (unlink, drop).
     /// - `committing` rows: this node's, or a dead peer's ([`Storage::peer_alive`]); a live
     ///   peer may be between its insert and its rename.

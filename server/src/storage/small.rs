@@ -2,9 +2,7 @@
 //! committed when the bytes match their SHA-256.
 
 use super::*;
-use crate::meta::{
-    Claim, FILE_COMMITTING, FileRec, MetaStore, Sha256 as Digest32, UploadId, now_secs,
-};
+use crate::meta::{Claim, MetaStore, Sha256 as Digest32, UploadId};
 use ferry_common::proto::{ErrorCode, UploadMeta};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
@@ -196,29 +194,22 @@ impl SmallWriter {
         self.file
             .sync_all()
             .map_err(|e| io_err(&e, "cannot sync the file"))?;
-        let (num, id, path) = st.new_file_slot()?;
-        let rec = FileRec {
-            id: id.clone(),
-            num,
+        let content = NewFile {
             app: self.who.app.clone(),
             user: self.who.user.clone(),
-            status: FILE_COMMITTING,
-            path,
             size: self.size,
             sha256: got,
             name: self.meta.name.clone(),
             block_size: self.block_size,
             crcs: std::mem::take(&mut self.crcs),
-            created: now_secs(),
-            node: st.node.clone(),
         };
-        st.commit_new_file(&rec, &self.tmp, false, Some(&self.meta.key))?;
+        let rec = st.store_new_file(content, &self.tmp, false, &self.meta.key)?;
         self.done = true;
         info!(
-            "file {id} stored: {} bytes for app {} user {} at {}",
-            self.size, self.who.app, self.who.user, rec.path
+            "file {} stored: {} bytes for app {} user {} at {}",
+            rec.id, self.size, self.who.app, self.who.user, rec.path
         );
-        Ok(id)
+        Ok(rec.id)
     }
 }
 

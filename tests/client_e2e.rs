@@ -531,17 +531,21 @@ fn bad_input_fails_with_one_line_and_no_output() {
             "no proxy",
         ),
         (
-            "every proxy down",
-            ferry(&state, &dead, &["upload", src.to_str().unwrap()]),
+            "every proxy down (past a 1 s outage window)",
+            ferry(
+                &state,
+                &dead,
+                &["--outage-window", "1", "upload", src.to_str().unwrap()],
+            ),
             "gave up after",
         ),
         (
-            // A live proxy without a server is waited on for tries x timeout (here 3 x 1 s),
+            // A live proxy without a server is waited on for the outage window (here 3 s),
             // long enough to ride out a server restart, then reported.
             "server behind the proxy down",
             {
                 let conf = c.path("short-timeout.toml");
-                std::fs::write(&conf, "timeout_ms = 1000\n").unwrap();
+                std::fs::write(&conf, "timeout_ms = 1000\noutage_window_ms = 3000\n").unwrap();
                 let conf = conf.to_str().unwrap().to_owned();
                 ferry(&state, &[orphan], &["--config", &conf, "stat", &id])
             },

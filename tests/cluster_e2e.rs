@@ -67,10 +67,11 @@ impl Setup {
             Logs::Dir(logs.clone()),
         )
         .unwrap_or_else(|e| panic!("{test}: cluster did not start: {e}\n{}", tails(&logs)));
-        // Short client timeouts keep the failure cases quick; the retry window is 3 x 1 s.
+        // Short client timeouts keep the failure cases quick; the outage window is 3 s.
         std::fs::write(
             dir.path().join("client.toml"),
-            "timeout_ms = 1000\ntries_per_proxy = 3\nblock_size = \"1MiB\"\n",
+            "timeout_ms = 1000\ntries_per_proxy = 3\noutage_window_ms = 3000\n\
+             block_size = \"1MiB\"\n",
         )
         .unwrap();
         Some(Setup {

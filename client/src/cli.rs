@@ -39,6 +39,12 @@ pub struct Cli {
     /// Print one JSON object per command.
     #[arg(long, global = true)]
     pub json: bool,
+    /// While no proxy gets a request through (all down or restarting at once, servers behind
+    /// them restarting, no node of the user's group online), keep cycling through the proxies
+    /// with backoff for this many seconds before giving up (config `outage_window_ms`;
+    /// default 60; 0: give up after `tries_per_proxy` tries on each proxy).
+    #[arg(long, global = true, value_name = "SECS")]
+    pub outage_window: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -192,6 +198,7 @@ fn client(cli: &Cli) -> Result<Client, ClientError> {
         proxies: cli.proxies.clone(),
         app: cli.app.clone(),
         user: cli.user.clone(),
+        outage_window: cli.outage_window.map(Duration::from_secs),
     };
     Client::new(settings::resolve(file, &flags, &EnvVars::from_process())?)
 }

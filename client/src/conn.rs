@@ -40,6 +40,17 @@ pub enum Fault {
 impl Fault {
     /// A proxy answered that it could reach no upstream (error 19) or, routing, no node of
     /// the user's group (error 23).
+    /// No proxy (or no server behind it) gets the request through right now: unreachable,
+    /// hung, restarting, or a group without an online node. The client's outage window rides
+    /// it out; a server's own error answer or a broken reply is no outage.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Fault::Garbled(_) => false,
+            Fault::Server(e) => matches!(e.code, ErrorCode::Upstream | ErrorCode::NoNode),
+            _ => true,
+        }
+    }
+
     pub fn is_upstream_down(&self) -> bool {
         match self {
             Fault::NoUpstream(_) | Fault::NoNode(_) => true,

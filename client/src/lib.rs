@@ -129,6 +129,7 @@ impl Client {
             scope,
             timeout: self.settings.timeout,
             tries_per_proxy: self.settings.tries_per_proxy,
+            outage_window: self.settings.outage_window,
             failovers: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         }

@@ -6,14 +6,16 @@
 //!   after `tries_per_proxy` such failures in a row on one proxy, move to the next proxy;
 //! - error replies: `Upstream` (the proxy reached no upstream) moves on; other retryable codes
 //!   (`Busy`, `Io`, `Limit`, `Crc`) retry after a backoff; the rest are returned to the caller;
-//! - every retry waits an exponential backoff with jitter, and a request gets at most
-//!   `tries_per_proxy x proxies` attempts, so an all-down list fails with a clear error;
-//! - except while proxies answer `Upstream`: they are alive and the servers behind them are
-//!   most likely restarting, so the request keeps trying for a retry window of
-//!   `tries_per_proxy x timeout` (30 s by default) before it gives up;
-//! - `NoNode` (a routing proxy found no online node in the user's group) is waited out the same
-//!   way; if the window ends on it, the request fails with that error (code 23, naming the
-//!   group), so the user learns which group is down rather than "unreachable".
+//! - every retry waits an exponential backoff with jitter (at most 2 s);
+//! - a request gives up after `tries_per_proxy x proxies` attempts, unless its last failure
+//!   was an outage: no proxy reachable or answering (all down, hung or restarting at the same
+//!   moment), servers restarting behind live proxies (`Upstream`), a group with no online
+//!   node. An outage is ridden out by cycling through the list until the outage window
+//!   (`outage_window_ms`, 60 s by default) has passed, then it fails with a clear error. A
+//!   server's own answer (Busy, Io, Limit, Crc) is no outage: it gets the attempts only;
+//! - `NoNode` (a routing proxy found no online node in the user's group): if the window ends
+//!   on it, the request fails with that error (code 23, naming the group), so the user learns
+//!   which group is down rather than "unreachable".
 
 use crate::conn::{Conn, Fault};
 use crate::error::ClientError;
@@ -31,6 +33,8 @@ pub struct Shared {
     pub scope: ferry_common::token::Scope,
     pub timeout: Duration,
     pub tries_per_proxy: u32,
+    /// How long a request keeps cycling through the proxies before it gives up.
+    pub outage_window: Duration,
     pub failovers: AtomicU64,
     pub retries: AtomicU64,
 }
@@ -40,11 +44,6 @@ impl Shared {
         self.tries_per_proxy
             .saturating_mul(self.proxies.len() as u32)
             .max(3)
-    }
-
-    /// How long a request keeps retrying while proxies report that no upstream answers.
-    pub fn upstream_window(&self) -> Duration {
-        self.timeout.saturating_mul(self.tries_per_proxy)
     }
 }
 
@@ -108,12 +107,12 @@ impl<'a> Link<'a> {
         let mut attempt = 0u32;
         // Set when a proxy answered `Upstream`: it lives, its servers are (re)starting.
         let mut upstream_down = false;
+        // The last failure was an outage (see the module doc), which the window rides out.
+        let mut outage = false;
         // The last failure was `NoNode`: the error to give up with.
         let mut no_node: Option<ErrorBody> = None;
         loop {
-            if attempt >= max
-                && !(upstream_down && started.elapsed() < self.shared.upstream_window())
-            {
+            if attempt >= max && !(outage && started.elapsed() < self.shared.outage_window) {
                 break;
             }
             if attempt > 0 {
@@ -151,6 +150,7 @@ impl<'a> Link<'a> {
                     Err(fault) => {
                         last = fault.describe();
                         log::debug!("{op}: {last}");
+                        outage = fault.is_outage();
                         upstream_down |= fault.is_upstream_down();
                         no_node = match fault {
                             Fault::NoNode(e) => Some(e),
@@ -175,6 +175,7 @@ impl<'a> Link<'a> {
                     last = fault.describe();
                     log::debug!("{op} via {}: {last}", self.peer());
                     no_node = None;
+                    outage = fault.is_outage();
                     match fault {
                         // The peer closed a long-idle session (its idle timeout): reconnect
                         // to the same proxy before calling it dead.

@@ -13,6 +13,8 @@ use std::time::Duration;
 pub const DEFAULT_THREADS: usize = 4;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4 << 20;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request keeps cycling through its proxies while none of them gets it through.
+pub const DEFAULT_OUTAGE_WINDOW: Duration = Duration::from_secs(60);
 pub const DEFAULT_APP: &str = "ferry";
 /// Most worker threads (each holds one connection and one block buffer).
 pub const MAX_THREADS: usize = 64;
@@ -32,6 +34,10 @@ pub struct FileConfig {
     pub timeout_ms: Option<u64>,
     /// Tries of one request on one proxy before moving to the next.
     pub tries_per_proxy: Option<u32>,
+    /// How long (milliseconds) a request keeps cycling through the proxies, with backoff,
+    /// while none gets it through (all down or restarting at once, servers restarting, no node
+    /// online); default 60000. 0: give up after `tries_per_proxy` tries on each proxy.
+    pub outage_window_ms: Option<u64>,
     /// Where upload resume state is kept (default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`).
     pub state_dir: Option<PathBuf>,
     /// The app key session tokens are made with (`[key] id = "k1"`, `secret = "..."`);
@@ -52,6 +58,8 @@ pub struct Flags {
     pub proxies: Vec<String>,
     pub app: Option<String>,
     pub user: Option<String>,
+    /// `--outage-window SECS`.
+    pub outage_window: Option<Duration>,
 }
 
 /// The environment variables the client reads, captured once so resolution is testable.
@@ -99,6 +107,8 @@ pub struct Settings {
     pub block_size: u32,
     pub timeout: Duration,
     pub tries_per_proxy: u32,
+    /// See [`FileConfig::outage_window_ms`].
+    pub outage_window: Duration,
     pub state_dir: PathBuf,
 }
 
@@ -115,6 +125,7 @@ impl Settings {
             block_size: DEFAULT_BLOCK_SIZE,
             timeout: DEFAULT_TIMEOUT,
             tries_per_proxy: 3,
+            outage_window: DEFAULT_OUTAGE_WINDOW,
             state_dir,
         }
     }
@@ -185,6 +196,10 @@ pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Setting
         None => DEFAULT_TIMEOUT,
     };
     let tries_per_proxy = file.tries_per_proxy.unwrap_or(3).clamp(1, 10);
+    let outage_window = flags
+        .outage_window
+        .or(file.outage_window_ms.map(Duration::from_millis))
+        .unwrap_or(DEFAULT_OUTAGE_WINDOW);
     let state_dir = match (&env.state_dir, file.state_dir, &env.xdg_cache, &env.home) {
         (Some(d), _, _, _) if !d.is_empty() => PathBuf::from(d),
         (_, Some(d), _, _) => d,
@@ -202,6 +217,7 @@ pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Setting
         block_size,
         timeout,
         tries_per_proxy,
+        outage_window,
         state_dir,
     })
 }
@@ -383,7 +399,8 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(
             &p,
-            "proxies = [\"127.0.0.1:7421\"]\nblock_size = \"1MiB\"\ntimeout_ms = 1500\nthreads = 2\n",
+            "proxies = [\"127.0.0.1:7421\"]\nblock_size = \"1MiB\"\ntimeout_ms = 1500\nthreads = 2\n\
+             outage_window_ms = 5000\n",
         )
         .unwrap();
         let s = resolve(
@@ -395,6 +412,21 @@ mod tests {
         assert_eq!(s.block_size, 1 << 20);
         assert_eq!(s.timeout, Duration::from_millis(1500));
         assert_eq!(s.threads, 2);
+        assert_eq!(s.outage_window, Duration::from_secs(5));
+        // `--outage-window` wins over the file; without either, the default.
+        let flag = Flags {
+            outage_window: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
+        let s = resolve(load_file(Some(&p)).unwrap(), &flag, &EnvVars::default()).unwrap();
+        assert_eq!(s.outage_window, Duration::from_secs(2));
+        let s = resolve(
+            file(&["127.0.0.1:1"]),
+            &Flags::default(),
+            &EnvVars::default(),
+        )
+        .unwrap();
+        assert_eq!(s.outage_window, DEFAULT_OUTAGE_WINDOW);
         std::fs::write(&p, "proxy = [\"127.0.0.1:7421\"]\n").unwrap();
         let e = load_file(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("proxy") && !e.contains('\n'), "{e}");

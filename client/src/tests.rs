@@ -67,7 +67,10 @@ fn error(s: &mut TcpStream, code: ErrorCode, text: &str) {
 
 impl Fake {
     fn start() -> Fake {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Fake::start_on(TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    fn start_on(l: TcpListener) -> Fake {
         let addr = l.local_addr().unwrap();
         let store = Arc::new(Mutex::new(Store::default()));
         let faults = Arc::new(Faults {
@@ -338,6 +341,7 @@ fn client_for(addrs: Vec<SocketAddr>, state: &Path) -> Client {
     let mut s = Settings::direct(addrs, state.to_owned(), test_key());
     s.block_size = BS;
     s.timeout = Duration::from_millis(500);
+    s.outage_window = Duration::from_millis(1500);
     Client::new(s).unwrap()
 }
 
@@ -424,19 +428,55 @@ fn first_proxy_down_goes_through_the_second() {
 }
 
 #[test]
-fn all_proxies_down_fails_clearly_and_quickly() {
+fn all_proxies_down_fails_clearly_once_the_outage_window_ends() {
     let dir = tempfile::tempdir().unwrap();
     let c = client_for(vec![dead_addr(), dead_addr()], &dir.path().join("state"));
     let src = dir.path().join("src");
     std::fs::write(&src, b"hello").unwrap();
     let t = Instant::now();
     let e = c.upload(&src, None, None, &Quiet).unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let took = t.elapsed();
     assert!(
-        matches!(e, ClientError::Unreachable { attempts: 6, .. }),
+        (Duration::from_millis(1500)..Duration::from_secs(6)).contains(&took),
+        "{took:?}"
+    );
+    assert!(
+        matches!(e, ClientError::Unreachable { attempts, .. } if attempts >= 6),
         "{e}"
     );
     assert!(e.to_string().contains("refused"), "{e}");
+}
+
+#[test]
+fn proxies_down_at_the_same_moment_are_ridden_out_within_the_outage_window() {
+    // Both proxies of the list refuse connections for 4 s (one killed, the other restarting):
+    // longer than tries x proxies attempts last (6, about 2.3 s of backoff at most), but
+    // inside the outage window, so the transfer finishes once one of them is back.
+    let (a, b) = (dead_addr(), dead_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::direct(vec![a, b], dir.path().join("state"), test_key());
+    s.block_size = BS;
+    s.timeout = Duration::from_millis(500);
+    s.outage_window = Duration::from_secs(20);
+    let c = Client::new(s).unwrap();
+    let src = dir.path().join("src");
+    std::fs::write(&src, data(3 * BS as usize, 5)).unwrap();
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(4));
+        Fake::start_on(TcpListener::bind(b).unwrap())
+    });
+    let t = Instant::now();
+    let up = c.upload(&src, Some(2), None, &Quiet).unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(3900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(up.retries >= 6, "more attempts than the list gets: {up:?}");
+    let _fake = back.join().unwrap();
+    let out = dir.path().join("out");
+    c.download(&up.file_id, &out, None, &Quiet).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
 }
 
 #[test]
@@ -454,7 +494,8 @@ fn a_server_restart_behind_the_proxies_is_waited_out() {
         dir.path().join("state"),
         test_key(),
     );
-    s.timeout = Duration::from_secs(2); // a 6 s window; 10 refusals take about 3 s
+    s.timeout = Duration::from_secs(2);
+    s.outage_window = Duration::from_secs(6); // 10 refusals take about 3 s
     let c = Client::new(s).unwrap();
     let src = dir.path().join("src");
     std::fs::write(&src, b"hello").unwrap();
@@ -476,14 +517,15 @@ fn a_group_without_nodes_is_waited_out_then_reported_by_name() {
         test_key(),
     );
     s.timeout = Duration::from_secs(2);
+    s.outage_window = Duration::from_secs(6);
     let c = Client::new(s).unwrap();
     let src = dir.path().join("src");
     std::fs::write(&src, b"hello").unwrap();
     let up = c.upload(&src, None, None, &Quiet).unwrap();
     assert!(up.retries >= 6, "{up:?}");
     assert_eq!(fake.faults.no_node_hellos.load(Ordering::SeqCst), 0);
-    // The group never comes back: the request ends after its window (tries x timeout = 1.5 s),
-    // not in a hang, with the proxy's error naming the group.
+    // The group never comes back: the request ends after its outage window (1.5 s), not in a
+    // hang, with the proxy's error naming the group.
     fake.faults.no_node_hellos.store(u32::MAX, Ordering::SeqCst);
     let c = client_for(vec![fake.addr, fake.addr], &dir.path().join("state"));
     let t = Instant::now();

@@ -248,6 +248,25 @@ fn users_spread_over_groups_uploads_land_in_their_group_and_download_through_a_p
         files.push((user.to_string(), id, sha, group));
     }
     assert_eq!(seen.len(), 2, "users all went to {seen:?}");
+    // The same video sent by users of both groups: instant upload cannot link content that
+    // lives in another group's data dir, so the second group stores its own copy (no error 16
+    // forever); a repeat in that group is then instant.
+    let (a, b) = (&files[0], files.iter().find(|f| f.3 != files[0].3).unwrap());
+    let video = s.path("shared.mp4");
+    make_file(&video, (3 << 20) + 5, 77);
+    let vsha = sha256_file(&video);
+    let send = |user: &str| {
+        let r = cli::run(s.ferry(user, &["upload", video.to_str().unwrap()]));
+        assert!(r.ok, "upload as {user}: {}\n{}", r.stderr, tails(&s.logs));
+        r.report()["instant"].as_bool().unwrap()
+    };
+    assert!(!send(&a.0));
+    assert!(!send(&b.0), "{} linked content of another group", b.0);
+    assert!(send(&b.0), "a repeat in {}'s own group is instant", b.0);
+    // a's group: its upload; b's group: its own copy and the instant upload's hard link to it.
+    for (g, want) in [(&a.3, 1), (&b.3, 2)] {
+        assert_eq!(stored_copies(&s.cluster.group_data(g), &vsha), want, "{g}");
+    }
     // Every file downloads through its group's other node once the preferred one is gone.
     let mut killed = std::collections::BTreeMap::new();
     for (user, _, _, group) in &files {

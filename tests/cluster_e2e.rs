@@ -49,7 +49,7 @@ impl Setup {
         // process (the three tests start clusters at the same time).
         let a = support::free_addr;
         let layout = GroupsLayout {
-            tracker: a(),
+            trackers: [a(), a()],
             groups: (1..=spec.groups)
                 .map(|g| (format!("g{g}"), (0..spec.nodes).map(|_| a()).collect()))
                 .collect(),
@@ -138,8 +138,12 @@ impl Setup {
         .unwrap();
         // The tracker answers SADDRS to a routing proxy's link key only.
         let router = self.cluster.secrets.link_of("sp");
-        let mut c =
-            Caller::connect(self.layout.tracker, Duration::from_secs(5), router.as_ref()).unwrap();
+        let mut c = Caller::connect(
+            self.layout.trackers[0],
+            Duration::from_secs(5),
+            router.as_ref(),
+        )
+        .unwrap();
         let reply = c
             .call(
                 cmd::TRACKER_SADDRS,
@@ -167,6 +171,20 @@ impl Setup {
         let first = &r.nodes[0];
         let addr: SocketAddr = format!("{}:{}", first.host, first.port).parse().unwrap();
         (r.group, self.node_at(addr))
+    }
+
+    /// Waits until the routing proxies relayed `bytes` more than `before` toward the nodes,
+    /// while `up` keeps running (60 s at most).
+    fn wait_relayed(&self, up: &mut Child, before: u64, bytes: u64) {
+        let t = Instant::now();
+        while self.bytes_to_nodes() - before < bytes {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "upload did not start"
+            );
+            assert!(up.try_wait().unwrap().is_none(), "upload ended too soon");
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Bytes relayed toward the nodes by both routing server-proxies.
@@ -299,7 +317,7 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
         .link_of(ferry_client::cluster::ADMIN_LINK_ID);
     let view = || {
         let mut c =
-            Caller::connect(s.layout.tracker, Duration::from_secs(5), admin.as_ref()).unwrap();
+            Caller::connect(s.layout.trackers[0], Duration::from_secs(5), admin.as_ref()).unwrap();
         let b = c
             .call(
                 cmd::TRACKER_GROUPS,
@@ -378,7 +396,7 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
         ),
         (&router_key, join(&group, addr.port()), "the router's key"),
     ] {
-        let mut c = std::net::TcpStream::connect(s.layout.tracker).unwrap();
+        let mut c = std::net::TcpStream::connect(s.layout.trackers[0]).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         c.write_all(&key.link_frame()).unwrap();
         c.write_all(&frame).unwrap();
@@ -394,6 +412,38 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
         before,
         "a member's refused JOIN changed the tracker's view"
     );
+}
+
+/// `cluster up` runs two trackers on one database: with the first killed, a new user is
+/// routed, uploads and downloads through the second, and the nodes' beats reach it (they stay
+/// online well past the offline window).
+#[test]
+fn either_tracker_alone_serves_the_cluster() {
+    let Some(mut s) = Setup::start("trackers", 1, 2) else {
+        return;
+    };
+    s.cluster.kill(ferry_client::cluster::TRACKER).unwrap();
+    let src = s.path("after.bin");
+    make_file(&src, (2 << 20) + 3, 12);
+    let id = s.upload("newcomer", &src);
+    let out = s.path("after.out");
+    let r = s.download("newcomer", &id, &out);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(sha256_file(&out), sha256_file(&src));
+    // Twice the offline window (1.5 s) later, the second tracker still sees every node online.
+    std::thread::sleep(Duration::from_secs(3));
+    let admin = s
+        .cluster
+        .secrets
+        .link_of(ferry_client::cluster::ADMIN_LINK_ID);
+    let v = ferry_client::cluster::tracker_groups(s.layout.trackers[1], admin.as_ref())
+        .expect("the second tracker answers");
+    let nodes: Vec<bool> = v
+        .groups
+        .iter()
+        .flat_map(|g| g.nodes.iter().map(|n| n.online))
+        .collect();
+    assert_eq!(nodes, vec![true, true], "{v:?}");
 }
 
 /// The next answer on a raw connection: Ok, an error code, or None once it is closed.
@@ -438,15 +488,7 @@ fn a_restart_in_one_group_leaves_another_groups_upload_alone() {
         .spawn()
         .unwrap();
     // A quarter through, the client dies: an unfinished session stays in the user's group.
-    let t = Instant::now();
-    while s.bytes_to_nodes() - before < size / 4 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "upload did not start"
-        );
-        assert!(up.try_wait().unwrap().is_none(), "upload ended too soon");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    s.wait_relayed(&mut up, before, size / 4);
     up.kill().unwrap();
     up.wait().unwrap();
     s.cluster.restart(&other).unwrap();
@@ -490,18 +532,7 @@ fn kill_9_of_the_node_serving_an_upload_finishes_through_its_peer() {
         .spawn()
         .unwrap();
     // Kill the serving node once a sixth of the file has gone through.
-    let t = Instant::now();
-    while s.bytes_to_nodes() - before < size / 6 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "upload did not start"
-        );
-        assert!(
-            up.try_wait().unwrap().is_none(),
-            "upload ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    s.wait_relayed(&mut up, before, size / 6);
     s.cluster.kill(&serving).unwrap();
     let t = Instant::now();
     while up.try_wait().unwrap().is_none() {
@@ -606,7 +637,7 @@ fn cluster_up_without_a_shared_database_is_refused_with_the_way_out() {
 /// `nodes` nodes) is free now, below the ephemeral range that `support::free_port` and the
 /// kernel hand out, so no other test can be given one of them.
 fn free_port_base(nodes: usize) -> u16 {
-    let offsets: Vec<u16> = [0, 111, 112, 121, 122, 211, 212]
+    let offsets: Vec<u16> = [0, 1, 111, 112, 121, 122, 211, 212]
         .into_iter()
         .chain((0..nodes as u16).map(|n| 301 + n))
         .collect();

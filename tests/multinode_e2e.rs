@@ -98,6 +98,27 @@ fn bits_set(path: &Path, blocks: usize) -> u32 {
         .unwrap_or(0)
 }
 
+/// Waits until the running upload `child` (state in `state`) has begun a quarter of its
+/// `blocks` (30 s at most; the test fails if it ends or stalls before).
+fn wait_begun(child: &mut std::process::Child, state: &Path, blocks: usize) {
+    let begun = || -> u32 {
+        std::fs::read_dir(state)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| bits_set(&e.path(), blocks))
+            .sum()
+    };
+    let t = Instant::now();
+    while begun() < blocks as u32 / 4 {
+        if t.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the upload made no progress through node A");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The numeric id a file id starts with (16 hex digits, then a dash).
 fn num_of(file_id: &str) -> u64 {
     let hex = file_id.split('-').next().unwrap();
@@ -142,22 +163,7 @@ fn upload_through_a_killed_node_finishes_through_its_peer() {
         .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
         .spawn()
         .unwrap();
-    let begun = || -> u32 {
-        std::fs::read_dir(&state)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| bits_set(&e.path(), blocks))
-            .sum()
-    };
-    let t = Instant::now();
-    while begun() < blocks as u32 / 4 {
-        if t.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the upload made no progress through node A before the kill");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_begun(&mut child, &state, blocks);
     g.node("a").kill(); // SIGKILL mid-transfer
     let t = Instant::now();
     let status = loop {
@@ -244,22 +250,7 @@ fn upload_init_through_a_peer_resumes_the_session_another_node_opened() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let begun = || -> u32 {
-        std::fs::read_dir(&first_state)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| bits_set(&e.path(), blocks))
-            .sum()
-    };
-    let t = Instant::now();
-    while begun() < blocks as u32 / 4 {
-        if t.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the upload made no progress through node A");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_begun(&mut child, &first_state, blocks);
     child.kill().unwrap();
     child.wait().unwrap();
     // Through B, from nothing.

@@ -697,6 +697,8 @@ fn instant_upload_needs_proof_of_possession() {
     let right = sha(&file[off as usize..(off + len) as usize]);
     let fid = bob.prove(r.upload_id, right).unwrap();
     assert_ne!(fid, first);
+    // The proved session's temp file went with it (after the commit).
+    assert_eq!(srv.temp_files(), Vec::<PathBuf>::new());
     assert_eq!(code(bob.query(r.upload_id)), ErrorCode::UnknownUpload);
     assert_eq!(bob.download_all(&fid, file.len() as u64, 1 << 20), file);
     assert_eq!(bob.stat(&fid).unwrap().name, "b");

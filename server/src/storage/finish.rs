@@ -286,10 +286,11 @@ impl Storage {
                 block_size: src.block_size,
                 crcs: src.crcs.clone(),
             };
-            // The temp file goes first: if we crash after the commit below, start-up sees a
-            // session without its temp file and removes it.
-            let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
             let fid = self.store_new_file(content, &src_path, true, &s.rec.id)?.id;
+            // Only now: a failed commit leaves the session whole (OVER still works), and a
+            // crash before this line leaves a temp file whose session row the commit deleted,
+            // which start-up removes as stray.
+            let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
             self.forget(&s.rec.id);
             info!(
                 "instant upload {}: file {fid} shares the content of {}",

@@ -151,9 +151,18 @@ impl PgStore {
                 Some(v) if v > SCHEMA_VERSION => anyhow::bail!(
                     "metadata schema version {v} is newer than this server's {SCHEMA_VERSION}"
                 ),
-                // Versions 1 to 4 differ by objects and columns SCHEMA creates if missing;
-                // later versions add their steps here.
-                Some(_) => {
+                // Versions 1 to 3 differ by objects SCHEMA creates if missing. Version 4 adds
+                // the storage group of every file and session (the groups of a cluster share
+                // this database, each with its own data directory); older rows get group "".
+                // Only then: ALTER TABLE locks the table even when the column exists.
+                Some(v) => {
+                    if v < 4 {
+                        tx.batch_execute(
+                            "ALTER TABLE files ADD COLUMN IF NOT EXISTS grp TEXT NOT NULL \
+                             DEFAULT ''; ALTER TABLE upload_sessions ADD COLUMN IF NOT EXISTS \
+                             grp TEXT NOT NULL DEFAULT '';",
+                        )?;
+                    }
                     tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])?;
                 }
             }

@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS files (
     crcs        BYTEA NOT NULL,
     created     BIGINT NOT NULL,
     updated     BIGINT NOT NULL,
-    node        TEXT NOT NULL DEFAULT ''  -- the node committing it (schema version 2)
+    node        TEXT NOT NULL DEFAULT '', -- the node committing it (schema version 2)
+    grp         TEXT NOT NULL DEFAULT ''  -- its storage group (schema version 4)
 );
 CREATE INDEX IF NOT EXISTS files_content ON files (app, sha256, size);
 CREATE INDEX IF NOT EXISTS files_status ON files (status) WHERE status <> 1;
@@ -36,7 +37,8 @@ CREATE TABLE IF NOT EXISTS upload_sessions (
     expires         BIGINT NOT NULL,
     challenge_file  TEXT,
     challenge_off   BIGINT NOT NULL DEFAULT 0,
-    challenge_len   BIGINT NOT NULL DEFAULT 0
+    challenge_len   BIGINT NOT NULL DEFAULT 0,
+    grp             TEXT NOT NULL DEFAULT ''    -- its storage group (schema version 4)
 );
 CREATE INDEX IF NOT EXISTS sessions_key ON upload_sessions (app, "user", size, block_size, sha256);
 
@@ -73,11 +75,5 @@ CREATE TABLE IF NOT EXISTS upload_claims (
     claimed     BIGINT NOT NULL,
     PRIMARY KEY (app, "user", key)
 );
-
--- The storage group of every file and upload session (schema version 4): the groups of a
--- cluster share this database, each with its own data directory; a node recovers, expires,
--- deletes and deduplicates its own group's rows only. Rows from before have group ''.
-ALTER TABLE files ADD COLUMN IF NOT EXISTS grp TEXT NOT NULL DEFAULT '';
-ALTER TABLE upload_sessions ADD COLUMN IF NOT EXISTS grp TEXT NOT NULL DEFAULT '';
 
 CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);

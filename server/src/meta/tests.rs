@@ -461,6 +461,40 @@ fn pg_schema_is_applied_once_by_nodes_starting_together() {
     );
 }
 
+/// A PostgreSQL database a version-3 server wrote (no group columns) gets them at the next
+/// open; its rows are group "" (a standalone server's), and a group's store writes its own.
+#[test]
+fn pg_migrates_a_version_3_database() {
+    let Some(db) = crate::meta::pg::testdb::create("pg_migrates_a_version_3_database") else {
+        return;
+    };
+    drop(db.store());
+    let mut c = db.cfg.connect(postgres::NoTls).unwrap();
+    c.batch_execute(
+        "ALTER TABLE files DROP COLUMN grp; ALTER TABLE upload_sessions DROP COLUMN grp; \
+         UPDATE schema_version SET version = 3; \
+         INSERT INTO upload_sessions (id, app, \"user\", size, block_size, blocks, sha256, \
+         name, temp_path, created, expires) VALUES (decode(repeat('01', 16), 'hex'), 'a', 'u', \
+         1, 65536, 1, decode(repeat('00', 32), 'hex'), 'x', 'tmp/x', 1, 1000);",
+    )
+    .unwrap();
+    let standalone = db.store();
+    assert_eq!(
+        standalone.sessions().unwrap().len(),
+        1,
+        "the old row is group \"\""
+    );
+    let g1 = db.store().in_group("g1");
+    assert!(g1.sessions().unwrap().is_empty());
+    g1.insert_session(&session(2, 1000)).unwrap();
+    assert_eq!(g1.sessions().unwrap().len(), 1);
+    let v: i64 = c
+        .query_one("SELECT version FROM schema_version", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(v, SCHEMA_VERSION);
+}
+
 #[test]
 fn open_picks_the_backend_from_the_url() {
     let dir = tempfile::tempdir().unwrap();

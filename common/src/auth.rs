@@ -18,6 +18,7 @@ use rand::RngExt;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 
 /// The pseudo-app of link proofs (never a real app: app ids of tokens are checked against the
 /// keys of `[auth]`, link proofs against those of `[link]`, by separate verifiers).
@@ -255,16 +256,20 @@ pub struct Member {
     /// A node's group.
     #[serde(default)]
     pub group: Option<String>,
-    /// A node's advertised address, `host:port` as it sends it in JOIN.
+    /// A node's advertised address (`[cluster] advertise`, else its listen address).
     #[serde(default)]
-    pub addr: Option<String>,
+    pub addr: Option<SocketAddr>,
 }
 
 impl Member {
-    /// A node's bound (group, host, port); `None` for other kinds.
-    pub fn node_binding(&self) -> Option<(&str, &str, u16)> {
-        let (host, port) = split_host_port(self.addr.as_deref()?)?;
-        Some((self.group.as_deref()?, host, port))
+    /// Whether a JOIN or BEAT naming `group` at `host`:`port` is this member's own: it is a
+    /// node, of that group, at that address.
+    pub fn binds(&self, group: &str, host: &str, port: u16) -> bool {
+        self.kind == PeerKind::Node
+            && self.group.as_deref() == Some(group)
+            && self
+                .addr
+                .is_some_and(|a| a.port() == port && host.parse::<std::net::IpAddr>() == Ok(a.ip()))
     }
 
     fn check(&self, id: &str) -> Result<(), String> {
@@ -278,9 +283,9 @@ impl Member {
                         proto::GROUP_LEN
                     ));
                 }
-                if self.node_binding().is_none() {
+                if self.addr.is_none_or(|a| a.port() == 0) {
                     return Err(format!(
-                        "{at}: a node needs `addr`, the \"host:port\" it advertises in JOIN"
+                        "{at}: a node needs `addr`, the \"ip:port\" it advertises in JOIN"
                     ));
                 }
             }
@@ -294,17 +299,6 @@ impl Member {
         }
         Ok(())
     }
-}
-
-/// "host:port" (or "[v6]:port") -> (host, port).
-fn split_host_port(s: &str) -> Option<(&str, u16)> {
-    let (host, port) = s.rsplit_once(':')?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let port: u16 = port.parse().ok()?;
-    (!host.is_empty() && port != 0).then_some((host, port))
 }
 
 impl LinkConfig {
@@ -327,11 +321,11 @@ impl LinkConfig {
                 ));
             }
             m.check(id)?;
-            if let Some((_, host, port)) = m.node_binding()
-                && let Some(other) = nodes.insert((host, port), id)
+            if let Some(a) = m.addr
+                && let Some(other) = nodes.insert(a, id)
             {
                 return Err(format!(
-                    "[link.members]: nodes {other} and {id} are both bound to {host}:{port}"
+                    "[link.members]: nodes {other} and {id} are both bound to {a}"
                 ));
             }
         }
@@ -449,15 +443,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.kind_of("cp"), PeerKind::Relay);
         assert_eq!(c.kind_of("sp"), PeerKind::Router);
-        assert_eq!(
-            c.members["n1"].node_binding(),
-            Some(("g1", "10.0.0.1", 7400))
-        );
-        assert_eq!(c.members["n2"].node_binding(), Some(("g1", "::1", 7400)));
+        let (n1, n2) = (&c.members["n1"], &c.members["n2"]);
+        assert!(n1.binds("g1", "10.0.0.1", 7400));
+        assert!(n2.binds("g1", "::1", 7400) && n2.binds("g1", "0:0:0:0:0:0:0:1", 7400));
+        for (g, h, p) in [
+            ("g2", "10.0.0.1", 7400),
+            ("g1", "10.0.0.2", 7400),
+            ("g1", "10.0.0.1", 1),
+        ] {
+            assert!(!n1.binds(g, h, p), "{g} {h}:{p}");
+        }
+        assert!(!n1.binds("g1", "host.example", 7400));
+        assert!(!c.members["sp"].binds("g1", "10.0.0.1", 7400));
         for (bad, says) in [
             ("[members.x]\nkind = \"admin\"\n", "no key \"x\""),
             (
-                "[members.n1]\nkind = \"node\"\naddr = \"h:1\"\n",
+                "[members.n1]\nkind = \"node\"\naddr = \"10.0.0.9:1\"\n",
                 "needs `group`",
             ),
             (
@@ -465,7 +466,7 @@ mod tests {
                 "needs `addr`",
             ),
             (
-                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"h:0\"\n",
+                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"10.0.0.9:0\"\n",
                 "needs `addr`",
             ),
             (
@@ -474,9 +475,13 @@ mod tests {
             ),
             ("[members.sp]\nkind = \"boss\"\n", "unknown variant"),
             (
-                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"h:1\"\n\
-                 [members.n2]\nkind = \"node\"\ngroup = \"g2\"\naddr = \"h:1\"\n",
-                "both bound to h:1",
+                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"node-a:7400\"\n",
+                "socket address",
+            ),
+            (
+                "[members.n1]\nkind = \"node\"\ngroup = \"g1\"\naddr = \"10.0.0.9:1\"\n\
+                 [members.n2]\nkind = \"node\"\ngroup = \"g2\"\naddr = \"10.0.0.9:1\"\n",
+                "both bound to 10.0.0.9:1",
             ),
         ] {
             let e = parse(bad).unwrap_err();

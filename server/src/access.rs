@@ -4,12 +4,11 @@
 
 use crate::config::{Config, Role};
 use crate::storage::{OpError, Who};
-use ferry_common::auth::{LinkVerifier, Member, PeerKind};
+use ferry_common::auth::{LinkConfig, LinkVerifier, PeerKind};
 use ferry_common::clock::now_secs;
 use ferry_common::proto::{ErrorCode, Hello, NodeHello, cmd};
 use ferry_common::token::{AuthError, Scope, Verifier};
 use log::warn;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 /// The process-wide checkers, built once from the config.
@@ -18,8 +17,8 @@ pub struct Access {
     tokens: Option<Verifier>,
     /// Link proofs (`[link.accept]`); `None`: peers need none.
     links: Option<LinkVerifier>,
-    /// `[link.members]`: the cluster members among the accepted keys.
-    members: BTreeMap<String, Member>,
+    /// `[link]`, for what each accepted key is (`[link.members]`).
+    link: LinkConfig,
 }
 
 /// What one connection has proved so far.
@@ -92,7 +91,7 @@ impl Access {
         Access {
             tokens: cfg.has_role(Role::Storage).then(|| cfg.auth.verifier()),
             links: cfg.link.verifier(),
-            members: cfg.link.members.clone(),
+            link: cfg.link.clone(),
         }
     }
 
@@ -105,7 +104,7 @@ impl Access {
         match &s.link {
             _ if !self.link_required() => Standing::Trusted,
             None => Standing::Unlinked,
-            Some(id) => Standing::Key(id, self.members.get(id).map_or(PeerKind::Relay, |m| m.kind)),
+            Some(id) => Standing::Key(id, self.link.kind_of(id)),
         }
     }
 
@@ -173,8 +172,12 @@ impl Access {
             return Ok(());
         };
         let (group, host, port) = (n.group.as_str(), n.host.as_str(), n.port);
-        let bound = self.members.get(id).and_then(Member::node_binding);
-        if bound == Some((group, host, port)) {
+        if self
+            .link
+            .members
+            .get(id)
+            .is_some_and(|m| m.binds(group, host, port))
+        {
             return Ok(());
         }
         Err(auth_error(format!(
@@ -270,10 +273,10 @@ mod tests {
                 cfg.link.accept.insert(k.id.clone(), k.secret.clone());
                 if let Some(kind) = kind {
                     let node = kind == PeerKind::Node;
-                    let m = Member {
+                    let m = ferry_common::auth::Member {
                         kind,
                         group: node.then(|| "g1".into()),
-                        addr: node.then(|| "127.0.0.1:7401".into()),
+                        addr: node.then(|| SocketAddr::from(([127, 0, 0, 1], 7401))),
                     };
                     cfg.link.members.insert(id.into(), m);
                 }

@@ -303,6 +303,86 @@ fn users_spread_over_groups_uploads_land_in_their_group_and_download_through_a_p
     }
 }
 
+/// Seed 002's purpose: user A sends user B a photo or a video, B downloads it wherever it is
+/// stored. Four users in two groups; every user STATs and downloads every other user's file
+/// through the client-proxies and the routing proxies; an id issued before ids named their
+/// group still routes (by its record); a user of the other group deletes a file; an id naming
+/// a group the cluster does not have is "not found" at once, not an outage to ride out.
+#[test]
+fn every_user_reads_every_other_users_file_in_any_group() {
+    let Some(s) = Setup::start("cross-group", 1, 2) else {
+        return;
+    };
+    let mut files = Vec::new();
+    for (i, user) in ["ann", "ben", "cat", "dan"].iter().enumerate() {
+        let src = s.path(&format!("{user}.bin"));
+        // Two small files (one shot) and two of three blocks.
+        let size = if i % 2 == 0 { 100_000 } else { (2 << 20) + 7 };
+        make_file(&src, size + i as u64, 60 + i as u64);
+        let id = s.upload(user, &src);
+        let group = s.saddrs(user).group;
+        assert!(
+            id.starts_with(&format!("{group}.")),
+            "{user}: {id} in {group}"
+        );
+        files.push((
+            user.to_string(),
+            id,
+            sha256_file(&src),
+            group,
+            size + i as u64,
+        ));
+    }
+    let groups: std::collections::BTreeSet<_> = files.iter().map(|f| f.3.clone()).collect();
+    assert_eq!(groups.len(), 2, "users all went to {groups:?}");
+    for (reader, ..) in &files {
+        for (owner, id, sha, group, size) in &files {
+            let r = cli::run(s.ferry(reader, &["stat", id]));
+            assert!(r.ok, "{reader} stat {owner}'s {id}: {}", r.stderr);
+            assert_eq!(r.json()["file"]["size"].as_u64(), Some(*size));
+            let out = s.path(&format!("{reader}-{owner}.out"));
+            let r = s.download(reader, id, &out);
+            assert!(
+                r.ok,
+                "{reader} download {owner}'s file in {group}: {}\n{}",
+                r.stderr,
+                tails(&s.logs)
+            );
+            assert_eq!(&sha256_file(&out), sha, "{reader} <- {owner}");
+        }
+    }
+    // An id from before ids named their group: the tracker finds the group in its record.
+    let (owner, id, sha, group, _) = &files[0];
+    let old = id.split_once('.').unwrap().1;
+    let mut db = postgres::Client::connect(&s._db.url, postgres::NoTls).unwrap();
+    let n = db
+        .execute("UPDATE files SET id = $1 WHERE id = $2", &[&old, id])
+        .unwrap();
+    assert_eq!(n, 1);
+    let reader = &files.iter().find(|f| &f.3 != group).unwrap().0;
+    let out = s.path("old-id.out");
+    let r = s.download(reader, old, &out);
+    assert!(
+        r.ok,
+        "{reader} download {owner}'s old id {old}: {}",
+        r.stderr
+    );
+    assert_eq!(&sha256_file(&out), sha);
+    // A user of the other group deletes dan's file: its bytes leave dan's group.
+    let (_, id, sha, group, _) = &files[3];
+    let deleter = &files.iter().find(|f| &f.3 != group).unwrap().0;
+    let r = cli::run(s.ferry(deleter, &["delete", id]));
+    assert!(r.ok, "{deleter} delete {id}: {}", r.stderr);
+    assert_eq!(stored_copies(&s.cluster.group_data(group), sha), 0);
+    let r = cli::run(s.ferry("dan", &["stat", id]));
+    assert!(!r.ok && r.stderr.contains("NotFound"), "{}", r.stderr);
+    // A group the cluster does not have: not found, well inside the 3 s outage window.
+    let t = Instant::now();
+    let r = cli::run(s.ferry("ann", &["stat", "g9.000000000000002a-abcdefghijklmnop"]));
+    assert!(!r.ok && r.stderr.contains("g9"), "{}", r.stderr);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
 /// A user's session through the whole linked chain (client-proxy, routing server-proxy, node)
 /// cannot reach the control plane: after a valid HELLO, with each scope, JOIN, BEAT, SADDRS,
 /// GROUPS and ID_GET are error 6 and close the session, and the tracker's view is unchanged.

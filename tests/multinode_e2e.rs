@@ -119,9 +119,13 @@ fn wait_begun(child: &mut std::process::Child, state: &Path, blocks: usize) {
     }
 }
 
-/// The numeric id a file id starts with (16 hex digits, then a dash).
+/// The numeric id of a node's file id (`<group>.`, 16 hex digits, a dash, random characters).
 fn num_of(file_id: &str) -> u64 {
-    let hex = file_id.split('-').next().unwrap();
+    let (group, rest) = file_id
+        .split_once('.')
+        .expect("a node's file id names its group");
+    assert_eq!(ferry_common::proto::file_group(file_id), Some(group));
+    let hex = rest.split('-').next().unwrap();
     u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("file id {file_id}: {e}"))
 }
 

@@ -62,16 +62,21 @@ pub(crate) struct Credentials {
 }
 
 impl Credentials {
-    /// A HELLO body with a fresh token allowing `scope`. One per connection: the server
+    /// A HELLO body with a fresh token allowing `scope`, for a session about the file `route`
+    /// if set (a routing proxy sends it to the file's group). One per connection: the server
     /// refuses a token it has seen before.
-    pub(crate) fn hello(&self, scope: Scope) -> Result<Vec<u8>> {
+    pub(crate) fn hello(&self, scope: Scope, route: Option<&str>) -> Result<Vec<u8>> {
         let token = self
             .key
             .mint(&self.app, &self.user, scope, TOKEN_LIFETIME_SECS)
             .map_err(|e| ClientError::Input(format!("cannot make a session token: {e}")))?;
-        Hello::new(&self.app, &self.user, &token)
+        let mut hello = Hello::new(&self.app, &self.user, &token);
+        if let Some(id) = route {
+            hello = hello.for_file(id);
+        }
+        hello
             .encode()
-            .map_err(|e| ClientError::Input(format!("app/user: {e}")))
+            .map_err(|e| ClientError::Input(format!("HELLO: {e}")))
     }
 }
 
@@ -112,7 +117,7 @@ impl Client {
             key,
         };
         // Fails now, not on the first connection, if a token cannot be made.
-        creds.hello(Scope::READ)?;
+        creds.hello(Scope::READ, None)?;
         Ok(Client { settings, creds })
     }
 
@@ -121,9 +126,10 @@ impl Client {
     }
 
     /// Fresh shared state (proxy health, counters) for one operation whose sessions need
-    /// `scope`.
-    fn shared(&self, scope: Scope) -> Shared {
+    /// `scope` and are about the file `route`, if any.
+    fn shared(&self, scope: Scope, route: Option<&str>) -> Shared {
         Shared {
+            route: route.map(str::to_owned),
             proxies: rotation::Proxies::new(self.settings.proxies.clone()),
             creds: self.creds.clone(),
             scope,
@@ -148,7 +154,7 @@ impl Client {
         let block_size = block_size.unwrap_or(self.settings.block_size);
         size::check_block_size(u64::from(block_size))
             .map_err(|e| ClientError::Input(format!("block size: {e}")))?;
-        let shared = self.shared(Scope(Scope::READ.0 | Scope::WRITE.0));
+        let shared = self.shared(Scope(Scope::READ.0 | Scope::WRITE.0), None);
         upload::upload(&upload::UploadJob {
             shared: &shared,
             path,
@@ -171,7 +177,7 @@ impl Client {
     ) -> Result<TransferReport> {
         let threads = threads.unwrap_or(self.settings.threads);
         settings::check_threads(threads)?;
-        let shared = self.shared(Scope::READ);
+        let shared = self.shared(Scope::READ, Some(file_id));
         download::download(&download::DownloadJob {
             shared: &shared,
             file_id,
@@ -182,7 +188,7 @@ impl Client {
     }
 
     pub fn stat(&self, file_id: &str) -> Result<FileInfo> {
-        let shared = self.shared(Scope::READ);
+        let shared = self.shared(Scope::READ, Some(file_id));
         let st = download::stat(&mut Link::new(&shared), file_id)?;
         Ok(FileInfo {
             file_id: file_id.to_owned(),
@@ -196,7 +202,7 @@ impl Client {
 
     pub fn delete(&self, file_id: &str) -> Result<()> {
         let body = encode_file_id(file_id).map_err(|e| download::bad_id(file_id, e))?;
-        let shared = self.shared(Scope::DELETE);
+        let shared = self.shared(Scope::DELETE, Some(file_id));
         let mut tries = 0u32;
         Link::new(&shared).call("delete", |c| {
             tries += 1;

@@ -31,6 +31,8 @@ pub struct Shared {
     pub creds: crate::Credentials,
     /// What the operation's sessions need to do.
     pub scope: ferry_common::token::Scope,
+    /// The file the operation is about, named in each HELLO (see `Credentials::hello`).
+    pub route: Option<String>,
     pub timeout: Duration,
     pub tries_per_proxy: u32,
     /// How long a request keeps cycling through the proxies before it gives up.
@@ -141,7 +143,8 @@ impl<'a> Link<'a> {
             }
             if self.conn.is_none() {
                 let addr = self.peer();
-                let hello = self.shared.creds.hello(self.shared.scope)?;
+                let hello =
+                    (self.shared.creds).hello(self.shared.scope, self.shared.route.as_deref())?;
                 match Conn::open(addr, self.shared.timeout, &hello) {
                     Ok(c) => self.conn = Some(c),
                     Err(Fault::Server(e)) if !e.code.retryable() => {

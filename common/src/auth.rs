@@ -277,9 +277,10 @@ impl Member {
         match self.kind {
             PeerKind::Node => {
                 let group = self.group.as_deref().unwrap_or("");
-                if group.is_empty() || group.len() > proto::GROUP_LEN {
+                if proto::check_group(group).is_err() {
                     return Err(format!(
-                        "{at}: a node needs `group`, the group its key may JOIN (1 to {} bytes)",
+                        "{at}: a node needs `group`, the group its key may JOIN (1 to {} ASCII \
+                         letters, digits, '-' or '_')",
                         proto::GROUP_LEN
                     ));
                 }

@@ -31,8 +31,9 @@ pub enum Answer {
     /// The user's group and its online nodes (`stale`: the tracker answered from its last view
     /// because its database is unreachable).
     Found { route: Route, stale: bool },
-    /// The tracker says the user's group has no online node (error 23); the text names the group.
-    NoNode(String),
+    /// The tracker's verdict, passed to the client as it is: the group has no online node
+    /// (error 23; the text names the group), or the file's id names no group (error 7).
+    Refused(ErrorCode, String),
     /// No tracker gave an answer; the text says what each one did.
     Failed(String),
 }
@@ -63,12 +64,12 @@ pub struct Lookup {
     failures: Vec<String>,
 }
 
-/// The SADDRS request frame for (app, user); the file id is reserved and sent empty.
-pub fn request(app: &str, user: &str) -> Result<Vec<u8>, proto::ProtoError> {
+/// The SADDRS request frame for (app, user), and the file the session is about (if any).
+pub fn request(app: &str, user: &str, file: Option<&str>) -> Result<Vec<u8>, proto::ProtoError> {
     let body = SaddrsReq {
         app: app.to_owned(),
         user: user.to_owned(),
-        file_id: String::new(),
+        file_id: file.unwrap_or_default().to_owned(),
     }
     .encode()?;
     Ok(proto::frame(cmd::TRACKER_SADDRS, status::OK, &body))
@@ -237,7 +238,7 @@ fn decode_reply(frame: &[u8]) -> Result<Answer, String> {
     if h.status == status::ERROR {
         let e = ErrorBody::decode(body).map_err(|e| format!("bad error reply: {e}"))?;
         return match e.code {
-            ErrorCode::NoNode => Ok(Answer::NoNode(e.text)),
+            ErrorCode::NoNode | ErrorCode::NotFound => Ok(Answer::Refused(e.code, e.text)),
             code => Err(format!("error {} {code:?}: {}", code as u16, e.text)),
         };
     }
@@ -342,7 +343,7 @@ mod tests {
     fn start(trackers: Vec<SocketAddr>, timeout: Duration) -> Lookup {
         Lookup::start(
             trackers.into(),
-            request("demo", "alice").unwrap(),
+            request("demo", "alice", None).unwrap(),
             None,
             timeout,
         )
@@ -388,7 +389,7 @@ mod tests {
         let (t2, j2) = linked_tracker(found("g1", &[("127.0.0.1", 1)], false));
         let l = Lookup::start(
             vec![t1, t2].into(),
-            request("demo", "alice").unwrap(),
+            request("demo", "alice", None).unwrap(),
             Some(Arc::new(key)),
             Duration::from_secs(2),
         );
@@ -435,7 +436,7 @@ mod tests {
         ));
         assert_eq!(
             finish(start(vec![t1], Duration::from_secs(2))),
-            Answer::NoNode(text.into())
+            Answer::Refused(ErrorCode::NoNode, text.into())
         );
         j1.join().unwrap();
         // A tracker that cannot answer (database down, no view) is skipped like a dead one.

@@ -80,17 +80,26 @@ impl RouteCache {
 
     /// The cached route of (app, user) if both the user's group and the group's nodes are fresh.
     pub fn get(&self, app: &str, user: &str, now: Instant) -> Option<Route> {
+        let group = {
+            let m = self.maps.lock();
+            let g = m.users.get(&(app.to_owned(), user.to_owned()))?;
+            if now.duration_since(g.at) >= self.ttl {
+                return None;
+            }
+            g.value.clone()
+        };
+        self.get_group(&group, now)
+    }
+
+    /// The cached nodes of `group` if fresh (a session about a file whose id names its group).
+    pub fn get_group(&self, group: &str, now: Instant) -> Option<Route> {
         let m = self.maps.lock();
-        let g = m.users.get(&(app.to_owned(), user.to_owned()))?;
-        if now.duration_since(g.at) >= self.ttl {
-            return None;
-        }
-        let nodes = m.groups.get(&g.value)?;
+        let nodes = m.groups.get(group)?;
         if now.duration_since(nodes.at) >= self.ttl {
             return None;
         }
         Some(Route {
-            group: g.value.clone(),
+            group: group.to_owned(),
             nodes: nodes.value.clone(),
         })
     }
@@ -110,6 +119,14 @@ impl RouteCache {
                 at: now,
             },
         );
+        drop(m);
+        self.put_group(route, now);
+    }
+
+    /// Records a group's nodes from a tracker's answer.
+    pub fn put_group(&self, route: &Route, now: Instant) {
+        let ttl = self.ttl;
+        let mut m = self.maps.lock();
         if !m.groups.contains_key(&route.group) {
             make_room(&mut m.groups, GROUPS_MAX, |t| {
                 now.duration_since(t.at) >= ttl
@@ -223,6 +240,23 @@ mod tests {
         assert_eq!(c.order(&nodes, t1), vec![addr(1), addr(3), addr(2)]);
         c.node_ok(addr(2));
         assert_eq!(c.order(&nodes, t1), nodes);
+    }
+
+    #[test]
+    fn a_group_is_cached_on_its_own_for_files_that_name_it() {
+        let c = RouteCache::new(Duration::from_millis(100));
+        let t0 = Instant::now();
+        assert_eq!(c.get_group("g2", t0), None);
+        c.put_group(&route("g2", &[4, 5]), t0);
+        assert_eq!(c.get_group("g2", t0), Some(route("g2", &[4, 5])));
+        // No user learnt anything from it.
+        assert_eq!(c.len(), (0, 1));
+        // A user's answer serves the group's files too, and both expire with the group.
+        c.put("a", "alice", &route("g1", &[1]), t0);
+        assert_eq!(c.get_group("g1", t0), Some(route("g1", &[1])));
+        assert_eq!(c.get_group("g2", t0 + Duration::from_millis(100)), None);
+        c.node_failed("g2", addr(4), t0);
+        assert_eq!(c.get_group("g2", t0), None);
     }
 
     #[test]

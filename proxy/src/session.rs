@@ -18,7 +18,7 @@ use crate::stats::Counters;
 use crate::upstream::Upstreams;
 use ferry_common::auth::{LinkVerifier, SigningKey};
 use ferry_common::clock::now_secs;
-use ferry_common::proto::{ErrorBody, ErrorCode, Hello, cmd};
+use ferry_common::proto::{self, ErrorBody, ErrorCode, Hello, cmd};
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
 use ferry_common::token::{AuthError, Verifier};
 use log::{debug, info, warn};
@@ -116,6 +116,9 @@ pub struct Session {
     /// The (app, user) the session is for: a routing proxy takes them from the verified token,
     /// never from the HELLO's own fields; a fixed one only logs the HELLO's.
     who: Option<(String, String)>,
+    /// The file the session is about (the HELLO's route): a routing proxy sends it to the
+    /// file's group instead of the user's.
+    file: Option<String>,
     end: String,
     bytes_up: u64,
     bytes_down: u64,
@@ -136,6 +139,7 @@ impl Session {
             started: now,
             upstream: None,
             who: None,
+            file: None,
             end: String::from("open"),
             bytes_up: 0,
             bytes_down: 0,
@@ -215,6 +219,7 @@ impl Session {
                             None => (hello.app.clone(), hello.user.clone()),
                         };
                         self.who = Some(who);
+                        self.file = hello.route;
                         return self.route(buf, false);
                     }
                 },
@@ -281,7 +286,16 @@ impl Session {
         let Some((app, user)) = self.who.clone() else {
             return self.finish("internal: routing without a HELLO");
         };
-        if !refreshed && let Some(route) = router.cache.get(&app, &user, Instant::now()) {
+        // A file whose id names its group needs only the group's nodes; an id from before ids
+        // named their group is asked about every time (the tracker looks up its record).
+        let file = self.file.as_deref();
+        let cached = match file {
+            Some(id) => {
+                proto::file_group(id).and_then(|g| router.cache.get_group(g, Instant::now()))
+            }
+            None => router.cache.get(&app, &user, Instant::now()),
+        };
+        if !refreshed && let Some(route) = cached {
             c.route_cache_hits.fetch_add(1, Ordering::Relaxed);
             return self.connect_route(route, head, false);
         }
@@ -289,7 +303,7 @@ impl Session {
             c.route_cache_misses.fetch_add(1, Ordering::Relaxed);
         }
         c.route_lookups.fetch_add(1, Ordering::Relaxed);
-        let req = match lookup::request(&app, &user) {
+        let req = match lookup::request(&app, &user, file) {
             Ok(r) => r,
             // A decoded HELLO's app and user always fit the SADDRS fields.
             Err(e) => return self.finish(format!("internal: cannot build SADDRS: {e}")),
@@ -328,13 +342,18 @@ impl Session {
                     let frame = ErrorBody::new(ErrorCode::NoNode, &why).frame(cmd::REPLY_PROXY);
                     return self.reply(frame, why);
                 }
-                router.cache.put(&app, &user, &route, Instant::now());
+                match &self.file {
+                    Some(_) => router.cache.put_group(&route, Instant::now()),
+                    None => router.cache.put(&app, &user, &route, Instant::now()),
+                }
                 self.connect_route(route, head, refreshed)
             }
-            Some(Answer::NoNode(text)) => {
-                c.route_no_node.fetch_add(1, Ordering::Relaxed);
-                let frame = ErrorBody::new(ErrorCode::NoNode, &text).frame(cmd::REPLY_PROXY);
-                self.reply(frame, format!("no node: {text}"))
+            Some(Answer::Refused(code, text)) => {
+                if code == ErrorCode::NoNode {
+                    c.route_no_node.fetch_add(1, Ordering::Relaxed);
+                }
+                let frame = ErrorBody::new(code, &text).frame(cmd::REPLY_PROXY);
+                self.reply(frame, format!("tracker refused: {text}"))
             }
             Some(Answer::Failed(why)) => {
                 c.route_failures.fetch_add(1, Ordering::Relaxed);
@@ -724,8 +743,10 @@ impl Drop for Session {
             .who
             .as_ref()
             .map_or(("-", "-"), |(a, u)| (a.as_str(), u.as_str()));
+        let file = self.file.as_deref().unwrap_or("-");
         debug!(
-            "session {} -> {upstream} app={app} user={user} up={} down={} bytes in {:?}: {}",
+            "session {} -> {upstream} app={app} user={user} file={file} up={} down={} bytes in \
+             {:?}: {}",
             self.peer,
             self.bytes_up,
             self.bytes_down,

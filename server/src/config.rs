@@ -3,6 +3,7 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use ferry_common::auth::{AuthConfig, LinkConfig};
+use ferry_common::proto;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -265,6 +266,11 @@ impl Config {
             && (c.group.is_empty() || c.trackers.is_empty())
         {
             bail!("[cluster] needs a group and at least one tracker");
+        }
+        let groups = self.cluster.iter().map(|c| &c.group);
+        for g in groups.chain(&self.tracker.groups) {
+            // The group goes into every file id the node issues, in front of a dot.
+            proto::check_group(g).map_err(|e| anyhow::anyhow!("group {g:?}: {e}"))?;
         }
         if self.faults != Faults::default() && !cfg!(feature = "faults") {
             bail!(

@@ -113,13 +113,19 @@ impl IdAllocator for StepAllocator {
 
 const ID_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
-/// The client-visible file id: the numeric id in hex, a dash, 16 random characters.
-pub fn file_id(num: u64) -> String {
+/// The client-visible file id: the numeric id in hex, a dash, 16 random characters; a node of
+/// a group puts the group and a dot in front (`g1.000000000000002a-...`), so that any proxy
+/// can tell from the id alone where the file lives ([`ferry_common::proto::file_group`]).
+pub fn file_id(group: &str, num: u64) -> String {
     let mut rng = rand::rng();
     let tail: String = (0..16)
         .map(|_| ID_CHARS[rng.random_range(0..ID_CHARS.len())] as char)
         .collect();
-    format!("{num:016x}-{tail}")
+    if group.is_empty() {
+        format!("{num:016x}-{tail}")
+    } else {
+        format!("{group}.{num:016x}-{tail}")
+    }
 }
 
 /// The stored file's path relative to the data dir, from its numeric id and creation time.
@@ -185,9 +191,13 @@ mod tests {
         assert_eq!(b.next_ids(2).unwrap(), 8);
         assert_eq!(b.next_ids(5).unwrap(), 13);
         assert_eq!(b.next_ids(1).unwrap(), 18);
-        let (x, y) = (file_id(1), file_id(1));
+        let (x, y) = (file_id("", 1), file_id("", 1));
         assert_ne!(x, y);
         assert!(x.starts_with("0000000000000001-") && x.len() == 33);
+        assert_eq!(ferry_common::proto::file_group(&x), None);
+        let g = file_id("g7", 1);
+        assert!(g.starts_with("g7.0000000000000001-") && g.len() == 36);
+        assert_eq!(ferry_common::proto::file_group(&g), Some("g7"));
     }
 
     /// Two nodes (two pools on one PostgreSQL database), many threads each: every id is

@@ -33,9 +33,31 @@ pub const ID_REPLY_LEN: usize = 8 + 4;
 /// Most ids one ID_GET may ask for.
 pub const ID_COUNT_MAX: u32 = 65536;
 
-/// A group name: non-empty text of at most [`GROUP_LEN`] bytes.
+/// A group name: 1 to [`GROUP_LEN`] ASCII letters, digits, `-` and `_`. No `.`: that is what
+/// lets a file id name its group in front of a dot (see [`file_group`]).
+pub fn check_group(name: &str) -> Result<(), ProtoError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_');
+    if name.is_empty() || name.len() > GROUP_LEN || !name.chars().all(ok) {
+        return Err(ProtoError::Invalid {
+            field: "group",
+            why: "not 1-32 ASCII letters, digits, '-' or '_'",
+        });
+    }
+    Ok(())
+}
+
+/// The group a file id names: a cluster node issues `<group>.<id>` (FastDFS's file ids carry
+/// their group the same way), so any proxy can route a download by the id alone. `None` for a
+/// standalone server's ids and for ids issued before groups were named in them.
+pub fn file_group(file_id: &str) -> Option<&str> {
+    let (group, rest) = file_id.split_once('.')?;
+    (check_group(group).is_ok() && !rest.is_empty()).then_some(group)
+}
+
 fn group_field(r: &mut Rd<'_>) -> Result<String, ProtoError> {
-    non_empty(r.fixed_str(GROUP_LEN, "group")?, "group")
+    let g = non_empty(r.fixed_str(GROUP_LEN, "group")?, "group")?;
+    check_group(&g)?;
+    Ok(g)
 }
 
 /// A host: an IP literal or DNS name, so only the characters those use; proxies connect to it.
@@ -205,7 +227,8 @@ pub fn decode_beat_reply(body: &[u8]) -> Result<u32, ProtoError> {
     Ok(ms)
 }
 
-/// TRACKER_SADDRS (12): where does this app's user live. The file id is reserved (may be empty).
+/// TRACKER_SADDRS (12): where does this app's user live, or (file id set) where does this file
+/// live: the group the id names, else the group its metadata records, else the user's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SaddrsReq {
     pub app: String,

@@ -3,8 +3,12 @@
 
 use super::*;
 
-/// Largest HELLO body: version, flags, app id, user id, credential length, credential.
-pub const HELLO_MAX: usize = 2 + 2 + APP_ID_LEN + USER_ID_LEN + 2 + CREDENTIAL_MAX;
+/// Largest HELLO body: version, flags, app id, user id, credential length, credential, and
+/// with [`HELLO_ROUTE`] a file id.
+pub const HELLO_MAX: usize = 2 + 2 + APP_ID_LEN + USER_ID_LEN + 2 + CREDENTIAL_MAX + FILE_ID_LEN;
+/// HELLO flag: the session is about one file, whose id follows the credential; a routing proxy
+/// sends the session to the group holding it instead of the user's.
+pub const HELLO_ROUTE: u16 = 1;
 /// Meta part of a small-file UPLOAD (70): upload key + SHA-256 + name; the file bytes follow.
 pub const UPLOAD_META: usize = UPLOAD_ID_LEN + SHA256_LEN + NAME_LEN;
 /// Body of UPLOAD_INIT (74).
@@ -157,25 +161,32 @@ impl Role {
     }
 }
 
-/// HELLO (1): the first frame of every client session. A routing proxy reads identity from it.
+/// HELLO (1): the first frame of every client session. A routing proxy reads identity from it,
+/// and the route: the file the session is about, if any (flag [`HELLO_ROUTE`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
-    pub flags: u16,
     pub app: String,
     pub user: String,
     pub credential: Vec<u8>,
+    pub route: Option<String>,
 }
 
 impl Hello {
     pub fn new(app: &str, user: &str, credential: &[u8]) -> Self {
         Hello {
             version: VERSION,
-            flags: 0,
             app: app.to_owned(),
             user: user.to_owned(),
             credential: credential.to_vec(),
+            route: None,
         }
+    }
+
+    /// The same HELLO for a session about the file `file_id`.
+    pub fn for_file(mut self, file_id: &str) -> Self {
+        self.route = Some(file_id.to_owned());
+        self
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
@@ -185,13 +196,20 @@ impl Hello {
                 why: "longer than 512 bytes",
             });
         }
+        let flags = if self.route.is_some() { HELLO_ROUTE } else { 0 };
         let mut b = Vec::with_capacity(HELLO_MAX);
         b.extend_from_slice(&self.version.to_be_bytes());
-        b.extend_from_slice(&self.flags.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
         put_fixed_str(&mut b, &self.app, APP_ID_LEN, "app id")?;
         put_fixed_str(&mut b, &self.user, USER_ID_LEN, "user id")?;
         b.extend_from_slice(&(self.credential.len() as u16).to_be_bytes());
         b.extend_from_slice(&self.credential);
+        if let Some(id) = &self.route {
+            if id.is_empty() {
+                return Err(ProtoError::Empty("route file id"));
+            }
+            put_fixed_str(&mut b, id, FILE_ID_LEN, "route file id")?;
+        }
         Ok(b)
     }
 
@@ -204,6 +222,12 @@ impl Hello {
             return Err(ProtoError::Version(version));
         }
         let flags = r.u16("flags")?;
+        if flags & !HELLO_ROUTE != 0 {
+            return Err(ProtoError::Invalid {
+                field: "flags",
+                why: "unknown HELLO flag",
+            });
+        }
         let app = non_empty(r.fixed_str(APP_ID_LEN, "app id")?, "app id")?;
         let user = non_empty(r.fixed_str(USER_ID_LEN, "user id")?, "user id")?;
         let n = r.u16("credential length")? as usize;
@@ -214,13 +238,21 @@ impl Hello {
             });
         }
         let credential = r.take(n, "credential")?.to_vec();
+        let route = if flags & HELLO_ROUTE != 0 {
+            Some(non_empty(
+                r.fixed_str(FILE_ID_LEN, "route file id")?,
+                "route file id",
+            )?)
+        } else {
+            None
+        };
         r.end("HELLO")?;
         Ok(Hello {
             version,
-            flags,
             app,
             user,
             credential,
+            route,
         })
     }
 }

@@ -254,6 +254,13 @@ fn truncated_and_bad_fields() {
     assert!(UploadMeta::decode(&meta).is_err());
     // Fields that do not fit are refused on encode.
     assert!(Hello::new(&"x".repeat(17), "u", b"").encode().is_err());
+    assert!(Hello::new("a", "u", b"").for_file("").encode().is_err());
+    assert!(
+        Hello::new("a", "u", b"")
+            .for_file(&"f".repeat(129))
+            .encode()
+            .is_err()
+    );
     assert!(encode_file_id("a\0b").is_err());
 }
 
@@ -358,6 +365,10 @@ fn reply_decoder_accepts_error_frames() {
     assert_eq!(ErrorBody::decode(&got[0].1).unwrap().code, ErrorCode::Range);
 }
 
+fn group_string() -> impl Strategy<Value = String> {
+    proptest::string::string_regex("[a-zA-Z0-9_-]{1,32}").unwrap()
+}
+
 fn id_string(max: usize) -> impl Strategy<Value = String> {
     proptest::string::string_regex(&format!("[a-zA-Z0-9_.é-]{{1,{}}}", max / 2)).unwrap()
 }
@@ -367,9 +378,15 @@ proptest! {
 
     #[test]
     fn hello_round_trip(app in id_string(APP_ID_LEN), user in id_string(USER_ID_LEN),
-                        cred in proptest::collection::vec(any::<u8>(), 0..CREDENTIAL_MAX)) {
-        let h = Hello::new(&app, &user, &cred);
-        prop_assert_eq!(Hello::decode(&h.encode().unwrap()).unwrap(), h);
+                        cred in proptest::collection::vec(any::<u8>(), 0..CREDENTIAL_MAX),
+                        route in proptest::option::of(id_string(FILE_ID_LEN))) {
+        let mut h = Hello::new(&app, &user, &cred);
+        if let Some(id) = &route {
+            h = h.for_file(id);
+        }
+        let body = h.encode().unwrap();
+        prop_assert!(body.len() <= HELLO_MAX);
+        prop_assert_eq!(Hello::decode(&body).unwrap(), h);
     }
 
     #[test]
@@ -802,7 +819,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn join_beat_round_trip(group in id_string(GROUP_LEN), host in host_string(), port in 1u16..,
+    fn join_beat_round_trip(group in group_string(), host in host_string(), port in 1u16..,
                             version in any::<u16>(), started in any::<u64>(), free in any::<u64>()) {
         let n = NodeHello { group, host, port, version, started, free };
         prop_assert_eq!(NodeHello::decode_join(&n.encode_join().unwrap()).unwrap(), n.clone());
@@ -812,7 +829,7 @@ proptest! {
 
     #[test]
     fn saddrs_round_trip(app in id_string(APP_ID_LEN), user in id_string(USER_ID_LEN),
-                         group in id_string(GROUP_LEN), stale in any::<bool>(),
+                         group in group_string(), stale in any::<bool>(),
                          ports in proptest::collection::vec(1u16.., 0..=NODES_MAX)) {
         let q = SaddrsReq { app, user, file_id: String::new() };
         prop_assert_eq!(SaddrsReq::decode(&q.encode().unwrap()).unwrap(), q);
@@ -823,7 +840,7 @@ proptest! {
     #[test]
     fn groups_round_trip(stale in any::<bool>(),
                          groups in proptest::collection::vec(
-                             (id_string(GROUP_LEN), any::<u64>(),
+                             (group_string(), any::<u64>(),
                               proptest::collection::vec((1u16.., any::<bool>(), any::<u64>()), 0..5)),
                              0..8)) {
         let r = GroupsReply {
@@ -857,5 +874,61 @@ proptest! {
         let _ = IdGet::decode(&bytes);
         let _ = IdReply::decode(&bytes);
         let _ = decode_beat_reply(&bytes);
+    }
+}
+
+#[test]
+fn a_hello_route_is_flagged_and_checked() {
+    let plain = Hello::new("a", "b", b"xyz").encode().unwrap();
+    let routed = Hello::new("a", "b", b"xyz")
+        .for_file("g1.00000000000000ff-abc")
+        .encode()
+        .unwrap();
+    assert_eq!(&plain[2..4], &[0, 0]);
+    assert_eq!(&routed[2..4], &HELLO_ROUTE.to_be_bytes());
+    assert_eq!(routed.len(), plain.len() + FILE_ID_LEN);
+    let h = Hello::decode(&routed).unwrap();
+    assert_eq!(h.route.as_deref(), Some("g1.00000000000000ff-abc"));
+    // The flag without the id, an id without the flag, an empty id, unknown flags.
+    let mut no_id = plain.clone();
+    no_id[2..4].copy_from_slice(&HELLO_ROUTE.to_be_bytes());
+    assert!(Hello::decode(&no_id).is_err());
+    let mut no_flag = routed.clone();
+    no_flag[2..4].copy_from_slice(&[0, 0]);
+    assert!(Hello::decode(&no_flag).is_err());
+    let mut empty = plain.clone();
+    empty[2..4].copy_from_slice(&HELLO_ROUTE.to_be_bytes());
+    empty.extend_from_slice(&[0; FILE_ID_LEN]);
+    assert_eq!(
+        Hello::decode(&empty).unwrap_err(),
+        ProtoError::Empty("route file id")
+    );
+    let mut unknown = plain.clone();
+    unknown[2..4].copy_from_slice(&2u16.to_be_bytes());
+    assert!(Hello::decode(&unknown).is_err());
+}
+
+#[test]
+fn a_file_id_names_its_group_in_front_of_a_dot() {
+    assert_eq!(
+        file_group("g1.000000000000002a-abcdefghijklmnop"),
+        Some("g1")
+    );
+    assert_eq!(file_group("group_B-2.x"), Some("group_B-2"));
+    // A standalone server's ids, and ids from before groups were named in them.
+    assert_eq!(file_group("000000000000002a-abcdefghijklmnop"), None);
+    // Not a group name in front, or nothing after the dot.
+    for id in [
+        ".x",
+        "g1.",
+        "g 1.x",
+        "g/1.x",
+        &format!("{}.x", "g".repeat(33)),
+    ] {
+        assert_eq!(file_group(id), None, "{id}");
+    }
+    assert!(check_group("g1").is_ok());
+    for bad in ["", "g.1", "g 1", "g/1", "gé", &"g".repeat(33)] {
+        assert!(check_group(bad).is_err(), "{bad:?}");
     }
 }

@@ -45,6 +45,7 @@ impl Roles {
         let tracker = if cfg.has_role(Role::Tracker) {
             Some(tracker::Tracker::start(
                 open_store(cfg)?,
+                meta.clone(),
                 cfg.tracker.clone(),
             ))
         } else {

@@ -6,7 +6,7 @@ use super::pg::PgCluster;
 use super::store::{ClusterStore, Joined, NodeRow, SqliteCluster};
 use super::tracker::Tracker;
 use crate::config::TrackerConfig;
-use crate::meta::now_ms;
+use crate::meta::{FILE_COMMITTING, FileRec, MetaStore, SqliteStore, now_ms};
 use anyhow::{Result, bail};
 use ferry_common::proto::{ErrorCode, NODES_MAX, NodeAddr, NodeHello, SaddrsReq};
 use std::sync::Arc;
@@ -233,7 +233,8 @@ fn tracker(groups: &[&str], offline_ms: u64) -> (Arc<Switch>, Arc<Tracker>) {
         groups: groups.iter().map(|g| g.to_string()).collect(),
         allow_create_groups: false,
     };
-    let t = Tracker::start(sw.clone(), cfg);
+    let files = Arc::new(SqliteStore::memory().unwrap());
+    let t = Tracker::start(sw.clone(), files, cfg);
     (sw, t)
 }
 
@@ -279,6 +280,81 @@ fn tracker_rules() {
     t.stop();
 }
 
+/// A SADDRS naming a file answers the file's group, whatever the asking user's group: the one
+/// the id names, or for an id from before ids named their group, the one its record names.
+#[test]
+fn tracker_routes_a_file_to_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.db");
+    let sw = Arc::new(Switch {
+        inner: SqliteCluster::open(&path).unwrap(),
+        down: AtomicBool::new(false),
+    });
+    let cfg = TrackerConfig {
+        offline_after_ms: 5000,
+        beat_interval_ms: 100,
+        groups: vec!["g1".into(), "g2".into()],
+        allow_create_groups: false,
+    };
+    let t = Tracker::start(sw, Arc::new(SqliteStore::open(&path).unwrap()), cfg);
+    t.join(&hello("g1", 1, 100)).unwrap();
+    t.join(&hello("g2", 2, 500)).unwrap();
+    assert_eq!(t.saddrs(&saddrs("u1")).unwrap().group, "g2");
+    let for_file = |id: &str| SaddrsReq {
+        file_id: id.into(),
+        ..saddrs("u1")
+    };
+    let r = t
+        .saddrs(&for_file("g1.000000000000002a-abcdefghijklmnop"))
+        .unwrap();
+    assert_eq!(r.group, "g1");
+    assert_eq!(r.nodes[0].port, 1);
+    let e = t.saddrs(&for_file("g9.000000000000002a-abc")).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert!(e.text.contains("g9"), "{}", e.text);
+    // An id issued before ids named their group: its record says g1.
+    let g1 = SqliteStore::open(&path).unwrap().in_group("g1");
+    let old = FileRec {
+        id: "000000000000002b-abcdefghijklmnop".into(),
+        num: 43,
+        app: "demo".into(),
+        user: "u2".into(),
+        status: FILE_COMMITTING,
+        path: "data/43".into(),
+        size: 1,
+        sha256: [1; 32],
+        name: "n".into(),
+        block_size: 65536,
+        crcs: vec![0],
+        created: 1,
+        node: String::new(),
+    };
+    g1.insert_file(&old, None).unwrap();
+    // Committing: not a file yet, so the user's group answers.
+    assert_eq!(t.saddrs(&for_file(&old.id)).unwrap().group, "g2");
+    g1.commit_file(&old.id).unwrap();
+    assert_eq!(t.saddrs(&for_file(&old.id)).unwrap().group, "g1");
+    // Unknown ids, and ids of another app, go to the user's group.
+    assert_eq!(
+        t.saddrs(&for_file("0000000000000099-x")).unwrap().group,
+        "g2"
+    );
+    let other_app = SaddrsReq {
+        app: "other".into(),
+        ..for_file(&old.id)
+    };
+    assert_eq!(
+        t.saddrs(&other_app).unwrap().group,
+        t.saddrs(&SaddrsReq {
+            app: "other".into(),
+            ..saddrs("u1")
+        })
+        .unwrap()
+        .group
+    );
+    t.stop();
+}
+
 #[test]
 fn tracker_answers_stale_while_the_database_is_down() {
     let (sw, t) = tracker(&["g1"], 5000);
@@ -318,7 +394,8 @@ fn tracker_without_a_view_is_unavailable() {
         inner: SqliteCluster::memory().unwrap(),
         down: AtomicBool::new(true),
     });
-    let t = Tracker::start(sw, TrackerConfig::default());
+    let files = Arc::new(SqliteStore::memory().unwrap());
+    let t = Tracker::start(sw, files, TrackerConfig::default());
     assert_eq!(t.groups().unwrap_err().code, ErrorCode::Unavailable);
     t.stop();
 }

@@ -11,11 +11,11 @@
 
 use super::store::{ClusterStore, Joined, NodeRow};
 use crate::config::TrackerConfig;
-use crate::meta::now_ms;
+use crate::meta::{MetaStore, now_ms};
 use crate::storage::OpError;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ferry_common::proto::{
-    ErrorCode, GROUPS_MAX, GroupView, GroupsReply, NODES_MAX, NodeAddr, NodeHello, NodeView,
+    self, ErrorCode, GROUPS_MAX, GroupView, GroupsReply, NODES_MAX, NodeAddr, NodeHello, NodeView,
     SaddrsReply, SaddrsReq,
 };
 use log::{info, warn};
@@ -44,9 +44,13 @@ pub struct View {
 
 pub struct Tracker {
     store: Arc<dyn ClusterStore>,
+    /// The file records, for ids that do not name their group.
+    files: Arc<dyn MetaStore>,
     cfg: TrackerConfig,
     view: RwLock<View>,
     routes: Mutex<HashMap<(String, String), String>>,
+    /// (app, file id) -> group of files found through `files` (a file never moves).
+    file_routes: Mutex<HashMap<(String, String), String>>,
     /// An outage has been logged; the next success logs the recovery.
     down_logged: Mutex<bool>,
     stop: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
@@ -68,12 +72,18 @@ fn unavailable(e: &anyhow::Error) -> OpError {
 impl Tracker {
     /// Starts the tracker: creates the configured groups (retried by the refresh thread while
     /// the database is down) and loads the first view.
-    pub fn start(store: Arc<dyn ClusterStore>, cfg: TrackerConfig) -> Arc<Tracker> {
+    pub fn start(
+        store: Arc<dyn ClusterStore>,
+        files: Arc<dyn MetaStore>,
+        cfg: TrackerConfig,
+    ) -> Arc<Tracker> {
         let t = Arc::new(Tracker {
             store,
+            files,
             cfg,
             view: RwLock::new(View::default()),
             routes: Mutex::new(HashMap::new()),
+            file_routes: Mutex::new(HashMap::new()),
             down_logged: Mutex::new(false),
             stop: Mutex::new(None),
         });
@@ -377,13 +387,56 @@ impl Tracker {
         best.map(|(_, _, g)| g.clone())
     }
 
-    /// TRACKER_SADDRS: the user's group and its online nodes. Each user prefers one node of its
-    /// group (by a hash of app and user) so a group's users spread over its nodes.
+    /// The group holding the file a SADDRS names: the group its id names, else (an id issued
+    /// before ids named their group) the group its record names. `None` when the request names
+    /// no file or nothing is known of it: the user's group answers, as it did for every request
+    /// before files were routed by their group.
+    fn group_of_file(&self, app: &str, file_id: &str) -> Result<Option<String>, OpError> {
+        if file_id.is_empty() {
+            return Ok(None);
+        }
+        if let Some(g) = proto::file_group(file_id) {
+            let v = self.view.read();
+            if v.loaded && !v.groups.contains_key(g) {
+                return Err(OpError::new(
+                    ErrorCode::NotFound,
+                    format!("file {file_id}: no group {g} in this cluster"),
+                ));
+            }
+            return Ok(Some(g.to_owned()));
+        }
+        let key = (app.to_owned(), file_id.to_owned());
+        if let Some(g) = self.file_routes.lock().get(&key) {
+            return Ok(Some(g.clone()));
+        }
+        match self.files.file_group(file_id, app) {
+            Ok(Some(g)) if !g.is_empty() => {
+                let mut routes = self.file_routes.lock();
+                if routes.len() >= ROUTES_MAX {
+                    routes.clear();
+                }
+                routes.insert(key, g.clone());
+                Ok(Some(g))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => {
+                self.db_failed(&e);
+                Err(unavailable(&e))
+            }
+        }
+    }
+
+    /// TRACKER_SADDRS: the group of the file named (see [`Tracker::group_of_file`]) or of the
+    /// user, and its online nodes. Each user prefers one node of a group (by a hash of app and
+    /// user) so a group's users spread over its nodes.
     pub fn saddrs(&self, q: &SaddrsReq) -> Result<SaddrsReply, OpError> {
         if !self.view.read().loaded {
             self.refresh();
         }
-        let group = self.group_of(&q.app, &q.user)?;
+        let group = match self.group_of_file(&q.app, &q.file_id)? {
+            Some(g) => g,
+            None => self.group_of(&q.app, &q.user)?,
+        };
         let now = now_ms();
         let v = self.view.read();
         let mut nodes: Vec<NodeAddr> = v

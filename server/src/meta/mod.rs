@@ -119,6 +119,9 @@ pub trait MetaStore: Send + Sync {
     fn expire_finished(&self, before_ms: u64) -> Result<usize>;
     /// A file visible to `app` (stored, not committing).
     fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
+    /// The group holding a stored file of `app` (any group; "" for rows from before groups
+    /// were recorded): the tracker routes ids that do not name their group by it.
+    fn file_group(&self, id: &str, app: &str) -> Result<Option<String>>;
     /// A stored file of `app` with this content, for instant upload (this group: content in
     /// another group's data directory cannot be linked).
     fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>>;

@@ -308,6 +308,17 @@ impl MetaStore for PgStore {
         })
     }
 
+    fn file_group(&self, id: &str, app: &str) -> Result<Option<String>> {
+        self.tx(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT grp FROM files WHERE id = $1 AND app = $2 AND status = $3",
+                    &[&id, &app, &i64::from(FILE_STORED)],
+                )?
+                .map(|r| r.get(0)))
+        })
+    }
+
     fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>> {
         let size = big(size, "size")?;
         self.tx(|tx| {

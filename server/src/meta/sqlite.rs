@@ -362,6 +362,14 @@ impl MetaStore for SqliteStore {
             .optional()?)
     }
 
+    fn file_group(&self, id: &str, app: &str) -> Result<Option<String>> {
+        let db = self.db.lock();
+        let mut q =
+            db.prepare_cached("SELECT grp FROM files WHERE id = ?1 AND app = ?2 AND status = ?3")?;
+        Ok(q.query_row(params![id, app, FILE_STORED], |r| r.get(0))
+            .optional()?)
+    }
+
     fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>> {
         let db = self.db.lock();
         let mut q = db.prepare_cached(&format!(

@@ -218,6 +218,9 @@ fn groups_sharing_a_database_keep_to_their_own_rows(g1: &dyn MetaStore, g2: &dyn
         "the commit ends the session"
     );
     // Readable from any group (the routing finds its group); its bytes are g1's.
+    assert_eq!(g2.file_group("f1", "app").unwrap().as_deref(), Some("g1"));
+    assert_eq!(g2.file_group("f1", "other app").unwrap(), None);
+    assert_eq!(g2.file_group("f2", "app").unwrap(), None);
     assert!(g1.file("f1", "app").unwrap().is_some());
     assert!(g2.file("f1", "app").unwrap().is_some());
     assert!(g2.find_content("app", &f.sha256, f.size).unwrap().is_none());

@@ -33,7 +33,7 @@ impl Storage {
                 .map_err(|e| io_err(&e, "cannot create data directory"))?;
         }
         let rec = FileRec {
-            id: file_id(num),
+            id: file_id(self.group(), num),
             num,
             app: content.app,
             user: content.user,

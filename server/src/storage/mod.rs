@@ -82,7 +82,17 @@ pub struct Storage {
     _locks: Vec<File>,
 }
 
+/// The group a node belongs to; "" for a standalone server.
+fn group_of(cfg: &Config) -> &str {
+    cfg.cluster.as_ref().map_or("", |c| c.group.as_str())
+}
+
 impl Storage {
+    /// The group this node stores for ("" standalone): it names the group in new file ids.
+    pub fn group(&self) -> &str {
+        group_of(&self.cfg)
+    }
+
     /// Opens (creating if needed) the data dir, locks it, opens the metadata DB and recovers from
     /// whatever a crash left behind: committing files are finished or dropped, sessions whose
     /// temp file is gone or which expired are removed, stray temp files are deleted. A node of
@@ -102,8 +112,7 @@ impl Storage {
                 .with_context(|| format!("cannot create data dir {}", root.display()))?;
         }
         let locks = lock_data_dir(&root, &node)?;
-        let group = cfg.cluster.as_ref().map_or("", |c| c.group.as_str());
-        let meta = crate::meta::open(cfg.meta_url.as_deref(), &root, group)?;
+        let meta = crate::meta::open(cfg.meta_url.as_deref(), &root, group_of(&cfg))?;
         let ids: Arc<dyn IdAllocator> =
             Arc::new(StepAllocator::new(meta.clone(), "data", cfg.id_step));
         if !node.is_empty() {

@@ -380,6 +380,92 @@ fn routes_are_balanced_and_survive_a_tracker_restart() {
     });
 }
 
+/// `ferry groups` lists who is in which group: every user with `--users all` (600 users, so
+/// more than two 256-user pages per group), the first 20 per group by default, as text and
+/// JSON; TRACKER_USERS itself refuses a group the cluster does not have.
+#[test]
+fn ferry_groups_lists_each_groups_users_page_by_page() {
+    both("ferry_groups_lists_each_groups_users_page_by_page", |b| {
+        let dir = tempfile::tempdir().unwrap();
+        let tr = Srv::start(
+            dir.path(),
+            "tracker",
+            &b,
+            &tracker_conf(&["g1", "g2"], 60_000),
+        );
+        fake(tr.addr, cmd::TRACKER_JOIN, "g1", 7401, 1 << 30).unwrap();
+        fake(tr.addr, cmd::TRACKER_JOIN, "g2", 7402, 2 << 30).unwrap();
+        let mut want: HashMap<String, Vec<String>> = HashMap::new();
+        for i in 0..600 {
+            let app = if i % 7 == 0 { "chat" } else { "demo" };
+            let user = format!("u{i:03}");
+            let g = saddrs(tr.addr, app, &user).unwrap().group;
+            want.entry(g).or_default().push(format!("{app}/{user}"));
+        }
+        for v in want.values_mut() {
+            v.sort();
+        }
+        // `ferry [--json] groups --tracker T [extra]`
+        let ferry = |json: bool, extra: &[&str]| {
+            let tracker = tr.addr.to_string();
+            let mut args = vec!["groups", "--tracker", &tracker];
+            if json {
+                args.insert(0, "--json");
+            }
+            args.extend_from_slice(extra);
+            let out = Command::new(support::bin("ferry"))
+                .env("FERRY_KEY", support::auth::key_env())
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let listed = |j: &serde_json::Value, g: usize| -> Vec<String> {
+            let list = j["groups"][g]["user_list"].as_array().unwrap();
+            let name = |u: &serde_json::Value| {
+                format!(
+                    "{}/{}",
+                    u["app"].as_str().unwrap(),
+                    u["user"].as_str().unwrap()
+                )
+            };
+            list.iter().map(name).collect()
+        };
+        let all: serde_json::Value =
+            serde_json::from_str(&ferry(true, &["--users", "all"])).unwrap();
+        for (i, g) in ["g1", "g2"].iter().enumerate() {
+            assert_eq!(all["groups"][i]["group"], *g);
+            assert_eq!(listed(&all, i), want[*g], "{g} ({})", b.name());
+            assert_eq!(all["groups"][i]["users"], want[*g].len() as u64);
+            assert_eq!(all["groups"][i]["user_list_complete"], true);
+        }
+        let j: serde_json::Value = serde_json::from_str(&ferry(true, &[])).unwrap();
+        assert_eq!(listed(&j, 0), want["g1"][..20]);
+        assert_eq!(j["groups"][0]["user_list_complete"], false);
+        let text = ferry(false, &[]);
+        let first = format!("  users: {}, ", want["g1"][0]);
+        assert!(text.contains(&first), "{text}");
+        let rest = format!("... and {} more", want["g1"].len() - 20);
+        assert!(text.contains(&rest), "{text}");
+        let q = proto::UsersReq {
+            group: "g9".into(),
+            after: (String::new(), String::new()),
+            limit: 5,
+        };
+        let r = call_once(
+            tr.addr,
+            T,
+            None,
+            cmd::TRACKER_USERS,
+            &q.encode().unwrap(),
+            cmd::REPLY_TRACKER,
+            proto::USERS_REPLY_MAX,
+        );
+        assert_eq!(code(r), ErrorCode::UnknownGroup);
+    });
+}
+
 #[test]
 fn two_trackers_on_one_database_agree() {
     let Some(db) = support::pg_db("two_trackers_on_one_database_agree") else {

@@ -113,6 +113,9 @@ pub enum Command {
         /// Give up on a tracker after this long.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Users listed per group ("app/user", in order), or "all".
+        #[arg(long, value_name = "N|all", default_value = "20", value_parser = parse_users_max)]
+        users: usize,
     },
     /// Manage a local cluster.
     Cluster {
@@ -203,6 +206,16 @@ fn client(cli: &Cli) -> Result<Client, ClientError> {
     Client::new(settings::resolve(file, &flags, &EnvVars::from_process())?)
 }
 
+/// `--users`: a count, or "all".
+fn parse_users_max(s: &str) -> Result<usize, String> {
+    match s {
+        "all" => Ok(usize::MAX),
+        n => n
+            .parse()
+            .map_err(|_| format!("{n:?} is not a number or \"all\"")),
+    }
+}
+
 fn created_text(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
@@ -252,12 +265,21 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
             }
             return Ok(String::new());
         }
-        Command::Groups { trackers, timeout } => {
+        Command::Groups {
+            trackers,
+            timeout,
+            users,
+        } => {
             let link = settings::link_key(
                 settings::load_file(cli.config.as_deref())?,
                 &EnvVars::from_process(),
             )?;
-            let v = crate::groups::fetch(trackers, *timeout, link.as_ref())?;
+            let t = crate::groups::Trackers {
+                addrs: trackers,
+                timeout: *timeout,
+                link: link.as_ref(),
+            };
+            let v = crate::groups::fetch(&t, *users)?;
             return Ok(if cli.json {
                 crate::groups::to_json(&v).to_string()
             } else {

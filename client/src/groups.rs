@@ -1,18 +1,91 @@
-//! `ferry groups`: the cluster view from a tracker (TRACKER_GROUPS), as text or JSON.
+//! `ferry groups`: the cluster view from a tracker (TRACKER_GROUPS) and each group's users
+//! (TRACKER_USERS, paged), as text or JSON.
 
 use crate::error::ClientError;
 use ferry_common::auth::SigningKey;
-use ferry_common::proto::{CallError, GROUPS_REPLY_MAX, GroupsReply, call_once, cmd};
+use ferry_common::proto::{
+    CallError, GROUPS_REPLY_MAX, GroupsReply, USERS_PAGE_MAX, USERS_REPLY_MAX, UsersReply,
+    UsersReq, call_once, cmd,
+};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-/// Asks each tracker in turn until one answers.
-pub fn fetch(
-    trackers: &[String],
-    timeout: Duration,
-    link: Option<&SigningKey>,
-) -> Result<GroupsReply, ClientError> {
+/// Where and how to ask: the trackers (tried in turn), the timeout, the admin link key.
+pub struct Trackers<'a> {
+    pub addrs: &'a [String],
+    pub timeout: Duration,
+    pub link: Option<&'a SigningKey>,
+}
+
+/// The cluster view and, per group, its first users in (app, user) order.
+pub struct Listing {
+    pub view: GroupsReply,
+    /// Group -> (app, user) pairs listed, and whether the group has more than those.
+    pub users: BTreeMap<String, (Vec<(String, String)>, bool)>,
+}
+
+/// The view plus up to `max_users` users of each group.
+pub fn fetch(t: &Trackers, max_users: usize) -> Result<Listing, ClientError> {
+    let body = ask(t, "groups", cmd::TRACKER_GROUPS, &[], GROUPS_REPLY_MAX)?;
+    let view = GroupsReply::decode(&body).map_err(|e| garbled("groups", e))?;
+    let mut users = BTreeMap::new();
+    for g in &view.groups {
+        users.insert(g.name.clone(), users_of(t, &g.name, g.users, max_users)?);
+    }
+    Ok(Listing { view, users })
+}
+
+/// Up to `max` of the `count` users of `group`, a page (at most 256) per request; true when
+/// more remain.
+fn users_of(
+    t: &Trackers,
+    group: &str,
+    count: u64,
+    max: usize,
+) -> Result<(Vec<(String, String)>, bool), ClientError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let op = format!("users of group {group}");
+    let mut more = count > 0;
+    while more && out.len() < max {
+        let q = UsersReq {
+            group: group.to_owned(),
+            after: out.last().cloned().unwrap_or_default(),
+            limit: (max - out.len()).min(usize::from(USERS_PAGE_MAX)) as u16,
+        };
+        let body = q
+            .encode()
+            .map_err(|e| ClientError::Input(format!("{op}: {e}")))?;
+        let reply = ask(t, &op, cmd::TRACKER_USERS, &body, USERS_REPLY_MAX)?;
+        let page = UsersReply::decode(&reply).map_err(|e| garbled(&op, e))?;
+        // Every page must move forward, or a broken tracker would keep this loop going.
+        if page.users.first().is_some_and(|u| Some(u) <= out.last()) {
+            return Err(garbled(&op, "users out of order"));
+        }
+        more = page.more && !page.users.is_empty();
+        out.extend(page.users);
+    }
+    Ok((out, more))
+}
+
+fn garbled(op: &str, e: impl std::fmt::Display) -> ClientError {
+    ClientError::Server {
+        op: op.to_owned(),
+        code: ferry_common::proto::ErrorCode::BadFrame,
+        text: e.to_string(),
+    }
+}
+
+/// Sends one request to each tracker in turn until one answers; returns the reply body.
+fn ask(
+    t: &Trackers,
+    op: &str,
+    command: u8,
+    body: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, ClientError> {
+    let (trackers, timeout, link) = (t.addrs, t.timeout, t.link);
     if trackers.is_empty() {
         return Err(ClientError::Input(
             "ferry groups needs --tracker ADDR".into(),
@@ -25,25 +98,11 @@ pub fn fetch(
             .map_err(|e| ClientError::Input(format!("tracker address {t}: {e}")))?
             .collect();
         for a in addrs {
-            match call_once(
-                a,
-                timeout,
-                link,
-                cmd::TRACKER_GROUPS,
-                &[],
-                cmd::REPLY_TRACKER,
-                GROUPS_REPLY_MAX,
-            ) {
-                Ok(body) => {
-                    return GroupsReply::decode(&body).map_err(|e| ClientError::Server {
-                        op: format!("groups from tracker {a}"),
-                        code: e.code(),
-                        text: e.to_string(),
-                    });
-                }
+            match call_once(a, timeout, link, command, body, cmd::REPLY_TRACKER, max) {
+                Ok(body) => return Ok(body),
                 Err(CallError::Refused { body, .. }) if !body.code.retryable() => {
                     return Err(ClientError::Server {
-                        op: format!("groups from tracker {a}"),
+                        op: format!("{op} from tracker {a}"),
                         code: body.code,
                         text: body.text,
                     });
@@ -53,7 +112,7 @@ pub fn fetch(
         }
     }
     Err(ClientError::Unreachable {
-        op: "groups".into(),
+        op: op.to_owned(),
         attempts: trackers.len() as u32,
         proxies: trackers.join(", "),
         last,
@@ -68,8 +127,9 @@ fn ms_text(ms: u64) -> String {
     }
 }
 
-/// One line per group, then one indented line per node.
-pub fn render(v: &GroupsReply) -> String {
+/// One line per group, one indented line per node, then the group's users listed.
+pub fn render(l: &Listing) -> String {
+    let v = &l.view;
     let mut out = Vec::new();
     if v.stale {
         out.push("(stale: the tracker cannot reach its database; this is its last view)".into());
@@ -95,26 +155,46 @@ pub fn render(v: &GroupsReply) -> String {
                 bytesize::ByteSize(n.free).display().iec(),
             ));
         }
+        let Some((users, more)) = l.users.get(&g.name) else {
+            continue;
+        };
+        if !users.is_empty() {
+            let names: Vec<String> = users.iter().map(|(a, u)| format!("{a}/{u}")).collect();
+            out.push(format!("  users: {}", names.join(", ")));
+        }
+        if *more {
+            let rest = g.users.saturating_sub(users.len() as u64);
+            out.push(format!(
+                "  ... and {rest} more (--users all lists every one)"
+            ));
+        }
     }
     out.join("\n")
 }
 
-/// The view as one JSON object.
-pub fn to_json(v: &GroupsReply) -> serde_json::Value {
+/// The listing as one JSON object.
+pub fn to_json(l: &Listing) -> serde_json::Value {
+    let v = &l.view;
     json!({
         "command": "groups",
         "stale": v.stale,
-        "groups": v.groups.iter().map(|g| json!({
-            "group": g.name,
-            "users": g.users,
-            "nodes": g.nodes.iter().map(|n| json!({
-                "addr": n.addr.to_string(),
-                "online": n.online,
-                "started_ms": n.started,
-                "beat_age_ms": n.beat_age_ms,
-                "free": n.free,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "groups": v.groups.iter().map(|g| {
+            let (users, more) = l.users.get(&g.name).cloned().unwrap_or_default();
+            json!({
+                "group": g.name,
+                "users": g.users,
+                "user_list": users.iter().map(|(a, u)| json!({"app": a, "user": u}))
+                    .collect::<Vec<_>>(),
+                "user_list_complete": !more,
+                "nodes": g.nodes.iter().map(|n| json!({
+                    "addr": n.addr.to_string(),
+                    "online": n.online,
+                    "started_ms": n.started,
+                    "beat_age_ms": n.beat_age_ms,
+                    "free": n.free,
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -125,7 +205,7 @@ mod tests {
 
     #[test]
     fn renders_groups_and_nodes() {
-        let v = GroupsReply {
+        let view = GroupsReply {
             stale: true,
             groups: vec![GroupView {
                 name: "g1".into(),
@@ -142,8 +222,17 @@ mod tests {
                 }],
             }],
         };
+        let users = [(
+            "g1".to_string(),
+            (vec![("demo".into(), "ann".into())], true),
+        )];
+        let v = Listing {
+            view,
+            users: users.into_iter().collect(),
+        };
         let t = render(&v);
         assert!(t.starts_with("(stale"), "{t}");
+        assert!(t.contains("  users: demo/ann\n  ... and 1 more"), "{t}");
         assert!(t.contains("g1  users 2  nodes 0/1 online"), "{t}");
         assert!(
             t.contains("127.0.0.1:7401") && t.contains("offline") && t.contains("7.2s"),
@@ -153,13 +242,17 @@ mod tests {
         let j = to_json(&v);
         assert_eq!(j["groups"][0]["nodes"][0]["beat_age_ms"], 7200);
         assert_eq!(j["stale"], true);
+        assert_eq!(j["groups"][0]["user_list"][0]["user"], "ann");
+        assert_eq!(j["groups"][0]["user_list_complete"], false);
     }
 
     #[test]
     fn no_tracker_is_an_input_error() {
-        assert!(matches!(
-            fetch(&[], Duration::from_secs(1), None),
-            Err(ClientError::Input(_))
-        ));
+        let t = Trackers {
+            addrs: &[],
+            timeout: Duration::from_secs(1),
+            link: None,
+        };
+        assert!(matches!(fetch(&t, 10), Err(ClientError::Input(_))));
     }
 }

@@ -57,8 +57,8 @@ pub fn need(c: u8) -> Option<Need> {
         cmd::TRACKER_JOIN | cmd::TRACKER_BEAT | cmd::ID_GET => Need::Member(PeerKind::Node),
         // A routing proxy asks where a user lives (which may record the user's group).
         cmd::TRACKER_SADDRS => Need::Member(PeerKind::Router),
-        // An operator reads the cluster's view.
-        cmd::TRACKER_GROUPS => Need::Member(PeerKind::Admin),
+        // An operator reads the cluster's view and who is in which group.
+        cmd::TRACKER_GROUPS | cmd::TRACKER_USERS => Need::Member(PeerKind::Admin),
         cmd::STAT | cmd::DOWNLOAD | cmd::DOWNLOAD_OVER => Need::Session(Scope::READ),
         cmd::UPLOAD
         | cmd::UPLOAD_INIT

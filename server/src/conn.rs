@@ -21,8 +21,8 @@ use crate::syncer::{AckSlot, SyncJob};
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
     self, BlockAck, BlockMeta, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode, Header, Hello,
-    IdGet, Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta, cmd,
-    status,
+    IdGet, Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta,
+    UsersReq, cmd, status,
 };
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
 use log::{debug, info, warn};
@@ -356,6 +356,7 @@ impl ServerConn {
             | cmd::TRACKER_BEAT
             | cmd::TRACKER_SADDRS
             | cmd::TRACKER_GROUPS
+            | cmd::TRACKER_USERS
             | cmd::ID_GET => return self.cluster(h.cmd, meta),
             _ => {}
         }
@@ -433,6 +434,10 @@ impl ServerConn {
             (cmd::TRACKER_GROUPS, Some(t), _) => {
                 t.groups().and_then(|r| r.encode().map_err(internal))
             }
+            (cmd::TRACKER_USERS, Some(t), _) => UsersReq::decode(meta)
+                .map_err(bad)
+                .and_then(|q| t.users(&q))
+                .and_then(|r| r.encode().map_err(internal)),
             // Like any command this server does not know: its own reply command.
             _ => {
                 let e = OpError::new(

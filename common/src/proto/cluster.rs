@@ -1,4 +1,4 @@
-//! Bodies of the cluster frames: tracker (JOIN 10, BEAT 11, SADDRS 12, GROUPS 13) and id server
+//! Bodies of the cluster frames: tracker (JOIN 10, BEAT 11, SADDRS 12, GROUPS 13, USERS 14) and id server
 //! (ID_GET 40), with their replies. Layouts are in docs/PROTOCOL.md ("Cluster").
 //!
 //! Replies carrying lists (SADDRS, GROUPS) are capped ([`NODES_MAX`], [`GROUPS_MAX`]) and every
@@ -26,6 +26,14 @@ const GROUP_VIEW_LEN: usize = GROUP_LEN + 8 + 2;
 /// Largest GROUPS reply (about 740 KiB).
 pub const GROUPS_REPLY_MAX: usize =
     1 + 2 + GROUPS_MAX * (GROUP_VIEW_LEN + NODES_MAX * NODE_VIEW_LEN);
+/// Body of TRACKER_USERS (14): group, the (app, user) to list after, page size.
+pub const USERS_LEN: usize = GROUP_LEN + APP_ID_LEN + USER_ID_LEN + 2;
+/// Most users in one TRACKER_USERS reply.
+pub const USERS_PAGE_MAX: u16 = 256;
+/// One user in a TRACKER_USERS reply: app, user.
+const USER_ROW_LEN: usize = APP_ID_LEN + USER_ID_LEN;
+/// Largest TRACKER_USERS reply: more, count, the users (about 68 KiB).
+pub const USERS_REPLY_MAX: usize = 1 + 2 + USERS_PAGE_MAX as usize * USER_ROW_LEN;
 /// Body of ID_GET (40): key, count.
 pub const ID_GET_LEN: usize = ID_KEY_LEN + 4;
 /// Body of the ID_GET reply: first, count.
@@ -432,6 +440,96 @@ impl GroupsReply {
         }
         r.end("TRACKER_GROUPS reply")?;
         Ok(GroupsReply { stale, groups })
+    }
+}
+
+/// TRACKER_USERS (14): up to `limit` users of `group` in (app, user) order, after the pair
+/// `after` (empty strings: from the start), so a caller pages through any number of users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsersReq {
+    pub group: String,
+    pub after: (String, String),
+    pub limit: u16,
+}
+
+fn check_page(limit: u16) -> Result<(), ProtoError> {
+    if limit == 0 || limit > USERS_PAGE_MAX {
+        return Err(ProtoError::Invalid {
+            field: "limit",
+            why: "outside 1 ..= 256",
+        });
+    }
+    Ok(())
+}
+
+impl UsersReq {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        check_group(&self.group)?;
+        check_page(self.limit)?;
+        let mut b = Vec::with_capacity(USERS_LEN);
+        put_fixed_str(&mut b, &self.group, GROUP_LEN, "group")?;
+        put_fixed_str(&mut b, &self.after.0, APP_ID_LEN, "after app")?;
+        put_fixed_str(&mut b, &self.after.1, USER_ID_LEN, "after user")?;
+        b.extend_from_slice(&self.limit.to_be_bytes());
+        Ok(b)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let group = group_field(&mut r)?;
+        let app = r.fixed_str(APP_ID_LEN, "after app")?;
+        let user = r.fixed_str(USER_ID_LEN, "after user")?;
+        let limit = r.u16("limit")?;
+        check_page(limit)?;
+        r.end("TRACKER_USERS")?;
+        Ok(UsersReq {
+            group,
+            after: (app, user),
+            limit,
+        })
+    }
+}
+
+/// Reply to TRACKER_USERS: the page, and whether more users follow its last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsersReply {
+    pub more: bool,
+    pub users: Vec<(String, String)>,
+}
+
+impl UsersReply {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        if self.users.len() > USERS_PAGE_MAX as usize {
+            return Err(ProtoError::Invalid {
+                field: "users",
+                why: "over 256 users",
+            });
+        }
+        let mut b = Vec::with_capacity(3 + self.users.len() * USER_ROW_LEN);
+        b.push(self.more as u8);
+        b.extend_from_slice(&(self.users.len() as u16).to_be_bytes());
+        for (app, user) in &self.users {
+            if app.is_empty() || user.is_empty() {
+                return Err(ProtoError::Empty("app or user id"));
+            }
+            put_fixed_str(&mut b, app, APP_ID_LEN, "app id")?;
+            put_fixed_str(&mut b, user, USER_ID_LEN, "user id")?;
+        }
+        Ok(b)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let more = flag_field(&mut r, "more")?;
+        let n = count_field(&mut r, "user count", USERS_PAGE_MAX as usize, USER_ROW_LEN)?;
+        let mut users = Vec::with_capacity(n);
+        for _ in 0..n {
+            let app = non_empty(r.fixed_str(APP_ID_LEN, "app id")?, "app id")?;
+            let user = non_empty(r.fixed_str(USER_ID_LEN, "user id")?, "user id")?;
+            users.push((app, user));
+        }
+        r.end("TRACKER_USERS reply")?;
+        Ok(UsersReply { more, users })
     }
 }
 

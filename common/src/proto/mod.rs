@@ -75,6 +75,8 @@ pub mod cmd {
     pub const TRACKER_SADDRS: u8 = 12;
     /// The tracker's view of every group and node.
     pub const TRACKER_GROUPS: u8 = 13;
+    /// One page of the users the router table assigns to a group.
+    pub const TRACKER_USERS: u8 = 14;
     /// A batch of unique, increasing ids from the id server.
     pub const ID_GET: u8 = 40;
     /// Small file in one frame.
@@ -115,6 +117,7 @@ pub mod cmd {
             TRACKER_BEAT => "TRACKER_BEAT",
             TRACKER_SADDRS => "TRACKER_SADDRS",
             TRACKER_GROUPS => "TRACKER_GROUPS",
+            TRACKER_USERS => "TRACKER_USERS",
             ID_GET => "ID_GET",
             UPLOAD => "UPLOAD",
             STAT => "STAT",
@@ -221,6 +224,7 @@ pub fn request_spec(c: u8) -> Option<BodySpec> {
         cmd::TRACKER_BEAT => control(BEAT_LEN, true),
         cmd::TRACKER_SADDRS => control(SADDRS_LEN, true),
         cmd::TRACKER_GROUPS => control(0, true),
+        cmd::TRACKER_USERS => control(USERS_LEN, true),
         cmd::ID_GET => control(ID_GET_LEN, true),
         _ => None,
     }

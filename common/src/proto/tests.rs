@@ -538,6 +538,27 @@ fn cluster_frames_match_the_doc() {
         frame(cmd::REPLY_TRACKER, 0, &sample_groups().encode().unwrap()),
         doc_example("groups reply")
     );
+    let users = UsersReq {
+        group: "g1".into(),
+        after: ("demo".into(), "alice".into()),
+        limit: 2,
+    };
+    let users_reply = UsersReply {
+        more: true,
+        users: vec![("demo".into(), "bob".into())],
+    };
+    for (name, f) in [
+        (
+            "users",
+            frame(cmd::TRACKER_USERS, 0, &users.encode().unwrap()),
+        ),
+        (
+            "users reply",
+            frame(cmd::REPLY_TRACKER, 0, &users_reply.encode().unwrap()),
+        ),
+    ] {
+        assert_eq!(f, doc_example(name), "{name}");
+    }
     let get = IdGet {
         key: "files".into(),
         count: 1000,
@@ -857,6 +878,22 @@ proptest! {
     }
 
     #[test]
+    fn users_round_trip(group in group_string(), app in id_string(APP_ID_LEN),
+                        user in id_string(USER_ID_LEN), limit in 1u16..=USERS_PAGE_MAX,
+                        more in any::<bool>(),
+                        users in proptest::collection::vec(
+                            (id_string(APP_ID_LEN), id_string(USER_ID_LEN)), 0..20)) {
+        let q = UsersReq { group, after: (app, user), limit };
+        let body = q.encode().unwrap();
+        prop_assert_eq!(body.len(), USERS_LEN);
+        prop_assert_eq!(UsersReq::decode(&body).unwrap(), q);
+        let r = UsersReply { more, users };
+        let body = r.encode().unwrap();
+        prop_assert!(body.len() <= USERS_REPLY_MAX);
+        prop_assert_eq!(UsersReply::decode(&body).unwrap(), r);
+    }
+
+    #[test]
     fn id_round_trip(key in id_string(ID_KEY_LEN), count in 1u32..=ID_COUNT_MAX, first in 0u64..1 << 60) {
         let g = IdGet { key, count };
         prop_assert_eq!(IdGet::decode(&g.encode().unwrap()).unwrap(), g);
@@ -931,4 +968,34 @@ fn a_file_id_names_its_group_in_front_of_a_dot() {
     for bad in ["", "g.1", "g 1", "g/1", "gé", &"g".repeat(33)] {
         assert!(check_group(bad).is_err(), "{bad:?}");
     }
+}
+
+#[test]
+fn users_pages_are_bounded() {
+    let q = |limit| UsersReq {
+        group: "g1".into(),
+        after: (String::new(), String::new()),
+        limit,
+    };
+    assert!(q(0).encode().is_err());
+    assert!(q(USERS_PAGE_MAX + 1).encode().is_err());
+    let mut body = q(1).encode().unwrap();
+    let n = body.len();
+    body[n - 2..].copy_from_slice(&0u16.to_be_bytes());
+    assert!(UsersReq::decode(&body).is_err(), "limit 0");
+    // A reply whose count claims more users than it carries, or more than a page.
+    let one = UsersReply {
+        more: false,
+        users: vec![("demo".into(), "ann".into())],
+    };
+    let mut b = one.encode().unwrap();
+    b[1..3].copy_from_slice(&2u16.to_be_bytes());
+    assert!(UsersReply::decode(&b).is_err());
+    b[1..3].copy_from_slice(&(USERS_PAGE_MAX + 1).to_be_bytes());
+    assert!(UsersReply::decode(&b).is_err());
+    let too_many = UsersReply {
+        more: true,
+        users: vec![("a".into(), "u".into()); USERS_PAGE_MAX as usize + 1],
+    };
+    assert!(too_many.encode().is_err());
 }

@@ -5,7 +5,7 @@
 //! down, and every call retries the connection; calls fail after `connection_timeout` instead
 //! of hanging.
 
-use super::store::{ClusterStore, Joined, NodeRow, SCHEMA, from_db, port_from_db, to_db};
+use super::store::{ClusterStore, Joined, NodeRow, SCHEMA, USERS_OF, from_db, port_from_db, to_db};
 use anyhow::{Context, Result};
 use ferry_common::proto::{GROUPS_MAX, NODES_MAX, NodeAddr};
 use r2d2_postgres::PostgresConnectionManager;
@@ -233,5 +233,16 @@ impl ClusterStore for PgCluster {
         let mut c = self.conn()?;
         let rows = c.query("SELECT grp, COUNT(*) FROM cluster_router GROUP BY grp", &[])?;
         Ok(rows.iter().map(|r| (r.get(0), from_db(r.get(1)))).collect())
+    }
+
+    fn users_of(
+        &self,
+        group: &str,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<Vec<(String, String)>> {
+        let mut c = self.conn()?;
+        let rows = c.query(USERS_OF, &[&group, &after.0, &after.1, &i64::from(limit)])?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }

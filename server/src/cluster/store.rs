@@ -60,6 +60,13 @@ pub trait ClusterStore: Send + Sync {
     fn assign(&self, app: &str, user: &str, group: &str) -> Result<String>;
     /// Users routed to each group (groups without users are absent).
     fn users_per_group(&self) -> Result<Vec<(String, u64)>>;
+    /// Up to `limit` users of `group` in (app, user) order after `after` (TRACKER_USERS).
+    fn users_of(
+        &self,
+        group: &str,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<Vec<(String, String)>>;
 }
 
 /// The schema both backends apply at start (idempotent; the SQL is common to both).
@@ -85,8 +92,13 @@ CREATE TABLE IF NOT EXISTS cluster_router (
     created  BIGINT NOT NULL,
     PRIMARY KEY (app, usr)
 );
-CREATE INDEX IF NOT EXISTS cluster_router_grp ON cluster_router (grp);
+DROP INDEX IF EXISTS cluster_router_grp;
+CREATE INDEX IF NOT EXISTS cluster_router_members ON cluster_router (grp, app, usr);
 ";
+
+/// A page of a group's users, on the (grp, app, usr) index; the same SQL for both backends.
+pub const USERS_OF: &str = "SELECT app, usr FROM cluster_router \
+     WHERE grp = $1 AND (app, usr) > ($2, $3) ORDER BY app, usr LIMIT $4";
 
 /// u64 values (bytes, ms) in a signed BIGINT column: saturate instead of wrapping negative.
 pub fn to_db(v: u64) -> i64 {
@@ -297,6 +309,20 @@ impl ClusterStore for SqliteCluster {
         let db = self.db.lock();
         let mut q = db.prepare("SELECT grp, COUNT(*) FROM cluster_router GROUP BY grp")?;
         let rows = q.query_map([], |r| Ok((r.get(0)?, from_db(r.get(1)?))))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn users_of(
+        &self,
+        group: &str,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<Vec<(String, String)>> {
+        let db = self.db.lock();
+        let mut q = db.prepare_cached(USERS_OF)?;
+        let rows = q.query_map(params![group, after.0, after.1, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 }

@@ -121,6 +121,31 @@ fn routes_are_assigned_once() {
 }
 
 #[test]
+fn a_groups_users_page_in_order() {
+    both("a_groups_users_page_in_order", |open| {
+        let s = open();
+        for (app, user, g) in [
+            ("demo", "dan", "g1"),
+            ("demo", "ann", "g1"),
+            ("chat", "zoe", "g1"),
+            ("demo", "bob", "g2"),
+            ("demo", "cat", "g1"),
+        ] {
+            s.assign(app, user, g).unwrap();
+        }
+        let page = |after: (&str, &str), n| s.users_of("g1", after, n).unwrap();
+        let names = |v: Vec<(String, String)>| -> Vec<String> {
+            v.into_iter().map(|(a, u)| format!("{a}/{u}")).collect()
+        };
+        assert_eq!(names(page(("", ""), 2)), ["chat/zoe", "demo/ann"]);
+        assert_eq!(names(page(("demo", "ann"), 2)), ["demo/cat", "demo/dan"]);
+        assert!(page(("demo", "dan"), 2).is_empty());
+        assert_eq!(names(s.users_of("g2", ("", ""), 10).unwrap()), ["demo/bob"]);
+        assert!(s.users_of("g9", ("", ""), 10).unwrap().is_empty());
+    });
+}
+
+#[test]
 fn concurrent_assignments_agree() {
     both("concurrent_assignments_agree", |open| {
         // Eight "trackers" (own handles, so own connections) race for the same 20 users.
@@ -200,6 +225,15 @@ impl ClusterStore for Switch {
     fn users_per_group(&self) -> Result<Vec<(String, u64)>> {
         self.check()?;
         self.inner.users_per_group()
+    }
+    fn users_of(
+        &self,
+        group: &str,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<Vec<(String, String)>> {
+        self.check()?;
+        self.inner.users_of(group, after, limit)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::storage::OpError;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ferry_common::proto::{
     self, ErrorCode, GROUPS_MAX, GroupView, GroupsReply, NODES_MAX, NodeAddr, NodeHello, NodeView,
-    SaddrsReply, SaddrsReq,
+    SaddrsReply, SaddrsReq, UsersReply, UsersReq,
 };
 use log::{info, warn};
 use parking_lot::{Mutex, RwLock};
@@ -461,6 +461,36 @@ impl Tracker {
             stale: v.stale,
             nodes,
         })
+    }
+
+    /// TRACKER_USERS: one page of a group's users, read from the database (the view keeps
+    /// only counts); error 22 for a group the cluster does not have, 24 when the database is
+    /// unreachable.
+    pub fn users(&self, q: &UsersReq) -> Result<UsersReply, OpError> {
+        if !self.view.read().loaded {
+            self.refresh();
+        }
+        {
+            let v = self.view.read();
+            if v.loaded && !v.groups.contains_key(&q.group) {
+                return Err(OpError::new(
+                    ErrorCode::UnknownGroup,
+                    format!("no group {} in this cluster", q.group),
+                ));
+            }
+        }
+        let after = (q.after.0.as_str(), q.after.1.as_str());
+        let limit = u32::from(q.limit);
+        let mut users = self
+            .store
+            .users_of(&q.group, after, limit + 1)
+            .map_err(|e| {
+                self.db_failed(&e);
+                unavailable(&e)
+            })?;
+        let more = users.len() > q.limit as usize;
+        users.truncate(q.limit as usize);
+        Ok(UsersReply { more, users })
     }
 
     /// TRACKER_GROUPS: the view, or error 24 if the database never answered.

@@ -1,17 +1,25 @@
-//! Chaos suite: a real local cluster (server, two server-proxies, two client-proxies), many
-//! concurrent transfers through the `ferry` CLI, and faults injected while they run: SIGKILL of
-//! the primary client-proxy and server-proxy (restarted after a pause), SIGSTOP/SIGCONT of a
-//! proxy, SIGKILL of the server (restarted).
+//! Chaos suite: a real local cluster, many concurrent transfers through the `ferry` CLI, and
+//! faults injected while they run.
+//!
+//! - Single server (server, two server-proxies, two client-proxies): SIGKILL of the primary
+//!   client-proxy and server-proxy (restarted after a pause), SIGSTOP/SIGCONT of a proxy,
+//!   SIGKILL of the server (restarted).
+//! - Cluster (2 groups x 2 storage nodes, 2 trackers, a routing server-proxy pair, a
+//!   client-proxy pair, a PostgreSQL server of its own): users of both groups download each
+//!   other's files while storage nodes of every group, trackers, routing proxies and
+//!   client-proxies are SIGKILLed and restarted, sometimes two at once, and PostgreSQL itself
+//!   is restarted (`pg_ctl restart -m fast`) now and then.
 //!
 //! Reproducible: a seed picks sizes, operations and the fault schedule; it is printed at start
-//! and `FERRY_CHAOS_SEED=N` replays it. The short run (default) is part of the test suite;
-//! `FERRY_CHAOS_LONG=1` (optionally `FERRY_CHAOS_SECS`) runs the long one and prints a summary.
-//! `FERRY_CHAOS_BASELINE=1` runs the same transfers without faults: comparing the throughput
-//! lines gives the time each fault adds.
+//! and `FERRY_CHAOS_SEED=N` replays it. The short runs (default) are part of the test suite;
+//! `FERRY_CHAOS_LONG=1` (optionally `FERRY_CHAOS_SECS`) runs long ones and prints a summary,
+//! `FERRY_CHAOS_CLUSTER=1` runs only the cluster mode, `FERRY_CHAOS_KEEP=1` keeps the scratch
+//! dir with the members' logs. `FERRY_CHAOS_BASELINE=1` runs the same
+//! transfers without faults: comparing the throughput lines gives the time each fault adds.
 
 mod support;
 
-use ferry_client::cluster::{self, Cluster, Layout, Logs};
+use ferry_client::cluster::{self, Cluster, GroupsLayout, Layout, Logs, Spec};
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -126,23 +134,53 @@ struct Stored {
 struct Ctx {
     dir: PathBuf,
     proxies: Vec<String>,
+    /// The app the users belong to and its key (`FERRY_KEY`).
+    app: String,
+    key: String,
     tally: Tally,
     stored: Mutex<Vec<Stored>>,
+    /// Files their owners never delete, which every user downloads (in a cluster, from
+    /// whichever group holds them).
+    shared: Mutex<Vec<Stored>>,
     stop: AtomicBool,
 }
+
+impl Ctx {
+    fn new(dir: &Path, proxies: &[std::net::SocketAddr], app: &str, key: String) -> Ctx {
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        Ctx {
+            dir: dir.to_path_buf(),
+            proxies: proxies.iter().map(|a| a.to_string()).collect(),
+            app: app.to_owned(),
+            key,
+            tally: Tally::default(),
+            stored: Mutex::new(Vec::new()),
+            shared: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// A `ferry` command as `user` of the app, through the client-proxies.
+    fn command(&self, user: &str) -> Command {
+        let mut cmd = Command::new(support::bin("ferry"));
+        cmd.env("FERRY_KEY", &self.key)
+            .env("FERRY_STATE_DIR", self.dir.join("state"))
+            .env_remove("RUST_LOG");
+        for p in &self.proxies {
+            cmd.args(["--proxy", p]);
+        }
+        cmd.args(["--app", &self.app, "--user", user]);
+        cmd
+    }
+}
+
+/// Uploads each worker publishes to everyone (its first ones) instead of keeping.
+const SHARED_PER_WORKER: usize = 2;
 
 /// Runs one CLI transfer, rerunning it (resume) if the client gives up; returns the JSON report.
 fn ferry(ctx: &Ctx, user: &str, args: &[&str]) -> Option<serde_json::Value> {
     for attempt in 0..3 {
-        let mut cmd = Command::new(support::bin("ferry"));
-        cmd.env("FERRY_KEY", support::auth::key_env());
-        for p in &ctx.proxies {
-            cmd.args(["--proxy", p]);
-        }
-        cmd.args(["--app", "chaos", "--user", user, "--json"])
-            .args(args);
-        cmd.env("FERRY_STATE_DIR", ctx.dir.join("state"));
-        let out = cmd.output().unwrap();
+        let out = ctx.command(user).arg("--json").args(args).output().unwrap();
         if out.status.success() {
             let text = String::from_utf8_lossy(&out.stdout);
             return Some(
@@ -184,13 +222,7 @@ const KEEP_SOURCES: usize = 3;
 /// deleted it and only its reply was lost.
 fn delete(ctx: &Ctx, user: &str, id: &str) -> bool {
     for attempt in 0..3 {
-        let mut cmd = Command::new(support::bin("ferry"));
-        cmd.env("FERRY_KEY", support::auth::key_env());
-        for p in &ctx.proxies {
-            cmd.args(["--proxy", p]);
-        }
-        cmd.args(["--app", "chaos", "--user", user, "delete", id]);
-        let out = cmd.output().unwrap();
+        let out = ctx.command(user).args(["delete", id]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         if out.status.success() || (attempt > 0 && err.contains("NotFound")) {
             return true;
@@ -210,15 +242,29 @@ fn transfer_loop(ctx: &Ctx, worker: usize, seed: u64, big_max: u64) {
     // This worker's stored files (downloads and deletes pick from them, so no other worker
     // deletes a file under a download) and its recent source files (re-uploads pick from them).
     let mut mine: Vec<Stored> = Vec::new();
+    let mut published = 0;
     let mut sources: Vec<(PathBuf, u64)> = Vec::new();
     let mut i = 0;
     while !ctx.stop.load(Ordering::Relaxed) {
         i += 1;
         let op = rng.random_range(0..10);
-        if op < 3 && !mine.is_empty() {
+        // Half the downloads are of files other users published.
+        let pick = if rng.random_bool(0.5) {
+            let shared = ctx.shared.lock();
+            (!shared.is_empty()).then(|| {
+                let f = &shared[rng.random_range(0..shared.len())];
+                (f.id.clone(), f.sha.clone(), f.size)
+            })
+        } else {
+            (!mine.is_empty()).then(|| {
+                let f = &mine[rng.random_range(0..mine.len())];
+                (f.id.clone(), f.sha.clone(), f.size)
+            })
+        };
+        if op < 3
+            && let Some((id, sha, size)) = pick
+        {
             // Download a stored file and compare.
-            let f = &mine[rng.random_range(0..mine.len())];
-            let (id, sha, size) = (f.id.clone(), f.sha.clone(), f.size);
             let out = ctx.dir.join(format!("w{worker}-{i}.down"));
             let outs = out.display().to_string();
             let threads = THREADS.to_string();
@@ -281,7 +327,12 @@ fn transfer_loop(ctx: &Ctx, worker: usize, seed: u64, big_max: u64) {
                         .expect("upload report has file_id")
                         .to_owned();
                     let sha = support::sha256_file(&path);
-                    mine.push(Stored { id, sha, size });
+                    if published < SHARED_PER_WORKER {
+                        published += 1;
+                        ctx.shared.lock().push(Stored { id, sha, size });
+                    } else {
+                        mine.push(Stored { id, sha, size });
+                    }
                 }
                 None => {
                     ctx.tally.failures.fetch_add(1, Ordering::Relaxed);
@@ -309,40 +360,36 @@ fn pause(rng: &mut StdRng, lo_ms: u64, hi_ms: u64) {
     std::thread::sleep(Duration::from_millis(rng.random_range(lo_ms..=hi_ms)));
 }
 
-#[test]
-fn transfers_survive_dying_proxies_and_server() {
-    let p = plan();
-    eprintln!(
-        "chaos: seed {} (replay with FERRY_CHAOS_SEED={}), running {:?}",
-        p.seed, p.seed, p.run_for
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("conf");
-    write_conf(&conf);
-    let layout = Layout::free_ports().unwrap();
-    let bin_dir = support::bin("ferry").parent().unwrap().to_path_buf();
-    let data = tmp.path().join("data");
-    let logs = tmp.path().join("logs");
-    let mut cl = Cluster::start(
-        &bin_dir,
-        &conf,
-        layout.clone(),
-        &data,
-        Logs::Dir(logs.clone()),
-    )
-    .unwrap();
-    let ctx = Arc::new(Ctx {
-        dir: tmp.path().to_path_buf(),
-        proxies: layout
-            .client_proxies
-            .iter()
-            .map(|a| a.to_string())
-            .collect(),
-        tally: Tally::default(),
-        stored: Mutex::new(Vec::new()),
-        stop: AtomicBool::new(false),
-    });
-    std::fs::create_dir_all(tmp.path().join("state")).unwrap();
+/// The run's scratch dir (configs, data, logs, files); `FERRY_CHAOS_KEEP=1` keeps it, to read
+/// the members' logs after a failure.
+fn scratch() -> tempfile::TempDir {
+    let mut t = tempfile::Builder::new()
+        .prefix("ferry-chaos")
+        .tempdir()
+        .unwrap();
+    if std::env::var("FERRY_CHAOS_KEEP").is_ok_and(|v| v == "1") {
+        t.disable_cleanup(true);
+        eprintln!("chaos: scratch dir {} is kept", t.path().display());
+    }
+    t
+}
+
+/// What the fault loop came to.
+struct Outcome {
+    elapsed: Duration,
+    faults: BTreeMap<&'static str, u64>,
+    total_faults: u64,
+}
+
+/// Runs the workers while `inject` injects one fault at a time (returning its name) until the
+/// plan's time, fault and transfer counts are reached; `dead` names members that exited on
+/// their own (none may).
+fn run(
+    p: &Plan,
+    ctx: &Arc<Ctx>,
+    mut inject: impl FnMut(&mut StdRng) -> &'static str,
+    mut dead: impl FnMut() -> Vec<String>,
+) -> Outcome {
     let started = Instant::now();
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|w| {
@@ -352,7 +399,6 @@ fn transfers_survive_dying_proxies_and_server() {
             std::thread::spawn(move || transfer_loop(&ctx, w, seed, big))
         })
         .collect();
-
     let mut rng = StdRng::seed_from_u64(p.seed);
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut total_faults = 0u64;
@@ -369,60 +415,33 @@ fn transfers_survive_dying_proxies_and_server() {
         if p.baseline {
             continue;
         }
-        let kind = match rng.random_range(0..10) {
-            0..=2 => {
-                cl.kill(cluster::CLIENT_PROXY_A).unwrap();
-                pause(&mut rng, 200, 2000);
-                cl.start_member(cluster::CLIENT_PROXY_A).unwrap();
-                "kill client-proxy-a"
-            }
-            3..=5 => {
-                cl.kill(cluster::SERVER_PROXY_A).unwrap();
-                pause(&mut rng, 200, 2000);
-                cl.start_member(cluster::SERVER_PROXY_A).unwrap();
-                "kill server-proxy-a"
-            }
-            6 | 7 => {
-                let who = if rng.random_bool(0.5) {
-                    cluster::CLIENT_PROXY_A
-                } else {
-                    cluster::SERVER_PROXY_A
-                };
-                cl.signal(who, Signal::SIGSTOP).unwrap();
-                pause(&mut rng, 1000, 3000);
-                cl.signal(who, Signal::SIGCONT).unwrap();
-                "stop/cont proxy"
-            }
-            _ => {
-                cl.kill(cluster::SERVER).unwrap();
-                pause(&mut rng, 200, 1500);
-                cl.start_member(cluster::SERVER).unwrap();
-                "kill server"
-            }
-        };
-        *faults.entry(kind).or_default() += 1;
+        *faults.entry(inject(&mut rng)).or_default() += 1;
         total_faults += 1;
-        let dead = cl.exited();
+        let dead = dead();
         assert!(dead.is_empty(), "members died on their own: {dead:?}");
     }
     ctx.stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
     }
-    let elapsed = started.elapsed();
+    Outcome {
+        elapsed: started.elapsed(),
+        faults,
+        total_faults,
+    }
+}
 
-    // Every file still stored is there and intact after all the faults.
-    let stored: Vec<(String, String, u64)> = ctx
-        .stored
-        .lock()
-        .iter()
-        .map(|s| (s.id.clone(), s.sha.clone(), s.size))
-        .collect();
-    let t = &ctx.tally;
+/// Downloads every file still stored (kept and published) as a user of its own and checks
+/// its bytes; returns how many there are.
+fn verify_stored(ctx: &Ctx) -> usize {
+    let mut stored: Vec<(String, String, u64)> = Vec::new();
+    for s in ctx.stored.lock().iter().chain(ctx.shared.lock().iter()) {
+        stored.push((s.id.clone(), s.sha.clone(), s.size));
+    }
     for (k, (id, sha, size)) in stored.iter().enumerate() {
-        let out = tmp.path().join(format!("final-{k}"));
+        let out = ctx.dir.join(format!("final-{k}"));
         let outs = out.display().to_string();
-        let r = ferry(&ctx, "verifier", &["download", id, "-o", &outs]);
+        let r = ferry(ctx, "verifier", &["download", id, "-o", &outs]);
         assert!(r.is_some(), "final download of {id} failed");
         assert_eq!(
             &support::sha256_file(&out),
@@ -431,40 +450,50 @@ fn transfers_survive_dying_proxies_and_server() {
         );
         let _ = std::fs::remove_file(&out);
     }
+    stored.len()
+}
 
-    // Every upload is stored exactly once: one file in the data dir per successful upload not
-    // deleted since (instant uploads are hard links with their own path), none twice, none
-    // from a failed one.
-    let on_disk = support::count_files(&data.join("data"));
-    let uploads_ok = stored.len();
-    assert_eq!(
-        on_disk, uploads_ok,
-        "stored files vs successful, undeleted uploads"
-    );
-
-    // No upload session or temp file is left once sessions have expired.
-    let tmpdir = data.join("tmp");
-    let deadline = Instant::now() + Duration::from_secs(75);
-    let leftovers = loop {
-        let n = std::fs::read_dir(&tmpdir).map(|d| d.count()).unwrap_or(0);
+/// Files under `dir`'s temp dirs once sessions had `wait` to expire.
+fn temp_files_left(dirs: &[PathBuf], wait: Duration) -> usize {
+    let deadline = Instant::now() + wait;
+    loop {
+        let n: usize = dirs.iter().map(|d| support::count_files(d)).sum();
         if n == 0 || Instant::now() > deadline {
-            break n;
+            return n;
         }
         std::thread::sleep(Duration::from_millis(250));
-    };
+    }
+}
 
+/// Stops the cluster; the members still running afterwards.
+fn stop_cluster(cl: &mut Cluster) -> Vec<(String, u32)> {
     let pids = cl.pids();
     cl.stop(Duration::from_secs(5));
-    let leaked: Vec<_> = pids
-        .iter()
-        .filter(|(_, pid)| std::path::Path::new(&format!("/proc/{pid}")).exists())
-        .collect();
+    pids.into_iter()
+        .filter(|(_, pid)| Path::new(&format!("/proc/{pid}")).exists())
+        .collect()
+}
 
+/// What the end of a run found.
+struct Found {
+    /// Stored files on disk, and the successful, undeleted uploads there should be.
+    on_disk: usize,
+    uploads_ok: usize,
+    leftovers: usize,
+    /// Whether temp files left over fail the run (a cluster's sessions outlive the run).
+    leftovers_fail: bool,
+    leaked: Vec<(String, u32)>,
+}
+
+/// Prints the run's summary, then checks it: no failed or corrupt transfer, enough faults and
+/// transfers, re-sent blocks within their bound, every upload stored exactly once, nothing left.
+fn report(name: &str, p: &Plan, ctx: &Ctx, o: &Outcome, f: &Found) {
+    let t = &ctx.tally;
     let transfers = t.transfers.load(Ordering::Relaxed);
     let resent = t.resent.load(Ordering::Relaxed);
-    let bound = total_faults * THREADS * CONCURRENCY as u64;
-    eprintln!("chaos summary (seed {})", p.seed);
-    eprintln!("  elapsed            {:.1} s", elapsed.as_secs_f64());
+    let bound = o.total_faults * THREADS * CONCURRENCY as u64;
+    eprintln!("chaos summary: {name} (seed {})", p.seed);
+    eprintln!("  elapsed            {:.1} s", o.elapsed.as_secs_f64());
     eprintln!(
         "  transfers          {transfers} ({} uploads, {} downloads, {} instant), {:.1} MiB",
         t.uploads.load(Ordering::Relaxed),
@@ -474,11 +503,11 @@ fn transfers_survive_dying_proxies_and_server() {
     );
     eprintln!(
         "  throughput         {:.1} MB/s (all transfers, all workers)",
-        t.bytes.load(Ordering::Relaxed) as f64 / 1e6 / elapsed.as_secs_f64()
+        t.bytes.load(Ordering::Relaxed) as f64 / 1e6 / o.elapsed.as_secs_f64()
     );
-    eprintln!("  faults             {total_faults}");
-    for (k, n) in &faults {
-        eprintln!("    {k:<20} {n}");
+    eprintln!("  faults             {}", o.total_faults);
+    for (k, n) in &o.faults {
+        eprintln!("    {k:<28} {n}");
     }
     eprintln!(
         "  failures           {}",
@@ -491,25 +520,244 @@ fn transfers_survive_dying_proxies_and_server() {
         "  failovers seen     {}",
         t.failovers.load(Ordering::Relaxed)
     );
-    eprintln!("  temp files left    {leftovers}");
+    eprintln!("  temp files left    {}", f.leftovers);
     eprintln!(
-        "  files stored       {on_disk} (undeleted successful uploads: {uploads_ok}; deleted {})",
+        "  files stored       {} (undeleted successful uploads: {}; deleted {})",
+        f.on_disk,
+        f.uploads_ok,
         t.deleted.load(Ordering::Relaxed)
     );
-
     assert_eq!(
         t.failures.load(Ordering::Relaxed),
         0,
         "transfers that never finished"
     );
     assert_eq!(t.corrupt.load(Ordering::Relaxed), 0, "corrupt transfers");
-    assert!(transfers >= p.min_transfers && (p.baseline || total_faults >= p.min_faults));
+    assert!(transfers >= p.min_transfers && (p.baseline || o.total_faults >= p.min_faults));
     assert!(resent <= bound, "{resent} blocks re-sent, bound {bound}");
     assert_eq!(
-        leftovers,
-        0,
-        "upload temp files left in {}",
-        tmpdir.display()
+        f.on_disk, f.uploads_ok,
+        "stored files vs successful, undeleted uploads"
     );
-    assert!(leaked.is_empty(), "processes left running: {leaked:?}");
+    assert!(
+        f.leftovers == 0 || !f.leftovers_fail,
+        "{} upload temp files left",
+        f.leftovers
+    );
+    assert!(
+        f.leaked.is_empty(),
+        "processes left running: {:?}",
+        f.leaked
+    );
+}
+
+#[test]
+fn transfers_survive_dying_proxies_and_server() {
+    if std::env::var("FERRY_CHAOS_CLUSTER").is_ok_and(|v| v == "1") {
+        eprintln!("FERRY_CHAOS_CLUSTER=1: the single-server mode is skipped");
+        return;
+    }
+    let p = plan();
+    eprintln!(
+        "chaos: seed {} (replay with FERRY_CHAOS_SEED={}), running {:?}",
+        p.seed, p.seed, p.run_for
+    );
+    let tmp = scratch();
+    let conf = tmp.path().join("conf");
+    write_conf(&conf);
+    let layout = Layout::free_ports().unwrap();
+    let bin_dir = support::bin("ferry").parent().unwrap().to_path_buf();
+    let data = tmp.path().join("data");
+    let logs = tmp.path().join("logs");
+    let mut cl = Cluster::start(
+        &bin_dir,
+        &conf,
+        layout.clone(),
+        &data,
+        Logs::Dir(logs.clone()),
+    )
+    .unwrap();
+    let ctx = Arc::new(Ctx::new(
+        tmp.path(),
+        &layout.client_proxies,
+        "chaos",
+        support::auth::key_env(),
+    ));
+    let cell = std::cell::RefCell::new(&mut cl);
+    let inject = |rng: &mut StdRng| {
+        let mut cl = cell.borrow_mut();
+        match rng.random_range(0..10) {
+            0..=2 => {
+                cl.kill(cluster::CLIENT_PROXY_A).unwrap();
+                pause(rng, 200, 2000);
+                cl.start_member(cluster::CLIENT_PROXY_A).unwrap();
+                "kill client-proxy-a"
+            }
+            3..=5 => {
+                cl.kill(cluster::SERVER_PROXY_A).unwrap();
+                pause(rng, 200, 2000);
+                cl.start_member(cluster::SERVER_PROXY_A).unwrap();
+                "kill server-proxy-a"
+            }
+            6 | 7 => {
+                let who = if rng.random_bool(0.5) {
+                    cluster::CLIENT_PROXY_A
+                } else {
+                    cluster::SERVER_PROXY_A
+                };
+                cl.signal(who, Signal::SIGSTOP).unwrap();
+                pause(rng, 1000, 3000);
+                cl.signal(who, Signal::SIGCONT).unwrap();
+                "stop/cont proxy"
+            }
+            _ => {
+                cl.kill(cluster::SERVER).unwrap();
+                pause(rng, 200, 1500);
+                cl.start_member(cluster::SERVER).unwrap();
+                "kill server"
+            }
+        }
+    };
+    let o = run(&p, &ctx, inject, || cell.borrow_mut().exited());
+    // Every file still stored is there and intact after all the faults.
+    let uploads_ok = verify_stored(&ctx);
+    // Every upload is stored exactly once: one file in the data dir per successful upload not
+    // deleted since (instant uploads are hard links with their own path), none twice, none
+    // from a failed one.
+    let on_disk = support::count_files(&data.join("data"));
+    // No upload session or temp file is left once sessions have expired.
+    let leftovers = temp_files_left(&[data.join("tmp")], Duration::from_secs(75));
+    let leaked = stop_cluster(&mut cl);
+    let found = Found {
+        on_disk,
+        uploads_ok,
+        leftovers,
+        leftovers_fail: true,
+        leaked,
+    };
+    report("single server", &p, &ctx, &o, &found);
+}
+
+/// The cluster mode: two groups of two storage nodes on a PostgreSQL server of the test's
+/// own, two trackers, the routing server-proxy pair and the client-proxy pair. Users land in
+/// both groups and download each other's files while members of every kind die.
+#[test]
+fn cluster_transfers_cross_groups_while_members_and_the_database_restart() {
+    let p = plan();
+    let Some(pg) = support::pg_server::PgServer::start("chaos cluster") else {
+        return;
+    };
+    eprintln!(
+        "chaos cluster: seed {} (replay with FERRY_CHAOS_SEED={}), running {:?}",
+        p.seed, p.seed, p.run_for
+    );
+    let tmp = scratch();
+    let spec = Spec {
+        nodes: 2,
+        groups: 2,
+        meta_url: Some(pg.url.clone()),
+        beat_interval_ms: 300,
+        offline_after_ms: 1500,
+        route_cache_ms: 1000,
+        port_base: cluster::PORT_BASE,
+    };
+    let a = support::free_addr;
+    let layout = GroupsLayout {
+        trackers: [a(), a()],
+        groups: (1..=spec.groups)
+            .map(|g| (format!("g{g}"), (0..spec.nodes).map(|_| a()).collect()))
+            .collect(),
+        server_proxies: [a(), a()],
+        server_proxy_stats: [a(), a()],
+        client_proxies: [a(), a()],
+    };
+    let bin_dir = support::bin("ferry").parent().unwrap().to_path_buf();
+    let data = tmp.path().join("cluster");
+    let mut cl = Cluster::start_groups(
+        &bin_dir,
+        &spec,
+        layout.clone(),
+        &data,
+        Logs::Dir(tmp.path().join("logs")),
+    )
+    .unwrap();
+    let key = cl.secrets.key_of(cluster::CLUSTER_APP).unwrap();
+    let ctx = Arc::new(Ctx::new(
+        tmp.path(),
+        &layout.client_proxies,
+        cluster::CLUSTER_APP,
+        format!("{}:{}", key.id, key.secret),
+    ));
+    let nodes: Vec<String> = layout.nodes().into_iter().map(|(_, n, _)| n).collect();
+    let pairs = [
+        [cluster::TRACKER, cluster::TRACKER_B],
+        [cluster::SERVER_PROXY_A, cluster::SERVER_PROXY_B],
+        [cluster::CLIENT_PROXY_A, cluster::CLIENT_PROXY_B],
+    ];
+    let cell = std::cell::RefCell::new(&mut cl);
+    let inject = |rng: &mut StdRng| {
+        let mut cl = cell.borrow_mut();
+        let mut restart = |names: &[&str], rng: &mut StdRng| {
+            for n in names {
+                cl.kill(n).unwrap();
+            }
+            pause(rng, 200, 2000);
+            for n in names {
+                cl.start_member(n).unwrap();
+            }
+        };
+        let node = nodes[rng.random_range(0..nodes.len())].clone();
+        let one_of = |pair: &[&'static str; 2], rng: &mut StdRng| pair[rng.random_range(0..2)];
+        match rng.random_range(0..12) {
+            0..=3 => {
+                restart(&[&node], rng);
+                "kill storage node"
+            }
+            4 => {
+                restart(&[one_of(&pairs[0], rng)], rng);
+                "kill tracker"
+            }
+            5 | 6 => {
+                restart(&[one_of(&pairs[1], rng)], rng);
+                "kill routing proxy"
+            }
+            7 | 8 => {
+                restart(&[one_of(&pairs[2], rng)], rng);
+                "kill client-proxy"
+            }
+            9 | 10 => {
+                // Two faults at once: a storage node and a routing proxy.
+                restart(&[&node, one_of(&pairs[1], rng)], rng);
+                "kill node + routing proxy"
+            }
+            _ => {
+                pg.restart();
+                "restart PostgreSQL"
+            }
+        }
+    };
+    let o = run(&p, &ctx, inject, || cell.borrow_mut().exited());
+    let uploads_ok = verify_stored(&ctx);
+    let groups: Vec<PathBuf> = layout
+        .groups
+        .iter()
+        .map(|(g, _)| cl.group_data(g))
+        .collect();
+    let on_disk = groups
+        .iter()
+        .map(|g| support::count_files(&g.join("data")))
+        .sum();
+    // Sessions of abandoned attempts live for the nodes' session lifetime, longer than a run;
+    // what is left is reported, not failed.
+    let tmps: Vec<PathBuf> = groups.iter().map(|g| g.join("tmp")).collect();
+    let leftovers = temp_files_left(&tmps, Duration::ZERO);
+    let leaked = stop_cluster(&mut cl);
+    let found = Found {
+        on_disk,
+        uploads_ok,
+        leftovers,
+        leftovers_fail: false,
+        leaked,
+    };
+    report("cluster", &p, &ctx, &o, &found);
 }

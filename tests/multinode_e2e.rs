@@ -47,6 +47,11 @@ impl Group {
 
     /// Starts (or restarts) node `name` on the shared data dir and database.
     fn start(&mut self, name: &str) -> SocketAddr {
+        self.start_with(name, "")
+    }
+
+    /// `start` with `extra` appended to the node's config (a `[faults]` table).
+    fn start_with(&mut self, name: &str, extra: &str) -> SocketAddr {
         let addr = match self.nodes.iter().find(|n| n.0 == name) {
             Some(n) => n.1,
             None => free_addr(),
@@ -56,7 +61,7 @@ impl Group {
             &conf,
             format!(
                 "meta_url = {:?}\nsync_blocks = false\nid_step = 5\nidle_timeout_ms = 2000\n\
-                 [cluster]\ngroup = \"g1\"\ntrackers = [\"{}\"]\nnode_name = \"{name}\"\n{}",
+                 [cluster]\ngroup = \"g1\"\ntrackers = [\"{}\"]\nnode_name = \"{name}\"\n{}\n{extra}",
                 self.db.url,
                 self.tracker,
                 support::auth::auth_toml()
@@ -214,6 +219,98 @@ fn upload_through_a_killed_node_finishes_through_its_peer() {
     assert_eq!(sha256_file(&again), sha256_file(&src));
     assert_eq!(count_files(&g.path("data/tmp")), 0);
     assert_eq!(count_files(&g.path("data/data")), 1);
+}
+
+/// Node A dies between placing an upload's file and marking it stored (the chaos run found
+/// this): the session's row is left without a temp file, and until A restarts nothing would
+/// finish the file. Node B finishes A's commit when the client's retried UPLOAD_OVER reaches it,
+/// so the upload succeeds at once with the file A placed: stored once, byte-identical, and A's
+/// restart leaves it alone.
+#[test]
+fn a_node_killed_mid_commit_has_its_upload_finished_by_its_peer() {
+    let Some(db) = pg_db("a_node_killed_mid_commit_has_its_upload_finished_by_its_peer") else {
+        return;
+    };
+    let mut g = Group::new(db);
+    let a = g.start_with(
+        "a",
+        "[faults]\npause_at = \"file-renamed\"\npause_ms = 30000\n",
+    );
+    let b = g.start("b");
+    let src = g.path("src");
+    make_file(&src, (1 << 20) + 5, 31);
+    let state = g.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let conf = g.path("client.toml");
+    std::fs::write(&conf, "timeout_ms = 1000\n").unwrap();
+    let out = g.path("client.out");
+    let args = [
+        "--config",
+        conf.to_str().unwrap(),
+        "--json",
+        "upload",
+        src.to_str().unwrap(),
+        "--block-size",
+        "64KiB",
+    ];
+    let mut child = ferry(&state, &[a, b], &args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !g
+        .node("a")
+        .log_text()
+        .contains("phase file-renamed reached")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "A never reached file-renamed"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the upload ended early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    g.node("a").kill();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the client hung");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let err = std::fs::read_to_string(out.with_extension("err")).unwrap();
+    assert!(
+        status.success(),
+        "upload failed after A died mid-commit: {err}"
+    );
+    let v: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    let id = v["file_id"].as_str().unwrap().to_owned();
+    let b_log = g.node("b").log_text();
+    assert!(b_log.contains("finishing the commit of file"), "{b_log}");
+    assert_eq!(count_files(&g.path("data/data")), 1, "stored exactly once");
+    let got = g.path("got");
+    ok(ferry(
+        &state,
+        &[b],
+        &["--json", "download", &id, "-o", got.to_str().unwrap()],
+    ));
+    assert_eq!(sha256_file(&got), sha256_file(&src));
+    // A's restart (without the fault) finds nothing left to do and serves the file too.
+    let a = g.start("a");
+    let again = g.path("again");
+    ok(ferry(
+        &state,
+        &[a],
+        &["--json", "download", &id, "-o", again.to_str().unwrap()],
+    ));
+    assert_eq!(sha256_file(&again), sha256_file(&src));
+    assert_eq!(count_files(&g.path("data/data")), 1);
+    assert_eq!(count_files(&g.path("data/tmp")), 0);
 }
 
 /// A session opened through node A is resumed by UPLOAD_INIT through node B from a client with

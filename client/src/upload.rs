@@ -10,8 +10,8 @@ use crate::pool::{self, Outcome};
 use crate::report::{Progress, TransferReport};
 use crate::state::{self, BEGUN, Bitmap, UploadHead};
 use ferry_common::proto::{
-    BlockAck, BlockMeta, Breakpoint, ErrorCode, FILE_ID_LEN, Prove, UPLOAD_INIT_REPLY_LEN,
-    UploadInit, UploadInitReply, UploadMeta, cmd, decode_file_id,
+    BlockAck, BlockMeta, Breakpoint, ErrorCode, FILE_ID_LEN, Prove, UPLOAD_ID_LEN,
+    UPLOAD_INIT_REPLY_LEN, UploadInit, UploadInitReply, UploadMeta, cmd, decode_file_id,
 };
 use parking_lot::Mutex;
 use rand::RngExt;
@@ -234,31 +234,16 @@ fn big(
     // An earlier run may have finished on the server with its last reply lost (a proxy died
     // after the commit): file over is idempotent, so ask before opening a new session, which
     // would store the content a second time.
-    if let Some((sf, h)) = &prior {
-        let id = h.upload_id;
-        let done = link.call("upload over", |c| {
-            match c.call(cmd::UPLOAD_OVER, &id, FILE_ID_LEN) {
-                Ok(b) => file_id_reply(&b).map(Some),
-                Err(Fault::Server(e))
-                    if matches!(
-                        e.code,
-                        ErrorCode::UnknownUpload | ErrorCode::Incomplete | ErrorCode::HashMismatch
-                    ) =>
-                {
-                    Ok(None)
-                }
-                Err(f) => Err(f),
-            }
-        })?;
-        if let Some(file_id) = done {
-            let _ = std::fs::remove_file(sf.path());
-            report.file_id = file_id;
-            report.resumed = true;
-            report.blocks_total = blocks;
-            report.blocks_skipped = blocks;
-            job.progress.start(size, size);
-            return Ok(());
-        }
+    if let Some((sf, h)) = &prior
+        && let Some(file_id) = finished_as(link, h.upload_id)?
+    {
+        let _ = std::fs::remove_file(sf.path());
+        report.file_id = file_id;
+        report.resumed = true;
+        report.blocks_total = blocks;
+        report.blocks_skipped = blocks;
+        job.progress.start(size, size);
+        return Ok(());
     }
     let init = UploadInit {
         size,
@@ -336,7 +321,13 @@ fn big(
             let b = c.call(cmd::UPLOAD_QUERY, &query, BREAKPOINT_MAX)?;
             Breakpoint::decode(&b).map_err(garbled("breakpoint reply"))
         });
-        let bp = forget_on_unknown(bp, &sf)?;
+        let bp = match bp {
+            Err(e) if e.code() == Some(ErrorCode::UnknownUpload) => {
+                report.file_id = ended(link, upload_id, &sf, e)?;
+                return Ok(());
+            }
+            r => r?,
+        };
         if bp.blocks != blocks {
             return Err(ClientError::Integrity(format!(
                 "upload query: server reports {} blocks, expected {blocks}",
@@ -383,7 +374,7 @@ fn big(
                     Err(f) => Err(f),
                 }
             });
-            let ack = forget_on_unknown(ack, &sf)?;
+            let ack = ack?;
             job.progress.counters(
                 resent.load(Ordering::Relaxed),
                 job.shared.failovers.load(Ordering::Relaxed),
@@ -400,7 +391,13 @@ fn big(
                 }
             }
         };
-        pool::run(job.shared, job.threads, missing, "upload", work)?;
+        match pool::run(job.shared, job.threads, missing, "upload", work) {
+            Err(e) if e.code() == Some(ErrorCode::UnknownUpload) => {
+                report.file_id = ended(link, upload_id, &sf, e)?;
+                return Ok(());
+            }
+            r => r?,
+        }
         let over = upload_id;
         let r = link.call("upload over", |c| {
             match c.call(cmd::UPLOAD_OVER, &over, FILE_ID_LEN) {
@@ -428,7 +425,11 @@ fn big(
                     job.path.display()
                 )));
             }
-            Err(e) => return Err(forget_on_unknown::<()>(Err(e), &sf).unwrap_err()),
+            Err(e) if e.code() == Some(ErrorCode::UnknownUpload) => {
+                report.file_id = ended(link, upload_id, &sf, e)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
     }
     Err(ClientError::Integrity(format!(
@@ -437,16 +438,41 @@ fn big(
     )))
 }
 
-/// An expired or unknown session cannot be resumed: drop the local state so a rerun starts a
-/// fresh one, and say so.
-fn forget_on_unknown<T>(r: Result<T>, sf: &state::StateFile) -> Result<T> {
-    match r {
-        Err(e) if e.code() == Some(ErrorCode::UnknownUpload) => {
-            let _ = std::fs::remove_file(sf.path());
-            Err(ClientError::Integrity(format!(
-                "{e}; the upload session expired on the server, rerun to start a new one"
-            )))
+/// The file the upload `id` ended as, if it did: UPLOAD_OVER is idempotent and answers a
+/// finished upload's file id again (also one a node of the group finishes for a peer that died
+/// committing it).
+fn finished_as(link: &mut Link, id: [u8; UPLOAD_ID_LEN]) -> Result<Option<String>> {
+    link.call("upload over", |c| {
+        match c.call(cmd::UPLOAD_OVER, &id, FILE_ID_LEN) {
+            Ok(b) => file_id_reply(&b).map(Some),
+            Err(Fault::Server(e))
+                if matches!(
+                    e.code,
+                    ErrorCode::UnknownUpload | ErrorCode::Incomplete | ErrorCode::HashMismatch
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(f) => Err(f),
         }
-        other => other,
+    })
+}
+
+/// The server no longer knows session `id` (`e`): it either ended as a file whose reply was
+/// lost (a commit on a node that then died, or a retried OVER), whose id this returns, or it
+/// expired; then the local state goes, so a rerun starts a fresh session, and the error says so.
+fn ended(
+    link: &mut Link,
+    id: [u8; UPLOAD_ID_LEN],
+    sf: &state::StateFile,
+    e: ClientError,
+) -> Result<String> {
+    let _ = std::fs::remove_file(sf.path());
+    if let Some(file_id) = finished_as(link, id)? {
+        return Ok(file_id);
     }
+    Err(ClientError::Integrity(format!(
+        "{e}; upload session {} expired on the server, rerun to start a new one",
+        hex::encode(id)
+    )))
 }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod pg_server;
 
 use ferry_common::proto::{self, Header, Identity};
 use std::io::{BufRead, Read, Write};

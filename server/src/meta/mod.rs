@@ -115,6 +115,15 @@ pub trait MetaStore: Send + Sync {
     fn commit_file(&self, id: &str) -> Result<()>;
     /// The stored file an upload (session id or small-file key) of (`app`, `user`) produced.
     fn finished_upload(&self, app: &str, user: &str, upload: &UploadId) -> Result<Option<String>>;
+    /// The file an upload of (`app`, `user`) is being committed as, in this group: its node
+    /// renamed the temp file into place and has not marked the record stored yet (or died
+    /// in between).
+    fn committing_upload(
+        &self,
+        app: &str,
+        user: &str,
+        upload: &UploadId,
+    ) -> Result<Option<FileRec>>;
     /// Forgets finished uploads older than `before_ms`; returns how many.
     fn expire_finished(&self, before_ms: u64) -> Result<usize>;
     /// A file visible to `app` (stored, not committing).

@@ -8,8 +8,9 @@
 //! conditional deletes say their condition in the `WHERE`.
 
 use super::{
-    Challenge, Claim, FILE_DELETING, FILE_STORED, FileRec, MetaStore, SCHEMA_VERSION, SessionRec,
-    Sha256, UploadId, blob_to_crcs, crcs_to_blob, int, now_ms, now_secs, to_arr,
+    Challenge, Claim, FILE_COMMITTING, FILE_DELETING, FILE_STORED, FileRec, MetaStore,
+    SCHEMA_VERSION, SessionRec, Sha256, UploadId, blob_to_crcs, crcs_to_blob, int, now_ms,
+    now_secs, to_arr,
 };
 use anyhow::{Context, Result};
 use postgres::{NoTls, Row, Transaction};
@@ -280,6 +281,35 @@ impl MetaStore for PgStore {
                 &[&upload.as_slice(), &app, &user, &i64::from(FILE_STORED)],
             )?;
             Ok(row.map(|r| r.try_get(0)).transpose()?)
+        })
+    }
+
+    fn committing_upload(
+        &self,
+        app: &str,
+        user: &str,
+        upload: &UploadId,
+    ) -> Result<Option<FileRec>> {
+        let cols: Vec<String> = FILE_COLS.split(", ").map(|c| format!("f.{c}")).collect();
+        self.tx(|tx| {
+            tx.query_opt(
+                &format!(
+                    r#"SELECT {} FROM finished_uploads u JOIN files f ON f.id = u.file_id
+                       WHERE u.upload_id = $1 AND u.app = $2 AND u."user" = $3
+                       AND f.status = $4 AND f.grp = $5"#,
+                    cols.join(", ")
+                ),
+                &[
+                    &upload.as_slice(),
+                    &app,
+                    &user,
+                    &i64::from(FILE_COMMITTING),
+                    &self.group,
+                ],
+            )?
+            .as_ref()
+            .map(file_row)
+            .transpose()
         })
     }
 

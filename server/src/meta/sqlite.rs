@@ -1,8 +1,9 @@
 //! The embedded SQLite backend of [`MetaStore`].
 
 use super::{
-    Challenge, Claim, FILE_DELETING, FILE_STORED, FileRec, MetaStore, SCHEMA_VERSION, SessionRec,
-    Sha256, UploadId, blob_to_crcs, crcs_to_blob, int, now_ms, now_secs, to_arr,
+    Challenge, Claim, FILE_COMMITTING, FILE_DELETING, FILE_STORED, FileRec, MetaStore,
+    SCHEMA_VERSION, SessionRec, Sha256, UploadId, blob_to_crcs, crcs_to_blob, int, now_ms,
+    now_secs, to_arr,
 };
 use crate::sync_group::SyncGroup;
 use anyhow::{Context, Result};
@@ -341,6 +342,24 @@ impl MetaStore for SqliteStore {
                 r.get(0)
             })
             .optional()?)
+    }
+
+    fn committing_upload(
+        &self,
+        app: &str,
+        user: &str,
+        upload: &UploadId,
+    ) -> Result<Option<FileRec>> {
+        let db = self.db.lock();
+        let cols: Vec<String> = FILE_COLS.split(", ").map(|c| format!("f.{c}")).collect();
+        let mut q = db.prepare_cached(&format!(
+            "SELECT {} FROM finished_uploads u JOIN files f ON f.id = u.file_id \
+             WHERE u.upload_id = ?1 AND u.app = ?2 AND u.user = ?3 AND f.status = ?4 \
+             AND f.grp = ?5",
+            cols.join(", ")
+        ))?;
+        let args = params![upload.as_slice(), app, user, FILE_COMMITTING, self.group];
+        Ok(q.query_row(args, file_row).optional()?)
     }
 
     fn expire_finished(&self, before_ms: u64) -> Result<usize> {

@@ -103,10 +103,31 @@ impl Storage {
                     "upload {} was already finished as file {file_id}; answering again",
                     hex::encode(id)
                 );
-                Ok(file_id)
+                return Ok(file_id);
             }
-            Ok(None) => Err(unknown),
-            Err(e) => Err(db_err(e, "finished upload lookup")),
+            Ok(None) => {}
+            Err(e) => return Err(db_err(e, "finished upload lookup")),
+        }
+        // A node of this group may have died between placing the file and marking it stored:
+        // its session row is left without a temp file, and the file waits for that node's
+        // restart. A peer finishes it here instead, so the client's OVER is answered now.
+        let committing = self
+            .meta
+            .committing_upload(&who.app, &who.user, id)
+            .map_err(|e| db_err(e, "committing upload lookup"))?;
+        let Some(f) = committing else {
+            return Err(unknown);
+        };
+        if self.peer_alive(&f.node) {
+            return Err(OpError::new(
+                ErrorCode::Busy,
+                format!("upload is being committed by node {:?}", f.node),
+            ));
+        }
+        match self.finish_left_commit(&f) {
+            Ok(true) => Ok(f.id),
+            Ok(false) => Err(unknown),
+            Err(e) => Err(db_err(e, "finishing a dead node's commit")),
         }
     }
 

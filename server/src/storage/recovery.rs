@@ -1,7 +1,7 @@
 //! Start-up recovery: what a crash (or a dead peer) left behind is finished or rolled back.
 
 use super::*;
-use crate::meta::{FILE_COMMITTING, FILE_DELETING, now_ms};
+use crate::meta::{FILE_COMMITTING, FILE_DELETING, FileRec, now_ms};
 use log::{debug, info, warn};
 use std::collections::HashSet;
 use std::fs::{self};
@@ -18,6 +18,26 @@ pub(super) fn active_at_start(expires_ms: u64, now_ms: u64, ttl: std::time::Dura
 }
 
 impl Storage {
+    /// Finishes a commit its node left half done (it died, or this is its restart): the
+    /// content was verified before it was renamed into place, so a file at the record's path
+    /// only lacks the final mark; a record without one never got its file and is dropped.
+    /// True when the file is stored now.
+    pub(super) fn finish_left_commit(&self, f: &FileRec) -> anyhow::Result<bool> {
+        if self.root.join(&f.path).exists() {
+            info!(
+                "finishing the commit of file {} ({}) left by node {:?}",
+                f.id, f.path, f.node
+            );
+            self.meta.commit_file(&f.id)?;
+            let _ = fsync_dir(&self.root.join(&f.path).with_file_name(""));
+            Ok(true)
+        } else {
+            info!("dropping file row {} that never got its file", f.id);
+            self.meta.drop_file(&f.id)?;
+            Ok(false)
+        }
+    }
+
     /// Start-up clean-up, of this node's group only: the metadata store returns no other
     /// group's rows (another group's files and temp files live in another data directory). What
     /// each step may touch, so that a live peer's work survives:
@@ -50,15 +70,7 @@ impl Storage {
                 );
                 continue;
             }
-            if self.root.join(&f.path).exists() {
-                // Content was verified before the rename; only the final commit was lost.
-                info!("recovery: finishing commit of file {} ({})", f.id, f.path);
-                self.meta.commit_file(&f.id)?;
-                let _ = fsync_dir(&self.root.join(&f.path).with_file_name(""));
-            } else {
-                info!("recovery: dropping uncommitted file row {}", f.id);
-                self.meta.drop_file(&f.id)?;
-            }
+            self.finish_left_commit(&f)?;
         }
         let now = now_ms();
         let mut keep = HashSet::new();

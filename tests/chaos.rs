@@ -14,7 +14,8 @@
 //! and `FERRY_CHAOS_SEED=N` replays it. The short runs (default) are part of the test suite;
 //! `FERRY_CHAOS_LONG=1` (optionally `FERRY_CHAOS_SECS`) runs long ones and prints a summary,
 //! `FERRY_CHAOS_CLUSTER=1` runs only the cluster mode, `FERRY_CHAOS_KEEP=1` keeps the scratch
-//! dir with the members' logs. `FERRY_CHAOS_BASELINE=1` runs the same
+//! dir with the members' logs; `RUST_LOG` reaches the members and the clients (a client that
+//! fails prints its log with its error). `FERRY_CHAOS_BASELINE=1` runs the same
 //! transfers without faults: comparing the throughput lines gives the time each fault adds.
 
 mod support;
@@ -164,8 +165,7 @@ impl Ctx {
     fn command(&self, user: &str) -> Command {
         let mut cmd = Command::new(support::bin("ferry"));
         cmd.env("FERRY_KEY", &self.key)
-            .env("FERRY_STATE_DIR", self.dir.join("state"))
-            .env_remove("RUST_LOG");
+            .env("FERRY_STATE_DIR", self.dir.join("state"));
         for p in &self.proxies {
             cmd.args(["--proxy", p]);
         }

@@ -574,14 +574,14 @@ impl MetaStore for PgStore {
         })
     }
 
-    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<()> {
+    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<bool> {
         let expires = big(expires_ms, "expiry")?;
         self.tx(|tx| {
-            tx.execute(
+            let n = tx.execute(
                 "UPDATE upload_sessions SET expires = $2 WHERE id = $1",
                 &[&id.as_slice(), &expires],
             )?;
-            Ok(())
+            Ok(n > 0)
         })
     }
 

@@ -563,14 +563,14 @@ impl MetaStore for SqliteStore {
         })
     }
 
-    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<()> {
+    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<bool> {
         self.write(|tx| {
-            exec(
+            let n = exec(
                 tx,
                 "UPDATE upload_sessions SET expires = ?2 WHERE id = ?1",
                 params![id.as_slice(), expires_ms as i64],
             )?;
-            Ok(())
+            Ok(n > 0)
         })
     }
 

@@ -102,10 +102,14 @@ fn sessions_and_blocks_round_trip(m: &dyn MetaStore) {
     assert_eq!(blocks, vec![(0, 99), (1, u32::MAX)]);
     m.unmark_blocks(&s.id, &[0, 1]).unwrap();
     assert!(m.session_blocks(&s.id).unwrap().is_empty());
-    m.touch_session(&s.id, 70).unwrap();
+    assert!(m.touch_session(&s.id, 70).unwrap());
     assert_eq!(m.session(&s.id).unwrap().unwrap().expires_ms, 70);
     m.delete_session(&s.id).unwrap();
     assert!(m.sessions().unwrap().is_empty());
+    assert!(
+        !m.touch_session(&s.id, 80).unwrap(),
+        "a session that is gone"
+    );
 }
 
 fn a_committed_file_ends_its_session(m: &dyn MetaStore) {

@@ -147,6 +147,11 @@ impl Storage {
             let st = s.state.lock();
             let have = st.stored.count();
             if st.phase() == Phase::Receiving && have < s.rec.blocks {
+                info!(
+                    "upload {}: OVER with {have} of {} blocks stored",
+                    hex::encode(id),
+                    s.rec.blocks
+                );
                 return Err(OpError::new(
                     ErrorCode::Incomplete,
                     format!("{} of {} blocks missing", s.rec.blocks - have, s.rec.blocks),
@@ -189,6 +194,12 @@ impl Storage {
         s.advance_locked(&mut h, &mut buf)
             .map_err(|e| io_err(&e, "cannot re-read the upload"))?;
         if h.next < r.blocks {
+            info!(
+                "upload {hex_id}: OVER hashed {} of {} blocks ({:?})",
+                h.next,
+                r.blocks,
+                s.state.lock().phase()
+            );
             return Err(OpError::new(ErrorCode::Incomplete, "blocks missing"));
         }
         let damaged = std::mem::take(&mut h.damaged);

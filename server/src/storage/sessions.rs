@@ -63,6 +63,10 @@ impl Storage {
             .session(&s.rec.id)
             .map_err(|e| db_err(e, "session lookup"))?;
         let Some(rec) = rec else {
+            info!(
+                "upload session {} ended elsewhere (finished or expired through a peer)",
+                hex::encode(s.rec.id)
+            );
             self.forget(&s.rec.id);
             return Err(OpError::new(
                 ErrorCode::UnknownUpload,
@@ -279,17 +283,30 @@ impl Storage {
     }
 
     /// The INIT reply that resumes `s`, if it is `Receiving` and not idle out; its activity is
-    /// recorded here and in the database.
+    /// recorded here and in the database. A session the database no longer has ended through a
+    /// peer (finished or expired): it is forgotten here, never handed to a new upload (whose
+    /// OVER would answer the earlier upload's file).
     fn resume(&self, s: &Arc<Session>, blocks: u32) -> Option<UploadInitReply> {
         let mut st = s.state.lock();
         if st.phase() != Phase::Receiving || self.idle_out(&st) {
             return None;
         }
-        st.active = Instant::now();
         let expires = self.expiry();
-        if self.meta.touch_session(&s.rec.id, expires).is_ok() {
-            st.db_expires = expires;
+        match self.meta.touch_session(&s.rec.id, expires) {
+            Ok(true) => st.db_expires = expires,
+            Ok(false) => {
+                drop(st);
+                info!(
+                    "upload session {} ended elsewhere; not resumed",
+                    hex::encode(s.rec.id)
+                );
+                self.forget(&s.rec.id);
+                return None;
+            }
+            // The database is unreachable: the session is resumed from memory, as it stands.
+            Err(e) => debug!("upload session {}: {e:#}", hex::encode(s.rec.id)),
         }
+        st.active = Instant::now();
         debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
         Some(UploadInitReply {
             upload_id: s.rec.id,

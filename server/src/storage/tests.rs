@@ -204,6 +204,42 @@ fn a_peer_resumes_a_session_and_recovery_spares_live_peers() {
     assert_eq!(c.stat(&who(), &fid).unwrap().size, 2 * 65536);
 }
 
+/// Found by the cluster chaos run: node A still holds a session B finished. The same user
+/// uploading the same content again through A must get a new session (and so a file of its
+/// own), not the finished one, whose OVER would answer the earlier upload's file.
+#[test]
+fn a_new_upload_never_resumes_a_session_a_peer_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_node(dir.path(), "a").unwrap();
+    let b = open_node(dir.path(), "b").unwrap();
+    let data: Vec<u8> = [vec![3u8; 65536], vec![4u8; 65536]].concat();
+    let init = UploadInit {
+        size: data.len() as u64,
+        block_size: 65536,
+        sha256: Sha256::digest(&data).into(),
+        name: "f".into(),
+    };
+    let first = a.init(&who(), &init).unwrap().upload_id;
+    store_block(&a, &first, 0, 3);
+    store_block(&b, &first, 1, 4);
+    let fid = b.over(&who(), &first).unwrap();
+    assert!(
+        a.sessions.lock().open.contains_key(&first),
+        "A's stale copy"
+    );
+    let again = a.init(&who(), &init).unwrap();
+    assert_ne!(again.upload_id, first, "a finished session was resumed");
+    assert!(!a.sessions.lock().open.contains_key(&first));
+    // The content is stored already: the new session proves it and gets a file of its own.
+    let (off, len) = again
+        .challenge
+        .expect("content already stored: a challenge");
+    let sha: [u8; 32] = Sha256::digest(&data[off as usize..(off + len) as usize]).into();
+    let second = a.prove(&who(), &again.upload_id, &sha).unwrap();
+    assert_ne!(second, fid);
+    assert_eq!(a.stat(&who(), &second).unwrap().size, 2 * 65536);
+}
+
 #[test]
 fn a_small_upload_key_is_written_by_one_node_at_a_time() {
     let dir = tempfile::tempdir().unwrap();

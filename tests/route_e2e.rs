@@ -299,6 +299,14 @@ fn landed(proxy: SocketAddr, user: &str) -> String {
     node.to_owned()
 }
 
+/// Which of the named nodes the proxy prefers for `user` of app demo: its own per-user order
+/// (`route::preferred`), whatever order the tracker answered in.
+fn preferred<'a>(nodes: &[(&'a str, SocketAddr)], user: &str) -> &'a str {
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.1).collect();
+    let first = ferry_proxy::route::preferred(&addrs, "demo", user)[0];
+    nodes.iter().find(|n| n.1 == first).unwrap().0
+}
+
 fn error_of(proxy: SocketAddr, user: &str) -> ErrorBody {
     let (h, body) = session(proxy, user);
     assert_eq!((h.cmd, h.status), (cmd::REPLY_PROXY, status::ERROR));
@@ -333,11 +341,12 @@ fn users_land_in_their_group_and_routes_are_cached() {
     t.route("alice", "g1");
     t.route("bob", "g2");
     let (_p, px, st) = proxy(dir.path(), &[t.addr], 60_000);
+    let g1 = [("a1", a1.addr), ("a2", a2.addr)];
     for _ in 0..5 {
         assert_eq!(
             landed(px, "alice"),
-            "a1",
-            "the group's first node is preferred"
+            preferred(&g1, "alice"),
+            "every session of a user lands on its preferred node"
         );
         assert_eq!(landed(px, "bob"), "b1");
     }
@@ -349,6 +358,15 @@ fn users_land_in_their_group_and_routes_are_cached() {
     assert_eq!(s["route_cache_hits"], 8);
     assert_eq!(s["sessions_relayed"], 10);
     assert_eq!(s["route_failures"], 0);
+    // Users spread over the group's nodes.
+    let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
+    for u in &users {
+        t.route(u, "g1");
+    }
+    let mut seen: Vec<String> = users.iter().map(|u| landed(px, u)).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ["a1", "a2"]);
 }
 
 #[test]
@@ -599,10 +617,11 @@ fn a_routing_proxy_proves_itself_to_trackers_and_nodes_with_fresh_links() {
     t.route("bob", "g2");
     let link = format!("[link.send]\nid = \"sp\"\nsecret = \"{secret}\"\n");
     let (_p, px, _) = proxy_with(dir.path(), &[t.addr], 200, &link);
-    assert_eq!(landed(px, "alice"), "a1");
+    let alices = preferred(&[("a1", a1.addr), ("a2", a2.addr)], "alice");
+    assert_eq!(landed(px, "alice"), alices);
     assert_eq!(landed(px, "bob"), "a2");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(landed(px, "alice"), "a1");
+    assert_eq!(landed(px, "alice"), alices);
     assert_eq!(landed(px, "bob"), "a2");
     // Every tracker and node connection opened with a proof; each passes a receiver that has
     // the key exactly once (a proof reused anywhere would be a replay here).

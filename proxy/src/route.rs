@@ -14,6 +14,8 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +44,23 @@ struct Maps {
     users: HashMap<(String, String), Timed<String>>,
     groups: HashMap<String, Timed<Arc<[SocketAddr]>>>,
     failed: HashMap<SocketAddr, Instant>,
+}
+
+/// A user's order of a group's nodes: sorted, then rotated by a hash of (app, user). The cache
+/// keeps one node list per group, in the order of whichever answer filled it; ordering it per
+/// user here makes every session of a user prefer the same node (its in-memory upload session,
+/// hash progress and page cache stay on one node, the others are standbys), and users spread
+/// over a group's nodes.
+pub fn preferred(nodes: &[SocketAddr], app: &str, user: &str) -> Vec<SocketAddr> {
+    let mut v = nodes.to_vec();
+    v.sort();
+    if !v.is_empty() {
+        let mut h = DefaultHasher::new();
+        (app, user).hash(&mut h);
+        let by = (h.finish() % v.len() as u64) as usize;
+        v.rotate_left(by);
+    }
+    v
 }
 
 /// The route cache shared by every session of one proxy.
@@ -257,6 +276,28 @@ mod tests {
         assert_eq!(c.get_group("g2", t0 + Duration::from_millis(100)), None);
         c.node_failed("g2", addr(4), t0);
         assert_eq!(c.get_group("g2", t0), None);
+    }
+
+    #[test]
+    fn a_user_prefers_one_node_whatever_order_the_cache_holds() {
+        let nodes = [addr(3), addr(1), addr(2)];
+        let reversed = [addr(2), addr(1), addr(3)];
+        let mut firsts = std::collections::BTreeSet::new();
+        for i in 0..30 {
+            let user = format!("user{i}");
+            let a = preferred(&nodes, "demo", &user);
+            assert_eq!(a, preferred(&reversed, "demo", &user), "{user}");
+            let mut sorted = a.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted,
+                vec![addr(1), addr(2), addr(3)],
+                "a rotation of all nodes"
+            );
+            firsts.insert(a[0]);
+        }
+        assert_eq!(firsts.len(), 3, "users spread over the nodes");
+        assert!(preferred(&[], "demo", "u").is_empty());
     }
 
     #[test]

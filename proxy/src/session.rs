@@ -13,7 +13,7 @@
 use crate::first::{FIRST_MAX, First, Opening};
 use crate::lookup::{self, Answer, Lookup};
 use crate::relay::{Failure, Flow, Mode};
-use crate::route::{Route, RouteCache};
+use crate::route::{self, Route, RouteCache};
 use crate::stats::Counters;
 use crate::upstream::Upstreams;
 use ferry_common::auth::{LinkVerifier, SigningKey};
@@ -372,9 +372,11 @@ impl Session {
         let Some(router) = &self.sh.router else {
             return self.finish("internal: route without a router");
         };
+        let (app, user) = self.who.clone().unwrap_or_default();
+        let mine = route::preferred(&route.nodes, &app, &user);
         let targets = Targets {
-            list: router.cache.order(&route.nodes, Instant::now()),
-            primary: route.nodes.first().copied(),
+            list: router.cache.order(&mine, Instant::now()),
+            primary: mine.first().copied(),
             group: Some(route.group),
             refreshed,
         };

@@ -394,13 +394,19 @@ fn a_dead_node_fails_over_to_its_peer_and_drops_the_group_from_the_cache() {
     let t = Tracker::start();
     let dead = closed_addr();
     t.nodes("g1", &[dead, a2.addr]);
-    t.route("alice", "g1");
-    t.route("bob", "g1");
+    // Two users who both prefer the dead node (the proxy's per-user order).
+    let nodes = [("dead", dead), ("a2", a2.addr)];
+    let mut users = (0..100)
+        .map(|i| format!("user{i}"))
+        .filter(|u| preferred(&nodes, u) == "dead");
+    let (alice, bob) = (users.next().unwrap(), users.next().unwrap());
+    t.route(&alice, "g1");
+    t.route(&bob, "g1");
     let (_p, px, st) = proxy(dir.path(), &[t.addr], 60_000);
-    assert_eq!(landed(px, "alice"), "a2");
+    assert_eq!(landed(px, &alice), "a2");
     // The failed connect dropped g1's nodes: bob's session asks again, and tries the dead
     // node last (so it is not even attempted).
-    assert_eq!(landed(px, "bob"), "a2");
+    assert_eq!(landed(px, &bob), "a2");
     assert_eq!(t.lookups(), 2);
     let s = stats(st);
     assert_eq!(s["failovers"], 1, "{s:?}");

@@ -124,6 +124,29 @@ fn wait_begun(child: &mut std::process::Child, state: &Path, blocks: usize) {
     }
 }
 
+/// Downloads `id` through `node` to `out` and checks that it holds `src`'s bytes.
+fn download_matches(state: &Path, node: SocketAddr, id: &str, out: &Path, src: &Path) {
+    let args = ["--json", "download", id, "-o", out.to_str().unwrap()];
+    ok(ferry(state, &[node], &args));
+    assert_eq!(sha256_file(out), sha256_file(src));
+}
+
+/// Waits for `child` to exit (60 s at most).
+fn wait_exit(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The numeric id of a node's file id (`<group>.`, 16 hex digits, a dash, random characters).
 fn num_of(file_id: &str) -> u64 {
     let (group, rest) = file_id
@@ -174,18 +197,7 @@ fn upload_through_a_killed_node_finishes_through_its_peer() {
         .unwrap();
     wait_begun(&mut child, &state, blocks);
     g.node("a").kill(); // SIGKILL mid-transfer
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the client did not finish through node B within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(&mut child, "the client did not finish through node B");
     let err = std::fs::read_to_string(out.with_extension("err")).unwrap();
     assert!(status.success(), "upload failed after node A died: {err}");
     let v: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
@@ -199,36 +211,44 @@ fn upload_through_a_killed_node_finishes_through_its_peer() {
     );
 
     let got = g.path("via-b");
-    ok(ferry(
-        &state,
-        &[b],
-        &["--json", "download", &id, "-o", got.to_str().unwrap()],
-    ));
-    assert_eq!(sha256_file(&got), sha256_file(&src));
+    download_matches(&state, b, &id, &got, &src);
     assert_eq!(count_files(&g.path("data/data")), 1, "stored exactly once");
 
     // A restarts on the same dir: its recovery must leave B's work alone, and it serves the
     // file B finished. No temp file is left behind by either node.
     let a = g.start("a");
     let again = g.path("via-a");
-    ok(ferry(
-        &state,
-        &[a],
-        &["--json", "download", &id, "-o", again.to_str().unwrap()],
-    ));
-    assert_eq!(sha256_file(&again), sha256_file(&src));
+    download_matches(&state, a, &id, &again, &src);
     assert_eq!(count_files(&g.path("data/tmp")), 0);
     assert_eq!(count_files(&g.path("data/data")), 1);
 }
 
-/// Node A dies between placing an upload's file and marking it stored (the chaos run found
+/// Node A dies between placing a big upload's file and marking it stored (the chaos run found
 /// this): the session's row is left without a temp file, and until A restarts nothing would
 /// finish the file. Node B finishes A's commit when the client's retried UPLOAD_OVER reaches it,
 /// so the upload succeeds at once with the file A placed: stored once, byte-identical, and A's
 /// restart leaves it alone.
 #[test]
 fn a_node_killed_mid_commit_has_its_upload_finished_by_its_peer() {
-    let Some(db) = pg_db("a_node_killed_mid_commit_has_its_upload_finished_by_its_peer") else {
+    killed_mid_commit(
+        "a_node_killed_mid_commit_has_its_upload_finished_by_its_peer",
+        (1 << 20) + 5,
+    );
+}
+
+/// The same for a small file (one UPLOAD frame): the retried UPLOAD reaches B, which takes over
+/// the dead node's claim on the upload key and finishes A's commit instead of writing the bytes
+/// a second time (the long chaos run found a second copy here).
+#[test]
+fn a_node_killed_mid_commit_of_a_small_file_has_it_finished_by_its_peer() {
+    killed_mid_commit(
+        "a_node_killed_mid_commit_of_a_small_file_has_it_finished_by_its_peer",
+        40_000,
+    );
+}
+
+fn killed_mid_commit(test: &str, size: u64) {
+    let Some(db) = pg_db(test) else {
         return;
     };
     let mut g = Group::new(db);
@@ -238,7 +258,7 @@ fn a_node_killed_mid_commit_has_its_upload_finished_by_its_peer() {
     );
     let b = g.start("b");
     let src = g.path("src");
-    make_file(&src, (1 << 20) + 5, 31);
+    make_file(&src, size, 31);
     let state = g.path("state");
     std::fs::create_dir_all(&state).unwrap();
     let conf = g.path("client.toml");
@@ -275,14 +295,7 @@ fn a_node_killed_mid_commit_has_its_upload_finished_by_its_peer() {
         std::thread::sleep(Duration::from_millis(5));
     }
     g.node("a").kill();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "the client hung");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(&mut child, "the client did not finish through node B");
     let err = std::fs::read_to_string(out.with_extension("err")).unwrap();
     assert!(
         status.success(),
@@ -294,21 +307,11 @@ fn a_node_killed_mid_commit_has_its_upload_finished_by_its_peer() {
     assert!(b_log.contains("finishing the commit of file"), "{b_log}");
     assert_eq!(count_files(&g.path("data/data")), 1, "stored exactly once");
     let got = g.path("got");
-    ok(ferry(
-        &state,
-        &[b],
-        &["--json", "download", &id, "-o", got.to_str().unwrap()],
-    ));
-    assert_eq!(sha256_file(&got), sha256_file(&src));
+    download_matches(&state, b, &id, &got, &src);
     // A's restart (without the fault) finds nothing left to do and serves the file too.
     let a = g.start("a");
     let again = g.path("again");
-    ok(ferry(
-        &state,
-        &[a],
-        &["--json", "download", &id, "-o", again.to_str().unwrap()],
-    ));
-    assert_eq!(sha256_file(&again), sha256_file(&src));
+    download_matches(&state, a, &id, &again, &src);
     assert_eq!(count_files(&g.path("data/data")), 1);
     assert_eq!(count_files(&g.path("data/tmp")), 0);
 }

@@ -97,26 +97,35 @@ impl Storage {
         id: &UploadId,
         unknown: OpError,
     ) -> OpResult<String> {
-        match self.meta.finished_upload(&who.app, &who.user, id) {
-            Ok(Some(file_id)) => {
-                info!(
-                    "upload {} was already finished as file {file_id}; answering again",
-                    hex::encode(id)
-                );
-                return Ok(file_id);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(db_err(e, "finished upload lookup")),
+        let Some(file_id) = self.finished_file(who, id)? else {
+            return Err(unknown);
+        };
+        info!(
+            "upload {} was already finished as file {file_id}; answering again",
+            hex::encode(id)
+        );
+        Ok(file_id)
+    }
+
+    /// The file upload `id` of `who` (a session, or a small file's key) became, if it did: a
+    /// stored one, or one a node of this group placed and died before marking stored. That
+    /// file would wait for the node's restart while the client, retrying elsewhere, stored the
+    /// content a second time; a peer finishes the commit here instead. Busy while a live node
+    /// is still committing it.
+    pub(super) fn finished_file(&self, who: &Who, id: &UploadId) -> OpResult<Option<String>> {
+        let stored = self
+            .meta
+            .finished_upload(&who.app, &who.user, id)
+            .map_err(|e| db_err(e, "finished upload lookup"))?;
+        if stored.is_some() {
+            return Ok(stored);
         }
-        // A node of this group may have died between placing the file and marking it stored:
-        // its session row is left without a temp file, and the file waits for that node's
-        // restart. A peer finishes it here instead, so the client's OVER is answered now.
         let committing = self
             .meta
             .committing_upload(&who.app, &who.user, id)
             .map_err(|e| db_err(e, "committing upload lookup"))?;
         let Some(f) = committing else {
-            return Err(unknown);
+            return Ok(None);
         };
         if self.peer_alive(&f.node) {
             return Err(OpError::new(
@@ -125,8 +134,8 @@ impl Storage {
             ));
         }
         match self.finish_left_commit(&f) {
-            Ok(true) => Ok(f.id),
-            Ok(false) => Err(unknown),
+            Ok(true) => Ok(Some(f.id)),
+            Ok(false) => Ok(None),
             Err(e) => Err(db_err(e, "finishing a dead node's commit")),
         }
     }

@@ -27,12 +27,9 @@ impl Storage {
         }
         self.check_reserve(size)?;
         let claim = self.claim_key(who, &meta.key)?;
-        // Checked while holding the claim, so a copy committing right now cannot slip past.
-        let done = self
-            .meta
-            .finished_upload(&who.app, &who.user, &meta.key)
-            .map_err(|e| db_err(e, "finished upload lookup"))?;
-        if let Some(id) = done {
+        // Checked while holding the claim, so a copy committing right now cannot slip past
+        // (and one a dead node left committing is finished, not written again).
+        if let Some(id) = self.finished_file(who, &meta.key)? {
             info!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");
             return Ok(SmallStart::Done(id));
         }

@@ -350,7 +350,7 @@ fn linked_server(dir: &std::path::Path) -> (support::Proc, SocketAddr, LinkKeys)
         admin: k("admin"),
     };
     let conf = format!(
-        "roles = [\"storage\", \"tracker\", \"id\"]\n[tracker]\ngroups = [\"g1\"]\n\
+        "roles = [\"storage\", \"tracker\"]\n[tracker]\ngroups = [\"g1\"]\n\
          [link.accept]\ncp = \"{}\"\nsp = \"{}\"\nnode-a = \"{}\"\nadmin = \"{}\"\n\
          [link.members]\nsp = {{ kind = \"router\" }}\nadmin = {{ kind = \"admin\" }}\n\
          node-a = {{ kind = \"node\", group = \"g1\", addr = \"127.0.0.1:7401\" }}\n",
@@ -379,29 +379,6 @@ fn view(addr: SocketAddr, keys: &LinkKeys) -> proto::GroupsReply {
     {
         Reply::Ok(b) => proto::GroupsReply::decode(&b).unwrap(),
         other => panic!("GROUPS with the admin key: {other:?}"),
-    }
-}
-
-fn id_get_body() -> Vec<u8> {
-    proto::IdGet {
-        key: "photos".into(),
-        count: 1,
-    }
-    .encode()
-    .unwrap()
-}
-
-/// The next id of the id role, drawn with the node's key.
-fn next_id(addr: SocketAddr, keys: &LinkKeys) -> u64 {
-    match as_member(
-        addr,
-        &keys.node,
-        &proto::frame(cmd::ID_GET, 0, &id_get_body()),
-    )
-    .0
-    {
-        Reply::Ok(b) => proto::IdReply::decode(&b).unwrap().first,
-        other => panic!("ID_GET with the node's key: {other:?}"),
     }
 }
 
@@ -476,17 +453,15 @@ fn a_server_taking_linked_peers_only_refuses_direct_clients() {
 
 /// A user's session reaches the server through linked proxies, so the connection carries the
 /// server-proxy's LINK; after the user's HELLO it may send file commands only. With every scope,
-/// JOIN, BEAT, SADDRS, GROUPS and ID_GET are error 6 and close the connection, and the cluster
-/// is as it was: the same tracker view, no id drawn.
+/// JOIN, BEAT, SADDRS, GROUPS and USERS are error 6 and close the connection, and the cluster
+/// is as it was: the same tracker view.
 #[test]
 fn a_users_session_cannot_reach_the_control_plane() {
     let dir = tempfile::tempdir().unwrap();
     let (_srv, addr, keys) = linked_server(dir.path());
     let link = &keys.sp;
     let view_before = view(addr, &keys);
-    let first = next_id(addr, &keys);
-    let id_get = id_get_body();
-    let attempts = support::control_plane_attempts("demo", &id_get);
+    let attempts = support::control_plane_attempts("demo");
     for scope in [Scope::READ, Scope::WRITE, Scope::DELETE, Scope::ALL] {
         for frame in &attempts {
             let what = format!("{} with scope {scope:?}", cmd::name(frame[8]));
@@ -500,30 +475,26 @@ fn a_users_session_cannot_reach_the_control_plane() {
         }
     }
     assert_eq!(view(addr, &keys), view_before, "the tracker's view changed");
-    assert_eq!(next_id(addr, &keys), first + 1, "ids were drawn");
     assert!(view_before.groups[0].nodes.is_empty());
 }
 
 /// Each member kind's key, on its own connection, may send its own commands only: a relay
-/// HELLO, a router HELLO and SADDRS, a node JOIN, BEAT and ID_GET, an admin GROUPS; anything
+/// HELLO, a router HELLO and SADDRS, a node JOIN and BEAT, an admin GROUPS and USERS; anything
 /// else is error 6 and a closed connection. A node's key joins and beats only for the group and
 /// address it is bound to: another group, another host or port is refused and the view stays.
 #[test]
 fn each_member_key_sends_only_its_kinds_commands_and_a_node_only_its_own_place() {
     let dir = tempfile::tempdir().unwrap();
     let (_srv, addr, keys) = linked_server(dir.path());
-    let attempts = support::control_plane_attempts("demo", &id_get_body());
+    let attempts = support::control_plane_attempts("demo");
     let mut frames: Vec<Vec<u8>> = vec![support::auth::hello_frame("demo", "alice")];
     frames.extend(attempts.iter().cloned());
     // The node first: its JOIN gives the router's SADDRS a node to answer with.
     let table: [(&SigningKey, &[u8]); 4] = [
-        (
-            &keys.node,
-            &[cmd::TRACKER_JOIN, cmd::TRACKER_BEAT, cmd::ID_GET],
-        ),
+        (&keys.node, &[cmd::TRACKER_JOIN, cmd::TRACKER_BEAT]),
         (&keys.cp, &[cmd::HELLO]),
         (&keys.sp, &[cmd::HELLO, cmd::TRACKER_SADDRS]),
-        (&keys.admin, &[cmd::TRACKER_GROUPS]),
+        (&keys.admin, &[cmd::TRACKER_GROUPS, cmd::TRACKER_USERS]),
     ];
     for (key, may) in table {
         for frame in &frames {

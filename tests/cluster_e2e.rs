@@ -385,7 +385,7 @@ fn every_user_reads_every_other_users_file_in_any_group() {
 
 /// A user's session through the whole linked chain (client-proxy, routing server-proxy, node)
 /// cannot reach the control plane: after a valid HELLO, with each scope, JOIN, BEAT, SADDRS,
-/// GROUPS and ID_GET are error 6 and close the session, and the tracker's view is unchanged.
+/// GROUPS and USERS are error 6 and close the session, and the tracker's view is unchanged.
 #[test]
 fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
     let Some(s) = Setup::start("planes", 1, 1) else {
@@ -419,13 +419,7 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
         nodes
     };
     let before = view();
-    let id_get = proto::IdGet {
-        key: "files".into(),
-        count: 1,
-    }
-    .encode()
-    .unwrap();
-    let attempts = support::control_plane_attempts(APP, &id_get);
+    let attempts = support::control_plane_attempts(APP);
     let key = s
         .cluster
         .secrets

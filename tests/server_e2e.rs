@@ -69,9 +69,9 @@ impl Client {
         let mut h = [0u8; HEADER_LEN];
         self.s.read_exact(&mut h).expect("reply header");
         let h = Header::decode(&h);
-        // Storage replies, or the id/tracker reply of a cluster command this server refuses.
+        // Storage replies, or the tracker reply of a cluster command this server refuses.
         assert!(
-            [cmd::REPLY_STORAGE, cmd::REPLY_ID, cmd::REPLY_TRACKER].contains(&h.cmd),
+            [cmd::REPLY_STORAGE, cmd::REPLY_TRACKER].contains(&h.cmd),
             "reply command {}",
             h.cmd
         );
@@ -482,14 +482,14 @@ fn session_opening_and_malformed_frames() {
     // Unknown command (a cluster role this server does not run), from a member's connection
     // (no HELLO: on a user's session a cluster command is refused before that, with 6).
     let mut c = Client::connect(srv.addr);
-    let get = proto::IdGet {
-        key: "files".into(),
-        count: 1,
-    };
     assert_eq!(
-        code(c.call(cmd::ID_GET, &get.encode().unwrap())),
+        code(c.call(cmd::TRACKER_GROUPS, &[])),
         ErrorCode::UnknownCommand
     );
+    assert!(c.closed());
+    // A command number nobody serves (seed 004's id server, 40).
+    let mut c = Client::connect(srv.addr);
+    assert_eq!(code(c.call(40, &[0; 68])), ErrorCode::UnknownCommand);
     assert!(c.closed());
     // Status byte set in a request.
     let mut c = Client::hello(srv.addr, "demo", "alice");

@@ -1,7 +1,7 @@
-//! The tracker and id roles end to end, with real `ferry-server` processes on loopback:
-//! storage nodes joining and beating, offline/online transitions (SIGSTOP, kill -9), router
-//! assignments that survive a tracker restart and agree between two trackers, two id servers
-//! on one database, the bad-input cases of issue 8, and stale answers while the database is
+//! The tracker role end to end, with real `ferry-server` processes on loopback: storage nodes
+//! joining and beating, offline/online transitions (SIGSTOP, kill -9), router assignments that
+//! survive a tracker restart and agree between two trackers, `ferry groups`, the bad-input
+//! cases of issue 8, and stale answers while the database is
 //! unreachable. Each test runs against the embedded backend and, where it makes sense, against
 //! PostgreSQL (`FERRY_PG_URL`; unset: those parts print "skipped", except under CI=true where
 //! they fail). Every PostgreSQL test works in a database of its own, dropped at the end.
@@ -9,8 +9,8 @@
 mod support;
 
 use ferry_common::proto::{
-    self, CallError, ErrorCode, GROUPS_REPLY_MAX, GroupsReply, ID_REPLY_LEN, IdGet, IdReply,
-    NodeHello, SADDRS_REPLY_MAX, SaddrsReply, SaddrsReq, call_once, cmd,
+    self, CallError, ErrorCode, GROUPS_REPLY_MAX, GroupsReply, NodeHello, SADDRS_REPLY_MAX,
+    SaddrsReply, SaddrsReq, call_once, cmd,
 };
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
@@ -524,86 +524,43 @@ fn two_trackers_on_one_database_agree() {
     });
 }
 
-fn get_ids(s: &mut proto::Caller, key: &str, count: u32) -> IdReply {
-    let q = IdGet {
-        key: key.into(),
-        count,
-    };
-    let b = s
-        .call(
-            cmd::ID_GET,
-            &q.encode().unwrap(),
-            cmd::REPLY_ID,
-            ID_REPLY_LEN,
-        )
-        .unwrap();
-    let r = IdReply::decode(&b).unwrap();
-    assert_eq!(r.count, count);
-    r
-}
-
-/// Eight threads over `servers` take ids (single and batches); returns every range handed out.
-fn take_ids(servers: &[SocketAddr], rounds: usize) -> Vec<(u64, u64)> {
-    let ranges: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    std::thread::scope(|sc| {
-        for i in 0..8 {
-            let addr = servers[i % servers.len()];
-            let ranges = ranges.clone();
-            sc.spawn(move || {
-                let mut s = proto::Caller::connect(addr, T, None).unwrap();
-                let mut last = 0;
-                let mut mine = Vec::new();
-                for r in 0..rounds {
-                    let count = if r % 10 == 0 {
-                        1 + (r as u32 * 7) % 300
-                    } else {
-                        1
-                    };
-                    let got = get_ids(&mut s, "files", count);
-                    assert!(got.first > last, "ids of one server increase");
-                    last = got.first + u64::from(got.count) - 1;
-                    mine.push((got.first, last));
-                }
-                ranges.lock().unwrap().extend(mine);
-            });
-        }
-    });
-    Arc::try_unwrap(ranges).unwrap().into_inner().unwrap()
-}
-
-fn assert_disjoint(mut ranges: Vec<(u64, u64)>) {
-    ranges.sort();
-    for w in ranges.windows(2) {
-        assert!(
-            w[0].1 < w[1].0,
-            "ids handed out twice: {:?} and {:?}",
-            w[0],
-            w[1]
-        );
-    }
-}
-
+/// Seed 004's id role is not ferry's (storage nodes reserve ids in the metadata database): a
+/// config naming it is refused at start with a message that says so.
 #[test]
-fn id_servers_never_hand_out_an_id_twice() {
-    // Embedded: one id server, restarted in the middle.
+fn a_config_with_the_id_role_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = "roles = [\"id\"]\nid_step = 100\n";
-    let mut s = Srv::start(dir.path(), "ids", &Backend::Embedded, conf);
-    let mut all = take_ids(&[s.addr], 300);
-    s.restart();
-    all.extend(take_ids(&[s.addr], 300));
-    assert_disjoint(all);
-    // PostgreSQL: two id servers on one database, then one of them restarted.
-    let Some(db) = support::pg_db("id_servers_never_hand_out_an_id_twice") else {
-        return;
+    let conf = dir.path().join("ids.toml");
+    std::fs::write(&conf, "roles = [\"tracker\", \"id\"]\n").unwrap();
+    let mut child = Command::new(support::bin("ferry-server"))
+        .arg("--config")
+        .arg(&conf)
+        .arg("--listen")
+        .arg(support::free_addr().to_string())
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("ferry-server started with roles = [\"id\"]");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     };
-    let b = Backend::Pg(db.url.clone());
-    let mut s1 = Srv::start(dir.path(), "ids-1", &b, conf);
-    let s2 = Srv::start(dir.path(), "ids-2", &b, conf);
-    let mut all = take_ids(&[s1.addr, s2.addr], 500);
-    s1.restart();
-    all.extend(take_ids(&[s1.addr, s2.addr], 200));
-    assert_disjoint(all);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(err.contains("unknown variant `id`"), "{err}");
 }
 
 /// Sends raw bytes and returns the error code answered, and whether the server then closed.
@@ -689,46 +646,17 @@ fn bad_input_gets_clear_errors() {
     assert!(e.to_string().contains("group g1 has no online node"), "{e}");
     // A new user with no online node anywhere: NoNode too, never a hang.
     assert_eq!(code(saddrs(tr.addr, "demo", "bob")), ErrorCode::NoNode);
-    // The tracker runs no id or storage role: error 3, also for HELLO.
-    let id = IdGet {
-        key: "k".into(),
-        count: 1,
-    };
-    assert_eq!(
-        raw(
-            tr.addr,
-            &proto::frame(cmd::ID_GET, 0, &id.encode().unwrap())
-        ),
-        (ErrorCode::UnknownCommand, true)
-    );
+    // The tracker runs no storage role: error 3 for HELLO; and 40 (seed 004's ID_GET) is
+    // no command at all.
     let hello = support::auth::hello_body("demo", "alice");
     assert_eq!(
         raw(tr.addr, &proto::frame(cmd::HELLO, 0, &hello)).0,
         ErrorCode::UnknownCommand
     );
-    // An id server: keys that are not UTF-8 or too long, counts out of range.
-    let ids = Srv::start(dir.path(), "ids", &b, "roles = [\"id\"]\n");
-    let mut body = id.encode().unwrap();
-    body[0] = 0xff;
     assert_eq!(
-        raw(ids.addr, &proto::frame(cmd::ID_GET, 0, &body)).0,
-        ErrorCode::BadFrame
+        raw(tr.addr, &proto::frame(40, 0, &[0; 68])),
+        (ErrorCode::UnknownCommand, true)
     );
-    // A 65-byte key makes the body longer than ID_GET's.
-    let mut body = vec![b'k'; 65];
-    body.extend_from_slice(&1u32.to_be_bytes());
-    assert_eq!(
-        raw(ids.addr, &proto::frame(cmd::ID_GET, 0, &body)),
-        (ErrorCode::TooLarge, true)
-    );
-    for count in [0u32, 65537] {
-        let mut body = id.encode().unwrap();
-        body[64..].copy_from_slice(&count.to_be_bytes());
-        assert_eq!(
-            raw(ids.addr, &proto::frame(cmd::ID_GET, 0, &body)).0,
-            ErrorCode::BadFrame
-        );
-    }
     // A storage-only server answers the tracker commands with error 3.
     let st = Srv::start(dir.path(), "storage", &b, "");
     assert_eq!(

@@ -135,7 +135,7 @@ pub enum ClusterAction {
         /// data dirs go under it, and the generated configs in DIR/conf).
         #[arg(long, value_name = "DIR", default_value = "ferry-data")]
         data: PathBuf,
-        /// Storage nodes per group: start a multi-node cluster (tracker+id server, G groups of
+        /// Storage nodes per group: start a multi-node cluster (two trackers, G groups of
         /// N nodes sharing a data dir each, a routing server-proxy pair, a client-proxy pair).
         #[arg(long, value_name = "N")]
         nodes: Option<usize>,

@@ -230,7 +230,7 @@ pub enum PeerKind {
     Relay,
     /// A routing server-proxy: a relay that also asks the tracker where users live (SADDRS).
     Router,
-    /// A storage node: JOIN and BEAT for its own group and address, ID_GET.
+    /// A storage node: JOIN and BEAT for its own group and address.
     Node,
     /// An operator's tool (`ferry groups`, `ferry cluster up`): reads the cluster view.
     Admin,

@@ -117,7 +117,7 @@ pub fn replies(data: &[u8]) {
         let _ = frames::decode_beat_reply(body);
         let _ = frames::SaddrsReply::decode(body);
         let _ = frames::GroupsReply::decode(body);
-        let _ = frames::IdReply::decode(body);
+        let _ = frames::UsersReply::decode(body);
     });
 }
 

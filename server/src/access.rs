@@ -53,8 +53,8 @@ pub fn need(c: u8) -> Option<Need> {
         // LINK is itself the proof: the connection handler checks it.
         cmd::PROBE | cmd::LINK => Need::Nothing,
         cmd::HELLO => Need::Relay,
-        // A storage node announces itself and draws the ids of the files it stores.
-        cmd::TRACKER_JOIN | cmd::TRACKER_BEAT | cmd::ID_GET => Need::Member(PeerKind::Node),
+        // A storage node announces itself.
+        cmd::TRACKER_JOIN | cmd::TRACKER_BEAT => Need::Member(PeerKind::Node),
         // A routing proxy asks where a user lives (which may record the user's group).
         cmd::TRACKER_SADDRS => Need::Member(PeerKind::Router),
         // An operator reads the cluster's view and who is in which group.

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// `ferry-server`: ferry's storage server (storage, tracker and id roles in one process).
+/// `ferry-server`: ferry's storage server (storage and tracker roles in one process).
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry-server",
@@ -37,10 +37,8 @@ pub struct Args {
 pub enum Role {
     /// Stores files: uploads, downloads, sessions (commands 70-79) and the HTTP gateway.
     Storage,
-    /// Cluster membership and user -> group routing (commands 10-13).
+    /// Cluster membership and user -> group routing (commands 10-14).
     Tracker,
-    /// Unique increasing ids per key (command 40).
-    Id,
 }
 
 /// A storage node's place in a cluster (`[cluster]`); absent on a standalone server.
@@ -260,7 +258,7 @@ impl Config {
             bail!("session_ttl_secs, id_step and challenge_max must be at least 1");
         }
         if self.roles.is_empty() {
-            bail!("roles must name at least one of \"storage\", \"tracker\", \"id\"");
+            bail!("roles must name at least one of \"storage\", \"tracker\"");
         }
         if let Some(c) = &self.cluster
             && (c.group.is_empty() || c.trackers.is_empty())

@@ -21,8 +21,8 @@ use crate::syncer::{AckSlot, SyncJob};
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
     self, BlockAck, BlockMeta, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode, Header, Hello,
-    IdGet, Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta,
-    UsersReq, cmd, status,
+    Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta, UsersReq, cmd,
+    status,
 };
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
 use log::{debug, info, warn};
@@ -356,8 +356,7 @@ impl ServerConn {
             | cmd::TRACKER_BEAT
             | cmd::TRACKER_SADDRS
             | cmd::TRACKER_GROUPS
-            | cmd::TRACKER_USERS
-            | cmd::ID_GET => return self.cluster(h.cmd, meta),
+            | cmd::TRACKER_USERS => return self.cluster(h.cmd, meta),
             _ => {}
         }
         // `authorize` let a file command through, so the session has passed HELLO.
@@ -404,37 +403,27 @@ impl ServerConn {
         }
     }
 
-    /// The tracker and id commands: no HELLO needed; error 3 when the role is not enabled.
+    /// The tracker commands: no HELLO needed; error 3 when the role is not enabled.
     fn cluster(&mut self, c: u8, meta: &[u8]) {
-        let reply_cmd = if c == cmd::ID_GET {
-            cmd::REPLY_ID
-        } else {
-            cmd::REPLY_TRACKER
-        };
+        let reply_cmd = cmd::REPLY_TRACKER;
         let roles = self.roles.clone();
-        let r = match (c, &roles.tracker, &roles.ids) {
-            (cmd::ID_GET, _, Some(ids)) => IdGet::decode(meta)
-                .map_err(bad)
-                .and_then(|q| ids.get(&q))
-                .map(|r| r.encode()),
-            (cmd::TRACKER_JOIN, Some(t), _) => NodeHello::decode_join(meta)
+        let r = match (c, &roles.tracker) {
+            (cmd::TRACKER_JOIN, Some(t)) => NodeHello::decode_join(meta)
                 .map_err(bad)
                 .and_then(|j| self.node_claim(c, j))
                 .and_then(|j| t.join(&j))
                 .map(proto::encode_beat_reply),
-            (cmd::TRACKER_BEAT, Some(t), _) => NodeHello::decode_beat(meta)
+            (cmd::TRACKER_BEAT, Some(t)) => NodeHello::decode_beat(meta)
                 .map_err(bad)
                 .and_then(|b| self.node_claim(c, b))
                 .and_then(|b| t.beat(&b))
                 .map(proto::encode_beat_reply),
-            (cmd::TRACKER_SADDRS, Some(t), _) => SaddrsReq::decode(meta)
+            (cmd::TRACKER_SADDRS, Some(t)) => SaddrsReq::decode(meta)
                 .map_err(bad)
                 .and_then(|q| t.saddrs(&q))
                 .and_then(|r| r.encode().map_err(internal)),
-            (cmd::TRACKER_GROUPS, Some(t), _) => {
-                t.groups().and_then(|r| r.encode().map_err(internal))
-            }
-            (cmd::TRACKER_USERS, Some(t), _) => UsersReq::decode(meta)
+            (cmd::TRACKER_GROUPS, Some(t)) => t.groups().and_then(|r| r.encode().map_err(internal)),
+            (cmd::TRACKER_USERS, Some(t)) => UsersReq::decode(meta)
                 .map_err(bad)
                 .and_then(|q| t.users(&q))
                 .and_then(|r| r.encode().map_err(internal)),

@@ -18,7 +18,7 @@ pub trait IdAllocator: Send + Sync {
     fn next_id(&self) -> Result<u64>;
 }
 
-/// seed 004's id role: memory increments, DB steps. The next step is reserved ahead, once half
+/// seed 004's id allocation, inside each storage node: memory increments, DB steps. The next step is reserved ahead, once half
 /// of the current one is handed out, by the request that crosses that mark and without holding
 /// the lock; so the others keep taking ids from memory while the database works, and a stream
 /// of single ids rarely waits for a reservation.

@@ -53,11 +53,11 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
         handle_signals: true,
     };
     use config::Role;
-    if cfg.link.accept.is_empty() && (cfg.has_role(Role::Tracker) || cfg.has_role(Role::Id)) {
+    if cfg.link.accept.is_empty() && cfg.has_role(Role::Tracker) {
         log::warn!(
-            "no [link.accept]: any peer that reaches {listen} may join nodes to the tracker, \
-             read its view and draw ids; list the members' keys in [link.accept] and \
-             [link.members] unless the network is trusted"
+            "no [link.accept]: any peer that reaches {listen} may join nodes to the tracker \
+             and read its view; list the members' keys in [link.accept] and [link.members] \
+             unless the network is trusted"
         );
     }
     if cfg.faults != config::Faults::default() {
@@ -99,7 +99,7 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    // Expiry, like start-up recovery, is the storage role's: a tracker or id server keeps no
+    // Expiry, like start-up recovery, is the storage role's: a tracker keeps no
     // uploads of its own and must not touch the storage groups' rows.
     let reaper = roles.storage.then(|| reaper::Reaper::start(st.clone()));
     let syncer = syncer::Syncer::start(st.clone()).context("cannot start the block syncer")?;

@@ -1,26 +1,18 @@
-//! `cargo bench --bench cluster`: the id and tracker roles over loopback, on the embedded
-//! backend and on PostgreSQL in the same run (PostgreSQL from `FERRY_PG_URL`, in a scratch
-//! database dropped at the end; without it only the embedded rows are printed).
-//!
-//! - ID_GET ids/s with 1 and 8 client threads, one id per request and batches of
-//!   `FERRY_BENCH_BATCH` (default 1000), the id server reserving steps of `id_step = 1000`;
-//!   and one id per request with 32 requests in flight per connection (pipelined: what the
-//!   server sustains, not one loopback round trip per id);
-//! - SADDRS requests/s with 1 and 8 client threads over `FERRY_BENCH_USERS` users (default
-//!   1000, all routed before timing: the steady state a proxy sees).
+//! `cargo bench --bench cluster`: the tracker role over loopback, on the embedded backend and
+//! on PostgreSQL in the same run (PostgreSQL from `FERRY_PG_URL`, in a scratch database dropped
+//! at the end; without it only the embedded rows are printed): SADDRS requests/s with 1 and 8
+//! client threads over `FERRY_BENCH_USERS` users (default 1000, all routed before timing: the
+//! steady state a proxy sees).
 //!
 //! Each client thread keeps one connection and sends one request at a time. Every measurement
 //! lasts `FERRY_BENCH_SECS` (default 2) and runs `FERRY_BENCH_RUNS` times (default 3): median
-//! and min-max. The target: at least 100k ids/s with steps of 1000.
+//! and min-max.
 
 #[path = "../support/mod.rs"]
 mod support;
 
-use ferry_common::proto::{
-    self, Caller, ID_REPLY_LEN, IdGet, IdReply, NodeHello, SADDRS_REPLY_MAX, SaddrsReq, cmd,
-};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use ferry_common::proto::{self, Caller, NodeHello, SADDRS_REPLY_MAX, SaddrsReq, cmd};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -99,38 +91,6 @@ fn rate(
     total as f64 / t0.elapsed().as_secs_f64()
 }
 
-fn ids(c: &mut Caller, count: u32) -> u64 {
-    let q = IdGet {
-        key: "bench".into(),
-        count,
-    }
-    .encode()
-    .unwrap();
-    let b = c
-        .call(cmd::ID_GET, &q, cmd::REPLY_ID, ID_REPLY_LEN)
-        .unwrap();
-    u64::from(IdReply::decode(&b).unwrap().count)
-}
-
-/// `depth` single-id requests written at once on a raw connection, then their replies read:
-/// the server's capacity rather than one round trip per id.
-fn ids_pipelined(s: &mut TcpStream, depth: usize) -> u64 {
-    let q = IdGet {
-        key: "bench".into(),
-        count: 1,
-    }
-    .encode()
-    .unwrap();
-    let one = proto::frame(cmd::ID_GET, 0, &q);
-    s.write_all(&one.repeat(depth)).unwrap();
-    let mut replies = vec![0u8; depth * (proto::HEADER_LEN + ID_REPLY_LEN)];
-    s.read_exact(&mut replies).unwrap();
-    for r in replies.chunks(proto::HEADER_LEN + ID_REPLY_LEN) {
-        assert_eq!((r[8], r[9]), (cmd::REPLY_ID, 0), "an ID_GET reply");
-    }
-    depth as u64
-}
-
 fn saddrs_body(user: u64) -> Vec<u8> {
     SaddrsReq {
         app: "bench".into(),
@@ -160,56 +120,7 @@ fn report(what: &str, samples: &[f64], unit: &str) {
 }
 
 fn bench_backend(label: &str, dir: &Path, url: Option<&str>, runs: usize, secs: Duration) {
-    let batch = env_u64("FERRY_BENCH_BATCH", 1000) as u32;
     let users = env_u64("FERRY_BENCH_USERS", 1000).max(1);
-    let id = start(
-        dir,
-        &format!("ids-{label}"),
-        "roles = [\"id\"]\nid_step = 1000\n",
-        url,
-    );
-    for threads in [1usize, 8] {
-        for count in [1u32, batch] {
-            let s: Vec<f64> = (0..runs)
-                .map(|_| rate(threads, secs, |c| ids(c, count), id.addr))
-                .collect();
-            report(
-                &format!("{label}: ID_GET count={count}, {threads} thread(s)"),
-                &s,
-                "ids/s",
-            );
-        }
-    }
-    for threads in [1usize, 8] {
-        let s: Vec<f64> = (0..runs)
-            .map(|_| {
-                let t0 = Instant::now();
-                let total: u64 = std::thread::scope(|sc| {
-                    let js: Vec<_> = (0..threads)
-                        .map(|_| {
-                            sc.spawn(|| {
-                                let mut s = TcpStream::connect(id.addr).unwrap();
-                                s.set_nodelay(true).unwrap();
-                                let mut n = 0;
-                                while t0.elapsed() < secs {
-                                    n += ids_pipelined(&mut s, 32);
-                                }
-                                n
-                            })
-                        })
-                        .collect();
-                    js.into_iter().map(|j| j.join().unwrap()).sum()
-                });
-                total as f64 / t0.elapsed().as_secs_f64()
-            })
-            .collect();
-        report(
-            &format!("{label}: ID_GET count=1, 32 in flight, {threads} thread(s)"),
-            &s,
-            "ids/s",
-        );
-    }
-    drop(id);
     let tracker = start(
         dir,
         &format!("tracker-{label}"),

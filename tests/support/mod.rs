@@ -469,10 +469,10 @@ pub fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
 }
 
 /// The frames of a tenant reaching for the control plane: a node of its own in group `g1`
-/// (JOIN, BEAT), the route of another user of `app`, the cluster's view, and `id_get` (an
-/// ID_GET body). A user's session must get error 6 for each and be closed.
-pub fn control_plane_attempts(app: &str, id_get: &[u8]) -> Vec<Vec<u8>> {
-    use ferry_common::proto::{self, NodeHello, SaddrsReq, cmd};
+/// (JOIN, BEAT), the route of another user of `app`, the cluster's view and the users of
+/// `g1`. A user's session must get error 6 for each and be closed.
+pub fn control_plane_attempts(app: &str) -> Vec<Vec<u8>> {
+    use ferry_common::proto::{self, NodeHello, SaddrsReq, UsersReq, cmd};
     let node = NodeHello {
         group: "g1".into(),
         host: "127.0.0.1".into(),
@@ -486,11 +486,16 @@ pub fn control_plane_attempts(app: &str, id_get: &[u8]) -> Vec<Vec<u8>> {
         user: "bob".into(),
         file_id: String::new(),
     };
+    let users = UsersReq {
+        group: "g1".into(),
+        after: (String::new(), String::new()),
+        limit: 10,
+    };
     vec![
         proto::frame(cmd::TRACKER_JOIN, 0, &node.encode_join().unwrap()),
         proto::frame(cmd::TRACKER_BEAT, 0, &node.encode_beat().unwrap()),
         proto::frame(cmd::TRACKER_SADDRS, 0, &saddrs.encode().unwrap()),
         proto::frame(cmd::TRACKER_GROUPS, 0, &[]),
-        proto::frame(cmd::ID_GET, 0, id_get),
+        proto::frame(cmd::TRACKER_USERS, 0, &users.encode().unwrap()),
     ]
 }

@@ -1,5 +1,5 @@
-//! Bodies of the cluster frames: tracker (JOIN 10, BEAT 11, SADDRS 12, GROUPS 13, USERS 14) and id server
-//! (ID_GET 40), with their replies. Layouts are in docs/PROTOCOL.md ("Cluster").
+//! Bodies of the cluster frames: the tracker's JOIN 10, BEAT 11, SADDRS 12, GROUPS 13 and
+//! USERS 14, with their replies. Layouts are in docs/PROTOCOL.md ("Cluster").
 //!
 //! Replies carrying lists (SADDRS, GROUPS) are capped ([`NODES_MAX`], [`GROUPS_MAX`]) and every
 //! count is checked against both its cap and the bytes left before anything is allocated.
@@ -34,12 +34,6 @@ pub const USERS_PAGE_MAX: u16 = 256;
 const USER_ROW_LEN: usize = APP_ID_LEN + USER_ID_LEN;
 /// Largest TRACKER_USERS reply: more, count, the users (about 68 KiB).
 pub const USERS_REPLY_MAX: usize = 1 + 2 + USERS_PAGE_MAX as usize * USER_ROW_LEN;
-/// Body of ID_GET (40): key, count.
-pub const ID_GET_LEN: usize = ID_KEY_LEN + 4;
-/// Body of the ID_GET reply: first, count.
-pub const ID_REPLY_LEN: usize = 8 + 4;
-/// Most ids one ID_GET may ask for.
-pub const ID_COUNT_MAX: u32 = 65536;
 
 /// A group name: 1 to [`GROUP_LEN`] ASCII letters, digits, `-` and `_`. No `.`: that is what
 /// lets a file id name its group in front of a dot (see [`file_group`]).
@@ -533,82 +527,11 @@ impl UsersReply {
     }
 }
 
-/// ID_GET (40): `count` fresh ids of the sequence named `key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdGet {
-    pub key: String,
-    pub count: u32,
-}
-
-fn check_id_count(count: u32) -> Result<(), ProtoError> {
-    if count == 0 || count > ID_COUNT_MAX {
-        return Err(ProtoError::Invalid {
-            field: "count",
-            why: "outside 1 ..= 65536",
-        });
-    }
-    Ok(())
-}
-
-impl IdGet {
-    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
-        if self.key.is_empty() {
-            return Err(ProtoError::Empty("id key"));
-        }
-        check_id_count(self.count)?;
-        let mut b = Vec::with_capacity(ID_GET_LEN);
-        put_fixed_str(&mut b, &self.key, ID_KEY_LEN, "id key")?;
-        b.extend_from_slice(&self.count.to_be_bytes());
-        Ok(b)
-    }
-
-    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
-        let mut r = Rd { b: body };
-        let key = non_empty(r.fixed_str(ID_KEY_LEN, "id key")?, "id key")?;
-        let count = r.u32("count")?;
-        r.end("ID_GET")?;
-        check_id_count(count)?;
-        Ok(IdGet { key, count })
-    }
-}
-
-/// Reply to ID_GET: ids `first ..= first + count - 1` belong to the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdReply {
-    pub first: u64,
-    pub count: u32,
-}
-
-impl IdReply {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(ID_REPLY_LEN);
-        b.extend_from_slice(&self.first.to_be_bytes());
-        b.extend_from_slice(&self.count.to_be_bytes());
-        b
-    }
-
-    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
-        let mut r = Rd { b: body };
-        let first = r.u64("first")?;
-        let count = r.u32("count")?;
-        r.end("ID_GET reply")?;
-        check_id_count(count)?;
-        if first.checked_add(u64::from(count) - 1).is_none() {
-            return Err(ProtoError::Invalid {
-                field: "first",
-                why: "first + count overflows",
-            });
-        }
-        Ok(IdReply { first, count })
-    }
-}
-
 /// The body rules of the replies to the cluster commands, for [`Decoder::replies`]: control
 /// bodies up to the largest reply of the command.
 pub fn cluster_reply_spec(c: u8) -> Option<BodySpec> {
     let meta = match c {
         cmd::REPLY_TRACKER => GROUPS_REPLY_MAX,
-        cmd::REPLY_ID => ID_REPLY_LEN,
         _ => return None,
     };
     Some(BodySpec {

@@ -49,10 +49,9 @@ pub const BLOCK_MAX: u64 = 64 * 1024 * 1024;
 pub const BLOCK_MIN: u32 = 64 * 1024;
 /// Most blocks one big file may have; bounds the breakpoint bitmap to 128 KiB.
 pub const BLOCKS_MAX: u32 = 1 << 20;
-/// Widths of the cluster fields: group name, node host (IP literal or DNS name), id key.
+/// Widths of the cluster fields: group name, node host (IP literal or DNS name).
 pub const GROUP_LEN: usize = 32;
 pub const HOST_LEN: usize = 64;
-pub const ID_KEY_LEN: usize = 64;
 /// Most nodes of one group in a tracker reply, and most groups in a GROUPS reply.
 pub const NODES_MAX: usize = 32;
 pub const GROUPS_MAX: usize = 256;
@@ -67,7 +66,8 @@ pub mod cmd {
     /// token of the pseudo-app `ferry-link`, see `auth`). No reply when valid; error 6 and
     /// close when not.
     pub const LINK: u8 = 3;
-    /// A storage node joins its group at a tracker (seed 004's numbers for 10-13 and 40).
+    /// A storage node joins its group at a tracker (seed 004's numbers for 10-13; its id
+    /// server's 40 and 101 are not used: storage nodes reserve ids in the metadata database).
     pub const TRACKER_JOIN: u8 = 10;
     /// A storage node's heartbeat.
     pub const TRACKER_BEAT: u8 = 11;
@@ -77,8 +77,6 @@ pub mod cmd {
     pub const TRACKER_GROUPS: u8 = 13;
     /// One page of the users the router table assigns to a group.
     pub const TRACKER_USERS: u8 = 14;
-    /// A batch of unique, increasing ids from the id server.
-    pub const ID_GET: u8 = 40;
     /// Small file in one frame.
     pub const UPLOAD: u8 = 70;
     /// File info: size, SHA-256, name, created, block size.
@@ -100,8 +98,6 @@ pub mod cmd {
     pub const DOWNLOAD_OVER: u8 = 79;
     /// Reply from a tracker (seed 004).
     pub const REPLY_TRACKER: u8 = 100;
-    /// Reply from an id server (seed 004).
-    pub const REPLY_ID: u8 = 101;
     /// Reply from a storage server (seed 004), also to HELLO and PROBE.
     pub const REPLY_STORAGE: u8 = 102;
     /// Reply from a proxy (to PROBE, or an error the proxy itself raises).
@@ -118,7 +114,6 @@ pub mod cmd {
             TRACKER_SADDRS => "TRACKER_SADDRS",
             TRACKER_GROUPS => "TRACKER_GROUPS",
             TRACKER_USERS => "TRACKER_USERS",
-            ID_GET => "ID_GET",
             UPLOAD => "UPLOAD",
             STAT => "STAT",
             DOWNLOAD => "DOWNLOAD",
@@ -130,7 +125,6 @@ pub mod cmd {
             UPLOAD_PROVE => "UPLOAD_PROVE",
             DOWNLOAD_OVER => "DOWNLOAD_OVER",
             REPLY_TRACKER => "REPLY_TRACKER",
-            REPLY_ID => "REPLY_ID",
             REPLY_STORAGE => "REPLY_STORAGE",
             REPLY_PROXY => "REPLY_PROXY",
             _ => "UNKNOWN",
@@ -225,7 +219,6 @@ pub fn request_spec(c: u8) -> Option<BodySpec> {
         cmd::TRACKER_SADDRS => control(SADDRS_LEN, true),
         cmd::TRACKER_GROUPS => control(0, true),
         cmd::TRACKER_USERS => control(USERS_LEN, true),
-        cmd::ID_GET => control(ID_GET_LEN, true),
         _ => None,
     }
 }
@@ -280,7 +273,7 @@ pub enum ErrorCode {
     UnknownGroup = 22,
     /// The user's group has no online node.
     NoNode = 23,
-    /// The database is unreachable and the tracker or id server has nothing to answer from.
+    /// The database is unreachable and the tracker has nothing to answer from.
     Unavailable = 24,
 }
 

@@ -559,29 +559,13 @@ fn cluster_frames_match_the_doc() {
     ] {
         assert_eq!(f, doc_example(name), "{name}");
     }
-    let get = IdGet {
-        key: "files".into(),
-        count: 1000,
-    };
-    assert_eq!(
-        frame(cmd::ID_GET, 0, &get.encode().unwrap()),
-        doc_example("id get")
-    );
-    let idr = IdReply {
-        first: 1001,
-        count: 1000,
-    };
-    assert_eq!(
-        frame(cmd::REPLY_ID, 0, &idr.encode()),
-        doc_example("id reply")
-    );
     // The documented frames also pass the request decoder and decode back to the values.
     for (name, c) in [
         ("join", cmd::TRACKER_JOIN),
         ("beat", cmd::TRACKER_BEAT),
         ("saddrs", cmd::TRACKER_SADDRS),
         ("groups", cmd::TRACKER_GROUPS),
-        ("id get", cmd::ID_GET),
+        ("users", cmd::TRACKER_USERS),
     ] {
         let got = decode_all(&mut Decoder::requests(), &doc_example(name)).unwrap();
         assert_eq!(got.len(), 1, "{name}");
@@ -612,7 +596,14 @@ fn cluster_error_codes() {
         let c = ErrorCode::from_u16(v).unwrap();
         assert_eq!(c.ends_session(), v <= 6, "{c:?}");
     }
-    assert_eq!(cmd::name(cmd::ID_GET), "ID_GET");
+    assert_eq!(cmd::name(cmd::TRACKER_USERS), "TRACKER_USERS");
+    // seed 004's id server (ID_GET 40, its reply 101) is not part of the protocol.
+    assert_eq!(cmd::name(40), "UNKNOWN");
+    assert!(
+        Decoder::requests()
+            .decode(&Header::new(40, 0, 68).encode())
+            .is_err()
+    );
 }
 
 #[test]
@@ -622,7 +613,7 @@ fn cluster_request_lengths_are_exact() {
         (cmd::TRACKER_BEAT, BEAT_LEN),
         (cmd::TRACKER_SADDRS, SADDRS_LEN),
         (cmd::TRACKER_GROUPS, 0),
-        (cmd::ID_GET, ID_GET_LEN),
+        (cmd::TRACKER_USERS, USERS_LEN),
     ] {
         let h = Header::new(c, 0, len as u64 + 1).encode();
         assert!(Decoder::requests().decode(&h).is_err(), "{}", cmd::name(c));
@@ -632,7 +623,7 @@ fn cluster_request_lengths_are_exact() {
     assert_eq!(JOIN_LEN, 116);
     assert_eq!(BEAT_LEN, 114);
     assert_eq!(SADDRS_LEN, 400);
-    assert_eq!(ID_GET_LEN, 68);
+    assert_eq!(USERS_LEN, 306);
     assert_eq!(GROUPS_REPLY_MAX, 756_227);
 }
 
@@ -649,13 +640,6 @@ fn cluster_frames_truncated_anywhere_are_refused() {
     }
     .encode()
     .unwrap();
-    let idr = IdReply { first: 5, count: 3 }.encode();
-    let get = IdGet {
-        key: "k".into(),
-        count: 3,
-    }
-    .encode()
-    .unwrap();
     for cut in 0..join.len() {
         assert!(NodeHello::decode_join(&join[..cut]).is_err(), "join {cut}");
     }
@@ -667,12 +651,6 @@ fn cluster_frames_truncated_anywhere_are_refused() {
     }
     for cut in 0..saddrs.len() {
         assert!(SaddrsReply::decode(&saddrs[..cut]).is_err(), "saddrs {cut}");
-    }
-    for cut in 0..idr.len() {
-        assert!(IdReply::decode(&idr[..cut]).is_err(), "id reply {cut}");
-    }
-    for cut in 0..get.len() {
-        assert!(IdGet::decode(&get[..cut]).is_err(), "id get {cut}");
     }
     // Trailing bytes are refused too.
     let mut long = groups.clone();
@@ -780,33 +758,6 @@ fn cluster_bad_fields() {
     .unwrap();
     s[GROUP_LEN] = 2;
     assert!(SaddrsReply::decode(&s).is_err());
-    // Id counts outside 1 ..= 65536, empty and too long keys.
-    for count in [0, ID_COUNT_MAX + 1] {
-        let g = IdGet {
-            key: "k".into(),
-            count,
-        };
-        assert!(g.encode().is_err());
-        let mut b = Vec::new();
-        put_fixed_str(&mut b, "k", ID_KEY_LEN, "id key").unwrap();
-        b.extend_from_slice(&count.to_be_bytes());
-        assert!(IdGet::decode(&b).is_err());
-    }
-    assert!(
-        IdGet {
-            key: "k".repeat(ID_KEY_LEN + 1),
-            count: 1
-        }
-        .encode()
-        .is_err()
-    );
-    assert!(IdGet::decode(&[0; ID_GET_LEN]).is_err());
-    // An id reply whose range overflows.
-    let r = IdReply {
-        first: u64::MAX,
-        count: 2,
-    };
-    assert!(IdReply::decode(&r.encode()).is_err());
     // SADDRS needs app and user; the file id may be empty.
     let mut b = Vec::new();
     put_fixed_str(&mut b, "demo", APP_ID_LEN, "app").unwrap();
@@ -824,12 +775,16 @@ fn cluster_reply_decoder_bounds() {
         Decoder::replies(cluster_reply_spec).decode(&big),
         Err(ProtoError::TooLarge { .. })
     ));
-    let f = frame(cmd::REPLY_ID, 0, &IdReply { first: 1, count: 1 }.encode());
+    let reply = UsersReply {
+        more: false,
+        users: vec![("demo".into(), "ann".into())],
+    };
+    let f = frame(cmd::REPLY_TRACKER, 0, &reply.encode().unwrap());
     let got = decode_all(&mut Decoder::replies(cluster_reply_spec), &f).unwrap();
-    assert_eq!(
-        IdReply::decode(&got[0].1).unwrap(),
-        IdReply { first: 1, count: 1 }
-    );
+    assert_eq!(UsersReply::decode(&got[0].1).unwrap(), reply);
+    // An id server's reply (101) is no cluster reply.
+    let f = frame(101, 0, &[0; 12]);
+    assert!(decode_all(&mut Decoder::replies(cluster_reply_spec), &f).is_err());
 }
 
 fn host_string() -> impl Strategy<Value = String> {
@@ -894,22 +849,14 @@ proptest! {
     }
 
     #[test]
-    fn id_round_trip(key in id_string(ID_KEY_LEN), count in 1u32..=ID_COUNT_MAX, first in 0u64..1 << 60) {
-        let g = IdGet { key, count };
-        prop_assert_eq!(IdGet::decode(&g.encode().unwrap()).unwrap(), g);
-        let r = IdReply { first, count };
-        prop_assert_eq!(IdReply::decode(&r.encode()).unwrap(), r);
-    }
-
-    #[test]
     fn cluster_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
         let _ = NodeHello::decode_join(&bytes);
         let _ = NodeHello::decode_beat(&bytes);
         let _ = SaddrsReq::decode(&bytes);
         let _ = SaddrsReply::decode(&bytes);
         let _ = GroupsReply::decode(&bytes);
-        let _ = IdGet::decode(&bytes);
-        let _ = IdReply::decode(&bytes);
+        let _ = UsersReq::decode(&bytes);
+        let _ = UsersReply::decode(&bytes);
         let _ = decode_beat_reply(&bytes);
     }
 }

@@ -1,14 +1,18 @@
 //! The cluster roles of a ferry-server (issue 8, seed 004), served on the same listener as the
 //! storage role:
 //!
-//! - [`tracker`]: JOIN/BEAT from storage nodes, SADDRS and GROUPS (commands 10-13).
-//! - [`idserver`]: ID_GET (command 40), unique ids over the metadata store's id steps.
+//! - [`tracker`]: JOIN/BEAT from storage nodes, SADDRS, GROUPS and USERS (commands 10-14).
+//!
+//! Seed 004 also has an id server; ferry has none. Storage nodes reserve steps of ids in the
+//! metadata database they share (`ids::StepAllocator`, one UPDATE per `id_step` files): they
+//! need that database for every commit anyway, so an id server in front of it would add a hop
+//! and a process that can fail without removing any dependency, and a file id names its group,
+//! so ids of different clusters' groups never meet.
 //! - [`store`]: the [`store::ClusterStore`] trait (groups, nodes, router table) and its
 //!   embedded SQLite backend; [`pg`]: its PostgreSQL backend.
 //! - [`beat`]: a storage node's JOIN/BEAT thread (`[cluster]` in the config).
 
 pub mod beat;
-pub mod idserver;
 pub mod pg;
 pub mod store;
 pub mod tracker;
@@ -36,28 +40,23 @@ pub fn open_store(cfg: &Config) -> Result<Arc<dyn store::ClusterStore>> {
 pub struct Roles {
     pub storage: bool,
     pub tracker: Option<Arc<tracker::Tracker>>,
-    pub ids: Option<idserver::IdServer>,
 }
 
 impl Roles {
-    /// Starts the tracker and id roles the config enables.
+    /// Starts the tracker role if the config enables it.
     pub fn start(cfg: &Config, meta: Arc<dyn MetaStore>) -> Result<Roles> {
         let tracker = if cfg.has_role(Role::Tracker) {
             Some(tracker::Tracker::start(
                 open_store(cfg)?,
-                meta.clone(),
+                meta,
                 cfg.tracker.clone(),
             ))
         } else {
             None
         };
-        let ids = cfg
-            .has_role(Role::Id)
-            .then(|| idserver::IdServer::new(meta, cfg.id_step));
         Ok(Roles {
             storage: cfg.has_role(Role::Storage),
             tracker,
-            ids,
         })
     }
 

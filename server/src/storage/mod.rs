@@ -136,7 +136,7 @@ impl Storage {
             tmp_rel,
             _locks: locks,
         };
-        // A process without the storage role (a tracker, an id server) keeps no uploads: its
+        // A process without the storage role (a tracker) keeps no uploads: its
         // start-up must not finish or roll back the rows of the groups sharing its database.
         if st.cfg.has_role(crate::config::Role::Storage) {
             st.recover()?;

@@ -405,6 +405,13 @@ fn ferry_groups_lists_each_groups_users_page_by_page() {
         for v in want.values_mut() {
             v.sort();
         }
+        // The view's user counts follow the database within a refresh (an assignment and a
+        // refresh may cross); the lists are read from the database itself.
+        wait_for("the view's user counts", Duration::from_secs(10), || {
+            let v = groups(tr.addr).unwrap();
+            v.groups.iter().map(|g| g.users).collect::<Vec<_>>()
+                == vec![want["g1"].len() as u64, want["g2"].len() as u64]
+        });
         // `ferry [--json] groups --tracker T [extra]`
         let ferry = |json: bool, extra: &[&str]| {
             let tracker = tr.addr.to_string();

@@ -27,9 +27,18 @@ impl Storage {
         }
         self.check_reserve(size)?;
         let claim = self.claim_key(who, &meta.key)?;
-        // Checked while holding the claim, so a copy committing right now cannot slip past
-        // (and one a dead node left committing is finished, not written again).
-        if let Some(id) = self.finished_file(who, &meta.key)? {
+        // Checked while holding the claim, so a copy committing right now cannot slip past. Only
+        // a claim taken over from a dead node can have a file behind it that the node placed and
+        // never marked stored (finished here, not written again); a fresh claim, the common
+        // case, needs the one lookup.
+        let done = if claim.from_dead_peer {
+            self.finished_file(who, &meta.key)?
+        } else {
+            self.meta
+                .finished_upload(&who.app, &who.user, &meta.key)
+                .map_err(|e| db_err(e, "finished upload lookup"))?
+        };
+        if let Some(id) = done {
             info!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");
             return Ok(SmallStart::Done(id));
         }
@@ -69,11 +78,12 @@ impl Storage {
             return Err(busy());
         }
         // From here on, dropping `claim` releases both claims.
-        let claim = KeyClaim {
+        let mut claim = KeyClaim {
             set: self.small_keys.clone(),
             key: k,
             meta: self.meta.clone(),
             node: self.node.clone(),
+            from_dead_peer: false,
         };
         let held = self
             .meta
@@ -92,6 +102,7 @@ impl Storage {
                     .map_err(|e| db_err(e, "upload key claim"))?;
                 if taken {
                     info!("took over an upload key claim of dead node {peer:?}");
+                    claim.from_dead_peer = true;
                     Ok(claim)
                 } else {
                     Err(busy())
@@ -109,6 +120,8 @@ pub struct KeyClaim {
     key: (String, String, UploadId),
     meta: Arc<dyn MetaStore>,
     node: String,
+    /// Taken over from a node proved dead, which may have left this key's file committing.
+    from_dead_peer: bool,
 }
 
 impl Drop for KeyClaim {

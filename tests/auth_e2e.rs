@@ -529,6 +529,7 @@ fn each_member_key_sends_only_its_kinds_commands_and_a_node_only_its_own_place()
         version: proto::VERSION,
         started: 1,
         free: 1 << 40,
+        http: None,
     };
     for n in [
         node("g2", "127.0.0.1", 7401),

@@ -661,16 +661,7 @@ fn cluster_transfers_cross_groups_while_members_and_the_database_restart() {
         route_cache_ms: 1000,
         port_base: cluster::PORT_BASE,
     };
-    let a = support::free_addr;
-    let layout = GroupsLayout {
-        trackers: [a(), a()],
-        groups: (1..=spec.groups)
-            .map(|g| (format!("g{g}"), (0..spec.nodes).map(|_| a()).collect()))
-            .collect(),
-        server_proxies: [a(), a()],
-        server_proxy_stats: [a(), a()],
-        client_proxies: [a(), a()],
-    };
+    let layout = GroupsLayout::picked(&spec, support::free_addr);
     let bin_dir = support::bin("ferry").parent().unwrap().to_path_buf();
     let data = tmp.path().join("cluster");
     let mut cl = Cluster::start_groups(

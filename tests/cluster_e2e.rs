@@ -47,16 +47,7 @@ impl Setup {
         };
         // Ports from support::free_addr, which never hands the same port to two tests of this
         // process (the three tests start clusters at the same time).
-        let a = support::free_addr;
-        let layout = GroupsLayout {
-            trackers: [a(), a()],
-            groups: (1..=spec.groups)
-                .map(|g| (format!("g{g}"), (0..spec.nodes).map(|_| a()).collect()))
-                .collect(),
-            server_proxies: [a(), a()],
-            server_proxy_stats: [a(), a()],
-            client_proxies: [a(), a()],
-        };
+        let layout = GroupsLayout::picked(&spec, support::free_addr);
         let logs = dir.path().join("logs");
         let bins = support::bin("ferry-server").parent().unwrap().to_path_buf();
         let cluster = Cluster::start_groups(
@@ -121,6 +112,19 @@ impl Setup {
             tails(&self.logs)
         );
         r.json()["file_id"].as_str().unwrap().to_owned()
+    }
+
+    /// `ferry url` for `id` at the gateway `gw`, with the cluster's signed-URL secret: the
+    /// request target (path and query) it signs.
+    fn signed_target(&self, id: &str, gw: SocketAddr) -> String {
+        let base = format!("http://{gw}");
+        let secret = self.cluster.secrets.http_of(APP).expect("an http secret");
+        let mut cmd = self.ferry("ann", &["url", "--base", &base, id]);
+        cmd.env("FERRY_SECRET", secret);
+        let r = cli::run(cmd);
+        assert!(r.ok, "ferry url: {}", r.stderr);
+        let url = r.json()["url"].as_str().unwrap().to_owned();
+        url.strip_prefix(&base).unwrap().to_owned()
     }
 
     fn download(&self, user: &str, id: &str, out: &Path) -> Run {
@@ -196,6 +200,52 @@ impl Setup {
             .map(|s| s.get("bytes_up").copied().unwrap_or(0))
             .sum()
     }
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`): status, headers (lower-case names), body.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    extra: &str,
+) -> (u16, std::collections::HashMap<String, String>, Vec<u8>) {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        c,
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).unwrap();
+    let end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8(all[..end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+        .collect();
+    (status, headers, all[end + 4..].to_vec())
+}
+
+/// Where a 307 points: the gateway's address and the target, which must be the one asked for.
+fn redirected(headers: &std::collections::HashMap<String, String>, target: &str) -> SocketAddr {
+    let loc = headers.get("location").expect("a Location");
+    let rest = loc.strip_prefix("http://").expect("an http:// Location");
+    let (addr, t) = rest.split_at(rest.find('/').unwrap());
+    assert_eq!(t, target, "the redirect keeps the signed target");
+    addr.parse().unwrap()
 }
 
 /// The last lines of every member's log, for failure messages.
@@ -310,7 +360,7 @@ fn users_spread_over_groups_uploads_land_in_their_group_and_download_through_a_p
 /// a group the cluster does not have is "not found" at once, not an outage to ride out.
 #[test]
 fn every_user_reads_every_other_users_file_in_any_group() {
-    let Some(s) = Setup::start("cross-group", 1, 2) else {
+    let Some(mut s) = Setup::start("cross-group", 1, 2) else {
         return;
     };
     let mut files = Vec::new();
@@ -351,6 +401,49 @@ fn every_user_reads_every_other_users_file_in_any_group() {
             assert_eq!(&sha256_file(&out), sha, "{reader} <- {owner}");
         }
     }
+    // HTTP: a signed URL for any file works at every gateway. The file's own group serves it
+    // (whole, a range, HEAD); another group's gateway redirects (307) there, target unchanged.
+    let gateway_of = |g: &str| {
+        let i = s.layout.groups.iter().position(|(n, _)| n == g).unwrap();
+        s.layout.http[i][0]
+    };
+    for (owner, id, _, group, _) in &files {
+        let src = std::fs::read(s.path(&format!("{owner}.bin"))).unwrap();
+        let home = gateway_of(group);
+        for (other, _) in &s.layout.groups {
+            let gw = gateway_of(other);
+            let target = s.signed_target(id, gw);
+            for (method, extra) in [("GET", ""), ("HEAD", ""), ("GET", "Range: bytes=10-19\r\n")] {
+                let (status, h, body) = http(gw, method, &target, extra);
+                let at = if other == group {
+                    (status, h, body)
+                } else {
+                    assert_eq!(
+                        status,
+                        307,
+                        "{method} {owner}'s {id} at {other}'s gateway: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                    assert_eq!(redirected(&h, &target), home);
+                    http(home, method, &target, extra)
+                };
+                let what = format!("{method} {extra:?} {owner}'s {id} via {other}");
+                let (status, len, want) = match (method, extra) {
+                    ("GET", "") => (200, src.len(), &src[..]),
+                    ("HEAD", _) => (200, src.len(), &[][..]),
+                    _ => (206, 10, &src[10..20]),
+                };
+                assert_eq!(at.0, status, "{what}: {}", String::from_utf8_lossy(&at.2));
+                assert_eq!(at.1["content-length"], len.to_string(), "{what}");
+                assert!(at.2 == want, "{what}: other bytes");
+            }
+        }
+    }
+    // A group the cluster does not have: 404 at once.
+    let bogus = "g9.000000000000002a-abcdefghijklmnop";
+    let gw = s.layout.http[0][0];
+    let (status, ..) = http(gw, "GET", &s.signed_target(bogus, gw), "");
+    assert_eq!(status, 404);
     // An id from before ids named their group: the tracker finds the group in its record.
     let (owner, id, sha, group, _) = &files[0];
     let old = id.split_once('.').unwrap().1;
@@ -368,6 +461,17 @@ fn every_user_reads_every_other_users_file_in_any_group() {
         r.stderr
     );
     assert_eq!(&sha256_file(&out), sha);
+    // Over HTTP, the other group's gateway finds the old id's group in its record too.
+    let gw = gateway_of(&files.iter().find(|f| &f.3 != group).unwrap().3);
+    let target = s.signed_target(old, gw);
+    let (status, h, _) = http(gw, "GET", &target, "");
+    assert_eq!(status, 307, "old id {old} at the other group's gateway");
+    let (status, _, body) = http(redirected(&h, &target), "GET", &target, "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        std::fs::read(s.path(&format!("{owner}.bin"))).unwrap()
+    );
     // A user of the other group deletes dan's file: its bytes leave dan's group.
     let (_, id, sha, group, _) = &files[3];
     let deleter = &files.iter().find(|f| &f.3 != group).unwrap().0;
@@ -381,6 +485,25 @@ fn every_user_reads_every_other_users_file_in_any_group() {
     let r = cli::run(s.ferry("ann", &["stat", "g9.000000000000002a-abcdefghijklmnop"]));
     assert!(!r.ok && r.stderr.contains("g9"), "{}", r.stderr);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // The only node of ann's file's group dies: once the trackers see it offline, the other
+    // group's gateway says 503 with Retry-After (a redirect would go nowhere).
+    let (_, id, _, group, _) = &files[0];
+    let gw = gateway_of(&files.iter().find(|f| &f.3 != group).unwrap().3);
+    let target = s.signed_target(id, gw);
+    s.cluster
+        .kill(&ferry_client::cluster::node_name(group, 1))
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let (status, h, _) = http(gw, "GET", &target, "");
+        if status == 503 {
+            assert_eq!(h["retry-after"], "2");
+            break;
+        }
+        assert_eq!(status, 307);
+        assert!(t.elapsed() < Duration::from_secs(10), "still redirected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A user's session through the whole linked chain (client-proxy, routing server-proxy, node)
@@ -453,6 +576,7 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
             version: proto::VERSION,
             started: 1,
             free: 1 << 40,
+            http: None,
         };
         proto::frame(cmd::TRACKER_JOIN, 0, &n.encode_join().unwrap())
     };
@@ -708,15 +832,17 @@ fn cluster_up_without_a_shared_database_is_refused_with_the_way_out() {
 }
 
 /// A `--port-base` whose whole block of ports (as `GroupsLayout::fixed` lays them out for
-/// `nodes` nodes) is free now, below the ephemeral range that `support::free_port` and the
-/// kernel hand out, so no other test can be given one of them.
+/// `nodes` nodes) is free now, below the ports `support::free_port` and the kernel hand out,
+/// so no other test can be given one of them.
 fn free_port_base(nodes: usize) -> u16 {
     let offsets: Vec<u16> = [0, 1, 111, 112, 121, 122, 211, 212]
         .into_iter()
-        .chain((0..nodes as u16).map(|n| 301 + n))
+        // The nodes, then their HTTP gateways.
+        .chain((0..2 * nodes as u16).map(|n| 301 + n))
         .collect();
-    let start = 10_000 + (std::process::id() % 200) as u16 * 100;
-    for base in (start..30_000)
+    // Below support::free_port's ports, which start at 20000.
+    let start = 10_000 + (std::process::id() % 90) as u16 * 100;
+    for base in (start..19_000)
         .step_by(1000)
         .chain((10_000..start).step_by(1000))
     {
@@ -793,6 +919,18 @@ fn cluster_up_through_the_binary_serves_a_user_and_stops_on_ctrl_c() {
     ]);
     assert!(down.ok, "download: {}", down.stderr);
     assert_eq!(sha256_file(&out), sha256_file(&src));
+    // The config also holds the signed-URL secret; both nodes' gateways (ports after the
+    // nodes') serve the file.
+    for gw in [base + 303, base + 304] {
+        let gw = SocketAddr::from(([127, 0, 0, 1], gw));
+        let base_url = format!("http://{gw}");
+        let u = ferry(&["url", "--base", &base_url, &id]);
+        assert!(u.ok, "url: {}", u.stderr);
+        let target = u.json()["url"].as_str().unwrap()[base_url.len()..].to_owned();
+        let (status, _, body) = http(gw, "GET", &target, "");
+        assert_eq!(status, 200, "{gw}: {}", String::from_utf8_lossy(&body));
+        assert!(body == std::fs::read(&src).unwrap(), "{gw}: other bytes");
+    }
     let g = ferry(&["groups", "--tracker", &tracker]);
     assert!(g.ok, "groups: {}", g.stderr);
     let v = g.json();

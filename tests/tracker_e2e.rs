@@ -9,8 +9,8 @@
 mod support;
 
 use ferry_common::proto::{
-    self, CallError, ErrorCode, GROUPS_REPLY_MAX, GroupsReply, NodeHello, SADDRS_REPLY_MAX,
-    SaddrsReply, SaddrsReq, call_once, cmd,
+    self, BEAT_REPLY_MAX, BeatReply, CallError, ErrorCode, GROUPS_REPLY_MAX, GroupsReply,
+    JOIN_V1_LEN, NodeAddr, NodeHello, SADDRS_REPLY_MAX, SaddrsReply, SaddrsReq, call_once, cmd,
 };
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
@@ -189,8 +189,20 @@ fn saddrs(t: SocketAddr, app: &str, user: &str) -> Result<SaddrsReply, CallError
     Ok(SaddrsReply::decode(&b).expect("a SADDRS reply that decodes"))
 }
 
-/// A node that is only the test: JOIN (or BEAT) by hand.
+/// A node that is only the test: JOIN (or BEAT) by hand; the beat interval it is told.
 fn fake(t: SocketAddr, c: u8, group: &str, port: u16, free: u64) -> Result<u32, CallError> {
+    fake_gw(t, c, group, port, free, None).map(|r| r.interval_ms)
+}
+
+/// The same for a node whose JOIN announces an HTTP gateway on `http`: the whole reply.
+fn fake_gw(
+    t: SocketAddr,
+    c: u8,
+    group: &str,
+    port: u16,
+    free: u64,
+    http: Option<u16>,
+) -> Result<BeatReply, CallError> {
     let n = NodeHello {
         group: group.into(),
         host: "127.0.0.1".into(),
@@ -198,14 +210,34 @@ fn fake(t: SocketAddr, c: u8, group: &str, port: u16, free: u64) -> Result<u32, 
         version: proto::VERSION,
         started: 1,
         free,
+        http: http.map(|port| NodeAddr {
+            host: "127.0.0.1".into(),
+            port,
+        }),
     };
     let body = if c == cmd::TRACKER_JOIN {
         n.encode_join()
     } else {
         n.encode_beat()
     };
-    let b = call_once(t, T, None, c, &body.unwrap(), cmd::REPLY_TRACKER, 4)?;
-    Ok(proto::decode_beat_reply(&b).unwrap())
+    let b = call_once(
+        t,
+        T,
+        None,
+        c,
+        &body.unwrap(),
+        cmd::REPLY_TRACKER,
+        BEAT_REPLY_MAX,
+    )?;
+    Ok(BeatReply::decode(&b).unwrap())
+}
+
+/// A reply's gateway list as (group, gateway port or 0 for none).
+fn listed(r: &BeatReply) -> Vec<(String, u16)> {
+    r.gateways
+        .iter()
+        .map(|g| (g.group.clone(), g.addr.as_ref().map_or(0, |a| a.port)))
+        .collect()
 }
 
 /// Online state of `node` in the tracker's view (None: not listed).
@@ -377,6 +409,81 @@ fn routes_are_balanced_and_survive_a_tracker_restart() {
             );
         }
         assert_eq!(groups(tr.addr).unwrap().groups[1].users, 10);
+    });
+}
+
+/// Nodes that serve HTTP learn every group's online gateways in each JOIN/BEAT reply (so a
+/// gateway can redirect to another group's); nodes without one get no list; a node from before
+/// gateways (the shorter JOIN) still joins; gateways survive a tracker restart (they are in the
+/// database) and drop out of the list when their node goes offline or joins again without one.
+#[test]
+fn nodes_that_serve_http_learn_every_groups_gateways() {
+    both("nodes_that_serve_http_learn_every_groups_gateways", |b| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tr = Srv::start(
+            dir.path(),
+            "tracker",
+            &b,
+            &tracker_conf(&["g1", "g2", "g3"], 1500),
+        );
+        let (join, beat) = (cmd::TRACKER_JOIN, cmd::TRACKER_BEAT);
+        let g = |name: &str, port: u16| (name.to_owned(), port);
+        let r = fake_gw(tr.addr, join, "g1", 7401, 1, Some(8401)).unwrap();
+        assert_eq!(r.interval_ms, 100);
+        assert_eq!(listed(&r), vec![g("g1", 8401), g("g2", 0), g("g3", 0)]);
+        // No gateway, no list.
+        let r = fake_gw(tr.addr, join, "g2", 7402, 1, None).unwrap();
+        assert_eq!(listed(&r), vec![]);
+        let r = fake_gw(tr.addr, join, "g2", 7403, 1, Some(8403)).unwrap();
+        assert_eq!(listed(&r), vec![g("g1", 8401), g("g2", 8403), g("g3", 0)]);
+        // The JOIN of a node from before gateways: interval only in the body it knows of.
+        let old = NodeHello {
+            group: "g3".into(),
+            host: "127.0.0.1".into(),
+            port: 7404,
+            version: 1,
+            started: 1,
+            free: 1,
+            http: None,
+        }
+        .encode_join()
+        .unwrap();
+        let body = &old[..JOIN_V1_LEN];
+        let reply = call_once(
+            tr.addr,
+            T,
+            None,
+            join,
+            body,
+            cmd::REPLY_TRACKER,
+            BEAT_REPLY_MAX,
+        );
+        assert_eq!(BeatReply::decode(&reply.unwrap()).unwrap().interval_ms, 100);
+        let r = fake_gw(tr.addr, beat, "g1", 7401, 1, None).unwrap();
+        assert_eq!(listed(&r), vec![g("g1", 8401), g("g2", 8403), g("g3", 0)]);
+        // kill -9 and restart: the gateways come back from the database.
+        tr.restart();
+        let r = fake_gw(tr.addr, beat, "g2", 7403, 1, None).unwrap();
+        assert_eq!(
+            listed(&r),
+            vec![g("g1", 8401), g("g2", 8403), g("g3", 0)],
+            "{}",
+            b.name()
+        );
+        // 7401 stops beating: once offline, g1 has no gateway.
+        wait_for(
+            "g1's gateway to go offline",
+            Duration::from_secs(10),
+            || {
+                let r = fake_gw(tr.addr, beat, "g2", 7403, 1, None).unwrap();
+                listed(&r)[0] == g("g1", 0)
+            },
+        );
+        // Joining again without a gateway takes it out of the list.
+        fake_gw(tr.addr, join, "g1", 7401, 1, Some(8401)).unwrap();
+        fake_gw(tr.addr, join, "g2", 7403, 1, None).unwrap();
+        let r = fake_gw(tr.addr, beat, "g1", 7401, 1, None).unwrap();
+        assert_eq!(listed(&r), vec![g("g1", 8401), g("g2", 0), g("g3", 0)]);
     });
 }
 
@@ -614,6 +721,7 @@ fn bad_input_gets_clear_errors() {
         version: 1,
         started: 1,
         free: 1,
+        http: None,
     }
     .encode_join()
     .unwrap();

@@ -333,8 +333,17 @@ impl Cluster {
         }
         m.child = Some(child);
         let (addr, expect) = (m.addr, m.expect);
-        wait_ready(addr, expect, Duration::from_secs(10))
-            .map_err(|e| ClientError::Cluster(format!("{name} at {addr} did not come up: {e}")))
+        wait_ready(addr, expect, Duration::from_secs(10)).map_err(|e| {
+            // A member that exited (a port taken, a bad config) says why in its log.
+            let exited = match self.member(name).ok().and_then(|m| m.child.as_mut()) {
+                Some(c) => match c.try_wait() {
+                    Ok(Some(status)) => format!(" (it exited: {status}; see its log)"),
+                    _ => String::new(),
+                },
+                None => String::new(),
+            };
+            ClientError::Cluster(format!("{name} at {addr} did not come up: {e}{exited}"))
+        })
     }
 
     /// SIGKILLs a member (a crash, not a shutdown) and reaps it.
@@ -457,7 +466,7 @@ impl Spec {
                 self.groups
             )));
         }
-        let last = usize::from(self.port_base) + 301 + self.groups * self.nodes;
+        let last = usize::from(self.port_base) + 301 + 2 * self.groups * self.nodes;
         if self.port_base < 1024 || last > usize::from(u16::MAX) {
             return Err(ClientError::Input(format!(
                 "--port-base must leave room for {} ports above it, within 1024 ..= 65535",
@@ -493,6 +502,8 @@ pub struct GroupsLayout {
     pub trackers: [SocketAddr; 2],
     /// Each group's name (g1, g2, ...) and its nodes' addresses.
     pub groups: Vec<(String, Vec<SocketAddr>)>,
+    /// Each group's nodes' HTTP gateways, in the order of `groups`.
+    pub http: Vec<Vec<SocketAddr>>,
     pub server_proxies: [SocketAddr; 2],
     pub server_proxy_stats: [SocketAddr; 2],
     pub client_proxies: [SocketAddr; 2],
@@ -509,25 +520,46 @@ fn group_names(groups: usize) -> Vec<String> {
 
 impl GroupsLayout {
     /// The ports `ferry cluster up --nodes N --groups G` uses, from `spec.port_base` (B, by
-    /// default 7300 as in conf/): trackers B and B+1, nodes from B+301, routing server-proxies
-    /// B+111/B+112 (stats B+211/B+212), client-proxies B+121/B+122.
+    /// default 7300 as in conf/): trackers B and B+1, nodes from B+301 and their HTTP
+    /// gateways right after them (from B+301+G*N), routing server-proxies B+111/B+112 (stats
+    /// B+211/B+212), client-proxies B+121/B+122.
     pub fn fixed(spec: &Spec) -> GroupsLayout {
         let b = usize::from(spec.port_base);
         let at = |port: usize| SocketAddr::from(([127, 0, 0, 1], (port - 7300 + b) as u16));
-        let groups = group_names(spec.groups)
-            .into_iter()
-            .enumerate()
-            .map(|(g, name)| {
-                let nodes = (0..spec.nodes).map(|n| at(7601 + g * spec.nodes + n));
-                (name, nodes.collect())
-            })
-            .collect();
+        let total = spec.groups * spec.nodes;
+        let node = |g: usize, n: usize| 7601 + g * spec.nodes + n;
         GroupsLayout {
             trackers: [at(7300), at(7301)],
-            groups,
+            groups: group_names(spec.groups)
+                .into_iter()
+                .enumerate()
+                .map(|(g, name)| (name, (0..spec.nodes).map(|n| at(node(g, n))).collect()))
+                .collect(),
+            http: (0..spec.groups)
+                .map(|g| (0..spec.nodes).map(|n| at(node(g, n) + total)).collect())
+                .collect(),
             server_proxies: [at(7411), at(7412)],
             server_proxy_stats: [at(7511), at(7512)],
             client_proxies: [at(7421), at(7422)],
+        }
+    }
+
+    /// The same shape on addresses `next` hands out (tests: free ports picked at run time).
+    pub fn picked(spec: &Spec, mut next: impl FnMut() -> SocketAddr) -> GroupsLayout {
+        let mut nodes = |n: usize| (0..n).map(|_| next()).collect::<Vec<_>>();
+        let groups = group_names(spec.groups)
+            .into_iter()
+            .map(|g| (g, nodes(spec.nodes)))
+            .collect();
+        let http = (0..spec.groups).map(|_| nodes(spec.nodes)).collect();
+        let mut two = || [next(), next()];
+        GroupsLayout {
+            trackers: two(),
+            groups,
+            http,
+            server_proxies: two(),
+            server_proxy_stats: two(),
+            client_proxies: two(),
         }
     }
 
@@ -540,6 +572,11 @@ impl GroupsLayout {
             }
         }
         v
+    }
+
+    /// Every node's HTTP gateway, in the order of [`GroupsLayout::nodes`].
+    pub fn gateways(&self) -> Vec<SocketAddr> {
+        self.http.iter().flatten().copied().collect()
     }
 }
 
@@ -647,6 +684,12 @@ impl Cluster {
             ));
         }
         let tracker_link = format!("{}{members}", accept(sec, &tracker_keys));
+        // Every node serves the HTTP gateway with the app's signed-URL secret; a gateway
+        // redirects requests for another group's files to one of that group's gateways.
+        let http_secret = format!(
+            "[http.secrets]\n{CLUSTER_APP} = {}\n",
+            toml_str(&sec.http(CLUSTER_APP))
+        );
         let node_links: Vec<String> = nodes
             .iter()
             .map(|(_, name, _)| format!("{}{}", send(sec, &node_key(name)), accept(sec, &["sp"])))
@@ -683,19 +726,23 @@ impl Cluster {
                 addr,
             )?;
         }
-        for ((group, name, addr), node_link) in nodes.into_iter().zip(node_links) {
+        for (((group, name, addr), node_link), http) in
+            nodes.into_iter().zip(node_links).zip(l.gateways())
+        {
             let data = data_dir.join(&group);
             std::fs::create_dir_all(&data)
                 .map_err(|e| ClientError::io(format!("creating {}", data.display()), e))?;
             let text = format!(
                 "# Generated by ferry cluster up: storage node {name} of group {group}.\n\
                  listen = {}\ndata = {}\n{meta_line}roles = [\"storage\"]\n\n\
-                 [cluster]\ngroup = {}\ntrackers = {}\nnode_name = {}\n\n{app_keys}{node_link}",
+                 [cluster]\ngroup = {}\ntrackers = {}\nnode_name = {}\n\n[http]\nlisten = {}\n\n\
+                 {http_secret}\n{app_keys}{node_link}",
                 toml_str(&addr.to_string()),
                 toml_str(&data.display().to_string()),
                 toml_str(&group),
                 toml_list(&l.trackers),
                 toml_str(&name),
+                toml_str(&http.to_string()),
             );
             cluster.add_generated(
                 &conf_dir,
@@ -831,9 +878,14 @@ pub fn up_groups(spec: &Spec, data: &Path, say: crate::demo::Say) -> Result<()> 
         spec.nodes,
         data.display()
     ));
-    for (g, nodes) in &layout.groups {
+    for ((g, nodes), http) in layout.groups.iter().zip(&layout.http) {
         let list: Vec<String> = nodes.iter().map(|a| a.to_string()).collect();
-        say(&format!("  {g}: {}", list.join(" ")));
+        let gateways: Vec<String> = http.iter().map(|a| a.to_string()).collect();
+        say(&format!(
+            "  {g}: {} (HTTP {})",
+            list.join(" "),
+            gateways.join(" ")
+        ));
     }
     say(&format!(
         "routing server-proxies {} {} (stats {} {}), client-proxies {} {}; metadata in {}. \
@@ -849,9 +901,11 @@ pub fn up_groups(spec: &Spec, data: &Path, say: crate::demo::Say) -> Result<()> 
             .unwrap_or("each node's embedded SQLite"),
     ));
     say(&format!(
-        "try: ferry --config {} --user alice upload FILE; ferry --config {0} groups --tracker {}",
+        "try: ferry --config {} --user alice upload FILE; ferry --config {0} groups --tracker {}; \
+         ferry --config {0} url --base http://{} FILE_ID (any HTTP gateway serves any file)",
         data.join("conf").join("client.toml").display(),
-        layout.trackers[0]
+        layout.trackers[0],
+        layout.http[0][0],
     ));
     crate::demo::watch(&slot)
 }

@@ -114,7 +114,7 @@ pub fn replies(data: &[u8]) {
         let _ = frames::Breakpoint::decode(body);
         let _ = frames::BlockAck::decode(body);
         let _ = frames::decode_download_meta(body);
-        let _ = frames::decode_beat_reply(body);
+        let _ = frames::BeatReply::decode(body);
         let _ = frames::SaddrsReply::decode(body);
         let _ = frames::GroupsReply::decode(body);
         let _ = frames::UsersReply::decode(body);

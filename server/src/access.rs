@@ -382,6 +382,7 @@ mod tests {
             version: ferry_common::proto::VERSION,
             started: 1,
             free: 1,
+            http: None,
         };
         let s = linked(&a, &keys["node-a"]);
         for c in [cmd::TRACKER_JOIN, cmd::TRACKER_BEAT] {

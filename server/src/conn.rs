@@ -412,12 +412,12 @@ impl ServerConn {
                 .map_err(bad)
                 .and_then(|j| self.node_claim(c, j))
                 .and_then(|j| t.join(&j))
-                .map(proto::encode_beat_reply),
+                .and_then(|r| r.encode().map_err(internal)),
             (cmd::TRACKER_BEAT, Some(t)) => NodeHello::decode_beat(meta)
                 .map_err(bad)
                 .and_then(|b| self.node_claim(c, b))
                 .and_then(|b| t.beat(&b))
-                .map(proto::encode_beat_reply),
+                .and_then(|r| r.encode().map_err(internal)),
             (cmd::TRACKER_SADDRS, Some(t)) => SaddrsReq::decode(meta)
                 .map_err(bad)
                 .and_then(|q| t.saddrs(&q))

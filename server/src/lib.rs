@@ -88,15 +88,28 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     let roles = Arc::new(cluster::Roles::start(&st.cfg, st.meta())?);
     // A cluster node announces the address it really listens on (the port may have been 0).
     let beater = match (&st.cfg.cluster, r.local_addrs().first()) {
-        (Some(c), Some(&bound)) if roles.storage => Some(
-            cluster::beat::Beater::start(
-                c,
-                st.cfg.link.send.clone(),
-                c.advertise.unwrap_or(bound),
-                st.root().to_owned(),
+        (Some(c), Some(&bound)) if roles.storage => {
+            let advertise = c.advertise.unwrap_or(bound);
+            let gateway = match &http {
+                Some(g) => Some((
+                    st.cfg.http.announced(g.addr, &advertise.ip().to_string())?,
+                    g.directory
+                        .clone()
+                        .context("a cluster node's gateway has a directory")?,
+                )),
+                None => None,
+            };
+            Some(
+                cluster::beat::Beater::start(
+                    c,
+                    st.cfg.link.send.clone(),
+                    advertise,
+                    gateway,
+                    st.root().to_owned(),
+                )
+                .context("cannot start the tracker beat thread")?,
             )
-            .context("cannot start the tracker beat thread")?,
-        ),
+        }
         _ => None,
     };
     // Expiry, like start-up recovery, is the storage role's: a tracker keeps no

@@ -135,6 +135,7 @@ fn bench_backend(label: &str, dir: &Path, url: Option<&str>, runs: usize, secs: 
             version: proto::VERSION,
             started: 1,
             free: 1 << 30,
+            http: None,
         };
         proto::call_once(
             tracker.addr,

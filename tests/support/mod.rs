@@ -13,24 +13,46 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A loopback port that was free a moment ago (bound to port 0, then released), never one
-/// this test process handed out before: tests run in parallel threads, and two of them getting
-/// the same released port would start two servers racing for it.
+/// Test ports come from here, below the kernel's ephemeral range: a port of a server a test has
+/// killed must not be taken as the source port of some client connection before the server
+/// starts again on it (a restart would then fail to bind). `ferry cluster up` tests take their
+/// fixed blocks of ports from below 20000.
+const TEST_PORTS_FROM: u16 = 20_000;
+
+/// The kernel's ephemeral port range (`ip_local_port_range`; Linux's default if unreadable).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
+/// A loopback port that is free now, never one this test process handed out before (tests run
+/// in parallel threads, and two of them getting the same port would start two servers racing
+/// for it), and outside the ephemeral range when there is room below it.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    for _ in 0..1000 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    let (lo, hi) = ephemeral_ports();
+    let (from, to) = if lo > TEST_PORTS_FROM + 1000 {
+        (TEST_PORTS_FROM, lo - 1)
+    } else {
+        (hi.saturating_add(1).max(1024), u16::MAX)
+    };
+    let span = u64::from(to - from) + 1;
+    let seed = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for i in 0..20_000u64 {
+        let port = from + ((seed.wrapping_add(i.wrapping_mul(7919))) % span) as u16;
         let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
+        if given.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        given.push(port);
+        return port;
     }
-    panic!("no fresh loopback port in 1000 tries");
+    panic!("no fresh loopback port in {from}..={to}");
 }
 
 pub fn free_addr() -> SocketAddr {
@@ -480,6 +502,7 @@ pub fn control_plane_attempts(app: &str) -> Vec<Vec<u8>> {
         version: proto::VERSION,
         started: 1,
         free: 1 << 40,
+        http: None,
     };
     let saddrs = SaddrsReq {
         app: app.into(),

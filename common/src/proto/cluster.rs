@@ -7,12 +7,25 @@
 use super::frames::{Rd, non_empty};
 use super::*;
 
-/// Body of TRACKER_JOIN (10): group, host, port, version, started, free.
-pub const JOIN_LEN: usize = GROUP_LEN + HOST_LEN + 2 + 2 + 8 + 8;
+/// Body of TRACKER_JOIN (10) from a node before HTTP gateways were announced: group, host, port,
+/// version, started, free. Still accepted (the node has no gateway).
+pub const JOIN_V1_LEN: usize = GROUP_LEN + HOST_LEN + 2 + 2 + 8 + 8;
+/// Body of TRACKER_JOIN (10): the [`JOIN_V1_LEN`] fields, then the node's HTTP gateway address
+/// (host, port; an empty host and port 0 when it serves none).
+pub const JOIN_LEN: usize = JOIN_V1_LEN + HOST_LEN + 2;
 /// Body of TRACKER_BEAT (11): group, host, port, started, free.
 pub const BEAT_LEN: usize = GROUP_LEN + HOST_LEN + 2 + 8 + 8;
-/// Body of the JOIN and BEAT reply: the beat interval in ms.
-pub const BEAT_REPLY_LEN: usize = 4;
+/// Body of the JOIN and BEAT reply from a tracker before gateways: the beat interval in ms.
+pub const BEAT_REPLY_V1_LEN: usize = 4;
+/// Most entries in the gateway list of a JOIN/BEAT reply: every group once with no address,
+/// or up to [`GATEWAYS_PER_GROUP`] addresses.
+pub const GATEWAYS_MAX: usize = GROUPS_MAX * GATEWAYS_PER_GROUP;
+/// Most HTTP gateways a reply lists per group (a redirect needs one; the rest are spares).
+pub const GATEWAYS_PER_GROUP: usize = 4;
+/// One entry of the gateway list: group, host, port.
+const GATEWAY_LEN: usize = GROUP_LEN + HOST_LEN + 2;
+/// Largest JOIN/BEAT reply: interval, count, the gateway list (about 100 KiB).
+pub const BEAT_REPLY_MAX: usize = 4 + 2 + GATEWAYS_MAX * GATEWAY_LEN;
 /// Body of TRACKER_SADDRS (12): app, user, file id.
 pub const SADDRS_LEN: usize = APP_ID_LEN + USER_ID_LEN + FILE_ID_LEN;
 /// One node address in a SADDRS reply.
@@ -146,6 +159,8 @@ pub struct NodeHello {
     pub started: u64,
     /// Bytes free on the node's data volume.
     pub free: u64,
+    /// Where the node's HTTP gateway takes requests (JOIN only; `None`: it serves none).
+    pub http: Option<NodeAddr>,
 }
 
 impl NodeHello {
@@ -167,6 +182,10 @@ impl NodeHello {
         b.extend_from_slice(&self.version.to_be_bytes());
         b.extend_from_slice(&self.started.to_be_bytes());
         b.extend_from_slice(&self.free.to_be_bytes());
+        match &self.http {
+            Some(a) => a.put(&mut b)?,
+            None => b.extend_from_slice(&[0; HOST_LEN + 2]),
+        }
         Ok(b)
     }
 
@@ -187,6 +206,26 @@ impl NodeHello {
         let version = r.u16("version")?;
         let started = r.u64("started")?;
         let free = r.u64("free")?;
+        // A node from before gateways sends the shorter body.
+        let http = if r.b.is_empty() {
+            None
+        } else {
+            let host = r.fixed_str(HOST_LEN, "http host")?;
+            let port = r.u16("http port")?;
+            match (host.is_empty(), port) {
+                (true, 0) => None,
+                (false, p) if p != 0 => {
+                    check_host(&host)?;
+                    Some(NodeAddr { host, port })
+                }
+                _ => {
+                    return Err(ProtoError::Invalid {
+                        field: "http",
+                        why: "a host without a port or a port without a host",
+                    });
+                }
+            }
+        };
         r.end("TRACKER_JOIN")?;
         Ok(NodeHello {
             group,
@@ -195,6 +234,7 @@ impl NodeHello {
             version,
             started,
             free,
+            http,
         })
     }
 
@@ -213,20 +253,83 @@ impl NodeHello {
             version: 0,
             started,
             free,
+            http: None,
         })
     }
 }
 
-/// Reply to JOIN and BEAT: how often the tracker wants beats.
-pub fn encode_beat_reply(interval_ms: u32) -> Vec<u8> {
-    interval_ms.to_be_bytes().to_vec()
+/// One entry of a JOIN/BEAT reply's gateway list: an online HTTP gateway of `group`, or (no
+/// `addr`) a group that exists but has no gateway online right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEntry {
+    pub group: String,
+    pub addr: Option<NodeAddr>,
 }
 
-pub fn decode_beat_reply(body: &[u8]) -> Result<u32, ProtoError> {
-    let mut r = Rd { b: body };
-    let ms = r.u32("beat interval")?;
-    r.end("TRACKER_BEAT reply")?;
-    Ok(ms)
+/// Reply to JOIN and BEAT: how often the tracker wants beats and, for a node that serves HTTP,
+/// the cluster's gateways (where its own gateway redirects requests for other groups' files).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BeatReply {
+    pub interval_ms: u32,
+    pub gateways: Vec<GatewayEntry>,
+}
+
+impl BeatReply {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        if self.gateways.len() > GATEWAYS_MAX {
+            return Err(ProtoError::Invalid {
+                field: "gateways",
+                why: "over its limit",
+            });
+        }
+        let mut b = Vec::with_capacity(6 + self.gateways.len() * GATEWAY_LEN);
+        b.extend_from_slice(&self.interval_ms.to_be_bytes());
+        // No list: the interval alone, the whole reply a node from before gateways expects.
+        if self.gateways.is_empty() {
+            return Ok(b);
+        }
+        b.extend_from_slice(&(self.gateways.len() as u16).to_be_bytes());
+        for g in &self.gateways {
+            check_group(&g.group)?;
+            put_fixed_str(&mut b, &g.group, GROUP_LEN, "group")?;
+            match &g.addr {
+                Some(a) => a.put(&mut b)?,
+                None => b.extend_from_slice(&[0; HOST_LEN + 2]),
+            }
+        }
+        Ok(b)
+    }
+
+    /// The interval alone (a tracker from before gateways, or no list for this node): an
+    /// empty list.
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let interval_ms = r.u32("beat interval")?;
+        let mut gateways = Vec::new();
+        if !r.b.is_empty() {
+            let n = count_field(&mut r, "gateways", GATEWAYS_MAX, GATEWAY_LEN)?;
+            gateways.reserve_exact(n);
+            for _ in 0..n {
+                let group = group_field(&mut r)?;
+                let addr = if r
+                    .b
+                    .get(..HOST_LEN + 2)
+                    .is_some_and(|a| a.iter().all(|&x| x == 0))
+                {
+                    r.take(HOST_LEN + 2, "gateway")?;
+                    None
+                } else {
+                    Some(NodeAddr::read(&mut r)?)
+                };
+                gateways.push(GatewayEntry { group, addr });
+            }
+        }
+        r.end("TRACKER_BEAT reply")?;
+        Ok(BeatReply {
+            interval_ms,
+            gateways,
+        })
+    }
 }
 
 /// TRACKER_SADDRS (12): where does this app's user live, or (file id set) where does this file

@@ -214,7 +214,8 @@ pub fn request_spec(c: u8) -> Option<BodySpec> {
             payload_max: BLOCK_MAX,
         }),
         cmd::UPLOAD_PROVE => control(UPLOAD_ID_LEN + SHA256_LEN, true),
-        cmd::TRACKER_JOIN => control(JOIN_LEN, true),
+        // JOIN_V1_LEN or JOIN_LEN: decode_join takes either, nothing in between.
+        cmd::TRACKER_JOIN => control(JOIN_LEN, false),
         cmd::TRACKER_BEAT => control(BEAT_LEN, true),
         cmd::TRACKER_SADDRS => control(SADDRS_LEN, true),
         cmd::TRACKER_GROUPS => control(0, true),

@@ -476,6 +476,7 @@ fn sample_join() -> NodeHello {
         version: VERSION,
         started: 1_700_000_000_000,
         free: 1 << 30,
+        http: Some(node(7481)),
     }
 }
 
@@ -507,8 +508,21 @@ fn cluster_frames_match_the_doc() {
         frame(cmd::TRACKER_BEAT, 0, &j.encode_beat().unwrap()),
         doc_example("beat")
     );
+    let reply = BeatReply {
+        interval_ms: 2000,
+        gateways: vec![
+            GatewayEntry {
+                group: "g1".into(),
+                addr: Some(node(7481)),
+            },
+            GatewayEntry {
+                group: "g2".into(),
+                addr: None,
+            },
+        ],
+    };
     assert_eq!(
-        frame(cmd::REPLY_TRACKER, 0, &encode_beat_reply(2000)),
+        frame(cmd::REPLY_TRACKER, 0, &reply.encode().unwrap()),
         doc_example("beat reply")
     );
     let req = SaddrsReq {
@@ -620,7 +634,9 @@ fn cluster_request_lengths_are_exact() {
         let h = Header::new(c, 0, u64::MAX).encode();
         assert!(Decoder::requests().decode(&h).is_err(), "{}", cmd::name(c));
     }
-    assert_eq!(JOIN_LEN, 116);
+    assert_eq!(JOIN_V1_LEN, 116);
+    assert_eq!(JOIN_LEN, 182);
+    assert_eq!(BEAT_REPLY_MAX, 100_358);
     assert_eq!(BEAT_LEN, 114);
     assert_eq!(SADDRS_LEN, 400);
     assert_eq!(USERS_LEN, 306);
@@ -641,8 +657,48 @@ fn cluster_frames_truncated_anywhere_are_refused() {
     .encode()
     .unwrap();
     for cut in 0..join.len() {
-        assert!(NodeHello::decode_join(&join[..cut]).is_err(), "join {cut}");
+        let r = NodeHello::decode_join(&join[..cut]);
+        if cut == JOIN_V1_LEN {
+            // The JOIN of a node from before gateways.
+            assert_eq!(
+                r.unwrap(),
+                NodeHello {
+                    http: None,
+                    ..j.clone()
+                }
+            );
+        } else {
+            assert!(r.is_err(), "join {cut}");
+        }
     }
+    // A gateway host without a port, or a port without a host.
+    let mut no_port = join.clone();
+    no_port[JOIN_LEN - 2..].fill(0);
+    assert!(NodeHello::decode_join(&no_port).is_err());
+    let mut no_host = join.clone();
+    no_host[JOIN_V1_LEN..JOIN_LEN - 2].fill(0);
+    assert!(NodeHello::decode_join(&no_host).is_err());
+    let reply = BeatReply {
+        interval_ms: 100,
+        gateways: vec![GatewayEntry {
+            group: "g1".into(),
+            addr: Some(node(1)),
+        }],
+    }
+    .encode()
+    .unwrap();
+    for cut in 0..reply.len() {
+        let r = BeatReply::decode(&reply[..cut]);
+        // 4 bytes: an interval without a list, as from a tracker before gateways.
+        assert_eq!(r.is_ok(), cut == 4, "beat reply {cut}");
+    }
+    // A count over the cap, or over the bytes that follow, sizes nothing.
+    let mut over = 100u32.to_be_bytes().to_vec();
+    over.extend_from_slice(&(GATEWAYS_MAX as u16 + 1).to_be_bytes());
+    assert!(BeatReply::decode(&over).is_err());
+    let mut lying = 100u32.to_be_bytes().to_vec();
+    lying.extend_from_slice(&(GATEWAYS_MAX as u16).to_be_bytes());
+    assert!(BeatReply::decode(&lying).is_err());
     for cut in 0..beat.len() {
         assert!(NodeHello::decode_beat(&beat[..cut]).is_err(), "beat {cut}");
     }
@@ -656,7 +712,7 @@ fn cluster_frames_truncated_anywhere_are_refused() {
     let mut long = groups.clone();
     long.push(0);
     assert!(GroupsReply::decode(&long).is_err());
-    assert!(decode_beat_reply(&[0, 0, 0, 1, 0]).is_err());
+    assert!(BeatReply::decode(&[0, 0, 0, 1, 0]).is_err());
 }
 
 #[test]
@@ -797,10 +853,11 @@ proptest! {
     #[test]
     fn join_beat_round_trip(group in group_string(), host in host_string(), port in 1u16..,
                             version in any::<u16>(), started in any::<u64>(), free in any::<u64>()) {
-        let n = NodeHello { group, host, port, version, started, free };
+        let http = (port % 3 != 0).then(|| node(port / 2 + 1));
+        let n = NodeHello { group, host, port, version, started, free, http };
         prop_assert_eq!(NodeHello::decode_join(&n.encode_join().unwrap()).unwrap(), n.clone());
         let beat = NodeHello::decode_beat(&n.encode_beat().unwrap()).unwrap();
-        prop_assert_eq!(beat, NodeHello { version: 0, ..n });
+        prop_assert_eq!(beat, NodeHello { version: 0, http: None, ..n });
     }
 
     #[test]
@@ -857,7 +914,7 @@ proptest! {
         let _ = GroupsReply::decode(&bytes);
         let _ = UsersReq::decode(&bytes);
         let _ = UsersReply::decode(&bytes);
-        let _ = decode_beat_reply(&bytes);
+        let _ = BeatReply::decode(&bytes);
     }
 }
 

@@ -2,16 +2,21 @@
 //! `[cluster]` and BEATs each one every beat interval (the tracker says how often), with the
 //! free bytes of the data volume. A tracker that forgot the node (NotJoined: restarted on an
 //! empty database, or the node was moved) gets a JOIN again. Unreachable trackers are logged
-//! once per outage, not on every beat.
+//! once per outage, not on every beat. A node with an HTTP gateway announces it in its JOIN and
+//! keeps the gateway list each reply brings in its [`Directory`].
 
 use crate::config::ClusterConfig;
+use crate::http::directory::Directory;
 use crate::meta::now_ms;
 use crossbeam_channel::{Sender, bounded};
 use ferry_common::auth::SigningKey;
-use ferry_common::proto::{self, BEAT_REPLY_LEN, CallError, ErrorCode, NodeHello, call_once, cmd};
+use ferry_common::proto::{
+    self, BEAT_REPLY_MAX, BeatReply, CallError, ErrorCode, NodeAddr, NodeHello, call_once, cmd,
+};
 use log::{info, warn};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,11 +42,13 @@ pub struct Beater {
 }
 
 impl Beater {
-    /// Starts beating for the node serving on `advertise` in `cfg.group`.
+    /// Starts beating for the node serving on `advertise` in `cfg.group`, with its HTTP gateway
+    /// (announced address, and the directory the replies fill) when it serves one.
     pub fn start(
         cfg: &ClusterConfig,
         link: Option<SigningKey>,
         advertise: SocketAddr,
+        http: Option<(NodeAddr, Arc<Directory>)>,
         data: PathBuf,
     ) -> std::io::Result<Beater> {
         if advertise.ip().is_unspecified() {
@@ -57,7 +64,9 @@ impl Beater {
             version: proto::VERSION,
             started: now_ms(),
             free: 0,
+            http: http.as_ref().map(|(a, _)| a.clone()),
         };
+        let directory = http.map(|(_, d)| d);
         let mut links: Vec<TrackerLink> = cfg
             .trackers
             .iter()
@@ -78,7 +87,7 @@ impl Beater {
                     me.free = crate::storage::free_bytes(&data);
                     let started = Instant::now();
                     for l in &mut links {
-                        l.exchange(&me);
+                        l.exchange(&me, directory.as_deref());
                     }
                     let every = links
                         .iter()
@@ -118,7 +127,7 @@ impl Drop for Beater {
 
 impl TrackerLink {
     /// One JOIN (if not joined) or BEAT (re-JOIN on NotJoined).
-    fn exchange(&mut self, me: &NodeHello) {
+    fn exchange(&mut self, me: &NodeHello, directory: Option<&Directory>) {
         let r = if self.joined {
             match self.send(cmd::TRACKER_BEAT, me) {
                 Err(e) if e.code() == Some(ErrorCode::NotJoined) => {
@@ -135,7 +144,11 @@ impl TrackerLink {
             self.send(cmd::TRACKER_JOIN, me)
         };
         match r {
-            Ok(ms) => {
+            Ok(reply) => {
+                let ms = reply.interval_ms;
+                if let Some(d) = directory {
+                    d.update(&reply.gateways);
+                }
                 if !self.joined {
                     info!(
                         "joined tracker {} as {}:{} in group {} (beat every {ms} ms)",
@@ -162,7 +175,7 @@ impl TrackerLink {
         }
     }
 
-    fn send(&self, c: u8, me: &NodeHello) -> Result<u32, CallError> {
+    fn send(&self, c: u8, me: &NodeHello) -> Result<BeatReply, CallError> {
         let body = if c == cmd::TRACKER_JOIN {
             me.encode_join()
         } else {
@@ -179,9 +192,9 @@ impl TrackerLink {
             c,
             &body,
             cmd::REPLY_TRACKER,
-            BEAT_REPLY_LEN,
+            BEAT_REPLY_MAX,
         )?;
-        proto::decode_beat_reply(&b).map_err(|e| CallError::Garbled {
+        BeatReply::decode(&b).map_err(|e| CallError::Garbled {
             peer: self.addr,
             why: e.to_string(),
         })

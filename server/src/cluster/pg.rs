@@ -5,7 +5,10 @@
 //! down, and every call retries the connection; calls fail after `connection_timeout` instead
 //! of hanging.
 
-use super::store::{ClusterStore, Joined, NodeRow, SCHEMA, USERS_OF, from_db, port_from_db, to_db};
+use super::store::{
+    ClusterStore, GATEWAY_FORGET, GATEWAY_UPSERT, Joined, NODES, NodeRow, SCHEMA, USERS_OF,
+    from_db, gateway_from_db, port_from_db, to_db,
+};
 use anyhow::{Context, Result};
 use ferry_common::proto::{GROUPS_MAX, NODES_MAX, NodeAddr};
 use r2d2_postgres::PostgresConnectionManager;
@@ -148,6 +151,13 @@ impl ClusterStore for PgCluster {
                 &to_db(n.last_beat_ms),
             ],
         )?;
+        match &n.http {
+            Some(h) => tx.execute(
+                GATEWAY_UPSERT,
+                &[&n.addr.host, &port, &h.host, &i32::from(h.port)],
+            )?,
+            None => tx.execute(GATEWAY_FORGET, &[&n.addr.host, &port])?,
+        };
         tx.commit()?;
         Ok(Joined::Ok)
     }
@@ -178,11 +188,7 @@ impl ClusterStore for PgCluster {
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut c = self.conn()?;
-        let rows = c.query(
-            "SELECT grp, host, port, version, started, free, last_beat FROM cluster_nodes \
-             ORDER BY grp, host, port",
-            &[],
-        )?;
+        let rows = c.query(NODES, &[])?;
         rows.iter()
             .map(|r| {
                 Ok(NodeRow {
@@ -195,6 +201,7 @@ impl ClusterStore for PgCluster {
                     started: from_db(r.get(4)),
                     free: from_db(r.get(5)),
                     last_beat_ms: from_db(r.get(6)),
+                    http: gateway_from_db(r.get(7), r.get::<_, Option<i32>>(8).map(i64::from)),
                 })
             })
             .collect()

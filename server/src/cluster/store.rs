@@ -24,6 +24,8 @@ pub struct NodeRow {
     pub free: u64,
     /// Unix ms of its last JOIN/BEAT at any tracker.
     pub last_beat_ms: u64,
+    /// Its HTTP gateway, as its last JOIN announced it.
+    pub http: Option<NodeAddr>,
 }
 
 /// What a JOIN came to.
@@ -92,9 +94,35 @@ CREATE TABLE IF NOT EXISTS cluster_router (
     created  BIGINT NOT NULL,
     PRIMARY KEY (app, usr)
 );
+CREATE TABLE IF NOT EXISTS cluster_gateways (
+    host       TEXT NOT NULL,
+    port       INTEGER NOT NULL,
+    http_host  TEXT NOT NULL,
+    http_port  INTEGER NOT NULL,
+    PRIMARY KEY (host, port)
+);
 DROP INDEX IF EXISTS cluster_router_grp;
 CREATE INDEX IF NOT EXISTS cluster_router_members ON cluster_router (grp, app, usr);
 ";
+
+/// Every node with its gateway (a table of its own, so databases from before gateways need no
+/// migration beyond `CREATE TABLE IF NOT EXISTS`); the same SQL for both backends.
+pub const NODES: &str = "SELECT n.grp, n.host, n.port, n.version, n.started, n.free, \
+     n.last_beat, g.http_host, g.http_port FROM cluster_nodes n LEFT JOIN cluster_gateways g \
+     ON g.host = n.host AND g.port = n.port ORDER BY n.grp, n.host, n.port";
+/// A JOIN's gateway: recorded, or (`$3` empty) forgotten.
+pub const GATEWAY_UPSERT: &str = "INSERT INTO cluster_gateways (host, port, http_host, http_port) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (host, port) DO UPDATE SET http_host = $3, \
+     http_port = $4";
+pub const GATEWAY_FORGET: &str = "DELETE FROM cluster_gateways WHERE host = $1 AND port = $2";
+
+/// A gateway read back from [`NODES`]' last two columns (NULL: the node has none).
+pub fn gateway_from_db(host: Option<String>, port: Option<i64>) -> Option<NodeAddr> {
+    match (host, port.and_then(|p| u16::try_from(p).ok())) {
+        (Some(host), Some(port)) if !host.is_empty() && port != 0 => Some(NodeAddr { host, port }),
+        _ => None,
+    }
+}
 
 /// A page of a group's users, on the (grp, app, usr) index; the same SQL for both backends.
 pub const USERS_OF: &str = "SELECT app, usr FROM cluster_router \
@@ -225,6 +253,13 @@ impl ClusterStore for SqliteCluster {
                 to_db(n.last_beat_ms)
             ],
         )?;
+        match &n.http {
+            Some(h) => tx.execute(
+                GATEWAY_UPSERT,
+                params![n.addr.host, n.addr.port, h.host, h.port],
+            )?,
+            None => tx.execute(GATEWAY_FORGET, params![n.addr.host, n.addr.port])?,
+        };
         tx.commit()?;
         Ok(Joined::Ok)
     }
@@ -255,10 +290,7 @@ impl ClusterStore for SqliteCluster {
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let db = self.db.lock();
-        let mut q = db.prepare(
-            "SELECT grp, host, port, version, started, free, last_beat FROM cluster_nodes \
-             ORDER BY grp, host, port",
-        )?;
+        let mut q = db.prepare_cached(NODES)?;
         let mut rows = q.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
@@ -272,6 +304,7 @@ impl ClusterStore for SqliteCluster {
                 started: from_db(r.get(4)?),
                 free: from_db(r.get(5)?),
                 last_beat_ms: from_db(r.get(6)?),
+                http: gateway_from_db(r.get(7)?, r.get(8)?),
             });
         }
         Ok(out)

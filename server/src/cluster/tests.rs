@@ -35,6 +35,7 @@ fn row(group: &str, port: u16, free: u64) -> NodeRow {
         started: 42,
         free,
         last_beat_ms: now_ms(),
+        http: None,
     }
 }
 
@@ -79,6 +80,36 @@ fn groups_joins_and_beats() {
         // Joining another group moves the node.
         assert_eq!(s.join(&row("g9", 7401, 5), false).unwrap(), Joined::Ok);
         assert!(!s.beat("g1", &a.addr, 1, 1, 1).unwrap());
+    });
+}
+
+#[test]
+fn a_join_records_or_forgets_the_nodes_gateway() {
+    both("a_join_records_or_forgets_the_nodes_gateway", |open| {
+        let s = open();
+        s.create_group("g1").unwrap();
+        let gw = NodeAddr {
+            host: "media.example".into(),
+            port: 8080,
+        };
+        let with = NodeRow {
+            http: Some(gw.clone()),
+            ..row("g1", 7401, 5)
+        };
+        let gateway = |s: &dyn ClusterStore| {
+            let nodes = s.nodes().unwrap();
+            assert_eq!(nodes.len(), 2);
+            nodes.into_iter().map(|n| n.http).collect::<Vec<_>>()
+        };
+        assert_eq!(s.join(&with, false).unwrap(), Joined::Ok);
+        assert_eq!(s.join(&row("g1", 7402, 5), false).unwrap(), Joined::Ok);
+        assert_eq!(gateway(&*s), vec![Some(gw.clone()), None]);
+        // Beats keep it; another tracker reads it.
+        assert!(s.beat("g1", &with.addr, 1, 1, 1).unwrap());
+        assert_eq!(gateway(&*open()), vec![Some(gw.clone()), None]);
+        // A restart without a gateway forgets it.
+        assert_eq!(s.join(&row("g1", 7401, 5), false).unwrap(), Joined::Ok);
+        assert_eq!(gateway(&*s), vec![None, None]);
     });
 }
 
@@ -245,6 +276,7 @@ fn hello(group: &str, port: u16, free: u64) -> NodeHello {
         version: 1,
         started: 1,
         free,
+        http: None,
     }
 }
 
@@ -285,8 +317,8 @@ fn tracker_rules() {
     );
     // No node online anywhere: a new user cannot be placed.
     assert_eq!(t.saddrs(&saddrs("u0")).unwrap_err().code, ErrorCode::NoNode);
-    assert_eq!(t.join(&hello("g1", 1, 100)).unwrap(), 100);
-    assert_eq!(t.join(&hello("g2", 2, 500)).unwrap(), 100);
+    assert_eq!(t.join(&hello("g1", 1, 100)).unwrap().interval_ms, 100);
+    assert_eq!(t.join(&hello("g2", 2, 500)).unwrap().interval_ms, 100);
     // Equal users (0): most free bytes wins, so g2; then g1 has fewer users.
     assert_eq!(t.saddrs(&saddrs("u1")).unwrap().group, "g2");
     assert_eq!(t.saddrs(&saddrs("u2")).unwrap().group, "g1");

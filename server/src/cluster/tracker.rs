@@ -15,8 +15,9 @@ use crate::meta::{MetaStore, now_ms};
 use crate::storage::OpError;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ferry_common::proto::{
-    self, ErrorCode, GROUPS_MAX, GroupView, GroupsReply, NODES_MAX, NodeAddr, NodeHello, NodeView,
-    SaddrsReply, SaddrsReq, UsersReply, UsersReq,
+    self, BeatReply, ErrorCode, GATEWAYS_PER_GROUP, GROUPS_MAX, GatewayEntry, GroupView,
+    GroupsReply, NODES_MAX, NodeAddr, NodeHello, NodeView, SaddrsReply, SaddrsReq, UsersReply,
+    UsersReq,
 };
 use log::{info, warn};
 use parking_lot::{Mutex, RwLock};
@@ -206,8 +207,41 @@ impl Tracker {
         u32::try_from(self.cfg.beat_interval_ms).unwrap_or(u32::MAX)
     }
 
+    /// A JOIN/BEAT reply. A node with an HTTP gateway also gets every group with up to
+    /// [`GATEWAYS_PER_GROUP`] of its online gateways (none: the group has no gateway up), so
+    /// its gateway can redirect requests for files of other groups; other nodes need no list.
+    fn beat_reply(&self, v: &View, serves_http: bool, now: u64) -> BeatReply {
+        let mut gateways = Vec::new();
+        if serves_http {
+            for g in v.groups.keys() {
+                let before = gateways.len();
+                let up = v
+                    .nodes
+                    .values()
+                    .filter(|n| &n.group == g && self.online(n, now))
+                    .filter_map(|n| n.http.clone())
+                    .take(GATEWAYS_PER_GROUP)
+                    .map(|a| GatewayEntry {
+                        group: g.clone(),
+                        addr: Some(a),
+                    });
+                gateways.extend(up);
+                if gateways.len() == before {
+                    gateways.push(GatewayEntry {
+                        group: g.clone(),
+                        addr: None,
+                    });
+                }
+            }
+        }
+        BeatReply {
+            interval_ms: self.interval(),
+            gateways,
+        }
+    }
+
     /// TRACKER_JOIN: records the node (its group must exist unless groups may be created).
-    pub fn join(&self, j: &NodeHello) -> Result<u32, OpError> {
+    pub fn join(&self, j: &NodeHello) -> Result<BeatReply, OpError> {
         let now = now_ms();
         let row = NodeRow {
             group: j.group.clone(),
@@ -219,6 +253,7 @@ impl Tracker {
             started: j.started,
             free: j.free,
             last_beat_ms: now,
+            http: j.http.clone(),
         };
         match self.store.join(&row, self.cfg.allow_create_groups) {
             Ok(Joined::Ok) => {
@@ -230,7 +265,7 @@ impl Tracker {
                 let mut v = self.view.write();
                 v.groups.entry(row.group.clone()).or_insert(0);
                 v.nodes.insert(row.addr.clone(), row);
-                Ok(self.interval())
+                Ok(self.beat_reply(&v, j.http.is_some(), now))
             }
             Ok(Joined::UnknownGroup) => Err(OpError::new(
                 ErrorCode::UnknownGroup,
@@ -254,7 +289,7 @@ impl Tracker {
     }
 
     /// TRACKER_BEAT: refreshes a joined node; an unknown one is told to JOIN again.
-    pub fn beat(&self, b: &NodeHello) -> Result<u32, OpError> {
+    pub fn beat(&self, b: &NodeHello) -> Result<BeatReply, OpError> {
         let now = now_ms();
         let addr = NodeAddr {
             host: b.host.clone(),
@@ -282,7 +317,8 @@ impl Tracker {
                         n.last_beat_ms = now;
                         n.free = b.free;
                         n.started = b.started;
-                        return Ok(self.interval());
+                        let http = n.http.is_some();
+                        return Ok(self.beat_reply(&v, http, now));
                     }
                     _ => return Err(unavailable(&e)),
                 }
@@ -305,11 +341,13 @@ impl Tracker {
             started: b.started,
             free: b.free,
             last_beat_ms: now,
+            http: None,
         });
         n.last_beat_ms = now;
         n.free = b.free;
         n.started = b.started;
-        Ok(self.interval())
+        let http = n.http.is_some();
+        Ok(self.beat_reply(&v, http, now))
     }
 
     /// The user's group: from the route cache, the router table, or a new assignment.

@@ -9,6 +9,7 @@
 //! - [`range`]: the `Range` header, overflow-safe.
 //! - [`respond`]: route, signed-URL check, lookup, conditional requests, response head.
 //! - [`conn`]: the connection state machine (keep-alive, header deadline, sendfile bodies).
+//! - [`directory`]: the cluster's gateways, for files of other groups (a 307 to one of them).
 //!
 //! Routes: `GET`/`HEAD /files/{file_id}` and `/files/{file_id}/{name}` (the second form answers
 //! `Content-Disposition: attachment` with `name`, the first `inline` with the stored name).
@@ -20,6 +21,7 @@
 //! unsigned `?app=APP` is enough: the app still scopes the lookup, a wrong app is 404.
 
 pub mod conn;
+pub mod directory;
 pub mod head;
 pub mod range;
 pub mod respond;
@@ -27,7 +29,7 @@ pub mod respond;
 use crate::meta::FileRec;
 use crate::storage::{OpResult, Storage, Who};
 use anyhow::bail;
-use ferry_common::proto::APP_ID_LEN;
+use ferry_common::proto::{APP_ID_LEN, NodeAddr};
 use ferry_common::reactor::Conn;
 use log::{debug, warn};
 use mio::net::TcpStream;
@@ -97,6 +99,10 @@ impl Stored {
 pub struct HttpConfig {
     /// Address of the HTTP listener; the gateway is off when unset.
     pub listen: Option<SocketAddr>,
+    /// `host:port` where clients reach this gateway, announced to the trackers so other
+    /// groups' gateways redirect requests for this group's files here. Defaults to `listen`
+    /// (with `[cluster] advertise`'s host when `listen` is a wildcard address).
+    pub advertise: Option<String>,
     /// Allow unsigned reads (`?app=APP` without `exp`/`sig`). Trusted networks only.
     pub public_reads: bool,
     /// Most HTTP connections open at once (beyond it: 503 and close), within the server's
@@ -116,6 +122,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: None,
+            advertise: None,
             public_reads: false,
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
@@ -130,12 +137,35 @@ impl std::fmt::Debug for HttpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpConfig")
             .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
             .field("public_reads", &self.public_reads)
             .field("max_connections", &self.max_connections)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
             .finish()
+    }
+}
+
+/// `host:port` or `[v6]:port`, as a protocol host (see [`ferry_common::proto::check_host`]).
+fn host_port(s: &str) -> anyhow::Result<NodeAddr> {
+    let parsed = s.rsplit_once(':').and_then(|(h, p)| {
+        let h = h
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(h);
+        let port = p.parse::<u16>().ok().filter(|&p| p != 0)?;
+        ferry_common::proto::check_host(h).ok()?;
+        Some(NodeAddr {
+            host: h.to_owned(),
+            port,
+        })
+    });
+    match parsed {
+        Some(a) => Ok(a),
+        None => {
+            bail!("http.advertise {s:?} is not host:port (a host name or IP and a port 1-65535)")
+        }
     }
 }
 
@@ -154,7 +184,27 @@ impl HttpConfig {
         if self.max_connections == 0 || self.header_timeout_ms == 0 {
             bail!("http.max_connections and http.header_timeout_ms must be at least 1");
         }
+        if let Some(a) = &self.advertise {
+            host_port(a)?;
+        }
         Ok(())
+    }
+
+    /// The address this gateway announces (see [`HttpConfig::advertise`]), given where it is
+    /// bound and the host the node announces for its binary protocol.
+    pub fn announced(&self, bound: SocketAddr, node_host: &str) -> anyhow::Result<NodeAddr> {
+        if let Some(a) = &self.advertise {
+            return host_port(a);
+        }
+        let host = if bound.ip().is_unspecified() {
+            node_host.to_owned()
+        } else {
+            bound.ip().to_string()
+        };
+        Ok(NodeAddr {
+            host,
+            port: bound.port(),
+        })
     }
 
     pub fn header_timeout(&self) -> Duration {
@@ -188,6 +238,8 @@ pub struct Gateway {
     cache: Mutex<HashMap<String, Arc<Stored>>>,
     /// Most entries in `cache`.
     cache_max: usize,
+    /// A cluster node's: where other groups' files are served.
+    pub directory: Option<Arc<directory::Directory>>,
 }
 
 impl Gateway {
@@ -200,7 +252,6 @@ impl Gateway {
             );
         }
         Gateway {
-            st,
             keys: respond::Keys::new(&cfg),
             cfg,
             addr,
@@ -208,6 +259,12 @@ impl Gateway {
             stats: HttpStats::default(),
             cache: Mutex::new(HashMap::new()),
             cache_max: cache_max(),
+            directory: st
+                .cfg
+                .cluster
+                .as_ref()
+                .map(|c| Arc::new(directory::Directory::new(&c.group))),
+            st,
         }
     }
 
@@ -329,6 +386,35 @@ mod tests {
         c.secrets
             .insert("demo".into(), "do-not-print-me-0123".into());
         assert!(!format!("{c:?}").contains("do-not-print-me"));
+    }
+
+    #[test]
+    fn the_announced_gateway_address() {
+        let bound: SocketAddr = "127.0.0.1:7480".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7480".parse().unwrap();
+        let c = HttpConfig::default();
+        let a = |c: &HttpConfig, b| c.announced(b, "10.0.0.5").unwrap().to_string();
+        assert_eq!(a(&c, bound), "127.0.0.1:7480");
+        // A wildcard listener: the node's own announced host.
+        assert_eq!(a(&c, any), "10.0.0.5:7480");
+        for (text, want) in [
+            ("media.example.com:443", "media.example.com:443"),
+            ("[::1]:8080", "[::1]:8080"),
+        ] {
+            let c = HttpConfig {
+                advertise: Some(text.into()),
+                ..HttpConfig::default()
+            };
+            assert!(c.check().is_ok(), "{text}");
+            assert_eq!(a(&c, any), want);
+        }
+        for bad in ["media", "media:0", "media:99999", ":80", "a b:80", "x/y:80"] {
+            let c = HttpConfig {
+                advertise: Some(bad.into()),
+                ..HttpConfig::default()
+            };
+            assert!(c.check().is_err(), "{bad}");
+        }
     }
 
     #[test]

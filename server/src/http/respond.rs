@@ -1,11 +1,12 @@
 //! From a parsed request head to an answer: route, signature check, file lookup, conditional
 //! requests and ranges, and the response head bytes. No I/O except opening the stored file.
 
+use super::directory::Where;
 use super::head::{self, Head};
 use super::range::{self, Ranged};
 use super::{Gateway, HttpConfig, Stored};
 use crate::storage::Who;
-use ferry_common::proto::{APP_ID_LEN, ErrorCode, FILE_ID_LEN};
+use ferry_common::proto::{self, APP_ID_LEN, ErrorCode, FILE_ID_LEN, NodeAddr};
 use ferry_common::signing;
 use log::warn;
 use std::collections::HashMap;
@@ -49,6 +50,7 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         206 => "Partial Content",
         304 => "Not Modified",
+        307 => "Temporary Redirect",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
@@ -75,6 +77,14 @@ impl Answer {
             body: Body::Text(text),
             close,
         }
+    }
+
+    /// 307 to the same target at another gateway (the signature covers the file id, app and
+    /// expiry, not the host, so the URL holds there as it is).
+    fn redirect(to: &NodeAddr, target: &str) -> Answer {
+        let mut a = Answer::error(307, &format!("served by the gateway at {to}"), false);
+        a.headers.push(("Location", format!("http://{to}{target}")));
+        a
     }
 
     fn not_modified(f: Arc<Stored>) -> Answer {
@@ -137,13 +147,18 @@ pub fn route(path: &str) -> Option<Route> {
     let rest = path.strip_prefix("/files/")?;
     let mut parts = rest.splitn(2, '/');
     let id = head::percent_decode(parts.next()?)?;
-    // File ids are printable ASCII without separators; anything else cannot exist.
-    if id.is_empty()
-        || id.len() > FILE_ID_LEN
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    // File ids are ASCII letters, digits, `-` and `_`, after `<group>.` in a cluster's;
+    // anything else cannot exist.
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let well_formed = match id.split_once('.') {
+        Some((_, rest)) => proto::file_group(&id).is_some() && plain(rest),
+        None => plain(&id),
+    };
+    if id.len() > FILE_ID_LEN || !well_formed {
         return None;
     }
     let name = match parts.next() {
@@ -337,6 +352,37 @@ fn if_range_holds(header: &str, etag: &str, modified: u64) -> bool {
     }
 }
 
+/// On a cluster node, the answer for a file of `group` when this node's group does not hold it:
+/// a redirect to a gateway of its group, or why there is none. `None`: serve it here.
+fn elsewhere(gw: &Gateway, group: &str, id: &str, target: &str) -> Option<Answer> {
+    let unavailable = |text: &str| {
+        let mut a = Answer::error(503, text, false);
+        a.headers.push(("Retry-After", "2".into()));
+        a
+    };
+    Some(match gw.directory.as_ref()?.locate(group, id) {
+        Where::Here => return None,
+        Where::There(to) => Answer::redirect(&to, target),
+        Where::NoGroup => Answer::error(404, "no such file", false),
+        Where::NoGateway => unavailable(&format!("no HTTP gateway of group {group} is online")),
+        Where::Unknown => unavailable("no tracker has listed the cluster's gateways yet"),
+    })
+}
+
+/// A cluster node's lookup of an id that does not name its group (issued before ids did)
+/// failed here: the group its record names, when that is another group's.
+fn recorded_elsewhere(gw: &Gateway, who: &Who, id: &str, target: &str) -> Option<Answer> {
+    gw.directory.as_ref()?;
+    match gw.st.meta().file_group(id, &who.app) {
+        Ok(Some(g)) if !g.is_empty() => elsewhere(gw, &g, id, target),
+        Ok(_) => None,
+        Err(e) => {
+            warn!("http: group lookup of file {id} failed: {e:#}");
+            None
+        }
+    }
+}
+
 /// Looks the file up (cache first) with its open bytes.
 fn open_stored(gw: &Gateway, who: &Who, id: &str) -> Result<Arc<Stored>, Answer> {
     match gw.lookup(who, id) {
@@ -374,8 +420,17 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
         app,
         user: "http".into(),
     };
+    let grouped = proto::file_group(&r.file_id);
+    if let Some(g) = grouped
+        && let Some(a) = elsewhere(gw, g, &r.file_id, &h.target)
+    {
+        return a;
+    }
     let f = match open_stored(gw, &who, &r.file_id) {
         Ok(x) => x,
+        Err(a) if grouped.is_none() && matches!(a.status, 404 | 500) => {
+            return recorded_elsewhere(gw, &who, &r.file_id, &h.target).unwrap_or(a);
+        }
         Err(a) => return a,
     };
     let rec = &f.rec;
@@ -510,11 +565,21 @@ mod tests {
             })
         );
         assert_eq!(route("/files/0001-ab/").map(|r| r.name), Some(None));
+        // A cluster's id names its group before a dot.
+        assert_eq!(
+            route("/files/g1.0001-ab").map(|r| r.file_id),
+            Some("g1.0001-ab".into())
+        );
         for bad in [
             "/files/",
             "/files/a/b/c",
             "/files/a%2Fb",
             "/files/../x",
+            "/files/..",
+            "/files/g1.",
+            "/files/.x",
+            "/files/g1.a.b",
+            "/files/g%2F1.a",
             "/file/x",
             "/",
             "/files/x/%0a",

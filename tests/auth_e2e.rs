@@ -10,7 +10,7 @@ use ferry_common::proto::{
     self, BlockMeta, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, Prove,
     UploadInit, UploadInitReply, UploadMeta, cmd, status,
 };
-use ferry_common::token::{Claims, Scope};
+use ferry_common::token::{Claims, Delegation, Scope};
 use ferry_server::access::{Need, need};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -90,6 +90,7 @@ fn bad_tokens() -> Vec<(&'static str, Vec<u8>)> {
         not_before,
         expires,
         nonce: rand::random(),
+        delegation: None,
     };
     let expired = claims(now - 3600, now - 1800)
         .mint(support::auth::KEY_SECRET.as_bytes())
@@ -610,4 +611,112 @@ fn placeholder_secrets_and_missing_keys_stop_the_binaries_with_the_way_out() {
         assert!(!r.ok && r.stderr.contains(want), "{key:?}: {}", r.stderr);
         assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
     }
+}
+
+/// Delegated tokens at the server itself (the client checks the same things first, so only raw
+/// frames reach these paths): reusable for many sessions; every flipped byte refused; a read
+/// share names its file only and cannot write; an upload over the token's limit is refused
+/// with the payload drained and the session going on; the session ends when the token does.
+#[test]
+fn delegated_tokens_are_reusable_within_their_limits_and_end_with_their_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    // Little clock skew allowed, so expiry shows within the test.
+    let conf = format!("[auth]\nskew_secs = 1\n{}", support::auth::auth_toml());
+    let _srv = support::start_server(
+        dir.path(),
+        "ferry-server",
+        &conf,
+        addr,
+        &dir.path().join("d"),
+    );
+    let owned = setup(addr);
+    let delegate = |scope: Scope, ttl: u64, limits: Delegation| {
+        key().delegate("demo", "bob", scope, ttl, limits).unwrap()
+    };
+    let stat = |id: &str| proto::frame(cmd::STAT, 0, &proto::encode_file_id(id).unwrap());
+    // One token, many sessions: each reads alice's file (the id is the capability).
+    let reader = delegate(Scope::READ, 300, Delegation::default());
+    for _ in 0..5 {
+        let mut s = Conn::open(addr);
+        assert!(matches!(
+            s.call(&hello_with("demo", "bob", &reader)),
+            Reply::Ok(_)
+        ));
+        assert!(matches!(s.call(&stat(&owned.file)), Reply::Ok(_)));
+    }
+    // Every flipped byte: refused, and the session closed.
+    for i in 0..reader.len() {
+        let mut bad = reader.clone();
+        bad[i] ^= 0x01;
+        let mut s = Conn::open(addr);
+        assert_eq!(
+            s.call(&hello_with("demo", "bob", &bad)),
+            Reply::Err(ErrorCode::Auth),
+            "byte {i} flipped"
+        );
+        assert_eq!(s.recv(), Reply::Closed);
+    }
+    // A read share: its file only (error 25, the session goes on), never a write.
+    let share = Delegation {
+        max_upload: 0,
+        file: Some(owned.file.clone()),
+    };
+    let mut s = Conn::open(addr);
+    let t = delegate(Scope::READ, 300, share.clone());
+    assert!(matches!(
+        s.call(&hello_with("demo", "bob", &t)),
+        Reply::Ok(_)
+    ));
+    assert_eq!(
+        s.call(&stat("0000000000000001-aaaaaaaaaaaaaaaa")),
+        Reply::Err(ErrorCode::Forbidden)
+    );
+    assert!(matches!(
+        s.call(&request(cmd::DOWNLOAD, &owned)),
+        Reply::Ok(_)
+    ));
+    let rw = delegate(Scope(Scope::READ.0 | Scope::WRITE.0), 300, share);
+    assert_eq!(
+        Conn::open(addr).call(&hello_with("demo", "bob", &rw)),
+        Reply::Err(ErrorCode::Auth)
+    );
+    // An upload limit below the file: error 25 for a small upload (its payload drained, so
+    // the next request is understood) and for UPLOAD_INIT; within it, stored.
+    let capped = delegate(
+        Scope::WRITE,
+        300,
+        Delegation {
+            max_upload: 10,
+            file: None,
+        },
+    );
+    let mut s = Conn::open(addr);
+    assert!(matches!(
+        s.call(&hello_with("demo", "bob", &capped)),
+        Reply::Ok(_)
+    ));
+    assert_eq!(
+        s.call(&small_upload_frame(SMALL)),
+        Reply::Err(ErrorCode::Forbidden)
+    );
+    assert_eq!(s.call(&init_frame()), Reply::Err(ErrorCode::Forbidden));
+    assert!(matches!(s.call(&small_upload_frame(b"tiny")), Reply::Ok(_)));
+    // A token that expires while its session is open: refused from then on (error 6, closed).
+    let brief = delegate(Scope::READ, 2, Delegation::default());
+    let mut s = Conn::open(addr);
+    assert!(matches!(
+        s.call(&hello_with("demo", "bob", &brief)),
+        Reply::Ok(_)
+    ));
+    assert!(matches!(s.call(&stat(&owned.file)), Reply::Ok(_)));
+    std::thread::sleep(Duration::from_millis(4200));
+    assert_eq!(s.call(&stat(&owned.file)), Reply::Err(ErrorCode::Auth));
+    assert_eq!(s.recv(), Reply::Closed);
+    assert_eq!(
+        Conn::open(addr).call(&hello_with("demo", "bob", &brief)),
+        Reply::Err(ErrorCode::Auth),
+        "an expired token opens no session"
+    );
+    intact(addr, &owned);
 }

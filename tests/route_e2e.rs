@@ -580,6 +580,7 @@ fn sessions_need_a_valid_token_and_are_routed_by_its_user() {
         not_before: now - 3600,
         expires: now - 1800,
         nonce: [9; 16],
+        delegation: None,
     }
     .mint(support::auth::KEY_SECRET.as_bytes())
     .unwrap();

@@ -389,6 +389,13 @@ fn small_files_stat_download_delete() {
     let mut other = Client::hello(srv.addr, "otherapp", "alice");
     assert_eq!(code(other.stat(&id)), ErrorCode::NotFound);
     assert_eq!(code(other.delete(&id)), ErrorCode::NotFound);
+    // Another user of the app reads it (the id is the capability) but may not delete it: error
+    // 25 naming the rule, the session goes on, the file stays.
+    let mut mallory = Client::hello(srv.addr, "demo", "mallory");
+    let (e, text) = mallory.delete(&id).unwrap_err();
+    assert_eq!(e, ErrorCode::Forbidden);
+    assert!(text.contains("only its owner"), "{text}");
+    assert_eq!(mallory.stat(&id).unwrap().size, data.len() as u64);
 
     c.call(cmd::DOWNLOAD_OVER, &proto::encode_file_id(&id).unwrap())
         .unwrap();

@@ -9,6 +9,7 @@ use crate::report::Progress;
 use crate::settings::{self, EnvVars, Flags};
 use crate::{Client, size};
 use clap::{Parser, Subcommand};
+use ferry_common::token::{Delegation, Scope};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::io::IsTerminal;
@@ -45,6 +46,11 @@ pub struct Cli {
     /// default 60; 0: give up after `tries_per_proxy` tries on each proxy).
     #[arg(long, global = true, value_name = "SECS")]
     pub outage_window: Option<u64>,
+    /// A file holding a delegated token from the app (`ferry token` output), used for every
+    /// connection instead of an app key; it names the app and user. FERRY_TOKEN holds one too
+    /// (never a flag with the token itself: flags show in `ps`).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -73,8 +79,14 @@ pub enum Command {
     },
     /// Show size, SHA-256, name and creation time of a file.
     Stat { file_id: String },
-    /// Delete a file.
-    Delete { file_id: String },
+    /// Delete a file: one of your own (its owner is the user who uploaded it).
+    Delete {
+        file_id: String,
+        /// Delete any user's file of the app (a token with the admin scope, which only a
+        /// holder of the app key can mint; an app's moderation, not an end user's).
+        #[arg(long)]
+        admin: bool,
+    },
     /// Start a local cluster (server, 2 server-proxies, 2 client-proxies), upload a generated
     /// file while killing the primary server-proxy halfway, download it back through the other
     /// client-proxy, verify the SHA-256 and print a report. Stops everything it started.
@@ -92,6 +104,24 @@ pub enum Command {
     /// Print a new random secret (64 hex digits) for an app key, a link key or a signed-URL
     /// secret in a config file.
     Keygen,
+    /// Mint a delegated token (hex) for one user, with the app key (FERRY_KEY or `[key]`): what
+    /// an app's backend hands to that user's device, which then runs `ferry` with FERRY_TOKEN
+    /// or --token-file and never holds the key. The token serves every connection until it
+    /// expires. The user it is for is --user (required here).
+    Token {
+        /// What it allows: read, write, delete (own files), admin (with delete: anyone's).
+        #[arg(long, default_value = "read,write", value_parser = crate::parse_scope)]
+        scope: Scope,
+        /// How long it is valid, e.g. 15m, 1h, 1day (at most the servers' max_lifetime_secs).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The largest file it may upload, binary units (e.g. 100MiB); default: any size.
+        #[arg(long, value_parser = size::parse_size)]
+        max_upload: Option<u64>,
+        /// The one file it may read (a share); such a token cannot write.
+        #[arg(long, value_name = "FILE_ID")]
+        file: Option<String>,
+    },
     /// Print a signed HTTP URL for a stored file (the server's HTTP gateway). The app's secret
     /// comes from FERRY_SECRET or the config (`[secrets] APP = "..."`, or `secret = "..."`),
     /// never from the command line.
@@ -202,8 +232,65 @@ fn client(cli: &Cli) -> Result<Client, ClientError> {
         app: cli.app.clone(),
         user: cli.user.clone(),
         outage_window: cli.outage_window.map(Duration::from_secs),
+        token_file: cli.token_file.clone(),
     };
     Client::new(settings::resolve(file, &flags, &EnvVars::from_process())?)
+}
+
+/// `ferry token`: a delegated token made with the app key.
+fn mint_token(
+    cli: &Cli,
+    scope: Scope,
+    ttl: Duration,
+    max_upload: Option<u64>,
+    file: Option<String>,
+) -> Result<String, ClientError> {
+    let Some(user) = cli.user.as_deref() else {
+        return Err(ClientError::Input(
+            "ferry token --user USER: name the user the token is for".into(),
+        ));
+    };
+    let file_cfg = settings::load_file(cli.config.as_deref())?;
+    let env = EnvVars::from_process();
+    let app = cli
+        .app
+        .clone()
+        .or(env.app.clone())
+        .or(file_cfg.app.clone())
+        .unwrap_or_else(|| settings::DEFAULT_APP.into());
+    let key = settings::app_key(file_cfg, &env)?.ok_or_else(|| {
+        ClientError::Input(
+            "ferry token needs the app key: FERRY_KEY=KEY_ID:SECRET or `[key]` in the config"
+                .into(),
+        )
+    })?;
+    if file.is_some() && scope.contains(Scope::WRITE) {
+        return Err(ClientError::Input(
+            "a token for one file (--file) is a read share: it cannot have the write scope".into(),
+        ));
+    }
+    if scope.contains(Scope::ADMIN) && !scope.contains(Scope::DELETE) {
+        return Err(ClientError::Input(
+            "the admin scope goes with delete".into(),
+        ));
+    }
+    let limits = Delegation {
+        max_upload: max_upload.unwrap_or(0),
+        file,
+    };
+    let secs = ttl.as_secs().max(1);
+    let raw = key
+        .delegate(&app, user, scope, secs, limits)
+        .map_err(|e| ClientError::Input(format!("cannot make the token: {e}")))?;
+    let token = hex::encode(raw);
+    let expires = ferry_common::clock::now_secs().saturating_add(secs);
+    Ok(if cli.json {
+        json!({"command": "token", "app": app, "user": user, "scope": crate::scope_names(scope),
+               "expires": expires, "token": token})
+        .to_string()
+    } else {
+        token
+    })
 }
 
 /// `--users`: a count, or "all".
@@ -286,6 +373,12 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                 crate::groups::render(&v)
             });
         }
+        Command::Token {
+            scope,
+            ttl,
+            max_upload,
+            file,
+        } => return mint_token(cli, *scope, *ttl, *max_upload, file.clone()),
         Command::Keygen => {
             let secret = ferry_common::auth::new_secret();
             return Ok(if cli.json {
@@ -350,8 +443,8 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                 )
             }
         }
-        Command::Delete { file_id } => {
-            c.delete(file_id)?;
+        Command::Delete { file_id, admin } => {
+            c.delete(file_id, *admin)?;
             if cli.json {
                 json!({"command": "delete", "file_id": file_id, "deleted": true}).to_string()
             } else {
@@ -362,6 +455,7 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
         | Command::Cluster { .. }
         | Command::Url { .. }
         | Command::Keygen
+        | Command::Token { .. }
         | Command::Groups { .. } => {
             unreachable!("handled above")
         }

@@ -44,32 +44,142 @@ use conn::Fault;
 use error::Result;
 use ferry_common::auth::SigningKey;
 use ferry_common::proto::{ErrorCode, Hello, cmd, encode_file_id};
-use ferry_common::token::Scope;
+use ferry_common::token::{Claims, Scope};
 use link::{Link, Shared};
+use parking_lot::RwLock;
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 /// How long a session token is valid: it is used once, at HELLO, right after it is made.
 const TOKEN_LIFETIME_SECS: u64 = 300;
 
-/// Who the client speaks for, and the app key its session tokens are made with.
+/// Who the client speaks for, and how it proves it.
 #[derive(Clone)]
 pub(crate) struct Credentials {
     app: String,
     user: String,
-    key: SigningKey,
+    proof: Proof,
+}
+
+#[derive(Clone)]
+enum Proof {
+    /// The app key: a fresh single-use token per connection.
+    Key(SigningKey),
+    /// A delegated token from the app's backend, for every connection until it expires;
+    /// shared with every operation in flight, so [`Client::renew_token`] reaches them.
+    Token(Arc<RwLock<Delegated>>),
+}
+
+/// A delegated token and what it says.
+struct Delegated {
+    raw: Vec<u8>,
+    claims: Claims,
+}
+
+impl Delegated {
+    /// `raw` if it is a delegated token for `app`/`user`.
+    fn new(raw: Vec<u8>, app: &str, user: &str) -> Result<Delegated> {
+        let (claims, _, _) =
+            Claims::parse(&raw).map_err(|e| ClientError::Input(format!("delegated token: {e}")))?;
+        if claims.delegation.is_none() {
+            return Err(ClientError::Input(
+                "a single-use connection token, not a delegated one".into(),
+            ));
+        }
+        if claims.app != app || claims.user != user {
+            return Err(ClientError::Input(format!(
+                "the delegated token is for {}/{}, not {app}/{user}",
+                claims.app, claims.user
+            )));
+        }
+        Ok(Delegated { raw, claims })
+    }
+
+    /// The token, if it may open a session needing `scope` about `route` now.
+    fn usable(&self, scope: Scope, route: Option<&str>) -> Result<&[u8]> {
+        let c = &self.claims;
+        let now = ferry_common::clock::now_secs();
+        if now >= c.expires {
+            return Err(ClientError::Input(format!(
+                "the delegated token of {}/{} expired at {}: get a fresh one from the app \
+                 (FERRY_TOKEN or --token-file) and run the command again; an interrupted upload \
+                 resumes where it stopped",
+                c.app,
+                c.user,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.expires)
+                )
+            )));
+        }
+        if !c.scope.contains(scope) {
+            return Err(ClientError::Input(format!(
+                "the delegated token allows {} only; this needs {}",
+                scope_names(c.scope),
+                scope_names(scope)
+            )));
+        }
+        if let Some(only) = c.delegation.as_ref().and_then(|d| d.file.as_deref())
+            && route != Some(only)
+        {
+            return Err(ClientError::Input(format!(
+                "the delegated token is for file {only} only"
+            )));
+        }
+        Ok(&self.raw)
+    }
+}
+
+/// "read,write": the scopes a token allows, by name.
+pub fn scope_names(s: Scope) -> String {
+    let names: Vec<&str> = [
+        (Scope::READ, "read"),
+        (Scope::WRITE, "write"),
+        (Scope::DELETE, "delete"),
+        (Scope::ADMIN, "admin"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| s.contains(*bit))
+    .map(|(_, n)| n)
+    .collect();
+    names.join(",")
+}
+
+/// "read,write" as a scope; every name must be one of read, write, delete, admin.
+pub fn parse_scope(text: &str) -> std::result::Result<Scope, String> {
+    let mut bits = 0u8;
+    for name in text.split(',').map(str::trim) {
+        bits |= match name {
+            "read" => Scope::READ.0,
+            "write" => Scope::WRITE.0,
+            "delete" => Scope::DELETE.0,
+            "admin" => Scope::ADMIN.0,
+            other => {
+                return Err(format!(
+                    "{other:?} is not a scope (read, write, delete, admin)"
+                ));
+            }
+        };
+    }
+    if bits & Scope::ALL.0 == 0 {
+        return Err("give read, write or delete (admin only goes with delete)".into());
+    }
+    Ok(Scope(bits))
 }
 
 impl Credentials {
-    /// A HELLO body with a fresh token allowing `scope`, for a session about the file `route`
-    /// if set (a routing proxy sends it to the file's group). One per connection: the server
-    /// refuses a token it has seen before.
+    /// A HELLO body allowing `scope`, for a session about the file `route` if set (a routing
+    /// proxy sends it to the file's group): with an app key a fresh token (one per
+    /// connection: the server refuses a token it has seen before), else the delegated token,
+    /// while it is valid for this.
     pub(crate) fn hello(&self, scope: Scope, route: Option<&str>) -> Result<Vec<u8>> {
-        let token = self
-            .key
-            .mint(&self.app, &self.user, scope, TOKEN_LIFETIME_SECS)
-            .map_err(|e| ClientError::Input(format!("cannot make a session token: {e}")))?;
+        let token = match &self.proof {
+            Proof::Key(key) => key
+                .mint(&self.app, &self.user, scope, TOKEN_LIFETIME_SECS)
+                .map_err(|e| ClientError::Input(format!("cannot make a session token: {e}")))?,
+            Proof::Token(t) => t.read().usable(scope, route)?.to_vec(),
+        };
         let mut hello = Hello::new(&self.app, &self.user, &token);
         if let Some(id) = route {
             hello = hello.for_file(id);
@@ -105,20 +215,51 @@ impl Client {
         settings::check_threads(settings.threads)?;
         size::check_block_size(u64::from(settings.block_size))
             .map_err(|e| ClientError::Input(format!("block size: {e}")))?;
-        let Some(key) = settings.key.clone() else {
-            return Err(ClientError::Input(
-                "no app key: set FERRY_KEY=KEY_ID:SECRET, or `[key]` (id, secret) in the config"
-                    .into(),
-            ));
+        // A delegated token wins: it is what an end user's device holds.
+        let proof = match (&settings.token, &settings.key) {
+            (Some(raw), _) => Proof::Token(Arc::new(RwLock::new(Delegated::new(
+                raw.clone(),
+                &settings.app,
+                &settings.user,
+            )?))),
+            (None, Some(key)) => {
+                // Fails now, not on the first connection, if a token cannot be made.
+                key.mint(
+                    &settings.app,
+                    &settings.user,
+                    Scope::READ,
+                    TOKEN_LIFETIME_SECS,
+                )
+                .map_err(|e| ClientError::Input(format!("cannot make a session token: {e}")))?;
+                Proof::Key(key.clone())
+            }
+            (None, None) => {
+                return Err(ClientError::Input(
+                    "no credential: set FERRY_TOKEN (or --token-file) to a delegated token from \
+                     the app, or FERRY_KEY=KEY_ID:SECRET (or `[key]` in the config) to the app key"
+                        .into(),
+                ));
+            }
         };
         let creds = Credentials {
             app: settings.app.clone(),
             user: settings.user.clone(),
-            key,
+            proof,
         };
-        // Fails now, not on the first connection, if a token cannot be made.
-        creds.hello(Scope::READ, None)?;
         Ok(Client { settings, creds })
+    }
+
+    /// Replaces the delegated token for every later connection, including those of transfers
+    /// in flight (a long transfer outliving its token). It must be a delegated token for the
+    /// same app and user; a client made with the app key has none to replace.
+    pub fn renew_token(&self, raw: Vec<u8>) -> Result<()> {
+        let Proof::Token(t) = &self.creds.proof else {
+            return Err(ClientError::Input(
+                "this client signs with the app key; it has no delegated token to renew".into(),
+            ));
+        };
+        *t.write() = Delegated::new(raw, &self.creds.app, &self.creds.user)?;
+        Ok(())
     }
 
     pub fn settings(&self) -> &Settings {
@@ -154,7 +295,7 @@ impl Client {
         let block_size = block_size.unwrap_or(self.settings.block_size);
         size::check_block_size(u64::from(block_size))
             .map_err(|e| ClientError::Input(format!("block size: {e}")))?;
-        let shared = self.shared(Scope(Scope::READ.0 | Scope::WRITE.0), None);
+        let shared = self.shared(Scope::WRITE, None);
         upload::upload(&upload::UploadJob {
             shared: &shared,
             path,
@@ -200,9 +341,15 @@ impl Client {
         })
     }
 
-    pub fn delete(&self, file_id: &str) -> Result<()> {
+    /// Deletes a file of the session's user, or (`admin`) any user's file of the app.
+    pub fn delete(&self, file_id: &str, admin: bool) -> Result<()> {
         let body = encode_file_id(file_id).map_err(|e| download::bad_id(file_id, e))?;
-        let shared = self.shared(Scope::DELETE, Some(file_id));
+        let scope = if admin {
+            Scope(Scope::DELETE.0 | Scope::ADMIN.0)
+        } else {
+            Scope::DELETE
+        };
+        let shared = self.shared(scope, Some(file_id));
         let mut tries = 0u32;
         Link::new(&shared).call("delete", |c| {
             tries += 1;

@@ -5,6 +5,7 @@ use crate::error::{ClientError, Result};
 use crate::size;
 use ferry_common::auth::SigningKey;
 use ferry_common::proto::{APP_ID_LEN, USER_ID_LEN};
+use ferry_common::token::Claims;
 use serde::Deserialize;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -43,6 +44,9 @@ pub struct FileConfig {
     /// The app key session tokens are made with (`[key] id = "k1"`, `secret = "..."`);
     /// `FERRY_KEY=ID:SECRET` wins over it. Never a flag: flags show in `ps`.
     pub key: Option<SigningKey>,
+    /// A file holding a delegated token (hex, from the app's backend: `ferry token`), used
+    /// instead of an app key; `--token-file` and `FERRY_TOKEN` win over it.
+    pub token_file: Option<PathBuf>,
     /// The link key `ferry groups` proves to trackers that require one (`[link] id`, `secret`);
     /// `FERRY_LINK_KEY=ID:SECRET` wins over it.
     pub link: Option<SigningKey>,
@@ -60,6 +64,8 @@ pub struct Flags {
     pub user: Option<String>,
     /// `--outage-window SECS`.
     pub outage_window: Option<Duration>,
+    /// `--token-file PATH`: a delegated token.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The environment variables the client reads, captured once so resolution is testable.
@@ -71,6 +77,8 @@ pub struct EnvVars {
     pub state_dir: Option<String>,
     /// `FERRY_KEY`: `ID:SECRET` of the app key.
     pub key: Option<String>,
+    /// `FERRY_TOKEN`: a delegated token (hex).
+    pub token: Option<String>,
     /// `FERRY_LINK_KEY`: `ID:SECRET` of a link key.
     pub link: Option<String>,
     pub login: Option<String>,
@@ -87,6 +95,7 @@ impl EnvVars {
             user: get("FERRY_USER"),
             state_dir: get("FERRY_STATE_DIR"),
             key: get("FERRY_KEY"),
+            token: get("FERRY_TOKEN"),
             link: get("FERRY_LINK_KEY"),
             login: get("USER"),
             home: get("HOME"),
@@ -101,8 +110,11 @@ pub struct Settings {
     pub proxies: Vec<SocketAddr>,
     pub app: String,
     pub user: String,
-    /// The app key every connection's HELLO token is made with (required for transfers).
+    /// The app key every connection's HELLO token is made with (transfers need it or `token`).
     pub key: Option<SigningKey>,
+    /// A delegated token from the app's backend, sent on every connection instead (it names
+    /// the app and user: `app` and `user` are its).
+    pub token: Option<Vec<u8>>,
     pub threads: usize,
     pub block_size: u32,
     pub timeout: Duration,
@@ -121,6 +133,7 @@ impl Settings {
             app: DEFAULT_APP.into(),
             user: "anonymous".into(),
             key: Some(key),
+            token: None,
             threads: DEFAULT_THREADS,
             block_size: DEFAULT_BLOCK_SIZE,
             timeout: DEFAULT_TIMEOUT,
@@ -166,20 +179,36 @@ pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Setting
     };
     let proxies = parse_proxies(source, &list)?;
 
-    let app = flags
-        .app
-        .clone()
-        .or_else(|| env.app.clone())
-        .or(file.app)
-        .unwrap_or_else(|| DEFAULT_APP.into());
-    check_id("app", &app, APP_ID_LEN)?;
-    let user = flags
+    let token = pick_token(flags, env, file.token_file.as_deref())?;
+    let named_app = flags.app.clone().or_else(|| env.app.clone()).or(file.app);
+    let named_user = flags
         .user
         .clone()
         .or_else(|| env.user.clone())
-        .or(file.user)
-        .or_else(|| env.login.clone().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "anonymous".into());
+        .or(file.user);
+    // A delegated token names its app and user; a different one named elsewhere is a mistake
+    // worth stopping on (the server would refuse it anyway).
+    let (app, user) = match &token {
+        Some(t) => {
+            let (c, _, _) = Claims::parse(t)
+                .map_err(|e| ClientError::Input(format!("delegated token: {e}")))?;
+            for (what, named, is) in [("app", &named_app, &c.app), ("user", &named_user, &c.user)] {
+                if let Some(n) = named.as_ref().filter(|n| *n != is) {
+                    return Err(ClientError::Input(format!(
+                        "the delegated token is for {what} {is:?}, not {n:?}"
+                    )));
+                }
+            }
+            (c.app, c.user)
+        }
+        None => (
+            named_app.unwrap_or_else(|| DEFAULT_APP.into()),
+            named_user
+                .or_else(|| env.login.clone().filter(|u| !u.is_empty()))
+                .unwrap_or_else(|| "anonymous".into()),
+        ),
+    };
+    check_id("app", &app, APP_ID_LEN)?;
     check_id("user", &user, USER_ID_LEN)?;
 
     let threads = file.threads.unwrap_or(DEFAULT_THREADS);
@@ -213,6 +242,7 @@ pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Setting
         app,
         user,
         key,
+        token,
         threads,
         block_size,
         timeout,
@@ -239,6 +269,40 @@ fn pick_key(
         k.check(what).map_err(ClientError::Input)?;
     }
     Ok(key)
+}
+
+/// A delegated token: `--token-file`, else `FERRY_TOKEN`, else the config's `token_file`; hex
+/// text (surrounding whitespace ignored), checked to be a delegated token's layout.
+fn pick_token(flags: &Flags, env: &EnvVars, file: Option<&Path>) -> Result<Option<Vec<u8>>> {
+    let read = |p: &Path| -> Result<(String, String)> {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| ClientError::io(format!("reading the token file {}", p.display()), e))?;
+        Ok((format!("token file {}", p.display()), text))
+    };
+    let (source, text) = match (
+        flags.token_file.as_deref(),
+        env.token.as_deref().filter(|t| !t.is_empty()),
+        file,
+    ) {
+        (Some(p), _, _) => read(p)?,
+        (None, Some(t), _) => ("FERRY_TOKEN".to_owned(), t.to_owned()),
+        (None, None, Some(p)) => read(p)?,
+        (None, None, None) => return Ok(None),
+    };
+    let raw = hex::decode(text.trim())
+        .map_err(|_| ClientError::Input(format!("{source}: not a token (hex text expected)")))?;
+    match Claims::parse(&raw) {
+        Ok((c, _, _)) if c.delegation.is_some() => Ok(Some(raw)),
+        Ok(_) => Err(ClientError::Input(format!(
+            "{source}: a single-use connection token, not a delegated one (`ferry token` makes those)"
+        ))),
+        Err(e) => Err(ClientError::Input(format!("{source}: not a token ({e})"))),
+    }
+}
+
+/// The app key: `FERRY_KEY`, else `[key]`.
+pub fn app_key(file: FileConfig, env: &EnvVars) -> Result<Option<SigningKey>> {
+    pick_key("FERRY_KEY", env.key.as_deref(), file.key, "app key")
 }
 
 /// The link key for calls to trackers (`ferry groups`): `FERRY_LINK_KEY`, else `[link]`.
@@ -365,7 +429,7 @@ mod tests {
         let f = FileConfig {
             app: Some("fileapp".into()),
             user: Some("fileuser".into()),
-            ..file(&["127.0.0.1:1"])
+            ..tests::file(&["127.0.0.1:1"])
         };
         let flags = Flags {
             app: Some("flagapp".into()),
@@ -502,6 +566,89 @@ mod tests {
         s.key = None;
         let e = crate::Client::new(s).err().unwrap().to_string();
         assert!(e.contains("FERRY_KEY"), "{e}");
+    }
+
+    #[test]
+    fn a_delegated_token_names_the_app_and_user_and_comes_from_a_flag_env_or_config() {
+        let key = SigningKey {
+            id: "k1".into(),
+            secret: ferry_common::auth::new_secret(),
+        };
+        let mint = |user: &str| {
+            let t = key
+                .delegate(
+                    "demo",
+                    user,
+                    ferry_common::token::Scope::READ,
+                    60,
+                    Default::default(),
+                )
+                .unwrap();
+            hex::encode(t)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (from_flag, from_file) = (dir.path().join("flag.tok"), dir.path().join("file.tok"));
+        std::fs::write(&from_flag, format!("  {}\n", mint("flag"))).unwrap();
+        std::fs::write(&from_file, mint("file")).unwrap();
+        let flags = |p: Option<&Path>| Flags {
+            token_file: p.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        let env = |t: Option<String>| EnvVars {
+            token: t,
+            ..Default::default()
+        };
+        let cfg = || FileConfig {
+            token_file: Some(from_file.clone()),
+            ..file(&["127.0.0.1:1"])
+        };
+        let user = |f: &Flags, e: &EnvVars, c: FileConfig| resolve(c, f, e).map(|s| s.user);
+        // The flag wins over FERRY_TOKEN, which wins over the config's token_file.
+        let e = env(Some(mint("env")));
+        assert_eq!(user(&flags(Some(&from_flag)), &e, cfg()).unwrap(), "flag");
+        assert_eq!(user(&flags(None), &e, cfg()).unwrap(), "env");
+        assert_eq!(user(&flags(None), &env(None), cfg()).unwrap(), "file");
+        let s = resolve(cfg(), &flags(None), &env(None)).unwrap();
+        assert_eq!((s.app.as_str(), s.token.is_some()), ("demo", true));
+        // A user or app named elsewhere must be the token's.
+        let named = Flags {
+            user: Some("someone".into()),
+            ..flags(Some(&from_flag))
+        };
+        let err = resolve(cfg(), &named, &env(None)).unwrap_err().to_string();
+        assert!(err.contains("for user \"flag\""), "{err}");
+        let other_app = FileConfig {
+            app: Some("other".into()),
+            ..cfg()
+        };
+        assert!(resolve(other_app, &flags(None), &env(None)).is_err());
+        // Not hex, not a token, a connection token: each named.
+        for (text, want) in [
+            ("xyz".to_owned(), "hex text expected"),
+            ("00ff".to_owned(), "not a token"),
+            (
+                hex::encode(
+                    key.mint("demo", "u", ferry_common::token::Scope::READ, 60)
+                        .unwrap(),
+                ),
+                "not a delegated one",
+            ),
+        ] {
+            let err = resolve(file(&["127.0.0.1:1"]), &flags(None), &env(Some(text)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("FERRY_TOKEN") && err.contains(want), "{err}");
+        }
+        assert_eq!(
+            crate::parse_scope("read,delete,admin").unwrap().0,
+            1 | 4 | 8
+        );
+        assert!(crate::parse_scope("admin").is_err());
+        assert!(crate::parse_scope("read,root").is_err());
+        assert_eq!(
+            crate::scope_names(crate::parse_scope("write,read").unwrap()),
+            "read,write"
+        );
     }
 }
 

@@ -13,7 +13,7 @@
 
 use crate::clock::now_secs;
 use crate::proto::{self, cmd, status};
-use crate::token::{AuthError, Claims, NONCE_LEN, Policy, Scope, Verifier};
+use crate::token::{AuthError, Claims, Delegation, NONCE_LEN, Policy, Scope, Verifier};
 use rand::RngExt;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -113,6 +113,32 @@ impl SigningKey {
             not_before: now,
             expires: now.saturating_add(lifetime_secs),
             nonce: rand::rng().random::<[u8; NONCE_LEN]>(),
+            delegation: None,
+        }
+        .mint(self.secret.as_bytes())
+    }
+
+    /// A delegated token: for `user` of `app`, allowing `scope` within `limits`, valid from now
+    /// for `lifetime_secs`, usable for every connection of that user until then. An app's
+    /// backend hands it to the user's device instead of the key.
+    pub fn delegate(
+        &self,
+        app: &str,
+        user: &str,
+        scope: Scope,
+        lifetime_secs: u64,
+        limits: Delegation,
+    ) -> Result<Vec<u8>, AuthError> {
+        let now = now_secs();
+        Claims {
+            key_id: self.id.clone(),
+            app: app.to_owned(),
+            user: user.to_owned(),
+            scope,
+            not_before: now,
+            expires: now.saturating_add(lifetime_secs),
+            nonce: rand::rng().random::<[u8; NONCE_LEN]>(),
+            delegation: Some(limits),
         }
         .mint(self.secret.as_bytes())
     }
@@ -203,6 +229,7 @@ impl AuthConfig {
             skew_secs: self.skew_secs,
             max_lifetime_secs: self.max_lifetime_secs,
             max_live_tokens: self.max_live_tokens,
+            delegated: true,
         })
     }
 }
@@ -353,6 +380,7 @@ impl LinkConfig {
             skew_secs: 120,
             max_lifetime_secs: LINK_LIFETIME_SECS,
             max_live_tokens: 200_000,
+            delegated: false,
         })))
     }
 

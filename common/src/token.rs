@@ -1,31 +1,40 @@
 //! Session tokens: the credential a HELLO carries (the security issue).
 //!
 //! A token says "key `kid` of app `app` lets user `user` do `scope` from `not_before` until
-//! `expires`", with a random `nonce` that makes every token single-use. It is an HMAC-SHA256,
-//! keyed with the app's key `kid`, over every other field, so keys can rotate (several key ids
-//! per app are accepted at once) and nothing in a token can be changed without the key.
+//! `expires`", with a random `nonce`. It is an HMAC-SHA256, keyed with the app's key `kid`, over
+//! every other field, so keys can rotate (several key ids per app are accepted at once) and
+//! nothing in a token can be changed without the key.
+//!
+//! Two kinds. A **connection token** (version 1) is minted by a holder of the app key for one
+//! connection: its nonce makes it single-use. A **delegated token** (version 2) is minted by an
+//! app's backend for one user's device, which holds no key: it serves every connection of that
+//! user until it expires (its nonce only names it in logs), within its limits: the largest file
+//! it may upload, and the one file it may name (a read share).
 //!
 //! Wire layout (inside HELLO's credential field, all integers big-endian):
 //!
 //! ```text
-//! 0        1   token version (1)
+//! 0        1   token version (1: connection, 2: delegated)
 //! 1        1   key id length k (1 ..= 32)
 //! 2        k   key id (printable ASCII)
 //! 2+k      1   app id length a (1 ..= 16)
 //! 3+k      a   app id (UTF-8)
 //! 3+k+a    2   user id length u (1 ..= 256)
 //! 5+k+a    u   user id (UTF-8)
-//! 5+k+a+u  1   scope (bit 0 read, bit 1 write, bit 2 delete)
+//! 5+k+a+u  1   scope (bit 0 read, bit 1 write, bit 2 delete, bit 3 admin)
 //!          8   not before (Unix seconds)
 //!          8   expires (Unix seconds)
 //!          16  nonce
+//!          8   version 2 only: largest upload in bytes (0: no limit)
+//!          1   version 2 only: file id length f (0: any file)
+//!          f   version 2 only: the one file id the token may name
 //!          32  HMAC-SHA256 of every byte before it
 //! ```
 //!
 //! [`Verifier::verify`] checks, in this order: the layout, that the key id is known for the app,
 //! the MAC (constant time), the validity window against the clock with a bounded skew, that the
-//! lifetime is not longer than allowed, and that the nonce was not seen before within the
-//! token's lifetime. Every failure is the same [`AuthError`] kind to the peer ("not valid"), with
+//! lifetime is not longer than allowed, and (connection tokens) that the nonce was not seen
+//! before within the token's lifetime. Every failure is the same [`AuthError`] kind to the peer ("not valid"), with
 //! the reason kept for the log.
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -36,6 +45,8 @@ use std::collections::{BTreeMap, HashMap};
 type HmacSha256 = Hmac<Sha256>;
 
 pub const TOKEN_VERSION: u8 = 1;
+/// The version byte of a delegated token.
+pub const DELEGATED_VERSION: u8 = 2;
 pub const KEY_ID_MAX: usize = 32;
 pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
@@ -50,6 +61,9 @@ pub const TOKEN_MAX: usize = 2
     + 8
     + 8
     + NONCE_LEN
+    + 8
+    + 1
+    + crate::proto::FILE_ID_LEN
     + MAC_LEN;
 const _: () = assert!(TOKEN_MAX <= crate::proto::CREDENTIAL_MAX);
 
@@ -61,7 +75,11 @@ impl Scope {
     pub const READ: Scope = Scope(1);
     pub const WRITE: Scope = Scope(2);
     pub const DELETE: Scope = Scope(4);
+    /// Read, write and delete: everything a user does with their own files.
     pub const ALL: Scope = Scope(7);
+    /// With DELETE: delete any user's file of the app (an app's moderation or clean-up; a
+    /// user's own token never needs it). Only ever granted explicitly.
+    pub const ADMIN: Scope = Scope(8);
 
     pub fn contains(self, other: Scope) -> bool {
         self.0 & other.0 == other.0
@@ -78,6 +96,17 @@ pub struct Claims {
     pub not_before: u64,
     pub expires: u64,
     pub nonce: [u8; NONCE_LEN],
+    /// `Some` for a delegated token (version 2): reusable until it expires, within limits.
+    pub delegation: Option<Delegation>,
+}
+
+/// The limits of a delegated token.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Delegation {
+    /// The largest file it may upload, in bytes (0: no limit).
+    pub max_upload: u64,
+    /// The one file it may name (STAT, DOWNLOAD, DELETE); `None`: any file. It uploads nothing.
+    pub file: Option<String>,
 }
 
 /// Why a token was refused. Peers only learn "not valid" (error 6); the reason goes to the log.
@@ -120,7 +149,10 @@ impl Claims {
             return Err(AuthError::Malformed("user id"));
         }
         let mut b = Vec::with_capacity(TOKEN_MAX);
-        b.push(TOKEN_VERSION);
+        b.push(match self.delegation {
+            Some(_) => DELEGATED_VERSION,
+            None => TOKEN_VERSION,
+        });
         b.push(k.len() as u8);
         b.extend_from_slice(k);
         b.push(a.len() as u8);
@@ -131,6 +163,15 @@ impl Claims {
         b.extend_from_slice(&self.not_before.to_be_bytes());
         b.extend_from_slice(&self.expires.to_be_bytes());
         b.extend_from_slice(&self.nonce);
+        if let Some(d) = &self.delegation {
+            b.extend_from_slice(&d.max_upload.to_be_bytes());
+            let f = d.file.as_deref().unwrap_or("").as_bytes();
+            if f.len() > crate::proto::FILE_ID_LEN || !f.iter().all(|b| b.is_ascii_graphic()) {
+                return Err(AuthError::Malformed("file id"));
+            }
+            b.push(f.len() as u8);
+            b.extend_from_slice(f);
+        }
         Ok(b)
     }
 
@@ -151,9 +192,11 @@ impl Claims {
             return Err(AuthError::Malformed("longer than any token"));
         }
         let mut r = Reader { b: raw, at: 0 };
-        if r.take(1)?[0] != TOKEN_VERSION {
-            return Err(AuthError::Malformed("unknown token version"));
-        }
+        let delegated = match r.take(1)?[0] {
+            TOKEN_VERSION => false,
+            DELEGATED_VERSION => true,
+            _ => return Err(AuthError::Malformed("unknown token version")),
+        };
         let k = usize::from(r.take(1)?[0]);
         let key_id = r.text(k, KEY_ID_MAX, "key id")?;
         if !key_id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -164,12 +207,29 @@ impl Claims {
         let u = usize::from(u16::from_be_bytes(r.array()?));
         let user = r.text(u, crate::proto::USER_ID_LEN, "user id")?;
         let scope = Scope(r.take(1)?[0]);
-        if scope.0 & !Scope::ALL.0 != 0 || scope.0 == 0 {
+        // At least one of read, write, delete; admin only alongside them.
+        if scope.0 & !(Scope::ALL.0 | Scope::ADMIN.0) != 0 || scope.0 & Scope::ALL.0 == 0 {
             return Err(AuthError::Malformed("scope"));
         }
         let not_before = u64::from_be_bytes(r.array()?);
         let expires = u64::from_be_bytes(r.array()?);
         let nonce: [u8; NONCE_LEN] = r.array()?;
+        let delegation = if delegated {
+            let max_upload = u64::from_be_bytes(r.array()?);
+            let f = usize::from(r.take(1)?[0]);
+            let file = if f == 0 {
+                None
+            } else {
+                let id = r.text(f, crate::proto::FILE_ID_LEN, "file id")?;
+                if !id.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(AuthError::Malformed("file id"));
+                }
+                Some(id)
+            };
+            Some(Delegation { max_upload, file })
+        } else {
+            None
+        };
         let signed = &raw[..r.at];
         let tag: [u8; MAC_LEN] = r.array()?;
         if r.at != raw.len() {
@@ -183,6 +243,7 @@ impl Claims {
             not_before,
             expires,
             nonce,
+            delegation,
         };
         Ok((claims, signed, tag))
     }
@@ -243,6 +304,8 @@ pub struct Policy {
     /// Most nonces remembered at once; beyond it new tokens are refused until old ones expire
     /// (refusing is safe, forgetting a live nonce would allow a replay).
     pub max_live_tokens: usize,
+    /// Delegated (reusable) tokens pass; off for LINK proofs, which are single-use only.
+    pub delegated: bool,
 }
 
 /// Verifies tokens and remembers their nonces until they expire.
@@ -292,6 +355,15 @@ impl Verifier {
         if life > self.policy.max_lifetime_secs || c.expires < c.not_before {
             return Err(AuthError::TooLong(life));
         }
+        if c.delegation.is_some() {
+            // Reusable by design: its expiry (and its limits, checked per command) bound it.
+            if !self.policy.delegated {
+                return Err(AuthError::Malformed(
+                    "a delegated token where only single-use ones pass",
+                ));
+            }
+            return Ok(c);
+        }
         let mut seen = self.seen.lock();
         if seen.contains_key(&c.nonce) {
             return Err(AuthError::Replayed);
@@ -328,6 +400,7 @@ mod tests {
             skew_secs: 60,
             max_lifetime_secs: 3600,
             max_live_tokens: 4,
+            delegated: true,
         }
     }
 
@@ -340,6 +413,7 @@ mod tests {
             not_before: NOW - 10,
             expires: NOW + 600,
             nonce: [nonce; NONCE_LEN],
+            delegation: None,
         }
     }
 
@@ -355,6 +429,62 @@ mod tests {
         assert!(t.len() <= TOKEN_MAX);
         assert_eq!(v.verify(&t, NOW).unwrap(), c);
         assert_eq!(v.verify(&t, NOW), Err(AuthError::Replayed));
+    }
+
+    #[test]
+    fn a_delegated_token_serves_many_connections_within_its_limits_until_it_expires() {
+        let v = Verifier::new(policy());
+        let key = b"key-one-0123456789abcdef";
+        let longest_id = "g".repeat(crate::proto::FILE_ID_LEN);
+        for limits in [
+            Delegation::default(),
+            Delegation {
+                max_upload: 1 << 30,
+                file: Some(longest_id.clone()),
+            },
+        ] {
+            let mut c = claims(7);
+            c.delegation = Some(limits.clone());
+            let t = mint(&c, key);
+            assert!(t.len() <= TOKEN_MAX);
+            assert_eq!(t[0], DELEGATED_VERSION);
+            // Reusable: no replay refusal, and nothing cached for it.
+            for _ in 0..10 {
+                assert_eq!(v.verify(&t, NOW).unwrap().delegation, Some(limits.clone()));
+            }
+            assert!(matches!(
+                v.verify(&t, NOW + 600 + 61),
+                Err(AuthError::Expired(_))
+            ));
+            // Every flipped byte is refused.
+            for i in 0..t.len() {
+                let mut bad = t.clone();
+                bad[i] ^= 1;
+                assert!(v.verify(&bad, NOW).is_err(), "byte {i}");
+            }
+            // Where only single-use proofs pass (LINK), it does not.
+            let links = Verifier::new(Policy {
+                delegated: false,
+                ..policy()
+            });
+            assert!(matches!(
+                links.verify(&t, NOW),
+                Err(AuthError::Malformed(_))
+            ));
+        }
+        assert_eq!(v.seen.lock().len(), 0);
+        // A file id that is not one cannot be minted.
+        let mut c = claims(8);
+        c.delegation = Some(Delegation {
+            max_upload: 0,
+            file: Some(format!("{longest_id}x")),
+        });
+        assert!(c.mint(key).is_err());
+        c.delegation = Some(Delegation {
+            max_upload: 0,
+            file: Some("a b".into()),
+        });
+        assert!(c.mint(key).is_err());
     }
 
     #[test]
@@ -478,5 +608,26 @@ mod tests {
         c.user = String::new();
         assert!(c.mint(key).is_err());
         assert_eq!(Claims::parse(&[]).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn scopes_are_bits_and_admin_comes_only_with_another() {
+        let key = b"key-one-0123456789abcdef";
+        for (bits, ok) in [
+            (Scope::READ.0, true),
+            (Scope::DELETE.0 | Scope::ADMIN.0, true),
+            (Scope::ALL.0 | Scope::ADMIN.0, true),
+            (0, false),
+            (Scope::ADMIN.0, false),
+            (16, false),
+            (Scope::ALL.0 | 32, false),
+        ] {
+            let mut c = claims(1);
+            c.scope = Scope(bits);
+            let t = mint(&c, key);
+            assert_eq!(Claims::parse(&t).is_ok(), ok, "scope bits {bits:#b}");
+        }
+        assert!(Scope(Scope::DELETE.0 | Scope::ADMIN.0).contains(Scope::ADMIN));
+        assert!(!Scope::ALL.contains(Scope::ADMIN));
     }
 }

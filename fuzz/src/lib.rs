@@ -185,6 +185,7 @@ pub fn hello_token(data: &[u8]) {
         skew_secs: 60,
         max_lifetime_secs: 86_400,
         max_live_tokens: 16,
+        delegated: true,
     });
     let now = 1_800_000_000;
     let _ = Claims::parse(&credential);

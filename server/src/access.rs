@@ -7,7 +7,7 @@ use crate::storage::{OpError, Who};
 use ferry_common::auth::{LinkConfig, LinkVerifier, PeerKind};
 use ferry_common::clock::now_secs;
 use ferry_common::proto::{ErrorCode, Hello, NodeHello, cmd};
-use ferry_common::token::{AuthError, Scope, Verifier};
+use ferry_common::token::{AuthError, Delegation, Scope, Verifier};
 use log::warn;
 use std::net::SocketAddr;
 
@@ -26,8 +26,57 @@ pub struct Access {
 pub struct Session {
     /// The key id of the peer's LINK proof.
     pub link: Option<String>,
-    /// The identity and scope of the session's token, once HELLO passed.
-    pub who: Option<(Who, Scope)>,
+    /// The identity of the session's token and what it grants, once HELLO passed.
+    pub who: Option<(Who, Grant)>,
+}
+
+/// What a session's token grants: its scope and, for a delegated token, its limits (a
+/// connection token minted with the app key has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub scope: Scope,
+    pub limits: Delegation,
+    /// A delegated token's session ends with the token (plus the allowed clock skew): the
+    /// Unix second after which its commands are refused. A connection token's session lives
+    /// as long as the connection (its token was checked once, at HELLO).
+    pub until: Option<u64>,
+}
+
+impl Grant {
+    /// Whether the session may still send commands at `now` (else error 6, which closes it).
+    pub fn live(&self, now: u64) -> Result<(), OpError> {
+        match self.until {
+            Some(t) if now > t => Err(auth_error(
+                "the session's delegated token has expired; reconnect with a fresh one",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A command naming file `id`: refused (error 25) when the token is for another file.
+    pub fn may_name(&self, id: &str) -> Result<(), OpError> {
+        match &self.limits.file {
+            Some(only) if only != id => Err(OpError::new(
+                ErrorCode::Forbidden,
+                format!("this session's token is for file {only} only, not {id}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// An upload of `size` bytes: refused (error 25) past the token's upload limit.
+    pub fn may_upload(&self, size: u64) -> Result<(), OpError> {
+        match self.limits.max_upload {
+            max if max > 0 && size > max => Err(OpError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "this session's token allows uploads of at most {max} bytes; this file has \
+                     {size}"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What a command needs before it may run.
@@ -155,7 +204,7 @@ impl Access {
                     ErrorCode::HelloRequired,
                     format!("{} before HELLO", cmd::name(c)),
                 )),
-                Some((_, have)) if !have.contains(scope) => Err(auth_error(format!(
+                Some((_, have)) if !have.scope.contains(scope) => Err(auth_error(format!(
                     "{} refused: the session's token does not allow it",
                     cmd::name(c)
                 ))),
@@ -199,7 +248,7 @@ impl Access {
     }
 
     /// Checks a HELLO's token; the session's identity and scope come from it alone.
-    pub fn hello(&self, peer: SocketAddr, hello: &Hello) -> Result<(Who, Scope), OpError> {
+    pub fn hello(&self, peer: SocketAddr, hello: &Hello) -> Result<(Who, Grant), OpError> {
         let Some(v) = &self.tokens else {
             return Err(OpError::new(
                 ErrorCode::UnknownCommand,
@@ -221,12 +270,29 @@ impl Access {
                 "HELLO's app and user differ from its token's; the token decides",
             ));
         }
+        let until = c
+            .delegation
+            .is_some()
+            .then(|| c.expires.saturating_add(v.policy().skew_secs));
+        let limits = c.delegation.unwrap_or_default();
+        // A read share names one file; it may not write (an upload names no file yet).
+        if limits.file.is_some() && c.scope.contains(Scope::WRITE) {
+            return Err(refused(
+                peer,
+                "HELLO",
+                &AuthError::Malformed("a token bound to one file with the write scope"),
+            ));
+        }
         Ok((
             Who {
                 app: c.app,
                 user: c.user,
             },
-            c.scope,
+            Grant {
+                scope: c.scope,
+                limits,
+                until,
+            },
         ))
     }
 }
@@ -417,9 +483,10 @@ mod tests {
         let (a, key, _) = access(false);
         let t = key.mint("demo", "alice", Scope::ALL, 60).unwrap();
         // Body fields empty: the token alone names the session.
-        let (who, scope) = a.hello(PEER, &Hello::new("", "", &t)).unwrap();
+        let (who, grant) = a.hello(PEER, &Hello::new("", "", &t)).unwrap();
         assert_eq!((who.app.as_str(), who.user.as_str()), ("demo", "alice"));
-        assert_eq!(scope, Scope::ALL);
+        assert_eq!(grant.scope, Scope::ALL);
+        assert_eq!(grant.limits, Delegation::default());
         // Replayed, missing, tampered, foreign-key and mismatched tokens.
         let mut tampered = key.mint("demo", "alice", Scope::ALL, 60).unwrap();
         let n = tampered.len();
@@ -441,6 +508,55 @@ mod tests {
             let e = a.hello(PEER, &h).unwrap_err();
             assert_eq!(e.code, ErrorCode::Auth, "{what}");
         }
+        // A delegated token passes again and again, with its limits as the session's.
+        let share = Delegation {
+            max_upload: 0,
+            file: Some("0001-ab".into()),
+        };
+        let d = key
+            .delegate("demo", "bob", Scope::READ, 60, share.clone())
+            .unwrap();
+        for _ in 0..3 {
+            let (who, grant) = a.hello(PEER, &Hello::new("demo", "bob", &d)).unwrap();
+            assert_eq!((who.user.as_str(), &grant.limits), ("bob", &share));
+            assert!(grant.may_name("0001-ab").is_ok());
+            assert_eq!(
+                grant.may_name("0002-cd").unwrap_err().code,
+                ErrorCode::Forbidden
+            );
+        }
+        // A read share may not write.
+        let rw = key
+            .delegate(
+                "demo",
+                "bob",
+                Scope(Scope::READ.0 | Scope::WRITE.0),
+                60,
+                share,
+            )
+            .unwrap();
+        assert_eq!(
+            a.hello(PEER, &Hello::new("demo", "bob", &rw))
+                .unwrap_err()
+                .code,
+            ErrorCode::Auth
+        );
+        let capped = Grant {
+            scope: Scope::WRITE,
+            limits: Delegation {
+                max_upload: 100,
+                file: None,
+            },
+            until: Some(1000),
+        };
+        assert!(capped.live(1000).is_ok());
+        assert_eq!(capped.live(1001).unwrap_err().code, ErrorCode::Auth);
+        assert!(capped.may_upload(100).is_ok());
+        let e = capped.may_upload(101).unwrap_err();
+        assert!(
+            e.code == ErrorCode::Forbidden && e.text.contains("at most 100 bytes"),
+            "{e}"
+        );
         // Without [link.accept] a LINK frame is accepted as nothing.
         assert_eq!(a.link(PEER, b"junk").unwrap(), None);
         assert!(!a.link_required());

@@ -25,6 +25,7 @@ use ferry_common::proto::{
     status,
 };
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
+use ferry_common::token::Scope;
 use log::{debug, info, warn};
 use mio::Interest;
 use mio::net::TcpStream;
@@ -334,12 +335,12 @@ impl ServerConn {
                     .map_err(bad)
                     .and_then(|hello| self.access.hello(self.peer, &hello));
                 match r {
-                    Ok((who, scope)) => {
+                    Ok((who, grant)) => {
                         debug!(
-                            "{}: session for app {} user {} (scope {:#b})",
-                            self.peer, who.app, who.user, scope.0
+                            "{}: session for app {} user {} (scope {:#b}, limits {:?})",
+                            self.peer, who.app, who.user, grant.scope.0, grant.limits
                         );
-                        self.session.who = Some((who, scope));
+                        self.session.who = Some((who, grant));
                         self.reply(
                             &Identity {
                                 version: proto::VERSION,
@@ -360,18 +361,50 @@ impl ServerConn {
             _ => {}
         }
         // `authorize` let a file command through, so the session has passed HELLO.
-        let Some((who, _)) = self.session.who.clone() else {
+        let Some((who, grant)) = self.session.who.clone() else {
             let e = OpError::new(ErrorCode::Internal, "file command without a session");
             return self.error(&e, h.cmd);
         };
+        // A delegated token's expiry and limits (a malformed body is the command's own error).
+        if let Err(e) = grant.live(ferry_common::clock::now_secs()) {
+            return self.error(&e, h.cmd);
+        }
+        let limited = match h.cmd {
+            cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => {
+                proto::decode_file_id(meta).map_or(Ok(()), |id| grant.may_name(&id))
+            }
+            cmd::DOWNLOAD => {
+                DownloadReq::decode(meta).map_or(Ok(()), |r| grant.may_name(&r.file_id))
+            }
+            cmd::UPLOAD_INIT => {
+                UploadInit::decode(meta).map_or(Ok(()), |i| grant.may_upload(i.size))
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = limited {
+            return self.error(&e, h.cmd);
+        }
         let r = match h.cmd {
-            cmd::UPLOAD => self.start_small(&who, meta, payload_len),
+            cmd::UPLOAD => match grant.may_upload(payload_len) {
+                Ok(()) => self.start_small(&who, meta, payload_len),
+                // The payload still has to be read to stay in step with the stream.
+                Err(e) => {
+                    self.discard(
+                        payload_len,
+                        ErrorBody::new(e.code, e.text).frame(cmd::REPLY_STORAGE),
+                    );
+                    Ok(())
+                }
+            },
             cmd::UPLOAD_BLOCK => self.start_block(&who, meta, payload_len),
             cmd::STAT => self.stat(&who, meta),
             cmd::DOWNLOAD => self.download(&who, meta),
             cmd::DELETE => proto::decode_file_id(meta)
                 .map_err(bad)
-                .and_then(|id| self.st.delete(&who, &id))
+                .and_then(|id| {
+                    self.st
+                        .delete(&who, &id, grant.scope.contains(Scope::ADMIN))
+                })
                 .map(|()| self.reply(&[])),
             cmd::DOWNLOAD_OVER => proto::decode_file_id(meta)
                 .map_err(bad)

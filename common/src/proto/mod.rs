@@ -276,6 +276,8 @@ pub enum ErrorCode {
     NoNode = 23,
     /// The database is unreachable and the tracker has nothing to answer from.
     Unavailable = 24,
+    /// The session may not do this to this file (another user's file, without the admin scope).
+    Forbidden = 25,
 }
 
 impl ErrorCode {
@@ -306,6 +308,7 @@ impl ErrorCode {
             22 => UnknownGroup,
             23 => NoNode,
             24 => Unavailable,
+            25 => Forbidden,
             _ => return None,
         })
     }

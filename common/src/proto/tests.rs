@@ -596,17 +596,19 @@ fn cluster_error_codes() {
         (22, ErrorCode::UnknownGroup),
         (23, ErrorCode::NoNode),
         (24, ErrorCode::Unavailable),
+        (25, ErrorCode::Forbidden),
     ] {
         assert_eq!(ErrorCode::from_u16(v), Some(c));
         assert_eq!(c as u16, v);
     }
-    assert_eq!(ErrorCode::from_u16(25), None);
+    assert_eq!(ErrorCode::from_u16(26), None);
+    assert!(!ErrorCode::Forbidden.retryable());
     assert!(!ErrorCode::NotJoined.retryable());
     assert!(!ErrorCode::UnknownGroup.retryable());
     assert!(ErrorCode::NoNode.retryable());
     assert!(ErrorCode::Unavailable.retryable());
     // Framing errors and Auth end the session; nothing else does.
-    for v in 1..=24 {
+    for v in 1..=25 {
         let c = ErrorCode::from_u16(v).unwrap();
         assert_eq!(c.ends_session(), v <= 6, "{c:?}");
     }

@@ -135,8 +135,9 @@ pub trait MetaStore: Send + Sync {
     /// another group's data directory cannot be linked).
     fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>>;
     /// Marks a stored file of `app` deleting (invisible from then on), returning it; the caller
-    /// unlinks its bytes and then drops the record (this group: only it holds the bytes).
-    fn delete_file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
+    /// unlinks its bytes and then drops the record (this group: only it holds the bytes). With
+    /// `owner`, only a file that user uploaded (`None` also for another user's file).
+    fn delete_file(&self, id: &str, app: &str, owner: Option<&str>) -> Result<Option<FileRec>>;
     /// Deletes any file record (after a deletion's unlink, or start-up clean-up).
     fn drop_file(&self, id: &str) -> Result<()>;
     /// Every file record in `status` (this group; start-up: committing and deleting ones).

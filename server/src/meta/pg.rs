@@ -372,7 +372,7 @@ impl MetaStore for PgStore {
         })
     }
 
-    fn delete_file(&self, id: &str, app: &str) -> Result<Option<FileRec>> {
+    fn delete_file(&self, id: &str, app: &str, owner: Option<&str>) -> Result<Option<FileRec>> {
         let now = big(now_secs(), "time")?;
         self.tx(|tx| {
             // One UPDATE .. RETURNING: of two nodes deleting the same file, one gets the row.
@@ -381,7 +381,7 @@ impl MetaStore for PgStore {
                     &format!(
                         "UPDATE files SET status = $4, updated = $5 \
                          WHERE id = $1 AND app = $2 AND status = $3 AND grp = $6 \
-                         RETURNING {FILE_COLS}"
+                         AND ($7::TEXT IS NULL OR \"user\" = $7) RETURNING {FILE_COLS}"
                     ),
                     &[
                         &id,
@@ -390,6 +390,7 @@ impl MetaStore for PgStore {
                         &i64::from(FILE_DELETING),
                         &now,
                         &self.group,
+                        &owner,
                     ],
                 )?
                 .as_ref()

@@ -120,7 +120,7 @@ fn every_method(m: &dyn MetaStore, seen: &mut dyn FnMut(&'static str)) {
     seen("take_claim");
     m.release_claim("app", "u", &key, "n2").unwrap();
     seen("release_claim");
-    m.delete_file(&f.id, "app").unwrap();
+    m.delete_file(&f.id, "app", None).unwrap();
     seen("delete_file");
     m.drop_file(&f.id).unwrap();
     seen("drop_file");

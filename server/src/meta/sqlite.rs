@@ -402,14 +402,14 @@ impl MetaStore for SqliteStore {
         .optional()?)
     }
 
-    fn delete_file(&self, id: &str, app: &str) -> Result<Option<FileRec>> {
+    fn delete_file(&self, id: &str, app: &str, owner: Option<&str>) -> Result<Option<FileRec>> {
         self.write(|tx| {
             let rec = tx
                 .prepare_cached(&format!(
-                    "SELECT {FILE_COLS} FROM files \
-                     WHERE id = ?1 AND app = ?2 AND status = ?3 AND grp = ?4"
+                    "SELECT {FILE_COLS} FROM files WHERE id = ?1 AND app = ?2 AND status = ?3 \
+                     AND grp = ?4 AND (?5 IS NULL OR user = ?5)"
                 ))?
-                .query_row(params![id, app, FILE_STORED, self.group], file_row)
+                .query_row(params![id, app, FILE_STORED, self.group, owner], file_row)
                 .optional()?;
             if rec.is_some() {
                 exec(

@@ -51,11 +51,17 @@ fn files_are_visible_once_committed_and_only_to_their_app(m: &dyn MetaStore) {
     assert_eq!(m.file("a", "other").unwrap(), None);
     assert!(m.find_content("app", &[7; 32], 10).unwrap().is_some());
     assert!(m.find_content("app", &[7; 32], 11).unwrap().is_none());
-    assert!(m.delete_file("a", "other").unwrap().is_none());
-    let gone = m.delete_file("a", "app").unwrap().unwrap();
+    assert!(m.delete_file("a", "other", None).unwrap().is_none());
+    // Its owner is user "u": another user's delete changes nothing.
+    assert!(m.delete_file("a", "app", Some("v")).unwrap().is_none());
+    assert!(m.file("a", "app").unwrap().is_some());
+    let gone = m.delete_file("a", "app", Some("u")).unwrap().unwrap();
     assert_eq!((gone.id.as_str(), gone.status), ("a", FILE_STORED));
     assert!(m.file("a", "app").unwrap().is_none());
-    assert!(m.delete_file("a", "app").unwrap().is_none(), "deleted once");
+    assert!(
+        m.delete_file("a", "app", None).unwrap().is_none(),
+        "deleted once"
+    );
     assert_eq!(m.files_with_status(FILE_DELETING).unwrap().len(), 1);
     m.drop_file("a").unwrap();
     assert!(m.files_with_status(FILE_DELETING).unwrap().is_empty());
@@ -229,12 +235,12 @@ fn groups_sharing_a_database_keep_to_their_own_rows(g1: &dyn MetaStore, g2: &dyn
     assert!(g2.file("f1", "app").unwrap().is_some());
     assert!(g2.find_content("app", &f.sha256, f.size).unwrap().is_none());
     assert!(g1.find_content("app", &f.sha256, f.size).unwrap().is_some());
-    assert!(g2.delete_file("f1", "app").unwrap().is_none());
+    assert!(g2.delete_file("f1", "app", None).unwrap().is_none());
     assert!(
         g1.file("f1", "app").unwrap().is_some(),
         "g2 deleted g1's file"
     );
-    assert!(g1.delete_file("f1", "app").unwrap().is_some());
+    assert!(g1.delete_file("f1", "app", None).unwrap().is_some());
     let deleting = |m: &dyn MetaStore| m.files_with_status(FILE_DELETING).unwrap().len();
     assert_eq!((deleting(g1), deleting(g2)), (1, 0));
 }
@@ -439,7 +445,7 @@ fn sqlite_writes_return_only_after_their_wal_sync() {
     unsynced("commit_file", m.commit_file("f"));
     unsynced("mark_blocks", m.mark_blocks(&[(s.id, 0, 1)], 20));
     unsynced("touch_session", m.touch_session(&s.id, 30));
-    unsynced("delete_file", m.delete_file("f", "app"));
+    unsynced("delete_file", m.delete_file("f", "app", None));
     unsynced("drop_file", m.drop_file("f"));
     unsynced("expire_finished", m.expire_finished(0));
     unsynced("delete_session", m.delete_session(&s.id));

@@ -79,14 +79,25 @@ impl Storage {
         })
     }
 
-    pub fn delete(&self, who: &Who, id: &str) -> OpResult<()> {
-        let f = match self.meta.delete_file(id, &who.app) {
+    /// Deletes a stored file: the session user's own, or (`admin`: a token with the admin
+    /// scope) any user's of the app. Reading stays a capability of whoever holds the id.
+    pub fn delete(&self, who: &Who, id: &str, admin: bool) -> OpResult<()> {
+        let owner = (!admin).then_some(who.user.as_str());
+        let f = match self.meta.delete_file(id, &who.app, owner) {
             Ok(Some(f)) => f,
             Ok(None) => {
-                return Err(OpError::new(
-                    ErrorCode::NotFound,
-                    format!("no such file {id}"),
-                ));
+                // Tell "not yours" from "not there": the file is visible to every reader.
+                return Err(match self.meta.file(id, &who.app) {
+                    Ok(Some(f)) if f.user != who.user => OpError::new(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "file {id} belongs to another user of app {}: only its owner, or a \
+                             token with the admin scope, may delete it",
+                            who.app
+                        ),
+                    ),
+                    _ => OpError::new(ErrorCode::NotFound, format!("no such file {id}")),
+                });
             }
             Err(e) => return Err(db_err(e, "file delete")),
         };

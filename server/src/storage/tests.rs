@@ -66,7 +66,7 @@ fn start_up_finishes_or_drops_interrupted_commits() {
             .insert_file(&rec("doomed", 902, &doomed), None)
             .unwrap();
         st.meta.commit_file("doomed").unwrap();
-        assert!(st.meta.delete_file("doomed", "a").unwrap().is_some());
+        assert!(st.meta.delete_file("doomed", "a", None).unwrap().is_some());
         assert_eq!(
             st.stat(&who, "doomed").unwrap_err().code,
             ErrorCode::NotFound

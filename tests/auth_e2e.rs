@@ -720,3 +720,169 @@ fn delegated_tokens_are_reusable_within_their_limits_and_end_with_their_expiry()
     );
     intact(addr, &owned);
 }
+
+/// An app whose files are their owners' to read (`[apps.APP] reads = "owner"`): another user's
+/// STAT and DOWNLOAD get exactly what a missing file gets; the owner, a token with the admin
+/// scope and a read share of that file still read it; other apps keep capability reads.
+#[test]
+fn owner_only_reads_hide_other_users_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    let conf = "[apps.demo]\nreads = \"owner\"\n";
+    let _srv = support::start_server(
+        dir.path(),
+        "ferry-server",
+        conf,
+        addr,
+        &dir.path().join("d"),
+    );
+    let owned = setup(addr);
+    let stat = |id: &str| proto::frame(cmd::STAT, 0, &proto::encode_file_id(id).unwrap());
+    let err_text = |c: &mut Conn, frame: &[u8]| {
+        c.send(frame);
+        let mut h = [0u8; HEADER_LEN];
+        c.0.read_exact(&mut h).unwrap();
+        let h = Header::decode(&h);
+        let mut body = vec![0u8; h.body_len as usize];
+        c.0.read_exact(&mut body).unwrap();
+        assert_eq!(h.status, status::ERROR);
+        let e = ErrorBody::decode(&body).unwrap();
+        (e.code, e.text)
+    };
+    let made_up = "0000000000000001-aaaaaaaaaaaaaaaa";
+    let mut bob = Conn::session(addr, "demo", "bob");
+    let (code, text) = err_text(&mut bob, &stat(&owned.file));
+    let (missing_code, missing_text) = err_text(&mut bob, &stat(made_up));
+    assert_eq!(code, ErrorCode::NotFound);
+    assert_eq!(
+        (code, text.replace(&owned.file, "ID")),
+        (missing_code, missing_text.replace(made_up, "ID"))
+    );
+    assert_eq!(
+        bob.call(&request(cmd::DOWNLOAD, &owned)),
+        Reply::Err(ErrorCode::NotFound)
+    );
+    // The owner, an admin token and a read share of the file read it.
+    let mut alice = Conn::session(addr, "demo", "alice");
+    assert!(matches!(alice.call(&stat(&owned.file)), Reply::Ok(_)));
+    let admin = key()
+        .mint(
+            "demo",
+            "mod",
+            Scope(Scope::READ.0 | Scope::DELETE.0 | Scope::ADMIN.0),
+            300,
+        )
+        .unwrap();
+    let mut m = Conn::open(addr);
+    assert!(matches!(
+        m.call(&hello_with("demo", "mod", &admin)),
+        Reply::Ok(_)
+    ));
+    assert!(matches!(m.call(&stat(&owned.file)), Reply::Ok(_)));
+    let share = key()
+        .delegate(
+            "demo",
+            "bob",
+            Scope::READ,
+            300,
+            Delegation {
+                max_upload: 0,
+                file: Some(owned.file.clone()),
+            },
+        )
+        .unwrap();
+    let mut s = Conn::open(addr);
+    assert!(matches!(
+        s.call(&hello_with("demo", "bob", &share)),
+        Reply::Ok(_)
+    ));
+    assert!(matches!(
+        s.call(&request(cmd::DOWNLOAD, &owned)),
+        Reply::Ok(_)
+    ));
+    // Another app without the policy: capability reads as before.
+    let mut o = Conn::session(addr, "other", "ann");
+    let Reply::Ok(id) = o.call(&small_upload_frame(b"other app's file")) else {
+        panic!("upload in app other");
+    };
+    let id = proto::decode_file_id(&id).unwrap();
+    let mut o2 = Conn::session(addr, "other", "ben");
+    assert!(matches!(o2.call(&stat(&id)), Reply::Ok(_)));
+}
+
+/// Per-user quotas of an app (`[apps.APP] max_stored_bytes`, `max_files`): an upload one byte
+/// over is refused when it starts (error 26, naming the quota; the session goes on, nothing is
+/// stored), whether small or in blocks; every user has their own; deleting frees room.
+#[test]
+fn quotas_refuse_the_upload_one_byte_over_and_every_user_has_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    let conf = "[apps.demo]\nmax_stored_bytes = 300000\n[apps.other]\nmax_files = 2\n";
+    let _srv = support::start_server(
+        dir.path(),
+        "ferry-server",
+        conf,
+        addr,
+        &dir.path().join("d"),
+    );
+    let upload = |c: &mut Conn, len: usize, seed: u8| c.call(&small_upload_frame(&vec![seed; len]));
+    let init = |size: u64| {
+        let body = UploadInit {
+            size,
+            block_size: 128 * 1024,
+            sha256: [size as u8; 32],
+            name: "big.bin".into(),
+        }
+        .encode()
+        .unwrap();
+        proto::frame(cmd::UPLOAD_INIT, 0, &body)
+    };
+    let mut alice = Conn::session(addr, "demo", "alice");
+    let Reply::Ok(first) = upload(&mut alice, 100_000, 1) else {
+        panic!("first upload refused");
+    };
+    // 200,000 more would be exactly the quota: a block upload may open for it, one byte more
+    // may not, nor a small upload one byte over.
+    assert!(matches!(alice.call(&init(200_000)), Reply::Ok(_)));
+    assert_eq!(alice.call(&init(200_001)), Reply::Err(ErrorCode::Quota));
+    alice.send(&small_upload_frame(&vec![2; 200_001]));
+    let mut h = [0u8; HEADER_LEN];
+    alice.0.read_exact(&mut h).unwrap();
+    let mut body = vec![0u8; Header::decode(&h).body_len as usize];
+    alice.0.read_exact(&mut body).unwrap();
+    let e = ErrorBody::decode(&body).unwrap();
+    assert_eq!(e.code, ErrorCode::Quota);
+    assert!(
+        e.text.contains("max_stored_bytes") && e.text.contains("by 1"),
+        "{}",
+        e.text
+    );
+    // The session goes on: exactly the quota is stored.
+    assert!(matches!(upload(&mut alice, 200_000, 3), Reply::Ok(_)));
+    assert_eq!(upload(&mut alice, 1, 4), Reply::Err(ErrorCode::Quota));
+    // Bob has a quota of his own.
+    let mut bob = Conn::session(addr, "demo", "bob");
+    assert!(matches!(upload(&mut bob, 300_000, 5), Reply::Ok(_)));
+    // Deleting makes room again.
+    let first = proto::decode_file_id(&first).unwrap();
+    let del = proto::frame(cmd::DELETE, 0, &proto::encode_file_id(&first).unwrap());
+    assert!(matches!(alice.call(&del), Reply::Ok(_)));
+    assert!(matches!(upload(&mut alice, 1, 4), Reply::Ok(_)));
+    // A file-count quota.
+    let mut ann = Conn::session(addr, "other", "ann");
+    assert!(matches!(upload(&mut ann, 10, 6), Reply::Ok(_)));
+    assert!(matches!(upload(&mut ann, 10, 7), Reply::Ok(_)));
+    assert_eq!(upload(&mut ann, 10, 8), Reply::Err(ErrorCode::Quota));
+    // A repeat of a stored upload (same key) is its id again, not a new file, even with the
+    // quota full.
+    let same = small_upload_frame(b"same bytes, same key");
+    let mut ben = Conn::session(addr, "other", "ben");
+    assert!(matches!(upload(&mut ben, 10, 9), Reply::Ok(_)));
+    let Reply::Ok(a) = ben.call(&same) else {
+        panic!("ben's second file refused")
+    };
+    let Reply::Ok(b) = ben.call(&same) else {
+        panic!("a repeated upload counted against the quota")
+    };
+    assert_eq!(a, b);
+}

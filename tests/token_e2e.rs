@@ -15,24 +15,30 @@ use std::time::{Duration, Instant};
 use support::cli::{Run, ferry, run};
 use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
 
-/// A server and one proxy in front of it.
+/// A server and one proxy in front of it, logging at debug level (so the secrets check below
+/// reads everything they could say).
 struct Setup {
     dir: tempfile::TempDir,
     proxy: SocketAddr,
     procs: Vec<Proc>,
+    /// Everything the device's `ferry` runs printed (stdout and stderr, debug logs included).
+    printed: std::cell::RefCell<String>,
 }
 
 impl Setup {
     fn start() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let server = free_addr();
-        let srv = support::start_server(
+        let mut cmd = support::server_command(
+            Command::new(bin("ferry-server")),
             dir.path(),
             "ferry-server",
             "sync_blocks = false\nidle_timeout_ms = 2000\n",
             server,
             &dir.path().join("data"),
         );
+        let srv = Proc::spawn("ferry-server", cmd.env("RUST_LOG", "debug"), dir.path());
+        wait_ready(server, Duration::from_secs(20));
         let proxy = free_addr();
         let px = Proc::spawn(
             "ferry-proxy",
@@ -40,7 +46,8 @@ impl Setup {
                 .arg("--listen")
                 .arg(proxy.to_string())
                 .arg("--upstream")
-                .arg(server.to_string()),
+                .arg(server.to_string())
+                .env("RUST_LOG", "debug"),
             dir.path(),
         );
         wait_ready(proxy, Duration::from_secs(20));
@@ -54,6 +61,7 @@ impl Setup {
             dir,
             proxy,
             procs: vec![srv, px],
+            printed: Default::default(),
         }
     }
 
@@ -81,12 +89,49 @@ impl Setup {
         let mut all = vec!["--config", conf.to_str().unwrap(), "--json"];
         all.extend_from_slice(args);
         let mut cmd = ferry(&self.path("device"), &[self.proxy], &all);
-        cmd.env_remove("FERRY_KEY").env("FERRY_TOKEN", token);
+        cmd.env_remove("FERRY_KEY")
+            .env("FERRY_TOKEN", token)
+            .env("RUST_LOG", "debug");
         cmd
     }
 
     fn on_device(&self, token: &str, args: &[&str]) -> Run {
-        run(self.device(token, args))
+        let r = run(self.device(token, args));
+        let mut p = self.printed.borrow_mut();
+        p.push_str(&r.stdout);
+        p.push_str(&r.stderr);
+        r
+    }
+
+    /// No log line and no output of the device names a secret: the app key, a token (as hex,
+    /// or its MAC alone), whatever the run did (refusals included).
+    fn assert_no_secrets(&self, tokens: &[&str]) {
+        let mut texts = vec![(
+            "the device's output".to_owned(),
+            self.printed.borrow().clone(),
+        )];
+        for p in &self.procs {
+            texts.push((format!("{}'s log", p.name), p.log_text()));
+        }
+        assert!(
+            texts[1].1.contains("DEBUG"),
+            "the server logs at debug level"
+        );
+        let mut secrets = vec![support::auth::KEY_SECRET.to_owned()];
+        for t in tokens {
+            secrets.push(t.to_string());
+            // Its MAC alone, as hex (the last 32 bytes).
+            secrets.push(t[t.len() - 64..].to_owned());
+        }
+        for (what, text) in &texts {
+            for s in &secrets {
+                assert!(
+                    !text.contains(s.as_str()),
+                    "{what} shows a secret ({}...)",
+                    &s[..8]
+                );
+            }
+        }
     }
 }
 
@@ -209,11 +254,11 @@ fn a_device_with_only_a_delegated_token_transfers_and_is_held_to_its_limits() {
     let mut tampered = hex::decode(&alice).unwrap();
     let n = tampered.len();
     tampered[n - 1] ^= 1;
-    failed_with(
-        &s.on_device(&hex::encode(tampered), &["stat", &id]),
-        &["error 6 Auth"],
-    );
-    drop(s.procs);
+    let tampered = hex::encode(tampered);
+    failed_with(&s.on_device(&tampered, &["stat", &id]), &["error 6 Auth"]);
+    s.assert_no_secrets(&[
+        &alice, &mallory, &viewer, &capped, &share, &other, &tampered,
+    ]);
 }
 
 /// Bits set in the block map of the device's one upload state file.

@@ -5,6 +5,7 @@ use clap::Parser;
 use ferry_common::auth::{AuthConfig, LinkConfig};
 use ferry_common::proto;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -169,6 +170,33 @@ pub struct Config {
     /// LINK proofs: the key this server proves to trackers, and the proxies' keys it requires
     /// before any HELLO or cluster command.
     pub link: LinkConfig,
+    /// Per-app policies (`[apps.APP]`); an app without one has the defaults.
+    pub apps: BTreeMap<String, AppPolicy>,
+}
+
+/// `[apps.APP]`: how one app's files may be used.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppPolicy {
+    pub reads: Reads,
+    /// Most bytes one user may store (0: no quota); an upload that would pass it is refused
+    /// when it starts (error 26).
+    pub max_stored_bytes: u64,
+    /// Most files one user may store (0: no quota).
+    pub max_files: u64,
+}
+
+/// Who may read a file of the app over the binary protocol.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Reads {
+    /// Any user of the app holding the file id (it has 80+ random bits): how a photo is sent
+    /// to a friend.
+    #[default]
+    Anyone,
+    /// Its owner only, or a token with the admin scope, or a read share of that file the app's
+    /// backend minted; anyone else hears "not found", as for a file that does not exist.
+    Owner,
 }
 
 impl Default for Config {
@@ -202,6 +230,7 @@ impl Default for Config {
             http: crate::http::HttpConfig::default(),
             auth: AuthConfig::default(),
             link: LinkConfig::default(),
+            apps: BTreeMap::new(),
         }
     }
 }
@@ -285,8 +314,18 @@ impl Config {
         if self.has_role(Role::Storage) {
             self.auth.check("auth").map_err(anyhow::Error::msg)?;
         }
+        if let Some(app) = self.apps.keys().find(|a| !self.auth.keys.contains_key(*a)) {
+            bail!(
+                "[apps.{app}]: no such app in [auth.keys] (a typo would leave its policy unused)"
+            );
+        }
         self.link.check().map_err(anyhow::Error::msg)?;
         Ok(())
+    }
+
+    /// Whether `app`'s files are readable by their owners only.
+    pub fn owner_reads(&self, app: &str) -> bool {
+        self.apps.get(app).is_some_and(|p| p.reads == Reads::Owner)
     }
 
     pub fn has_role(&self, r: Role) -> bool {
@@ -367,6 +406,33 @@ mod tests {
             ..Config::default()
         };
         assert!(cfg.check().is_err());
+    }
+
+    #[test]
+    fn app_policies_name_known_apps_and_known_read_rules() {
+        let secret = ferry_common::auth::new_secret();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        let parse = |apps: &str| -> anyhow::Result<Config> {
+            let text = format!("[auth.keys.demo]\nk1 = \"{secret}\"\n{apps}");
+            std::fs::write(&path, text)?;
+            let cfg: Config = ferry_common::config::load(&path)?;
+            cfg.check()?;
+            Ok(cfg)
+        };
+        let cfg = parse("[apps.demo]\nreads = \"owner\"\n").unwrap();
+        assert!(cfg.owner_reads("demo") && !cfg.owner_reads("other"));
+        assert!(
+            !parse("[apps.demo]\nreads = \"anyone\"\n")
+                .unwrap()
+                .owner_reads("demo")
+        );
+        assert!(!parse("").unwrap().owner_reads("demo"));
+        let e = parse("[apps.dmeo]\nreads = \"owner\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such app"), "{e}");
+        assert!(parse("[apps.demo]\nreads = \"friends\"\n").is_err());
     }
 
     /// `[faults]` works only in a build with the `faults` feature (test builds); any other

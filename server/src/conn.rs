@@ -369,14 +369,17 @@ impl ServerConn {
         if let Err(e) = grant.live(ferry_common::clock::now_secs()) {
             return self.error(&e, h.cmd);
         }
-        let limited = match h.cmd {
-            cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => {
-                proto::decode_file_id(meta).map_or(Ok(()), |id| grant.may_name(&id))
-            }
-            cmd::DOWNLOAD => {
-                DownloadReq::decode(meta).map_or(Ok(()), |r| grant.may_name(&r.file_id))
-            }
-            cmd::UPLOAD_INIT => {
+        let named = match h.cmd {
+            cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => proto::decode_file_id(meta).ok(),
+            cmd::DOWNLOAD => DownloadReq::decode(meta).ok().map(|r| r.file_id),
+            _ => None,
+        };
+        let limited = match (&named, h.cmd) {
+            (Some(id), cmd::DELETE) => grant.may_name(id),
+            (Some(id), _) => grant
+                .may_name(id)
+                .and_then(|()| self.st.may_read(&who, id, &grant)),
+            (None, cmd::UPLOAD_INIT) => {
                 UploadInit::decode(meta).map_or(Ok(()), |i| grant.may_upload(i.size))
             }
             _ => Ok(()),

@@ -85,14 +85,17 @@ impl Proc {
             .append(true)
             .open(&log)
             .unwrap();
+        // The test's RUST_LOG (default info), unless the command set its own level.
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(f)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc {

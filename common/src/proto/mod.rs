@@ -278,6 +278,8 @@ pub enum ErrorCode {
     Unavailable = 24,
     /// The session may not do this to this file (another user's file, without the admin scope).
     Forbidden = 25,
+    /// The upload would take its user past a quota of the app (bytes stored, files).
+    Quota = 26,
 }
 
 impl ErrorCode {
@@ -309,6 +311,7 @@ impl ErrorCode {
             23 => NoNode,
             24 => Unavailable,
             25 => Forbidden,
+            26 => Quota,
             _ => return None,
         })
     }

@@ -597,18 +597,20 @@ fn cluster_error_codes() {
         (23, ErrorCode::NoNode),
         (24, ErrorCode::Unavailable),
         (25, ErrorCode::Forbidden),
+        (26, ErrorCode::Quota),
     ] {
         assert_eq!(ErrorCode::from_u16(v), Some(c));
         assert_eq!(c as u16, v);
     }
-    assert_eq!(ErrorCode::from_u16(26), None);
+    assert_eq!(ErrorCode::from_u16(27), None);
     assert!(!ErrorCode::Forbidden.retryable());
+    assert!(!ErrorCode::Quota.retryable());
     assert!(!ErrorCode::NotJoined.retryable());
     assert!(!ErrorCode::UnknownGroup.retryable());
     assert!(ErrorCode::NoNode.retryable());
     assert!(ErrorCode::Unavailable.retryable());
     // Framing errors and Auth end the session; nothing else does.
-    for v in 1..=25 {
+    for v in 1..=26 {
         let c = ErrorCode::from_u16(v).unwrap();
         assert_eq!(c.ends_session(), v <= 6, "{c:?}");
     }

@@ -38,7 +38,7 @@ pub const FILE_DELETING: u8 = 2;
 /// age (the reaper's expiry); without them each of those scanned a day of uploads. 4: the
 /// storage group (`grp`) of every file and upload session, so the groups sharing a database
 /// keep to their own rows; older rows have group "" (a standalone server's).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// One stored file (or one committing; see [`FILE_COMMITTING`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +59,13 @@ pub struct FileRec {
     /// The storage node that wrote the record (its name; empty for a standalone server): while
     /// the file is committing, only that node, or a peer that proved it dead, may finish it.
     pub node: String,
+}
+
+/// A user's stored bytes and files (see [`MetaStore::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub bytes: u64,
+    pub files: u64,
 }
 
 /// The proof-of-possession challenge of a session: hash `len` bytes at `off` of `file`.
@@ -128,6 +135,9 @@ pub trait MetaStore: Send + Sync {
     fn expire_finished(&self, before_ms: u64) -> Result<usize>;
     /// A file visible to `app` (stored, not committing).
     fn file(&self, id: &str, app: &str) -> Result<Option<FileRec>>;
+    /// What `user` of `app` stores: bytes and files (committing and stored, in every group),
+    /// for quotas.
+    fn usage(&self, app: &str, user: &str) -> Result<Usage>;
     /// The group holding a stored file of `app` (any group; "" for rows from before groups
     /// were recorded): the tracker routes ids that do not name their group by it.
     fn file_group(&self, id: &str, app: &str) -> Result<Option<String>>;
@@ -136,7 +146,9 @@ pub trait MetaStore: Send + Sync {
     fn find_content(&self, app: &str, sha256: &Sha256, size: u64) -> Result<Option<FileRec>>;
     /// Marks a stored file of `app` deleting (invisible from then on), returning it; the caller
     /// unlinks its bytes and then drops the record (this group: only it holds the bytes). With
-    /// `owner`, only a file that user uploaded (`None` also for another user's file).
+    /// `owner`, only a file that user uploaded (`None` also for another user's file). A file
+    /// already deleting is returned again: a retry whose first attempt marked it but never
+    /// heard so (the database restarting at the commit) finishes the deletion.
     fn delete_file(&self, id: &str, app: &str, owner: Option<&str>) -> Result<Option<FileRec>>;
     /// Deletes any file record (after a deletion's unlink, or start-up clean-up).
     fn drop_file(&self, id: &str) -> Result<()>;

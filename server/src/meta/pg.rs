@@ -9,7 +9,7 @@
 
 use super::{
     Challenge, Claim, FILE_COMMITTING, FILE_DELETING, FILE_STORED, FileRec, MetaStore,
-    SCHEMA_VERSION, SessionRec, Sha256, UploadId, blob_to_crcs, crcs_to_blob, int, now_ms,
+    SCHEMA_VERSION, SessionRec, Sha256, UploadId, Usage, blob_to_crcs, crcs_to_blob, int, now_ms,
     now_secs, to_arr,
 };
 use anyhow::{Context, Result};
@@ -338,6 +338,20 @@ impl MetaStore for PgStore {
         })
     }
 
+    fn usage(&self, app: &str, user: &str) -> Result<Usage> {
+        self.tx(|tx| {
+            let r = tx.query_one(
+                r#"SELECT COALESCE(SUM(size), 0)::BIGINT, COUNT(*) FROM files
+                   WHERE app = $1 AND "user" = $2 AND status <> $3"#,
+                &[&app, &user, &i64::from(FILE_DELETING)],
+            )?;
+            Ok(Usage {
+                bytes: int(r.get::<_, i64>(0), "stored bytes")?,
+                files: int(r.get::<_, i64>(1), "file count")?,
+            })
+        })
+    }
+
     fn file_group(&self, id: &str, app: &str) -> Result<Option<String>> {
         self.tx(|tx| {
             Ok(tx
@@ -380,7 +394,7 @@ impl MetaStore for PgStore {
                 .query_opt(
                     &format!(
                         "UPDATE files SET status = $4, updated = $5 \
-                         WHERE id = $1 AND app = $2 AND status = $3 AND grp = $6 \
+                         WHERE id = $1 AND app = $2 AND status IN ($3, $4) AND grp = $6 \
                          AND ($7::TEXT IS NULL OR \"user\" = $7) RETURNING {FILE_COLS}"
                     ),
                     &[

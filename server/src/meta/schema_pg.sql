@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_content ON files (app, sha256, size);
 CREATE INDEX IF NOT EXISTS files_status ON files (status) WHERE status <> 1;
+CREATE INDEX IF NOT EXISTS files_owner ON files (app, "user");  -- schema version 5: quotas
 
 CREATE TABLE IF NOT EXISTS upload_sessions (
     id              BYTEA PRIMARY KEY,

@@ -2,7 +2,7 @@
 
 use super::{
     Challenge, Claim, FILE_COMMITTING, FILE_DELETING, FILE_STORED, FileRec, MetaStore,
-    SCHEMA_VERSION, SessionRec, Sha256, UploadId, blob_to_crcs, crcs_to_blob, int, now_ms,
+    SCHEMA_VERSION, SessionRec, Sha256, UploadId, Usage, blob_to_crcs, crcs_to_blob, int, now_ms,
     now_secs, to_arr,
 };
 use crate::sync_group::SyncGroup;
@@ -101,6 +101,10 @@ const STEPS: &[(i64, &str)] = &[
         4,
         "ALTER TABLE files ADD COLUMN grp TEXT NOT NULL DEFAULT ''; \
          ALTER TABLE upload_sessions ADD COLUMN grp TEXT NOT NULL DEFAULT '';",
+    ),
+    (
+        5,
+        "CREATE INDEX IF NOT EXISTS files_owner ON files (app, user);",
     ),
 ];
 
@@ -381,6 +385,21 @@ impl MetaStore for SqliteStore {
             .optional()?)
     }
 
+    fn usage(&self, app: &str, user: &str) -> Result<Usage> {
+        let db = self.db.lock();
+        let mut q = db.prepare_cached(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM files \
+             WHERE app = ?1 AND user = ?2 AND status <> ?3",
+        )?;
+        let (bytes, files): (i64, i64) = q.query_row(params![app, user, FILE_DELETING], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(Usage {
+            bytes: int(bytes, "stored bytes")?,
+            files: int(files, "file count")?,
+        })
+    }
+
     fn file_group(&self, id: &str, app: &str) -> Result<Option<String>> {
         let db = self.db.lock();
         let mut q =
@@ -406,10 +425,13 @@ impl MetaStore for SqliteStore {
         self.write(|tx| {
             let rec = tx
                 .prepare_cached(&format!(
-                    "SELECT {FILE_COLS} FROM files WHERE id = ?1 AND app = ?2 AND status = ?3 \
-                     AND grp = ?4 AND (?5 IS NULL OR user = ?5)"
+                    "SELECT {FILE_COLS} FROM files WHERE id = ?1 AND app = ?2 \
+                     AND status IN (?3, ?6) AND grp = ?4 AND (?5 IS NULL OR user = ?5)"
                 ))?
-                .query_row(params![id, app, FILE_STORED, self.group, owner], file_row)
+                .query_row(
+                    params![id, app, FILE_STORED, self.group, owner, FILE_DELETING],
+                    file_row,
+                )
                 .optional()?;
             if rec.is_some() {
                 exec(

@@ -14,6 +14,7 @@ mod errors;
 mod expiry;
 mod faults;
 mod finish;
+mod quota;
 mod recovery;
 mod session;
 mod sessions;

@@ -157,6 +157,7 @@ impl Storage {
             &format_args!("app {} user {}", who.app, who.user),
         );
         self.check_reserve(init.size)?;
+        self.check_quota(who, init.size)?;
         let id: UploadId = rand::rng().random();
         let temp_rel = format!("{}/{}.part", self.tmp_rel, hex::encode(id));
         let temp = self.root.join(&temp_rel);

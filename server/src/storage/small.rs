@@ -42,6 +42,7 @@ impl Storage {
             info!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");
             return Ok(SmallStart::Done(id));
         }
+        self.check_quota(who, size)?;
         let tmp = self
             .root
             .join(&self.tmp_rel)

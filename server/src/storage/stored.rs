@@ -5,6 +5,7 @@
 use super::*;
 use crate::meta::FileRec;
 use ferry_common::proto::{DownloadReq, ErrorCode};
+use ferry_common::token::Scope;
 use log::{info, warn};
 use std::fs::{self, File};
 use std::io;
@@ -20,6 +21,26 @@ impl Storage {
                 format!("no such file {id}"),
             )),
             Err(e) => Err(db_err(e, "file lookup")),
+        }
+    }
+
+    /// Whether the session may read file `id` over the binary protocol. Any user of the app
+    /// may, unless the app's files are their owners' to read (`[apps.APP] reads = "owner"`):
+    /// then only the owner, a token with the admin scope, or a read share of this very file
+    /// (the app's backend vouched for it); anyone else hears what a missing file gets.
+    pub fn may_read(&self, who: &Who, id: &str, grant: &crate::access::Grant) -> OpResult<()> {
+        if !self.cfg.owner_reads(&who.app)
+            || grant.scope.contains(Scope::ADMIN)
+            || grant.limits.file.as_deref() == Some(id)
+        {
+            return Ok(());
+        }
+        match self.stat(who, id) {
+            Ok(f) if f.user != who.user => Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("no such file {id}"),
+            )),
+            _ => Ok(()),
         }
     }
 

@@ -178,6 +178,7 @@ fn request(c: u8, o: &Owned) -> Vec<u8> {
             proto::frame(c, 0, &body)
         }
         cmd::UPLOAD_INIT => init_frame(),
+        cmd::USAGE => proto::frame(c, 0, &[]),
         cmd::UPLOAD_QUERY | cmd::UPLOAD_OVER => proto::frame(c, 0, &o.upload),
         cmd::UPLOAD_BLOCK => {
             let data = vec![9u8; 128 * 1024];
@@ -233,7 +234,7 @@ fn every_file_command_with_every_bad_credential_is_refused_and_does_nothing() {
     let _srv = support::start_server(dir.path(), "ferry-server", "", addr, &dir.path().join("d"));
     let owned = setup(addr);
     let commands = file_commands();
-    assert_eq!(commands.len(), 10, "{commands:?}");
+    assert_eq!(commands.len(), 11, "{commands:?}");
     let mut tried = 0;
     for &c in &commands {
         // No HELLO at all: error 5, then closed.
@@ -270,7 +271,7 @@ fn every_file_command_with_every_bad_credential_is_refused_and_does_nothing() {
         let mut other = Conn::session(addr, "other", "alice");
         let r = other.call(&request(c, &owned));
         let want = match c {
-            cmd::UPLOAD | cmd::UPLOAD_INIT => None,
+            cmd::UPLOAD | cmd::UPLOAD_INIT | cmd::USAGE => None,
             cmd::STAT | cmd::DOWNLOAD | cmd::DELETE | cmd::DOWNLOAD_OVER => {
                 Some(ErrorCode::NotFound)
             }

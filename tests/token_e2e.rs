@@ -33,7 +33,8 @@ impl Setup {
             Command::new(bin("ferry-server")),
             dir.path(),
             "ferry-server",
-            "sync_blocks = false\nidle_timeout_ms = 2000\n",
+            "sync_blocks = false\nidle_timeout_ms = 2000\n\
+             [apps.other]\nmax_stored_bytes = 1000\nmax_files = 5\n",
             server,
             &dir.path().join("data"),
         );
@@ -238,6 +239,50 @@ fn a_device_with_only_a_delegated_token_transfers_and_is_held_to_its_limits() {
     assert!(r.ok, "{}", r.stderr);
     let other = r.stdout.trim().to_owned();
     failed_with(&s.on_device(&other, &["stat", &id]), &["error 7 NotFound"]);
+    // `ferry usage` on the device: alice's bytes and files, no quota in app demo.
+    let r = s.on_device(&alice, &["usage"]);
+    assert!(r.ok, "usage: {}", r.stderr);
+    let u = &r.json()["usage"];
+    assert_eq!(
+        (u["user"].as_str(), u["bytes"].as_u64(), u["files"].as_u64()),
+        (Some("alice"), Some((3 << 20) + 11), Some(1)),
+        "{u}"
+    );
+    assert!(u["max_bytes"].is_null(), "{u}");
+    // App other has a 1000-byte quota per user: exactly 1000 is stored, one byte more is
+    // refused by name, and usage says where ann stands.
+    let r = run(ferry(
+        &s.path("backend"),
+        &[],
+        &[
+            "--app",
+            "other",
+            "--user",
+            "ann",
+            "token",
+            "--scope",
+            "read,write",
+        ],
+    ));
+    let ann = r.stdout.trim().to_owned();
+    let (full, more) = (s.path("full.bin"), s.path("more.bin"));
+    make_file(&full, 1000, 7);
+    make_file(&more, 1, 8);
+    assert!(s.on_device(&ann, &["upload", full.to_str().unwrap()]).ok);
+    failed_with(
+        &s.on_device(&ann, &["upload", more.to_str().unwrap()]),
+        &["error 26 Quota", "max_stored_bytes", "by 1"],
+    );
+    let u = s.on_device(&ann, &["usage"]).json()["usage"].clone();
+    assert_eq!(
+        (
+            u["bytes"].as_u64(),
+            u["max_bytes"].as_u64(),
+            u["max_files"].as_u64()
+        ),
+        (Some(1000), Some(1000), Some(5)),
+        "{u}"
+    );
     // Not a token at all, and a connection token posing as one.
     failed_with(
         &s.on_device("zz", &["stat", &id]),
@@ -257,7 +302,7 @@ fn a_device_with_only_a_delegated_token_transfers_and_is_held_to_its_limits() {
     let tampered = hex::encode(tampered);
     failed_with(&s.on_device(&tampered, &["stat", &id]), &["error 6 Auth"]);
     s.assert_no_secrets(&[
-        &alice, &mallory, &viewer, &capped, &share, &other, &tampered,
+        &alice, &mallory, &viewer, &capped, &share, &other, &ann, &tampered,
     ]);
 }
 

@@ -79,6 +79,8 @@ pub enum Command {
     },
     /// Show size, SHA-256, name and creation time of a file.
     Stat { file_id: String },
+    /// Show what your user stores (bytes, files, in every group) and the app's quotas.
+    Usage,
     /// Delete a file: one of your own (its owner is the user who uploaded it).
     Delete {
         file_id: String,
@@ -440,6 +442,26 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                     i.name,
                     created_text(i.created),
                     i.block_size
+                )
+            }
+        }
+        Command::Usage => {
+            let u = c.usage()?;
+            if cli.json {
+                json!({"command": "usage", "usage": u}).to_string()
+            } else {
+                let of = |n: u64, max: Option<u64>| match max {
+                    Some(m) => format!("{n} of {m}"),
+                    None => format!("{n} (no quota)"),
+                };
+                format!(
+                    "user {} of app {}
+bytes: {}
+files: {}",
+                    u.user,
+                    u.app,
+                    of(u.bytes, u.max_bytes),
+                    of(u.files, u.max_files)
                 )
             }
         }

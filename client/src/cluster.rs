@@ -335,9 +335,18 @@ impl Cluster {
         let (addr, expect) = (m.addr, m.expect);
         wait_ready(addr, expect, Duration::from_secs(10)).map_err(|e| {
             // A member that exited (a port taken, a bad config) says why in its log.
+            let log = match &logs {
+                Logs::Dir(d) => std::fs::read_to_string(d.join(format!("{name}.log")))
+                    .map(|t| {
+                        let lines: Vec<&str> = t.lines().collect();
+                        lines[lines.len().saturating_sub(3)..].join(" | ")
+                    })
+                    .unwrap_or_default(),
+                Logs::Prefixed => "see its log lines above".into(),
+            };
             let exited = match self.member(name).ok().and_then(|m| m.child.as_mut()) {
                 Some(c) => match c.try_wait() {
-                    Ok(Some(status)) => format!(" (it exited: {status}; see its log)"),
+                    Ok(Some(status)) => format!(" (it exited: {status}; its log ends: {log})"),
                     _ => String::new(),
                 },
                 None => String::new(),

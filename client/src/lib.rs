@@ -43,7 +43,7 @@ pub use settings::Settings;
 use conn::Fault;
 use error::Result;
 use ferry_common::auth::SigningKey;
-use ferry_common::proto::{ErrorCode, Hello, cmd, encode_file_id};
+use ferry_common::proto::{self, ErrorCode, Hello, cmd, encode_file_id};
 use ferry_common::token::{Claims, Scope};
 use link::{Link, Shared};
 use parking_lot::RwLock;
@@ -188,6 +188,17 @@ impl Credentials {
             .encode()
             .map_err(|e| ClientError::Input(format!("HELLO: {e}")))
     }
+}
+
+/// What USAGE tells: a user's stored bytes and files, and the app's quotas (`None`: none).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub app: String,
+    pub user: String,
+    pub bytes: u64,
+    pub files: u64,
+    pub max_bytes: Option<u64>,
+    pub max_files: Option<u64>,
 }
 
 /// What STAT tells about a stored file.
@@ -338,6 +349,23 @@ impl Client {
             name: st.name,
             created: st.created,
             block_size: st.block_size,
+        })
+    }
+
+    /// What the client's user stores (in every group) and the app's quotas for it.
+    pub fn usage(&self) -> Result<Usage> {
+        let shared = self.shared(Scope::WRITE, None);
+        let body = Link::new(&shared)
+            .call("usage", |c| c.call(cmd::USAGE, &[], proto::USAGE_REPLY_LEN))?;
+        let u = proto::UsageReply::decode(&body)
+            .map_err(|e| ClientError::Input(format!("usage: the server's reply: {e}")))?;
+        Ok(Usage {
+            app: self.creds.app.clone(),
+            user: self.creds.user.clone(),
+            bytes: u.bytes,
+            files: u.files,
+            max_bytes: (u.max_bytes > 0).then_some(u.max_bytes),
+            max_files: (u.max_files > 0).then_some(u.max_files),
         })
     }
 

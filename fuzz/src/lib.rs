@@ -110,6 +110,7 @@ pub fn replies(data: &[u8]) {
         }
         let _ = frames::Identity::decode(body);
         let _ = frames::StatReply::decode(body);
+        let _ = frames::UsageReply::decode(body);
         let _ = frames::UploadInitReply::decode(body);
         let _ = frames::Breakpoint::decode(body);
         let _ = frames::BlockAck::decode(body);

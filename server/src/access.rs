@@ -116,6 +116,8 @@ pub fn need(c: u8) -> Option<Need> {
         | cmd::UPLOAD_OVER
         | cmd::UPLOAD_PROVE => Need::Session(Scope::WRITE),
         cmd::DELETE => Need::Session(Scope::DELETE),
+        // Quotas bound uploads: whoever may upload may see where they stand.
+        cmd::USAGE => Need::Session(Scope::WRITE),
         _ => return None,
     })
 }

@@ -425,6 +425,7 @@ impl ServerConn {
                 .map_err(bad)
                 .and_then(|id| self.st.over(&who, &id))
                 .and_then(|fid| self.reply_file_id(&fid)),
+            cmd::USAGE => self.st.usage_reply(&who).map(|u| self.reply(&u.encode())),
             cmd::UPLOAD_PROVE => Prove::decode(meta)
                 .map_err(bad)
                 .and_then(|p| self.st.prove(&who, &p.upload_id, &p.sha256))

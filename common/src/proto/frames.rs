@@ -425,6 +425,39 @@ impl StatReply {
     }
 }
 
+/// Body of the USAGE (80) reply.
+pub const USAGE_REPLY_LEN: usize = 32;
+
+/// Reply to USAGE (80): what the session's user stores (every group of a cluster) and the
+/// app's quotas (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UsageReply {
+    pub bytes: u64,
+    pub files: u64,
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+impl UsageReply {
+    pub fn encode(&self) -> Vec<u8> {
+        [self.bytes, self.files, self.max_bytes, self.max_files]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect()
+    }
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Rd { b: body };
+        let reply = UsageReply {
+            bytes: r.u64("bytes")?,
+            files: r.u64("files")?,
+            max_bytes: r.u64("max bytes")?,
+            max_files: r.u64("max files")?,
+        };
+        r.end("USAGE reply")?;
+        Ok(reply)
+    }
+}
+
 /// DOWNLOAD (72): a range of a stored file. The reply is a data frame: CRC32C meta + bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadReq {

@@ -96,6 +96,8 @@ pub mod cmd {
     pub const UPLOAD_PROVE: u8 = 78;
     /// Big-file download finished (lets the server count and log the session).
     pub const DOWNLOAD_OVER: u8 = 79;
+    /// What the session's user stores, and the app's quotas for it.
+    pub const USAGE: u8 = 80;
     /// Reply from a tracker (seed 004).
     pub const REPLY_TRACKER: u8 = 100;
     /// Reply from a storage server (seed 004), also to HELLO and PROBE.
@@ -124,6 +126,7 @@ pub mod cmd {
             UPLOAD_OVER => "UPLOAD_OVER",
             UPLOAD_PROVE => "UPLOAD_PROVE",
             DOWNLOAD_OVER => "DOWNLOAD_OVER",
+            USAGE => "USAGE",
             REPLY_TRACKER => "REPLY_TRACKER",
             REPLY_STORAGE => "REPLY_STORAGE",
             REPLY_PROXY => "REPLY_PROXY",
@@ -214,6 +217,7 @@ pub fn request_spec(c: u8) -> Option<BodySpec> {
             payload_max: BLOCK_MAX,
         }),
         cmd::UPLOAD_PROVE => control(UPLOAD_ID_LEN + SHA256_LEN, true),
+        cmd::USAGE => control(0, true),
         // JOIN_V1_LEN or JOIN_LEN: decode_join takes either, nothing in between.
         cmd::TRACKER_JOIN => control(JOIN_LEN, false),
         cmd::TRACKER_BEAT => control(BEAT_LEN, true),

@@ -159,13 +159,21 @@ pub(super) fn lock_data_dir(root: &Path, node: &str) -> anyhow::Result<Vec<File>
         locks.push(lock);
         let node_lock_path = root.join(NODES).join(format!("{node}.lock"));
         let node_lock = open_lock(&node_lock_path)?;
-        node_lock.try_lock().map_err(|_| {
-            anyhow::anyhow!(
-                "node {node} is already running on data dir {} (lock {})",
-                root.display(),
-                node_lock_path.display()
-            )
-        })?;
+        // A peer checking whether this node is alive (`peer_alive`) holds the lock for an
+        // instant: a restart right then must not take that for a running twin, which would
+        // hold it for good. Two seconds of retries tell the two apart.
+        let mut tries = 0;
+        while node_lock.try_lock().is_err() {
+            tries += 1;
+            if tries >= 40 {
+                anyhow::bail!(
+                    "node {node} is already running on data dir {} (lock {})",
+                    root.display(),
+                    node_lock_path.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         locks.push(node_lock);
     }
     Ok(locks)

@@ -45,6 +45,18 @@ impl Storage {
         Ok(())
     }
 
+    /// USAGE: what `who` stores and the quotas of their app.
+    pub fn usage_reply(&self, who: &Who) -> OpResult<ferry_common::proto::UsageReply> {
+        let u = self.usage(who)?;
+        let p = self.cfg.apps.get(&who.app).cloned().unwrap_or_default();
+        Ok(ferry_common::proto::UsageReply {
+            bytes: u.bytes,
+            files: u.files,
+            max_bytes: p.max_stored_bytes,
+            max_files: p.max_files,
+        })
+    }
+
     /// What `who` stores now.
     pub fn usage(&self, who: &Who) -> OpResult<Usage> {
         self.meta

@@ -159,6 +159,24 @@ fn nodes_share_a_data_dir_and_lock_out_a_standalone_server() {
     assert!(a.peer_alive("b") && !a.peer_alive("c") && !a.peer_alive(""));
 }
 
+/// A node restarting while a peer probes whether it is alive (the probe holds its lock for an
+/// instant) starts: only a lock held for good is a running twin.
+#[test]
+fn a_restart_during_a_peers_liveness_probe_still_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open_node(dir.path(), "a").unwrap());
+    let b = open_node(dir.path(), "b").unwrap();
+    let probe = std::fs::File::open(dir.path().join("nodes").join("a.lock")).unwrap();
+    probe.lock().unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(probe);
+    });
+    let a = open_node(dir.path(), "a").expect("started once the probe let go");
+    release.join().unwrap();
+    assert!(b.peer_alive("a") && a.peer_alive("b"));
+}
+
 /// A session begun on node A is resumed and finished through node B; B's blocks show in
 /// A's QUERY; B's start-up leaves A's temp file and committing row alone while A lives, and
 /// a later node cleans up after A once it is dead.

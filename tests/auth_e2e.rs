@@ -18,6 +18,31 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 use support::auth::{KEY_ID, key};
 
+/// A `ferry-server` with `conf` (the test app keys added unless it has `[auth`) in a scratch
+/// dir; both are dropped with the returned values.
+struct Server {
+    addr: SocketAddr,
+    _proc: support::Proc,
+    _dir: tempfile::TempDir,
+}
+
+fn server(conf: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = support::free_addr();
+    let proc = support::start_server(
+        dir.path(),
+        "ferry-server",
+        conf,
+        addr,
+        &dir.path().join("d"),
+    );
+    Server {
+        addr,
+        _proc: proc,
+        _dir: dir,
+    }
+}
+
 /// What came back for a request.
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
@@ -60,6 +85,19 @@ impl Conn {
     fn call(&mut self, frame: &[u8]) -> Reply {
         self.send(frame);
         self.recv()
+    }
+
+    /// Sends `frame`, which must be refused: the error's code and text.
+    fn refusal(&mut self, frame: &[u8]) -> (ErrorCode, String) {
+        self.send(frame);
+        let mut h = [0u8; HEADER_LEN];
+        self.0.read_exact(&mut h).unwrap();
+        let h = Header::decode(&h);
+        let mut body = vec![0u8; usize::try_from(h.body_len).unwrap().min(1 << 20)];
+        self.0.read_exact(&mut body).unwrap();
+        assert_eq!(h.status, status::ERROR, "not refused");
+        let e = ErrorBody::decode(&body).unwrap();
+        (e.code, e.text)
     }
 
     /// A session of `app`/`user` with a fresh valid token.
@@ -229,9 +267,8 @@ fn intact(addr: SocketAddr, o: &Owned) {
 
 #[test]
 fn every_file_command_with_every_bad_credential_is_refused_and_does_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = support::free_addr();
-    let _srv = support::start_server(dir.path(), "ferry-server", "", addr, &dir.path().join("d"));
+    let srv = server("");
+    let addr = srv.addr;
     let owned = setup(addr);
     let commands = file_commands();
     assert_eq!(commands.len(), 11, "{commands:?}");
@@ -290,9 +327,8 @@ fn every_file_command_with_every_bad_credential_is_refused_and_does_nothing() {
 
 #[test]
 fn a_replayed_token_and_a_token_without_the_scope_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = support::free_addr();
-    let _srv = support::start_server(dir.path(), "ferry-server", "", addr, &dir.path().join("d"));
+    let srv = server("");
+    let addr = srv.addr;
     let owned = setup(addr);
     // The same HELLO bytes twice (a captured session opening, replayed).
     let hello = support::auth::hello_frame("demo", "alice");
@@ -620,17 +656,10 @@ fn placeholder_secrets_and_missing_keys_stop_the_binaries_with_the_way_out() {
 /// with the payload drained and the session going on; the session ends when the token does.
 #[test]
 fn delegated_tokens_are_reusable_within_their_limits_and_end_with_their_expiry() {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = support::free_addr();
     // Little clock skew allowed, so expiry shows within the test.
     let conf = format!("[auth]\nskew_secs = 1\n{}", support::auth::auth_toml());
-    let _srv = support::start_server(
-        dir.path(),
-        "ferry-server",
-        &conf,
-        addr,
-        &dir.path().join("d"),
-    );
+    let srv = server(&conf);
+    let addr = srv.addr;
     let owned = setup(addr);
     let delegate = |scope: Scope, ttl: u64, limits: Delegation| {
         key().delegate("demo", "bob", scope, ttl, limits).unwrap()
@@ -727,33 +756,15 @@ fn delegated_tokens_are_reusable_within_their_limits_and_end_with_their_expiry()
 /// scope and a read share of that file still read it; other apps keep capability reads.
 #[test]
 fn owner_only_reads_hide_other_users_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = support::free_addr();
     let conf = "[apps.demo]\nreads = \"owner\"\n";
-    let _srv = support::start_server(
-        dir.path(),
-        "ferry-server",
-        conf,
-        addr,
-        &dir.path().join("d"),
-    );
+    let srv = server(conf);
+    let addr = srv.addr;
     let owned = setup(addr);
     let stat = |id: &str| proto::frame(cmd::STAT, 0, &proto::encode_file_id(id).unwrap());
-    let err_text = |c: &mut Conn, frame: &[u8]| {
-        c.send(frame);
-        let mut h = [0u8; HEADER_LEN];
-        c.0.read_exact(&mut h).unwrap();
-        let h = Header::decode(&h);
-        let mut body = vec![0u8; h.body_len as usize];
-        c.0.read_exact(&mut body).unwrap();
-        assert_eq!(h.status, status::ERROR);
-        let e = ErrorBody::decode(&body).unwrap();
-        (e.code, e.text)
-    };
     let made_up = "0000000000000001-aaaaaaaaaaaaaaaa";
     let mut bob = Conn::session(addr, "demo", "bob");
-    let (code, text) = err_text(&mut bob, &stat(&owned.file));
-    let (missing_code, missing_text) = err_text(&mut bob, &stat(made_up));
+    let (code, text) = bob.refusal(&stat(&owned.file));
+    let (missing_code, missing_text) = bob.refusal(&stat(made_up));
     assert_eq!(code, ErrorCode::NotFound);
     assert_eq!(
         (code, text.replace(&owned.file, "ID")),
@@ -816,16 +827,9 @@ fn owner_only_reads_hide_other_users_files() {
 /// stored), whether small or in blocks; every user has their own; deleting frees room.
 #[test]
 fn quotas_refuse_the_upload_one_byte_over_and_every_user_has_their_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = support::free_addr();
     let conf = "[apps.demo]\nmax_stored_bytes = 300000\n[apps.other]\nmax_files = 2\n";
-    let _srv = support::start_server(
-        dir.path(),
-        "ferry-server",
-        conf,
-        addr,
-        &dir.path().join("d"),
-    );
+    let srv = server(conf);
+    let addr = srv.addr;
     let upload = |c: &mut Conn, len: usize, seed: u8| c.call(&small_upload_frame(&vec![seed; len]));
     let init = |size: u64| {
         let body = UploadInit {
@@ -846,17 +850,12 @@ fn quotas_refuse_the_upload_one_byte_over_and_every_user_has_their_own() {
     // may not, nor a small upload one byte over.
     assert!(matches!(alice.call(&init(200_000)), Reply::Ok(_)));
     assert_eq!(alice.call(&init(200_001)), Reply::Err(ErrorCode::Quota));
-    alice.send(&small_upload_frame(&vec![2; 200_001]));
-    let mut h = [0u8; HEADER_LEN];
-    alice.0.read_exact(&mut h).unwrap();
-    let mut body = vec![0u8; Header::decode(&h).body_len as usize];
-    alice.0.read_exact(&mut body).unwrap();
-    let e = ErrorBody::decode(&body).unwrap();
-    assert_eq!(e.code, ErrorCode::Quota);
+    let (code, text) = alice.refusal(&small_upload_frame(&vec![2; 200_001]));
+    assert_eq!(code, ErrorCode::Quota);
     assert!(
-        e.text.contains("max_stored_bytes") && e.text.contains("by 1"),
+        text.contains("max_stored_bytes") && text.contains("by 1"),
         "{}",
-        e.text
+        text
     );
     // The session goes on: exactly the quota is stored.
     assert!(matches!(upload(&mut alice, 200_000, 3), Reply::Ok(_)));

@@ -104,18 +104,7 @@ impl SigningKey {
         scope: Scope,
         lifetime_secs: u64,
     ) -> Result<Vec<u8>, AuthError> {
-        let now = now_secs();
-        Claims {
-            key_id: self.id.clone(),
-            app: app.to_owned(),
-            user: user.to_owned(),
-            scope,
-            not_before: now,
-            expires: now.saturating_add(lifetime_secs),
-            nonce: rand::rng().random::<[u8; NONCE_LEN]>(),
-            delegation: None,
-        }
-        .mint(self.secret.as_bytes())
+        self.sign(app, user, scope, lifetime_secs, None)
     }
 
     /// A delegated token: for `user` of `app`, allowing `scope` within `limits`, valid from now
@@ -129,6 +118,18 @@ impl SigningKey {
         lifetime_secs: u64,
         limits: Delegation,
     ) -> Result<Vec<u8>, AuthError> {
+        self.sign(app, user, scope, lifetime_secs, Some(limits))
+    }
+
+    /// Either kind of token, valid from now, with a fresh random nonce.
+    fn sign(
+        &self,
+        app: &str,
+        user: &str,
+        scope: Scope,
+        lifetime_secs: u64,
+        delegation: Option<Delegation>,
+    ) -> Result<Vec<u8>, AuthError> {
         let now = now_secs();
         Claims {
             key_id: self.id.clone(),
@@ -138,7 +139,7 @@ impl SigningKey {
             not_before: now,
             expires: now.saturating_add(lifetime_secs),
             nonce: rand::rng().random::<[u8; NONCE_LEN]>(),
-            delegation: Some(limits),
+            delegation,
         }
         .mint(self.secret.as_bytes())
     }

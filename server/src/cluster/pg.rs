@@ -9,6 +9,11 @@ use super::store::{
     ClusterStore, GATEWAY_FORGET, GATEWAY_UPSERT, Joined, NODES, NodeRow, SCHEMA, USERS_OF,
     from_db, gateway_from_db, port_from_db, to_db,
 };
+
+/// Whether [`SCHEMA`]'s newest objects exist and the index it drops is gone.
+const SCHEMA_CURRENT: &str = "SELECT to_regclass('cluster_gateways') IS NOT NULL \
+     AND to_regclass('cluster_router_members') IS NOT NULL \
+     AND to_regclass('cluster_router_grp') IS NULL";
 use anyhow::{Context, Result};
 use ferry_common::proto::{GROUPS_MAX, NODES_MAX, NodeAddr};
 use r2d2_postgres::PostgresConnectionManager;
@@ -64,8 +69,13 @@ impl PgCluster {
         if !self.ready.load(Ordering::Acquire) {
             let mut tx = c.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
-            tx.batch_execute(SCHEMA)
-                .context("cannot apply the cluster schema")?;
+            // Current already (every start but the first after an upgrade): no DDL, whose table
+            // locks could deadlock with the other tracker's writes.
+            let current: bool = tx.query_one(SCHEMA_CURRENT, &[])?.get(0);
+            if !current {
+                tx.batch_execute(SCHEMA)
+                    .context("cannot apply the cluster schema")?;
+            }
             tx.commit()?;
             self.ready.store(true, Ordering::Release);
         }

@@ -138,6 +138,22 @@ impl PgStore {
         };
         st.tx(|tx| {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+            // Every start but the first after an upgrade finds the schema current and runs no
+            // DDL: CREATE INDEX IF NOT EXISTS locks its table even when the index exists, and
+            // those locks, taken in schema order while peers write, deadlocked a restarting
+            // member with a node's transaction.
+            let exists: bool = tx
+                .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?
+                .get(0);
+            let current: Option<i64> = match exists {
+                true => tx
+                    .query_one("SELECT MAX(version) FROM schema_version", &[])?
+                    .try_get(0)?,
+                false => None,
+            };
+            if current == Some(SCHEMA_VERSION) {
+                return Ok(());
+            }
             tx.batch_execute(SCHEMA)?;
             let v: Option<i64> = tx
                 .query_one("SELECT MAX(version) FROM schema_version", &[])?

@@ -518,7 +518,7 @@ fn pg_migrates_a_version_3_database() {
     let mut c = db.cfg.connect(postgres::NoTls).unwrap();
     c.batch_execute(
         "ALTER TABLE files DROP COLUMN grp; ALTER TABLE upload_sessions DROP COLUMN grp; \
-         UPDATE schema_version SET version = 3; \
+         DROP INDEX files_owner; UPDATE schema_version SET version = 3; \
          INSERT INTO upload_sessions (id, app, \"user\", size, block_size, blocks, sha256, \
          name, temp_path, created, expires) VALUES (decode(repeat('01', 16), 'hex'), 'a', 'u', \
          1, 65536, 1, decode(repeat('00', 32), 'hex'), 'x', 'tmp/x', 1, 1000);",
@@ -539,6 +539,35 @@ fn pg_migrates_a_version_3_database() {
         .unwrap()
         .get(0);
     assert_eq!(v, SCHEMA_VERSION);
+    let owner_index: bool = c
+        .query_one("SELECT to_regclass('files_owner') IS NOT NULL", &[])
+        .unwrap()
+        .get(0);
+    assert!(owner_index, "version 5's index");
+}
+
+/// Opening a database whose schema is current runs no DDL, so it takes no table lock: it
+/// completes while another session holds `files` exclusively (a member restarting beside busy
+/// peers once deadlocked on CREATE INDEX IF NOT EXISTS).
+#[test]
+fn pg_open_of_a_current_schema_takes_no_table_lock() {
+    let Some(db) = crate::meta::pg::testdb::create("pg_open_takes_no_table_lock") else {
+        return;
+    };
+    drop(db.store());
+    let mut c = db.cfg.connect(postgres::NoTls).unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE files IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let cfg = db.cfg.clone();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = crate::meta::pg::PgStore::open_config(cfg).map(drop);
+        let _ = done_tx.send(r.is_ok());
+    });
+    let opened = done_rx.recv_timeout(std::time::Duration::from_secs(5));
+    tx.rollback().unwrap();
+    assert_eq!(opened, Ok(true), "open waited on the table lock");
 }
 
 #[test]

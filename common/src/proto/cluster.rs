@@ -182,10 +182,7 @@ impl NodeHello {
         b.extend_from_slice(&self.version.to_be_bytes());
         b.extend_from_slice(&self.started.to_be_bytes());
         b.extend_from_slice(&self.free.to_be_bytes());
-        match &self.http {
-            Some(a) => a.put(&mut b)?,
-            None => b.extend_from_slice(&[0; HOST_LEN + 2]),
-        }
+        NodeAddr::put_optional(self.http.as_ref(), &mut b)?;
         Ok(b)
     }
 
@@ -207,24 +204,9 @@ impl NodeHello {
         let started = r.u64("started")?;
         let free = r.u64("free")?;
         // A node from before gateways sends the shorter body.
-        let http = if r.b.is_empty() {
-            None
-        } else {
-            let host = r.fixed_str(HOST_LEN, "http host")?;
-            let port = r.u16("http port")?;
-            match (host.is_empty(), port) {
-                (true, 0) => None,
-                (false, p) if p != 0 => {
-                    check_host(&host)?;
-                    Some(NodeAddr { host, port })
-                }
-                _ => {
-                    return Err(ProtoError::Invalid {
-                        field: "http",
-                        why: "a host without a port or a port without a host",
-                    });
-                }
-            }
+        let http = match r.b.is_empty() {
+            true => None,
+            false => NodeAddr::read_optional(&mut r, "http")?,
         };
         r.end("TRACKER_JOIN")?;
         Ok(NodeHello {
@@ -292,10 +274,7 @@ impl BeatReply {
         for g in &self.gateways {
             check_group(&g.group)?;
             put_fixed_str(&mut b, &g.group, GROUP_LEN, "group")?;
-            match &g.addr {
-                Some(a) => a.put(&mut b)?,
-                None => b.extend_from_slice(&[0; HOST_LEN + 2]),
-            }
+            NodeAddr::put_optional(g.addr.as_ref(), &mut b)?;
         }
         Ok(b)
     }
@@ -311,16 +290,7 @@ impl BeatReply {
             gateways.reserve_exact(n);
             for _ in 0..n {
                 let group = group_field(&mut r)?;
-                let addr = if r
-                    .b
-                    .get(..HOST_LEN + 2)
-                    .is_some_and(|a| a.iter().all(|&x| x == 0))
-                {
-                    r.take(HOST_LEN + 2, "gateway")?;
-                    None
-                } else {
-                    Some(NodeAddr::read(&mut r)?)
-                };
+                let addr = NodeAddr::read_optional(&mut r, "gateway")?;
                 gateways.push(GatewayEntry { group, addr });
             }
         }
@@ -385,6 +355,35 @@ impl NodeAddr {
         let host = host_field(r)?;
         let port = port_field(r)?;
         Ok(NodeAddr { host, port })
+    }
+
+    /// An address that may be absent: all zeros (empty host, port 0) when it is.
+    fn put_optional(a: Option<&NodeAddr>, b: &mut Vec<u8>) -> Result<(), ProtoError> {
+        match a {
+            Some(a) => a.put(b),
+            None => {
+                b.extend_from_slice(&[0; HOST_LEN + 2]);
+                Ok(())
+            }
+        }
+    }
+
+    /// What [`NodeAddr::put_optional`] wrote; a host without a port or a port without a host
+    /// is refused.
+    fn read_optional(r: &mut Rd<'_>, field: &'static str) -> Result<Option<Self>, ProtoError> {
+        let host = r.fixed_str(HOST_LEN, field)?;
+        let port = r.u16(field)?;
+        match (host.is_empty(), port) {
+            (true, 0) => Ok(None),
+            (false, p) if p != 0 => {
+                check_host(&host)?;
+                Ok(Some(NodeAddr { host, port }))
+            }
+            _ => Err(ProtoError::Invalid {
+                field,
+                why: "a host without a port or a port without a host",
+            }),
+        }
     }
 }
 

@@ -70,11 +70,16 @@ impl Setup {
         self.dir.path().join(name)
     }
 
-    /// `ferry token` as the app's backend (it has the app key): the token's hex text.
+    /// `ferry` on the app's backend, which holds the app key.
+    fn backend(&self, args: &[&str]) -> Run {
+        run(ferry(&self.path("backend"), &[], args))
+    }
+
+    /// `ferry token` as the app's backend: the token's hex text.
     fn mint(&self, user: &str, args: &[&str]) -> String {
         let mut all = vec!["--app", "demo", "--user", user, "--json", "token"];
         all.extend_from_slice(args);
-        let r = run(ferry(&self.path("backend"), &[], &all));
+        let r = self.backend(&all);
         assert!(r.ok, "ferry token {args:?}: {}", r.stderr);
         let v = r.json();
         assert_eq!(
@@ -214,28 +219,20 @@ fn a_device_with_only_a_delegated_token_transfers_and_is_held_to_its_limits() {
         &s.on_device(&share, &["stat", "0000000000000001-aaaaaaaaaaaaaaaa"]),
         &[&format!("for file {id} only")],
     );
-    let r = run(ferry(
-        &s.path("backend"),
-        &[],
-        &[
-            "--user",
-            "x",
-            "token",
-            "--scope",
-            "read,write",
-            "--file",
-            &id,
-        ],
-    ));
+    let r = s.backend(&[
+        "--user",
+        "x",
+        "token",
+        "--scope",
+        "read,write",
+        "--file",
+        &id,
+    ]);
     failed_with(&r, &["read share"]);
     // A token of another app does not see demo's files.
-    let r = run(ferry(
-        &s.path("backend"),
-        &[],
-        &[
-            "--app", "other", "--user", "alice", "token", "--scope", "read",
-        ],
-    ));
+    let r = s.backend(&[
+        "--app", "other", "--user", "alice", "token", "--scope", "read",
+    ]);
     assert!(r.ok, "{}", r.stderr);
     let other = r.stdout.trim().to_owned();
     failed_with(&s.on_device(&other, &["stat", &id]), &["error 7 NotFound"]);
@@ -251,19 +248,15 @@ fn a_device_with_only_a_delegated_token_transfers_and_is_held_to_its_limits() {
     assert!(u["max_bytes"].is_null(), "{u}");
     // App other has a 1000-byte quota per user: exactly 1000 is stored, one byte more is
     // refused by name, and usage says where ann stands.
-    let r = run(ferry(
-        &s.path("backend"),
-        &[],
-        &[
-            "--app",
-            "other",
-            "--user",
-            "ann",
-            "token",
-            "--scope",
-            "read,write",
-        ],
-    ));
+    let r = s.backend(&[
+        "--app",
+        "other",
+        "--user",
+        "ann",
+        "token",
+        "--scope",
+        "read,write",
+    ]);
     let ann = r.stdout.trim().to_owned();
     let (full, more) = (s.path("full.bin"), s.path("more.bin"));
     make_file(&full, 1000, 7);

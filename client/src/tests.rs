@@ -691,3 +691,33 @@ fn bad_input_is_refused_before_sending() {
     );
     let _ = proto::VERSION;
 }
+
+/// `Client::renew_token` swaps the delegated token every later connection sends (transfers in
+/// flight share it); it takes only a delegated token of the same app and user, and a client
+/// signing with the app key has none to renew.
+#[test]
+fn a_renewed_token_is_what_later_connections_send() {
+    let key = test_key();
+    let mint = |user: &str| {
+        key.delegate("ferry", user, Scope::ALL, 60, Default::default())
+            .unwrap()
+    };
+    let (first, second) = (mint("anonymous"), mint("anonymous"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::direct(vec![dead_addr()], dir.path().to_owned(), key.clone());
+    s.key = None;
+    s.token = Some(first.clone());
+    let c = Client::new(s).unwrap();
+    let sent = |c: &Client| Hello::decode(&c.creds.hello(Scope::READ, None).unwrap()).unwrap();
+    assert_eq!(sent(&c).credential, first);
+    c.renew_token(second.clone()).unwrap();
+    assert_eq!(sent(&c).credential, second);
+    // Another user's token, a connection token: refused, the current one kept.
+    let e = c.renew_token(mint("mallory")).unwrap_err().to_string();
+    assert!(e.contains("mallory"), "{e}");
+    let single = key.mint("ferry", "anonymous", Scope::ALL, 60).unwrap();
+    assert!(c.renew_token(single).is_err());
+    assert_eq!(sent(&c).credential, second);
+    let with_key = client_for(vec![dead_addr()], dir.path());
+    assert!(with_key.renew_token(second).is_err());
+}

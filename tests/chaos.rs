@@ -5,7 +5,7 @@
 //!   client-proxy and server-proxy (restarted after a pause), SIGSTOP/SIGCONT of a proxy,
 //!   SIGKILL of the server (restarted).
 //! - Cluster (2 groups x 2 storage nodes, 2 trackers, a routing server-proxy pair, a
-//!   client-proxy pair, a PostgreSQL server of its own): users of both groups download each
+//!   client-proxy pair on TLS (a local CA), a PostgreSQL server of its own): users of both groups download each
 //!   other's files while storage nodes of every group, trackers, routing proxies and
 //!   client-proxies are SIGKILLed and restarted, sometimes two at once, and PostgreSQL itself
 //!   is restarted (`pg_ctl restart -m fast`) now and then.
@@ -135,6 +135,8 @@ struct Stored {
 struct Ctx {
     dir: PathBuf,
     proxies: Vec<String>,
+    /// The CA of `tls://` proxies (`--ca`).
+    ca: Option<PathBuf>,
     /// The app the users belong to and its key (`FERRY_KEY`).
     app: String,
     key: String,
@@ -147,11 +149,12 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(dir: &Path, proxies: &[std::net::SocketAddr], app: &str, key: String) -> Ctx {
+    fn new(dir: &Path, proxies: Vec<String>, ca: Option<PathBuf>, app: &str, key: String) -> Ctx {
         std::fs::create_dir_all(dir.join("state")).unwrap();
         Ctx {
             dir: dir.to_path_buf(),
-            proxies: proxies.iter().map(|a| a.to_string()).collect(),
+            proxies,
+            ca,
             app: app.to_owned(),
             key,
             tally: Tally::default(),
@@ -168,6 +171,9 @@ impl Ctx {
             .env("FERRY_STATE_DIR", self.dir.join("state"));
         for p in &self.proxies {
             cmd.args(["--proxy", p]);
+        }
+        if let Some(ca) = &self.ca {
+            cmd.arg("--ca").arg(ca);
         }
         cmd.args(["--app", &self.app, "--user", user]);
         cmd
@@ -579,7 +585,12 @@ fn transfers_survive_dying_proxies_and_server() {
     .unwrap();
     let ctx = Arc::new(Ctx::new(
         tmp.path(),
-        &layout.client_proxies,
+        layout
+            .client_proxies
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        None,
         "chaos",
         support::auth::key_env(),
     ));
@@ -660,6 +671,7 @@ fn cluster_transfers_cross_groups_while_members_and_the_database_restart() {
         offline_after_ms: 1500,
         route_cache_ms: 1000,
         port_base: cluster::PORT_BASE,
+        tls: true,
     };
     let layout = GroupsLayout::picked(&spec, support::free_addr);
     let bin_dir = support::bin("ferry").parent().unwrap().to_path_buf();
@@ -673,9 +685,11 @@ fn cluster_transfers_cross_groups_while_members_and_the_database_restart() {
     )
     .unwrap();
     let key = cl.secrets.key_of(cluster::CLUSTER_APP).unwrap();
+    // End users reach the client-proxies over TLS, as a deployment's do.
     let ctx = Arc::new(Ctx::new(
         tmp.path(),
-        &layout.client_proxies,
+        cl.client_endpoints(),
+        cl.tls.as_ref().map(|t| t.ca.clone()),
         cluster::CLUSTER_APP,
         format!("{}:{}", key.id, key.secret),
     ));

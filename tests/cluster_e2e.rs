@@ -44,6 +44,7 @@ impl Setup {
             offline_after_ms: 1500,
             route_cache_ms: 1000,
             port_base: ferry_client::cluster::PORT_BASE,
+            tls: false,
         };
         // Ports from support::free_addr, which never hands the same port to two tests of this
         // process (the three tests start clusters at the same time).

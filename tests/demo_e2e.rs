@@ -161,6 +161,12 @@ fn cluster_up_serves_transfers_until_ctrl_c() {
         );
     }
     let client_conf = generated.join("client.toml");
+    // The client leg runs on TLS with the cluster's local CA.
+    let text = std::fs::read_to_string(&client_conf).unwrap();
+    assert!(
+        text.contains("\"tls://127.0.0.1:") && text.contains("ca = "),
+        "{text}"
+    );
     // A transfer through the client-proxy pair it started, with that client config alone (as
     // the README says), no key in the environment.
     let src = tmp.path().join("src");

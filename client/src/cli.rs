@@ -27,10 +27,19 @@ pub struct Cli {
     /// Config file (TOML: proxies, app, user, threads, block_size, timeout_ms, state_dir, secret, [secrets]).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Proxy or server address (host:port); repeat for a failover list. Overrides
-    /// FERRY_PROXIES (comma-separated) and the config's `proxies`.
+    /// Proxy or server address (host:port, or tls://host:port for a client-proxy that listens
+    /// with TLS); repeat for a failover list. Overrides FERRY_PROXIES (comma-separated) and
+    /// the config's `proxies`.
     #[arg(long = "proxy", global = true, value_name = "ADDR")]
     pub proxies: Vec<String>,
+    /// CA certificate file (PEM) that tls:// proxies' certificates are checked against,
+    /// instead of the system's roots (FERRY_CA, config `ca`).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// Public-key pin a tls:// proxy's certificate must match (sha256:HEX, as ferry-proxy
+    /// logs it), repeated for several (FERRY_PINS comma-separated, config `pins`).
+    #[arg(long = "pin", global = true, value_name = "PIN")]
+    pub pins: Vec<String>,
     /// Application id (FERRY_APP, config `app`; default "ferry").
     #[arg(long, global = true)]
     pub app: Option<String>,
@@ -235,6 +244,8 @@ fn client(cli: &Cli) -> Result<Client, ClientError> {
         user: cli.user.clone(),
         outage_window: cli.outage_window.map(Duration::from_secs),
         token_file: cli.token_file.clone(),
+        ca: cli.ca.clone(),
+        pins: cli.pins.clone(),
     };
     Client::new(settings::resolve(file, &flags, &EnvVars::from_process())?)
 }
@@ -349,6 +360,7 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                     offline_after_ms: 3000,
                     route_cache_ms: 2000,
                     port_base: *port_base,
+                    tls: true,
                 };
                 crate::cluster::up_groups(&spec, data, say)?;
             }

@@ -4,11 +4,14 @@
 //! SIGSTOPped proxy) surfaces as [`Fault::Timeout`] instead of a hang. Reply lengths are checked
 //! against what the request can legitimately get back before anything is allocated or read.
 
+use crate::settings::Endpoint;
 use ferry_common::proto::{
     self, DOWNLOAD_REPLY_META, ErrorBody, ErrorCode, HEADER_LEN, Header, Identity, cmd, status,
 };
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest error body (code + 1024 bytes of text).
@@ -35,6 +38,10 @@ pub enum Fault {
     Garbled(String),
     /// An error frame. The session stays usable unless the code is a framing error (1-5).
     Server(ErrorBody),
+    /// TLS with a `tls://` proxy failed for a reason that retrying will not mend: its
+    /// certificate (wrong host, unknown CA, no pinned key), or no TLS at all (a plain
+    /// listener). The next proxy of the list may do better; no outage to wait out.
+    Tls(String),
 }
 
 impl Fault {
@@ -45,7 +52,7 @@ impl Fault {
     /// it out; a server's own error answer or a broken reply is no outage.
     pub fn is_outage(&self) -> bool {
         match self {
-            Fault::Garbled(_) => false,
+            Fault::Garbled(_) | Fault::Tls(_) => false,
             Fault::Server(e) => matches!(e.code, ErrorCode::Upstream | ErrorCode::NoNode),
             _ => true,
         }
@@ -66,7 +73,8 @@ impl Fault {
             | Fault::Send(s)
             | Fault::Timeout(s)
             | Fault::Dropped(s)
-            | Fault::Garbled(s) => s.clone(),
+            | Fault::Garbled(s)
+            | Fault::Tls(s) => s.clone(),
             Fault::Server(e) | Fault::NoNode(e) => {
                 format!("error {} {:?}: {}", e.code as u16, e.code, e.text)
             }
@@ -74,8 +82,95 @@ impl Fault {
     }
 }
 
+/// The connection: plain TCP, or TLS over it (blocking, with the socket's timeouts).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn sock(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write_vectored(bufs),
+            Stream::Tls(t) => t.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// TLS with `ep` over `sock`, handshake done: the certificate is checked here, before any
+/// byte of ours (the HELLO's token) is sent.
+fn handshake(
+    sock: TcpStream,
+    ep: &Endpoint,
+    name: &str,
+    cfg: &Arc<ClientConfig>,
+) -> Result<Stream, Fault> {
+    let peer = ep.addr;
+    let server = crate::tls::server_name(name).map_err(Fault::Tls)?;
+    let conn = ClientConnection::new(cfg.clone(), server)
+        .map_err(|e| Fault::Tls(format!("TLS with {ep}: {e}")))?;
+    let mut t = StreamOwned::new(conn, sock);
+    while t.conn.is_handshaking() {
+        if let Err(e) = t.conn.complete_io(&mut t.sock) {
+            return Err(match e.kind() {
+                // rustls's own verdicts: the certificate, or bytes that are no TLS at all.
+                io::ErrorKind::InvalidData => {
+                    let text = e.to_string();
+                    let hint = if text.contains("corrupt message")
+                        || text.contains("InvalidContentType")
+                    {
+                        " (the proxy did not answer in TLS: is it a plain listener? then drop tls://)"
+                    } else {
+                        ""
+                    };
+                    Fault::Tls(format!("TLS with {ep}: {text}{hint}"))
+                }
+                _ if is_timeout(&e) => {
+                    Fault::Connect(format!("TLS with {peer}: no handshake within the timeout"))
+                }
+                _ => Fault::Connect(format!(
+                    "TLS with {ep}: connection lost in the handshake: {e}"
+                )),
+            });
+        }
+    }
+    Ok(Stream::Tls(Box::new(t)))
+}
+
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     pub peer: SocketAddr,
     /// When the last reply arrived: a send that fails on a connection idle for longer than the
     /// timeout more likely hit the peer's idle close than a dead proxy.
@@ -90,8 +185,15 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 impl Conn {
-    /// Connects and opens the session with `hello` (an encoded HELLO body).
-    pub fn open(peer: SocketAddr, timeout: Duration, hello: &[u8]) -> Result<Conn, Fault> {
+    /// Connects (with TLS for a `tls://` entry, verified with `tls`) and opens the session with
+    /// `hello` (an encoded HELLO body).
+    pub fn open(
+        ep: &Endpoint,
+        tls: Option<&Arc<ClientConfig>>,
+        timeout: Duration,
+        hello: &[u8],
+    ) -> Result<Conn, Fault> {
+        let peer = ep.addr;
         let stream = TcpStream::connect_timeout(&peer, timeout)
             .map_err(|e| Fault::Connect(format!("connect {peer}: {e}")))?;
         let setup = || -> io::Result<()> {
@@ -100,6 +202,13 @@ impl Conn {
             stream.set_nodelay(true)
         };
         setup().map_err(|e| Fault::Connect(format!("socket options for {peer}: {e}")))?;
+        let stream = match (&ep.tls, tls) {
+            (None, _) => Stream::Plain(stream),
+            (Some(name), Some(cfg)) => handshake(stream, ep, name, cfg)?,
+            (Some(_), None) => {
+                return Err(Fault::Tls(format!("{ep}: no TLS config (internal)")));
+            }
+        };
         let mut c = Conn {
             stream,
             peer,
@@ -177,7 +286,7 @@ impl Conn {
                 let e = ErrorBody::decode(&b).map_err(|e| self.garbled(e.to_string()))?;
                 if e.code.ends_session() {
                     // The peer closes after such errors; so do we.
-                    let _ = self.stream.shutdown(Shutdown::Both);
+                    let _ = self.stream.sock().shutdown(Shutdown::Both);
                 }
                 Err(Fault::Server(e))
             }

@@ -146,7 +146,11 @@ fn sha256_of(path: &Path) -> Result<String> {
 /// Runs the demo. `data` keeps the server's data there instead of in a temp dir.
 pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<DemoReport> {
     let bins = bin_dir()?;
-    let layout = Layout::from_conf(conf_dir)?;
+    // The client leg on TLS, with a local CA made for this run.
+    let layout = Layout {
+        tls: true,
+        ..Layout::from_conf(conf_dir)?
+    };
     let tmp = tempfile::Builder::new()
         .prefix("ferry-demo-")
         .tempdir()
@@ -192,6 +196,9 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
     let mut up_settings = Settings::direct(layout.client_proxies.to_vec(), state.clone(), key);
     up_settings.app = "demo".into();
     up_settings.user = "demo".into();
+    if let Some(c) = slot.lock().as_ref() {
+        c.client_settings(&mut up_settings)?;
+    }
     let uploader = Client::new(up_settings.clone())?;
 
     // The killer waits for the halfway mark, then SIGKILLs the primary server-proxy and restarts it.
@@ -229,7 +236,7 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
     });
     say(&format!(
         "demo: uploading through {} and {}",
-        layout.client_proxies[0], layout.client_proxies[1]
+        up_settings.proxies[0], up_settings.proxies[1]
     ));
     let upload = uploader.upload(&src, None, None, &progress);
     drop(progress); // lets the killer go if halfway never came
@@ -241,13 +248,13 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
 
     // Download back through the other client-proxy first.
     let mut down_settings = up_settings;
-    down_settings.proxies = vec![layout.client_proxies[1], layout.client_proxies[0]];
-    let downloader = Client::new(down_settings)?;
-    let out = tmp.path().join("demo.out");
+    down_settings.proxies.reverse();
     say(&format!(
         "demo: downloading {} through {}",
-        upload.file_id, layout.client_proxies[1]
+        upload.file_id, down_settings.proxies[0]
     ));
+    let downloader = Client::new(down_settings)?;
+    let out = tmp.path().join("demo.out");
     let download = downloader.download(&upload.file_id, &out, None, &crate::Quiet)?;
     let got = sha256_of(&out)?;
     let (mut proxy_failovers, mut sessions_cut) = (0, 0);
@@ -317,7 +324,10 @@ pub fn render(r: &DemoReport) -> String {
 /// `ferry cluster up`: the same cluster in the foreground, logs prefixed by member, until Ctrl-C.
 pub fn cluster_up(conf_dir: &Path, data: &Path, say: Say) -> Result<()> {
     let bins = bin_dir()?;
-    let layout = Layout::from_conf(conf_dir)?;
+    let layout = Layout {
+        tls: true,
+        ..Layout::from_conf(conf_dir)?
+    };
     let slot: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
     stop_on_signal(slot.clone(), None, say)?;
     let mut c = Cluster::start(&bins, conf_dir, layout.clone(), data, Logs::Prefixed)?;
@@ -338,8 +348,10 @@ pub fn cluster_up(conf_dir: &Path, data: &Path, say: Say) -> Result<()> {
             p.display()
         )),
         None => say(&format!(
-            "try: FERRY_KEY=ID:SECRET ferry --proxy {} --proxy {} upload FILE",
-            layout.client_proxies[0], layout.client_proxies[1]
+            "try: FERRY_KEY=ID:SECRET ferry --proxy tls://{} --proxy tls://{} --ca {} upload FILE",
+            layout.client_proxies[0],
+            layout.client_proxies[1],
+            data.join("conf").join("tls").join("ca.pem").display()
         )),
     }
     watch(&slot)

@@ -24,6 +24,7 @@ pub mod error;
 mod files;
 pub mod groups;
 mod link;
+pub mod localca;
 mod pool;
 pub mod report;
 pub mod rotation;
@@ -31,6 +32,7 @@ pub mod secrets;
 pub mod settings;
 pub mod size;
 pub mod state;
+pub mod tls;
 mod upload;
 
 #[cfg(test)]
@@ -216,6 +218,8 @@ pub struct FileInfo {
 pub struct Client {
     settings: Settings,
     creds: Credentials,
+    /// The TLS config of the `tls://` proxies (none in the list: `None`).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
@@ -257,7 +261,15 @@ impl Client {
             user: settings.user.clone(),
             proof,
         };
-        Ok(Client { settings, creds })
+        let tls = match settings.proxies.iter().any(|p| p.tls.is_some()) {
+            true => Some(tls::client_config(&settings.tls)?),
+            false => None,
+        };
+        Ok(Client {
+            settings,
+            creds,
+            tls,
+        })
     }
 
     /// Replaces the delegated token for every later connection, including those of transfers
@@ -288,6 +300,7 @@ impl Client {
             timeout: self.settings.timeout,
             tries_per_proxy: self.settings.tries_per_proxy,
             outage_window: self.settings.outage_window,
+            tls: self.tls.clone(),
             failovers: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         }

@@ -37,6 +37,8 @@ pub struct Shared {
     pub tries_per_proxy: u32,
     /// How long a request keeps cycling through the proxies before it gives up.
     pub outage_window: Duration,
+    /// How `tls://` proxies are verified (built once per client; `None` when none is TLS).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub failovers: AtomicU64,
     pub retries: AtomicU64,
 }
@@ -68,8 +70,8 @@ impl<'a> Link<'a> {
     }
 
     /// The proxy this link currently uses.
-    pub fn peer(&self) -> std::net::SocketAddr {
-        self.shared.proxies.addr(self.cur)
+    pub fn peer(&self) -> &crate::settings::Endpoint {
+        self.shared.proxies.get(self.cur)
     }
 
     fn switch(&mut self) {
@@ -81,8 +83,8 @@ impl<'a> Link<'a> {
             self.shared.failovers.fetch_add(1, Ordering::Relaxed);
             log::info!(
                 "failover {} -> {}",
-                self.shared.proxies.addr(self.cur),
-                self.shared.proxies.addr(next)
+                self.shared.proxies.get(self.cur),
+                self.shared.proxies.get(next)
             );
         }
         self.cur = next;
@@ -142,10 +144,10 @@ impl<'a> Link<'a> {
                 }
             }
             if self.conn.is_none() {
-                let addr = self.peer();
                 let hello =
                     (self.shared.creds).hello(self.shared.scope, self.shared.route.as_deref())?;
-                match Conn::open(addr, self.shared.timeout, &hello) {
+                let tls = self.shared.tls.as_ref();
+                match Conn::open(self.peer(), tls, self.shared.timeout, &hello) {
                     Ok(c) => self.conn = Some(c),
                     Err(Fault::Server(e)) if !e.code.retryable() => {
                         return Err(server_error(op, e.code, &e.text));
@@ -183,7 +185,7 @@ impl<'a> Link<'a> {
                         // The peer closed a long-idle session (its idle timeout): reconnect
                         // to the same proxy before calling it dead.
                         Fault::Send(_) if idle => self.failed_try(),
-                        Fault::Connect(_) | Fault::Send(_) => self.switch(),
+                        Fault::Connect(_) | Fault::Send(_) | Fault::Tls(_) => self.switch(),
                         Fault::NoUpstream(_) => {
                             upstream_down = true;
                             self.switch()

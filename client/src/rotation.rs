@@ -4,9 +4,9 @@
 //! One [`Proxies`] is shared by all threads of a transfer, so when one thread finds a proxy dead
 //! the others skip it too on their next connect instead of rediscovering it one timeout each.
 
+use crate::settings::Endpoint;
 use parking_lot::Mutex;
 use rand::RngExt;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// How long a failed proxy is skipped when others are available.
@@ -15,12 +15,12 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 pub struct Proxies {
-    addrs: Vec<SocketAddr>,
+    addrs: Vec<Endpoint>,
     failed_at: Mutex<Vec<Option<Instant>>>,
 }
 
 impl Proxies {
-    pub fn new(addrs: Vec<SocketAddr>) -> Self {
+    pub fn new(addrs: Vec<Endpoint>) -> Self {
         let n = addrs.len();
         Proxies {
             addrs,
@@ -36,8 +36,8 @@ impl Proxies {
         self.addrs.is_empty()
     }
 
-    pub fn addr(&self, i: usize) -> SocketAddr {
-        self.addrs[i % self.addrs.len()]
+    pub fn get(&self, i: usize) -> &Endpoint {
+        &self.addrs[i % self.addrs.len()]
     }
 
     pub fn list(&self) -> String {
@@ -101,11 +101,12 @@ mod tests {
     use super::*;
 
     fn three() -> Proxies {
-        Proxies::new(vec![
-            "127.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:2".parse().unwrap(),
-            "127.0.0.1:3".parse().unwrap(),
-        ])
+        Proxies::new(
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+                .iter()
+                .map(|a| Endpoint::plain(a.parse().unwrap()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -141,7 +142,7 @@ mod tests {
 
     #[test]
     fn single_proxy_is_always_chosen() {
-        let p = Proxies::new(vec!["127.0.0.1:1".parse().unwrap()]);
+        let p = Proxies::new(vec![Endpoint::plain("127.0.0.1:1".parse().unwrap())]);
         p.mark_failed(0);
         assert_eq!(p.next_after(0), 0);
         assert_eq!(p.first(), 0);

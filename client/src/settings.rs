@@ -24,8 +24,15 @@ pub const MAX_THREADS: usize = 64;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// Proxies (or a server) to talk to, `host:port`, tried in order with failover.
+    /// Proxies (or a server) to talk to, `host:port` or `tls://host:port`, tried in order
+    /// with failover.
     pub proxies: Option<Vec<String>>,
+    /// PEM file of the CA(s) that sign the `tls://` proxies' certificates; default: the
+    /// system's roots. `--ca` and `FERRY_CA` win over it.
+    pub ca: Option<PathBuf>,
+    /// Pins (`sha256:HEX` of a certificate's public key): a `tls://` proxy's certificate must
+    /// also carry one of these keys. `--pin` and `FERRY_PINS` win over it.
+    pub pins: Option<Vec<String>>,
     pub app: Option<String>,
     pub user: Option<String>,
     pub threads: Option<usize>,
@@ -66,6 +73,10 @@ pub struct Flags {
     pub outage_window: Option<Duration>,
     /// `--token-file PATH`: a delegated token.
     pub token_file: Option<PathBuf>,
+    /// `--ca PATH`.
+    pub ca: Option<PathBuf>,
+    /// `--pin sha256:HEX`, repeated.
+    pub pins: Vec<String>,
 }
 
 /// The environment variables the client reads, captured once so resolution is testable.
@@ -81,6 +92,10 @@ pub struct EnvVars {
     pub token: Option<String>,
     /// `FERRY_LINK_KEY`: `ID:SECRET` of a link key.
     pub link: Option<String>,
+    /// `FERRY_CA`: the CA file for `tls://` proxies.
+    pub ca: Option<String>,
+    /// `FERRY_PINS`: comma-separated pins.
+    pub pins: Option<String>,
     pub login: Option<String>,
     pub home: Option<String>,
     pub xdg_cache: Option<String>,
@@ -97,6 +112,8 @@ impl EnvVars {
             key: get("FERRY_KEY"),
             token: get("FERRY_TOKEN"),
             link: get("FERRY_LINK_KEY"),
+            ca: get("FERRY_CA"),
+            pins: get("FERRY_PINS"),
             login: get("USER"),
             home: get("HOME"),
             xdg_cache: get("XDG_CACHE_HOME"),
@@ -104,10 +121,46 @@ impl EnvVars {
     }
 }
 
+/// One entry of the proxy list: where to connect and, for `tls://host:port`, the name the
+/// proxy's certificate must be valid for (the host as written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub tls: Option<String>,
+}
+
+impl Endpoint {
+    pub fn plain(addr: SocketAddr) -> Endpoint {
+        Endpoint { addr, tls: None }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.tls {
+            None => write!(f, "{}", self.addr),
+            // Named by its address: nothing to add.
+            Some(name) if *name == self.addr.ip().to_string() => write!(f, "tls://{}", self.addr),
+            Some(name) => write!(f, "tls://{name}:{} ({})", self.addr.port(), self.addr.ip()),
+        }
+    }
+}
+
+/// How `tls://` proxies are verified.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// CA certificates (PEM) to trust instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    /// Public-key pins the proxy's certificate must match one of (checked pins, lower case).
+    pub pins: Vec<String>,
+}
+
 /// Everything a [`crate::Client`] needs, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub proxies: Vec<SocketAddr>,
+    pub proxies: Vec<Endpoint>,
+    /// How `tls://` entries of `proxies` are verified.
+    pub tls: TlsOptions,
     pub app: String,
     pub user: String,
     /// The app key every connection's HELLO token is made with (transfers need it or `token`).
@@ -129,7 +182,8 @@ impl Settings {
     /// app) and defaults elsewhere (tests, library users).
     pub fn direct(addrs: Vec<SocketAddr>, state_dir: PathBuf, key: SigningKey) -> Self {
         Settings {
-            proxies: addrs,
+            proxies: addrs.into_iter().map(Endpoint::plain).collect(),
+            tls: TlsOptions::default(),
             app: DEFAULT_APP.into(),
             user: "anonymous".into(),
             key: Some(key),
@@ -178,6 +232,25 @@ pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Setting
         ));
     };
     let proxies = parse_proxies(source, &list)?;
+    let pins: Vec<String> = if !flags.pins.is_empty() {
+        flags.pins.clone()
+    } else if let Some(v) = &env.pins {
+        v.split(',').map(str::to_owned).collect()
+    } else {
+        file.pins.unwrap_or_default()
+    };
+    let tls = TlsOptions {
+        ca: flags
+            .ca
+            .clone()
+            .or_else(|| env.ca.as_ref().filter(|c| !c.is_empty()).map(PathBuf::from))
+            .or(file.ca),
+        pins: pins
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| ferry_common::tls::parse_pin(p).map_err(ClientError::Input))
+            .collect::<Result<_>>()?,
+    };
 
     let token = pick_token(flags, env, file.token_file.as_deref())?;
     let named_app = flags.app.clone().or_else(|| env.app.clone()).or(file.app);
@@ -239,6 +312,7 @@ pub fn resolve(file: FileConfig, flags: &Flags, env: &EnvVars) -> Result<Setting
     let key = pick_key("FERRY_KEY", env.key.as_deref(), file.key, "app key")?;
     Ok(Settings {
         proxies,
+        tls,
         app,
         user,
         key,
@@ -328,16 +402,26 @@ fn check_id(what: &str, v: &str, width: usize) -> Result<()> {
     Ok(())
 }
 
-/// Parses `host:port` entries; an empty list, an empty entry or an unresolvable one is an error.
-pub fn parse_proxies(source: &str, list: &[String]) -> Result<Vec<SocketAddr>> {
+/// Parses `host:port` and `tls://host:port` entries; an empty list, an empty entry or an
+/// unresolvable one is an error.
+pub fn parse_proxies(source: &str, list: &[String]) -> Result<Vec<Endpoint>> {
     let mut out = Vec::new();
     for raw in list {
-        let entry = raw.trim();
-        if entry.is_empty() {
+        let written = raw.trim();
+        if written.is_empty() {
             return Err(ClientError::Input(format!(
                 "{source}: empty entry in the proxy list {list:?}"
             )));
         }
+        let (entry, tls) = match written.strip_prefix("tls://") {
+            Some(rest) => (rest, true),
+            None if written.contains("://") => {
+                return Err(ClientError::Input(format!(
+                    "{source}: {written:?}: a proxy is host:port or tls://host:port"
+                )));
+            }
+            None => (written, false),
+        };
         let addr = entry
             .to_socket_addrs()
             .map_err(|e| ClientError::Input(format!("{source}: bad proxy address {entry:?}: {e}")))?
@@ -345,7 +429,15 @@ pub fn parse_proxies(source: &str, list: &[String]) -> Result<Vec<SocketAddr>> {
             .ok_or_else(|| {
                 ClientError::Input(format!("{source}: {entry:?} resolves to no address"))
             })?;
-        out.push(addr);
+        // The certificate is checked against the host as written (brackets off an IPv6
+        // address), not against what it resolved to.
+        let name = tls.then(|| {
+            let host = entry.rsplit_once(':').map_or(entry, |(h, _)| h);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        });
+        out.push(Endpoint { addr, tls: name });
     }
     if out.is_empty() {
         return Err(ClientError::Input(format!(
@@ -358,6 +450,54 @@ pub fn parse_proxies(source: &str, list: &[String]) -> Result<Vec<SocketAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plain(a: &str) -> Endpoint {
+        Endpoint::plain(a.parse().unwrap())
+    }
+
+    #[test]
+    fn tls_entries_keep_their_host_for_the_certificate() {
+        let list: Vec<String> = ["tls://localhost:7443", "127.0.0.1:7421", "tls://[::1]:7444"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let eps = parse_proxies("--proxy", &list).unwrap();
+        assert_eq!(eps[0].tls.as_deref(), Some("localhost"));
+        assert_eq!(eps[0].addr.port(), 7443);
+        assert_eq!(eps[1], plain("127.0.0.1:7421"));
+        assert_eq!(eps[2].tls.as_deref(), Some("::1"));
+        assert_eq!(eps[2].to_string(), "tls://[::1]:7444");
+        assert_eq!(
+            eps[0].to_string(),
+            format!("tls://localhost:7443 ({})", eps[0].addr.ip())
+        );
+        let e = parse_proxies("--proxy", &["http://127.0.0.1:1".to_string()]).unwrap_err();
+        assert!(e.to_string().contains("tls://host:port"), "{e}");
+        // CA and pins: flag > environment > file; a malformed pin is refused.
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let env = EnvVars {
+            ca: Some("/env/ca.pem".into()),
+            pins: Some(format!("{pin},")),
+            ..Default::default()
+        };
+        let cfg = || FileConfig {
+            ca: Some("/file/ca.pem".into()),
+            ..file(&["tls://localhost:1"])
+        };
+        let s = resolve(cfg(), &Flags::default(), &env).unwrap();
+        assert_eq!(s.tls.ca.as_deref(), Some(Path::new("/env/ca.pem")));
+        assert_eq!(s.tls.pins, vec![pin.clone()]);
+        let flags = Flags {
+            ca: Some("/flag/ca.pem".into()),
+            pins: vec!["sha256:00".into()],
+            ..Default::default()
+        };
+        let e = resolve(cfg(), &flags, &env).unwrap_err();
+        assert!(e.to_string().contains("bad pin"), "{e}");
+        let s = resolve(cfg(), &Flags::default(), &EnvVars::default()).unwrap();
+        assert_eq!(s.tls.ca.as_deref(), Some(Path::new("/file/ca.pem")));
+        assert!(s.tls.pins.is_empty());
+    }
 
     fn file(proxies: &[&str]) -> FileConfig {
         FileConfig {
@@ -377,17 +517,17 @@ mod tests {
             ..Default::default()
         };
         let s = resolve(file(&["127.0.0.1:9"]), &flags, &env).unwrap();
-        assert_eq!(s.proxies, vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(s.proxies, vec![plain("127.0.0.1:1")]);
         let s = resolve(file(&["127.0.0.1:9"]), &Flags::default(), &env).unwrap();
         assert_eq!(s.proxies.len(), 2);
-        assert_eq!(s.proxies[1], "127.0.0.1:3".parse().unwrap());
+        assert_eq!(s.proxies[1], plain("127.0.0.1:3"));
         let s = resolve(
             file(&["127.0.0.1:9"]),
             &Flags::default(),
             &EnvVars::default(),
         )
         .unwrap();
-        assert_eq!(s.proxies, vec!["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(s.proxies, vec![plain("127.0.0.1:9")]);
     }
 
     #[test]
@@ -666,7 +806,7 @@ mod shipped_config {
         )
         .unwrap();
         assert_eq!(s.proxies.len(), 2);
-        assert_eq!(s.proxies[0], "127.0.0.1:7421".parse().unwrap());
+        assert_eq!(s.proxies[0].addr, "127.0.0.1:7421".parse().unwrap());
         assert_eq!(s.block_size, DEFAULT_BLOCK_SIZE);
     }
 }

@@ -9,4 +9,5 @@ pub mod net;
 pub mod proto;
 pub mod reactor;
 pub mod signing;
+pub mod tls;
 pub mod token;

@@ -63,6 +63,19 @@ pub struct Config {
     /// `[auth]`: the app keys a routing proxy checks each HELLO's session token against.
     /// Required with `trackers`; a proxy with fixed upstreams leaves tokens to the server.
     pub auth: Option<AuthConfig>,
+    /// `[tls]`: clients connect with TLS (a client-proxy); see [`TlsConfig`].
+    pub tls: Option<TlsConfig>,
+}
+
+/// The certificate a client-proxy serves. Reread on SIGHUP: new handshakes get the new files,
+/// sessions in flight keep theirs, and a pair that does not load keeps the old one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, end-entity first (relative paths from the working directory).
+    pub cert: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -87,6 +100,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_millis(10_000),
             link: LinkConfig::default(),
             auth: None,
+            tls: None,
         }
     }
 }
@@ -134,6 +148,12 @@ impl Config {
             bail!(
                 "[link.members] names cluster members for a ferry-server; a proxy relays the \
                  sessions of every key in [link.accept] and serves no cluster command"
+            );
+        }
+        if self.tls.is_some() && !self.link.accept.is_empty() {
+            bail!(
+                "[tls] is for the client leg: a proxy that requires link proofs ([link.accept]) \
+                 is reached by ferry's own proxies, which connect in plain TCP"
             );
         }
         if self.routed() {

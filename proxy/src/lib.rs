@@ -7,11 +7,13 @@
 
 pub mod config;
 pub mod first;
+pub mod front;
 pub mod lookup;
 pub mod relay;
 pub mod route;
 pub mod session;
 pub mod stats;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{Cli, Config};
@@ -39,6 +41,16 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
                 Mode::Userspace
             }
         }
+    };
+    let certs = match &cfg.tls {
+        Some(t) => {
+            Some(tls::CertStore::load(t.cert.clone(), t.key.clone()).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let tls_config = match &certs {
+        Some(store) => Some(store.server_config().map_err(anyhow::Error::msg)?),
+        None => None,
     };
     let ups = Arc::new(Upstreams::new(&cfg.upstreams, cfg.rise, cfg.fall));
     let counters = Arc::new(Counters::default());
@@ -103,12 +115,17 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
             .map_or_else(|| String::from("none"), |k| format!("as {}", k.id)),
     );
     info!(
-        "ferry-proxy listening on {} -> {target}; {link}; relay mode: {}, {} bytes per \
+        "ferry-proxy listening on {}{} -> {target}; {link}; relay mode: {}, {} bytes per \
          direction; {} workers, max {} sessions, fd limit {fds}",
         reactor
             .local_addrs()
             .first()
             .map_or_else(|| cfg.listen.to_string(), |a| a.to_string()),
+        if certs.is_some() {
+            " with TLS (sessions relay in userspace)"
+        } else {
+            ""
+        },
         mode.name(),
         cfg.pipe_size,
         rcfg.workers,
@@ -134,7 +151,9 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
             },
             link_accept: cfg.link.verifier(),
             link_send: cfg.link.send.clone().map(Arc::new),
+            tls: tls_config,
         }),
+        certs,
     });
     reactor.run(service).context("reactor failed")?;
     info!(

@@ -10,6 +10,37 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 
+/// One side of a relayed session as a flow sees it: a plain socket, or the client-proxy's TLS
+/// front (plaintext in and out, see [`crate::front`]).
+pub trait End {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Passes a FIN on (for TLS: close_notify, then the FIN).
+    fn shutdown_write(&mut self);
+    /// The socket itself when bytes may be spliced to or from it; `None` under TLS, whose
+    /// flows always use a userspace buffer.
+    fn raw(&self) -> Option<&TcpStream>;
+}
+
+impl End for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn shutdown_write(&mut self) {
+        // ENOTCONN here means the destination is already gone; its own direction reports it.
+        let _ = self.shutdown(Shutdown::Write);
+    }
+
+    fn raw(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
 /// How sessions move bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -191,7 +222,7 @@ impl Flow {
     /// At most [`BUDGET`] bytes move per call, so one fast session cannot hold a worker while
     /// others wait; stopping early is safe because the reactor re-arms with EPOLL_CTL_MOD, which
     /// queues a new event at once for a socket that is still ready.
-    pub fn pump(&mut self, src: &TcpStream, dst: &TcpStream) -> Result<(), Failure> {
+    pub fn pump(&mut self, src: &mut impl End, dst: &mut impl End) -> Result<(), Failure> {
         let start = self.bytes;
         while self.bytes - start < BUDGET {
             let mut progress = false;
@@ -232,17 +263,17 @@ impl Flow {
         }
         if self.eof && self.pending() == 0 && !self.shut {
             self.shut = true;
-            // ENOTCONN here means the destination is already gone; its own direction reports it.
-            let _ = dst.shutdown(Shutdown::Write);
+            dst.shutdown_write();
         }
         Ok(())
     }
 
     /// One read from the source into the holding area; Ok(0) is EOF.
-    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+    fn fill(&mut self, src: &mut impl End) -> io::Result<usize> {
         let room = self.cap - self.pending();
         match &mut self.hold {
             Hold::Pipe { w, len, .. } => {
+                let src = src.raw().ok_or_else(not_spliceable)?;
                 let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
                 let n = splice(src, None, &*w, None, room, flags).map_err(io::Error::from)?;
                 *len += n;
@@ -258,7 +289,7 @@ impl Flow {
                     *end -= *start;
                     *start = 0;
                 }
-                let n = (&*src).read(&mut buf[*end..])?;
+                let n = src.read(&mut buf[*end..])?;
                 *end += n;
                 Ok(n)
             }
@@ -266,9 +297,10 @@ impl Flow {
     }
 
     /// One write of held bytes to the destination.
-    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
+    fn drain(&mut self, dst: &mut impl End) -> io::Result<usize> {
         match &mut self.hold {
             Hold::Pipe { r, len, .. } => {
+                let dst = dst.raw().ok_or_else(not_spliceable)?;
                 let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
                 let n = splice(&*r, None, dst, None, *len, flags).map_err(io::Error::from)?;
                 *len -= n;
@@ -276,12 +308,17 @@ impl Flow {
             }
             Hold::Buf { buf, start, end } => {
                 let Some(buf) = buf else { return Ok(0) };
-                let n = (&*dst).write(&buf[*start..*end])?;
+                let n = dst.write(&buf[*start..*end])?;
                 *start += n;
                 Ok(n)
             }
         }
     }
+}
+
+/// A splice flow was given a TLS end: a session builds its flows in userspace mode for TLS.
+fn not_spliceable() -> io::Error {
+    io::Error::other("internal: a TLS end cannot be spliced")
 }
 
 /// Checks at start-up that splice works on this kernel for TCP sockets (it can be missing or
@@ -329,8 +366,8 @@ mod tests {
 
     fn relay_through(mode: Mode, cap: usize) {
         // client -> (src) flow (dst) -> sink
-        let (src, mut client) = pair();
-        let (dst, mut sink) = pair();
+        let (mut src, mut client) = pair();
+        let (mut dst, mut sink) = pair();
         let mut flow = Flow::new(mode, cap);
         assert_eq!(flow.mode(), mode);
         flow.preload(b"HELLO").unwrap();
@@ -349,7 +386,7 @@ mod tests {
         let t = std::time::Instant::now();
         while !flow.done() {
             assert!(t.elapsed() < Duration::from_secs(20), "relay stalled");
-            flow.pump(&src, &dst).unwrap();
+            flow.pump(&mut src, &mut dst).unwrap();
             assert!(flow.pending() <= cap);
             // A slow reader: take a little at a time.
             match sink.read(&mut buf) {
@@ -384,8 +421,8 @@ mod tests {
     #[test]
     fn writing_to_a_closed_peer_is_an_error_not_a_signal() {
         for mode in [Mode::Splice, Mode::Userspace] {
-            let (src, mut client) = pair();
-            let (dst, sink) = pair();
+            let (mut src, mut client) = pair();
+            let (mut dst, sink) = pair();
             drop(sink);
             client.set_nonblocking(true).unwrap();
             let mut flow = Flow::new(mode, 64 * 1024);
@@ -394,7 +431,7 @@ mod tests {
             let err = loop {
                 assert!(t.elapsed() < Duration::from_secs(10));
                 let _ = client.write(&chunk);
-                match flow.pump(&src, &dst) {
+                match flow.pump(&mut src, &mut dst) {
                     Ok(()) => std::thread::sleep(Duration::from_millis(5)),
                     Err(e) => break e,
                 }

@@ -11,10 +11,12 @@
 //! have passed their FIN on, or cut the session at once when the upstream dies under it.
 
 use crate::first::{FIRST_MAX, First, Opening};
+use crate::front::Front;
 use crate::lookup::{self, Answer, Lookup};
-use crate::relay::{Failure, Flow, Mode};
+use crate::relay::{End, Failure, Flow, Mode};
 use crate::route::{self, Route, RouteCache};
 use crate::stats::Counters;
+use crate::tls::{Sniff, TlsFront};
 use crate::upstream::Upstreams;
 use ferry_common::auth::{LinkVerifier, SigningKey};
 use ferry_common::clock::now_secs;
@@ -24,7 +26,7 @@ use ferry_common::token::{AuthError, Verifier};
 use log::{debug, info, warn};
 use mio::Interest;
 use mio::net::TcpStream;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -44,6 +46,8 @@ pub struct Shared {
     pub link_accept: Option<LinkVerifier>,
     /// `[link.send]`: every connection to an upstream or tracker opens with a fresh proof.
     pub link_send: Option<Arc<SigningKey>>,
+    /// `[tls]`: the front speaks TLS (client-proxy); sessions relay in userspace then.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What a routing server-proxy needs: the trackers (asked in turn) and the route cache.
@@ -107,7 +111,7 @@ enum Phase {
 }
 
 pub struct Session {
-    front: TcpStream,
+    front: Front,
     peer: SocketAddr,
     phase: Phase,
     sh: Arc<Shared>,
@@ -119,13 +123,15 @@ pub struct Session {
     /// The file the session is about (the HELLO's route): a routing proxy sends it to the
     /// file's group instead of the user's.
     file: Option<String>,
+    /// A TLS listener's client spoke plain TCP: only a PROBE is answered.
+    plain_at_tls: bool,
     end: String,
     bytes_up: u64,
     bytes_down: u64,
 }
 
 impl Session {
-    pub fn new(front: TcpStream, peer: SocketAddr, sh: Arc<Shared>) -> Session {
+    pub fn new(front: Front, peer: SocketAddr, sh: Arc<Shared>) -> Session {
         let now = Instant::now();
         Session {
             front,
@@ -140,6 +146,7 @@ impl Session {
             upstream: None,
             who: None,
             file: None,
+            plain_at_tls: false,
             end: String::from("open"),
             bytes_up: 0,
             bytes_down: 0,
@@ -174,10 +181,21 @@ impl Session {
         if ev.draining {
             return self.finish("shutting down before the first frame");
         }
+        match self.front.sniff() {
+            Ok(Sniff::Tls) => {}
+            Ok(Sniff::Pending) => return self.first_later(buf, until, opening),
+            // Plain TCP at a TLS listener: a PROBE is still answered (health checks and
+            // readiness probes need no TLS); a HELLO is refused with a plain error frame.
+            Ok(Sniff::Plain) => {
+                self.front.downgrade();
+                self.plain_at_tls = true;
+            }
+            Err(e) => return self.finish(format!("front error before TLS: {e}")),
+        }
         loop {
             let have = buf.len();
             buf.resize(FIRST_MAX, 0);
-            let r = (&self.front).read(&mut buf[have..]);
+            let r = self.front.read(&mut buf[have..]);
             buf.truncate(have + *r.as_ref().unwrap_or(&0));
             match r {
                 Ok(0) => {
@@ -205,6 +223,7 @@ impl Session {
                     }
                     // Only Opening::advance sees LINK frames; it never hands one out.
                     First::Link { .. } => return self.finish("internal: LINK not consumed"),
+                    First::Hello { .. } if self.plain_at_tls => return self.refuse_plain(),
                     First::Hello { hello, .. } => {
                         if let Some(peer) = opening.peer.take() {
                             debug!("{}: linked as {peer}", self.peer);
@@ -225,11 +244,22 @@ impl Session {
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.finish(format!("front error before HELLO: {e}")),
+                Err(e) => {
+                    if self.front.is_tls() {
+                        c.tls_failed.fetch_add(1, Ordering::Relaxed);
+                        info!("{}: TLS: {e}", self.peer);
+                    }
+                    return self.finish(format!("front error before HELLO: {e}"));
+                }
             }
         }
+        self.first_later(buf, until, opening)
+    }
+
+    /// No complete opening yet: wait for more, up to the deadline.
+    fn first_later(&mut self, buf: Vec<u8>, until: Instant, opening: Opening) -> (Phase, Step) {
         if Instant::now() >= until {
-            c.rejected.fetch_add(1, Ordering::Relaxed);
+            self.sh.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return self.finish(format!(
                 "no complete HELLO within {:?}",
                 self.sh.hello_timeout
@@ -243,6 +273,20 @@ impl Session {
             },
             Step::Keep,
         )
+    }
+
+    /// A plain-TCP client at a TLS listener: a plain error frame says what to do, then close.
+    fn refuse_plain(&mut self) -> (Phase, Step) {
+        let c = &self.sh.counters;
+        c.rejected.fetch_add(1, Ordering::Relaxed);
+        c.tls_failed.fetch_add(1, Ordering::Relaxed);
+        info!("{}: refused: plain TCP at a TLS listener", self.peer);
+        let frame = ErrorBody::new(
+            ErrorCode::HelloRequired,
+            "this proxy listens with TLS: connect with tls://HOST:PORT",
+        )
+        .frame(cmd::REPLY_PROXY);
+        self.reply(frame, "plain TCP at a TLS listener")
     }
 
     /// A routing proxy's answer to a HELLO whose session token does not pass: error 6, saying
@@ -501,7 +545,13 @@ impl Session {
             c.standby_sessions.fetch_add(1, Ordering::Relaxed);
         }
         self.upstream = Some(addr);
-        let mut up = Flow::new(self.sh.mode, self.sh.pipe_size);
+        // TLS bytes are decrypted in userspace: no splice for such a session.
+        let mode = if self.front.is_tls() {
+            Mode::Userspace
+        } else {
+            self.sh.mode
+        };
+        let mut up = Flow::new(mode, self.sh.pipe_size);
         // A fresh proof for this connection: receivers refuse a nonce they have seen, so a
         // session that reaches a standby after a failed attempt never resends old bytes.
         let first = match &self.sh.link_send {
@@ -515,7 +565,7 @@ impl Session {
         if let Err(e) = up.preload(&first) {
             return self.finish(format!("cannot queue the HELLO: {e}"));
         }
-        let down = Flow::new(self.sh.mode, self.sh.pipe_size);
+        let down = Flow::new(mode, self.sh.pipe_size);
         debug!("{}: relaying to {addr} ({:?})", self.peer, up.mode());
         self.run_relay(back, up, down, false)
     }
@@ -529,7 +579,7 @@ impl Session {
     /// once and re-sends what is missing (seed 002) without losing the upstream's last bytes.
     fn run_relay(
         &mut self,
-        back: TcpStream,
+        mut back: TcpStream,
         mut up: Flow,
         mut down: Flow,
         mut gone: bool,
@@ -538,10 +588,10 @@ impl Session {
         let r_up = if gone {
             Ok(())
         } else {
-            up.pump(&self.front, &back)
+            up.pump(&mut self.front, &mut back)
         };
         let r_down = if r_up.is_ok() {
-            down.pump(&back, &self.front)
+            down.pump(&mut back, &mut self.front)
         } else {
             Ok(())
         };
@@ -568,11 +618,13 @@ impl Session {
             gone = true;
             c.upstream_lost.fetch_add(1, Ordering::Relaxed);
         }
-        if gone && down.pending() == 0 {
-            let _ = self.front.shutdown(Shutdown::Both);
+        // Under TLS the last records may still wait for the socket: close once they are out.
+        let flushed = !self.front.wants_write();
+        if gone && down.pending() == 0 && flushed {
+            self.front.shutdown_both();
             return self.finish("upstream closed mid-session");
         }
-        if up.done() && down.done() {
+        if up.done() && down.done() && flushed {
             return self.finish("complete");
         }
         (
@@ -598,11 +650,11 @@ impl Session {
             return (phase, Step::Keep);
         };
         while pos < out.len() {
-            match (&self.front).write(&out[pos..]) {
+            match self.front.write(&out[pos..]) {
                 Ok(n) => {
                     pos += n;
                     if pos == out.len() {
-                        let _ = self.front.shutdown(Shutdown::Write);
+                        self.front.shutdown_write();
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -613,7 +665,7 @@ impl Session {
         if pos == out.len() {
             let mut sink = [0u8; 4096];
             loop {
-                match (&self.front).read(&mut sink) {
+                match self.front.read(&mut sink) {
                     Ok(0) => return (Phase::Done, Step::Close),
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -640,6 +692,12 @@ fn interest(read: bool, write: bool) -> Option<Interest> {
 
 impl Conn for Session {
     fn run(&mut self, ev: &Events) -> Step {
+        // Whatever phase this is, TLS records waiting for the socket go first.
+        if let Err(e) = self.front.flush() {
+            self.end = format!("front write failed: {e}");
+            self.phase = Phase::Done;
+            return Step::Close;
+        }
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         let (phase, step) = match phase {
             Phase::First {
@@ -667,20 +725,27 @@ impl Conn for Session {
     }
 
     fn sources(&mut self, arm: &mut Arm<'_>) {
+        // TLS records that did not fit in the socket keep the front armed for WRITABLE.
+        let flush = self.front.wants_write();
+        let front = &mut self.front.sock;
         match &mut self.phase {
-            Phase::First { .. } => arm(0, &mut self.front, Some(Interest::READABLE)),
+            Phase::First { .. } => arm(0, front, interest(true, flush)),
             Phase::Reply { out, pos, .. } => {
                 let want = if *pos < out.len() {
                     Interest::WRITABLE
                 } else {
                     Interest::READABLE
                 };
-                arm(0, &mut self.front, Some(want));
+                arm(
+                    0,
+                    front,
+                    Some(want).map(|w| if flush { w | Interest::WRITABLE } else { w }),
+                );
             }
             Phase::Lookup { lookup, .. } => {
                 // The front waits (bytes after the HELLO stay in its socket); the tracker
                 // socket is source 2 so it never shares a registration slot with the node's.
-                arm(0, &mut self.front, None);
+                arm(0, front, interest(false, flush));
                 let want = if lookup.wants_write() {
                     Interest::WRITABLE
                 } else {
@@ -692,7 +757,7 @@ impl Conn for Session {
             }
             Phase::Connect { back, .. } => {
                 // Bytes after the HELLO stay in the front socket until the relay starts.
-                arm(0, &mut self.front, None);
+                arm(0, front, interest(false, flush));
                 arm(1, back, Some(Interest::WRITABLE));
             }
             Phase::Relay {
@@ -703,12 +768,12 @@ impl Conn for Session {
             } => {
                 // Once the upstream is gone only the front's draining matters.
                 let live = !*gone;
-                let front = interest(up.wants_read() && live, down.wants_write());
+                let fronti = interest(up.wants_read() && live, down.wants_write() || flush);
                 let backi = interest(down.wants_read() && live, up.wants_write() && live);
-                arm(0, &mut self.front, front);
+                arm(0, front, fronti);
                 arm(1, back, backi);
             }
-            Phase::Done => arm(0, &mut self.front, None),
+            Phase::Done => arm(0, front, None),
         }
     }
 
@@ -761,19 +826,42 @@ impl Drop for Session {
 /// The reactor service: every accepted connection becomes a [`Session`].
 pub struct ProxyService {
     pub sh: Arc<Shared>,
+    /// `[tls]`'s certificate, reloaded on SIGHUP.
+    pub certs: Option<Arc<crate::tls::CertStore>>,
 }
 
 impl Service for ProxyService {
     fn accept(&self, stream: TcpStream, peer: SocketAddr, _: usize) -> Option<Box<dyn Conn>> {
         let c = &self.sh.counters;
+        let front = match &self.sh.tls {
+            None => Front::plain(stream),
+            Some(cfg) => match TlsFront::new(cfg.clone()) {
+                Ok(t) => Front::tls(stream, t),
+                Err(e) => {
+                    warn!("{peer}: cannot start TLS: {e}");
+                    return None;
+                }
+            },
+        };
         c.sessions_total.fetch_add(1, Ordering::Relaxed);
         c.sessions_active.fetch_add(1, Ordering::Relaxed);
-        Some(Box::new(Session::new(stream, peer, self.sh.clone())))
+        Some(Box::new(Session::new(front, peer, self.sh.clone())))
+    }
+
+    fn reload(&self) {
+        match &self.certs {
+            Some(store) => store.reload_logged(),
+            None => info!("SIGHUP: nothing to reload (no [tls])"),
+        }
     }
 
     fn refuse(&self, stream: TcpStream, peer: SocketAddr) {
         self.sh.counters.refused.fetch_add(1, Ordering::Relaxed);
         debug!("{peer}: refused at the connection limit");
+        if self.sh.tls.is_some() {
+            // A plain frame means nothing to a TLS client; the close alone tells it to go on.
+            return;
+        }
         let frame = ErrorBody::new(ErrorCode::Limit, "proxy connection limit reached")
             .frame(cmd::REPLY_PROXY);
         // Best effort: a fresh socket's send buffer takes a short frame without blocking.

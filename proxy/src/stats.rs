@@ -39,6 +39,9 @@ pub struct Counters {
     pub link_refused: AtomicU64,
     /// Routing: sessions refused for their HELLO's session token (missing or not valid).
     pub token_refused: AtomicU64,
+    /// `[tls]`: sessions whose TLS failed before the HELLO (handshake error, bad record, a
+    /// plain-TCP client).
+    pub tls_failed: AtomicU64,
     /// Sessions cut because their upstream died mid-session.
     pub upstream_lost: AtomicU64,
     /// Routing: sessions whose route came from the cache.
@@ -75,6 +78,7 @@ impl Counters {
             ("upstream_lost", g(&self.upstream_lost)),
             ("link_refused", g(&self.link_refused)),
             ("token_refused", g(&self.token_refused)),
+            ("tls_failed", g(&self.tls_failed)),
             ("route_cache_hits", g(&self.route_cache_hits)),
             ("route_cache_misses", g(&self.route_cache_misses)),
             ("route_lookups", g(&self.route_lookups)),

@@ -1,11 +1,13 @@
 //! `cargo bench --bench client`: the `ferry` client binary moving one file (default 1 GiB,
 //! `FERRY_BENCH_MB`) with 1, 2 and 4 threads, through the two-hop chain client -> client-proxy ->
-//! server-proxy -> server, next to the same transfer straight to the server, in one run.
+//! server-proxy -> server, next to the same transfer straight to the server and through the
+//! same chain with the client leg on TLS (a client-proxy with `[tls]`, the client with
+//! `tls://` and `--ca`), in one run.
 //!
-//! Each configuration runs `FERRY_BENCH_RUNS` times (default 3), direct and chain interleaved so
-//! drift hits both; the table shows median and min-max MB/s (10^6 bytes/s of file size over the
-//! `ferry` process's wall time, which for uploads includes hashing the file before UPLOAD_INIT)
-//! and chain/direct as a ratio of medians. Every upload changes the file's first 8 bytes so no
+//! Each configuration runs `FERRY_BENCH_RUNS` times (default 3), direct, chain and TLS chain
+//! interleaved so drift hits all; the table shows median and min-max MB/s (10^6 bytes/s of file
+//! size over the `ferry` process's wall time, which for uploads includes hashing the file before
+//! UPLOAD_INIT), chain/direct and TLS chain/chain as ratios of medians. Every upload changes the file's first 8 bytes so no
 //! upload is an instant (dedup) upload. The server runs with `sync_blocks = false` (page cache)
 //! so the numbers show the client and relay rather than the disk; `FERRY_BENCH_SYNC=1` turns
 //! per-block fdatasync back on.
@@ -20,14 +22,25 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{Proc, bin, env_u64, free_addr, make_file, median, wait_ready};
 
-fn ferry(state: &Path, via: SocketAddr, args: &[&str]) -> (Duration, String) {
+/// Where a transfer goes: a proxy list entry (`host:port` or `tls://host:port`), and the CA
+/// file for TLS.
+struct Via {
+    proxy: String,
+    ca: Option<String>,
+}
+
+fn ferry(state: &Path, via: &Via, args: &[&str]) -> (Duration, String) {
     let t = Instant::now();
-    let out = Command::new(bin("ferry"))
+    let mut cmd = Command::new(bin("ferry"));
+    if let Some(ca) = &via.ca {
+        cmd.arg("--ca").arg(ca);
+    }
+    let out = cmd
         .env("FERRY_KEY", support::auth::key_env())
         .env("FERRY_STATE_DIR", state)
         .env_remove("FERRY_PROXIES")
         .arg("--proxy")
-        .arg(via.to_string())
+        .arg(&via.proxy)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -69,22 +82,46 @@ fn main() {
         d,
     );
     wait_ready(server, Duration::from_secs(30));
-    let proxy = |name: &str, up: SocketAddr| {
+    let ca = ferry_client::localca::LocalCa::make(&d.join("ca"), &["127.0.0.1".parse().unwrap()])
+        .expect("local CA");
+    let proxy = |name: &str, up: SocketAddr, tls: bool| {
         let addr = free_addr();
+        let conf = d.join(format!("{name}.toml"));
+        let section = if tls {
+            ca.proxy_section()
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            &conf,
+            format!("listen = \"{addr}\"\nupstreams = [\"{up}\"]\n{section}"),
+        )
+        .unwrap();
         let p = Proc::spawn(
             name,
-            Command::new(bin("ferry-proxy"))
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--upstream")
-                .arg(up.to_string()),
+            Command::new(bin("ferry-proxy")).arg("--config").arg(&conf),
             d,
         );
         wait_ready(addr, Duration::from_secs(30));
         (p, addr)
     };
-    let (_sp, sp_addr) = proxy("server-proxy", server);
-    let (_cp, chain) = proxy("client-proxy", sp_addr);
+    let (_sp, sp_addr) = proxy("server-proxy", server, false);
+    let (_cp, chain) = proxy("client-proxy", sp_addr, false);
+    let (_tp, tls_chain) = proxy("client-proxy-tls", sp_addr, true);
+    let vias = [
+        Via {
+            proxy: server.to_string(),
+            ca: None,
+        },
+        Via {
+            proxy: chain.to_string(),
+            ca: None,
+        },
+        Via {
+            proxy: format!("tls://{tls_chain}"),
+            ca: Some(ca.ca.display().to_string()),
+        },
+    ];
 
     let src = d.join("src");
     make_file(&src, size, 42);
@@ -95,17 +132,17 @@ fn main() {
         "ferry client benchmark: {mb} MiB, 4 MiB blocks, {runs} runs per cell, server sync_blocks = {sync}"
     );
     println!(
-        "{:<9} {:>7} {:>24} {:>24} {:>7}",
-        "op", "threads", "direct MB/s", "chain MB/s", "ratio"
+        "{:<9} {:>7} {:>18} {:>18} {:>18} {:>12} {:>10}",
+        "op", "threads", "direct MB/s", "chain MB/s", "TLS chain MB/s", "chain/dir", "TLS/chain"
     );
     let mut counter = 0u64;
     let mb_s = |t: Duration| size as f64 / 1e6 / t.as_secs_f64();
     for threads in [1usize, 2, 4] {
         let t = threads.to_string();
-        let mut up = [Vec::new(), Vec::new()];
-        let mut down = [Vec::new(), Vec::new()];
+        let mut up = [Vec::new(), Vec::new(), Vec::new()];
+        let mut down = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..runs {
-            for (k, via) in [server, chain].into_iter().enumerate() {
+            for (k, via) in vias.iter().enumerate() {
                 counter += 1;
                 src_file.write_all_at(&counter.to_le_bytes(), 0).unwrap();
                 let (took, id) = ferry(
@@ -128,18 +165,21 @@ fn main() {
                 );
                 down[k].push(mb_s(took));
                 std::fs::remove_file(&out).unwrap();
-                ferry(&state, server, &["delete", &id]);
+                ferry(&state, &vias[0], &["delete", &id]);
             }
         }
         for (op, v) in [("upload", up), ("download", down)] {
-            let [direct, chain] = v;
+            let [direct, chain, tls] = v;
             let (dm, dlo, dhi) = median(&direct);
             let (cm, clo, chi) = median(&chain);
+            let (tm, tlo, thi) = median(&tls);
             let row = format!(
-                "{op:<9} {threads:>7} {:>24} {:>24} {:>6.0}%",
+                "{op:<9} {threads:>7} {:>18} {:>18} {:>18} {:>11.0}% {:>9.0}%",
                 format!("{dm:.0} ({dlo:.0}-{dhi:.0})"),
                 format!("{cm:.0} ({clo:.0}-{chi:.0})"),
-                cm / dm * 100.0
+                format!("{tm:.0} ({tlo:.0}-{thi:.0})"),
+                cm / dm * 100.0,
+                tm / cm * 100.0
             );
             println!("{row}");
         }

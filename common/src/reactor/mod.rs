@@ -14,7 +14,8 @@
 //!
 //! The reactor also owns: non-blocking accept with a connection limit, idle timeouts and
 //! per-connection deadlines on a deadline heap, a `Waker` for workers and for shutdown, and
-//! SIGTERM/SIGINT handling (stop accepting, let connections drain up to a deadline, exit).
+//! SIGTERM/SIGINT handling (stop accepting, let connections drain up to a deadline, exit) and
+//! SIGHUP (the service's `reload`).
 
 pub mod echo;
 mod events;
@@ -105,6 +106,12 @@ pub trait Service: Send + Sync + 'static {
     /// The connection limit is reached: the service may write a short refusal (best effort,
     /// non-blocking) before the stream is closed.
     fn refuse(&self, _stream: TcpStream, _peer: SocketAddr) {}
+
+    /// SIGHUP (with `handle_signals`): reread what can change without a restart (the
+    /// client-proxy's TLS certificate). Runs on the accept thread; keep it short.
+    fn reload(&self) {
+        info!("SIGHUP: nothing to reload");
+    }
 }
 
 /// Reactor settings.
@@ -119,7 +126,7 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long in-flight connections may run after SIGTERM (or [`Handle::shutdown`]).
     pub shutdown_grace: Duration,
-    /// Install SIGTERM/SIGINT handlers (binaries yes, in-process tests no).
+    /// Install SIGTERM/SIGINT/SIGHUP handlers (binaries yes, in-process tests no).
     pub handle_signals: bool,
 }
 
@@ -562,8 +569,8 @@ struct Loop {
 impl Loop {
     fn run(&mut self) -> io::Result<()> {
         let mut signals = if self.cfg.handle_signals {
-            use signal_hook::consts::{SIGINT, SIGTERM};
-            let mut s = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT])?;
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            let mut s = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
             self.poll
                 .registry()
                 .register(&mut s, SIGNALS, Interest::READABLE)?;
@@ -592,6 +599,10 @@ impl Loop {
                         SIGNALS => {
                             if let Some(s) = signals.as_mut() {
                                 for sig in s.pending() {
+                                    if sig == signal_hook::consts::SIGHUP {
+                                        self.service.reload();
+                                        continue;
+                                    }
                                     info!("signal {sig}: shutting down");
                                     self.handle.stop.store(true, Ordering::SeqCst);
                                 }

@@ -13,6 +13,7 @@ pub struct PgServer {
     as_postgres: bool,
     /// `postgres://ferry@127.0.0.1:PORT/postgres`
     pub url: String,
+    port: u16,
 }
 
 /// The newest `/usr/lib/postgresql/*/bin` with initdb and pg_ctl, else the one on PATH.
@@ -64,6 +65,7 @@ impl PgServer {
             dir,
             as_postgres,
             url: String::new(),
+            port: 0,
         };
         if as_postgres {
             let ok = Command::new("chown")
@@ -79,6 +81,7 @@ impl PgServer {
             let port = super::free_port();
             if s.try_start(port) {
                 s.url = format!("postgres://ferry@127.0.0.1:{port}/postgres");
+                s.port = port;
                 return Some(s);
             }
         }
@@ -139,6 +142,25 @@ impl PgServer {
             &["-D", &data, "-m", "fast", "-w", "-t", "60", "restart"],
         );
         assert!(ok, "PostgreSQL did not restart:\n{}", self.log());
+    }
+
+    /// `pg_ctl stop -m fast`: down until [`PgServer::start_again`].
+    pub fn stop(&self) {
+        let data = self.data();
+        let ok = self.run(
+            "pg_ctl",
+            &["-D", &data, "-m", "fast", "-w", "-t", "60", "stop"],
+        );
+        assert!(ok, "PostgreSQL did not stop:\n{}", self.log());
+    }
+
+    /// Starts a stopped server again on its port.
+    pub fn start_again(&self) {
+        assert!(
+            self.try_start(self.port),
+            "PostgreSQL did not start again:\n{}",
+            self.log()
+        );
     }
 }
 

@@ -71,7 +71,9 @@ impl Storage {
             fs::rename(src, &dst)
         };
         if let Err(e) = placed {
-            let _ = self.meta.drop_file(&rec.id);
+            if self.meta.drop_file(&rec.id).is_err() {
+                self.commit_failed.store(true, Ordering::Relaxed);
+            }
             return Err(io_err(&e, "cannot place the file"));
         }
         self.phase("file-renamed", &rec.id);
@@ -79,13 +81,46 @@ impl Storage {
             .and_then(|_| fsync_dir(&self.root.join(&self.tmp_rel)));
         if let Err(e) = synced {
             // The rename may or may not be durable; the committing row lets start-up decide.
+            self.commit_failed.store(true, Ordering::Relaxed);
             return Err(io_err(&e, "cannot sync the data directory"));
         }
-        self.meta
-            .commit_file(&rec.id)
-            .map_err(|e| db_err(e, "file commit"))?;
+        if let Err(e) = self.meta.commit_file(&rec.id) {
+            // The file is in place under a committing row (or, if only the reply was lost,
+            // stored). The retry finishes this file rather than storing the content again.
+            self.commit_failed.store(true, Ordering::Relaxed);
+            return Err(db_err(e, "file commit"));
+        }
         self.phase("file-committed", &rec.id);
         Ok(())
+    }
+
+    /// Under exclusivity (the session `Finishing`, or the small-file key claimed): the file an
+    /// earlier attempt of upload `id` on this node placed and could not mark stored (its commit
+    /// failed: the database went away under it), finished now. Storing the content again would
+    /// leave that file to be committed at the next start as a copy nobody knows (its
+    /// `finished_uploads` row would name the new one). Only looked up once a commit of this
+    /// node has failed.
+    pub(super) fn own_left_commit(
+        &self,
+        app: &str,
+        user: &str,
+        id: &UploadId,
+    ) -> OpResult<Option<String>> {
+        if !self.commit_failed.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let left = self
+            .meta
+            .committing_upload(app, user, id)
+            .map_err(|e| db_err(e, "committing upload lookup"))?;
+        match left {
+            Some(f) if f.node == self.node => match self.finish_left_commit(&f) {
+                Ok(true) => Ok(Some(f.id)),
+                Ok(false) => Ok(None),
+                Err(e) => Err(db_err(e, "finishing an earlier commit")),
+            },
+            _ => Ok(None),
+        }
     }
 
     /// The file a finished upload produced: a repeated UPLOAD_OVER or UPLOAD_PROVE whose first
@@ -196,6 +231,11 @@ impl Storage {
     pub(super) fn assemble(&self, s: &Arc<Session>) -> OpResult<String> {
         let r = &s.rec;
         let hex_id = hex::encode(r.id);
+        if let Some(fid) = self.own_left_commit(&r.app, &r.user, &r.id)? {
+            self.forget(&r.id);
+            info!("upload {hex_id}: its earlier commit as file {fid} finished");
+            return Ok(fid);
+        }
         // Every block is stored (checked by the caller): hash what the background hasher has
         // not reached yet. Holding the progress lock keeps the hasher out meanwhile.
         let mut h = s.hash.lock();
@@ -318,6 +358,11 @@ impl Storage {
             ));
         }
         let placed = self.finishing(who, &s, || {
+            if let Some(fid) = self.own_left_commit(&who.app, &who.user, &s.rec.id)? {
+                let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
+                self.forget(&s.rec.id);
+                return Ok(fid);
+            }
             let content = NewFile {
                 app: who.app.clone(),
                 user: who.user.clone(),

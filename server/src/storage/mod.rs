@@ -73,6 +73,9 @@ pub struct Storage {
     pub downloads_over: AtomicU64,
     /// Files deleted since start-up (see [`Storage::deletes`]).
     deleted: AtomicU64,
+    /// A commit of this node failed after its row was inserted (see
+    /// [`Storage::own_left_commit`]): its uploads' retries look for the file it left.
+    commit_failed: std::sync::atomic::AtomicBool,
     /// This node's name among the peers sharing the data dir; empty for a standalone server.
     node: String,
     /// This node's temp dir relative to the data dir: `tmp` standalone, `tmp/<node>` on a node.
@@ -133,6 +136,7 @@ impl Storage {
             faults: faults::Counters::default(),
             downloads_over: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
+            commit_failed: std::sync::atomic::AtomicBool::new(false),
             node,
             tmp_rel,
             _locks: locks,

@@ -34,9 +34,14 @@ impl Storage {
         let done = if claim.from_dead_peer {
             self.finished_file(who, &meta.key)?
         } else {
-            self.meta
+            match self
+                .meta
                 .finished_upload(&who.app, &who.user, &meta.key)
                 .map_err(|e| db_err(e, "finished upload lookup"))?
+            {
+                Some(id) => Some(id),
+                None => self.own_left_commit(&who.app, &who.user, &meta.key)?,
+            }
         };
         if let Some(id) = done {
             info!("repeated UPLOAD of file {id} (same key): same id, bytes dropped");

@@ -83,10 +83,20 @@ impl Server {
 
     /// A signed URL printed by `ferry url` (secret from FERRY_SECRET).
     fn url(&self, file_id: &str) -> String {
+        self.url_with(file_id, &[])
+    }
+
+    /// A signed URL that downloads as an attachment named `name` (`ferry url --name`).
+    fn url_named(&self, file_id: &str, name: &str) -> String {
+        self.url_with(file_id, &["--name", name])
+    }
+
+    fn url_with(&self, file_id: &str, extra: &[&str]) -> String {
         let out = Command::new(bin("ferry"))
             .env("FERRY_KEY", support::auth::key_env())
             .args(["--app", APP, "url", file_id, "--expires", "10m", "--base"])
             .arg(format!("http://{}", self.http))
+            .args(extra)
             .env("FERRY_SECRET", SECRET)
             .output()
             .unwrap();
@@ -294,14 +304,27 @@ fn curl_ranges_conditionals_and_signatures() {
     );
     assert_eq!((r.status, r.body.len()), (206, 10));
 
-    // Friendly name: attachment with an RFC 5987 UTF-8 name.
-    let named = url.replacen(&id, &format!("{id}/caf%C3%A9%20clip.mp4"), 1);
+    // Friendly name: attachment with an RFC 5987 UTF-8 name, signed with the URL (`ferry url
+    // --name`); the name of an unnamed URL, or another name, is refused.
+    let named = srv.url_named(&id, "café clip.mp4");
     let r = curl(d, &named, &[]);
     assert_eq!(r.status, 200);
     assert_eq!(
         r.header("content-disposition"),
         Some("attachment; filename=\"caf_ clip.mp4\"; filename*=UTF-8''caf%C3%A9%20clip.mp4")
     );
+    let renamed = named.replacen("clip.mp4", "clip.mp4.exe", 1);
+    assert_eq!(curl(d, &renamed, &[]).status, 403);
+    let grafted = url.replacen(&id, &format!("{id}/invoice.pdf.exe"), 1);
+    assert_eq!(curl(d, &grafted, &[]).status, 403);
+    // A URL valid for longer than the gateway allows (7 days by default) is refused, however
+    // well signed: even one "for ever".
+    for exp in [now() + 8 * 24 * 3600, u64::MAX] {
+        let q = ferry_common::signing::signed_query(SECRET.as_bytes(), &id, exp, APP);
+        let r = curl(d, &format!("http://{}/files/{id}?{q}", srv.http), &[]);
+        assert_eq!(r.status, 403, "exp {exp}");
+        assert!(String::from_utf8_lossy(&r.body).contains("max_url_lifetime_secs"));
+    }
 
     // Signatures: unsigned, expired, tampered, for another file or app -> 403, and a 403 for a
     // file that does not exist looks exactly like one for a file that does.

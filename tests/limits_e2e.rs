@@ -466,6 +466,45 @@ fn upload_sessions_per_user_are_capped() {
     assert_eq!(init(&mut bob, 1 << 20, 3), Answer::Ok);
 }
 
+/// One app cannot fill the session table for everyone: many users of one app (each within
+/// their own cap) stop at the app's share, and another app's user still opens a session. The
+/// refusals name the limit, never another tenant's figures.
+#[test]
+fn one_app_cannot_fill_the_session_table_for_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, addr) = server_with(
+        dir.path(),
+        "max_sessions = 6
+max_sessions_per_user = 2
+",
+    );
+    // The app's default share is half the table: 3 sessions, from three users.
+    let mut seed = 0u8;
+    for user in ["u1", "u2", "u3"] {
+        let mut c = hello_as(addr, user);
+        seed += 1;
+        assert_eq!(init(&mut c, 1 << 20, seed), Answer::Ok, "{user}");
+    }
+    let mut c = hello_as(addr, "u4");
+    match init(&mut c, 1 << 20, 99) {
+        Answer::Error(proto::ErrorCode::Limit, t) => {
+            assert!(
+                t.contains("app demo") && t.contains("max_sessions_per_app"),
+                "{t}"
+            )
+        }
+        other => panic!("fourth session of the app: {other:?}"),
+    }
+    // Another app is served.
+    let mut victim = TcpStream::connect(addr).unwrap();
+    let body = support::auth::hello_body("other", "victim");
+    victim
+        .write_all(&proto::frame(proto::cmd::HELLO, 0, &body))
+        .unwrap();
+    assert_eq!(answer(&mut victim, Duration::from_secs(5)), Answer::Ok);
+    assert_eq!(init(&mut victim, 1 << 20, 100), Answer::Ok);
+}
+
 #[test]
 fn uploads_that_would_eat_the_free_space_reserve_are_refused_up_front() {
     let dir = tempfile::tempdir().unwrap();
@@ -473,7 +512,10 @@ fn uploads_that_would_eat_the_free_space_reserve_are_refused_up_front() {
     let (_srv, addr) = server_with(dir.path(), "min_free_bytes = 1152921504606846976\n");
     let mut c = hello_as(addr, "carol");
     match init(&mut c, 1 << 20, 1) {
-        Answer::Error(proto::ErrorCode::NoSpace, t) => assert!(t.contains("reserve"), "{t}"),
+        // A clear error that tells the tenant nothing about the volume (no free-byte count).
+        Answer::Error(proto::ErrorCode::NoSpace, t) => {
+            assert!(t.contains("no room") && !t.contains("free"), "{t}")
+        }
         other => panic!("UPLOAD_INIT: {other:?}"),
     }
     let meta = proto::UploadMeta {

@@ -1107,6 +1107,37 @@ fn relative_files(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Upload keys are the client's idempotency keys for *its* uploads: another tenant (another
+/// app, or another user of the same app) sending the same 16 bytes gets a file of its own and
+/// leaves the first one's record alone, so the first one's retry is still answered with its id.
+#[test]
+fn the_same_upload_key_from_another_tenant_does_not_touch_the_first_ones_retry() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let srv = Server::start(dir.path(), &data, "");
+    let key: [u8; 16] = *b"chosen-key-00001";
+    let (mine, theirs) = (bytes(4000, 1), bytes(4000, 2));
+    let mut victim = Client::hello(srv.addr, "demo", "alice");
+    let first = victim
+        .upload_small_keyed("a.jpg", &mine, sha(&mine), key)
+        .unwrap();
+    for (app, user) in [("other", "mallory"), ("demo", "mallory")] {
+        let mut attacker = Client::hello(srv.addr, app, user);
+        let id = attacker
+            .upload_small_keyed("m.jpg", &theirs, sha(&theirs), key)
+            .unwrap();
+        assert_ne!(id, first, "{app}/{user}");
+        assert_eq!(attacker.stat(&id).unwrap().name, "m.jpg");
+    }
+    // The victim's retry of its finished upload: the same id, no second copy.
+    let again = victim
+        .upload_small_keyed("a.jpg", &mine, sha(&mine), key)
+        .unwrap();
+    assert_eq!(again, first);
+    assert_eq!(relative_files(&data.join("data")).len(), 3);
+    assert_eq!(victim.stat(&first).unwrap().name, "a.jpg");
+}
+
 #[test]
 fn hostile_names_are_metadata_and_other_tenants_see_not_found() {
     let dir = tempdir();

@@ -144,6 +144,10 @@ pub enum Command {
         /// Base URL of the HTTP gateway.
         #[arg(long, env = "FERRY_HTTP_BASE", default_value = "http://127.0.0.1:7480")]
         base: String,
+        /// Download as an attachment under this name (`/files/ID/NAME`, the name signed too,
+        /// so the URL's holder cannot change it).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Print a tracker's view of the cluster: groups, their users, and each node's state
     /// (online/offline), time since its last beat and free bytes.
@@ -405,7 +409,8 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
             file_id,
             expires,
             base,
-        } => return signed_url(cli, file_id, *expires, base),
+            name,
+        } => return signed_url(cli, file_id, *expires, base, name.as_deref()),
         _ => {}
     }
     let c = client(cli)?;
@@ -504,6 +509,7 @@ fn signed_url(
     file_id: &str,
     expires: Duration,
     base: &str,
+    name: Option<&str>,
 ) -> Result<String, ClientError> {
     let file = settings::load_file(cli.config.as_deref())?;
     let env = EnvVars::from_process();
@@ -529,7 +535,17 @@ fn signed_url(
     }
     let now = ferry_common::clock::now_secs();
     let exp = now.saturating_add(expires.as_secs().max(1));
-    let url = ferry_common::signing::signed_url(base, secret.as_bytes(), file_id, exp, &app);
+    let url = match name {
+        Some(n) if n.is_empty() || n.contains('/') || n.chars().any(char::is_control) => {
+            return Err(ClientError::Input(format!(
+                "--name {n:?}: a file name, without '/' or control characters"
+            )));
+        }
+        Some(n) => {
+            ferry_common::signing::signed_named_url(base, secret.as_bytes(), file_id, n, exp, &app)
+        }
+        None => ferry_common::signing::signed_url(base, secret.as_bytes(), file_id, exp, &app),
+    };
     Ok(if cli.json {
         json!({"command": "url", "file_id": file_id, "app": app, "expires": exp, "url": url})
             .to_string()

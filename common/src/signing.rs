@@ -8,6 +8,10 @@
 //! GET\n{file_id}\n{exp}\n{app}
 //! ```
 //!
+//! A URL that names the download `/files/{file_id}/{name}?...` (an attachment under that name)
+//! signs `{file_id}/{name}` (the name decoded) in place of `{file_id}`: whoever holds the URL
+//! cannot rename what it downloads. File ids never contain `/`, so the two cannot collide.
+//!
 //! The method in the signed string is always `GET`: a HEAD request is verified against the GET
 //! signature (HEAD reveals nothing a GET with the same URL would not). The server compares in
 //! constant time ([`verify`]). The client (`ferry url`) and the server share this module, so
@@ -119,6 +123,32 @@ pub fn signed_query(secret: &[u8], file_id: &str, exp: u64, app: &str) -> String
         "app={}&exp={exp}&sig={}",
         percent_encode(app),
         sign(secret, file_id, exp, app)
+    )
+}
+
+/// What a URL's signature covers: the file id, or `{file_id}/{name}` for a named download.
+pub fn resource(file_id: &str, name: Option<&str>) -> String {
+    match name {
+        Some(n) => format!("{file_id}/{n}"),
+        None => file_id.to_owned(),
+    }
+}
+
+/// A signed URL that downloads the file as an attachment named `name` (signed with it).
+pub fn signed_named_url(
+    base: &str,
+    secret: &[u8],
+    file_id: &str,
+    name: &str,
+    exp: u64,
+    app: &str,
+) -> String {
+    format!(
+        "{}/files/{}/{}?{}",
+        base.trim_end_matches('/'),
+        percent_encode(file_id),
+        percent_encode(name),
+        signed_query(secret, &resource(file_id, Some(name)), exp, app)
     )
 }
 

@@ -153,6 +153,10 @@ pub struct Config {
     pub max_sessions: usize,
     /// Most upload sessions one user (of one app) may have open.
     pub max_sessions_per_user: usize,
+    /// Most upload sessions one app may have open (all its users together), so no app fills
+    /// the whole table alone; default half of `max_sessions`. `[apps.APP] max_sessions`
+    /// overrides it for one app.
+    pub max_sessions_per_app: Option<usize>,
     /// Uploads that would leave less free space than this on the data volume are refused up
     /// front (error 15), so the database and in-flight uploads never hit a full disk.
     pub min_free_bytes: u64,
@@ -184,6 +188,9 @@ pub struct AppPolicy {
     pub max_stored_bytes: u64,
     /// Most files one user may store (0: no quota).
     pub max_files: u64,
+    /// Most upload sessions this app may have open (all its users); default the server's
+    /// `max_sessions_per_app`.
+    pub max_sessions: Option<usize>,
 }
 
 /// Who may read a file of the app over the binary protocol.
@@ -220,6 +227,7 @@ impl Default for Config {
             session_ttl_secs: 86_400,
             max_sessions: 10_000,
             max_sessions_per_user: 64,
+            max_sessions_per_app: None,
             min_free_bytes: 256 << 20,
             shutdown_grace_ms: 10_000,
             read_buffer_kib: 256,
@@ -270,10 +278,12 @@ impl Config {
             || self.max_connections == 0
             || self.max_sessions == 0
             || self.max_sessions_per_user == 0
+            || self.max_sessions_per_app == Some(0)
+            || self.apps.values().any(|p| p.max_sessions == Some(0))
         {
             bail!(
-                "workers, max_connections, max_sessions and max_sessions_per_user must be at \
-                 least 1"
+                "workers, max_connections, max_sessions, max_sessions_per_user, \
+                 max_sessions_per_app and [apps.*] max_sessions must be at least 1"
             );
         }
         if self.hello_timeout_ms == 0 || self.frame_timeout_ms == 0 || self.progress_timeout_ms == 0
@@ -321,6 +331,16 @@ impl Config {
         }
         self.link.check().map_err(anyhow::Error::msg)?;
         Ok(())
+    }
+
+    /// Most upload sessions `app` may have open: its `[apps.APP] max_sessions`, else
+    /// `max_sessions_per_app`, else half the table.
+    pub fn app_sessions(&self, app: &str) -> usize {
+        self.apps
+            .get(app)
+            .and_then(|p| p.max_sessions)
+            .or(self.max_sessions_per_app)
+            .unwrap_or((self.max_sessions / 2).max(1))
     }
 
     /// Whether `app`'s files are readable by their owners only.

@@ -116,6 +116,9 @@ pub struct HttpConfig {
     pub header_timeout_ms: u64,
     /// App id -> secret for signed URLs.
     pub secrets: BTreeMap<String, String>,
+    /// Longest a signed URL may stay valid: one whose `exp` lies further ahead is refused
+    /// (403), so a leaked URL (or a secret-holder's mistake) cannot serve a file forever.
+    pub max_url_lifetime_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -128,6 +131,7 @@ impl Default for HttpConfig {
             max_header_bytes: 16 * 1024,
             header_timeout_ms: 10_000,
             secrets: BTreeMap::new(),
+            max_url_lifetime_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -142,6 +146,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("max_connections", &self.max_connections)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("max_url_lifetime_secs", &self.max_url_lifetime_secs)
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -181,8 +186,14 @@ impl HttpConfig {
         if !(1024..=1 << 20).contains(&self.max_header_bytes) {
             bail!("http.max_header_bytes must be within 1024 ..= 1048576");
         }
-        if self.max_connections == 0 || self.header_timeout_ms == 0 {
-            bail!("http.max_connections and http.header_timeout_ms must be at least 1");
+        if self.max_connections == 0
+            || self.header_timeout_ms == 0
+            || self.max_url_lifetime_secs == 0
+        {
+            bail!(
+                "http.max_connections, http.header_timeout_ms and http.max_url_lifetime_secs must \
+                 be at least 1"
+            );
         }
         if let Some(a) = &self.advertise {
             host_port(a)?;

@@ -181,6 +181,8 @@ pub enum Denied {
     Missing,
     Expired,
     Invalid,
+    /// Signed, but valid for longer than `http.max_url_lifetime_secs`.
+    TooLong,
 }
 
 impl Denied {
@@ -188,6 +190,10 @@ impl Denied {
         match self {
             Denied::Missing => "this URL is not signed (see `ferry url`)",
             Denied::Expired => "this signed URL has expired",
+            Denied::TooLong => {
+                "this signed URL is valid for longer than this gateway allows \
+                 (http.max_url_lifetime_secs); sign one that expires sooner"
+            }
             Denied::Invalid => "invalid signature",
         }
     }
@@ -198,12 +204,15 @@ impl Denied {
 pub struct Keys {
     public_reads: bool,
     apps: HashMap<String, signing::Verifier>,
+    /// `http.max_url_lifetime_secs`.
+    max_lifetime: u64,
 }
 
 impl Keys {
     pub fn new(cfg: &HttpConfig) -> Keys {
         Keys {
             public_reads: cfg.public_reads,
+            max_lifetime: cfg.max_url_lifetime_secs,
             apps: cfg
                 .secrets
                 .iter()
@@ -214,8 +223,9 @@ impl Keys {
 }
 
 /// Checks the signed-URL parameters (or public reads) and returns the app whose files the request
-/// may read. Runs before any lookup, so a 403 says nothing about the file.
-pub fn authorize(keys: &Keys, file_id: &str, query: &str, now: u64) -> Result<String, Denied> {
+/// may read. `resource` is what the signature covers ([`signing::resource`]: the file id, or
+/// `{file_id}/{name}`). Runs before any lookup, so a 403 says nothing about the file.
+pub fn authorize(keys: &Keys, resource: &str, query: &str, now: u64) -> Result<String, Denied> {
     let get = |k: &str| head::query_param(query, k).map_err(|_| Denied::Invalid);
     let app = get("app")?;
     let sig = get("sig")?;
@@ -240,12 +250,15 @@ pub fn authorize(keys: &Keys, file_id: &str, query: &str, now: u64) -> Result<St
     let Some(key) = keys.apps.get(&app) else {
         return Err(Denied::Invalid);
     };
-    if !key.verify(file_id, exp, &app, &sig) {
+    if !key.verify(resource, exp, &app, &sig) {
         return Err(Denied::Invalid);
     }
     // Checked after the MAC so a forged URL learns nothing from the expiry answer either.
     if exp < now {
         return Err(Denied::Expired);
+    }
+    if exp - now > keys.max_lifetime {
+        return Err(Denied::TooLong);
     }
     Ok(app)
 }
@@ -412,7 +425,8 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
         return Answer::error(404, "no such path (use /files/{file_id})", false);
     };
     let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let app = match authorize(&gw.keys, &r.file_id, query, now_secs) {
+    let resource = signing::resource(&r.file_id, r.name.as_deref());
+    let app = match authorize(&gw.keys, &resource, query, now_secs) {
         Ok(app) => app,
         Err(d) => return Answer::error(403, d.text(), false),
     };
@@ -507,6 +521,28 @@ mod tests {
         c.secrets
             .insert("demo".into(), "0123456789abcdef-secret".into());
         Keys::new(&c)
+    }
+
+    #[test]
+    fn urls_live_at_most_the_configured_lifetime_and_sign_their_name() {
+        let c = cfg(false);
+        let week = HttpConfig::default().max_url_lifetime_secs;
+        let secret = b"0123456789abcdef-secret";
+        let q = signing::signed_query(secret, "f-1", 10 + week, "demo");
+        assert_eq!(authorize(&c, "f-1", &q, 10), Ok("demo".into()));
+        assert_eq!(authorize(&c, "f-1", &q, 9), Err(Denied::TooLong));
+        let forever = signing::signed_query(secret, "f-1", u64::MAX, "demo");
+        assert_eq!(authorize(&c, "f-1", &forever, 10), Err(Denied::TooLong));
+        // A named download signs its name: the same URL under another name is refused, and
+        // the unnamed URL cannot be given a name.
+        let named = signing::resource("f-1", Some("photo.jpg"));
+        let nq = signing::signed_query(secret, &named, 1000, "demo");
+        assert_eq!(authorize(&c, &named, &nq, 999), Ok("demo".into()));
+        let renamed = signing::resource("f-1", Some("photo.jpg.exe"));
+        assert_eq!(authorize(&c, &renamed, &nq, 999), Err(Denied::Invalid));
+        let plain = signing::signed_query(secret, "f-1", 1000, "demo");
+        assert_eq!(authorize(&c, &named, &plain, 999), Err(Denied::Invalid));
+        assert_eq!(authorize(&c, "f-1", &nq, 999), Err(Denied::Invalid));
     }
 
     #[test]

@@ -177,12 +177,15 @@ impl Storage {
         let free = free_bytes(&self.root);
         let reserve = self.cfg.min_free_bytes;
         if free < size.saturating_add(reserve) {
+            // The figures go to the log: a tenant learns nothing about the volume (or, from
+            // its free space, about other tenants' uploads).
+            log::warn!(
+                "upload of {size} bytes refused: it would leave under the {reserve}-byte \
+                 free-space reserve ({free} bytes free)"
+            );
             return Err(OpError::new(
                 ErrorCode::NoSpace,
-                format!(
-                    "{size} bytes would leave under the {reserve}-byte free-space reserve \
-                     ({free} bytes free)"
-                ),
+                format!("no room for {size} more bytes on this server now; try later"),
             ));
         }
         Ok(())

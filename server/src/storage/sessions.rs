@@ -318,8 +318,9 @@ impl Storage {
     }
 
     /// Reserves a place in the table for a new session of this content: Busy while another
-    /// connection opens the same content; Limit past `max_sessions` or the user's
-    /// `max_sessions_per_user` (sessions being opened count).
+    /// connection opens the same content; Limit past `max_sessions`, the app's share
+    /// ([`Config::app_sessions`]) or the user's `max_sessions_per_user` (sessions being opened
+    /// count). The texts name the limit that was hit, never another tenant's figures.
     fn reserve(&self, key: &ContentKey) -> OpResult<Reservation<'_>> {
         let mut t = self.sessions.lock();
         if t.opening.contains(key) {
@@ -332,18 +333,28 @@ impl Storage {
         if total >= self.cfg.max_sessions {
             return Err(OpError::new(
                 ErrorCode::Limit,
-                format!("{total} upload sessions open; try later"),
+                "this server has no room for another upload session now; try later",
             ));
         }
-        let mine = t
-            .open
-            .values()
-            .filter(|s| s.rec.app == key.app && s.rec.user == key.user)
-            .count()
-            + t.opening
-                .iter()
-                .filter(|k| k.app == key.app && k.user == key.user)
-                .count();
+        let (mut app, mut mine) = (0, 0);
+        let recs = t.open.values().map(|s| (&s.rec.app, &s.rec.user));
+        for (a, u) in recs.chain(t.opening.iter().map(|k| (&k.app, &k.user))) {
+            if *a == key.app {
+                app += 1;
+                mine += usize::from(*u == key.user);
+            }
+        }
+        let app_max = self.cfg.app_sessions(&key.app);
+        if app >= app_max {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "app {} has {app} upload sessions open, its most (max_sessions_per_app); \
+                     finish or abandon some",
+                    key.app
+                ),
+            ));
+        }
         if mine >= self.cfg.max_sessions_per_user {
             return Err(OpError::new(
                 ErrorCode::Limit,

@@ -15,7 +15,10 @@ use std::sync::Arc;
 impl Storage {
     /// Starts a small upload, or answers a repeat: if this app and user already stored a file
     /// with this upload key (the reply was lost), its id comes back and nothing is written.
-    pub fn small_begin(&self, who: &Who, meta: UploadMeta, size: u64) -> OpResult<SmallStart> {
+    pub fn small_begin(&self, who: &Who, mut meta: UploadMeta, size: u64) -> OpResult<SmallStart> {
+        // The client's key names a retry of *its* upload: scoped to its app and user, another
+        // tenant using the same 16 bytes can neither take its claim nor overwrite its record.
+        meta.key = scoped_key(who, &meta.key);
         if size > self.cfg.small_file_max {
             return Err(OpError::new(
                 ErrorCode::Limit,
@@ -235,4 +238,20 @@ impl Drop for SmallWriter {
             let _ = fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// A small file's upload key as stored: the first 16 bytes of SHA-256 over a domain tag, the
+/// app, the user and the client's key (each length-prefixed), so equal client keys of two
+/// tenants are two keys here.
+pub(super) fn scoped_key(who: &Who, key: &UploadId) -> UploadId {
+    let mut h = Sha256::new();
+    h.update(b"ferry small-upload key v1");
+    for part in [who.app.as_bytes(), who.user.as_bytes(), key.as_slice()] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part);
+    }
+    let d = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
 }

@@ -281,8 +281,12 @@ fn a_small_upload_key_is_written_by_one_node_at_a_time() {
         _ => panic!("the peer answers the finished key with its file id"),
     }
     // A claim left by a node that died mid-write is taken over; one of a live node is not.
-    let key = [6; 16];
-    let other = UploadMeta { key, ..meta };
+    // (Claims are stored under the key scoped to its app and user.)
+    let other = UploadMeta {
+        key: [6; 16],
+        ..meta
+    };
+    let key = small::scoped_key(&who(), &other.key);
     assert_eq!(
         a.meta.claim_key("a", "u", &key, "dead").unwrap(),
         Claim::Mine

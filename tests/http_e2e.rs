@@ -26,6 +26,11 @@ struct Server {
 
 impl Server {
     fn start(extra_http: &str) -> Server {
+        Server::start_with("", extra_http)
+    }
+
+    /// With `top` (top-level keys of the server config) as well.
+    fn start_with(top: &str, extra_http: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let addr = free_addr();
         let http = free_addr();
@@ -33,7 +38,7 @@ impl Server {
         std::fs::write(
             &conf,
             format!(
-                "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\n\
+                "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\n{top}\n\
                  [http]\nlisten = \"{http}\"\n{extra_http}\n[http.secrets]\n{APP} = \"{SECRET}\"\n{}",
                 dir.path().join("data").display(),
                 support::auth::auth_toml()
@@ -631,6 +636,81 @@ fn slowloris_and_header_floods_are_cut_off_while_a_download_completes() {
         0,
         "idle connection not closed"
     );
+}
+
+/// A connection from `from` (a loopback address of our choosing) to `to`.
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&local.into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// One address cannot hold the gateway: refused requests (403, 404) close their connection, and
+/// connections from one address stop at `http.max_connections_per_ip` while a player at another
+/// address is served and the same address's binary-protocol peers (proxies) are not counted
+/// against it.
+#[test]
+fn one_address_cannot_hold_every_gateway_slot() {
+    if !support::have("curl") {
+        return;
+    }
+    // The binary listener's own per-address cap is as low: were the two counted together, the
+    // three HTTP connections would use it up.
+    let srv = Server::start_with(
+        "max_connections_per_ip = 3",
+        "max_connections = 8\nmax_connections_per_ip = 3",
+    );
+    let src = srv.path("photo.jpg");
+    std::fs::write(&src, b"jpeg bytes").unwrap();
+    let id = srv.upload(&src);
+    let url = srv.url(&id);
+    let path = &url[url.find("/files/").unwrap()..];
+    // 403 and 404 end their connection: a keep-alive request after them gets no answer.
+    for req in [
+        "GET /files/x HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut s = connect_from("127.0.0.1", srv.http);
+        s.write_all(format!("{req}{req}").as_bytes()).unwrap();
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+        assert!(t.elapsed() < Duration::from_secs(5), "not closed: {text}");
+    }
+    // Three idle connections from 127.0.0.1: the fourth is refused, 127.0.0.2 is served.
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| connect_from("127.0.0.1", srv.http))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = connect_from("127.0.0.1", srv.http);
+    fourth
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = fourth.read_to_end(&mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 503 "));
+    let mut other = connect_from("127.0.0.2", srv.http);
+    other
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = other.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 200 ") && text.ends_with("jpeg bytes"),
+        "{text}"
+    );
+    // The binary listener counts its own connections: 127.0.0.1's proxies still get in.
+    assert!(support::probe(srv.addr, Duration::from_secs(2)).is_some());
+    drop(held);
 }
 
 #[test]

@@ -137,8 +137,9 @@ pub struct Config {
     /// Worker threads (default 16, more than the cores: they wait in fsync; see conf/server.toml).
     pub workers: usize,
     pub max_connections: usize,
-    /// Most connections from one IP address (0: no cap). The binary protocol's peers are
-    /// proxies, each carrying many clients; the HTTP gateway's are players.
+    /// Most connections from one IP address to one listener (0: no cap; each listener counts
+    /// its own). The binary protocol's peers are proxies, each carrying many clients; the HTTP
+    /// gateway's are players (and `http.max_connections_per_ip` caps those lower).
     pub max_connections_per_ip: usize,
     pub idle_timeout_ms: u64,
     /// A connection's first frame (HELLO, PROBE or a cluster command) must arrive this soon.

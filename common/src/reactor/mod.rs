@@ -119,8 +119,9 @@ pub trait Service: Send + Sync + 'static {
 pub struct Config {
     pub workers: usize,
     pub max_connections: usize,
-    /// Most connections from one peer IP address (0: no cap); beyond it the service's `refuse`
-    /// answers, as for `max_connections`, so one client cannot take every slot.
+    /// Most connections from one peer IP address to one listener (0: no cap); beyond it the
+    /// service's `refuse` answers, as for `max_connections`, so one client cannot take every
+    /// slot.
     pub max_per_ip: usize,
     /// A connection with no readiness for this long is closed.
     pub idle_timeout: Duration,
@@ -201,8 +202,8 @@ enum State {
 
 struct Slot {
     generation: u32,
-    /// The peer's address, counted in `Core::per_ip` while the slot lives.
-    ip: IpAddr,
+    /// The listener and peer address, counted in `Core::per_ip` while the slot lives.
+    peer: (usize, IpAddr),
     state: State,
     armed: [Option<Interest>; MAX_SOURCES],
     last_ready: Instant,
@@ -335,8 +336,10 @@ struct Shared {
 
 struct Core {
     slab: Slab<Slot>,
-    /// Live connections per peer address (only when `max_per_ip` is set).
-    per_ip: HashMap<IpAddr, usize>,
+    /// Live connections per listener and peer address (only when `max_per_ip` is set): each
+    /// listener counts its own, so one address's connections to one (an HTTP gateway's
+    /// players) cannot use up its allowance on another (the binary protocol's proxies).
+    per_ip: HashMap<(usize, IpAddr), usize>,
     timers: Timers,
     drain_until: Option<Instant>,
     /// The deadline the poll thread last planned to wake at (`None`: no deadline, it waits for
@@ -529,7 +532,7 @@ impl Shared {
 
     fn remove(&self, core: &mut Core, key: usize) {
         if let Some(slot) = core.slab.try_remove(key) {
-            core.forget_peer(slot.ip);
+            core.forget_peer(slot.peer);
             self.stats.active.fetch_sub(1, Ordering::Relaxed);
             // A draining poll thread waits for the slab to empty.
             if core.drain_until.is_some() && core.slab.is_empty() {
@@ -540,11 +543,11 @@ impl Shared {
 }
 
 impl Core {
-    fn forget_peer(&mut self, ip: IpAddr) {
-        if let Some(n) = self.per_ip.get_mut(&ip) {
+    fn forget_peer(&mut self, peer: (usize, IpAddr)) {
+        if let Some(n) = self.per_ip.get_mut(&peer) {
             *n -= 1;
             if *n == 0 {
-                self.per_ip.remove(&ip);
+                self.per_ip.remove(&peer);
             }
         }
     }
@@ -678,7 +681,7 @@ impl Loop {
             let stats = &self.handle.stats;
             let (total, from_peer) = {
                 let core = self.shared.core.lock();
-                let n = core.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+                let n = core.per_ip.get(&(i, peer.ip())).copied().unwrap_or(0);
                 (core.slab.len(), n)
             };
             let per_ip = self.cfg.max_per_ip;
@@ -703,11 +706,11 @@ impl Loop {
             let shared = &self.shared;
             let mut core = shared.core.lock();
             if per_ip > 0 {
-                *core.per_ip.entry(peer.ip()).or_insert(0) += 1;
+                *core.per_ip.entry((i, peer.ip())).or_insert(0) += 1;
             }
             let key = core.slab.insert(Slot {
                 generation: self.generation,
-                ip: peer.ip(),
+                peer: (i, peer.ip()),
                 state: State::Busy {
                     pending: Events::default(),
                 },
@@ -747,11 +750,11 @@ impl Loop {
                 shared.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 if let Some(Slot {
                     state: State::Idle(conn),
-                    ip,
+                    peer,
                     ..
                 }) = core.slab.try_remove(key)
                 {
-                    core.forget_peer(ip);
+                    core.forget_peer(peer);
                     debug!("connection {key} idle for {idle_timeout:?}; closing");
                     closing.push(conn);
                     shared.stats.active.fetch_sub(1, Ordering::Relaxed);

@@ -300,6 +300,6 @@ impl Conn for HttpConn {
 
 impl Drop for HttpConn {
     fn drop(&mut self) {
-        self.gw.released();
+        self.gw.released(self.peer.ip());
     }
 }

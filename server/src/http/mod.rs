@@ -108,6 +108,9 @@ pub struct HttpConfig {
     /// Most HTTP connections open at once (beyond it: 503 and close), within the server's
     /// overall `max_connections`.
     pub max_connections: usize,
+    /// Most HTTP connections from one IP address (0: no cap), so one address cannot hold every
+    /// slot; beyond it 503 and close. The binary listener counts its own (`max_connections_per_ip`).
+    pub max_connections_per_ip: usize,
     /// Largest request head (request line + headers) in bytes; larger is 431.
     pub max_header_bytes: usize,
     /// A request head must be complete this long after the connection opened or the previous
@@ -128,6 +131,7 @@ impl Default for HttpConfig {
             advertise: None,
             public_reads: false,
             max_connections: 1024,
+            max_connections_per_ip: 64,
             max_header_bytes: 16 * 1024,
             header_timeout_ms: 10_000,
             secrets: BTreeMap::new(),
@@ -144,6 +148,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("advertise", &self.advertise)
             .field("public_reads", &self.public_reads)
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("max_url_lifetime_secs", &self.max_url_lifetime_secs)
@@ -241,6 +246,8 @@ pub struct Gateway {
     /// The bound address of the HTTP listener (tells HTTP sockets apart in `refuse`).
     pub addr: SocketAddr,
     open: AtomicUsize,
+    /// Open HTTP connections per peer address (with `max_connections_per_ip`).
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
     pub stats: HttpStats,
     /// File id -> the file as last looked up and opened. Players fetch the same file in many
     /// small ranges, and small files are fetched over and over: the SQLite lookup (behind one
@@ -267,6 +274,7 @@ impl Gateway {
             cfg,
             addr,
             open: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
             stats: HttpStats::default(),
             cache: Mutex::new(HashMap::new()),
             cache_max: cache_max(),
@@ -308,6 +316,18 @@ impl Gateway {
             self.refuse(stream, peer);
             return None;
         }
+        let cap = self.cfg.max_connections_per_ip;
+        if cap > 0 {
+            let mut m = self.per_ip.lock();
+            let n = m.entry(peer.ip()).or_insert(0);
+            if *n >= cap {
+                drop(m);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                self.refuse(stream, peer);
+                return None;
+            }
+            *n += 1;
+        }
         debug!("{peer}: http connection");
         if let Err(e) = stream.set_nodelay(true) {
             debug!("{peer}: cannot set TCP_NODELAY: {e}");
@@ -332,8 +352,17 @@ impl Gateway {
         let _ = stream.write(&bytes);
     }
 
-    fn released(&self) {
+    fn released(&self, peer: std::net::IpAddr) {
         self.open.fetch_sub(1, Ordering::AcqRel);
+        if self.cfg.max_connections_per_ip > 0 {
+            let mut m = self.per_ip.lock();
+            if let Some(n) = m.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&peer);
+                }
+            }
+        }
     }
 }
 

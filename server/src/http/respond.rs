@@ -376,7 +376,7 @@ fn elsewhere(gw: &Gateway, group: &str, id: &str, target: &str) -> Option<Answer
     Some(match gw.directory.as_ref()?.locate(group, id) {
         Where::Here => return None,
         Where::There(to) => Answer::redirect(&to, target),
-        Where::NoGroup => Answer::error(404, "no such file", false),
+        Where::NoGroup => Answer::error(404, "no such file", true),
         Where::NoGateway => unavailable(&format!("no HTTP gateway of group {group} is online")),
         Where::Unknown => unavailable("no tracker has listed the cluster's gateways yet"),
     })
@@ -400,7 +400,7 @@ fn recorded_elsewhere(gw: &Gateway, who: &Who, id: &str, target: &str) -> Option
 fn open_stored(gw: &Gateway, who: &Who, id: &str) -> Result<Arc<Stored>, Answer> {
     match gw.lookup(who, id) {
         Ok(f) => Ok(f),
-        Err(e) if e.code == ErrorCode::NotFound => Err(Answer::error(404, "no such file", false)),
+        Err(e) if e.code == ErrorCode::NotFound => Err(Answer::error(404, "no such file", true)),
         Err(e) if e.code == ErrorCode::Io => {
             warn!("http: {}", e.text);
             Err(Answer::error(500, "stored file unreadable", false))
@@ -422,13 +422,13 @@ pub fn answer(gw: &Gateway, h: &Head, now: SystemTime) -> Answer {
     }
     let (path, query) = h.target.split_once('?').unwrap_or((&h.target, ""));
     let Some(r) = route(path) else {
-        return Answer::error(404, "no such path (use /files/{file_id})", false);
+        return Answer::error(404, "no such path (use /files/{file_id})", true);
     };
     let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let resource = signing::resource(&r.file_id, r.name.as_deref());
     let app = match authorize(&gw.keys, &resource, query, now_secs) {
         Ok(app) => app,
-        Err(d) => return Answer::error(403, d.text(), false),
+        Err(d) => return Answer::error(403, d.text(), true),
     };
     let who = Who {
         app,

@@ -67,7 +67,7 @@ impl LocalCa {
             (&out.cert, cert.pem()),
             (&out.key, key.serialize_pem()),
         ] {
-            write(path, &text)?;
+            crate::secrets::write_private(path, &text)?;
         }
         Ok(out)
     }
@@ -85,20 +85,6 @@ impl LocalCa {
 
 fn toml_path(p: &Path) -> String {
     toml::Value::String(p.display().to_string()).to_string()
-}
-
-fn write(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| ClientError::io(format!("writing {}", path.display()), e))?;
-    f.write_all(text.as_bytes())
-        .map_err(|e| ClientError::io(format!("writing {}", path.display()), e))
 }
 
 #[cfg(test)]

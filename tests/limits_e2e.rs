@@ -466,6 +466,36 @@ fn upload_sessions_per_user_are_capped() {
     assert_eq!(init(&mut bob, 1 << 20, 3), Answer::Ok);
 }
 
+/// An app can set its own per-user session cap (`[apps.APP] max_sessions_per_user`): its users
+/// stop there, another app's users keep the server's.
+#[test]
+fn an_app_sets_its_own_per_user_session_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, addr) = server_with(
+        dir.path(),
+        "max_sessions_per_user = 2\n[apps.other]\nmax_sessions_per_user = 1\n",
+    );
+    let mut strict = TcpStream::connect(addr).unwrap();
+    let body = support::auth::hello_body("other", "dave");
+    strict
+        .write_all(&proto::frame(proto::cmd::HELLO, 0, &body))
+        .unwrap();
+    assert_eq!(answer(&mut strict, Duration::from_secs(5)), Answer::Ok);
+    assert_eq!(init(&mut strict, 1 << 20, 1), Answer::Ok);
+    match init(&mut strict, 1 << 20, 2) {
+        Answer::Error(proto::ErrorCode::Limit, t) => {
+            assert!(
+                t.contains("dave") && t.contains("max_sessions_per_user"),
+                "{t}"
+            )
+        }
+        other => panic!("second session of app other: {other:?}"),
+    }
+    let mut alice = hello_as(addr, "alice");
+    assert_eq!(init(&mut alice, 1 << 20, 3), Answer::Ok);
+    assert_eq!(init(&mut alice, 1 << 20, 4), Answer::Ok);
+}
+
 /// One app cannot fill the session table for everyone: many users of one app (each within
 /// their own cap) stop at the app's share, and another app's user still opens a session. The
 /// refusals name the limit, never another tenant's figures.

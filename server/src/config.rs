@@ -192,6 +192,9 @@ pub struct AppPolicy {
     /// Most upload sessions this app may have open (all its users); default the server's
     /// `max_sessions_per_app`.
     pub max_sessions: Option<usize>,
+    /// Most upload sessions one user of this app may have open; default the server's
+    /// `max_sessions_per_user`.
+    pub max_sessions_per_user: Option<usize>,
 }
 
 /// Who may read a file of the app over the binary protocol.
@@ -280,7 +283,10 @@ impl Config {
             || self.max_sessions == 0
             || self.max_sessions_per_user == 0
             || self.max_sessions_per_app == Some(0)
-            || self.apps.values().any(|p| p.max_sessions == Some(0))
+            || self
+                .apps
+                .values()
+                .any(|p| p.max_sessions == Some(0) || p.max_sessions_per_user == Some(0))
         {
             bail!(
                 "workers, max_connections, max_sessions, max_sessions_per_user, \
@@ -342,6 +348,15 @@ impl Config {
             .and_then(|p| p.max_sessions)
             .or(self.max_sessions_per_app)
             .unwrap_or((self.max_sessions / 2).max(1))
+    }
+
+    /// Most upload sessions one user of `app` may have open: its `[apps.APP]
+    /// max_sessions_per_user`, else the server's.
+    pub fn user_sessions(&self, app: &str) -> usize {
+        self.apps
+            .get(app)
+            .and_then(|p| p.max_sessions_per_user)
+            .unwrap_or(self.max_sessions_per_user)
     }
 
     /// Whether `app`'s files are readable by their owners only.

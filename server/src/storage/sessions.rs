@@ -355,12 +355,12 @@ impl Storage {
                 ),
             ));
         }
-        if mine >= self.cfg.max_sessions_per_user {
+        if mine >= self.cfg.user_sessions(&key.app) {
             return Err(OpError::new(
                 ErrorCode::Limit,
                 format!(
-                    "user {} already has {mine} upload sessions open (the most allowed); \
-                     finish or abandon one",
+                    "user {} already has {mine} upload sessions open, the most allowed \
+                     (max_sessions_per_user); finish or abandon one",
                     key.user
                 ),
             ));

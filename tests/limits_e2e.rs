@@ -424,8 +424,13 @@ fn server_with(dir: &std::path::Path, conf: &str) -> (Proc, std::net::SocketAddr
 }
 
 fn hello_as(addr: std::net::SocketAddr, user: &str) -> TcpStream {
+    hello_app(addr, "demo", user)
+}
+
+/// A session of `user` of `app`.
+fn hello_app(addr: std::net::SocketAddr, app: &str, user: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    let body = support::auth::hello_body("demo", user);
+    let body = support::auth::hello_body(app, user);
     s.write_all(&proto::frame(proto::cmd::HELLO, 0, &body))
         .unwrap();
     assert_eq!(answer(&mut s, Duration::from_secs(5)), Answer::Ok, "HELLO");
@@ -475,12 +480,7 @@ fn an_app_sets_its_own_per_user_session_cap() {
         dir.path(),
         "max_sessions_per_user = 2\n[apps.other]\nmax_sessions_per_user = 1\n",
     );
-    let mut strict = TcpStream::connect(addr).unwrap();
-    let body = support::auth::hello_body("other", "dave");
-    strict
-        .write_all(&proto::frame(proto::cmd::HELLO, 0, &body))
-        .unwrap();
-    assert_eq!(answer(&mut strict, Duration::from_secs(5)), Answer::Ok);
+    let mut strict = hello_app(addr, "other", "dave");
     assert_eq!(init(&mut strict, 1 << 20, 1), Answer::Ok);
     match init(&mut strict, 1 << 20, 2) {
         Answer::Error(proto::ErrorCode::Limit, t) => {
@@ -526,12 +526,7 @@ max_sessions_per_user = 2
         other => panic!("fourth session of the app: {other:?}"),
     }
     // Another app is served.
-    let mut victim = TcpStream::connect(addr).unwrap();
-    let body = support::auth::hello_body("other", "victim");
-    victim
-        .write_all(&proto::frame(proto::cmd::HELLO, 0, &body))
-        .unwrap();
-    assert_eq!(answer(&mut victim, Duration::from_secs(5)), Answer::Ok);
+    let mut victim = hello_app(addr, "other", "victim");
     assert_eq!(init(&mut victim, 1 << 20, 100), Answer::Ok);
 }
 

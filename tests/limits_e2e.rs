@@ -453,6 +453,16 @@ fn init(s: &mut TcpStream, size: u64, seed: u8) -> Answer {
     answer(s, Duration::from_secs(5))
 }
 
+/// An error 17 (Limit) whose text names each of `words`.
+fn refused_with(a: Answer, words: &[&str]) {
+    match a {
+        Answer::Error(proto::ErrorCode::Limit, t) => {
+            assert!(words.iter().all(|w| t.contains(w)), "{t}")
+        }
+        other => panic!("expected error 17 naming {words:?}: {other:?}"),
+    }
+}
+
 #[test]
 fn upload_sessions_per_user_are_capped() {
     let dir = tempfile::tempdir().unwrap();
@@ -462,10 +472,7 @@ fn upload_sessions_per_user_are_capped() {
     assert_eq!(init(&mut alice, 1 << 20, 2), Answer::Ok);
     // The same upload again resumes its session: not a new one, not refused.
     assert_eq!(init(&mut alice, 1 << 20, 2), Answer::Ok);
-    match init(&mut alice, 1 << 20, 3) {
-        Answer::Error(proto::ErrorCode::Limit, t) => assert!(t.contains("alice"), "{t}"),
-        other => panic!("third session: {other:?}"),
-    }
+    refused_with(init(&mut alice, 1 << 20, 3), &["alice"]);
     // Someone else is not affected.
     let mut bob = hello_as(addr, "bob");
     assert_eq!(init(&mut bob, 1 << 20, 3), Answer::Ok);
@@ -482,15 +489,10 @@ fn an_app_sets_its_own_per_user_session_cap() {
     );
     let mut strict = hello_app(addr, "other", "dave");
     assert_eq!(init(&mut strict, 1 << 20, 1), Answer::Ok);
-    match init(&mut strict, 1 << 20, 2) {
-        Answer::Error(proto::ErrorCode::Limit, t) => {
-            assert!(
-                t.contains("dave") && t.contains("max_sessions_per_user"),
-                "{t}"
-            )
-        }
-        other => panic!("second session of app other: {other:?}"),
-    }
+    refused_with(
+        init(&mut strict, 1 << 20, 2),
+        &["dave", "max_sessions_per_user"],
+    );
     let mut alice = hello_as(addr, "alice");
     assert_eq!(init(&mut alice, 1 << 20, 3), Answer::Ok);
     assert_eq!(init(&mut alice, 1 << 20, 4), Answer::Ok);
@@ -502,12 +504,7 @@ fn an_app_sets_its_own_per_user_session_cap() {
 #[test]
 fn one_app_cannot_fill_the_session_table_for_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let (_srv, addr) = server_with(
-        dir.path(),
-        "max_sessions = 6
-max_sessions_per_user = 2
-",
-    );
+    let (_srv, addr) = server_with(dir.path(), "max_sessions = 6\nmax_sessions_per_user = 2\n");
     // The app's default share is half the table: 3 sessions, from three users.
     let mut seed = 0u8;
     for user in ["u1", "u2", "u3"] {
@@ -516,15 +513,10 @@ max_sessions_per_user = 2
         assert_eq!(init(&mut c, 1 << 20, seed), Answer::Ok, "{user}");
     }
     let mut c = hello_as(addr, "u4");
-    match init(&mut c, 1 << 20, 99) {
-        Answer::Error(proto::ErrorCode::Limit, t) => {
-            assert!(
-                t.contains("app demo") && t.contains("max_sessions_per_app"),
-                "{t}"
-            )
-        }
-        other => panic!("fourth session of the app: {other:?}"),
-    }
+    refused_with(
+        init(&mut c, 1 << 20, 99),
+        &["app demo", "max_sessions_per_app"],
+    );
     // Another app is served.
     let mut victim = hello_app(addr, "other", "victim");
     assert_eq!(init(&mut victim, 1 << 20, 100), Answer::Ok);

@@ -731,16 +731,9 @@ impl Conn for Session {
         match &mut self.phase {
             Phase::First { .. } => arm(0, front, interest(true, flush)),
             Phase::Reply { out, pos, .. } => {
-                let want = if *pos < out.len() {
-                    Interest::WRITABLE
-                } else {
-                    Interest::READABLE
-                };
-                arm(
-                    0,
-                    front,
-                    Some(want).map(|w| if flush { w | Interest::WRITABLE } else { w }),
-                );
+                // Writing the reply, then reading until the peer closes.
+                let sent = *pos >= out.len();
+                arm(0, front, interest(sent, !sent || flush));
             }
             Phase::Lookup { lookup, .. } => {
                 // The front waits (bytes after the HELLO stay in its socket); the tracker

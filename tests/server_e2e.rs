@@ -534,8 +534,8 @@ fn big_upload_parallel_blocks_fencing_and_faults() {
     assert!(
         srv.temp_files()
             .iter()
-            .any(|p| std::fs::metadata(p).unwrap().len() == file.len() as u64),
-        "temp file preallocated to the full size"
+            .any(|p| std::fs::metadata(p).unwrap().len() == 0),
+        "temp file made empty: blocks take their disk as they arrive"
     );
 
     // Unknown upload id.
@@ -872,13 +872,15 @@ fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
     // A real 8 MiB filesystem when we may mount one; otherwise the documented test-only fault
     // (`faults.write_fail_after`) makes payload writes fail with ENOSPC after 5 MiB.
     let fs = Tmpfs::mount(&data, "8m");
-    // No free-space reserve: this test is about what happens when the disk really fills.
+    // No free-space reserve and no cap on declared bytes: this test is about what happens when
+    // the disk really fills.
+    let base =
+        "small_file_max = 4194304\nmin_free_bytes = 0\nmax_open_bytes_per_app = 1073741824\n";
     let extra = if fs.is_some() {
-        "small_file_max = 4194304\nmin_free_bytes = 0\nsync_blocks = true".to_string()
+        format!("{base}sync_blocks = true")
     } else {
         eprintln!("cannot mount a tmpfs here; using the injected ENOSPC fault");
-        "small_file_max = 4194304\nmin_free_bytes = 0\n[faults]\nwrite_fail_after = 5242880"
-            .to_string()
+        format!("{base}[faults]\nwrite_fail_after = 5242880")
     };
     let srv = Server::start(dir.path(), &data, &extra);
     let mut c = Client::hello(srv.addr, "demo", "erin");
@@ -908,7 +910,8 @@ fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
     if let Some(id) = &b_id {
         assert_eq!(c.download_all(id, b.len() as u64, 1 << 20), b);
     }
-    // A big upload that cannot fit is refused up front (preallocation) or per block.
+    // A big upload that cannot fit is refused up front (it does not fit the free space) or
+    // when a block arrives that the disk has no room for.
     let big = bytes(16 << 20, 14);
     match c.init(big.len() as u64, 1 << 20, sha(&big), "big") {
         Err(e) => assert_eq!(e.0, ErrorCode::NoSpace, "{e:?}"),
@@ -935,6 +938,95 @@ fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
     }
     drop(srv);
     drop(fs);
+}
+
+/// Fair share, disk (#16 case 1). An UPLOAD_INIT declaring nearly the whole volume takes no
+/// disk (blocks take theirs as they arrive), so another app's small and big uploads are
+/// stored. That session, having sent nothing, expires after the short
+/// `fresh_session_ttl_secs` however often its INIT is repeated, while the victim's session,
+/// which stored a block, outlives that. Without an override one app may not declare more
+/// than half the volume.
+#[test]
+fn a_declared_upload_holds_no_disk_and_a_silent_one_expires_soon() {
+    let dir = tempdir();
+    let data = dir.path().join("mnt");
+    let Some(_fs) = Tmpfs::mount(&data, "48m") else {
+        eprintln!("skipped: cannot mount a 48 MiB tmpfs here");
+        return;
+    };
+    let srv = Server::start(
+        dir.path(),
+        &data,
+        "min_free_bytes = 1048576\nfresh_session_ttl_secs = 2\nsmall_file_max = 4194304\n\
+         [apps.demo]\nmax_open_bytes = 1000000000\n",
+    );
+    let bs = 65536;
+    let t0 = Instant::now();
+    let mut mallory = Client::hello(srv.addr, "demo", "mallory");
+    let claim = mallory.init(44 << 20, bs, [7; 32], "all.bin").unwrap();
+    let part = support::files_under(&data)
+        .into_iter()
+        .find(|p| p.ends_with(format!("{}.part", hex::encode(claim.upload_id))))
+        .expect("the session's temp file");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&part).unwrap();
+        assert_eq!(
+            (m.len(), m.blocks()),
+            (0, 0),
+            "a declared size holds no disk"
+        );
+    }
+
+    let mut victim = Client::hello(srv.addr, "other", "victor");
+    let small = bytes(2 << 20, 21);
+    let small_id = victim.upload_small("small", &small).unwrap();
+    let big = bytes(8 << 20, 22);
+    let r = victim.init(big.len() as u64, bs, sha(&big), "big").unwrap();
+    victim.block(r.upload_id, bs, 0, &big).unwrap();
+    // The app's default share of declared bytes is half the volume: 8 MiB open + 20 MiB is
+    // past it. The refusal names the limit, not the volume's figures.
+    let mut eve = Client::hello(srv.addr, "other", "eve");
+    match eve.init(20 << 20, bs, [8; 32], "more") {
+        Err((ErrorCode::Limit, t)) => {
+            assert!(
+                t.contains("max_open_bytes_per_app") && !t.contains("free"),
+                "{t}"
+            )
+        }
+        other => panic!("INIT past the app's share: {other:?}"),
+    }
+
+    // Repeating the INIT does not keep the silent session: it expires and a new one opens.
+    loop {
+        let again = mallory.init(44 << 20, bs, [7; 32], "all.bin").unwrap();
+        if again.upload_id != claim.upload_id {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "repeated INITs kept a session that never sent a block"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(t0.elapsed() >= Duration::from_secs(2), "expired early");
+    // The reaper removes its temp file (it runs a few times per lifetime).
+    while part.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "temp file kept");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The victim's session stored a block: it lives the full lifetime, and finishes.
+    let blocks = big.len().div_ceil(bs as usize) as u32;
+    for idx in 1..blocks {
+        victim.block(r.upload_id, bs, idx, &big).unwrap();
+    }
+    let big_id = victim.over(r.upload_id).unwrap();
+    assert_eq!(
+        victim.download_all(&small_id, small.len() as u64, 1 << 20),
+        small
+    );
+    assert_eq!(victim.download_all(&big_id, big.len() as u64, 1 << 20), big);
 }
 
 #[test]

@@ -151,6 +151,10 @@ pub struct Config {
     /// window of this length.
     pub progress_timeout_ms: u64,
     pub session_ttl_secs: u64,
+    /// A session that has stored no block yet expires this long after it was opened (at most
+    /// `session_ttl_secs`); a repeated UPLOAD_INIT does not extend it, nor any session's life:
+    /// only stored blocks do.
+    pub fresh_session_ttl_secs: u64,
     pub max_sessions: usize,
     /// Most upload sessions one user (of one app) may have open.
     pub max_sessions_per_user: usize,
@@ -158,6 +162,10 @@ pub struct Config {
     /// the whole table alone; default half of `max_sessions`. `[apps.APP] max_sessions`
     /// overrides it for one app.
     pub max_sessions_per_app: Option<usize>,
+    /// Most bytes one app's open upload sessions may declare (all its users; their temp files
+    /// grow to that as blocks arrive), so no app can claim the whole volume; default half the
+    /// data volume's size. `[apps.APP] max_open_bytes` overrides it for one app.
+    pub max_open_bytes_per_app: Option<u64>,
     /// Uploads that would leave less free space than this on the data volume are refused up
     /// front (error 15), so the database and in-flight uploads never hit a full disk.
     pub min_free_bytes: u64,
@@ -195,6 +203,11 @@ pub struct AppPolicy {
     /// Most upload sessions one user of this app may have open; default the server's
     /// `max_sessions_per_user`.
     pub max_sessions_per_user: Option<usize>,
+    /// Most bytes this app's open upload sessions may declare; default the server's
+    /// `max_open_bytes_per_app`.
+    pub max_open_bytes: Option<u64>,
+    /// Most bytes one user's open upload sessions may declare; default the app's limit.
+    pub max_open_bytes_per_user: Option<u64>,
 }
 
 /// Who may read a file of the app over the binary protocol.
@@ -229,9 +242,11 @@ impl Default for Config {
             frame_timeout_ms: 30_000,
             progress_timeout_ms: 60_000,
             session_ttl_secs: 86_400,
+            fresh_session_ttl_secs: 900,
             max_sessions: 10_000,
             max_sessions_per_user: 64,
             max_sessions_per_app: None,
+            max_open_bytes_per_app: None,
             min_free_bytes: 256 << 20,
             shutdown_grace_ms: 10_000,
             read_buffer_kib: 256,
@@ -300,8 +315,15 @@ impl Config {
         if !(4..=16 * 1024).contains(&self.read_buffer_kib) {
             bail!("read_buffer_kib must be within 4 ..= 16384");
         }
-        if self.session_ttl_secs == 0 || self.id_step == 0 || self.challenge_max == 0 {
-            bail!("session_ttl_secs, id_step and challenge_max must be at least 1");
+        if self.session_ttl_secs == 0
+            || self.fresh_session_ttl_secs == 0
+            || self.id_step == 0
+            || self.challenge_max == 0
+        {
+            bail!(
+                "session_ttl_secs, fresh_session_ttl_secs, id_step and challenge_max must be \
+                 at least 1"
+            );
         }
         if self.roles.is_empty() {
             bail!("roles must name at least one of \"storage\", \"tracker\"");
@@ -359,6 +381,26 @@ impl Config {
             .unwrap_or(self.max_sessions_per_user)
     }
 
+    /// Most bytes `app`'s open upload sessions may declare on a data volume of `volume`
+    /// bytes: its `[apps.APP] max_open_bytes`, else `max_open_bytes_per_app`, else half the
+    /// volume.
+    pub fn app_open_bytes(&self, app: &str, volume: u64) -> u64 {
+        self.apps
+            .get(app)
+            .and_then(|p| p.max_open_bytes)
+            .or(self.max_open_bytes_per_app)
+            .unwrap_or(volume / 2)
+    }
+
+    /// Most bytes one user's open upload sessions of `app` may declare: its `[apps.APP]
+    /// max_open_bytes_per_user`, else the app's limit.
+    pub fn user_open_bytes(&self, app: &str, volume: u64) -> u64 {
+        self.apps
+            .get(app)
+            .and_then(|p| p.max_open_bytes_per_user)
+            .unwrap_or_else(|| self.app_open_bytes(app, volume))
+    }
+
     /// Whether `app`'s files are readable by their owners only.
     pub fn owner_reads(&self, app: &str) -> bool {
         self.apps.get(app).is_some_and(|p| p.reads == Reads::Owner)
@@ -373,6 +415,10 @@ impl Config {
     }
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_secs)
+    }
+    /// How long a session that has stored no block lives.
+    pub fn fresh_session_ttl(&self) -> Duration {
+        Duration::from_secs(self.fresh_session_ttl_secs.min(self.session_ttl_secs))
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)

@@ -1,5 +1,6 @@
 //! Expires upload sessions: a background thread removes sessions idle longer than
-//! `session_ttl_secs`, with their temp files (start-up recovery handles those left by a crash).
+//! their lifetime (`fresh_session_ttl_secs` before their first block, `session_ttl_secs` after),
+//! with their temp files (start-up recovery handles those left by a crash).
 
 use crate::storage::Storage;
 use std::sync::Arc;
@@ -17,8 +18,8 @@ impl Reaper {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         // Check a few times per TTL so a session outlives its TTL by a fraction of it at most.
-        let every =
-            (st.cfg.session_ttl() / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let every = (st.cfg.fresh_session_ttl() / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
         let thread = std::thread::Builder::new()
             .name("reaper".into())
             .spawn(move || {

@@ -178,9 +178,6 @@ pub trait MetaStore: Send + Sync {
     fn mark_blocks(&self, blocks: &[(UploadId, u32, u32)], expires_ms: u64) -> Result<()>;
     /// Forgets blocks (found damaged when the file was re-read).
     fn unmark_blocks(&self, id: &UploadId, idx: &[u32]) -> Result<()>;
-    /// Records activity on a session: its new expiry. False when the session no longer exists
-    /// (a peer finished or expired it).
-    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<bool>;
     fn set_challenge(&self, id: &UploadId, c: Option<&Challenge>) -> Result<()>;
     fn delete_session(&self, id: &UploadId) -> Result<()>;
     /// Deletes a session (and its blocks) only if its expiry is still `seen_expires_ms`: every

@@ -605,17 +605,6 @@ impl MetaStore for PgStore {
         })
     }
 
-    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<bool> {
-        let expires = big(expires_ms, "expiry")?;
-        self.tx(|tx| {
-            let n = tx.execute(
-                "UPDATE upload_sessions SET expires = $2 WHERE id = $1",
-                &[&id.as_slice(), &expires],
-            )?;
-            Ok(n > 0)
-        })
-    }
-
     fn set_challenge(&self, id: &UploadId, c: Option<&Challenge>) -> Result<()> {
         let (cf, co, cl) = match c {
             Some(c) => (

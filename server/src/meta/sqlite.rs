@@ -585,17 +585,6 @@ impl MetaStore for SqliteStore {
         })
     }
 
-    fn touch_session(&self, id: &UploadId, expires_ms: u64) -> Result<bool> {
-        self.write(|tx| {
-            let n = exec(
-                tx,
-                "UPDATE upload_sessions SET expires = ?2 WHERE id = ?1",
-                params![id.as_slice(), expires_ms as i64],
-            )?;
-            Ok(n > 0)
-        })
-    }
-
     fn set_challenge(&self, id: &UploadId, c: Option<&Challenge>) -> Result<()> {
         let (cf, co, cl) = match c {
             Some(c) => (Some(c.file.as_str()), c.off as i64, c.len as i64),

@@ -113,14 +113,8 @@ fn sessions_and_blocks_round_trip(m: &dyn MetaStore) {
     assert_eq!(blocks, vec![(0, 99), (1, u32::MAX)]);
     m.unmark_blocks(&s.id, &[0, 1]).unwrap();
     assert!(m.session_blocks(&s.id).unwrap().is_empty());
-    assert!(m.touch_session(&s.id, 70).unwrap());
-    assert_eq!(m.session(&s.id).unwrap().unwrap().expires_ms, 70);
     m.delete_session(&s.id).unwrap();
     assert!(m.sessions().unwrap().is_empty());
-    assert!(
-        !m.touch_session(&s.id, 80).unwrap(),
-        "a session that is gone"
-    );
 }
 
 fn a_committed_file_ends_its_session(m: &dyn MetaStore) {
@@ -477,7 +471,6 @@ fn sqlite_writes_return_only_after_their_wal_sync() {
     unsynced("insert_file", m.insert_file(&file("f", 1), Some(&[3; 16])));
     unsynced("commit_file", m.commit_file("f"));
     unsynced("mark_blocks", m.mark_blocks(&[(s.id, 0, 1)], 20));
-    unsynced("touch_session", m.touch_session(&s.id, 30));
     unsynced("delete_file", m.delete_file("f", "app", None));
     unsynced("drop_file", m.drop_file("f"));
     unsynced("expire_finished", m.expire_finished(0));

@@ -109,7 +109,8 @@ impl Storage {
         if !s.state.lock().claim_block(m.index)? {
             return Ok(BlockStart::Stored);
         }
-        Ok(BlockStart::Write(BlockWriter {
+        // Dropped on an error below, the writer releases the block.
+        let w = BlockWriter {
             session: s,
             idx: m.index,
             offset: m.offset,
@@ -119,7 +120,12 @@ impl Storage {
             expect: m.crc32c,
             err: None,
             done: false,
-        }))
+        };
+        // Disk is taken a block at a time, as blocks arrive (an INIT reserved none).
+        self.check_reserve(w.len)?;
+        allocate(&w.session.file, w.offset, w.len)
+            .map_err(|e| io_err(&e, &format!("cannot allocate block {}", w.idx)))?;
+        Ok(BlockStart::Write(w))
     }
 }
 

@@ -66,6 +66,17 @@ pub fn free_bytes(dir: &Path) -> u64 {
     }
 }
 
+/// The data volume's size in bytes (0 when it cannot be read: no open upload fits then).
+pub(super) fn volume_bytes(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) => s.blocks().saturating_mul(s.fragment_size()),
+        Err(e) => {
+            warn!("cannot statvfs {}: {e}", dir.display());
+            0
+        }
+    }
+}
+
 pub(super) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -95,12 +106,15 @@ pub(super) fn create_dirs_synced(dir: &Path, root: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Reserves disk space for a temp file so block writes do not hit ENOSPC halfway.
-pub(super) fn preallocate(f: &File, len: u64) -> io::Result<()> {
+/// Allocates one block's range of a temp file before its payload streams in, so the write
+/// does not hit ENOSPC halfway; a filesystem without fallocate allocates as it writes.
+pub(super) fn allocate(f: &File, off: u64, len: u64) -> io::Result<()> {
     use nix::fcntl::{FallocateFlags, fallocate};
-    match fallocate(f, FallocateFlags::empty(), 0, len as i64) {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len),
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    match fallocate(f, FallocateFlags::empty(), off, len) {
+        Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
         Err(e) => Err(io::Error::from(e)),
     }
 }

@@ -7,7 +7,6 @@ use crate::meta::now_ms;
 use log::{debug, info, warn};
 use std::fs::{self};
 use std::sync::Arc;
-use std::time::Instant;
 
 impl Storage {
     /// Removes expired upload sessions and their temp files; returns how many. Finished
@@ -40,13 +39,16 @@ impl Storage {
                     continue;
                 }
             };
+            if s.state.lock().db_expires != seen {
+                // A peer recorded activity (maybe blocks: the session's lifetime may be the
+                // long one now): catch up with the database and look again next time.
+                if let Err(e) = self.refresh(&s) {
+                    debug!("upload session {}: {e}", hex::encode(s.rec.id));
+                }
+                continue;
+            }
             {
                 let mut st = s.state.lock();
-                if st.db_expires != seen {
-                    st.active = Instant::now();
-                    st.db_expires = seen;
-                    continue;
-                }
                 // Late writers here must not record blocks of a session being removed.
                 if !st.begin_expiry() {
                     continue;
@@ -95,8 +97,7 @@ impl Storage {
                 continue;
             }
             let hex_id = hex::encode(rec.id);
-            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
-            match self.load_session(rec.clone(), active) {
+            match self.load_session(rec.clone(), Since::Expiry { now_ms: now }) {
                 Ok(_) => debug!("adopted expired upload session {hex_id} of a departed node"),
                 Err(e) => {
                     // Its temp file is gone: nothing to resume.

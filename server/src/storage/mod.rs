@@ -31,12 +31,14 @@ pub use small::{KeyClaim, SmallStart, SmallWriter};
 pub use stored::Download;
 
 use datadir::{
-    NODES, TMP, create_dirs_synced, fsync_dir, lock_data_dir, node_name, preallocate, random_hex,
+    NODES, TMP, allocate, create_dirs_synced, fsync_dir, lock_data_dir, node_name, random_hex,
+    volume_bytes,
 };
 use errors::{db_err, io_err};
 use finish::NewFile;
 use recovery::active_at_start;
 use session::{HASH_CHUNK, HashProgress, Phase, SessionState};
+use sessions::Since;
 use small::KeyClaims;
 
 use crate::config::Config;
@@ -191,7 +193,7 @@ impl Storage {
         Ok(())
     }
 
-    /// The wall-clock expiry recorded in the database for a session active now.
+    /// The wall-clock expiry recorded in the database for a session that stored a block now.
     pub(super) fn expiry(&self) -> u64 {
         now_ms() + self.cfg.session_ttl_secs * 1000
     }

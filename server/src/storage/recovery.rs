@@ -89,8 +89,7 @@ impl Storage {
                 continue;
             }
             keep.insert(path);
-            let active = active_at_start(rec.expires_ms, now, self.cfg.session_ttl());
-            match self.load_session(rec, active) {
+            match self.load_session(rec, Since::Expiry { now_ms: now }) {
                 Ok(s) => {
                     let st = s.state.lock();
                     info!(

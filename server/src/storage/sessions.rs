@@ -15,12 +15,12 @@ use std::time::Instant;
 
 impl Storage {
     /// Puts a session from the DB into memory (a restart, or a peer started it): its temp file
-    /// opened, its acknowledged blocks from the DB, last `active` then. A session already in
-    /// memory wins.
+    /// opened, its acknowledged blocks from the DB, last active as `since` says. A session
+    /// already in memory wins.
     pub(super) fn load_session(
         &self,
         rec: SessionRec,
-        active: Instant,
+        since: Since,
     ) -> anyhow::Result<Arc<Session>> {
         use anyhow::Context;
         let path = self.root.join(&rec.temp_path);
@@ -30,6 +30,12 @@ impl Storage {
             .open(&path)
             .with_context(|| format!("cannot open temp file {}", path.display()))?;
         let (stored, crcs) = self.acknowledged(&rec)?;
+        let active = match since {
+            Since::Now => Instant::now(),
+            Since::Expiry { now_ms } => {
+                active_at_start(rec.expires_ms, now_ms, self.ttl(stored.count() > 0))
+            }
+        };
         let state = SessionState::new(stored, crcs, active, rec.expires_ms, rec.challenge.clone());
         let id = rec.id;
         let s = Arc::new(Session {
@@ -98,7 +104,7 @@ impl Storage {
                 .session(id)
                 .map_err(|e| db_err(e, "session lookup"))?;
             if let Some(rec) = rec.filter(|r| r.app == who.app && r.user == who.user) {
-                match self.load_session(rec, Instant::now()) {
+                match self.load_session(rec, Since::Now) {
                     Ok(loaded) => {
                         info!(
                             "upload session {} loaded from the metadata DB",
@@ -119,17 +125,30 @@ impl Storage {
         }
     }
 
-    /// Whether a session has been idle for its whole lifetime (monotonic clock).
+    /// Whether a session has been idle for its whole lifetime (monotonic clock): the short
+    /// one while it has stored no block, the full one after.
     pub(super) fn idle_out(&self, st: &SessionState) -> bool {
-        st.active.elapsed() >= self.cfg.session_ttl()
+        st.active.elapsed() >= self.ttl(st.stored.count() > 0)
+    }
+
+    /// A session's lifetime: `session_ttl_secs` once it stored a block, the shorter
+    /// `fresh_session_ttl_secs` before (a session that sent nothing holds little, and not
+    /// for long).
+    pub(super) fn ttl(&self, stored_any: bool) -> std::time::Duration {
+        if stored_any {
+            self.cfg.session_ttl()
+        } else {
+            self.cfg.fresh_session_ttl()
+        }
     }
 
     /// UPLOAD_INIT: resumes the session already open for this content (in this node's table,
     /// else in the database: a peer or an earlier run opened it), or opens a new one. Opening
     /// reserves the content in the table first (the `Reserved` phase: it counts against the
-    /// limits, and a second INIT of the same content is Busy meanwhile), then creates and
-    /// preallocates the temp file and writes the row with no lock held, so a slow disk or
-    /// database stalls this upload only.
+    /// limits, and a second INIT of the same content is Busy meanwhile), then creates the
+    /// (empty) temp file and writes the row with no lock held, so a slow disk or database
+    /// stalls this upload only. Disk is taken block by block as blocks arrive
+    /// ([`Storage::block_begin`]): a declared size reserves nothing.
     pub fn init(&self, who: &Who, init: &UploadInit) -> OpResult<UploadInitReply> {
         let blocks = init
             .blocks()
@@ -167,10 +186,6 @@ impl Storage {
             .write(true)
             .open(&temp)
             .map_err(|e| io_err(&e, "cannot create temp file"))?;
-        if let Err(e) = preallocate(&file, init.size) {
-            let _ = fs::remove_file(&temp);
-            return Err(io_err(&e, "cannot preallocate the upload"));
-        }
         let challenge = match self.meta.find_content(&who.app, &init.sha256, init.size) {
             Ok(Some(f)) => {
                 let len = self.cfg.challenge_max.min(f.size);
@@ -198,7 +213,7 @@ impl Storage {
             name: init.name.clone(),
             temp_path: temp_rel,
             created: now_secs(),
-            expires_ms: self.expiry(),
+            expires_ms: now_ms() + self.cfg.fresh_session_ttl().as_millis() as u64,
             challenge: challenge.clone(),
         };
         if let Err(e) = self.meta.insert_session(&rec) {
@@ -271,7 +286,7 @@ impl Storage {
             return Ok(None);
         };
         let hex_id = hex::encode(rec.id);
-        match self.load_session(rec, Instant::now()) {
+        match self.load_session(rec, Since::Now) {
             Ok(s) => {
                 info!("UPLOAD_INIT resumes upload session {hex_id} from the metadata DB");
                 Ok(self.resume(&s, blocks))
@@ -283,20 +298,21 @@ impl Storage {
         }
     }
 
-    /// The INIT reply that resumes `s`, if it is `Receiving` and not idle out; its activity is
-    /// recorded here and in the database. A session the database no longer has ended through a
-    /// peer (finished or expired): it is forgotten here, never handed to a new upload (whose
-    /// OVER would answer the earlier upload's file).
+    /// The INIT reply that resumes `s`, if it is `Receiving` and not idle out. Resuming does
+    /// not extend the session's life (only stored blocks do), so INITs repeated forever do
+    /// not keep a session, and what it holds, forever. A session the database no longer has
+    /// ended through a peer (finished or expired): it is forgotten here, never handed to a new
+    /// upload (whose OVER would answer the earlier upload's file).
     fn resume(&self, s: &Arc<Session>, blocks: u32) -> Option<UploadInitReply> {
-        let mut st = s.state.lock();
-        if st.phase() != Phase::Receiving || self.idle_out(&st) {
-            return None;
+        {
+            let st = s.state.lock();
+            if st.phase() != Phase::Receiving || self.idle_out(&st) {
+                return None;
+            }
         }
-        let expires = self.expiry();
-        match self.meta.touch_session(&s.rec.id, expires) {
-            Ok(true) => st.db_expires = expires,
-            Ok(false) => {
-                drop(st);
+        match self.meta.session(&s.rec.id) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
                 info!(
                     "upload session {} ended elsewhere; not resumed",
                     hex::encode(s.rec.id)
@@ -307,7 +323,10 @@ impl Storage {
             // The database is unreachable: the session is resumed from memory, as it stands.
             Err(e) => debug!("upload session {}: {e:#}", hex::encode(s.rec.id)),
         }
-        st.active = Instant::now();
+        let st = s.state.lock();
+        if st.phase() != Phase::Receiving {
+            return None;
+        }
         debug!("UPLOAD_INIT resumes session {}", hex::encode(s.rec.id));
         Some(UploadInitReply {
             upload_id: s.rec.id,
@@ -320,8 +339,11 @@ impl Storage {
     /// Reserves a place in the table for a new session of this content: Busy while another
     /// connection opens the same content; Limit past `max_sessions`, the app's share
     /// ([`Config::app_sessions`]) or the user's `max_sessions_per_user` (sessions being opened
-    /// count). The texts name the limit that was hit, never another tenant's figures.
+    /// count), and the same for the bytes open sessions declare ([`Config::app_open_bytes`],
+    /// [`Config::user_open_bytes`]). The texts name the limit that was hit, never another
+    /// tenant's figures.
     fn reserve(&self, key: &ContentKey) -> OpResult<Reservation<'_>> {
+        let volume = volume_bytes(&self.root);
         let mut t = self.sessions.lock();
         if t.opening.contains(key) {
             return Err(OpError::new(
@@ -336,12 +358,19 @@ impl Storage {
                 "this server has no room for another upload session now; try later",
             ));
         }
-        let (mut app, mut mine) = (0, 0);
-        let recs = t.open.values().map(|s| (&s.rec.app, &s.rec.user));
-        for (a, u) in recs.chain(t.opening.iter().map(|k| (&k.app, &k.user))) {
+        let (mut app, mut mine, mut app_bytes, mut my_bytes) = (0, 0, 0u64, 0u64);
+        let recs = t
+            .open
+            .values()
+            .map(|s| (&s.rec.app, &s.rec.user, s.rec.size));
+        for (a, u, size) in recs.chain(t.opening.iter().map(|k| (&k.app, &k.user, k.size))) {
             if *a == key.app {
                 app += 1;
-                mine += usize::from(*u == key.user);
+                app_bytes = app_bytes.saturating_add(size);
+                if *u == key.user {
+                    mine += 1;
+                    my_bytes = my_bytes.saturating_add(size);
+                }
             }
         }
         let app_max = self.cfg.app_sessions(&key.app);
@@ -361,6 +390,26 @@ impl Storage {
                 format!(
                     "user {} already has {mine} upload sessions open, the most allowed \
                      (max_sessions_per_user); finish or abandon one",
+                    key.user
+                ),
+            ));
+        }
+        if app_bytes.saturating_add(key.size) > self.cfg.app_open_bytes(&key.app, volume) {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "app {}'s open uploads would declare more bytes than it may hold \
+                     (max_open_bytes_per_app); finish or abandon some",
+                    key.app
+                ),
+            ));
+        }
+        if my_bytes.saturating_add(key.size) > self.cfg.user_open_bytes(&key.app, volume) {
+            return Err(OpError::new(
+                ErrorCode::Limit,
+                format!(
+                    "user {}'s open uploads would declare more bytes than one user may hold \
+                     (max_open_bytes_per_user); finish or abandon one",
                     key.user
                 ),
             ));
@@ -398,6 +447,15 @@ impl Storage {
         }
         let _ = fs::remove_file(self.root.join(&s.rec.temp_path));
     }
+}
+
+/// When a session loaded from the database was last active.
+pub(super) enum Since {
+    /// Now: a request names it.
+    Now,
+    /// As its DB expiry says (start-up, adopting a departed node's session): last active a
+    /// lifetime before that expiry, by the wall clock at `now_ms`.
+    Expiry { now_ms: u64 },
 }
 
 /// What identifies an upload's content for UPLOAD_INIT: a second INIT with the same key

@@ -317,7 +317,7 @@ fn the_reaper_asks_the_database_before_removing_an_idle_session() {
     let long_ago = Instant::now().checked_sub(a.cfg.session_ttl() * 2).unwrap();
     s.state.lock().active = long_ago;
     let peer_expiry = s.state.lock().db_expires + 1;
-    a.meta.touch_session(&id, peer_expiry).unwrap(); // B's activity
+    a.meta.mark_blocks(&[(id, 0, 0)], peer_expiry).unwrap(); // B stored a block
     assert_eq!(a.reap(), 0);
     assert!(a.meta.session(&id).unwrap().is_some());
     assert!(

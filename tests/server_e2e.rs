@@ -249,6 +249,20 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, data: &Path, extra: &str) -> Server {
+        let conf = Server::write_conf(dir, extra);
+        Server::spawn(dir, data, conf)
+    }
+
+    /// A server whose process may hold at most `nofile` descriptors (prlimit).
+    fn start_limited(dir: &Path, data: &Path, extra: &str, nofile: u64) -> Server {
+        let conf = Server::write_conf(dir, extra);
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(support::bin("ferry-server"));
+        Server::launch(dir, data, conf, cmd)
+    }
+
+    fn write_conf(dir: &Path, extra: &str) -> PathBuf {
         let conf = dir.join("server.toml");
         // Test defaults, unless `extra` sets the key itself (TOML refuses duplicate keys).
         let mut text: String = [
@@ -263,15 +277,19 @@ impl Server {
         text.push_str(extra);
         text.push_str(&support::auth::auth_toml());
         std::fs::write(&conf, text).unwrap();
-        Server::spawn(dir, data, conf)
+        conf
     }
 
     fn spawn(dir: &Path, data: &Path, conf: PathBuf) -> Server {
+        Server::launch(dir, data, conf, Command::new(support::bin("ferry-server")))
+    }
+
+    /// Runs `cmd` (the server binary, maybe behind a wrapper) on `conf` and `data`.
+    fn launch(dir: &Path, data: &Path, conf: PathBuf, mut cmd: Command) -> Server {
         let addr = support::free_addr();
         let proc = Proc::spawn(
             "ferry-server",
-            Command::new(support::bin("ferry-server"))
-                .arg("--config")
+            cmd.arg("--config")
                 .arg(&conf)
                 .arg("--listen")
                 .arg(addr.to_string())
@@ -938,6 +956,167 @@ fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
     }
     drop(srv);
     drop(fs);
+}
+
+/// Bytes a process has read so far (`rchar`: read(2), pread(2) and sendfile(2) alike).
+fn read_bytes(pid: i32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Uploads `file` as a big file of `bs`-byte blocks; returns its id.
+fn upload_big(c: &mut Client, file: &[u8], bs: u32) -> String {
+    let r = c.init(file.len() as u64, bs, sha(file), "big").unwrap();
+    for idx in 0..r.blocks {
+        c.block(r.upload_id, bs, idx, file).unwrap();
+    }
+    c.over(r.upload_id).unwrap()
+}
+
+/// Fair share, descriptors and CPU (#16 cases 3 and 4). A connection pipelines 33 unaligned
+/// DOWNLOADs of a 16 MiB file and never reads: the server opens a download only when it is
+/// next to go out and reads only the partial blocks at a range's edges, so the connection
+/// holds a few descriptors and the server reads about what the socket took, not 33 x 16 MiB.
+/// Another app's user is served meanwhile.
+#[test]
+fn a_peer_that_does_not_read_holds_few_descriptors_and_costs_little_work() {
+    let dir = tempdir();
+    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let bs = 1 << 20;
+    let mine = bytes(16 << 20, 31);
+    let mut mallory = Client::hello(srv.addr, "demo", "mallory");
+    let id = upload_big(&mut mallory, &mine, bs);
+    let theirs = bytes(3 << 20, 32);
+    let mut victim = Client::hello(srv.addr, "other", "victor");
+    let their_id = upload_big(&mut victim, &theirs, bs);
+
+    // The stalled connection takes little into its receive buffer, so what the server sends
+    // it stays small and what the server reads beyond that is the work it did for nothing.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(64 << 10).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.connect(&srv.addr.into()).unwrap();
+    let mut stalled = Client { s: sock.into() };
+    stalled
+        .call(cmd::HELLO, &support::auth::hello_body("demo", "mallory"))
+        .unwrap();
+    let pid = srv.proc.pid();
+    let (fds, read) = (support::fd_count(pid), read_bytes(pid));
+    let mut reqs = Vec::new();
+    for i in 0..33u64 {
+        let body = DownloadReq {
+            file_id: id.clone(),
+            offset: 1 + i,
+            len: (16 << 20) - 1 - i,
+        }
+        .encode()
+        .unwrap();
+        reqs.extend(proto::frame(cmd::DOWNLOAD, 0, &body));
+    }
+    stalled.s.write_all(&reqs).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (fds_after, read_after) = (support::fd_count(pid), read_bytes(pid));
+    assert!(
+        fds_after <= fds + 1,
+        "descriptors {fds} -> {fds_after}: queued downloads hold files"
+    );
+    let work = read_after - read;
+    assert!(
+        work < 12 << 20,
+        "{work} bytes read for a peer that reads nothing (33 ranges of 16 MiB asked)"
+    );
+    assert_eq!(
+        victim.download_all(&their_id, theirs.len() as u64, 1 << 20),
+        theirs
+    );
+    eprintln!("descriptors {fds} -> {fds_after}; {work} bytes read for the stalled peer");
+}
+
+/// Fair share, descriptors (#16 case 3): `max_connections` is derived from the open-file limit
+/// at start (and the log says so), so connections that each pin a download's file cannot run
+/// the server out of descriptors: past the derived count they are refused with error 17, and
+/// a tenant already connected still opens upload sessions and temp files.
+#[test]
+fn connections_are_capped_by_the_descriptors_they_may_hold() {
+    if !support::have("prlimit") {
+        return;
+    }
+    let dir = tempdir();
+    // 600 descriptors: 64 for the server, 20 for sessions, 5 per connection: 103 connections.
+    let srv = Server::start_limited(
+        dir.path(),
+        &dir.path().join("data"),
+        "max_sessions = 20\nmax_sessions_per_user = 10\nsmall_file_max = 4194304\n",
+        600,
+    );
+    let log = srv.proc.log_text();
+    assert!(
+        log.contains("max_connections lowered from 4096 to 103"),
+        "the derived limit is logged: {log}"
+    );
+    let bs = 1 << 20;
+    let big = bytes(8 << 20, 41);
+    let mut mallory = Client::hello(srv.addr, "demo", "mallory");
+    let id = upload_big(&mut mallory, &big, bs);
+    let mut victim = Client::hello(srv.addr, "other", "victor");
+
+    // Every other slot: a connection pipelining downloads it never reads.
+    let req = DownloadReq {
+        file_id: id.clone(),
+        offset: 0,
+        len: big.len() as u64,
+    }
+    .encode()
+    .unwrap();
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..200 {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(16 << 10).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        sock.connect(&srv.addr.into()).unwrap();
+        let mut c = Client { s: sock.into() };
+        c.s.write_all(&support::auth::hello_frame("demo", "mallory"))
+            .unwrap();
+        match c.result() {
+            Ok(_) => {
+                let reqs: Vec<u8> = (0..8)
+                    .flat_map(|_| proto::frame(cmd::DOWNLOAD, 0, &req))
+                    .collect();
+                c.s.write_all(&reqs).unwrap();
+                held.push(c);
+            }
+            Err((ErrorCode::Limit, _)) => refused += 1,
+            Err(e) => panic!("connection refused with {e:?}"),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let fds = support::fd_count(srv.proc.pid());
+    eprintln!(
+        "{} connections held, {refused} refused, {fds} descriptors",
+        held.len()
+    );
+    assert!(refused >= 97, "only {refused} of 200 refused past 103");
+    assert!(fds < 600, "{fds} descriptors");
+
+    // The tenant already in still gets temp files: a small upload and a big upload session.
+    let small = bytes(2 << 20, 42);
+    let small_id = victim.upload_small("s", &small).unwrap();
+    let theirs = bytes(2 << 20, 43);
+    let their_id = upload_big(&mut victim, &theirs, bs);
+    assert_eq!(
+        victim.download_all(&small_id, small.len() as u64, 1 << 20),
+        small
+    );
+    assert_eq!(
+        victim.download_all(&their_id, theirs.len() as u64, 1 << 20),
+        theirs
+    );
+    let log = srv.proc.log_text();
+    assert!(!log.contains("Too many open files"), "EMFILE met: {log}");
 }
 
 /// Fair share, disk (#16 case 1). An UPLOAD_INIT declaring nearly the whole volume takes no

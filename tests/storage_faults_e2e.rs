@@ -191,7 +191,7 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
     };
     // Wait for the session to open, then make every sync fail.
     let t = std::time::Instant::now();
-    while !srv.proc.log_text().contains("upload session") {
+    while !srv.proc.log_text().contains("opened: app") {
         assert!(t.elapsed() < Duration::from_secs(20), "no session opened");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -292,7 +292,7 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
         dir.path(),
     );
     let t = std::time::Instant::now();
-    while !srv.log_text().contains("upload session") {
+    while !srv.log_text().contains("opened: app") {
         assert!(t.elapsed() < Duration::from_secs(20), "no session opened");
         std::thread::sleep(Duration::from_millis(5));
     }

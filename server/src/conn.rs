@@ -14,9 +14,7 @@
 use crate::access::{Access, Session};
 use crate::cluster::Roles;
 use crate::outbox::{Outbox, Written};
-use crate::storage::{
-    BlockStart, BlockWriter, Download, OpError, SmallStart, SmallWriter, Storage, Who,
-};
+use crate::storage::{BlockStart, BlockWriter, OpError, SmallStart, SmallWriter, Storage, Who};
 use crate::syncer::{AckSlot, SyncJob};
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
@@ -59,8 +57,10 @@ const QUEUE_MAX: usize = 32;
 /// A reply waiting for its turn.
 enum OutItem {
     Bytes(Vec<u8>),
-    /// A download reply: header + CRC meta, then the range by sendfile.
-    File(Download),
+    /// A download: opened (file and CRC) only when it is the next reply to go out, then
+    /// header + CRC meta and the range by sendfile. So a peer that stops reading holds one
+    /// open file at most and costs no work for the requests queued behind.
+    Download(Who, DownloadReq),
     /// A block's ack, filled in by the syncer.
     Ack(Arc<AckSlot>),
 }
@@ -203,14 +203,44 @@ impl ServerConn {
 
     /// An error reply with the reply command of the role that answers (`REPLY_*`).
     fn error_as(&mut self, e: &OpError, req: u8, reply_cmd: u8) {
+        let f = self.error_frame(e, req, reply_cmd);
+        self.push_bytes(f);
+    }
+
+    /// The frame of an error reply; an error that ends the session closes the connection
+    /// once it is out.
+    fn error_frame(&mut self, e: &OpError, req: u8, reply_cmd: u8) -> Vec<u8> {
         if e.code.ends_session() {
             warn!("{}: {} refused ({e}); closing", self.peer, cmd::name(req));
             self.close_after_flush = true;
         } else {
             debug!("{}: {} failed: {e}", self.peer, cmd::name(req));
         }
-        let body = ErrorBody::new(e.code, e.text.clone());
-        self.push_bytes(body.frame(reply_cmd));
+        ErrorBody::new(e.code, e.text.clone()).frame(reply_cmd)
+    }
+
+    /// Opens a download that is next to go out and starts it (or its error).
+    fn start_download(&mut self, who: &Who, req: &DownloadReq) {
+        match self.st.download(who, req) {
+            Ok(dl) => {
+                debug!(
+                    "{}: download {} [{}, +{}) ({} bytes read for its CRC)",
+                    self.peer, req.file_id, dl.offset, dl.len, dl.read
+                );
+                let head = proto::data_frame_head(
+                    cmd::REPLY_STORAGE,
+                    status::OK,
+                    &dl.crc.to_be_bytes(),
+                    dl.len,
+                );
+                self.out
+                    .start(head, Some((Arc::new(dl.file), dl.offset, dl.len)));
+            }
+            Err(e) => {
+                let f = self.error_frame(&e, cmd::DOWNLOAD, cmd::REPLY_STORAGE);
+                self.out.start(f, None);
+            }
+        }
     }
 
     fn flush(&mut self) -> Flush {
@@ -239,16 +269,7 @@ impl ServerConn {
             };
             match self.queue.pop_front() {
                 Some(OutItem::Bytes(b)) => self.out.start(b, None),
-                Some(OutItem::File(dl)) => {
-                    let head = proto::data_frame_head(
-                        cmd::REPLY_STORAGE,
-                        status::OK,
-                        &dl.crc.to_be_bytes(),
-                        dl.len,
-                    );
-                    self.out
-                        .start(head, Some((Arc::new(dl.file), dl.offset, dl.len)));
-                }
+                Some(OutItem::Download(who, req)) => self.start_download(&who, &req),
                 Some(OutItem::Ack(_)) => self.out.start(next, None),
                 None => {}
             }
@@ -622,13 +643,8 @@ impl ServerConn {
 
     fn download(&mut self, who: &Who, meta: &[u8]) -> Result<(), OpError> {
         let req = DownloadReq::decode(meta).map_err(bad)?;
-        let dl = self.st.download(who, &req)?;
-        debug!(
-            "{}: download {} [{}, +{}) zero copy: {}",
-            self.peer, req.file_id, dl.offset, dl.len, dl.zero_copy
-        );
-        // Queued like any reply; the flush starts it as soon as everything before it is out.
-        self.push(OutItem::File(dl));
+        // Queued like any reply; the flush opens and starts it once everything before it is out.
+        self.push(OutItem::Download(who.clone(), req));
         Ok(())
     }
 }

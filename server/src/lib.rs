@@ -17,6 +17,7 @@ pub mod access;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod fd_budget;
 pub mod http;
 pub mod ids;
 pub mod meta;
@@ -43,10 +44,17 @@ pub fn main() -> anyhow::Result<()> {
 /// Runs a server with this config until SIGTERM/SIGINT.
 pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     let fds = ferry_common::net::raise_fd_limit();
+    let cache = if cfg.http.listen.is_some() {
+        http::cache_max() as u64
+    } else {
+        0
+    };
+    let budget = fd_budget::plan(fds, &cfg, cache);
+    budget.log(cfg.max_connections);
     let listen = cfg.listen;
     let rcfg = reactor::Config {
         workers: cfg.workers,
-        max_connections: cfg.max_connections,
+        max_connections: budget.connections,
         max_per_ip: cfg.max_connections_per_ip,
         idle_timeout: cfg.idle_timeout(),
         shutdown_grace: cfg.shutdown_grace(),

@@ -368,7 +368,7 @@ impl Gateway {
 
 /// [`META_CACHE_MAX`], or a quarter of the open-file limit when that is less (each cached file
 /// holds a descriptor; connections need theirs).
-fn cache_max() -> usize {
+pub(crate) fn cache_max() -> usize {
     use nix::sys::resource::{Resource, getrlimit};
     let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
     usize::try_from(soft / 4).map_or(META_CACHE_MAX, |n| n.clamp(1, META_CACHE_MAX))

@@ -53,8 +53,10 @@ impl Storage {
         Ok((rec, file))
     }
 
-    /// Opens a range for download and works out its CRC32C: from the stored per-block table
-    /// when the range is whole blocks (no read at all), else by reading the range once.
+    /// Opens a range for download and works out its CRC32C: the whole blocks inside the range
+    /// from the stored per-block table, only the partial blocks at its edges by reading them.
+    /// So the bytes read never exceed the bytes the reply sends (with a table, at most two
+    /// partial blocks whatever the range), and the payload goes by sendfile.
     pub fn download(&self, who: &Who, req: &DownloadReq) -> OpResult<Download> {
         let (f, file) = self.open_stored(who, &req.file_id)?;
         if req.offset > f.size {
@@ -68,35 +70,19 @@ impl Storage {
         }
         let len = req.len.min(f.size - req.offset);
         let bs = u64::from(f.block_size);
-        let end = req.offset + len;
         let blocks_ok = bs > 0 && f.crcs.len() as u64 == f.size.div_ceil(bs);
-        let aligned = blocks_ok
-            && len > 0
-            && req.offset.is_multiple_of(bs)
-            && (end.is_multiple_of(bs) || end == f.size);
-        let crc = if aligned {
-            let first = (req.offset / bs) as usize;
-            let last = end.div_ceil(bs) as usize;
-            let mut crc = 0u32;
-            for i in first..last {
-                let blen = bs.min(f.size - i as u64 * bs) as usize;
-                crc = if i == first {
-                    f.crcs[i]
-                } else {
-                    crc32c::crc32c_combine(crc, f.crcs[i], blen)
-                };
-            }
-            crc
+        let read_err = |e: io::Error| io_err(&e, &format!("cannot read file {}", f.id));
+        let (crc, read) = if blocks_ok {
+            table_crc(&file, &f.crcs, bs, f.size, req.offset, len).map_err(read_err)?
         } else {
-            crc_range(&file, req.offset, len)
-                .map_err(|e| io_err(&e, &format!("cannot read file {}", f.id)))?
+            (crc_range(&file, req.offset, len).map_err(read_err)?, len)
         };
         Ok(Download {
             file,
             offset: req.offset,
             len,
             crc,
-            zero_copy: aligned,
+            read,
         })
     }
 
@@ -155,6 +141,35 @@ impl Storage {
     }
 }
 
+/// CRC32C of `[off, off + len)` of a stored file of `size` bytes whose blocks of `bs` bytes
+/// have the CRCs `crcs`: whole blocks from the table, the partial blocks at the edges read.
+/// Returns the CRC and how many bytes were read for it.
+fn table_crc(
+    file: &File,
+    crcs: &[u32],
+    bs: u64,
+    size: u64,
+    off: u64,
+    len: u64,
+) -> io::Result<(u32, u64)> {
+    let end = off + len;
+    let (mut crc, mut pos, mut read) = (0u32, off, 0u64);
+    while pos < end {
+        let idx = pos / bs;
+        let (start, stop) = (idx * bs, ((idx + 1) * bs).min(size));
+        let piece = stop.min(end) - pos;
+        let part = if pos == start && stop <= end {
+            crcs[idx as usize]
+        } else {
+            read += piece;
+            crc_range(file, pos, piece)?
+        };
+        crc = crc32c::crc32c_combine(crc, part, piece as usize);
+        pos += piece;
+    }
+    Ok((crc, read))
+}
+
 /// CRC32C of a byte range of a file, read in bounded pieces.
 pub(super) fn crc_range(f: &File, off: u64, len: u64) -> io::Result<u32> {
     let mut buf = vec![0u8; (256 * 1024).min(len as usize).max(1)];
@@ -175,7 +190,8 @@ pub struct Download {
     pub offset: u64,
     pub len: u64,
     pub crc: u32,
-    pub zero_copy: bool,
+    /// Bytes read to work out `crc` (only partial blocks are read).
+    pub read: u64,
 }
 
 /// Opens a stored file for reading without access-time updates (every read or sendfile would
@@ -190,5 +206,35 @@ fn open_noatime(path: &Path) -> io::Result<File> {
     {
         Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => File::open(path),
         r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Every range of a file of 4.5 blocks: the CRC is the bytes' CRC, and only the partial
+    /// blocks at the edges are read (never more than the range, at most two blocks).
+    #[test]
+    fn range_crcs_come_from_the_table_and_the_edges() {
+        let bs = 64u64;
+        let data: Vec<u8> = (0..288u32).map(|i| (i * 7 + i / 5) as u8).collect();
+        let crcs: Vec<u32> = data.chunks(bs as usize).map(crc32c::crc32c).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let size = data.len() as u64;
+        for off in (0..=size).step_by(7).chain([64, 128, 256]) {
+            for len in [0, 1, 63, 64, 65, 128, 200, 288] {
+                let len = len.min(size - off);
+                let (crc, read) = table_crc(&f, &crcs, bs, size, off, len).unwrap();
+                let want = crc32c::crc32c(&data[off as usize..(off + len) as usize]);
+                assert_eq!(crc, want, "[{off}, +{len})");
+                assert!(read <= len && read < 2 * bs, "[{off}, +{len}) read {read}");
+                if off % bs == 0 && ((off + len) % bs == 0 || off + len == size) {
+                    assert_eq!(read, 0, "whole blocks read nothing: [{off}, +{len})");
+                }
+            }
+        }
     }
 }

@@ -997,7 +997,8 @@ fn a_peer_that_does_not_read_holds_few_descriptors_and_costs_little_work() {
     // it stays small and what the server reads beyond that is the work it did for nothing.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(64 << 10).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     sock.connect(&srv.addr.into()).unwrap();
     let mut stalled = Client { s: sock.into() };
     stalled
@@ -1076,7 +1077,8 @@ fn connections_are_capped_by_the_descriptors_they_may_hold() {
         let sock =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         sock.set_recv_buffer_size(16 << 10).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         sock.connect(&srv.addr.into()).unwrap();
         let mut c = Client { s: sock.into() };
         c.s.write_all(&support::auth::hello_frame("demo", "mallory"))

@@ -558,3 +558,49 @@ fn uploads_that_would_eat_the_free_space_reserve_are_refused_up_front() {
     );
     assert!(support::probe(addr, Duration::from_secs(2)).is_some());
 }
+
+/// A new connection's HELLO as `user` of `app`, and its answer.
+fn try_hello(addr: std::net::SocketAddr, app: &str, user: &str) -> (TcpStream, Answer) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&support::auth::hello_frame(app, user)).unwrap();
+    let a = answer(&mut s, Duration::from_secs(5));
+    (s, a)
+}
+
+/// Fair share, connections (#16): a user holds at most `max_connections_per_user` sessions and
+/// an app at most its share of the server's connections (half by default); the refused
+/// connection is told which limit and closed, another app's user is served, and a closed
+/// connection gives its slot back.
+#[test]
+fn one_tenant_cannot_hold_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, addr) = server_with(
+        dir.path(),
+        "max_connections = 8\nmax_connections_per_user = 2\n",
+    );
+    let mut held = vec![hello_as(addr, "alice"), hello_as(addr, "alice")];
+    let (mut s, a) = try_hello(addr, "demo", "alice");
+    refused_with(a, &["alice", "max_connections_per_user"]);
+    assert!(closed(&mut s), "a refused session is closed");
+    // The app's share is 4 of 8: bob fills it, carol is refused.
+    held.push(hello_as(addr, "bob"));
+    held.push(hello_as(addr, "bob"));
+    let (_s, a) = try_hello(addr, "demo", "carol");
+    refused_with(a, &["app demo", "max_connections_per_app"]);
+    // Another app is served meanwhile.
+    let _victim = hello_app(addr, "other", "victor");
+    // A closed connection gives its slot back (once the server has seen it close).
+    held.remove(0);
+    let t = Instant::now();
+    loop {
+        let (_s, a) = try_hello(addr, "demo", "carol");
+        if a == Answer::Ok {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "slot never freed: {a:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1351,7 +1351,7 @@ fn session_and_connection_limits_answer_error_17() {
     let srv = Server::start(
         dir.path(),
         &dir.path().join("data"),
-        "max_sessions = 1\nmax_connections = 2",
+        "max_sessions = 1\nmax_connections = 2\nmax_connections_per_app = 2",
     );
     // Let the readiness probe's connection go away first.
     std::thread::sleep(Duration::from_millis(300));

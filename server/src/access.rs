@@ -4,12 +4,14 @@
 
 use crate::config::{Config, Role};
 use crate::storage::{OpError, Who};
+use crate::tenants::{Slot, Tenants};
 use ferry_common::auth::{LinkConfig, LinkVerifier, PeerKind};
 use ferry_common::clock::now_secs;
 use ferry_common::proto::{ErrorCode, Hello, NodeHello, cmd};
 use ferry_common::token::{AuthError, Delegation, Scope, Verifier};
 use log::warn;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// The process-wide checkers, built once from the config.
 pub struct Access {
@@ -19,6 +21,8 @@ pub struct Access {
     links: Option<LinkVerifier>,
     /// `[link]`, for what each accepted key is (`[link.members]`).
     link: LinkConfig,
+    /// Connections per app and user.
+    tenants: Arc<Tenants>,
 }
 
 /// What one connection has proved so far.
@@ -138,12 +142,20 @@ enum Standing<'a> {
 }
 
 impl Access {
-    pub fn new(cfg: &Config) -> Access {
+    /// `max_connections`: the server's connection limit as the reactor applies it.
+    pub fn new(cfg: &Config, max_connections: usize) -> Access {
         Access {
             tokens: cfg.has_role(Role::Storage).then(|| cfg.auth.verifier()),
             links: cfg.link.verifier(),
             link: cfg.link.clone(),
+            tenants: Tenants::new(cfg, max_connections),
         }
+    }
+
+    /// A slot for a session of `who` that passed HELLO, within its app's and user's share of
+    /// the connections ([`Tenants::admit`]).
+    pub fn admit(&self, who: &Who) -> Result<Slot, OpError> {
+        self.tenants.admit(who)
     }
 
     /// Whether connections must open with a LINK proof.
@@ -352,7 +364,7 @@ mod tests {
             keys.insert(id.to_owned(), k);
         }
         cfg.check().unwrap();
-        (Access::new(&cfg), app_key, keys)
+        (Access::new(&cfg, cfg.max_connections), app_key, keys)
     }
 
     const PEER: SocketAddr =

@@ -141,6 +141,12 @@ pub struct Config {
     /// its own). The binary protocol's peers are proxies, each carrying many clients; the HTTP
     /// gateway's are players (and `http.max_connections_per_ip` caps those lower).
     pub max_connections_per_ip: usize,
+    /// Most sessions (connections past HELLO) one app may hold, all its users together, so no
+    /// app takes every connection; default half of `max_connections` (as lowered to the
+    /// open-file limit). `[apps.APP] max_connections` overrides it for one app.
+    pub max_connections_per_app: Option<usize>,
+    /// Most sessions one user (of one app) may hold.
+    pub max_connections_per_user: usize,
     pub idle_timeout_ms: u64,
     /// A connection's first frame (HELLO, PROBE or a cluster command) must arrive this soon.
     pub hello_timeout_ms: u64,
@@ -203,6 +209,11 @@ pub struct AppPolicy {
     /// Most upload sessions one user of this app may have open; default the server's
     /// `max_sessions_per_user`.
     pub max_sessions_per_user: Option<usize>,
+    /// Most sessions (connections past HELLO) of this app; default the server's
+    /// `max_connections_per_app`.
+    pub max_connections: Option<usize>,
+    /// Most sessions of one user of this app; default the server's `max_connections_per_user`.
+    pub max_connections_per_user: Option<usize>,
     /// Most bytes this app's open upload sessions may declare; default the server's
     /// `max_open_bytes_per_app`.
     pub max_open_bytes: Option<u64>,
@@ -237,6 +248,8 @@ impl Default for Config {
             workers: 16,
             max_connections: 4096,
             max_connections_per_ip: 1024,
+            max_connections_per_app: None,
+            max_connections_per_user: 64,
             idle_timeout_ms: 120_000,
             hello_timeout_ms: 10_000,
             frame_timeout_ms: 30_000,
@@ -298,14 +311,19 @@ impl Config {
             || self.max_sessions == 0
             || self.max_sessions_per_user == 0
             || self.max_sessions_per_app == Some(0)
-            || self
-                .apps
-                .values()
-                .any(|p| p.max_sessions == Some(0) || p.max_sessions_per_user == Some(0))
+            || self.max_connections_per_app == Some(0)
+            || self.max_connections_per_user == 0
+            || self.apps.values().any(|p| {
+                p.max_sessions == Some(0)
+                    || p.max_sessions_per_user == Some(0)
+                    || p.max_connections == Some(0)
+                    || p.max_connections_per_user == Some(0)
+            })
         {
             bail!(
                 "workers, max_connections, max_sessions, max_sessions_per_user, \
-                 max_sessions_per_app and [apps.*] max_sessions must be at least 1"
+                 max_sessions_per_app, max_connections_per_app, max_connections_per_user and \
+                 their [apps.*] counterparts must be at least 1"
             );
         }
         if self.hello_timeout_ms == 0 || self.frame_timeout_ms == 0 || self.progress_timeout_ms == 0
@@ -379,6 +397,25 @@ impl Config {
             .get(app)
             .and_then(|p| p.max_sessions_per_user)
             .unwrap_or(self.max_sessions_per_user)
+    }
+
+    /// Most sessions `app` may hold when the server takes `max_connections`: its `[apps.APP]
+    /// max_connections`, else `max_connections_per_app`, else half.
+    pub fn app_connections(&self, app: &str, max_connections: usize) -> usize {
+        self.apps
+            .get(app)
+            .and_then(|p| p.max_connections)
+            .or(self.max_connections_per_app)
+            .unwrap_or((max_connections / 2).max(1))
+    }
+
+    /// Most sessions one user of `app` may hold: its `[apps.APP] max_connections_per_user`,
+    /// else the server's.
+    pub fn user_connections(&self, app: &str) -> usize {
+        self.apps
+            .get(app)
+            .and_then(|p| p.max_connections_per_user)
+            .unwrap_or(self.max_connections_per_user)
     }
 
     /// Most bytes `app`'s open upload sessions may declare on a data volume of `volume`

@@ -16,6 +16,7 @@ use crate::cluster::Roles;
 use crate::outbox::{Outbox, Written};
 use crate::storage::{BlockStart, BlockWriter, OpError, SmallStart, SmallWriter, Storage, Who};
 use crate::syncer::{AckSlot, SyncJob};
+use crate::tenants::Slot;
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
     self, BlockAck, BlockMeta, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode, Header, Hello,
@@ -85,6 +86,8 @@ pub struct ServerConn {
     wake_rx: pipe::Receiver,
     /// What the peer has proved (LINK, HELLO token).
     session: Session,
+    /// The session's place in its app's and user's connection counts, from HELLO on.
+    slot: Option<Slot>,
     sink: Sink,
     /// A malformed frame was answered: close once the error frame is out.
     close_after_flush: bool,
@@ -149,6 +152,7 @@ impl ServerConn {
             wake_tx: Arc::new(wake_tx),
             wake_rx,
             session: Session::default(),
+            slot: None,
             sink: Sink::None,
             close_after_flush: false,
             eof: false,
@@ -354,9 +358,17 @@ impl ServerConn {
                 }
                 let r = Hello::decode(meta)
                     .map_err(bad)
-                    .and_then(|hello| self.access.hello(self.peer, &hello));
+                    .and_then(|hello| self.access.hello(self.peer, &hello))
+                    .and_then(|(who, grant)| {
+                        let slot = self.access.admit(&who).inspect_err(|_| {
+                            // A full share: this connection has nothing more to do.
+                            self.close_after_flush = true;
+                        })?;
+                        Ok((who, grant, slot))
+                    });
                 match r {
-                    Ok((who, grant)) => {
+                    Ok((who, grant, slot)) => {
+                        self.slot = Some(slot);
                         debug!(
                             "{}: session for app {} user {} (scope {:#b}, limits {:?})",
                             self.peer, who.app, who.user, grant.scope.0, grant.limits

@@ -26,6 +26,7 @@ pub mod reaper;
 pub mod storage;
 pub mod sync_group;
 pub mod syncer;
+pub mod tenants;
 
 use anyhow::Context;
 use clap::Parser;
@@ -127,7 +128,7 @@ pub fn serve(cfg: config::Config) -> anyhow::Result<()> {
     let result = r.run(Arc::new(conn::ServerService {
         st: st.clone(),
         roles: roles.clone(),
-        access: Arc::new(access::Access::new(&st.cfg)),
+        access: Arc::new(access::Access::new(&st.cfg, budget.connections)),
         syncer: syncer.sender(),
         http,
     }));

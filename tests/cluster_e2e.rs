@@ -796,7 +796,7 @@ fn a_group_with_no_online_node_is_a_clear_error_in_bounded_time() {
     let took = t.elapsed();
     assert!(!r.ok);
     assert!(took < Duration::from_secs(20), "took {took:?}");
-    let v = r.json();
+    let v = r.error();
     let text = v["error"].as_str().unwrap();
     // Until the tracker marks the node offline the proxy reaches no node (19); after that the
     // tracker says the group has no online node (23). The client's window covers the switch.

@@ -1475,7 +1475,8 @@ fn real_server_chain(server_link: bool) {
     for &via in shortcuts {
         let r = support::cli::run(ferry(via, &["--json", "stat", &id]));
         assert!(!r.ok, "{via}: {}", r.stdout);
-        assert_eq!(r.json()["code"], 6, "{via}: {}", r.stdout);
+        assert_eq!(r.error()["code"], 6, "{via}: {}", r.stderr);
+        assert_eq!(r.code, Some(3), "auth: {}", r.stderr);
     }
     assert!(sp.stat("link_refused") >= 1);
 }

@@ -143,8 +143,14 @@ impl Setup {
 
 fn failed_with(r: &Run, words: &[&str]) {
     assert!(!r.ok, "succeeded: {}", r.stdout);
+    // With --json the failure is a JSON object on stderr: its text is the error.
+    let json: Option<serde_json::Value> = serde_json::from_str(r.stderr.trim()).ok();
+    let text = json
+        .as_ref()
+        .and_then(|v| v["error"].as_str())
+        .unwrap_or(&r.stderr);
     for w in words {
-        assert!(r.stderr.contains(w), "no {w:?} in: {}", r.stderr);
+        assert!(text.contains(w), "no {w:?} in: {}", r.stderr);
     }
 }
 

@@ -2,13 +2,16 @@
 //!
 //! Output contract: on success, `upload` prints the file id (one line), `stat` prints
 //! `key: value` lines, `download` and `delete` print nothing; with `--json` every command prints
-//! exactly one JSON object instead. On failure: exit status 1 and one line on stderr.
+//! exactly one JSON object instead. On failure: the exit status of the failure's class
+//! ([`EXIT_STATUS`], from the error table for error replies) and one line on stderr, or with
+//! `--json` one JSON object on stderr.
 
 use crate::error::ClientError;
 use crate::report::Progress;
 use crate::settings::{self, EnvVars, Flags};
 use crate::{Client, size};
 use clap::{Parser, Subcommand};
+use ferry_common::proto::{Class, ErrorCode};
 use ferry_common::token::{Delegation, Scope};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -21,7 +24,8 @@ use std::time::{Duration, UNIX_EPOCH};
 #[command(
     name = "ferry",
     version,
-    about = "ferry client: move files through ferry proxies"
+    about = "ferry client: move files through ferry proxies",
+    after_help = EXIT_STATUS
 )]
 pub struct Cli {
     /// Config file (TOML: proxies, app, user, threads, block_size, timeout_ms, state_dir, secret, [secrets]).
@@ -554,14 +558,52 @@ fn signed_url(
     })
 }
 
+/// The exit status of each failure class, stable across releases (`--help` shows it; the
+/// README and a test hold it to [`Class::exit_code`]).
+pub const EXIT_STATUS: &str = "\
+Exit status (stable; with --json a failure is one JSON object on stderr: error, code, name,
+class, exit, peer):
+    0  success
+    1  other: any other failure
+    2  usage: a bad flag, argument or config
+    3  auth: the key or token was refused, or the session may not do this
+    4  not_found: no such file id (or upload session)
+    5  integrity: bytes did not verify
+    6  unreachable: no proxy or server answered within the retry window
+    7  limit: a quota or limit refused it (disk full included)
+  130  interrupted: stopped by Ctrl-C or SIGTERM (an upload or download resumes when run again)";
+
 /// Entry point of the `ferry` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Known before parsing, so a bad flag is reported as --json asks too.
+    let json = std::env::args_os().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            if !json {
+                let _ = e.print();
+                return ExitCode::from(Class::Usage.exit_code());
+            }
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("bad usage");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            return failure(true, Class::Usage, line, None, None);
+        }
+    };
     // Quiet by default: stderr carries the one-line error (RUST_LOG=info shows failovers).
     let env = env_logger::Env::default().default_filter_or("warn");
     let _ = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
         .try_init();
+    // The demo and cluster commands stop their members on a signal themselves.
+    if !matches!(cli.command, Command::Demo { .. } | Command::Cluster { .. }) {
+        exit_on_signal(cli.json);
+    }
     match run(&cli) {
         Ok(out) => {
             if !out.is_empty() {
@@ -571,14 +613,75 @@ pub fn main() -> ExitCode {
         }
         Err(e) => {
             let line = e.to_string().replace('\n', " ");
-            if cli.json {
-                println!(
-                    "{}",
-                    json!({"error": line, "code": e.code().map(|c| c as u16)})
-                );
+            failure(cli.json, e.class(), &line, e.code(), e.peer())
+        }
+    }
+}
+
+/// Reports a failure on stderr (one line, or one JSON object) and gives its exit status.
+fn failure(
+    json: bool,
+    class: Class,
+    line: &str,
+    code: Option<ErrorCode>,
+    peer: Option<&str>,
+) -> ExitCode {
+    if json {
+        eprintln!(
+            "{}",
+            json!({
+                "error": line,
+                "code": code.map(|c| c as u16),
+                "name": code.map(|c| c.name()),
+                "class": class.name(),
+                "exit": class.exit_code(),
+                "peer": peer,
+            })
+        );
+    } else {
+        eprintln!("ferry: {line}");
+    }
+    ExitCode::from(class.exit_code())
+}
+
+/// On SIGINT or SIGTERM, says so and exits with the interrupted status at once: the resume
+/// state on disk is current after every block (see `state.rs`), so nothing is lost and the
+/// same command run again goes on from there.
+fn exit_on_signal(json: bool) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return; // the default action still stops the process
+    };
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let line =
+                    format!("interrupted by signal {sig}; run the same command again to resume");
+                let _ = failure(json, Class::Interrupted, &line, None, None);
+                std::process::exit(i32::from(Class::Interrupted.exit_code()));
             }
-            eprintln!("ferry: {line}");
-            ExitCode::FAILURE
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` and the README list every class with its exit status.
+    #[test]
+    fn help_and_readme_list_every_exit_status() {
+        let readme = include_str!("../../README.md");
+        for c in Class::ALL {
+            let (code, name) = (c.exit_code(), c.name());
+            assert!(
+                EXIT_STATUS.contains(&format!("{code:>5}  {name}:")),
+                "--help: {name}"
+            );
+            assert!(
+                readme.contains(&format!("| {code} | `{name}` |")),
+                "README: {name}"
+            );
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::settings::Endpoint;
 use ferry_common::proto::{
-    self, DOWNLOAD_REPLY_META, ErrorBody, ErrorCode, HEADER_LEN, Header, Identity, cmd, status,
+    self, DOWNLOAD_REPLY_META, ErrorBody, HEADER_LEN, Header, Identity, Retry, cmd, status,
 };
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::io::{self, IoSlice, Read, Write};
@@ -25,9 +25,10 @@ pub enum Fault {
     /// The proxy took the session but could reach no upstream (error 19): it is alive and the
     /// servers behind it are down or restarting.
     NoUpstream(String),
-    /// A routing proxy found no online node in the user's group (error 23; the text names the
-    /// group). Waited out like [`Fault::NoUpstream`]: the group's nodes may be restarting.
-    NoNode(ErrorBody),
+    /// The cluster behind the proxy has no answer now: a routing proxy found no online node in
+    /// the user's group (error 23; the text names the group) or its database is down (24).
+    /// Waited out like [`Fault::NoUpstream`] (the error table's `Retry::Outage`).
+    Outage(ErrorBody),
     /// The request could not be written: the peer is gone or not reading.
     Send(String),
     /// No reply within the timeout.
@@ -36,6 +37,10 @@ pub enum Fault {
     Dropped(String),
     /// The reply broke the protocol; the stream cannot be trusted any more.
     Garbled(String),
+    /// A reply arrived whole and well-formed, but its bytes do not match their checksum. Tried
+    /// again like [`Fault::Garbled`] (the path may have damaged them); when the tries run out on
+    /// it, the request fails as an integrity failure, not as "unreachable".
+    Corrupt(String),
     /// An error frame. The session stays usable unless the code is a framing error (1-5).
     Server(ErrorBody),
     /// TLS with a `tls://` proxy failed for a reason that retrying will not mend: its
@@ -52,16 +57,16 @@ impl Fault {
     /// it out; a server's own error answer or a broken reply is no outage.
     pub fn is_outage(&self) -> bool {
         match self {
-            Fault::Garbled(_) | Fault::Tls(_) => false,
-            Fault::Server(e) => matches!(e.code, ErrorCode::Upstream | ErrorCode::NoNode),
+            Fault::Garbled(_) | Fault::Corrupt(_) | Fault::Tls(_) => false,
+            Fault::Server(e) => matches!(e.code.info().retry, Retry::NextProxy | Retry::Outage),
             _ => true,
         }
     }
 
     pub fn is_upstream_down(&self) -> bool {
         match self {
-            Fault::NoUpstream(_) | Fault::NoNode(_) => true,
-            Fault::Server(e) => matches!(e.code, ErrorCode::Upstream | ErrorCode::NoNode),
+            Fault::NoUpstream(_) | Fault::Outage(_) => true,
+            Fault::Server(e) => matches!(e.code.info().retry, Retry::NextProxy | Retry::Outage),
             _ => false,
         }
     }
@@ -74,9 +79,10 @@ impl Fault {
             | Fault::Timeout(s)
             | Fault::Dropped(s)
             | Fault::Garbled(s)
+            | Fault::Corrupt(s)
             | Fault::Tls(s) => s.clone(),
-            Fault::Server(e) | Fault::NoNode(e) => {
-                format!("error {} {:?}: {}", e.code as u16, e.code, e.text)
+            Fault::Server(e) | Fault::Outage(e) => {
+                format!("error {} {}: {}", e.code as u16, e.code.name(), e.text)
             }
         }
     }
@@ -216,7 +222,7 @@ impl Conn {
         };
         // A peer that takes the connection but cannot open a session is as good as down.
         let body = c.call(cmd::HELLO, hello, 3).map_err(|f| match f {
-            Fault::Server(e) if e.code == ErrorCode::NoNode => Fault::NoNode(e),
+            Fault::Server(e) if e.code.info().retry == Retry::Outage => Fault::Outage(e),
             Fault::Server(e) if !e.code.retryable() => Fault::Server(e),
             other if other.is_upstream_down() => {
                 Fault::NoUpstream(format!("HELLO to {peer}: {}", other.describe()))

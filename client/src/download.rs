@@ -171,7 +171,7 @@ pub fn download(job: &DownloadJob) -> Result<TransferReport> {
             moved.fetch_add(len, Ordering::Relaxed);
             let crc = c.download(&req, len as usize, buf)?;
             if crc32c::crc32c(buf) != crc {
-                return Err(Fault::Garbled(format!(
+                return Err(Fault::Corrupt(format!(
                     "block {i} from {}: CRC32C mismatch",
                     c.peer
                 )));

@@ -1,7 +1,7 @@
 //! Errors the client library returns. Each carries enough context (file, block, proxy) to be
 //! printed as the one-line reason the command line shows.
 
-use ferry_common::proto::ErrorCode;
+use ferry_common::proto::{Class, ErrorCode};
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
@@ -10,11 +10,13 @@ pub enum ClientError {
     #[error("{0}")]
     Input(String),
     /// The server (or a proxy) answered with an error that retrying will not fix.
-    #[error("{op}: {text} (error {} {code:?})", *code as u16)]
+    #[error("{op}: {text} (error {} {})", *code as u16, code.name())]
     Server {
         op: String,
         code: ErrorCode,
         text: String,
+        /// The proxy, server or tracker that answered with it.
+        peer: Option<String>,
     },
     /// Every attempt on every proxy failed.
     #[error("{op}: gave up after {attempts} attempts on {proxies}; last error: {last}")]
@@ -51,6 +53,27 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// What the failure means to a script (the exit code's class): an error reply's from the
+    /// error table, the others by what failed.
+    pub fn class(&self) -> Class {
+        match self {
+            ClientError::Input(_) => Class::Usage,
+            ClientError::Server { code, .. } => code.info().class,
+            ClientError::Unreachable { .. } => Class::Unreachable,
+            ClientError::Integrity(_) => Class::Integrity,
+            ClientError::Io { .. } | ClientError::Cluster(_) => Class::Other,
+        }
+    }
+
+    /// The peer that failed: the one that sent the error reply, or the proxies tried.
+    pub fn peer(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { peer, .. } => peer.as_deref(),
+            ClientError::Unreachable { proxies, .. } => Some(proxies),
             _ => None,
         }
     }

@@ -74,6 +74,7 @@ fn garbled(op: &str, e: impl std::fmt::Display) -> ClientError {
         op: op.to_owned(),
         code: ferry_common::proto::ErrorCode::BadFrame,
         text: e.to_string(),
+        peer: None,
     }
 }
 
@@ -105,6 +106,7 @@ fn ask(
                         op: format!("{op} from tracker {a}"),
                         code: body.code,
                         text: body.text,
+                        peer: Some(a.to_string()),
                     });
                 }
                 Err(e) => last = e.to_string(),

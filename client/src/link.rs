@@ -4,8 +4,10 @@
 //!   proxy at once (the proxy is marked failed so other threads skip it for a while);
 //! - no reply within the timeout, a dropped connection or a garbled reply: reconnect and retry;
 //!   after `tries_per_proxy` such failures in a row on one proxy, move to the next proxy;
-//! - error replies: `Upstream` (the proxy reached no upstream) moves on; other retryable codes
-//!   (`Busy`, `Io`, `Limit`, `Crc`) retry after a backoff; the rest are returned to the caller;
+//! - error replies follow the error table's `Retry` (`ferry_common::proto::ERRORS`): next proxy
+//!   (`Upstream`: the proxy reached no upstream) moves on; again (`Busy`, `Io`, `Limit`, `Crc`)
+//!   retries after a backoff; outage window (`NoNode`, `Unavailable`) cycles through the proxies
+//!   like an outage; the rest are returned to the caller;
 //! - every retry waits an exponential backoff with jitter (at most 2 s);
 //! - a request gives up after `tries_per_proxy x proxies` attempts, unless its last failure
 //!   was an outage: no proxy reachable or answering (all down, hung or restarting at the same
@@ -13,14 +15,15 @@
 //!   node. An outage is ridden out by cycling through the list until the outage window
 //!   (`outage_window_ms`, 60 s by default) has passed, then it fails with a clear error. A
 //!   server's own answer (Busy, Io, Limit, Crc) is no outage: it gets the attempts only;
-//! - `NoNode` (a routing proxy found no online node in the user's group): if the window ends
-//!   on it, the request fails with that error (code 23, naming the group), so the user learns
-//!   which group is down rather than "unreachable".
+//! - `NoNode` (a routing proxy found no online node in the user's group) or `Unavailable` (the
+//!   cluster's database is down): if the window ends on it, the request fails with that error
+//!   (code 23 naming the group, or 24), so the user learns what is down rather than
+//!   "unreachable".
 
 use crate::conn::{Conn, Fault};
 use crate::error::ClientError;
 use crate::rotation::{Proxies, backoff};
-use ferry_common::proto::{ErrorBody, ErrorCode};
+use ferry_common::proto::{ErrorBody, ErrorCode, Retry};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -113,8 +116,11 @@ impl<'a> Link<'a> {
         let mut upstream_down = false;
         // The last failure was an outage (see the module doc), which the window rides out.
         let mut outage = false;
-        // The last failure was `NoNode`: the error to give up with.
-        let mut no_node: Option<ErrorBody> = None;
+        // The last failure was an outage error reply (`NoNode`, `Unavailable`): the error to
+        // give up with.
+        let mut outage_reply: Option<ErrorBody> = None;
+        // The last failure was bytes that did not verify: an integrity failure if it stays.
+        let mut corrupt = false;
         loop {
             if attempt >= max && !(outage && started.elapsed() < self.shared.outage_window) {
                 break;
@@ -150,15 +156,16 @@ impl<'a> Link<'a> {
                 match Conn::open(self.peer(), tls, self.shared.timeout, &hello) {
                     Ok(c) => self.conn = Some(c),
                     Err(Fault::Server(e)) if !e.code.retryable() => {
-                        return Err(server_error(op, e.code, &e.text));
+                        return Err(server_error(op, e.code, &e.text, Some(self.peer())));
                     }
                     Err(fault) => {
                         last = fault.describe();
+                        corrupt = false;
                         log::debug!("{op}: {last}");
                         outage = fault.is_outage();
                         upstream_down |= fault.is_upstream_down();
-                        no_node = match fault {
-                            Fault::NoNode(e) => Some(e),
+                        outage_reply = match fault {
+                            Fault::Outage(e) => Some(e),
                             _ => None,
                         };
                         self.switch();
@@ -178,8 +185,9 @@ impl<'a> Link<'a> {
                 }
                 Err(fault) => {
                     last = fault.describe();
+                    corrupt = matches!(fault, Fault::Corrupt(_));
                     log::debug!("{op} via {}: {last}", self.peer());
-                    no_node = None;
+                    outage_reply = None;
                     outage = fault.is_outage();
                     match fault {
                         // The peer closed a long-idle session (its idle timeout): reconnect
@@ -190,39 +198,40 @@ impl<'a> Link<'a> {
                             upstream_down = true;
                             self.switch()
                         }
-                        Fault::NoNode(e) => {
+                        Fault::Outage(e) => {
                             upstream_down = true;
-                            no_node = Some(e);
+                            outage_reply = Some(e);
                             self.switch()
                         }
-                        Fault::Timeout(_) | Fault::Dropped(_) | Fault::Garbled(_) => {
-                            self.failed_try()
-                        }
-                        Fault::Server(e) => match e.code {
-                            ErrorCode::Upstream => {
+                        Fault::Timeout(_)
+                        | Fault::Dropped(_)
+                        | Fault::Garbled(_)
+                        | Fault::Corrupt(_) => self.failed_try(),
+                        Fault::Server(e) => match e.code.info().retry {
+                            Retry::NextProxy => {
                                 upstream_down = true;
                                 self.switch()
                             }
-                            ErrorCode::NoNode => {
+                            Retry::Outage => {
                                 upstream_down = true;
-                                no_node = Some(e);
+                                outage_reply = Some(e);
                                 self.switch()
                             }
-                            ErrorCode::Busy | ErrorCode::Io | ErrorCode::Limit | ErrorCode::Crc => {
+                            Retry::Again => {}
+                            Retry::No => {
+                                if e.code.ends_session() {
+                                    // The peer closed: we disagree on framing or it refused
+                                    // us, and a new session will not help.
+                                    self.conn = None;
+                                }
+                                return Err(server_error(op, e.code, &e.text, Some(self.peer())));
                             }
-                            code if code.ends_session() => {
-                                // The peer closed: we disagree on framing or it refused us,
-                                // and a new session will not help.
-                                self.conn = None;
-                                return Err(server_error(op, code, &e.text));
-                            }
-                            code => return Err(server_error(op, code, &e.text)),
                         },
                     }
                 }
             }
         }
-        if let Some(e) = no_node {
+        if let Some(e) = outage_reply {
             return Err(server_error(
                 op,
                 e.code,
@@ -231,7 +240,13 @@ impl<'a> Link<'a> {
                     e.text,
                     started.elapsed()
                 ),
+                Some(self.peer()),
             ));
+        }
+        if corrupt {
+            return Err(ClientError::Integrity(format!(
+                "{op}: {last} (still so after {attempt} attempts)"
+            )));
         }
         Err(ClientError::Unreachable {
             op: op.to_owned(),
@@ -242,10 +257,17 @@ impl<'a> Link<'a> {
     }
 }
 
-pub fn server_error(op: &str, code: ErrorCode, text: &str) -> ClientError {
+/// An error reply that ends the request; `peer`: the proxy (or server) that sent it.
+pub fn server_error(
+    op: &str,
+    code: ErrorCode,
+    text: &str,
+    peer: Option<&crate::settings::Endpoint>,
+) -> ClientError {
     ClientError::Server {
         op: op.to_owned(),
         code,
         text: text.to_owned(),
+        peer: peer.map(|p| p.to_string()),
     }
 }

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 pub struct Run {
     pub ok: bool,
+    /// The exit status (None: killed by a signal).
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -16,6 +18,11 @@ impl Run {
     pub fn json(&self) -> Value {
         serde_json::from_str(self.stdout.trim())
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {:?}", self.stdout, self.stderr))
+    }
+    /// A `--json` failure: the one JSON object on stderr.
+    pub fn error(&self) -> Value {
+        serde_json::from_str(self.stderr.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {:?}", self.stderr, self.stdout))
     }
     pub fn report(&self) -> Value {
         self.json()["report"].clone()
@@ -59,6 +66,7 @@ pub fn run(mut cmd: Command) -> Run {
     let out = child.wait_with_output().unwrap();
     Run {
         ok: out.status.success(),
+        code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }

@@ -17,11 +17,13 @@
 mod call;
 mod cluster;
 mod decoder;
+mod errors;
 mod frames;
 
 pub use call::{CallError, Caller, call_once};
 pub use cluster::*;
 pub use decoder::{Decoded, Decoder};
+pub use errors::{Class, ERRORS, ErrorCode, ErrorInfo, Retry, Side};
 pub use frames::*;
 
 use thiserror::Error;
@@ -225,119 +227,6 @@ pub fn request_spec(c: u8) -> Option<BodySpec> {
         cmd::TRACKER_GROUPS => control(0, true),
         cmd::TRACKER_USERS => control(USERS_LEN, true),
         _ => None,
-    }
-}
-
-/// Error codes carried in an error body (status 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum ErrorCode {
-    /// Malformed frame or field.
-    BadFrame = 1,
-    /// Protocol version not supported.
-    Version = 2,
-    /// Command unknown to the receiver.
-    UnknownCommand = 3,
-    /// Body longer than the command allows.
-    TooLarge = 4,
-    /// The first frame of a session was not HELLO.
-    HelloRequired = 5,
-    /// Credential missing or not valid.
-    Auth = 6,
-    /// No such file (or not visible to this app).
-    NotFound = 7,
-    /// No such upload session (unknown or expired).
-    UnknownUpload = 8,
-    /// Block index, offset or length outside the file.
-    BadBlock = 9,
-    /// Block bytes do not match their CRC32C.
-    Crc = 10,
-    /// File over while blocks are still missing.
-    Incomplete = 11,
-    /// Assembled file does not match the announced SHA-256.
-    HashMismatch = 12,
-    /// Proof of possession was wrong.
-    ProofFailed = 13,
-    /// Someone else is writing this block right now; retry later.
-    Busy = 14,
-    /// Not enough disk space.
-    NoSpace = 15,
-    /// Server-side I/O failure.
-    Io = 16,
-    /// A limit was reached (connections, sessions, sizes).
-    Limit = 17,
-    /// Range past the end of the file.
-    Range = 18,
-    /// No upstream could be reached (raised by a proxy).
-    Upstream = 19,
-    /// Anything else.
-    Internal = 20,
-    /// A BEAT from a node the tracker does not know: the node sends JOIN again.
-    NotJoined = 21,
-    /// JOIN names a group that does not exist (and the tracker may not create groups).
-    UnknownGroup = 22,
-    /// The user's group has no online node.
-    NoNode = 23,
-    /// The database is unreachable and the tracker has nothing to answer from.
-    Unavailable = 24,
-    /// The session may not do this to this file (another user's file, without the admin scope).
-    Forbidden = 25,
-    /// The upload would take its user past a quota of the app (bytes stored, files).
-    Quota = 26,
-}
-
-impl ErrorCode {
-    pub fn from_u16(v: u16) -> Option<Self> {
-        use ErrorCode::*;
-        Some(match v {
-            1 => BadFrame,
-            2 => Version,
-            3 => UnknownCommand,
-            4 => TooLarge,
-            5 => HelloRequired,
-            6 => Auth,
-            7 => NotFound,
-            8 => UnknownUpload,
-            9 => BadBlock,
-            10 => Crc,
-            11 => Incomplete,
-            12 => HashMismatch,
-            13 => ProofFailed,
-            14 => Busy,
-            15 => NoSpace,
-            16 => Io,
-            17 => Limit,
-            18 => Range,
-            19 => Upstream,
-            20 => Internal,
-            21 => NotJoined,
-            22 => UnknownGroup,
-            23 => NoNode,
-            24 => Unavailable,
-            25 => Forbidden,
-            26 => Quota,
-            _ => return None,
-        })
-    }
-
-    /// Whether a client should retry the same request (possibly elsewhere) after this error.
-    /// NotJoined is not: the node must send a different request (JOIN) first.
-    /// Whoever sends this error closes the connection after it: the stream can no longer be
-    /// trusted to be in sync (codes 1-5), or the peer has no business on it (6, Auth).
-    pub fn ends_session(self) -> bool {
-        (self as u16) <= ErrorCode::Auth as u16
-    }
-
-    pub fn retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::Busy
-                | ErrorCode::Io
-                | ErrorCode::Upstream
-                | ErrorCode::Limit
-                | ErrorCode::NoNode
-                | ErrorCode::Unavailable
-        )
     }
 }
 

@@ -244,10 +244,15 @@ fn request(c: u8, o: &Owned) -> Vec<u8> {
     }
 }
 
+/// The need of wire number `c` (None: no request command).
+fn need_of(c: u8) -> Option<Need> {
+    proto::Command::from_u8(c).and_then(need)
+}
+
 /// Every command that needs a session (all the file commands).
 fn file_commands() -> Vec<u8> {
     (0..=255u8)
-        .filter(|&c| matches!(need(c), Some(Need::Session(_))))
+        .filter(|&c| matches!(need_of(c), Some(Need::Session(_))))
         .collect()
 }
 
@@ -344,7 +349,7 @@ fn a_replayed_token_and_a_token_without_the_scope_are_refused() {
             Reply::Ok(_)
         ));
         let r = s.call(&request(c, &owned));
-        match need(c) {
+        match need_of(c) {
             Some(Need::Session(Scope::READ)) => {
                 assert!(matches!(r, Reply::Ok(_)), "{}: {r:?}", cmd::name(c))
             }
@@ -427,8 +432,8 @@ fn a_server_taking_linked_peers_only_refuses_direct_clients() {
     let link = keys.sp;
     // Every command but PROBE and LINK, sent first by a client with no link proof: error 6.
     let mut refused = Vec::new();
-    for c in (0..=255u8).filter(|&c| need(c).is_some()) {
-        if matches!(need(c), Some(Need::Nothing)) {
+    for c in (0..=255u8).filter(|&c| need_of(c).is_some()) {
+        if matches!(need_of(c), Some(Need::Nothing)) {
             continue;
         }
         let frame = match c {

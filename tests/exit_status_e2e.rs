@@ -1,6 +1,7 @@
 //! The `ferry` binary's exit status and `--json` error object, class by class, against a real
-//! server: each way a user's command fails ends with its documented status (README, `--help`)
-//! and one JSON object on stderr naming the protocol error, its class and the peer.
+//! server behind a server-proxy and a client-proxy: each way a user's command fails ends with
+//! its documented status (README, `--help`) and one JSON object on stderr naming the protocol
+//! error, its class and the peer.
 
 mod support;
 
@@ -34,17 +35,46 @@ fn failed(r: &Run, exit: i32, class: &str, code: Option<(u16, &str)>) -> Value {
     v
 }
 
-fn server(dir: &Path, conf: &str) -> (Proc, SocketAddr) {
+/// A server behind a server-proxy behind a client-proxy, as users reach it.
+struct Chain {
+    server: Proc,
+    _proxies: Vec<Proc>,
+    /// The client-proxy: what `ferry` is given.
+    entry: SocketAddr,
+}
+
+fn chain(dir: &Path, conf: &str) -> Chain {
     let addr = free_addr();
-    let p = start_server(dir, "ferry-server", conf, addr, &dir.join("data"));
-    (p, addr)
+    let server = start_server(dir, "ferry-server", conf, addr, &dir.join("data"));
+    let mut proxies = Vec::new();
+    let mut upstream = addr;
+    for name in ["server-proxy", "client-proxy"] {
+        let listen = free_addr();
+        proxies.push(Proc::spawn(
+            name,
+            std::process::Command::new(support::bin("ferry-proxy"))
+                .arg("--listen")
+                .arg(listen.to_string())
+                .arg("--upstream")
+                .arg(upstream.to_string()),
+            dir,
+        ));
+        support::wait_ready(listen, Duration::from_secs(20));
+        upstream = listen;
+    }
+    Chain {
+        server,
+        _proxies: proxies,
+        entry: upstream,
+    }
 }
 
 #[test]
 fn each_failure_class_has_its_exit_status_and_json_error() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (_srv, addr) = server(dir.path(), "[apps.ferry]\nmax_files = 1\n");
+    let c = chain(dir.path(), "[apps.ferry]\nmax_files = 1\n");
+    let addr = c.entry;
     let json = |args: &[&str]| {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
@@ -120,7 +150,8 @@ fn each_failure_class_has_its_exit_status_and_json_error() {
 fn a_block_corrupted_on_disk_fails_the_download_with_the_integrity_status() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (_srv, addr) = server(dir.path(), "");
+    let c = chain(dir.path(), "");
+    let addr = c.entry;
     let src = dir.path().join("clip.bin");
     make_file(&src, 3 << 20, 7);
     let up = ok(ferry(
@@ -156,7 +187,8 @@ fn a_block_corrupted_on_disk_fails_the_download_with_the_integrity_status() {
 fn ctrl_c_mid_transfer_exits_130_and_the_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (srv, addr) = server(dir.path(), "");
+    let c = chain(dir.path(), "");
+    let (srv, addr) = (&c.server, c.entry);
     let src = dir.path().join("movie.bin");
     make_file(&src, 128 << 20, 3);
     let args = [

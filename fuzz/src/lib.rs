@@ -6,7 +6,7 @@
 //! every committed input in `corpus/<target>/` through them on each `cargo test`.
 
 use ferry_common::proto;
-use ferry_common::proto::{self as frames, BodySpec, Decoded, Decoder, cmd};
+use ferry_common::proto::{self as frames, BodySpec, Command, Decoded, Decoder, cmd};
 use ferry_server::http::{head, range};
 
 /// A harness: arbitrary bytes in, a panic out if a promise is broken.
@@ -66,22 +66,37 @@ pub fn frames(data: &[u8]) {
         Decoder::requests(),
         data,
         |c, _status, body, payload_len| {
-            let spec = proto::request_spec(c).expect("the decoder passed an unknown command");
+            let command = Command::from_u8(c).expect("the decoder passed an unknown command");
+            let spec = command.spec().expect("the decoder passed a reply");
             assert!(body.len() <= spec.meta && payload_len <= spec.payload_max);
             // Results are ignored: the point is that every parser returns instead of panicking.
-            let _ = match c {
-                cmd::HELLO => frames::Hello::decode(body).map(drop),
-                cmd::PROBE => frames::decode_probe(body).map(drop),
-                cmd::UPLOAD => frames::UploadMeta::decode(body).map(drop),
-                cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => {
+            let _ = match command {
+                Command::Hello => frames::Hello::decode(body).map(drop),
+                Command::Probe => frames::decode_probe(body).map(drop),
+                Command::Link => {
+                    let _ = ferry_common::token::Claims::parse(body);
+                    Ok(())
+                }
+                Command::TrackerJoin => frames::NodeHello::decode_join(body).map(drop),
+                Command::TrackerBeat => frames::NodeHello::decode_beat(body).map(drop),
+                Command::TrackerSaddrs => frames::SaddrsReq::decode(body).map(drop),
+                Command::TrackerUsers => frames::UsersReq::decode(body).map(drop),
+                // Empty bodies: the spec is all there is to check.
+                Command::TrackerGroups | Command::Usage => Ok(()),
+                Command::Upload => frames::UploadMeta::decode(body).map(drop),
+                Command::Stat | Command::Delete | Command::DownloadOver => {
                     frames::decode_file_id(body).map(drop)
                 }
-                cmd::DOWNLOAD => frames::DownloadReq::decode(body).map(drop),
-                cmd::UPLOAD_INIT => frames::UploadInit::decode(body).map(drop),
-                cmd::UPLOAD_QUERY | cmd::UPLOAD_OVER => frames::decode_upload_id(body).map(drop),
-                cmd::UPLOAD_BLOCK => frames::BlockMeta::decode(body, payload_len).map(drop),
-                cmd::UPLOAD_PROVE => frames::Prove::decode(body).map(drop),
-                _ => Ok(()),
+                Command::Download => frames::DownloadReq::decode(body).map(drop),
+                Command::UploadInit => frames::UploadInit::decode(body).map(drop),
+                Command::UploadQuery | Command::UploadOver => {
+                    frames::decode_upload_id(body).map(drop)
+                }
+                Command::UploadBlock => frames::BlockMeta::decode(body, payload_len).map(drop),
+                Command::UploadProve => frames::Prove::decode(body).map(drop),
+                Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => {
+                    unreachable!("replies have no request spec")
+                }
             };
         },
     );

@@ -4,8 +4,8 @@
 
 use ferry_common::auth::LinkVerifier;
 use ferry_common::proto::{
-    self, Decoded, Decoder, ErrorBody, ErrorCode, HEADER_LEN, HELLO_MAX, Header, Hello, Identity,
-    Role, cmd, status,
+    self, Command, Decoded, Decoder, ErrorBody, ErrorCode, HEADER_LEN, HELLO_MAX, Header, Hello,
+    Identity, Role, cmd, status,
 };
 use ferry_common::token::TOKEN_MAX;
 use log::debug;
@@ -82,25 +82,45 @@ pub fn classify(input: &[u8], link: Link) -> First {
         return First::Pending;
     };
     let header = Header::decode(raw);
-    match header.cmd {
-        cmd::PROBE => {}
-        cmd::LINK if link == Link::Done => {
+    let not_hello = |c: u8| {
+        reject(
+            ErrorCode::HelloRequired,
+            format!("first frame must be HELLO, got {} ({c})", cmd::name(c)),
+        )
+    };
+    let Some(command) = Command::from_u8(header.cmd) else {
+        return not_hello(header.cmd);
+    };
+    match command {
+        Command::Probe => {}
+        Command::Link if link == Link::Done => {
             return refuse_link("link proof not valid", "a second LINK");
         }
-        cmd::LINK => {}
-        cmd::HELLO if link == Link::Required => {
+        Command::Link => {}
+        Command::Hello if link == Link::Required => {
             return refuse_link("link proof required", "HELLO without a LINK first");
         }
-        cmd::HELLO => {}
-        other => {
-            return reject(
-                ErrorCode::HelloRequired,
-                format!(
-                    "first frame must be HELLO, got {} ({other})",
-                    cmd::name(other)
-                ),
-            );
-        }
+        Command::Hello => {}
+        // A session opens with HELLO; the cluster's members reach trackers directly.
+        Command::TrackerJoin
+        | Command::TrackerBeat
+        | Command::TrackerSaddrs
+        | Command::TrackerGroups
+        | Command::TrackerUsers
+        | Command::Upload
+        | Command::Stat
+        | Command::Download
+        | Command::Delete
+        | Command::UploadInit
+        | Command::UploadQuery
+        | Command::UploadBlock
+        | Command::UploadOver
+        | Command::UploadProve
+        | Command::DownloadOver
+        | Command::Usage
+        | Command::ReplyTracker
+        | Command::ReplyStorage
+        | Command::ReplyProxy => return not_hello(header.cmd),
     }
     let mut dec = Decoder::requests();
     let mut used = 0;
@@ -111,9 +131,9 @@ pub fn classify(input: &[u8], link: Link) -> First {
                 return refuse_link("link proof not valid", &format!("bad LINK frame: {e}"));
             }
             Err(e) => return reject(e.code(), format!("bad {}: {e}", cmd::name(header.cmd))),
-            Ok((n, Some(Decoded::Frame { header, meta, .. }))) => {
+            Ok((n, Some(Decoded::Frame { meta, .. }))) => {
                 used += n;
-                return frame_done(header, &meta, used);
+                return frame_done(command, &meta, used);
             }
             // Control frames have no payload, so nothing else can come out before the frame.
             Ok((n, _)) => {
@@ -127,18 +147,41 @@ pub fn classify(input: &[u8], link: Link) -> First {
     First::Pending
 }
 
-fn frame_done(header: Header, body: &[u8], frame_len: usize) -> First {
-    match header.cmd {
-        cmd::PROBE => match proto::decode_probe(body) {
+/// A whole first frame of `command` ([`classify`] lets only PROBE, LINK and HELLO through).
+fn frame_done(command: Command, body: &[u8], frame_len: usize) -> First {
+    match command {
+        Command::Probe => match proto::decode_probe(body) {
             // Any prober version gets our identity; the prober decides whether it can talk to us.
             Ok(_) => First::Probe(probe_reply()),
             Err(e) => reject(e.code(), format!("bad PROBE: {e}")),
         },
-        cmd::LINK => First::Link { frame_len },
-        _ => match Hello::decode(body) {
+        Command::Link => First::Link { frame_len },
+        Command::Hello => match Hello::decode(body) {
             Ok(hello) => First::Hello { hello, frame_len },
             Err(e) => reject(e.code(), format!("bad HELLO: {e}")),
         },
+        Command::TrackerJoin
+        | Command::TrackerBeat
+        | Command::TrackerSaddrs
+        | Command::TrackerGroups
+        | Command::TrackerUsers
+        | Command::Upload
+        | Command::Stat
+        | Command::Download
+        | Command::Delete
+        | Command::UploadInit
+        | Command::UploadQuery
+        | Command::UploadBlock
+        | Command::UploadOver
+        | Command::UploadProve
+        | Command::DownloadOver
+        | Command::Usage
+        | Command::ReplyTracker
+        | Command::ReplyStorage
+        | Command::ReplyProxy => reject(
+            ErrorCode::HelloRequired,
+            format!("first frame must be HELLO, got {}", command.name()),
+        ),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::storage::{OpError, Who};
 use crate::tenants::{Slot, Tenants};
 use ferry_common::auth::{LinkConfig, LinkVerifier, PeerKind};
 use ferry_common::clock::now_secs;
-use ferry_common::proto::{ErrorCode, Hello, NodeHello, cmd};
+use ferry_common::proto::{Command, ErrorCode, Hello, NodeHello, cmd};
 use ferry_common::token::{AuthError, Delegation, Scope, Verifier};
 use log::warn;
 use std::net::SocketAddr;
@@ -99,30 +99,30 @@ pub enum Need {
     Session(Scope),
 }
 
-/// The need of every request command; `None` for anything that is not a request (the decoder
+/// The need of every request command; `None` for replies, which are no request (the decoder
 /// refuses those before they get here). This is the authorization table of docs/PROTOCOL.md.
-pub fn need(c: u8) -> Option<Need> {
+pub fn need(c: Command) -> Option<Need> {
     Some(match c {
         // LINK is itself the proof: the connection handler checks it.
-        cmd::PROBE | cmd::LINK => Need::Nothing,
-        cmd::HELLO => Need::Relay,
+        Command::Probe | Command::Link => Need::Nothing,
+        Command::Hello => Need::Relay,
         // A storage node announces itself.
-        cmd::TRACKER_JOIN | cmd::TRACKER_BEAT => Need::Member(PeerKind::Node),
+        Command::TrackerJoin | Command::TrackerBeat => Need::Member(PeerKind::Node),
         // A routing proxy asks where a user lives (which may record the user's group).
-        cmd::TRACKER_SADDRS => Need::Member(PeerKind::Router),
+        Command::TrackerSaddrs => Need::Member(PeerKind::Router),
         // An operator reads the cluster's view and who is in which group.
-        cmd::TRACKER_GROUPS | cmd::TRACKER_USERS => Need::Member(PeerKind::Admin),
-        cmd::STAT | cmd::DOWNLOAD | cmd::DOWNLOAD_OVER => Need::Session(Scope::READ),
-        cmd::UPLOAD
-        | cmd::UPLOAD_INIT
-        | cmd::UPLOAD_QUERY
-        | cmd::UPLOAD_BLOCK
-        | cmd::UPLOAD_OVER
-        | cmd::UPLOAD_PROVE => Need::Session(Scope::WRITE),
-        cmd::DELETE => Need::Session(Scope::DELETE),
+        Command::TrackerGroups | Command::TrackerUsers => Need::Member(PeerKind::Admin),
+        Command::Stat | Command::Download | Command::DownloadOver => Need::Session(Scope::READ),
+        Command::Upload
+        | Command::UploadInit
+        | Command::UploadQuery
+        | Command::UploadBlock
+        | Command::UploadOver
+        | Command::UploadProve => Need::Session(Scope::WRITE),
+        Command::Delete => Need::Session(Scope::DELETE),
         // Quotas bound uploads: whoever may upload may see where they stand.
-        cmd::USAGE => Need::Session(Scope::WRITE),
-        _ => return None,
+        Command::Usage => Need::Session(Scope::WRITE),
+        Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => return None,
     })
 }
 
@@ -185,7 +185,7 @@ impl Access {
                 have.name()
             ))
         };
-        match need(c) {
+        match Command::from_u8(c).and_then(need) {
             None => Err(OpError::new(
                 ErrorCode::UnknownCommand,
                 format!("command {c} is not a request"),
@@ -367,6 +367,10 @@ mod tests {
         (Access::new(&cfg, cfg.max_connections), app_key, keys)
     }
 
+    fn need_u8(c: u8) -> Option<Need> {
+        Command::from_u8(c).and_then(need)
+    }
+
     const PEER: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
 
@@ -374,7 +378,7 @@ mod tests {
     fn every_request_command_has_a_need_and_only_requests_do() {
         for c in 0..=255u8 {
             assert_eq!(
-                need(c).is_some(),
+                need_u8(c).is_some(),
                 request_spec(c).is_some(),
                 "command {c} ({})",
                 cmd::name(c)
@@ -406,9 +410,9 @@ mod tests {
             link: None,
             ..reader.clone()
         };
-        for c in (0..=255u8).filter(|&c| need(c).is_some()) {
+        for c in (0..=255u8).filter(|&c| need_u8(c).is_some()) {
             let code = |s: &Session| a.authorize(c, s).err().map(|e| e.code);
-            let kind_may = |kind: PeerKind| match need(c).unwrap() {
+            let kind_may = |kind: PeerKind| match need_u8(c).unwrap() {
                 Need::Nothing => true,
                 Need::Relay => matches!(kind, PeerKind::Relay | PeerKind::Router),
                 Need::Member(want) => kind == want,
@@ -418,14 +422,14 @@ mod tests {
             for (id, kind) in KEYS {
                 let kind = kind.unwrap_or(PeerKind::Relay);
                 let s = linked(&a, &keys[id]);
-                let want = match need(c).unwrap() {
+                let want = match need_u8(c).unwrap() {
                     Need::Session(_) => Some(ErrorCode::HelloRequired),
                     _ if kind_may(kind) => None,
                     _ => Some(ErrorCode::Auth),
                 };
                 assert_eq!(code(&s), want, "{} with key {id}", cmd::name(c));
             }
-            match need(c).unwrap() {
+            match need_u8(c).unwrap() {
                 Need::Nothing => assert_eq!(code(&Session::default()), None),
                 Need::Relay => assert_eq!(code(&Session::default()), Some(ErrorCode::Auth)),
                 Need::Member(_) => {
@@ -444,10 +448,10 @@ mod tests {
         // Without [link.accept] the network is trusted: any command but the file ones passes
         // before HELLO.
         let (open, _, _) = access(false);
-        for c in (0..=255u8).filter(|&c| need(c).is_some()) {
+        for c in (0..=255u8).filter(|&c| need_u8(c).is_some()) {
             let r = open.authorize(c, &Session::default()).err().map(|e| e.code);
             let want =
-                matches!(need(c), Some(Need::Session(_))).then_some(ErrorCode::HelloRequired);
+                matches!(need_u8(c), Some(Need::Session(_))).then_some(ErrorCode::HelloRequired);
             assert_eq!(r, want, "{}", cmd::name(c));
         }
     }

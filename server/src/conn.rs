@@ -19,9 +19,9 @@ use crate::syncer::{AckSlot, SyncJob};
 use crate::tenants::Slot;
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
-    self, BlockAck, BlockMeta, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode, Header, Hello,
-    Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta, UsersReq, cmd,
-    status,
+    self, BlockAck, BlockMeta, Command, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode,
+    Header, Hello, Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta,
+    UsersReq, cmd, status,
 };
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
 use ferry_common::token::Scope;
@@ -320,8 +320,13 @@ impl ServerConn {
         if let Err(e) = self.access.authorize(h.cmd, &self.session) {
             return self.error(&e, h.cmd);
         }
-        match h.cmd {
-            cmd::PROBE => {
+        // `authorize` refused every number that is no command.
+        let Some(c) = Command::from_u8(h.cmd) else {
+            let e = OpError::new(ErrorCode::Internal, "authorized an unknown command");
+            return self.error(&e, h.cmd);
+        };
+        match c {
+            Command::Probe => {
                 self.reply(
                     &Identity {
                         version: proto::VERSION,
@@ -329,9 +334,8 @@ impl ServerConn {
                     }
                     .encode(),
                 );
-                return;
             }
-            cmd::LINK => {
+            Command::Link => {
                 let e = if self.frames > 0 || self.session.link.is_some() {
                     OpError::new(
                         ErrorCode::BadFrame,
@@ -349,9 +353,9 @@ impl ServerConn {
                         Err(e) => e,
                     }
                 };
-                return self.error(&e, h.cmd);
+                self.error(&e, h.cmd)
             }
-            cmd::HELLO => {
+            Command::Hello => {
                 if self.session.who.is_some() {
                     let e = OpError::new(ErrorCode::BadFrame, "HELLO already received");
                     return self.error(&e, h.cmd);
@@ -384,44 +388,82 @@ impl ServerConn {
                     }
                     Err(e) => self.error(&e, h.cmd),
                 }
-                return;
             }
-            cmd::TRACKER_JOIN
-            | cmd::TRACKER_BEAT
-            | cmd::TRACKER_SADDRS
-            | cmd::TRACKER_GROUPS
-            | cmd::TRACKER_USERS => return self.cluster(h.cmd, meta),
-            _ => {}
+            Command::TrackerJoin
+            | Command::TrackerBeat
+            | Command::TrackerSaddrs
+            | Command::TrackerGroups
+            | Command::TrackerUsers => self.cluster(c, meta),
+            Command::Upload
+            | Command::Stat
+            | Command::Download
+            | Command::Delete
+            | Command::UploadInit
+            | Command::UploadQuery
+            | Command::UploadBlock
+            | Command::UploadOver
+            | Command::UploadProve
+            | Command::DownloadOver
+            | Command::Usage => self.file_command(c, meta, payload_len),
+            // `authorize` refused these (no need: not a request).
+            Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => {
+                let e = OpError::new(ErrorCode::Internal, "authorized a reply");
+                self.error(&e, h.cmd)
+            }
         }
+    }
+
+    /// A command of a user's session on files (the data plane).
+    fn file_command(&mut self, c: Command, meta: &[u8], payload_len: u64) {
+        let req = c as u8;
         // `authorize` let a file command through, so the session has passed HELLO.
         let Some((who, grant)) = self.session.who.clone() else {
             let e = OpError::new(ErrorCode::Internal, "file command without a session");
-            return self.error(&e, h.cmd);
+            return self.error(&e, req);
         };
         // A delegated token's expiry and limits (a malformed body is the command's own error).
         if let Err(e) = grant.live(ferry_common::clock::now_secs()) {
-            return self.error(&e, h.cmd);
+            return self.error(&e, req);
         }
-        let named = match h.cmd {
-            cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => proto::decode_file_id(meta).ok(),
-            cmd::DOWNLOAD => DownloadReq::decode(meta).ok().map(|r| r.file_id),
-            _ => None,
+        let named = match c {
+            Command::Stat | Command::Delete | Command::DownloadOver => {
+                proto::decode_file_id(meta).ok()
+            }
+            Command::Download => DownloadReq::decode(meta).ok().map(|r| r.file_id),
+            Command::Upload
+            | Command::UploadInit
+            | Command::UploadQuery
+            | Command::UploadBlock
+            | Command::UploadOver
+            | Command::UploadProve
+            | Command::Usage
+            | Command::Hello
+            | Command::Probe
+            | Command::Link
+            | Command::TrackerJoin
+            | Command::TrackerBeat
+            | Command::TrackerSaddrs
+            | Command::TrackerGroups
+            | Command::TrackerUsers
+            | Command::ReplyTracker
+            | Command::ReplyStorage
+            | Command::ReplyProxy => None,
         };
-        let limited = match (&named, h.cmd) {
-            (Some(id), cmd::DELETE) => grant.may_name(id),
+        let limited = match (&named, c) {
+            (Some(id), Command::Delete) => grant.may_name(id),
             (Some(id), _) => grant
                 .may_name(id)
                 .and_then(|()| self.st.may_read(&who, id, &grant)),
-            (None, cmd::UPLOAD_INIT) => {
+            (None, Command::UploadInit) => {
                 UploadInit::decode(meta).map_or(Ok(()), |i| grant.may_upload(i.size))
             }
             _ => Ok(()),
         };
         if let Err(e) = limited {
-            return self.error(&e, h.cmd);
+            return self.error(&e, req);
         }
-        let r = match h.cmd {
-            cmd::UPLOAD => match grant.may_upload(payload_len) {
+        let r = match c {
+            Command::Upload => match grant.may_upload(payload_len) {
                 Ok(()) => self.start_small(&who, meta, payload_len),
                 // The payload still has to be read to stay in step with the stream.
                 Err(e) => {
@@ -432,83 +474,113 @@ impl ServerConn {
                     Ok(())
                 }
             },
-            cmd::UPLOAD_BLOCK => self.start_block(&who, meta, payload_len),
-            cmd::STAT => self.stat(&who, meta),
-            cmd::DOWNLOAD => self.download(&who, meta),
-            cmd::DELETE => proto::decode_file_id(meta)
+            Command::UploadBlock => self.start_block(&who, meta, payload_len),
+            Command::Stat => self.stat(&who, meta),
+            Command::Download => self.download(&who, meta),
+            Command::Delete => proto::decode_file_id(meta)
                 .map_err(bad)
                 .and_then(|id| {
                     self.st
                         .delete(&who, &id, grant.scope.contains(Scope::ADMIN))
                 })
                 .map(|()| self.reply(&[])),
-            cmd::DOWNLOAD_OVER => proto::decode_file_id(meta)
+            Command::DownloadOver => proto::decode_file_id(meta)
                 .map_err(bad)
                 .and_then(|id| self.st.download_over(&who, &id))
                 .map(|()| self.reply(&[])),
-            cmd::UPLOAD_INIT => UploadInit::decode(meta)
+            Command::UploadInit => UploadInit::decode(meta)
                 .map_err(bad)
                 .and_then(|init| self.st.init(&who, &init))
                 .map(|r| self.reply(&r.encode())),
-            cmd::UPLOAD_QUERY => proto::decode_upload_id(meta)
+            Command::UploadQuery => proto::decode_upload_id(meta)
                 .map_err(bad)
                 .and_then(|id| self.st.query(&who, &id))
                 .map(|b| self.reply(&b.encode())),
-            cmd::UPLOAD_OVER => proto::decode_upload_id(meta)
+            Command::UploadOver => proto::decode_upload_id(meta)
                 .map_err(bad)
                 .and_then(|id| self.st.over(&who, &id))
                 .and_then(|fid| self.reply_file_id(&fid)),
-            cmd::USAGE => self.st.usage_reply(&who).map(|u| self.reply(&u.encode())),
-            cmd::UPLOAD_PROVE => Prove::decode(meta)
+            Command::Usage => self.st.usage_reply(&who).map(|u| self.reply(&u.encode())),
+            Command::UploadProve => Prove::decode(meta)
                 .map_err(bad)
                 .and_then(|p| self.st.prove(&who, &p.upload_id, &p.sha256))
                 .and_then(|fid| self.reply_file_id(&fid)),
-            other => Err(OpError::new(
-                ErrorCode::UnknownCommand,
-                format!("command {other} is not served here"),
+            Command::Hello
+            | Command::Probe
+            | Command::Link
+            | Command::TrackerJoin
+            | Command::TrackerBeat
+            | Command::TrackerSaddrs
+            | Command::TrackerGroups
+            | Command::TrackerUsers
+            | Command::ReplyTracker
+            | Command::ReplyStorage
+            | Command::ReplyProxy => Err(OpError::new(
+                ErrorCode::Internal,
+                format!("{} is no file command", c.name()),
             )),
         };
         if let Err(e) = r {
-            self.error(&e, h.cmd);
+            self.error(&e, req);
         }
     }
 
     /// The tracker commands: no HELLO needed; error 3 when the role is not enabled.
-    fn cluster(&mut self, c: u8, meta: &[u8]) {
-        let reply_cmd = cmd::REPLY_TRACKER;
+    fn cluster(&mut self, c: Command, meta: &[u8]) {
+        let (req, reply_cmd) = (c as u8, cmd::REPLY_TRACKER);
         let roles = self.roles.clone();
-        let r = match (c, &roles.tracker) {
-            (cmd::TRACKER_JOIN, Some(t)) => NodeHello::decode_join(meta)
+        let Some(t) = &roles.tracker else {
+            // Like any command this server does not know: its own reply command.
+            let e = OpError::new(
+                ErrorCode::UnknownCommand,
+                format!("{} is not served here (role not enabled)", c.name()),
+            );
+            return self.error(&e, req);
+        };
+        let r = match c {
+            Command::TrackerJoin => NodeHello::decode_join(meta)
                 .map_err(bad)
-                .and_then(|j| self.node_claim(c, j))
+                .and_then(|j| self.node_claim(req, j))
                 .and_then(|j| t.join(&j))
                 .and_then(|r| r.encode().map_err(internal)),
-            (cmd::TRACKER_BEAT, Some(t)) => NodeHello::decode_beat(meta)
+            Command::TrackerBeat => NodeHello::decode_beat(meta)
                 .map_err(bad)
-                .and_then(|b| self.node_claim(c, b))
+                .and_then(|b| self.node_claim(req, b))
                 .and_then(|b| t.beat(&b))
                 .and_then(|r| r.encode().map_err(internal)),
-            (cmd::TRACKER_SADDRS, Some(t)) => SaddrsReq::decode(meta)
+            Command::TrackerSaddrs => SaddrsReq::decode(meta)
                 .map_err(bad)
                 .and_then(|q| t.saddrs(&q))
                 .and_then(|r| r.encode().map_err(internal)),
-            (cmd::TRACKER_GROUPS, Some(t)) => t.groups().and_then(|r| r.encode().map_err(internal)),
-            (cmd::TRACKER_USERS, Some(t)) => UsersReq::decode(meta)
+            Command::TrackerGroups => t.groups().and_then(|r| r.encode().map_err(internal)),
+            Command::TrackerUsers => UsersReq::decode(meta)
                 .map_err(bad)
                 .and_then(|q| t.users(&q))
                 .and_then(|r| r.encode().map_err(internal)),
-            // Like any command this server does not know: its own reply command.
-            _ => {
-                let e = OpError::new(
-                    ErrorCode::UnknownCommand,
-                    format!("{} is not served here (role not enabled)", cmd::name(c)),
-                );
-                return self.error(&e, c);
-            }
+            Command::Hello
+            | Command::Probe
+            | Command::Link
+            | Command::Upload
+            | Command::Stat
+            | Command::Download
+            | Command::Delete
+            | Command::UploadInit
+            | Command::UploadQuery
+            | Command::UploadBlock
+            | Command::UploadOver
+            | Command::UploadProve
+            | Command::DownloadOver
+            | Command::Usage
+            | Command::ReplyTracker
+            | Command::ReplyStorage
+            | Command::ReplyProxy => Err(OpError::new(
+                ErrorCode::Internal,
+                format!("{} is no cluster command", c.name()),
+            )),
         };
         match r {
             Ok(body) => self.push_bytes(proto::frame(reply_cmd, status::OK, &body)),
-            Err(e) => self.error_as(&e, c, reply_cmd),
+            Err(e) => self.error_as(&e, req, reply_cmd),
         }
     }
 

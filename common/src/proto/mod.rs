@@ -16,12 +16,14 @@
 
 mod call;
 mod cluster;
+mod command;
 mod decoder;
 mod errors;
 mod frames;
 
 pub use call::{CallError, Caller, call_once};
 pub use cluster::*;
+pub use command::{Command, Plane};
 pub use decoder::{Decoded, Decoder};
 pub use errors::{Class, ERRORS, ErrorCode, ErrorInfo, Retry, Side};
 pub use frames::*;
@@ -59,81 +61,37 @@ pub const NODES_MAX: usize = 32;
 pub const GROUPS_MAX: usize = 256;
 
 /// Command byte values.
+/// The commands' wire numbers, for building and matching frames; everything else about a
+/// command is [`Command`]'s.
 pub mod cmd {
-    /// Opens every client session: version, identity, credential.
-    pub const HELLO: u8 = 1;
-    /// Health/identity probe answered by whichever ferry process receives it.
-    pub const PROBE: u8 = 2;
-    /// Link proof: the first frame on a connection one ferry process opens to another (a
-    /// token of the pseudo-app `ferry-link`, see `auth`). No reply when valid; error 6 and
-    /// close when not.
-    pub const LINK: u8 = 3;
-    /// A storage node joins its group at a tracker (seed 004's numbers for 10-13; its id
-    /// server's 40 and 101 are not used: storage nodes reserve ids in the metadata database).
-    pub const TRACKER_JOIN: u8 = 10;
-    /// A storage node's heartbeat.
-    pub const TRACKER_BEAT: u8 = 11;
-    /// Which group (and nodes) serves an app's user.
-    pub const TRACKER_SADDRS: u8 = 12;
-    /// The tracker's view of every group and node.
-    pub const TRACKER_GROUPS: u8 = 13;
-    /// One page of the users the router table assigns to a group.
-    pub const TRACKER_USERS: u8 = 14;
-    /// Small file in one frame.
-    pub const UPLOAD: u8 = 70;
-    /// File info: size, SHA-256, name, created, block size.
-    pub const STAT: u8 = 71;
-    /// Ranged read.
-    pub const DOWNLOAD: u8 = 72;
-    pub const DELETE: u8 = 73;
-    /// Big-file upload, phase I: file info -> upload id.
-    pub const UPLOAD_INIT: u8 = 74;
-    /// Breakpoint query: which blocks the server already holds.
-    pub const UPLOAD_QUERY: u8 = 75;
-    /// Big-file upload, phase II: one block.
-    pub const UPLOAD_BLOCK: u8 = 76;
-    /// Big-file upload, phase III: file over.
-    pub const UPLOAD_OVER: u8 = 77;
-    /// Proof of possession for an instant (deduplicated) upload.
-    pub const UPLOAD_PROVE: u8 = 78;
-    /// Big-file download finished (lets the server count and log the session).
-    pub const DOWNLOAD_OVER: u8 = 79;
-    /// What the session's user stores, and the app's quotas for it.
-    pub const USAGE: u8 = 80;
-    /// Reply from a tracker (seed 004).
-    pub const REPLY_TRACKER: u8 = 100;
-    /// Reply from a storage server (seed 004), also to HELLO and PROBE.
-    pub const REPLY_STORAGE: u8 = 102;
-    /// Reply from a proxy (to PROBE, or an error the proxy itself raises).
-    pub const REPLY_PROXY: u8 = 103;
+    use super::Command;
 
-    /// Human name for logs and errors.
+    pub const HELLO: u8 = Command::Hello as u8;
+    pub const PROBE: u8 = Command::Probe as u8;
+    pub const LINK: u8 = Command::Link as u8;
+    pub const TRACKER_JOIN: u8 = Command::TrackerJoin as u8;
+    pub const TRACKER_BEAT: u8 = Command::TrackerBeat as u8;
+    pub const TRACKER_SADDRS: u8 = Command::TrackerSaddrs as u8;
+    pub const TRACKER_GROUPS: u8 = Command::TrackerGroups as u8;
+    pub const TRACKER_USERS: u8 = Command::TrackerUsers as u8;
+    pub const UPLOAD: u8 = Command::Upload as u8;
+    pub const STAT: u8 = Command::Stat as u8;
+    pub const DOWNLOAD: u8 = Command::Download as u8;
+    pub const DELETE: u8 = Command::Delete as u8;
+    pub const UPLOAD_INIT: u8 = Command::UploadInit as u8;
+    pub const UPLOAD_QUERY: u8 = Command::UploadQuery as u8;
+    pub const UPLOAD_BLOCK: u8 = Command::UploadBlock as u8;
+    pub const UPLOAD_OVER: u8 = Command::UploadOver as u8;
+    pub const UPLOAD_PROVE: u8 = Command::UploadProve as u8;
+    pub const DOWNLOAD_OVER: u8 = Command::DownloadOver as u8;
+    pub const USAGE: u8 = Command::Usage as u8;
+    pub const REPLY_TRACKER: u8 = Command::ReplyTracker as u8;
+    pub const REPLY_STORAGE: u8 = Command::ReplyStorage as u8;
+    pub const REPLY_PROXY: u8 = Command::ReplyProxy as u8;
+
+    /// Human name for logs and errors ("UNKNOWN" for a number that is no command).
     pub fn name(c: u8) -> &'static str {
-        match c {
-            HELLO => "HELLO",
-            PROBE => "PROBE",
-            LINK => "LINK",
-            TRACKER_JOIN => "TRACKER_JOIN",
-            TRACKER_BEAT => "TRACKER_BEAT",
-            TRACKER_SADDRS => "TRACKER_SADDRS",
-            TRACKER_GROUPS => "TRACKER_GROUPS",
-            TRACKER_USERS => "TRACKER_USERS",
-            UPLOAD => "UPLOAD",
-            STAT => "STAT",
-            DOWNLOAD => "DOWNLOAD",
-            DELETE => "DELETE",
-            UPLOAD_INIT => "UPLOAD_INIT",
-            UPLOAD_QUERY => "UPLOAD_QUERY",
-            UPLOAD_BLOCK => "UPLOAD_BLOCK",
-            UPLOAD_OVER => "UPLOAD_OVER",
-            UPLOAD_PROVE => "UPLOAD_PROVE",
-            DOWNLOAD_OVER => "DOWNLOAD_OVER",
-            USAGE => "USAGE",
-            REPLY_TRACKER => "REPLY_TRACKER",
-            REPLY_STORAGE => "REPLY_STORAGE",
-            REPLY_PROXY => "REPLY_PROXY",
-            _ => "UNKNOWN",
-        }
+        Command::from_u8(c).map_or("UNKNOWN", Command::name)
     }
 }
 
@@ -191,43 +149,9 @@ pub struct BodySpec {
     pub payload_max: u64,
 }
 
-/// The body rules of every request command a server or proxy accepts.
+/// The body rules of every request command a server or proxy accepts ([`Command::spec`]).
 pub fn request_spec(c: u8) -> Option<BodySpec> {
-    let control = |meta, exact| {
-        Some(BodySpec {
-            meta,
-            exact,
-            payload_max: 0,
-        })
-    };
-    match c {
-        cmd::HELLO => control(HELLO_MAX, false),
-        cmd::PROBE => control(2, true),
-        cmd::LINK => control(crate::token::TOKEN_MAX, false),
-        cmd::UPLOAD => Some(BodySpec {
-            meta: UPLOAD_META,
-            exact: true,
-            payload_max: BLOCK_MAX,
-        }),
-        cmd::STAT | cmd::DELETE | cmd::DOWNLOAD_OVER => control(FILE_ID_LEN, true),
-        cmd::DOWNLOAD => control(FILE_ID_LEN + 16, true),
-        cmd::UPLOAD_INIT => control(UPLOAD_INIT_LEN, true),
-        cmd::UPLOAD_QUERY | cmd::UPLOAD_OVER => control(UPLOAD_ID_LEN, true),
-        cmd::UPLOAD_BLOCK => Some(BodySpec {
-            meta: BLOCK_META,
-            exact: true,
-            payload_max: BLOCK_MAX,
-        }),
-        cmd::UPLOAD_PROVE => control(UPLOAD_ID_LEN + SHA256_LEN, true),
-        cmd::USAGE => control(0, true),
-        // JOIN_V1_LEN or JOIN_LEN: decode_join takes either, nothing in between.
-        cmd::TRACKER_JOIN => control(JOIN_LEN, false),
-        cmd::TRACKER_BEAT => control(BEAT_LEN, true),
-        cmd::TRACKER_SADDRS => control(SADDRS_LEN, true),
-        cmd::TRACKER_GROUPS => control(0, true),
-        cmd::TRACKER_USERS => control(USERS_LEN, true),
-        _ => None,
-    }
+    Command::from_u8(c).and_then(Command::spec)
 }
 
 /// Why bytes from the wire could not be decoded. Never panics, never allocates a claimed length.

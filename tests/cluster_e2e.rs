@@ -1009,3 +1009,98 @@ fn cluster_up_through_the_binary_serves_a_user_and_stops_on_ctrl_c() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The processes whose parent is `pid` now.
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| stat_field(*p, 1).is_some_and(|ppid| ppid == pid.to_string()))
+        .collect()
+}
+
+/// Field `i` after the command name of /proc/PID/stat (0: state, 1: parent pid).
+fn stat_field(pid: i32, i: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(i).map(str::to_owned)
+}
+
+/// SIGKILLs these processes when dropped: a failing test leaves no member behind.
+struct Reap(Vec<i32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for p in self.0.iter().filter(|p| !dead(**p)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Gone, or a zombie nobody reaps yet (an orphan's new parent may be slow to).
+fn dead(pid: i32) -> bool {
+    stat_field(pid, 0).is_none_or(|s| s == "Z" || s == "X")
+}
+
+/// Members never outlive their supervisor: after `kill -9` of `ferry cluster up` (one node;
+/// and two nodes on PostgreSQL when there is one) every member it started exits.
+#[test]
+fn cluster_up_members_die_with_a_killed_supervisor() {
+    let db = pg_db("cluster_up_pdeath");
+    for nodes in [1usize, 2] {
+        let mut args = vec![
+            "cluster".to_owned(),
+            "up".into(),
+            "--nodes".into(),
+            nodes.to_string(),
+        ];
+        if nodes > 1 {
+            let Some(db) = &db else { continue };
+            args.extend(["--meta-url".into(), db.url.clone()]);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, data) = (dir.path().join("conf"), dir.path().join("data"));
+        std::fs::create_dir_all(&conf).unwrap();
+        args.extend([
+            "--port-base".into(),
+            free_port_base(nodes).to_string(),
+            "--conf".into(),
+            conf.to_str().unwrap().into(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut run = support::Group::spawn(
+            support::cli::ferry(&dir.path().join("state"), &[], &args)
+                .env_remove("FERRY_KEY")
+                .stderr(Stdio::piped()),
+        );
+        let mut err = std::io::BufReader::new(run.0.stderr.take().unwrap());
+        support::wait_for_line(&mut err, "Ctrl-C stops all");
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        let members = Reap(children_of(run.0.id()));
+        assert!(
+            members.0.len() >= 5,
+            "{nodes} node(s): members {:?}",
+            members.0
+        );
+        run.0.kill().unwrap(); // SIGKILL: no handler runs, nothing is stopped in order
+        run.0.wait().unwrap();
+        let t = Instant::now();
+        while let Some(p) = members.0.iter().find(|p| !dead(**p)) {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{nodes} node(s): member {p} outlived its supervisor"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "{nodes} node(s): {} members gone {:?} after their supervisor's kill -9",
+            members.0.len(),
+            t.elapsed()
+        );
+    }
+}

@@ -1101,6 +1101,54 @@ fn wait_ready(addr: SocketAddr, expect: Role, limit: Duration) -> std::io::Resul
     }
 }
 
+/// Starts a member so that it never outlives this supervisor: in its own process group (a
+/// Ctrl-C at the terminal reaches it only through the supervisor, which stops members in
+/// order) and with a parent-death signal (SIGTERM when the supervisor dies, `kill -9`
+/// included). The kernel ties that signal to the *thread* that forked, so every member is
+/// forked by one thread that lives as long as the process (a member restarted from a
+/// short-lived thread, like the demo's killer, would otherwise die with it).
+fn spawn_member(mut cmd: Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc;
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<parking_lot::Mutex<Option<mpsc::Sender<Job>>>> =
+        std::sync::OnceLock::new();
+    let supervisor = nix::unistd::getpid();
+    cmd.process_group(0);
+    // SAFETY: the closure runs between fork and exec and calls only prctl(2) and getppid(2),
+    // both async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            // The supervisor died between the fork and the prctl: nobody would signal us.
+            if nix::unistd::getppid() != supervisor {
+                return Err(std::io::Error::other("the supervisor is gone"));
+            }
+            Ok(())
+        });
+    }
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let started = std::thread::Builder::new()
+            .name("member-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        parking_lot::Mutex::new(started.ok().map(|_| tx))
+    });
+    let gone = || std::io::Error::other("the member spawner thread is not running");
+    let (tx, rx) = mpsc::channel();
+    spawner
+        .lock()
+        .as_ref()
+        .ok_or_else(gone)?
+        .send((cmd, tx))
+        .map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1194,52 +1242,4 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), n, "a port is used twice");
     }
-}
-
-/// Starts a member so that it never outlives this supervisor: in its own process group (a
-/// Ctrl-C at the terminal reaches it only through the supervisor, which stops members in
-/// order) and with a parent-death signal (SIGTERM when the supervisor dies, `kill -9`
-/// included). The kernel ties that signal to the *thread* that forked, so every member is
-/// forked by one thread that lives as long as the process (a member restarted from a
-/// short-lived thread, like the demo's killer, would otherwise die with it).
-fn spawn_member(mut cmd: Command) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    use std::sync::mpsc;
-    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
-    static SPAWNER: std::sync::OnceLock<parking_lot::Mutex<Option<mpsc::Sender<Job>>>> =
-        std::sync::OnceLock::new();
-    let supervisor = nix::unistd::getpid();
-    cmd.process_group(0);
-    // SAFETY: the closure runs between fork and exec and calls only prctl(2) and getppid(2),
-    // both async-signal-safe; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
-            // The supervisor died between the fork and the prctl: nobody would signal us.
-            if nix::unistd::getppid() != supervisor {
-                return Err(std::io::Error::other("the supervisor is gone"));
-            }
-            Ok(())
-        });
-    }
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let started = std::thread::Builder::new()
-            .name("member-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            });
-        parking_lot::Mutex::new(started.ok().map(|_| tx))
-    });
-    let gone = || std::io::Error::other("the member spawner thread is not running");
-    let (tx, rx) = mpsc::channel();
-    spawner
-        .lock()
-        .as_ref()
-        .ok_or_else(gone)?
-        .send((cmd, tx))
-        .map_err(|_| gone())?;
-    rx.recv().map_err(|_| gone())?
 }

@@ -381,8 +381,26 @@ impl Proxy {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(support::bin("ferry-proxy"));
-        cmd.arg("--config").arg(&conf);
+        Proxy::launch(
+            dir,
+            name,
+            addr,
+            stats,
+            &conf,
+            Command::new(support::bin("ferry-proxy")),
+        )
+    }
+
+    /// Runs `cmd` (the proxy binary, maybe behind a wrapper) on `conf`.
+    fn launch(
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        stats: SocketAddr,
+        conf: &Path,
+        mut cmd: Command,
+    ) -> Proxy {
+        cmd.arg("--config").arg(conf);
         let proc = Proc::spawn(name, &mut cmd, dir);
         let id = wait_ready(addr, Duration::from_secs(20));
         assert_eq!(id.role, Role::Proxy, "the proxy answers PROBE itself");
@@ -956,6 +974,60 @@ fn idle_peers_are_dropped() {
     let mut b = [0u8; 1];
     chatty.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"y");
+}
+
+/// Sessions are capped by the descriptors they hold: under a 300-descriptor limit the proxy
+/// takes (300 - 64) / 6 = 39 splice sessions and logs it; a flood past that is refused with
+/// error 17, never met with EMFILE, and the sessions in place carry on.
+#[test]
+fn sessions_are_capped_by_the_open_file_limit() {
+    if !support::have("prlimit") {
+        return;
+    }
+    let dir = tmp();
+    let up = Upstream::start(free_addr());
+    let (addr, stats) = (free_addr(), free_addr());
+    let conf = dir.path().join("limited.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"{addr}\"\nupstreams = [\"{}\"]\nstats_listen = \"{stats}\"\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=300:300").arg(support::bin("ferry-proxy"));
+    let p = Proxy::launch(dir.path(), "limited", addr, stats, &conf, cmd);
+    let log = p.proc.log_text();
+    assert!(
+        log.contains("max_connections lowered from 4096 to 39"),
+        "{log}"
+    );
+    let (mut est, mut refused) = (Vec::new(), 0);
+    for _ in 0..60 {
+        let mut s = session(p.addr, "echo", "u");
+        let _ = s.write_all(b"hi");
+        let mut b = [0u8; 2];
+        match s.read_exact(&mut b) {
+            Ok(()) if &b == b"hi" => est.push(s),
+            // The error frame's header starts with its length, and the proxy closes.
+            _ => refused += 1,
+        }
+    }
+    assert_eq!((est.len(), refused), (39, 21));
+    let log = p.proc.log_text();
+    assert!(
+        !log.contains("cannot create a pipe") && !log.contains("accept failed"),
+        "{log}"
+    );
+    for (i, s) in est.iter_mut().enumerate() {
+        let msg = [i as u8; 1000];
+        s.write_all(&msg).unwrap();
+        let mut got = [0u8; 1000];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
 }
 
 #[test]

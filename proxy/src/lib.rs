@@ -28,6 +28,32 @@ use stats::{Counters, StatsServer};
 use std::sync::Arc;
 use upstream::{Checker, Upstreams};
 
+/// Descriptors of the process itself (listener, epoll, stats listener, health checks, tracker
+/// lookups, logs), with room to spare.
+const FIXED_FDS: u64 = 64;
+
+/// The sessions the proxy takes: `max_connections`, lowered (with a warning) to what the
+/// open-file limit `fds` holds, so sessions never run the proxy into EMFILE. A session holds
+/// the client's socket and the upstream's, and in splice mode a pipe (two ends) each way.
+fn session_budget(fds: u64, mode: Mode, max_connections: usize) -> usize {
+    let per = match mode {
+        Mode::Splice => 6,
+        Mode::Userspace => 2,
+    };
+    let fit = usize::try_from(fds.saturating_sub(FIXED_FDS) / per).unwrap_or(usize::MAX);
+    // A few sessions whatever the limit: a misconfigured limit is said, not a dead proxy.
+    let take = max_connections.min(fit.max(16));
+    if take < max_connections {
+        warn!(
+            "open-file limit {fds}: {FIXED_FDS} kept for the proxy, {per} per session ({}): \
+             max_connections lowered from {max_connections} to {take}. Raise the limit \
+             (ulimit -n, LimitNOFILE=) for more",
+            mode.name()
+        );
+    }
+    take
+}
+
 /// Runs the proxy until SIGTERM/SIGINT (when `handle_signals`) has drained every session.
 pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
     let fds = ferry_common::net::raise_fd_limit();
@@ -57,7 +83,7 @@ pub fn run(cfg: &Config, handle_signals: bool) -> anyhow::Result<()> {
     let listener = ferry_common::net::listen(cfg.listen, 1024)?;
     let rcfg = reactor::Config {
         workers: cfg.worker_count(),
-        max_connections: cfg.max_connections,
+        max_connections: session_budget(fds, mode, cfg.max_connections),
         max_per_ip: cfg.max_connections_per_ip,
         idle_timeout: cfg.idle_timeout,
         shutdown_grace: cfg.shutdown_grace,
@@ -177,5 +203,25 @@ pub fn main() -> std::process::ExitCode {
             error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_derived_from_the_open_file_limit() {
+        assert_eq!(session_budget(1 << 20, Mode::Splice, 4096), 4096);
+        assert_eq!(
+            session_budget(20_000, Mode::Splice, 4096),
+            (20_000 - 64) / 6
+        );
+        assert_eq!(session_budget(20_000, Mode::Userspace, 4096), 4096);
+        assert_eq!(
+            session_budget(100, Mode::Splice, 4096),
+            16,
+            "never below 16"
+        );
     }
 }

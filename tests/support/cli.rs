@@ -4,7 +4,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Run {
     pub ok: bool,
@@ -45,25 +45,24 @@ pub fn ferry(state: &Path, proxies: &[SocketAddr], args: &[&str]) -> Command {
     c
 }
 
-/// Runs to completion; killed (and the test failed) after 60 s.
+/// Runs to completion; killed (and the test failed) after 60 s. Its output is read while it
+/// runs (a child writing more than a pipe holds would block forever otherwise).
 pub fn run(mut cmd: Command) -> Run {
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let out = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             panic!("ferry ran over 60 s: {cmd:?}");
         }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
+    };
     Run {
         ok: out.status.success(),
         code: out.status.code(),

@@ -6,7 +6,9 @@
 //! every committed input in `corpus/<target>/` through them on each `cargo test`.
 
 use ferry_common::proto;
-use ferry_common::proto::{self as frames, BodySpec, Command, Decoded, Decoder, cmd};
+use ferry_common::proto::{
+    self as frames, BodySpec, Command, ConnCmd, Decoded, Decoder, FileCmd, TrackerCmd, cmd,
+};
 use ferry_server::http::{head, range};
 
 /// A harness: arbitrary bytes in, a panic out if a promise is broken.
@@ -71,32 +73,36 @@ pub fn frames(data: &[u8]) {
             assert!(body.len() <= spec.meta && payload_len <= spec.payload_max);
             // Results are ignored: the point is that every parser returns instead of panicking.
             let _ = match command {
-                Command::Hello => frames::Hello::decode(body).map(drop),
-                Command::Probe => frames::decode_probe(body).map(drop),
-                Command::Link => {
+                Command::Conn(ConnCmd::Hello) => frames::Hello::decode(body).map(drop),
+                Command::Conn(ConnCmd::Probe) => frames::decode_probe(body).map(drop),
+                Command::Conn(ConnCmd::Link) => {
                     let _ = ferry_common::token::Claims::parse(body);
                     Ok(())
                 }
-                Command::TrackerJoin => frames::NodeHello::decode_join(body).map(drop),
-                Command::TrackerBeat => frames::NodeHello::decode_beat(body).map(drop),
-                Command::TrackerSaddrs => frames::SaddrsReq::decode(body).map(drop),
-                Command::TrackerUsers => frames::UsersReq::decode(body).map(drop),
-                // Empty bodies: the spec is all there is to check.
-                Command::TrackerGroups | Command::Usage => Ok(()),
-                Command::Upload => frames::UploadMeta::decode(body).map(drop),
-                Command::Stat | Command::Delete | Command::DownloadOver => {
-                    frames::decode_file_id(body).map(drop)
-                }
-                Command::Download => frames::DownloadReq::decode(body).map(drop),
-                Command::UploadInit => frames::UploadInit::decode(body).map(drop),
-                Command::UploadQuery | Command::UploadOver => {
-                    frames::decode_upload_id(body).map(drop)
-                }
-                Command::UploadBlock => frames::BlockMeta::decode(body, payload_len).map(drop),
-                Command::UploadProve => frames::Prove::decode(body).map(drop),
-                Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => {
-                    unreachable!("replies have no request spec")
-                }
+                Command::Tracker(t) => match t {
+                    TrackerCmd::Join => frames::NodeHello::decode_join(body).map(drop),
+                    TrackerCmd::Beat => frames::NodeHello::decode_beat(body).map(drop),
+                    TrackerCmd::Saddrs => frames::SaddrsReq::decode(body).map(drop),
+                    TrackerCmd::Users => frames::UsersReq::decode(body).map(drop),
+                    // An empty body: the spec is all there is to check.
+                    TrackerCmd::Groups => Ok(()),
+                },
+                Command::File(f) => match f {
+                    FileCmd::Upload => frames::UploadMeta::decode(body).map(drop),
+                    FileCmd::Stat | FileCmd::Delete | FileCmd::DownloadOver => {
+                        frames::decode_file_id(body).map(drop)
+                    }
+                    FileCmd::Download => frames::DownloadReq::decode(body).map(drop),
+                    FileCmd::UploadInit => frames::UploadInit::decode(body).map(drop),
+                    FileCmd::UploadQuery | FileCmd::UploadOver => {
+                        frames::decode_upload_id(body).map(drop)
+                    }
+                    FileCmd::UploadBlock => frames::BlockMeta::decode(body, payload_len).map(drop),
+                    FileCmd::UploadProve => frames::Prove::decode(body).map(drop),
+                    // An empty body: the spec is all there is to check.
+                    FileCmd::Usage => Ok(()),
+                },
+                Command::Reply(_) => unreachable!("replies have no request spec"),
             };
         },
     );

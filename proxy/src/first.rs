@@ -4,8 +4,8 @@
 
 use ferry_common::auth::LinkVerifier;
 use ferry_common::proto::{
-    self, Command, Decoded, Decoder, ErrorBody, ErrorCode, HEADER_LEN, HELLO_MAX, Header, Hello,
-    Identity, Role, cmd, status,
+    self, Command, ConnCmd, Decoded, Decoder, ErrorBody, ErrorCode, HEADER_LEN, HELLO_MAX, Header,
+    Hello, Identity, Role, cmd, status,
 };
 use ferry_common::token::TOKEN_MAX;
 use log::debug;
@@ -88,39 +88,23 @@ pub fn classify(input: &[u8], link: Link) -> First {
             format!("first frame must be HELLO, got {} ({c})", cmd::name(c)),
         )
     };
-    let Some(command) = Command::from_u8(header.cmd) else {
-        return not_hello(header.cmd);
+    let command = match Command::from_u8(header.cmd) {
+        Some(Command::Conn(c)) => c,
+        // A session opens with HELLO; the cluster's members reach trackers directly.
+        Some(Command::Tracker(_) | Command::File(_) | Command::Reply(_)) | None => {
+            return not_hello(header.cmd);
+        }
     };
     match command {
-        Command::Probe => {}
-        Command::Link if link == Link::Done => {
+        ConnCmd::Probe => {}
+        ConnCmd::Link if link == Link::Done => {
             return refuse_link("link proof not valid", "a second LINK");
         }
-        Command::Link => {}
-        Command::Hello if link == Link::Required => {
+        ConnCmd::Link => {}
+        ConnCmd::Hello if link == Link::Required => {
             return refuse_link("link proof required", "HELLO without a LINK first");
         }
-        Command::Hello => {}
-        // A session opens with HELLO; the cluster's members reach trackers directly.
-        Command::TrackerJoin
-        | Command::TrackerBeat
-        | Command::TrackerSaddrs
-        | Command::TrackerGroups
-        | Command::TrackerUsers
-        | Command::Upload
-        | Command::Stat
-        | Command::Download
-        | Command::Delete
-        | Command::UploadInit
-        | Command::UploadQuery
-        | Command::UploadBlock
-        | Command::UploadOver
-        | Command::UploadProve
-        | Command::DownloadOver
-        | Command::Usage
-        | Command::ReplyTracker
-        | Command::ReplyStorage
-        | Command::ReplyProxy => return not_hello(header.cmd),
+        ConnCmd::Hello => {}
     }
     let mut dec = Decoder::requests();
     let mut used = 0;
@@ -148,40 +132,18 @@ pub fn classify(input: &[u8], link: Link) -> First {
 }
 
 /// A whole first frame of `command` ([`classify`] lets only PROBE, LINK and HELLO through).
-fn frame_done(command: Command, body: &[u8], frame_len: usize) -> First {
+fn frame_done(command: ConnCmd, body: &[u8], frame_len: usize) -> First {
     match command {
-        Command::Probe => match proto::decode_probe(body) {
+        ConnCmd::Probe => match proto::decode_probe(body) {
             // Any prober version gets our identity; the prober decides whether it can talk to us.
             Ok(_) => First::Probe(probe_reply()),
             Err(e) => reject(e.code(), format!("bad PROBE: {e}")),
         },
-        Command::Link => First::Link { frame_len },
-        Command::Hello => match Hello::decode(body) {
+        ConnCmd::Link => First::Link { frame_len },
+        ConnCmd::Hello => match Hello::decode(body) {
             Ok(hello) => First::Hello { hello, frame_len },
             Err(e) => reject(e.code(), format!("bad HELLO: {e}")),
         },
-        Command::TrackerJoin
-        | Command::TrackerBeat
-        | Command::TrackerSaddrs
-        | Command::TrackerGroups
-        | Command::TrackerUsers
-        | Command::Upload
-        | Command::Stat
-        | Command::Download
-        | Command::Delete
-        | Command::UploadInit
-        | Command::UploadQuery
-        | Command::UploadBlock
-        | Command::UploadOver
-        | Command::UploadProve
-        | Command::DownloadOver
-        | Command::Usage
-        | Command::ReplyTracker
-        | Command::ReplyStorage
-        | Command::ReplyProxy => reject(
-            ErrorCode::HelloRequired,
-            format!("first frame must be HELLO, got {}", command.name()),
-        ),
     }
 }
 

@@ -7,7 +7,9 @@ use crate::storage::{OpError, Who};
 use crate::tenants::{Slot, Tenants};
 use ferry_common::auth::{LinkConfig, LinkVerifier, PeerKind};
 use ferry_common::clock::now_secs;
-use ferry_common::proto::{Command, ErrorCode, Hello, NodeHello, cmd};
+use ferry_common::proto::{
+    Command, ConnCmd, ErrorCode, FileCmd, Hello, NodeHello, TrackerCmd, cmd,
+};
 use ferry_common::token::{AuthError, Delegation, Scope, Verifier};
 use log::warn;
 use std::net::SocketAddr;
@@ -104,25 +106,27 @@ pub enum Need {
 pub fn need(c: Command) -> Option<Need> {
     Some(match c {
         // LINK is itself the proof: the connection handler checks it.
-        Command::Probe | Command::Link => Need::Nothing,
-        Command::Hello => Need::Relay,
+        Command::Conn(ConnCmd::Probe | ConnCmd::Link) => Need::Nothing,
+        Command::Conn(ConnCmd::Hello) => Need::Relay,
         // A storage node announces itself.
-        Command::TrackerJoin | Command::TrackerBeat => Need::Member(PeerKind::Node),
+        Command::Tracker(TrackerCmd::Join | TrackerCmd::Beat) => Need::Member(PeerKind::Node),
         // A routing proxy asks where a user lives (which may record the user's group).
-        Command::TrackerSaddrs => Need::Member(PeerKind::Router),
+        Command::Tracker(TrackerCmd::Saddrs) => Need::Member(PeerKind::Router),
         // An operator reads the cluster's view and who is in which group.
-        Command::TrackerGroups | Command::TrackerUsers => Need::Member(PeerKind::Admin),
-        Command::Stat | Command::Download | Command::DownloadOver => Need::Session(Scope::READ),
-        Command::Upload
-        | Command::UploadInit
-        | Command::UploadQuery
-        | Command::UploadBlock
-        | Command::UploadOver
-        | Command::UploadProve => Need::Session(Scope::WRITE),
-        Command::Delete => Need::Session(Scope::DELETE),
-        // Quotas bound uploads: whoever may upload may see where they stand.
-        Command::Usage => Need::Session(Scope::WRITE),
-        Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => return None,
+        Command::Tracker(TrackerCmd::Groups | TrackerCmd::Users) => Need::Member(PeerKind::Admin),
+        Command::File(f) => Need::Session(match f {
+            FileCmd::Stat | FileCmd::Download | FileCmd::DownloadOver => Scope::READ,
+            FileCmd::Upload
+            | FileCmd::UploadInit
+            | FileCmd::UploadQuery
+            | FileCmd::UploadBlock
+            | FileCmd::UploadOver
+            | FileCmd::UploadProve => Scope::WRITE,
+            FileCmd::Delete => Scope::DELETE,
+            // Quotas bound uploads: whoever may upload may see where they stand.
+            FileCmd::Usage => Scope::WRITE,
+        }),
+        Command::Reply(_) => return None,
     })
 }
 

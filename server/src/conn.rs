@@ -19,9 +19,9 @@ use crate::syncer::{AckSlot, SyncJob};
 use crate::tenants::Slot;
 use crossbeam_channel::Sender;
 use ferry_common::proto::{
-    self, BlockAck, BlockMeta, Command, Decoded, Decoder, DownloadReq, ErrorBody, ErrorCode,
-    Header, Hello, Identity, NodeHello, Prove, Role, SaddrsReq, StatReply, UploadInit, UploadMeta,
-    UsersReq, cmd, status,
+    self, BlockAck, BlockMeta, Command, ConnCmd, Decoded, Decoder, DownloadReq, ErrorBody,
+    ErrorCode, FileCmd, Header, Hello, Identity, NodeHello, Prove, Role, SaddrsReq, StatReply,
+    TrackerCmd, UploadInit, UploadMeta, UsersReq, cmd, status,
 };
 use ferry_common::reactor::{Arm, CloseReason, Conn, Events, Service, Step};
 use ferry_common::token::Scope;
@@ -326,7 +326,7 @@ impl ServerConn {
             return self.error(&e, h.cmd);
         };
         match c {
-            Command::Probe => {
+            Command::Conn(ConnCmd::Probe) => {
                 self.reply(
                     &Identity {
                         version: proto::VERSION,
@@ -335,7 +335,7 @@ impl ServerConn {
                     .encode(),
                 );
             }
-            Command::Link => {
+            Command::Conn(ConnCmd::Link) => {
                 let e = if self.frames > 0 || self.session.link.is_some() {
                     OpError::new(
                         ErrorCode::BadFrame,
@@ -355,7 +355,7 @@ impl ServerConn {
                 };
                 self.error(&e, h.cmd)
             }
-            Command::Hello => {
+            Command::Conn(ConnCmd::Hello) => {
                 if self.session.who.is_some() {
                     let e = OpError::new(ErrorCode::BadFrame, "HELLO already received");
                     return self.error(&e, h.cmd);
@@ -389,24 +389,10 @@ impl ServerConn {
                     Err(e) => self.error(&e, h.cmd),
                 }
             }
-            Command::TrackerJoin
-            | Command::TrackerBeat
-            | Command::TrackerSaddrs
-            | Command::TrackerGroups
-            | Command::TrackerUsers => self.cluster(c, meta),
-            Command::Upload
-            | Command::Stat
-            | Command::Download
-            | Command::Delete
-            | Command::UploadInit
-            | Command::UploadQuery
-            | Command::UploadBlock
-            | Command::UploadOver
-            | Command::UploadProve
-            | Command::DownloadOver
-            | Command::Usage => self.file_command(c, meta, payload_len),
+            Command::Tracker(t) => self.cluster(t, meta),
+            Command::File(f) => self.file_command(f, meta, payload_len),
             // `authorize` refused these (no need: not a request).
-            Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => {
+            Command::Reply(_) => {
                 let e = OpError::new(ErrorCode::Internal, "authorized a reply");
                 self.error(&e, h.cmd)
             }
@@ -414,8 +400,8 @@ impl ServerConn {
     }
 
     /// A command of a user's session on files (the data plane).
-    fn file_command(&mut self, c: Command, meta: &[u8], payload_len: u64) {
-        let req = c as u8;
+    fn file_command(&mut self, f: FileCmd, meta: &[u8], payload_len: u64) {
+        let req = f as u8;
         // `authorize` let a file command through, so the session has passed HELLO.
         let Some((who, grant)) = self.session.who.clone() else {
             let e = OpError::new(ErrorCode::Internal, "file command without a session");
@@ -425,36 +411,25 @@ impl ServerConn {
         if let Err(e) = grant.live(ferry_common::clock::now_secs()) {
             return self.error(&e, req);
         }
-        let named = match c {
-            Command::Stat | Command::Delete | Command::DownloadOver => {
+        let named = match f {
+            FileCmd::Stat | FileCmd::Delete | FileCmd::DownloadOver => {
                 proto::decode_file_id(meta).ok()
             }
-            Command::Download => DownloadReq::decode(meta).ok().map(|r| r.file_id),
-            Command::Upload
-            | Command::UploadInit
-            | Command::UploadQuery
-            | Command::UploadBlock
-            | Command::UploadOver
-            | Command::UploadProve
-            | Command::Usage
-            | Command::Hello
-            | Command::Probe
-            | Command::Link
-            | Command::TrackerJoin
-            | Command::TrackerBeat
-            | Command::TrackerSaddrs
-            | Command::TrackerGroups
-            | Command::TrackerUsers
-            | Command::ReplyTracker
-            | Command::ReplyStorage
-            | Command::ReplyProxy => None,
+            FileCmd::Download => DownloadReq::decode(meta).ok().map(|r| r.file_id),
+            FileCmd::Upload
+            | FileCmd::UploadInit
+            | FileCmd::UploadQuery
+            | FileCmd::UploadBlock
+            | FileCmd::UploadOver
+            | FileCmd::UploadProve
+            | FileCmd::Usage => None,
         };
-        let limited = match (&named, c) {
-            (Some(id), Command::Delete) => grant.may_name(id),
+        let limited = match (&named, f) {
+            (Some(id), FileCmd::Delete) => grant.may_name(id),
             (Some(id), _) => grant
                 .may_name(id)
                 .and_then(|()| self.st.may_read(&who, id, &grant)),
-            (None, Command::UploadInit) => {
+            (None, FileCmd::UploadInit) => {
                 UploadInit::decode(meta).map_or(Ok(()), |i| grant.may_upload(i.size))
             }
             _ => Ok(()),
@@ -462,8 +437,8 @@ impl ServerConn {
         if let Err(e) = limited {
             return self.error(&e, req);
         }
-        let r = match c {
-            Command::Upload => match grant.may_upload(payload_len) {
+        let r = match f {
+            FileCmd::Upload => match grant.may_upload(payload_len) {
                 Ok(()) => self.start_small(&who, meta, payload_len),
                 // The payload still has to be read to stay in step with the stream.
                 Err(e) => {
@@ -474,51 +449,37 @@ impl ServerConn {
                     Ok(())
                 }
             },
-            Command::UploadBlock => self.start_block(&who, meta, payload_len),
-            Command::Stat => self.stat(&who, meta),
-            Command::Download => self.download(&who, meta),
-            Command::Delete => proto::decode_file_id(meta)
+            FileCmd::UploadBlock => self.start_block(&who, meta, payload_len),
+            FileCmd::Stat => self.stat(&who, meta),
+            FileCmd::Download => self.download(&who, meta),
+            FileCmd::Delete => proto::decode_file_id(meta)
                 .map_err(bad)
                 .and_then(|id| {
                     self.st
                         .delete(&who, &id, grant.scope.contains(Scope::ADMIN))
                 })
                 .map(|()| self.reply(&[])),
-            Command::DownloadOver => proto::decode_file_id(meta)
+            FileCmd::DownloadOver => proto::decode_file_id(meta)
                 .map_err(bad)
                 .and_then(|id| self.st.download_over(&who, &id))
                 .map(|()| self.reply(&[])),
-            Command::UploadInit => UploadInit::decode(meta)
+            FileCmd::UploadInit => UploadInit::decode(meta)
                 .map_err(bad)
                 .and_then(|init| self.st.init(&who, &init))
                 .map(|r| self.reply(&r.encode())),
-            Command::UploadQuery => proto::decode_upload_id(meta)
+            FileCmd::UploadQuery => proto::decode_upload_id(meta)
                 .map_err(bad)
                 .and_then(|id| self.st.query(&who, &id))
                 .map(|b| self.reply(&b.encode())),
-            Command::UploadOver => proto::decode_upload_id(meta)
+            FileCmd::UploadOver => proto::decode_upload_id(meta)
                 .map_err(bad)
                 .and_then(|id| self.st.over(&who, &id))
                 .and_then(|fid| self.reply_file_id(&fid)),
-            Command::Usage => self.st.usage_reply(&who).map(|u| self.reply(&u.encode())),
-            Command::UploadProve => Prove::decode(meta)
+            FileCmd::Usage => self.st.usage_reply(&who).map(|u| self.reply(&u.encode())),
+            FileCmd::UploadProve => Prove::decode(meta)
                 .map_err(bad)
                 .and_then(|p| self.st.prove(&who, &p.upload_id, &p.sha256))
                 .and_then(|fid| self.reply_file_id(&fid)),
-            Command::Hello
-            | Command::Probe
-            | Command::Link
-            | Command::TrackerJoin
-            | Command::TrackerBeat
-            | Command::TrackerSaddrs
-            | Command::TrackerGroups
-            | Command::TrackerUsers
-            | Command::ReplyTracker
-            | Command::ReplyStorage
-            | Command::ReplyProxy => Err(OpError::new(
-                ErrorCode::Internal,
-                format!("{} is no file command", c.name()),
-            )),
         };
         if let Err(e) = r {
             self.error(&e, req);
@@ -526,57 +487,37 @@ impl ServerConn {
     }
 
     /// The tracker commands: no HELLO needed; error 3 when the role is not enabled.
-    fn cluster(&mut self, c: Command, meta: &[u8]) {
+    fn cluster(&mut self, c: TrackerCmd, meta: &[u8]) {
         let (req, reply_cmd) = (c as u8, cmd::REPLY_TRACKER);
         let roles = self.roles.clone();
         let Some(t) = &roles.tracker else {
             // Like any command this server does not know: its own reply command.
             let e = OpError::new(
                 ErrorCode::UnknownCommand,
-                format!("{} is not served here (role not enabled)", c.name()),
+                format!("{} is not served here (role not enabled)", cmd::name(req)),
             );
             return self.error(&e, req);
         };
         let r = match c {
-            Command::TrackerJoin => NodeHello::decode_join(meta)
+            TrackerCmd::Join => NodeHello::decode_join(meta)
                 .map_err(bad)
                 .and_then(|j| self.node_claim(req, j))
                 .and_then(|j| t.join(&j))
                 .and_then(|r| r.encode().map_err(internal)),
-            Command::TrackerBeat => NodeHello::decode_beat(meta)
+            TrackerCmd::Beat => NodeHello::decode_beat(meta)
                 .map_err(bad)
                 .and_then(|b| self.node_claim(req, b))
                 .and_then(|b| t.beat(&b))
                 .and_then(|r| r.encode().map_err(internal)),
-            Command::TrackerSaddrs => SaddrsReq::decode(meta)
+            TrackerCmd::Saddrs => SaddrsReq::decode(meta)
                 .map_err(bad)
                 .and_then(|q| t.saddrs(&q))
                 .and_then(|r| r.encode().map_err(internal)),
-            Command::TrackerGroups => t.groups().and_then(|r| r.encode().map_err(internal)),
-            Command::TrackerUsers => UsersReq::decode(meta)
+            TrackerCmd::Groups => t.groups().and_then(|r| r.encode().map_err(internal)),
+            TrackerCmd::Users => UsersReq::decode(meta)
                 .map_err(bad)
                 .and_then(|q| t.users(&q))
                 .and_then(|r| r.encode().map_err(internal)),
-            Command::Hello
-            | Command::Probe
-            | Command::Link
-            | Command::Upload
-            | Command::Stat
-            | Command::Download
-            | Command::Delete
-            | Command::UploadInit
-            | Command::UploadQuery
-            | Command::UploadBlock
-            | Command::UploadOver
-            | Command::UploadProve
-            | Command::DownloadOver
-            | Command::Usage
-            | Command::ReplyTracker
-            | Command::ReplyStorage
-            | Command::ReplyProxy => Err(OpError::new(
-                ErrorCode::Internal,
-                format!("{} is no cluster command", c.name()),
-            )),
         };
         match r {
             Ok(body) => self.push_bytes(proto::frame(reply_cmd, status::OK, &body)),

@@ -1,5 +1,6 @@
 //! The one command table: every command of the protocol is a [`Command`], and what follows
-//! from a command (its name, its body rules, its plane) is an exhaustive match here. Whoever
+//! from a command (its name, its body rules, its part of the protocol) is an exhaustive match
+//! here. Whoever
 //! acts on commands (the server's access table and dispatch, the proxy's first-frame
 //! classification, the fuzz targets) matches on [`Command`] without a catch-all arm, so a new
 //! command does not compile until each of them says what to do with it. docs/PROTOCOL.md's
@@ -7,10 +8,24 @@
 
 use super::*;
 
-/// A command, by its wire number (the header's command byte).
+/// A command, by the part of the protocol it belongs to; each part's enum has the commands'
+/// wire numbers (the header's command byte). Matching on the outer enum first lets a handler of
+/// one part (the server's file commands, say) match exhaustively on its own commands only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// Opens or checks a connection.
+    Conn(ConnCmd),
+    /// Between the cluster's members and operators and a tracker (no HELLO).
+    Tracker(TrackerCmd),
+    /// A user's session works on files (needs HELLO first).
+    File(FileCmd),
+    /// A reply (never a request).
+    Reply(ReplyCmd),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
-pub enum Command {
+pub enum ConnCmd {
     /// Opens every client session: version, identity, credential.
     Hello = 1,
     /// Health/identity probe answered by whichever ferry process receives it.
@@ -19,17 +34,28 @@ pub enum Command {
     /// of the pseudo-app `ferry-link`, see `auth`). No reply when valid; error 6 and close when
     /// not.
     Link = 3,
-    /// A storage node joins its group at a tracker (seed 004's numbers for 10-13; its id
-    /// server's 40 and 101 are not used: storage nodes reserve ids in the metadata database).
-    TrackerJoin = 10,
+}
+
+/// Seed 004's numbers for 10-13; its id server's 40 and 101 are not used: storage nodes
+/// reserve ids in the metadata database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TrackerCmd {
+    /// A storage node joins its group.
+    Join = 10,
     /// A storage node's heartbeat.
-    TrackerBeat = 11,
+    Beat = 11,
     /// Which group (and nodes) serves an app's user.
-    TrackerSaddrs = 12,
+    Saddrs = 12,
     /// The tracker's view of every group and node.
-    TrackerGroups = 13,
+    Groups = 13,
     /// One page of the users the router table assigns to a group.
-    TrackerUsers = 14,
+    Users = 14,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FileCmd {
     /// Small file in one frame.
     Upload = 70,
     /// File info: size, SHA-256, name, created, block size.
@@ -51,107 +77,86 @@ pub enum Command {
     DownloadOver = 79,
     /// What the session's user stores, and the app's quotas for it.
     Usage = 80,
-    /// Reply from a tracker (seed 004).
-    ReplyTracker = 100,
-    /// Reply from a storage server (seed 004), also to HELLO and PROBE.
-    ReplyStorage = 102,
-    /// Reply from a proxy (to PROBE, or an error the proxy itself raises).
-    ReplyProxy = 103,
 }
 
-/// Which part of the protocol a command belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plane {
-    /// Opens or checks a connection: HELLO, PROBE, LINK.
-    Connection,
-    /// A user's session works on files (needs HELLO first).
-    Data,
-    /// Between the cluster's members and its operators: the tracker's commands.
-    Cluster,
-    /// A reply (never a request).
-    Reply,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ReplyCmd {
+    /// Reply from a tracker (seed 004).
+    Tracker = 100,
+    /// Reply from a storage server (seed 004), also to HELLO and PROBE.
+    Storage = 102,
+    /// Reply from a proxy (to PROBE, or an error the proxy itself raises).
+    Proxy = 103,
 }
 
 impl Command {
     /// Every command, in wire-number order.
     pub const ALL: [Command; 22] = [
-        Command::Hello,
-        Command::Probe,
-        Command::Link,
-        Command::TrackerJoin,
-        Command::TrackerBeat,
-        Command::TrackerSaddrs,
-        Command::TrackerGroups,
-        Command::TrackerUsers,
-        Command::Upload,
-        Command::Stat,
-        Command::Download,
-        Command::Delete,
-        Command::UploadInit,
-        Command::UploadQuery,
-        Command::UploadBlock,
-        Command::UploadOver,
-        Command::UploadProve,
-        Command::DownloadOver,
-        Command::Usage,
-        Command::ReplyTracker,
-        Command::ReplyStorage,
-        Command::ReplyProxy,
+        Command::Conn(ConnCmd::Hello),
+        Command::Conn(ConnCmd::Probe),
+        Command::Conn(ConnCmd::Link),
+        Command::Tracker(TrackerCmd::Join),
+        Command::Tracker(TrackerCmd::Beat),
+        Command::Tracker(TrackerCmd::Saddrs),
+        Command::Tracker(TrackerCmd::Groups),
+        Command::Tracker(TrackerCmd::Users),
+        Command::File(FileCmd::Upload),
+        Command::File(FileCmd::Stat),
+        Command::File(FileCmd::Download),
+        Command::File(FileCmd::Delete),
+        Command::File(FileCmd::UploadInit),
+        Command::File(FileCmd::UploadQuery),
+        Command::File(FileCmd::UploadBlock),
+        Command::File(FileCmd::UploadOver),
+        Command::File(FileCmd::UploadProve),
+        Command::File(FileCmd::DownloadOver),
+        Command::File(FileCmd::Usage),
+        Command::Reply(ReplyCmd::Tracker),
+        Command::Reply(ReplyCmd::Storage),
+        Command::Reply(ReplyCmd::Proxy),
     ];
 
     /// The command with this wire number, if any.
     pub fn from_u8(c: u8) -> Option<Command> {
-        Command::ALL.iter().copied().find(|k| *k as u8 == c)
+        Command::ALL.iter().copied().find(|k| k.wire() == c)
+    }
+
+    /// The wire number.
+    pub fn wire(self) -> u8 {
+        match self {
+            Command::Conn(c) => c as u8,
+            Command::Tracker(c) => c as u8,
+            Command::File(c) => c as u8,
+            Command::Reply(c) => c as u8,
+        }
     }
 
     /// The name docs/PROTOCOL.md and the logs use.
     pub fn name(self) -> &'static str {
         match self {
-            Command::Hello => "HELLO",
-            Command::Probe => "PROBE",
-            Command::Link => "LINK",
-            Command::TrackerJoin => "TRACKER_JOIN",
-            Command::TrackerBeat => "TRACKER_BEAT",
-            Command::TrackerSaddrs => "TRACKER_SADDRS",
-            Command::TrackerGroups => "TRACKER_GROUPS",
-            Command::TrackerUsers => "TRACKER_USERS",
-            Command::Upload => "UPLOAD",
-            Command::Stat => "STAT",
-            Command::Download => "DOWNLOAD",
-            Command::Delete => "DELETE",
-            Command::UploadInit => "UPLOAD_INIT",
-            Command::UploadQuery => "UPLOAD_QUERY",
-            Command::UploadBlock => "UPLOAD_BLOCK",
-            Command::UploadOver => "UPLOAD_OVER",
-            Command::UploadProve => "UPLOAD_PROVE",
-            Command::DownloadOver => "DOWNLOAD_OVER",
-            Command::Usage => "USAGE",
-            Command::ReplyTracker => "REPLY_TRACKER",
-            Command::ReplyStorage => "REPLY_STORAGE",
-            Command::ReplyProxy => "REPLY_PROXY",
-        }
-    }
-
-    pub fn plane(self) -> Plane {
-        match self {
-            Command::Hello | Command::Probe | Command::Link => Plane::Connection,
-            Command::TrackerJoin
-            | Command::TrackerBeat
-            | Command::TrackerSaddrs
-            | Command::TrackerGroups
-            | Command::TrackerUsers => Plane::Cluster,
-            Command::Upload
-            | Command::Stat
-            | Command::Download
-            | Command::Delete
-            | Command::UploadInit
-            | Command::UploadQuery
-            | Command::UploadBlock
-            | Command::UploadOver
-            | Command::UploadProve
-            | Command::DownloadOver
-            | Command::Usage => Plane::Data,
-            Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => Plane::Reply,
+            Command::Conn(ConnCmd::Hello) => "HELLO",
+            Command::Conn(ConnCmd::Probe) => "PROBE",
+            Command::Conn(ConnCmd::Link) => "LINK",
+            Command::Tracker(TrackerCmd::Join) => "TRACKER_JOIN",
+            Command::Tracker(TrackerCmd::Beat) => "TRACKER_BEAT",
+            Command::Tracker(TrackerCmd::Saddrs) => "TRACKER_SADDRS",
+            Command::Tracker(TrackerCmd::Groups) => "TRACKER_GROUPS",
+            Command::Tracker(TrackerCmd::Users) => "TRACKER_USERS",
+            Command::File(FileCmd::Upload) => "UPLOAD",
+            Command::File(FileCmd::Stat) => "STAT",
+            Command::File(FileCmd::Download) => "DOWNLOAD",
+            Command::File(FileCmd::Delete) => "DELETE",
+            Command::File(FileCmd::UploadInit) => "UPLOAD_INIT",
+            Command::File(FileCmd::UploadQuery) => "UPLOAD_QUERY",
+            Command::File(FileCmd::UploadBlock) => "UPLOAD_BLOCK",
+            Command::File(FileCmd::UploadOver) => "UPLOAD_OVER",
+            Command::File(FileCmd::UploadProve) => "UPLOAD_PROVE",
+            Command::File(FileCmd::DownloadOver) => "DOWNLOAD_OVER",
+            Command::File(FileCmd::Usage) => "USAGE",
+            Command::Reply(ReplyCmd::Tracker) => "REPLY_TRACKER",
+            Command::Reply(ReplyCmd::Storage) => "REPLY_STORAGE",
+            Command::Reply(ReplyCmd::Proxy) => "REPLY_PROXY",
         }
     }
 
@@ -165,33 +170,36 @@ impl Command {
                 payload_max: 0,
             })
         };
+        let data = |meta| {
+            Some(BodySpec {
+                meta,
+                exact: true,
+                payload_max: BLOCK_MAX,
+            })
+        };
         match self {
-            Command::Hello => control(HELLO_MAX, false),
-            Command::Probe => control(2, true),
-            Command::Link => control(crate::token::TOKEN_MAX, false),
-            Command::Upload => Some(BodySpec {
-                meta: UPLOAD_META,
-                exact: true,
-                payload_max: BLOCK_MAX,
-            }),
-            Command::Stat | Command::Delete | Command::DownloadOver => control(FILE_ID_LEN, true),
-            Command::Download => control(FILE_ID_LEN + 16, true),
-            Command::UploadInit => control(UPLOAD_INIT_LEN, true),
-            Command::UploadQuery | Command::UploadOver => control(UPLOAD_ID_LEN, true),
-            Command::UploadBlock => Some(BodySpec {
-                meta: BLOCK_META,
-                exact: true,
-                payload_max: BLOCK_MAX,
-            }),
-            Command::UploadProve => control(UPLOAD_ID_LEN + SHA256_LEN, true),
-            Command::Usage => control(0, true),
+            Command::Conn(ConnCmd::Hello) => control(HELLO_MAX, false),
+            Command::Conn(ConnCmd::Probe) => control(2, true),
+            Command::Conn(ConnCmd::Link) => control(crate::token::TOKEN_MAX, false),
             // JOIN_V1_LEN or JOIN_LEN: decode_join takes either, nothing in between.
-            Command::TrackerJoin => control(JOIN_LEN, false),
-            Command::TrackerBeat => control(BEAT_LEN, true),
-            Command::TrackerSaddrs => control(SADDRS_LEN, true),
-            Command::TrackerGroups => control(0, true),
-            Command::TrackerUsers => control(USERS_LEN, true),
-            Command::ReplyTracker | Command::ReplyStorage | Command::ReplyProxy => None,
+            Command::Tracker(TrackerCmd::Join) => control(JOIN_LEN, false),
+            Command::Tracker(TrackerCmd::Beat) => control(BEAT_LEN, true),
+            Command::Tracker(TrackerCmd::Saddrs) => control(SADDRS_LEN, true),
+            Command::Tracker(TrackerCmd::Groups) => control(0, true),
+            Command::Tracker(TrackerCmd::Users) => control(USERS_LEN, true),
+            Command::File(f) => match f {
+                FileCmd::Upload => data(UPLOAD_META),
+                FileCmd::UploadBlock => data(BLOCK_META),
+                FileCmd::Stat | FileCmd::Delete | FileCmd::DownloadOver => {
+                    control(FILE_ID_LEN, true)
+                }
+                FileCmd::Download => control(FILE_ID_LEN + 16, true),
+                FileCmd::UploadInit => control(UPLOAD_INIT_LEN, true),
+                FileCmd::UploadQuery | FileCmd::UploadOver => control(UPLOAD_ID_LEN, true),
+                FileCmd::UploadProve => control(UPLOAD_ID_LEN + SHA256_LEN, true),
+                FileCmd::Usage => control(0, true),
+            },
+            Command::Reply(_) => None,
         }
     }
 }
@@ -203,17 +211,13 @@ mod tests {
     #[test]
     fn every_command_round_trips_and_only_replies_have_no_request_spec() {
         for c in Command::ALL {
-            assert_eq!(Command::from_u8(c as u8), Some(c));
-            assert_eq!(
-                c.spec().is_none(),
-                c.plane() == Plane::Reply,
-                "{}",
-                c.name()
-            );
+            assert_eq!(Command::from_u8(c.wire()), Some(c));
+            let reply = matches!(c, Command::Reply(_));
+            assert_eq!(c.spec().is_none(), reply, "{}", c.name());
         }
         let known = (0..=255u8).filter_map(Command::from_u8).count();
         assert_eq!(known, Command::ALL.len(), "ALL lists every command once");
-        assert!(Command::ALL.windows(2).all(|w| (w[0] as u8) < (w[1] as u8)));
+        assert!(Command::ALL.windows(2).all(|w| w[0].wire() < w[1].wire()));
     }
 
     /// docs/PROTOCOL.md's command table lists exactly [`Command::ALL`], number and name.
@@ -236,7 +240,7 @@ mod tests {
             .collect();
         let want: Vec<(u8, String)> = Command::ALL
             .iter()
-            .map(|c| (*c as u8, c.name().to_string()))
+            .map(|c| (c.wire(), c.name().to_string()))
             .collect();
         assert_eq!(rows, want);
     }

@@ -23,7 +23,7 @@ mod frames;
 
 pub use call::{CallError, Caller, call_once};
 pub use cluster::*;
-pub use command::{Command, Plane};
+pub use command::{Command, ConnCmd, FileCmd, ReplyCmd, TrackerCmd};
 pub use decoder::{Decoded, Decoder};
 pub use errors::{Class, ERRORS, ErrorCode, ErrorInfo, Retry, Side};
 pub use frames::*;
@@ -64,30 +64,30 @@ pub const GROUPS_MAX: usize = 256;
 /// The commands' wire numbers, for building and matching frames; everything else about a
 /// command is [`Command`]'s.
 pub mod cmd {
-    use super::Command;
+    use super::{Command, ConnCmd, FileCmd, ReplyCmd, TrackerCmd};
 
-    pub const HELLO: u8 = Command::Hello as u8;
-    pub const PROBE: u8 = Command::Probe as u8;
-    pub const LINK: u8 = Command::Link as u8;
-    pub const TRACKER_JOIN: u8 = Command::TrackerJoin as u8;
-    pub const TRACKER_BEAT: u8 = Command::TrackerBeat as u8;
-    pub const TRACKER_SADDRS: u8 = Command::TrackerSaddrs as u8;
-    pub const TRACKER_GROUPS: u8 = Command::TrackerGroups as u8;
-    pub const TRACKER_USERS: u8 = Command::TrackerUsers as u8;
-    pub const UPLOAD: u8 = Command::Upload as u8;
-    pub const STAT: u8 = Command::Stat as u8;
-    pub const DOWNLOAD: u8 = Command::Download as u8;
-    pub const DELETE: u8 = Command::Delete as u8;
-    pub const UPLOAD_INIT: u8 = Command::UploadInit as u8;
-    pub const UPLOAD_QUERY: u8 = Command::UploadQuery as u8;
-    pub const UPLOAD_BLOCK: u8 = Command::UploadBlock as u8;
-    pub const UPLOAD_OVER: u8 = Command::UploadOver as u8;
-    pub const UPLOAD_PROVE: u8 = Command::UploadProve as u8;
-    pub const DOWNLOAD_OVER: u8 = Command::DownloadOver as u8;
-    pub const USAGE: u8 = Command::Usage as u8;
-    pub const REPLY_TRACKER: u8 = Command::ReplyTracker as u8;
-    pub const REPLY_STORAGE: u8 = Command::ReplyStorage as u8;
-    pub const REPLY_PROXY: u8 = Command::ReplyProxy as u8;
+    pub const HELLO: u8 = ConnCmd::Hello as u8;
+    pub const PROBE: u8 = ConnCmd::Probe as u8;
+    pub const LINK: u8 = ConnCmd::Link as u8;
+    pub const TRACKER_JOIN: u8 = TrackerCmd::Join as u8;
+    pub const TRACKER_BEAT: u8 = TrackerCmd::Beat as u8;
+    pub const TRACKER_SADDRS: u8 = TrackerCmd::Saddrs as u8;
+    pub const TRACKER_GROUPS: u8 = TrackerCmd::Groups as u8;
+    pub const TRACKER_USERS: u8 = TrackerCmd::Users as u8;
+    pub const UPLOAD: u8 = FileCmd::Upload as u8;
+    pub const STAT: u8 = FileCmd::Stat as u8;
+    pub const DOWNLOAD: u8 = FileCmd::Download as u8;
+    pub const DELETE: u8 = FileCmd::Delete as u8;
+    pub const UPLOAD_INIT: u8 = FileCmd::UploadInit as u8;
+    pub const UPLOAD_QUERY: u8 = FileCmd::UploadQuery as u8;
+    pub const UPLOAD_BLOCK: u8 = FileCmd::UploadBlock as u8;
+    pub const UPLOAD_OVER: u8 = FileCmd::UploadOver as u8;
+    pub const UPLOAD_PROVE: u8 = FileCmd::UploadProve as u8;
+    pub const DOWNLOAD_OVER: u8 = FileCmd::DownloadOver as u8;
+    pub const USAGE: u8 = FileCmd::Usage as u8;
+    pub const REPLY_TRACKER: u8 = ReplyCmd::Tracker as u8;
+    pub const REPLY_STORAGE: u8 = ReplyCmd::Storage as u8;
+    pub const REPLY_PROXY: u8 = ReplyCmd::Proxy as u8;
 
     /// Human name for logs and errors ("UNKNOWN" for a number that is no command).
     pub fn name(c: u8) -> &'static str {

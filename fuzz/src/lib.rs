@@ -7,7 +7,7 @@
 
 use ferry_common::proto;
 use ferry_common::proto::{
-    self as frames, BodySpec, Command, ConnCmd, Decoded, Decoder, FileCmd, TrackerCmd, cmd,
+    self as frames, BodySpec, Command, ConnCmd, Decoded, Decoder, FileCmd, ReplyCmd, TrackerCmd,
 };
 use ferry_server::http::{head, range};
 
@@ -112,13 +112,14 @@ pub fn frames(data: &[u8]) {
 /// control reply, then a payload bounded like a block; tracker and id replies as the cluster
 /// clients read them).
 fn reply_spec(c: u8) -> Option<BodySpec> {
-    match c {
-        cmd::REPLY_STORAGE | cmd::REPLY_PROXY => Some(BodySpec {
+    match Command::from_u8(c)? {
+        Command::Reply(ReplyCmd::Storage | ReplyCmd::Proxy) => Some(BodySpec {
             meta: frames::STAT_REPLY_LEN,
             exact: false,
             payload_max: proto::BLOCK_MAX,
         }),
-        _ => frames::cluster_reply_spec(c),
+        Command::Reply(ReplyCmd::Tracker) => frames::cluster_reply_spec(c),
+        Command::Conn(_) | Command::Tracker(_) | Command::File(_) => None,
     }
 }
 

@@ -632,9 +632,12 @@ impl UsersReply {
 /// The body rules of the replies to the cluster commands, for [`Decoder::replies`]: control
 /// bodies up to the largest reply of the command.
 pub fn cluster_reply_spec(c: u8) -> Option<BodySpec> {
-    let meta = match c {
-        cmd::REPLY_TRACKER => GROUPS_REPLY_MAX,
-        _ => return None,
+    let meta = match Command::from_u8(c)? {
+        Command::Reply(ReplyCmd::Tracker) => GROUPS_REPLY_MAX,
+        Command::Reply(ReplyCmd::Storage | ReplyCmd::Proxy)
+        | Command::Conn(_)
+        | Command::Tracker(_)
+        | Command::File(_) => return None,
     };
     Some(BodySpec {
         meta,

@@ -13,7 +13,7 @@
 use crate::route::Route;
 use ferry_common::auth::SigningKey;
 use ferry_common::proto::{
-    self, ErrorBody, ErrorCode, HEADER_LEN, Header, SaddrsReply, SaddrsReq, cmd, status,
+    self, ErrorBody, ErrorCode, HEADER_LEN, Header, SaddrsReply, SaddrsReq, Side, cmd, status,
 };
 use log::{debug, warn};
 use mio::net::TcpStream;
@@ -237,9 +237,20 @@ fn decode_reply(frame: &[u8]) -> Result<Answer, String> {
     let body = &frame[HEADER_LEN..];
     if h.status == status::ERROR {
         let e = ErrorBody::decode(body).map_err(|e| format!("bad error reply: {e}"))?;
-        return match e.code {
-            ErrorCode::NoNode | ErrorCode::NotFound => Ok(Answer::Refused(e.code, e.text)),
-            code => Err(format!("error {} {code:?}: {}", code as u16, e.text)),
+        // The error table says whose the failure is: one about the request itself (no such
+        // file, a group without a node) is the answer every tracker would give, so it goes to
+        // the client; one of this tracker (its database, its disk) or of this connection (a
+        // refused link, a protocol mismatch) sends the lookup to the next tracker.
+        let info = e.code.info();
+        return if info.side != Side::Server && !info.ends_session {
+            Ok(Answer::Refused(e.code, e.text))
+        } else {
+            Err(format!(
+                "error {} {}: {}",
+                e.code as u16,
+                e.code.name(),
+                e.text
+            ))
         };
     }
     if h.cmd != cmd::REPLY_TRACKER || h.status != status::OK {
@@ -448,6 +459,24 @@ mod tests {
         assert!(matches!(a, Answer::Found { .. }), "{a:?}");
         j1.join().unwrap();
         j2.join().unwrap();
+        // The error table decides the rest: a missing file is the answer; a refused link (it
+        // ends the connection) or the tracker's own failure moves on to the next tracker.
+        let (t1, j1) = tracker(Some(
+            ErrorBody::new(ErrorCode::NotFound, "no file").frame(cmd::REPLY_TRACKER),
+        ));
+        assert_eq!(
+            finish(start(vec![t1], Duration::from_secs(2))),
+            Answer::Refused(ErrorCode::NotFound, "no file".into())
+        );
+        j1.join().unwrap();
+        for code in [ErrorCode::Auth, ErrorCode::Io, ErrorCode::UnknownCommand] {
+            let (t1, j1) = tracker(Some(ErrorBody::new(code, "x").frame(cmd::REPLY_TRACKER)));
+            let (t2, j2) = tracker(Some(found("g1", &[("127.0.0.1", 1)], false)));
+            let a = finish(start(vec![t1, t2], Duration::from_secs(2)));
+            assert!(matches!(a, Answer::Found { .. }), "{code:?}: {a:?}");
+            j1.join().unwrap();
+            j2.join().unwrap();
+        }
     }
 
     #[test]

@@ -82,7 +82,8 @@ pub enum Retry {
 pub enum Side {
     /// The request: wrong bytes, credential, file id, or asking past a limit.
     Client,
-    /// The server that answered (its disk, its bug).
+    /// The server (or tracker) that answered: its disk, its database, its bug. Another one
+    /// may do better.
     Server,
     /// The way to the data: a proxy, the network, or the cluster's routing and database.
     Path,
@@ -284,12 +285,13 @@ pub const ERRORS: [ErrorInfo; 26] = [
         S::Path,
         C::Unreachable,
     ),
+    // The tracker that answered lost its database; another one may still have a view.
     row(
         E::Unavailable,
         "Unavailable",
         false,
         R::Outage,
-        S::Path,
+        S::Server,
         C::Unreachable,
     ),
     row(E::Forbidden, "Forbidden", false, R::No, S::Client, C::Auth),

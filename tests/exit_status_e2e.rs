@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::cli::{Run, ferry, ok, run};
+use support::cli::{Run, ferry, ok, one_by_one, run};
 use support::{Proc, free_addr, make_file, start_server};
 
 /// Checks a failed run: its exit status, and the JSON error's class, exit and (when the
@@ -191,15 +191,7 @@ fn ctrl_c_mid_transfer_exits_130_and_the_rerun_resumes() {
     let (srv, addr) = (&c.server, c.entry);
     let src = dir.path().join("movie.bin");
     make_file(&src, 128 << 20, 3);
-    let args = [
-        "--json",
-        "upload",
-        "--threads",
-        "1",
-        "--block-size",
-        "64KiB",
-        src.to_str().unwrap(),
-    ];
+    let args = one_by_one(&src);
     let child = ferry(&state, &[addr], &args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -213,13 +205,7 @@ fn ctrl_c_mid_transfer_exits_130_and_the_rerun_resumes() {
     }
     std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let r = Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let r = Run::from(child.wait_with_output().unwrap());
     if r.ok {
         panic!("the upload finished before the interrupt: {}", r.stdout);
     }

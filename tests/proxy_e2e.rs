@@ -976,6 +976,17 @@ fn idle_peers_are_dropped() {
     assert_eq!(&b, b"y");
 }
 
+/// Each established echo session still carries bytes both ways.
+fn echo_each(est: &mut [TcpStream]) {
+    for (i, s) in est.iter_mut().enumerate() {
+        let msg = [i as u8; 1000];
+        s.write_all(&msg).unwrap();
+        let mut got = [0u8; 1000];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
 /// Sessions are capped by the descriptors they hold: under a 300-descriptor limit the proxy
 /// takes (300 - 64) / 6 = 39 splice sessions and logs it; a flood past that is refused with
 /// error 17, never met with EMFILE, and the sessions in place carry on.
@@ -1021,13 +1032,7 @@ fn sessions_are_capped_by_the_open_file_limit() {
         !log.contains("cannot create a pipe") && !log.contains("accept failed"),
         "{log}"
     );
-    for (i, s) in est.iter_mut().enumerate() {
-        let msg = [i as u8; 1000];
-        s.write_all(&msg).unwrap();
-        let mut got = [0u8; 1000];
-        s.read_exact(&mut got).unwrap();
-        assert_eq!(got, msg);
-    }
+    echo_each(&mut est);
 }
 
 #[test]
@@ -1074,13 +1079,7 @@ fn flood_past_the_limit_is_refused_and_established_sessions_continue() {
         "nothing past the limit reached the upstream"
     );
     assert!(p.stat("refused") >= 50);
-    for (i, s) in est.iter_mut().enumerate() {
-        let msg = [i as u8; 1000];
-        s.write_all(&msg).unwrap();
-        let mut got = [0u8; 1000];
-        s.read_exact(&mut got).unwrap();
-        assert_eq!(got, msg);
-    }
+    echo_each(&mut est);
     // Room again once one session ends.
     let mut one = est.pop().unwrap();
     one.shutdown(Shutdown::Write).unwrap();

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::cli::{ferry, ok, run};
+use support::cli::{ferry, ok, one_by_one, run};
 use support::{Proc, bin, files_under, free_addr, make_file, sha256_file, wait_ready};
 
 /// A `ferry-server` on `data`, optionally under `fiu-run -x` (fault points controllable at run
@@ -47,21 +47,6 @@ impl Server {
             .expect("fiu-ctrl runs");
         assert!(st.success(), "fiu-ctrl -c {command:?} failed");
     }
-}
-
-/// `ferry upload` one block of 64 KiB at a time over one connection: slow enough for a fault to
-/// land in the middle.
-fn one_by_one(file: &Path) -> [&str; 7] {
-    let path = file.to_str().unwrap();
-    [
-        "--json",
-        "upload",
-        "--threads",
-        "1",
-        "--block-size",
-        "64KiB",
-        path,
-    ]
 }
 
 fn upload(state: &Path, addr: SocketAddr, file: &Path) -> support::cli::Run {

@@ -63,12 +63,33 @@ pub fn run(mut cmd: Command) -> Run {
             panic!("ferry ran over 60 s: {cmd:?}");
         }
     };
-    Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    Run::from(out)
+}
+
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Run {
+        Run {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
+}
+
+/// `ferry upload` one block of 64 KiB at a time over one connection: slow enough for a fault to
+/// land in the middle.
+pub fn one_by_one(file: &Path) -> [&str; 7] {
+    let path = file.to_str().unwrap();
+    [
+        "--json",
+        "upload",
+        "--threads",
+        "1",
+        "--block-size",
+        "64KiB",
+        path,
+    ]
 }
 
 /// Runs and insists on success.

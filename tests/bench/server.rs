@@ -310,8 +310,9 @@ fn show(label: &str, mbs: &mut [f64], base: Option<f64>) -> f64 {
     med
 }
 
-fn delete(addr: SocketAddr, id: &str) {
-    let mut c = Conn::open(addr, "cleaner");
+/// Deletes `id` as `owner` (only a file's uploader may delete it).
+fn delete(addr: SocketAddr, owner: &str, id: &str) {
+    let mut c = Conn::open(addr, owner);
     c.s.write_all(&proto::frame(
         cmd::DELETE,
         0,
@@ -394,7 +395,7 @@ fn throughput(dir: &Path, mb: usize, runs: usize) {
                         &mut rows,
                     );
                 }
-                delete(srv.addr, &id);
+                delete(srv.addr, &user, &id);
             }
         }
         drop(srv);
@@ -438,13 +439,14 @@ fn rss(dir: &Path, rss_mb: usize, runs: usize) {
                 let one = one.clone();
                 let addr = srv.addr;
                 std::thread::spawn(move || {
-                    let (_, t) = upload(addr, &one, 1, &format!("rss{run}-{k}"));
+                    let user = format!("rss{run}-{k}");
+                    let (_, t) = upload(addr, &one, 1, &user);
                     let id = LAST_ID.with(|l| l.borrow().clone());
-                    (id, t)
+                    (id, user, t)
                 })
             })
             .collect();
-        let ids: Vec<(String, f64)> = ups.into_iter().map(|u| u.join().unwrap()).collect();
+        let ids: Vec<(String, String, f64)> = ups.into_iter().map(|u| u.join().unwrap()).collect();
         let secs = t.elapsed().as_secs_f64();
         stop.store(true, Ordering::SeqCst);
         sampler.join().unwrap();
@@ -457,8 +459,8 @@ fn rss(dir: &Path, rss_mb: usize, runs: usize) {
             idle / 1024
         );
         peaks.push(p as f64 / 1024.0);
-        for (id, _) in ids {
-            delete(srv.addr, &id);
+        for (id, user, _) in ids {
+            delete(srv.addr, &user, &id);
         }
     }
     let (med, lo, hi) = median(&peaks);

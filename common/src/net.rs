@@ -16,6 +16,25 @@ pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     Ok(sock.into())
 }
 
+/// Fewest connections a process takes, whatever its open-file limit: below this the limit is
+/// misconfigured, and the process says so rather than refusing every client.
+pub const MIN_CONNECTIONS: usize = 16;
+
+/// How many connections fit in `limit` descriptors once `reserved` are kept for the process
+/// itself, at `per_connection` each; and how many to take: `configured`, lowered to that (never
+/// below [`MIN_CONNECTIONS`]). Server and proxy size their reactor with it, so connections
+/// cannot run them into EMFILE.
+pub fn connections_within(
+    limit: u64,
+    reserved: u64,
+    per_connection: u64,
+    configured: usize,
+) -> (usize, usize) {
+    let fit = limit.saturating_sub(reserved) / per_connection.max(1);
+    let fit = usize::try_from(fit).unwrap_or(usize::MAX);
+    (fit, configured.min(fit.max(MIN_CONNECTIONS)))
+}
+
 /// Raises the soft open-file limit to the hard limit: a relayed session costs two sockets and
 /// two pipes, so the default soft limit caps the number of sessions far below what memory allows.
 pub fn raise_fd_limit() -> u64 {

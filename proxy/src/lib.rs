@@ -40,9 +40,7 @@ fn session_budget(fds: u64, mode: Mode, max_connections: usize) -> usize {
         Mode::Splice => 6,
         Mode::Userspace => 2,
     };
-    let fit = usize::try_from(fds.saturating_sub(FIXED_FDS) / per).unwrap_or(usize::MAX);
-    // A few sessions whatever the limit: a misconfigured limit is said, not a dead proxy.
-    let take = max_connections.min(fit.max(16));
+    let (_, take) = ferry_common::net::connections_within(fds, FIXED_FDS, per, max_connections);
     if take < max_connections {
         warn!(
             "open-file limit {fds}: {FIXED_FDS} kept for the proxy, {per} per session ({}): \

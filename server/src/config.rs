@@ -313,17 +313,20 @@ impl Config {
             || self.max_sessions_per_app == Some(0)
             || self.max_connections_per_app == Some(0)
             || self.max_connections_per_user == 0
+            || self.max_open_bytes_per_app == Some(0)
             || self.apps.values().any(|p| {
                 p.max_sessions == Some(0)
                     || p.max_sessions_per_user == Some(0)
                     || p.max_connections == Some(0)
                     || p.max_connections_per_user == Some(0)
+                    || p.max_open_bytes == Some(0)
+                    || p.max_open_bytes_per_user == Some(0)
             })
         {
             bail!(
                 "workers, max_connections, max_sessions, max_sessions_per_user, \
-                 max_sessions_per_app, max_connections_per_app, max_connections_per_user and \
-                 their [apps.*] counterparts must be at least 1"
+                 max_sessions_per_app, max_connections_per_app, max_connections_per_user, \
+                 max_open_bytes_per_app and their [apps.*] counterparts must be at least 1"
             );
         }
         if self.hello_timeout_ms == 0 || self.frame_timeout_ms == 0 || self.progress_timeout_ms == 0
@@ -380,12 +383,15 @@ impl Config {
         Ok(())
     }
 
+    /// What `app`'s own policy sets with `pick` (`[apps.APP]`), if it sets it.
+    fn app_sets<T>(&self, app: &str, pick: impl FnOnce(&AppPolicy) -> Option<T>) -> Option<T> {
+        self.apps.get(app).and_then(pick)
+    }
+
     /// Most upload sessions `app` may have open: its `[apps.APP] max_sessions`, else
     /// `max_sessions_per_app`, else half the table.
     pub fn app_sessions(&self, app: &str) -> usize {
-        self.apps
-            .get(app)
-            .and_then(|p| p.max_sessions)
+        self.app_sets(app, |p| p.max_sessions)
             .or(self.max_sessions_per_app)
             .unwrap_or((self.max_sessions / 2).max(1))
     }
@@ -393,18 +399,14 @@ impl Config {
     /// Most upload sessions one user of `app` may have open: its `[apps.APP]
     /// max_sessions_per_user`, else the server's.
     pub fn user_sessions(&self, app: &str) -> usize {
-        self.apps
-            .get(app)
-            .and_then(|p| p.max_sessions_per_user)
+        self.app_sets(app, |p| p.max_sessions_per_user)
             .unwrap_or(self.max_sessions_per_user)
     }
 
     /// Most sessions `app` may hold when the server takes `max_connections`: its `[apps.APP]
     /// max_connections`, else `max_connections_per_app`, else half.
     pub fn app_connections(&self, app: &str, max_connections: usize) -> usize {
-        self.apps
-            .get(app)
-            .and_then(|p| p.max_connections)
+        self.app_sets(app, |p| p.max_connections)
             .or(self.max_connections_per_app)
             .unwrap_or((max_connections / 2).max(1))
     }
@@ -412,9 +414,7 @@ impl Config {
     /// Most sessions one user of `app` may hold: its `[apps.APP] max_connections_per_user`,
     /// else the server's.
     pub fn user_connections(&self, app: &str) -> usize {
-        self.apps
-            .get(app)
-            .and_then(|p| p.max_connections_per_user)
+        self.app_sets(app, |p| p.max_connections_per_user)
             .unwrap_or(self.max_connections_per_user)
     }
 
@@ -422,9 +422,7 @@ impl Config {
     /// bytes: its `[apps.APP] max_open_bytes`, else `max_open_bytes_per_app`, else half the
     /// volume.
     pub fn app_open_bytes(&self, app: &str, volume: u64) -> u64 {
-        self.apps
-            .get(app)
-            .and_then(|p| p.max_open_bytes)
+        self.app_sets(app, |p| p.max_open_bytes)
             .or(self.max_open_bytes_per_app)
             .unwrap_or(volume / 2)
     }
@@ -432,9 +430,7 @@ impl Config {
     /// Most bytes one user's open upload sessions of `app` may declare: its `[apps.APP]
     /// max_open_bytes_per_user`, else the app's limit.
     pub fn user_open_bytes(&self, app: &str, volume: u64) -> u64 {
-        self.apps
-            .get(app)
-            .and_then(|p| p.max_open_bytes_per_user)
+        self.app_sets(app, |p| p.max_open_bytes_per_user)
             .unwrap_or_else(|| self.app_open_bytes(app, volume))
     }
 
@@ -552,6 +548,20 @@ mod tests {
             .to_string();
         assert!(e.contains("no such app"), "{e}");
         assert!(parse("[apps.demo]\nreads = \"friends\"\n").is_err());
+        // A limit of 0 would refuse everything: it is refused, naming the key.
+        for zero in [
+            "max_open_bytes",
+            "max_open_bytes_per_user",
+            "max_connections",
+        ] {
+            let e = parse(&format!("[apps.demo]\n{zero} = 0\n")).unwrap_err();
+            assert!(format!("{e:#}").contains("at least 1"), "{zero}: {e:#}");
+        }
+        // An app without its own limits takes the server's.
+        let cfg = parse("[apps.demo]\nmax_open_bytes = 10\n").unwrap();
+        assert_eq!(cfg.app_open_bytes("demo", 1000), 10);
+        assert_eq!(cfg.user_open_bytes("demo", 1000), 10);
+        assert_eq!(cfg.app_open_bytes("other", 1000), 500);
     }
 
     /// `[faults]` works only in a build with the `faults` feature (test builds); any other

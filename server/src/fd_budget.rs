@@ -4,6 +4,7 @@
 //! take from its open-file limit and lowers `max_connections` to that, saying so in the log.
 
 use crate::config::Config;
+use ferry_common::net::{MIN_CONNECTIONS, connections_within};
 
 /// Descriptors one connection may hold: its socket, its wake-up pipe (two ends), the stored
 /// file its current download reply is sent from (downloads are opened one at a time, when
@@ -14,10 +15,6 @@ pub const PER_CONNECTION: u64 = 5;
 /// WAL, or a pool of PostgreSQL connections), logs, the tracker's and syncer's sockets (an idle
 /// server holds about 20), with room to spare.
 pub const FIXED: u64 = 64;
-
-/// Fewest connections a server takes, whatever its limit: below this the limit is
-/// misconfigured, and the server says so rather than refusing every client.
-pub const MIN_CONNECTIONS: usize = 16;
 
 /// How the open-file limit is shared out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,20 +30,28 @@ pub struct Budget {
     /// The connections the server takes: `max_connections`, lowered to `fit` (but never
     /// below [`MIN_CONNECTIONS`]).
     pub connections: usize,
+    /// What those connections' read buffers take at most (`read_buffer_kib` each), in MiB:
+    /// memory is bounded per connection like descriptors are.
+    pub buffers_mib: u64,
 }
 
 /// Shares `limit` descriptors out between the server's fixed needs, `max_sessions` temp files,
 /// the gateway's cache (`cache`, 0 without the gateway) and connections.
 pub fn plan(limit: u64, cfg: &Config, cache: u64) -> Budget {
     let sessions = cfg.max_sessions as u64;
-    let rest = limit.saturating_sub(FIXED + sessions + cache);
-    let fit = usize::try_from(rest / PER_CONNECTION).unwrap_or(usize::MAX);
+    let (fit, connections) = connections_within(
+        limit,
+        FIXED + sessions + cache,
+        PER_CONNECTION,
+        cfg.max_connections,
+    );
     Budget {
         limit,
         sessions,
         cache,
         fit,
-        connections: cfg.max_connections.min(fit.max(MIN_CONNECTIONS)),
+        connections,
+        buffers_mib: connections as u64 * cfg.read_buffer_kib as u64 / 1024,
     }
 }
 
@@ -57,7 +62,8 @@ impl Budget {
         let shares = format!(
             "open-file limit {limit}: {FIXED} kept for the server, {sessions} for upload \
              sessions' temp files (max_sessions), {cache} for the HTTP gateway's cache, \
-             {PER_CONNECTION} per connection"
+             {PER_CONNECTION} per connection (and a read buffer: {} MiB at most for all)",
+            self.buffers_mib
         );
         if self.fit < MIN_CONNECTIONS {
             log::error!(
@@ -88,6 +94,7 @@ mod tests {
             big.connections, 4096,
             "a generous limit keeps max_connections"
         );
+        assert_eq!(big.buffers_mib, 4096 * 256 / 1024, "256 KiB read buffers");
         // 20,000 descriptors: 64 fixed, 10,000 sessions, 5,000 cached files, 5 per connection.
         let tight = plan(20_000, &cfg, 5_000);
         assert_eq!(tight.connections, (20_000 - 64 - 10_000 - 5_000) / 5);

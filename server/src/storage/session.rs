@@ -39,8 +39,9 @@ pub(super) struct SessionState {
     writing: HashSet<u32>,
     pub(super) stored: Breakpoint,
     pub(super) crcs: Vec<u32>,
-    /// Last activity, on the monotonic clock: a session expires after `session_ttl_secs` of
-    /// real idleness, so a wall-clock jump neither kills a live session nor keeps a dead one.
+    /// Last activity (opening, or a stored block), on the monotonic clock: a session expires
+    /// after `session_ttl_secs` of real idleness (`fresh_session_ttl_secs` before its first
+    /// block), so a wall-clock jump neither kills a live session nor keeps a dead one.
     /// The database keeps a wall-clock expiry too, only for sessions found at start-up.
     pub(super) active: Instant,
     /// The expiry in the session's DB row as this node last wrote or read it. Every node writes

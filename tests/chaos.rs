@@ -20,7 +20,7 @@
 
 mod support;
 
-use ferry_client::cluster::{self, Cluster, GroupsLayout, Layout, Logs, Spec};
+use ferry_supervisor::cluster::{self, Cluster, GroupsLayout, Layout, Logs, Spec};
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;

@@ -8,9 +8,9 @@
 
 mod support;
 
-use ferry_client::cluster::{Cluster, GroupsLayout, Logs, Spec};
 use ferry_common::proto::{self, Caller, SaddrsReply, SaddrsReq, cmd};
 use ferry_common::token::Scope;
+use ferry_supervisor::cluster::{Cluster, GroupsLayout, Logs, Spec};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,7 +43,7 @@ impl Setup {
             beat_interval_ms: 300,
             offline_after_ms: 1500,
             route_cache_ms: 1000,
-            port_base: ferry_client::cluster::PORT_BASE,
+            port_base: ferry_supervisor::cluster::PORT_BASE,
             tls: false,
         };
         // Ports from support::free_addr, which never hands the same port to two tests of this
@@ -197,7 +197,7 @@ impl Setup {
         self.layout
             .server_proxy_stats
             .iter()
-            .filter_map(|a| ferry_client::cluster::proxy_stats(*a).ok())
+            .filter_map(|a| ferry_supervisor::cluster::proxy_stats(*a).ok())
             .map(|s| s.get("bytes_up").copied().unwrap_or(0))
             .sum()
     }
@@ -507,7 +507,7 @@ fn every_user_reads_every_other_users_file_in_any_group() {
     let gw = gateway_of(&files.iter().find(|f| &f.3 != group).unwrap().3);
     let target = s.signed_target(id, gw);
     s.cluster
-        .kill(&ferry_client::cluster::node_name(group, 1))
+        .kill(&ferry_supervisor::cluster::node_name(group, 1))
         .unwrap();
     let t = Instant::now();
     loop {
@@ -533,7 +533,7 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
     let admin = s
         .cluster
         .secrets
-        .link_of(ferry_client::cluster::ADMIN_LINK_ID);
+        .link_of(ferry_supervisor::cluster::ADMIN_LINK_ID);
     let view = || {
         let mut c =
             Caller::connect(s.layout.trackers[0], Duration::from_secs(5), admin.as_ref()).unwrap();
@@ -636,7 +636,7 @@ fn either_tracker_alone_serves_the_cluster() {
     let Some(mut s) = Setup::start("trackers", 1, 2) else {
         return;
     };
-    s.cluster.kill(ferry_client::cluster::TRACKER).unwrap();
+    s.cluster.kill(ferry_supervisor::cluster::TRACKER).unwrap();
     let src = s.path("after.bin");
     make_file(&src, (2 << 20) + 3, 12);
     let id = s.upload("newcomer", &src);
@@ -649,8 +649,8 @@ fn either_tracker_alone_serves_the_cluster() {
     let admin = s
         .cluster
         .secrets
-        .link_of(ferry_client::cluster::ADMIN_LINK_ID);
-    let v = ferry_client::cluster::tracker_groups(s.layout.trackers[1], admin.as_ref())
+        .link_of(ferry_supervisor::cluster::ADMIN_LINK_ID);
+    let v = ferry_supervisor::cluster::tracker_groups(s.layout.trackers[1], admin.as_ref())
         .expect("the second tracker answers");
     let nodes: Vec<bool> = v
         .groups

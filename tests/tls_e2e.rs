@@ -11,8 +11,8 @@
 
 mod support;
 
-use ferry_client::localca::LocalCa;
 use ferry_common::proto::{self, HEADER_LEN, Header, cmd};
+use ferry_supervisor::localca::LocalCa;
 use nix::sys::signal::Signal;
 use std::io::{Read, Write};
 use std::net::SocketAddr;

@@ -15,20 +15,15 @@
 //! The library never prints; progress goes through [`Progress`], results through
 //! [`TransferReport`].
 
-pub mod cli;
-pub mod cluster;
 mod conn;
-pub mod demo;
 mod download;
 pub mod error;
 mod files;
 pub mod groups;
 mod link;
-pub mod localca;
 mod pool;
 pub mod report;
 pub mod rotation;
-pub mod secrets;
 pub mod settings;
 pub mod size;
 pub mod state;

@@ -82,8 +82,9 @@ fn main() {
         d,
     );
     wait_ready(server, Duration::from_secs(30));
-    let ca = ferry_client::localca::LocalCa::make(&d.join("ca"), &["127.0.0.1".parse().unwrap()])
-        .expect("local CA");
+    let ca =
+        ferry_supervisor::localca::LocalCa::make(&d.join("ca"), &["127.0.0.1".parse().unwrap()])
+            .expect("local CA");
     let proxy = |name: &str, up: SocketAddr, tls: bool| {
         let addr = free_addr();
         let conf = d.join(format!("{name}.toml"));

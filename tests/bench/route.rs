@@ -143,7 +143,7 @@ fn main() {
         &format!("sync_blocks = false\n[cluster]\ngroup = \"g1\"\ntrackers = [\"{tracker}\"]\n"),
     );
     let t = Instant::now();
-    while !ferry_client::cluster::tracker_groups(tracker, None)
+    while !ferry_supervisor::cluster::tracker_groups(tracker, None)
         .is_ok_and(|v| v.groups.iter().any(|g| g.nodes.iter().any(|n| n.online)))
     {
         assert!(t.elapsed() < Duration::from_secs(20), "node never joined");

@@ -125,7 +125,7 @@ impl Class {
 
     /// The exit code: stable across releases (scripts rely on it), the shell's 128 + SIGINT
     /// for an interrupt and 2 for usage as getopt tools (and clap) have it.
-    pub fn exit_code(self) -> u8 {
+    pub const fn exit_code(self) -> u8 {
         match self {
             Class::Other => 1,
             Class::Usage => 2,

@@ -6,18 +6,21 @@
 //! ([`EXIT_STATUS`], from the error table for error replies) and one line on stderr, or with
 //! `--json` one JSON object on stderr.
 
-use crate::error::ClientError;
-use crate::report::Progress;
-use crate::settings::{self, EnvVars, Flags};
-use crate::{Client, size};
 use clap::{Parser, Subcommand};
+use ferry_client::error::ClientError;
+use ferry_client::report::Progress;
+use ferry_client::settings::{self, EnvVars, Flags};
+use ferry_client::{Client, size};
 use ferry_common::proto::{Class, ErrorCode};
 use ferry_common::token::{Delegation, Scope};
+use ferry_supervisor::up::Running;
 use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Debug, Parser)]
@@ -125,7 +128,7 @@ pub enum Command {
     /// expires. The user it is for is --user (required here).
     Token {
         /// What it allows: read, write, delete (own files), admin (with delete: anyone's).
-        #[arg(long, default_value = "read,write", value_parser = crate::parse_scope)]
+        #[arg(long, default_value = "read,write", value_parser = ferry_client::parse_scope)]
         scope: Scope,
         /// How long it is valid, e.g. 15m, 1h, 1day (at most the servers' max_lifetime_secs).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -197,7 +200,7 @@ pub enum ClusterAction {
         meta_url: Option<String>,
         /// With --nodes/--groups: the tracker's port; the others follow it (nodes from +301,
         /// routing server-proxies +111/+112 with stats +211/+212, client-proxies +121/+122).
-        #[arg(long, value_name = "PORT", default_value_t = crate::cluster::PORT_BASE)]
+        #[arg(long, value_name = "PORT", default_value_t = ferry_supervisor::cluster::PORT_BASE)]
         port_base: u16,
     },
 }
@@ -306,7 +309,7 @@ fn mint_token(
     let token = hex::encode(raw);
     let expires = ferry_common::clock::now_secs().saturating_add(secs);
     Ok(if cli.json {
-        json!({"command": "token", "app": app, "user": user, "scope": crate::scope_names(scope),
+        json!({"command": "token", "app": app, "user": user, "scope": ferry_client::scope_names(scope),
                "expires": expires, "token": token})
         .to_string()
     } else {
@@ -334,15 +337,16 @@ fn say(line: &str) {
 }
 
 /// Runs one command; returns what to print on stdout.
-pub fn run(cli: &Cli) -> Result<String, ClientError> {
+pub fn run(cli: &Cli, on_signal: &OnSignal) -> Result<String, ClientError> {
     // The local cluster commands start their own proxies, so they need no proxy list.
     match &cli.command {
         Command::Demo { size, data, conf } => {
-            let r = crate::demo::run(conf, *size, data.as_deref(), say)?;
+            let running = stop_members_on_signal(on_signal);
+            let r = ferry_supervisor::demo::run(conf, *size, data.as_deref(), say, &running)?;
             return Ok(if cli.json {
                 json!({"command": "demo", "report": r}).to_string()
             } else {
-                crate::demo::render(&r)
+                ferry_supervisor::demo::render(&r)
             });
         }
         Command::Cluster {
@@ -356,21 +360,26 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                     port_base,
                 },
         } => {
+            let running = stop_members_on_signal(on_signal);
             if nodes.is_none() && groups.is_none() && meta_url.is_none() {
-                crate::demo::cluster_up(conf, data, say)?;
+                ferry_supervisor::up::cluster_up(conf, data, say, &running)?;
             } else {
-                let env = std::env::var(crate::cluster::META_URL_ENV).ok();
-                let spec = crate::cluster::Spec {
+                let env = std::env::var(ferry_supervisor::cluster::META_URL_ENV).ok();
+                let spec = ferry_supervisor::cluster::Spec {
                     nodes: nodes.unwrap_or(1),
                     groups: groups.unwrap_or(1),
-                    meta_url: crate::cluster::resolve_meta_url(meta_url.as_deref(), env, conf)?,
+                    meta_url: ferry_supervisor::cluster::resolve_meta_url(
+                        meta_url.as_deref(),
+                        env,
+                        conf,
+                    )?,
                     beat_interval_ms: 1000,
                     offline_after_ms: 3000,
                     route_cache_ms: 2000,
                     port_base: *port_base,
                     tls: true,
                 };
-                crate::cluster::up_groups(&spec, data, say)?;
+                ferry_supervisor::up::up_groups(&spec, data, say, &running)?;
             }
             return Ok(String::new());
         }
@@ -383,16 +392,16 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
                 settings::load_file(cli.config.as_deref())?,
                 &EnvVars::from_process(),
             )?;
-            let t = crate::groups::Trackers {
+            let t = ferry_client::groups::Trackers {
                 addrs: trackers,
                 timeout: *timeout,
                 link: link.as_ref(),
             };
-            let v = crate::groups::fetch(&t, *users)?;
+            let v = ferry_client::groups::fetch(&t, *users)?;
             return Ok(if cli.json {
-                crate::groups::to_json(&v).to_string()
+                ferry_client::groups::to_json(&v).to_string()
             } else {
-                crate::groups::render(&v)
+                ferry_client::groups::render(&v)
             });
         }
         Command::Token {
@@ -421,7 +430,7 @@ pub fn run(cli: &Cli) -> Result<String, ClientError> {
     let bar = Bar::new();
     let progress: &dyn Progress = match &bar {
         Some(b) => b,
-        None => &crate::Quiet,
+        None => &ferry_client::Quiet,
     };
     let out = match &cli.command {
         Command::Upload {
@@ -573,8 +582,47 @@ class, exit, peer):
     7  limit: a quota or limit refused it (disk full included)
   130  interrupted: stopped by Ctrl-C or SIGTERM (an upload or download resumes when run again)";
 
-/// Entry point of the `ferry` binary.
-pub fn main() -> ExitCode {
+/// What SIGINT or SIGTERM must say and undo before the process ends: set by the command that
+/// runs (a transfer reports the interruption; `demo` and `cluster up` stop their members). The
+/// `ferry` binary's signal watcher runs it and then exits with the interrupted status; a
+/// signal before any command set it just ends the process with that status.
+#[derive(Clone, Default)]
+pub struct OnSignal(Arc<Mutex<Option<SignalHook>>>);
+
+type SignalHook = Box<dyn FnOnce(i32) + Send>;
+
+impl OnSignal {
+    fn set(&self, hook: impl FnOnce(i32) + Send + 'static) {
+        *self.0.lock() = Some(Box::new(hook));
+    }
+
+    /// Runs what the command set, once (`sig` is the signal's number).
+    pub fn run(&self, sig: i32) {
+        let hook = self.0.lock().take();
+        if let Some(hook) = hook {
+            hook(sig);
+        }
+    }
+}
+
+/// A signal stops the members of the cluster a foreground command runs (and removes its temp
+/// dir) before the process exits.
+fn stop_members_on_signal(on_signal: &OnSignal) -> Running {
+    let running = Running::default();
+    let r = running.clone();
+    on_signal.set(move |sig| {
+        say(&format!("signal {sig}: stopping the cluster"));
+        r.stop();
+    });
+    running
+}
+
+/// The exit status of a process ended by SIGINT or SIGTERM.
+pub const INTERRUPTED_EXIT: i32 = Class::Interrupted.exit_code() as i32;
+
+/// Entry point of the `ferry` binary: parses, runs and reports; the binary watches signals and
+/// runs `on_signal` on one.
+pub fn main(on_signal: &OnSignal) -> ExitCode {
     // Known before parsing, so a bad flag is reported as --json asks too.
     let json = std::env::args_os().any(|a| a == "--json");
     let cli = match Cli::try_parse() {
@@ -600,11 +648,14 @@ pub fn main() -> ExitCode {
     let _ = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
         .try_init();
-    // The demo and cluster commands stop their members on a signal themselves.
-    if !matches!(cli.command, Command::Demo { .. } | Command::Cluster { .. }) {
-        exit_on_signal(cli.json);
-    }
-    match run(&cli) {
+    // A transfer stopped by a signal says so; the resume state on disk is current after
+    // every block (see the client's `state.rs`), so the same command run again goes on.
+    let json = cli.json;
+    on_signal.set(move |sig| {
+        let line = format!("interrupted by signal {sig}; run the same command again to resume");
+        let _ = failure(json, Class::Interrupted, &line, None, None);
+    });
+    match run(&cli, on_signal) {
         Ok(out) => {
             if !out.is_empty() {
                 println!("{out}");
@@ -642,26 +693,6 @@ fn failure(
         eprintln!("ferry: {line}");
     }
     ExitCode::from(class.exit_code())
-}
-
-/// On SIGINT or SIGTERM, says so and exits with the interrupted status at once: the resume
-/// state on disk is current after every block (see `state.rs`), so nothing is lost and the
-/// same command run again goes on from there.
-fn exit_on_signal(json: bool) {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
-        return; // the default action still stops the process
-    };
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                let line =
-                    format!("interrupted by signal {sig}; run the same command again to resume");
-                let _ = failure(json, Class::Interrupted, &line, None, None);
-                std::process::exit(i32::from(Class::Interrupted.exit_code()));
-            }
-        });
 }
 
 #[cfg(test)]

@@ -5,13 +5,13 @@
 //! end, on error, and on Ctrl-C.
 
 use crate::cluster::{self, Cluster, Layout, Logs};
-use crate::error::{ClientError, Result};
-use crate::{Client, Progress, Settings, TransferReport};
+use crate::up::{Running, Say, bin_dir};
+use ferry_client::error::{ClientError, Result};
+use ferry_client::{Client, Progress, Settings, TransferReport};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -54,50 +54,6 @@ impl Progress for Halfway {
             let _ = tx.send(());
         }
     }
-}
-
-/// The binaries `ferry-server` and `ferry-proxy` are expected next to the running `ferry`.
-pub fn bin_dir() -> Result<PathBuf> {
-    let exe =
-        std::env::current_exe().map_err(|e| ClientError::io("locating the ferry binary", e))?;
-    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    for b in ["ferry-server", "ferry-proxy"] {
-        if !dir.join(b).is_file() {
-            return Err(ClientError::Input(format!(
-                "{b} not found next to {} (build all binaries: cargo build --release)",
-                exe.display()
-            )));
-        }
-    }
-    Ok(dir)
-}
-
-/// Where status lines go: the CLI passes a function that writes them to stderr (the library
-/// itself never prints).
-pub type Say = fn(&str);
-
-/// Stops the cluster and removes the demo's temp dir on SIGINT/SIGTERM, then exits 130.
-pub fn stop_on_signal(
-    cluster: Arc<Mutex<Option<Cluster>>>,
-    cleanup: Option<PathBuf>,
-    say: Say,
-) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| ClientError::io("installing signal handlers", e))?;
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            say(&format!("signal {sig}: stopping the cluster"));
-            if let Some(mut c) = cluster.lock().take() {
-                c.stop(Duration::from_secs(5));
-            }
-            if let Some(dir) = cleanup {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            std::process::exit(130);
-        }
-    });
-    Ok(())
 }
 
 /// Writes `size` pseudo-random bytes (xorshift) and returns their SHA-256 (hex).
@@ -144,7 +100,14 @@ fn sha256_of(path: &Path) -> Result<String> {
 }
 
 /// Runs the demo. `data` keeps the server's data there instead of in a temp dir.
-pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<DemoReport> {
+/// A signal meanwhile stops the cluster and removes the temp dir through `running`.
+pub fn run(
+    conf_dir: &Path,
+    size: u64,
+    data: Option<&Path>,
+    say: Say,
+    running: &Running,
+) -> Result<DemoReport> {
     let bins = bin_dir()?;
     // The client leg on TLS, with a local CA made for this run.
     let layout = Layout {
@@ -159,8 +122,8 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
         .map(Path::to_path_buf)
         .unwrap_or_else(|| tmp.path().join("data"));
     let logs = tmp.path().join("logs");
-    let slot: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
-    stop_on_signal(slot.clone(), Some(tmp.path().to_path_buf()), say)?;
+    running.remove_on_stop(tmp.path().to_path_buf());
+    let slot = running.slot.clone();
 
     say(&format!(
         "demo: starting server, 2 server-proxies, 2 client-proxies (logs in {})",
@@ -186,7 +149,7 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
             p.display()
         ));
     }
-    *slot.lock() = Some(started);
+    running.set(started);
 
     let src = tmp.path().join("demo.bin");
     say(&format!("demo: generating {} MiB of test data", size >> 20));
@@ -255,7 +218,7 @@ pub fn run(conf_dir: &Path, size: u64, data: Option<&Path>, say: Say) -> Result<
     ));
     let downloader = Client::new(down_settings)?;
     let out = tmp.path().join("demo.out");
-    let download = downloader.download(&upload.file_id, &out, None, &crate::Quiet)?;
+    let download = downloader.download(&upload.file_id, &out, None, &ferry_client::Quiet)?;
     let got = sha256_of(&out)?;
     let (mut proxy_failovers, mut sessions_cut) = (0, 0);
     for addr in layout.client_proxy_stats.iter().flatten() {
@@ -319,58 +282,4 @@ pub fn render(r: &DemoReport) -> String {
         format!("  verified         {verified}"),
     ]
     .join("\n")
-}
-
-/// `ferry cluster up`: the same cluster in the foreground, logs prefixed by member, until Ctrl-C.
-pub fn cluster_up(conf_dir: &Path, data: &Path, say: Say) -> Result<()> {
-    let bins = bin_dir()?;
-    let layout = Layout {
-        tls: true,
-        ..Layout::from_conf(conf_dir)?
-    };
-    let slot: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
-    stop_on_signal(slot.clone(), None, say)?;
-    let mut c = Cluster::start(&bins, conf_dir, layout.clone(), data, Logs::Prefixed)?;
-    let client_conf = c.write_client_conf("demo")?;
-    *slot.lock() = Some(c);
-    say(&format!(
-        "ferry cluster up: server {}, server-proxies {} {}, client-proxies {} {}; data in {}. Ctrl-C stops all.",
-        layout.server,
-        layout.server_proxies[0],
-        layout.server_proxies[1],
-        layout.client_proxies[0],
-        layout.client_proxies[1],
-        data.display()
-    ));
-    match client_conf {
-        Some(p) => say(&format!(
-            "try: ferry --config {} upload FILE (that config holds this cluster's app key)",
-            p.display()
-        )),
-        None => say(&format!(
-            "try: FERRY_KEY=ID:SECRET ferry --proxy tls://{} --proxy tls://{} --ca {} upload FILE",
-            layout.client_proxies[0],
-            layout.client_proxies[1],
-            data.join("conf").join("tls").join("ca.pem").display()
-        )),
-    }
-    watch(&slot)
-}
-
-/// Keeps a foreground cluster running until a signal takes it (see [`stop_on_signal`]) or one
-/// of its members exits on its own (an error naming them).
-pub fn watch(slot: &Mutex<Option<Cluster>>) -> Result<()> {
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let mut guard = slot.lock();
-        let Some(c) = guard.as_mut() else {
-            return Ok(());
-        };
-        let dead = c.exited();
-        if !dead.is_empty() {
-            return Err(ClientError::Cluster(format!(
-                "cluster members exited: {dead:?}"
-            )));
-        }
-    }
 }

@@ -9,7 +9,7 @@
 //! the app key, so `ferry --config` works against the cluster. A config that already holds a
 //! real secret (not a placeholder) keeps it, and the other members get the same.
 
-use crate::error::{ClientError, Result};
+use ferry_client::error::{ClientError, Result};
 use ferry_common::auth::{SigningKey, new_secret};
 use std::collections::BTreeMap;
 use std::path::Path;

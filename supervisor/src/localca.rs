@@ -3,7 +3,7 @@
 //! cluster's client leg runs on TLS the way a deployment's does. The CA's key is never written:
 //! nothing else is ever signed with it.
 
-use crate::error::{ClientError, Result};
+use ferry_client::error::{ClientError, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,

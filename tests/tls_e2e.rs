@@ -44,12 +44,13 @@ fn proxy(
 ) -> (SocketAddr, Proc) {
     let addr = free_addr();
     let conf = dir.join(format!("{name}.toml"));
-    let section = tls.map(LocalCa::proxy_section).unwrap_or_default();
-    std::fs::write(
-        &conf,
-        format!("listen = \"{addr}\"\nupstreams = [\"{upstream}\"]\n{section}"),
-    )
-    .unwrap();
+    let c = ferry_proxy::config::Config {
+        listen: addr,
+        upstreams: vec![upstream],
+        tls: tls.map(LocalCa::proxy_tls),
+        ..Default::default()
+    };
+    std::fs::write(&conf, toml::to_string(&c).unwrap()).unwrap();
     let p = Proc::spawn(
         name,
         Command::new(bin("ferry-proxy")).arg("--config").arg(&conf),

@@ -6,7 +6,7 @@ use crate::size;
 use ferry_common::auth::SigningKey;
 use ferry_common::proto::{APP_ID_LEN, USER_ID_LEN};
 use ferry_common::token::Claims;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,8 +20,8 @@ pub const DEFAULT_APP: &str = "ferry";
 /// Most worker threads (each holds one connection and one block buffer).
 pub const MAX_THREADS: usize = 64;
 
-/// `conf/client.toml`. Every key is optional.
-#[derive(Debug, Default, Deserialize)]
+/// `conf/client.toml`. Every key is optional (and a key left `None` is not written).
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Proxies (or a server) to talk to, `host:port` or `tls://host:port`, tried in order

@@ -15,7 +15,7 @@ use crate::clock::now_secs;
 use crate::proto::{self, cmd, status};
 use crate::token::{AuthError, Claims, Delegation, NONCE_LEN, Policy, Scope, Verifier};
 use rand::RngExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -57,7 +57,7 @@ pub fn check_secret(what: &str, secret: &str) -> Result<(), String> {
 }
 
 /// A key this process signs with: its id (so keys can rotate) and its secret.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SigningKey {
     pub id: String,
@@ -156,7 +156,7 @@ impl SigningKey {
 }
 
 /// `[auth]`: the app keys session tokens are checked against, and how strictly.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// App -> key id -> secret. Several key ids per app are accepted at once, so keys rotate.
@@ -236,7 +236,7 @@ impl AuthConfig {
 }
 
 /// `[link]`: the proofs between ferry processes.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LinkConfig {
     /// The key this process proves on every connection it opens to another ferry process.
@@ -251,7 +251,7 @@ pub struct LinkConfig {
 
 /// What an accepted link key is to the process it connects to. A key of `[link.accept]` with no
 /// `[link.members]` entry is a [`PeerKind::Relay`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerKind {
     /// A proxy that relays user sessions: HELLO and, after it, file commands.
@@ -277,7 +277,7 @@ impl PeerKind {
 
 /// `[link.members.<key id>]`: a cluster member's kind and, for a storage node, the group and
 /// address its key is bound to (a JOIN or BEAT naming any other is refused).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
     pub kind: PeerKind,

@@ -33,11 +33,16 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
 
 /// Serde helpers for durations written as whole milliseconds (`idle_timeout_ms = 60000`).
 pub mod millis {
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+
+    /// Whole milliseconds, saturating (a config never holds 584 million years).
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(v.as_millis()).unwrap_or(u64::MAX))
     }
 }
 

@@ -4,13 +4,13 @@
 use anyhow::{Context, bail};
 use ferry_common::auth::{AuthConfig, LinkConfig};
 use ferry_common::config::millis;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything `ferry-proxy` can be told; conf/*-proxy-*.toml documents each key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address the proxy accepts sessions on.
@@ -21,22 +21,19 @@ pub struct Config {
     /// `upstreams` and `trackers` is set.
     pub trackers: Vec<SocketAddr>,
     /// How long a tracker's answer (the user's group and its nodes) is reused.
-    #[serde(rename = "route_cache_ms", deserialize_with = "millis::deserialize")]
+    #[serde(rename = "route_cache_ms", with = "millis")]
     pub route_cache: Duration,
     /// Longest wait for one upstream's TCP connect (and for one health probe).
-    #[serde(
-        rename = "connect_timeout_ms",
-        deserialize_with = "millis::deserialize"
-    )]
+    #[serde(rename = "connect_timeout_ms", with = "millis")]
     pub connect_timeout: Duration,
     /// A session that has not sent a complete first frame by then is closed.
-    #[serde(rename = "hello_timeout_ms", deserialize_with = "millis::deserialize")]
+    #[serde(rename = "hello_timeout_ms", with = "millis")]
     pub hello_timeout: Duration,
     /// A session with no socket activity for this long is closed.
-    #[serde(rename = "idle_timeout_ms", deserialize_with = "millis::deserialize")]
+    #[serde(rename = "idle_timeout_ms", with = "millis")]
     pub idle_timeout: Duration,
     /// Period of the PROBE health check of each upstream.
-    #[serde(rename = "check_interval_ms", deserialize_with = "millis::deserialize")]
+    #[serde(rename = "check_interval_ms", with = "millis")]
     pub check_interval: Duration,
     /// Consecutive successful probes that mark a down upstream up.
     pub rise: u32,
@@ -55,7 +52,7 @@ pub struct Config {
     /// Plain-text counters: connect and read `name value` lines. None = no stats listener.
     pub stats_listen: Option<SocketAddr>,
     /// How long sessions may keep running after SIGTERM before they are cut.
-    #[serde(rename = "shutdown_grace_ms", deserialize_with = "millis::deserialize")]
+    #[serde(rename = "shutdown_grace_ms", with = "millis")]
     pub shutdown_grace: Duration,
     /// `[link]`: the proof this proxy opens every upstream and tracker connection with
     /// (`send`), and the peers allowed to open sessions here (`accept`; none = anyone).
@@ -69,7 +66,7 @@ pub struct Config {
 
 /// The certificate a client-proxy serves. Reread on SIGHUP: new handshakes get the new files,
 /// sessions in flight keep theirs, and a pair that does not load keeps the old one.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, end-entity first (relative paths from the working directory).

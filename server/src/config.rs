@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use ferry_common::auth::{AuthConfig, LinkConfig};
 use ferry_common::proto;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +33,7 @@ pub struct Args {
 }
 
 /// The roles one `ferry-server` process can run on its one listener (seed 004's servers).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Stores files: uploads, downloads, sessions (commands 70-79) and the HTTP gateway.
@@ -43,7 +43,7 @@ pub enum Role {
 }
 
 /// A storage node's place in a cluster (`[cluster]`); absent on a standalone server.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// The group this node belongs to; the nodes of a group share `data` and the metadata DB.
@@ -60,7 +60,7 @@ pub struct ClusterConfig {
 }
 
 /// The tracker role's settings (`[tracker]`).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrackerConfig {
     /// A node that has not beaten for this long is offline (milliseconds).
@@ -104,7 +104,7 @@ pub const PHASES: &[&str] = &[
 ];
 
 /// Fault injection for tests that cannot produce the real fault (see `fault_write_fail_after`).
-#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
     /// After this many bytes of file payload have been written by the whole process, every
@@ -121,7 +121,7 @@ pub struct Faults {
     pub pause_times: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -194,7 +194,7 @@ pub struct Config {
 }
 
 /// `[apps.APP]`: how one app's files may be used.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppPolicy {
     pub reads: Reads,
@@ -222,7 +222,7 @@ pub struct AppPolicy {
 }
 
 /// Who may read a file of the app over the binary protocol.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Reads {
     /// Any user of the app holding the file id (it has 80+ random bits): how a photo is sent

@@ -4,6 +4,7 @@
 //! nothing else is ever signed with it.
 
 use ferry_client::error::{ClientError, Result};
+use ferry_proxy::config::TlsConfig;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -73,18 +74,12 @@ impl LocalCa {
     }
 
     /// The `[tls]` section of a client-proxy config that serves this certificate.
-    pub fn proxy_section(&self) -> String {
-        format!(
-            "\n# Generated: the client leg runs on TLS with this cluster's local CA.\n[tls]\n\
-             cert = {}\nkey = {}\n",
-            toml_path(&self.cert),
-            toml_path(&self.key)
-        )
+    pub fn proxy_tls(&self) -> TlsConfig {
+        TlsConfig {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
     }
-}
-
-fn toml_path(p: &Path) -> String {
-    toml::Value::String(p.display().to_string()).to_string()
 }
 
 #[cfg(test)]
@@ -120,6 +115,6 @@ mod tests {
         let mode = std::fs::metadata(&ca.key).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "{mode:o}");
         assert!(ferry_common::tls::load_key(&ca.key).is_ok());
-        assert!(ca.proxy_section().contains("[tls]"));
+        assert_eq!(ca.proxy_tls().cert, ca.cert);
     }
 }

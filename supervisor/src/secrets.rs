@@ -10,7 +10,9 @@
 //! real secret (not a placeholder) keeps it, and the other members get the same.
 
 use ferry_client::error::{ClientError, Result};
-use ferry_common::auth::{SigningKey, new_secret};
+use ferry_common::auth::{AuthConfig, LinkConfig, SigningKey, new_secret};
+use ferry_proxy::config::Config as ProxyConfig;
+use ferry_server::config::Config as ServerConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -18,10 +20,6 @@ use std::path::Path;
 #[derive(Debug, Default)]
 pub struct Secrets {
     by_name: BTreeMap<String, String>,
-}
-
-fn table<'a>(t: &'a mut toml::Table, key: &str) -> Option<&'a mut toml::Table> {
-    t.get_mut(key).and_then(toml::Value::as_table_mut)
 }
 
 impl Secrets {
@@ -64,48 +62,38 @@ impl Secrets {
         }
     }
 
-    /// Replaces every secret of a member config (server or proxy) with this cluster's.
-    pub fn fill(&mut self, t: &mut toml::Table) {
-        if let Some(keys) = table(t, "auth").and_then(|a| table(a, "keys")) {
-            for (app, ids) in keys.iter_mut() {
-                for (id, v) in ids.as_table_mut().into_iter().flatten() {
-                    *v = self.settle(format!("auth/{app}/{id}"), v.as_str()).into();
-                }
-            }
+    /// Replaces every secret of a server's config with this cluster's.
+    pub fn fill_server(&mut self, c: &mut ServerConfig) {
+        self.fill_auth(&mut c.auth);
+        for (app, v) in c.http.secrets.iter_mut() {
+            *v = self.settle(format!("http/{app}"), Some(v.as_str()));
         }
-        if let Some(apps) = table(t, "http").and_then(|h| table(h, "secrets")) {
-            for (app, v) in apps.iter_mut() {
-                *v = self.settle(format!("http/{app}"), v.as_str()).into();
-            }
+        self.fill_link(&mut c.link);
+    }
+
+    /// Replaces every secret of a proxy's config with this cluster's.
+    pub fn fill_proxy(&mut self, c: &mut ProxyConfig) {
+        if let Some(auth) = &mut c.auth {
+            self.fill_auth(auth);
         }
-        if let Some(link) = table(t, "link") {
-            if let Some(send) = table(link, "send") {
-                let id = send.get("id").and_then(|v| v.as_str()).unwrap_or("");
-                let current = send.get("secret").and_then(|v| v.as_str());
-                let secret = self.settle(format!("link/{id}"), current);
-                send.insert("secret".into(), secret.into());
-            }
-            if let Some(accept) = table(link, "accept") {
-                for (id, v) in accept.iter_mut() {
-                    *v = self.settle(format!("link/{id}"), v.as_str()).into();
-                }
+        self.fill_link(&mut c.link);
+    }
+
+    fn fill_auth(&mut self, auth: &mut AuthConfig) {
+        for (app, ids) in auth.keys.iter_mut() {
+            for (id, v) in ids.iter_mut() {
+                *v = self.settle(format!("auth/{app}/{id}"), Some(v.as_str()));
             }
         }
     }
 
-    /// Reads `src`, fills in this cluster's secrets and writes the result to `dst`.
-    pub fn write_filled(&mut self, src: &Path, dst: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(src)
-            .map_err(|e| ClientError::io(format!("reading {}", src.display()), e))?;
-        let mut t: toml::Table = text
-            .parse()
-            .map_err(|e| ClientError::Cluster(format!("{}: {e}", src.display())))?;
-        self.fill(&mut t);
-        let header = format!(
-            "# Generated from {} with this cluster's own secrets.\n",
-            src.display()
-        );
-        write_private(dst, &(header + &t.to_string()))
+    fn fill_link(&mut self, link: &mut LinkConfig) {
+        if let Some(send) = &mut link.send {
+            send.secret = self.settle(format!("link/{}", send.id), Some(send.secret.as_str()));
+        }
+        for (id, v) in link.accept.iter_mut() {
+            *v = self.settle(format!("link/{id}"), Some(v.as_str()));
+        }
     }
 
     /// The signed-URL secret of `app`, if some member config named one.
@@ -157,38 +145,35 @@ mod tests {
     #[test]
     fn placeholders_become_one_fresh_secret_per_key_name() {
         let mut s = Secrets::default();
-        let mut proxy: toml::Table = "listen = \"127.0.0.1:1\"\n[link.send]\nid = \"cp\"\n\
-                                      secret = \"example-CHANGE-ME\"\n"
-            .parse()
-            .unwrap();
-        let mut server: toml::Table = "[auth.keys.demo]\nk1 = \"x\"\n[http.secrets]\ndemo = \
-                                       \"y\"\n[link.accept]\ncp = \"z\"\n"
-            .parse()
-            .unwrap();
-        s.fill(&mut proxy);
-        s.fill(&mut server);
-        let sent = proxy["link"]["send"]["secret"].as_str().unwrap();
-        assert_eq!(server["link"]["accept"]["cp"].as_str().unwrap(), sent);
-        let app = server["auth"]["keys"]["demo"]["k1"].as_str().unwrap();
+        let mut proxy: ProxyConfig = toml::from_str(
+            "listen = \"127.0.0.1:1\"\nupstreams = [\"127.0.0.1:2\"]\n[link.send]\nid = \"cp\"\n\
+             secret = \"example-CHANGE-ME\"\n",
+        )
+        .unwrap();
+        let mut server: ServerConfig = toml::from_str(
+            "[auth.keys.demo]\nk1 = \"x\"\n[http.secrets]\ndemo = \"y\"\n[link.accept]\ncp = \"z\"\n",
+        )
+        .unwrap();
+        s.fill_proxy(&mut proxy);
+        s.fill_server(&mut server);
+        let sent = proxy.link.send.as_ref().unwrap().secret.clone();
+        assert_eq!(server.link.accept["cp"], sent);
+        let app = server.auth.keys["demo"]["k1"].clone();
         assert_eq!(s.app_key("demo", "k1").secret, app);
         assert_eq!(s.key_of("demo").unwrap().secret, app);
         assert!(s.key_of("other").is_none());
-        let http = server["http"]["secrets"]["demo"].as_str().unwrap();
-        for v in [sent, app, http] {
+        let http = server.http.secrets["demo"].clone();
+        for v in [&sent, &app, &http] {
             ferry_common::auth::check_secret("generated", v).unwrap();
         }
         assert!(sent != app && app != http);
-        assert_eq!(proxy["listen"].as_str(), Some("127.0.0.1:1"));
+        assert_eq!(proxy.listen.to_string(), "127.0.0.1:1");
         // A real secret is kept and shared.
         let real = new_secret();
-        let mut t: toml::Table = format!("[auth.keys.chaos]\nk9 = \"{real}\"\n")
-            .parse()
-            .unwrap();
-        s.fill(&mut t);
-        assert_eq!(
-            t["auth"]["keys"]["chaos"]["k9"].as_str(),
-            Some(real.as_str())
-        );
+        let mut t: ServerConfig =
+            toml::from_str(&format!("[auth.keys.chaos]\nk9 = \"{real}\"\n")).unwrap();
+        s.fill_server(&mut t);
+        assert_eq!(t.auth.keys["chaos"]["k9"], real);
         assert_eq!(s.key_of("chaos").unwrap().secret, real);
     }
 }

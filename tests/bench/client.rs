@@ -88,16 +88,13 @@ fn main() {
     let proxy = |name: &str, up: SocketAddr, tls: bool| {
         let addr = free_addr();
         let conf = d.join(format!("{name}.toml"));
-        let section = if tls {
-            ca.proxy_section()
-        } else {
-            String::new()
+        let c = ferry_proxy::config::Config {
+            listen: addr,
+            upstreams: vec![up],
+            tls: tls.then(|| ca.proxy_tls()),
+            ..Default::default()
         };
-        std::fs::write(
-            &conf,
-            format!("listen = \"{addr}\"\nupstreams = [\"{up}\"]\n{section}"),
-        )
-        .unwrap();
+        std::fs::write(&conf, toml::to_string(&c).unwrap()).unwrap();
         let p = Proc::spawn(
             name,
             Command::new(bin("ferry-proxy")).arg("--config").arg(&conf),

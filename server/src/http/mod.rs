@@ -34,7 +34,7 @@ use ferry_common::reactor::Conn;
 use log::{debug, warn};
 use mio::net::TcpStream;
 use parking_lot::Mutex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fs::File;
@@ -94,7 +94,7 @@ impl Stored {
 }
 
 /// `[http]` in the server config.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of the HTTP listener; the gateway is off when unset.

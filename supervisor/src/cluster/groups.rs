@@ -4,13 +4,18 @@
 
 use super::{
     CLIENT_PROXY_A, CLIENT_PROXY_B, CLIENT_PROXY_PER_IP, Cluster, Layout, Logs, META_URL_ENV,
-    SERVER, SERVER_PROXY_A, SERVER_PROXY_B, local_ca, toml_list, toml_str, write_conf,
+    MemberConfig, SERVER, SERVER_PROXY_A, SERVER_PROXY_B, load, local_ca,
 };
 use crate::localca::LocalCa;
 use crate::secrets::Secrets;
 use ferry_client::error::{ClientError, Result};
-use ferry_common::auth::SigningKey;
-use ferry_common::proto::{self, Role, cmd};
+use ferry_common::auth::{AuthConfig, LinkConfig, Member, PeerKind, SigningKey};
+use ferry_common::proto::{self, cmd};
+use ferry_proxy::config::Config as ProxyConfig;
+use ferry_server::config::{
+    ClusterConfig, Config as ServerConfig, Role as ServerRole, TrackerConfig,
+};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -231,84 +236,79 @@ impl Cluster {
         // "node-NAME" -> tracker. The tracker names what each key is ([link.members]): each
         // node's key is bound to its group and address, "sp" is a router, "admin" reads.
         let sec = &mut cluster.secrets;
-        let app_keys = format!(
-            "[auth.keys.{CLUSTER_APP}]\n{} = {}\n",
-            CLUSTER_KEY_ID,
-            toml_str(&sec.app_key(CLUSTER_APP, CLUSTER_KEY_ID).secret)
-        );
-        let send = |sec: &mut Secrets, id: &str| {
-            let k = sec.link(id);
-            format!(
-                "[link.send]\nid = {}\nsecret = {}\n",
-                toml_str(&k.id),
-                toml_str(&k.secret)
-            )
+        let app_key = sec.app_key(CLUSTER_APP, CLUSTER_KEY_ID);
+        let app_keys = AuthConfig {
+            keys: [(
+                CLUSTER_APP.to_owned(),
+                [(app_key.id, app_key.secret)].into(),
+            )]
+            .into(),
+            ..AuthConfig::default()
         };
-        let accept = |sec: &mut Secrets, ids: &[&str]| {
-            let lines: Vec<String> = ids
+        let link = |sec: &mut Secrets, send: Option<&str>, accept: &[&str]| LinkConfig {
+            send: send.map(|id| sec.link(id)),
+            accept: accept
                 .iter()
-                .map(|id| format!("{id} = {}\n", toml_str(&sec.link(id).secret)))
-                .collect();
-            format!("[link.accept]\n{}", lines.concat())
+                .map(|id| (id.to_string(), sec.link(id).secret))
+                .collect(),
+            members: BTreeMap::new(),
+        };
+        let member = |kind, group: Option<&str>, addr| Member {
+            kind,
+            group: group.map(str::to_owned),
+            addr,
         };
         let node_key = |name: &str| format!("node-{name}");
         let nodes = l.nodes();
         let mut tracker_keys: Vec<String> = nodes.iter().map(|(_, n, _)| node_key(n)).collect();
         tracker_keys.extend(["sp".to_owned(), ADMIN_LINK_ID.to_owned()]);
         let tracker_keys: Vec<&str> = tracker_keys.iter().map(String::as_str).collect();
-        let mut members = format!(
-            "\n[link.members]\nsp = {{ kind = \"router\" }}\n{ADMIN_LINK_ID} = {{ kind = \"admin\" }}\n"
-        );
-        for (group, name, addr) in &nodes {
-            members.push_str(&format!(
-                "{} = {{ kind = \"node\", group = {}, addr = {} }}\n",
-                node_key(name),
-                toml_str(group),
-                toml_str(&addr.to_string())
-            ));
-        }
-        let tracker_link = format!("{}{members}", accept(sec, &tracker_keys));
+        let mut tracker_link = link(sec, None, &tracker_keys);
+        tracker_link.members = nodes
+            .iter()
+            .map(|(g, name, addr)| (node_key(name), member(PeerKind::Node, Some(g), Some(*addr))))
+            .chain([
+                ("sp".to_owned(), member(PeerKind::Router, None, None)),
+                (
+                    ADMIN_LINK_ID.to_owned(),
+                    member(PeerKind::Admin, None, None),
+                ),
+            ])
+            .collect();
         // Every node serves the HTTP gateway with the app's signed-URL secret; a gateway
         // redirects requests for another group's files to one of that group's gateways.
-        let http_secret = format!(
-            "[http.secrets]\n{CLUSTER_APP} = {}\n",
-            toml_str(&sec.http(CLUSTER_APP))
-        );
-        let node_links: Vec<String> = nodes
+        let http_secrets: BTreeMap<String, String> =
+            [(CLUSTER_APP.to_owned(), sec.http(CLUSTER_APP))].into();
+        let node_links: Vec<LinkConfig> = nodes
             .iter()
-            .map(|(_, name, _)| format!("{}{}", send(sec, &node_key(name)), accept(sec, &["sp"])))
+            .map(|(_, name, _)| link(sec, Some(&node_key(name)), &["sp"]))
             .collect();
-        let sp_link = format!("{}{}", send(sec, "sp"), accept(sec, &["cp"]));
-        let cp_link = send(sec, "cp");
+        let sp_link = link(sec, Some("sp"), &["cp"]);
+        let cp_link = link(sec, Some("cp"), &[]);
         // Every server gets the database in its config and in FERRY_META_URL (which a server
         // prefers), so a different URL in our own environment cannot leak into a member.
         let meta = spec.meta_url.clone();
-        let meta_line = meta
-            .as_deref()
-            .map_or_else(String::new, |u| format!("meta_url = {}\n", toml_str(u)));
-        let names: Vec<String> = l.groups.iter().map(|(g, _)| toml_str(g)).collect();
+        let group_names: Vec<String> = l.groups.iter().map(|(g, _)| g.clone()).collect();
         // Two trackers on the one database: nodes beat and proxies ask either, so losing one
         // changes nothing a user sees.
         for (name, addr) in [(TRACKER, l.trackers[0]), (TRACKER_B, l.trackers[1])] {
-            let tracker_conf = format!(
-                "# Generated by ferry cluster up: a tracker (one of two).\n\
-                 listen = {}\ndata = {}\n{meta_line}roles = [\"tracker\"]\n\n\
-                 [tracker]\ngroups = [{}]\nbeat_interval_ms = {}\noffline_after_ms = {}\n\n\
-                 {tracker_link}",
-                toml_str(&addr.to_string()),
-                toml_str(&data_dir.join(name).display().to_string()),
-                names.join(", "),
-                spec.beat_interval_ms,
-                spec.offline_after_ms,
-            );
-            cluster.add_generated(
-                &conf_dir,
-                name,
-                &tracker_conf,
-                Some(meta.clone()),
-                Role::Server,
-                addr,
-            )?;
+            let conf = ServerConfig {
+                listen: addr,
+                data: data_dir.join(name),
+                meta_url: meta.clone(),
+                roles: vec![ServerRole::Tracker],
+                tracker: TrackerConfig {
+                    groups: group_names.clone(),
+                    beat_interval_ms: spec.beat_interval_ms,
+                    offline_after_ms: spec.offline_after_ms,
+                    ..TrackerConfig::default()
+                },
+                link: tracker_link.clone(),
+                ..ServerConfig::default()
+            };
+            let header = "Generated by ferry cluster up: a tracker (one of two).";
+            let conf = MemberConfig::Server(Box::new(conf));
+            cluster.add(name, conf, header, Some(meta.clone()))?;
         }
         for (((group, name, addr), node_link), http) in
             nodes.into_iter().zip(node_links).zip(l.gateways())
@@ -316,26 +316,27 @@ impl Cluster {
             let data = data_dir.join(&group);
             std::fs::create_dir_all(&data)
                 .map_err(|e| ClientError::io(format!("creating {}", data.display()), e))?;
-            let text = format!(
-                "# Generated by ferry cluster up: storage node {name} of group {group}.\n\
-                 listen = {}\ndata = {}\n{meta_line}roles = [\"storage\"]\n\n\
-                 [cluster]\ngroup = {}\ntrackers = {}\nnode_name = {}\n\n[http]\nlisten = {}\n\n\
-                 {http_secret}\n{app_keys}{node_link}",
-                toml_str(&addr.to_string()),
-                toml_str(&data.display().to_string()),
-                toml_str(&group),
-                toml_list(&l.trackers),
-                toml_str(&name),
-                toml_str(&http.to_string()),
-            );
-            cluster.add_generated(
-                &conf_dir,
-                &name,
-                &text,
-                Some(meta.clone()),
-                Role::Server,
-                addr,
-            )?;
+            let mut conf = ServerConfig {
+                listen: addr,
+                data,
+                meta_url: meta.clone(),
+                roles: vec![ServerRole::Storage],
+                cluster: Some(ClusterConfig {
+                    group: group.clone(),
+                    trackers: l.trackers.to_vec(),
+                    advertise: None,
+                    node_name: Some(name.clone()),
+                }),
+                auth: app_keys.clone(),
+                link: node_link,
+                ..ServerConfig::default()
+            };
+            conf.http.listen = Some(http);
+            conf.http.secrets = http_secrets.clone();
+            let header =
+                format!("Generated by ferry cluster up: storage node {name} of group {group}.");
+            let conf = MemberConfig::Server(Box::new(conf));
+            cluster.add(&name, conf, &header, Some(meta.clone()))?;
         }
         let admin = cluster.secrets.link(ADMIN_LINK_ID);
         wait_joined(
@@ -350,62 +351,32 @@ impl Cluster {
             ))
         })?;
         for (i, name) in [SERVER_PROXY_A, SERVER_PROXY_B].into_iter().enumerate() {
-            let text = format!(
-                "# Generated by ferry cluster up: routing server-proxy.\n\
-                 listen = {}\ntrackers = {}\nroute_cache_ms = {}\nstats_listen = {}\n\n\
-                 {app_keys}{sp_link}",
-                toml_str(&l.server_proxies[i].to_string()),
-                toml_list(&l.trackers),
-                spec.route_cache_ms,
-                toml_str(&l.server_proxy_stats[i].to_string()),
-            );
-            cluster.add_generated(
-                &conf_dir,
-                name,
-                &text,
-                None,
-                Role::Proxy,
-                l.server_proxies[i],
-            )?;
+            let conf = ProxyConfig {
+                listen: l.server_proxies[i],
+                trackers: l.trackers.to_vec(),
+                route_cache: Duration::from_millis(spec.route_cache_ms),
+                stats_listen: Some(l.server_proxy_stats[i]),
+                auth: Some(app_keys.clone()),
+                link: sp_link.clone(),
+                ..ProxyConfig::default()
+            };
+            let header = "Generated by ferry cluster up: routing server-proxy.";
+            cluster.add(name, MemberConfig::Proxy(Box::new(conf)), header, None)?;
         }
         for (i, name) in [CLIENT_PROXY_A, CLIENT_PROXY_B].into_iter().enumerate() {
-            let text = format!(
-                "# Generated by ferry cluster up: client-proxy.\nlisten = {}\nupstreams = {}\n\
-                 # Clients reach this listener: none may hold more than this many connections.\n\
-                 max_connections_per_ip = {CLIENT_PROXY_PER_IP}\n\n{cp_link}{}",
-                toml_str(&l.client_proxies[i].to_string()),
-                toml_list(&l.server_proxies),
-                cluster
-                    .tls
-                    .as_ref()
-                    .map(LocalCa::proxy_section)
-                    .unwrap_or_default(),
-            );
-            cluster.add_generated(
-                &conf_dir,
-                name,
-                &text,
-                None,
-                Role::Proxy,
-                l.client_proxies[i],
-            )?;
+            let conf = ProxyConfig {
+                listen: l.client_proxies[i],
+                upstreams: l.server_proxies.to_vec(),
+                // Clients reach this listener: none may hold more than this many connections.
+                max_connections_per_ip: CLIENT_PROXY_PER_IP,
+                link: cp_link.clone(),
+                tls: cluster.tls.as_ref().map(LocalCa::proxy_tls),
+                ..ProxyConfig::default()
+            };
+            let header = "Generated by ferry cluster up: client-proxy.";
+            cluster.add(name, MemberConfig::Proxy(Box::new(conf)), header, None)?;
         }
         Ok(cluster)
-    }
-
-    /// Writes a generated member config (`conf_dir/<name>.toml`) and starts the member on it.
-    fn add_generated(
-        &mut self,
-        conf_dir: &Path,
-        name: &str,
-        text: &str,
-        meta_env: Option<Option<String>>,
-        expect: Role,
-        addr: SocketAddr,
-    ) -> Result<()> {
-        let path = write_conf(conf_dir, name, text)?;
-        let args = vec!["--config".into(), path];
-        self.add(name.to_owned(), args, meta_env, expect, addr)
     }
 
     /// The data dir the nodes of `group` share.
@@ -427,19 +398,10 @@ pub fn resolve_meta_url(
     if let Some(u) = env.filter(|u| !u.is_empty()) {
         return Ok(Some(u));
     }
-    let path = conf_dir.join(format!("{SERVER}.toml"));
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(ClientError::io(format!("reading {}", path.display()), e)),
-    };
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| ClientError::Cluster(format!("{}: {e}", path.display())))?;
-    Ok(table
-        .get("meta_url")
-        .and_then(|v| v.as_str())
-        .map(str::to_owned))
+    if !conf_dir.join(format!("{SERVER}.toml")).exists() {
+        return Ok(None);
+    }
+    Ok(load::<ServerConfig>(conf_dir, SERVER)?.meta_url)
 }
 
 /// The tracker's view (TRACKER_GROUPS).

@@ -12,7 +12,7 @@
 //! so the numbers show the client and relay rather than the disk; `FERRY_BENCH_SYNC=1` turns
 //! per-block fdatasync back on.
 
-#[path = "../support/mod.rs"]
+#[path = "../e2e/support/mod.rs"]
 mod support;
 
 use std::net::SocketAddr;

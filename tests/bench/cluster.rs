@@ -8,7 +8,7 @@
 //! lasts `FERRY_BENCH_SECS` (default 2) and runs `FERRY_BENCH_RUNS` times (default 3): median
 //! and min-max.
 
-#[path = "../support/mod.rs"]
+#[path = "../e2e/support/mod.rs"]
 mod support;
 
 use ferry_common::proto::{self, Caller, NodeHello, SADDRS_REPLY_MAX, SaddrsReq, cmd};

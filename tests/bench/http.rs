@@ -14,7 +14,7 @@
 //! nginx serves plain paths. Tools come from Debian packages (curl, wrk, nginx); a missing one
 //! skips its part with a message, so CI does not need them.
 
-#[path = "../support/mod.rs"]
+#[path = "../e2e/support/mod.rs"]
 mod support;
 
 use std::io::Write;

@@ -11,7 +11,7 @@
 //! box every hop's CPU comes out of the same cores, so it shows how much is left for proxies.
 //! Then one proxy's RSS with 1000 concurrent sessions, each having pushed 64 KiB through.
 
-#[path = "../support/mod.rs"]
+#[path = "../e2e/support/mod.rs"]
 mod support;
 
 use ferry_common::proto::{self, HEADER_LEN, Header, Identity, Role, cmd};

@@ -18,7 +18,7 @@
 //! The metadata is embedded SQLite (no PostgreSQL needed); the node runs with
 //! `sync_blocks = false` so the transfer rows show the relay rather than the disk.
 
-#[path = "../support/mod.rs"]
+#[path = "../e2e/support/mod.rs"]
 mod support;
 
 use ferry_common::proto::{self, HEADER_LEN, Header, cmd};

@@ -16,7 +16,7 @@
 //!
 //! `FERRY_BENCH_ONLY=grow` or `=ingest` runs one part; `FERRY_BENCH_DIR` picks the disk.
 
-#[path = "../support/mod.rs"]
+#[path = "../e2e/support/mod.rs"]
 mod support;
 
 use ferry_common::proto::{

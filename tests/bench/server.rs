@@ -13,7 +13,7 @@
 //! time until the last block is acknowledged; "+over" adds UPLOAD_OVER, which re-reads the file
 //! for its SHA-256 and fsyncs it. Downloads read the file from the page cache (it was just written).
 
-#[path = "../support/mod.rs"]
+#[path = "../e2e/support/mod.rs"]
 mod support;
 
 use ferry_common::proto::{

@@ -11,7 +11,7 @@
 //! address has nothing listening: these tests are about the shared storage, not membership.
 //! They need `FERRY_PG_URL` (skipped without it, failed without it when CI=true).
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use std::collections::HashSet;

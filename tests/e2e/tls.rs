@@ -9,7 +9,7 @@
 //! - SIGHUP swaps the certificate for new handshakes while a session that shook hands before
 //!   keeps working; a reload that cannot load keeps the served certificate.
 
-mod support;
+use crate::support;
 
 use ferry_common::proto::{self, HEADER_LEN, Header, cmd};
 use ferry_supervisor::localca::LocalCa;

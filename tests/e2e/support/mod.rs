@@ -462,19 +462,22 @@ impl Drop for Group {
     }
 }
 
-/// Reads `ferry`'s stderr until a line contains `needle` (30 s at most).
+/// Reads `ferry`'s stderr until a line contains `needle` (30 s at most); a failure shows what
+/// it said instead.
 pub fn wait_for_line(err: &mut impl BufRead, needle: &str) {
     let t = Instant::now();
-    let mut line = String::new();
-    while !line.contains(needle) {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "ended before {needle:?}"
-        );
+    let mut said = String::new();
+    loop {
+        let from = said.len();
+        let n = err.read_line(&mut said).unwrap();
+        if said[from..].contains(needle) {
+            return;
+        }
+        let tail = &said[said.len().saturating_sub(4000)..];
+        assert!(n > 0, "ended before {needle:?}; it said:\n{tail}");
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "no {needle:?} in 30 s"
+            "no {needle:?} in 30 s; it said:\n{tail}"
         );
     }
 }

@@ -18,7 +18,7 @@
 //! fails prints its log with its error). `FERRY_CHAOS_BASELINE=1` runs the same
 //! transfers without faults: comparing the throughput lines gives the time each fault adds.
 
-mod support;
+use crate::support;
 
 use ferry_supervisor::cluster::{self, Cluster, GroupsLayout, Layout, Logs, Spec};
 use nix::sys::signal::Signal;

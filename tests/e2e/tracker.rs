@@ -6,7 +6,7 @@
 //! PostgreSQL (`FERRY_PG_URL`; unset: those parts print "skipped", except under CI=true where
 //! they fail). Every PostgreSQL test works in a database of its own, dropped at the end.
 
-mod support;
+use crate::support;
 
 use ferry_common::proto::{
     self, BEAT_REPLY_MAX, BeatReply, CallError, ErrorCode, GROUPS_REPLY_MAX, GroupsReply,

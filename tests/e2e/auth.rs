@@ -2,7 +2,7 @@
 //! command, opened with a missing, expired, tampered, wrong-key and other-tenant token, and a
 //! server that takes linked peers only.
 
-mod support;
+use crate::support;
 
 use ferry_common::auth::{SigningKey, new_secret};
 use ferry_common::clock::now_secs;

@@ -1,7 +1,7 @@
 //! End-to-end tests of `ferry-server`: the real binary on a free loopback port, driven by a
 //! small blocking client written here against docs/PROTOCOL.md.
 
-mod support;
+use crate::support;
 
 use ferry_common::proto::{
     self, BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header,

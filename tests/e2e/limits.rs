@@ -1,7 +1,7 @@
 //! Limits the security issue asks for, driven past their edge against the real `ferry-server`:
 //! each checks a clear outcome, bounded resources and a healthy service for everyone else.
 
-mod support;
+use crate::support;
 
 use ferry_common::proto::{self, HEADER_LEN};
 use std::io::{Read, Write};

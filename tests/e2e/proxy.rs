@@ -6,7 +6,7 @@
 //! bytes, then FIN, then wait for the client's FIN). Started with link keys, it wants a valid
 //! LINK proof before the HELLO, as a ferry-server with `[link.accept]` does.
 
-mod support;
+use crate::support;
 
 use ferry_common::auth::{LinkConfig, LinkVerifier, SigningKey, new_secret};
 use ferry_common::proto::{

@@ -3,7 +3,7 @@
 //! its documented status (README, `--help`) and one JSON object on stderr naming the protocol
 //! error, its class and the peer.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! conf/ moved to free ports), kills the primary server-proxy mid-upload, verifies the download,
 //! and leaves no process behind; Ctrl-C stops everything it started.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 //!
 //! Tools are installed by `.ci/run`; elsewhere a missing tool skips the test with a message.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 //! test makes its own and drops it). Unset: each test prints "skipped" and passes, except with
 //! CI=true, where it fails.
 
-mod support;
+use crate::support;
 
 use ferry_common::proto::{self, Caller, SaddrsReply, SaddrsReq, cmd};
 use ferry_common::token::Scope;
@@ -848,9 +848,11 @@ fn cluster_up_without_a_shared_database_is_refused_with_the_way_out() {
 }
 
 /// A `--port-base` whose whole block of ports (as `GroupsLayout::fixed` lays them out for
-/// `nodes` nodes) is free now, below the ports `support::free_port` and the kernel hand out,
-/// so no other test can be given one of them.
+/// `nodes` nodes) is free now and was never handed out before in this process (two tests
+/// running at once must not get the same block), below the ports `support::free_port` and
+/// the kernel hand out, so no other test can be given one of them.
 fn free_port_base(nodes: usize) -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let offsets: Vec<u16> = [0, 1, 111, 112, 121, 122, 211, 212]
         .into_iter()
         // The nodes, then their HTTP gateways.
@@ -862,11 +864,16 @@ fn free_port_base(nodes: usize) -> u16 {
         .step_by(1000)
         .chain((10_000..start).step_by(1000))
     {
+        let mut given = GIVEN.lock().unwrap();
+        if given.contains(&base) {
+            continue;
+        }
         let held: Vec<_> = offsets
             .iter()
             .map_while(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).ok())
             .collect();
         if held.len() == offsets.len() {
+            given.push(base);
             return base;
         }
     }

@@ -5,7 +5,7 @@
 //! limit, file and expiry hold, each a clear error with nothing changed; an upload cut off by
 //! its token's expiry resumes with a fresh one.
 
-mod support;
+use crate::support;
 
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;

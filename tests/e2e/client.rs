@@ -7,7 +7,7 @@
 //! 300 MiB file has at 4 MiB) to keep this file well under a minute; the 1 GiB transfers are in
 //! the benchmark (tests/bench/client.rs).
 
-mod support;
+use crate::support;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;

@@ -5,7 +5,7 @@
 //! Tools come from Debian packages that `.ci/run` installs. A test whose tool is missing fails in
 //! CI (`CI=true`) and is skipped with a message elsewhere.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

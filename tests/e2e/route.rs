@@ -8,7 +8,7 @@
 //! The proxy checks the session token in every HELLO (`[auth]`), minted here with the app key
 //! the proxy is given.
 
-mod support;
+use crate::support;
 
 use ferry_common::auth::{LinkConfig, SigningKey, new_secret};
 use ferry_common::clock::now_secs;

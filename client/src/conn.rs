@@ -6,16 +6,14 @@
 
 use crate::settings::Endpoint;
 use ferry_common::proto::{
-    self, DOWNLOAD_REPLY_META, ErrorBody, HEADER_LEN, Header, Identity, Retry, cmd, status,
+    self, CallError, DOWNLOAD_REPLY_META, ErrorBody, Framed, Header, Identity, Retry, cmd,
+    is_timeout, status,
 };
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Largest error body (code + 1024 bytes of text).
-const ERROR_BODY_MAX: u64 = 2 + proto::ERROR_TEXT_MAX as u64;
 
 /// Why one attempt failed. The retry policy in [`crate::link`] decides what each means.
 #[derive(Debug)]
@@ -176,19 +174,32 @@ fn handshake(
 }
 
 pub struct Conn {
-    stream: Stream,
+    io: Framed<Stream>,
     pub peer: SocketAddr,
     /// When the last reply arrived: a send that fails on a connection idle for longer than the
     /// timeout more likely hit the peer's idle close than a dead proxy.
     pub last_reply: Instant,
 }
 
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+/// What a failed exchange means to the retry policy.
+fn fault(e: CallError) -> Fault {
+    match e {
+        CallError::Connect { peer, e } => Fault::Connect(format!("connect {peer}: {e}")),
+        CallError::Send { peer, e } if is_timeout(&e) => Fault::Send(format!(
+            "send to {peer}: peer not reading within the timeout"
+        )),
+        CallError::Send { peer, e } => Fault::Send(format!("send to {peer}: {e}")),
+        CallError::Recv { peer, e } if is_timeout(&e) => {
+            Fault::Timeout(format!("no reply from {peer} within the timeout"))
+        }
+        CallError::Recv { peer, e } => Fault::Dropped(format!("connection to {peer} lost: {e}")),
+        CallError::Garbled { peer, why } => Fault::Garbled(format!("bad reply from {peer}: {why}")),
+        CallError::Refused { body, .. } => Fault::Server(body),
+    }
 }
+
+/// Replies come from the server (storage) or, for errors it raises itself, the proxy.
+const REPLIES: [u8; 2] = [cmd::REPLY_STORAGE, cmd::REPLY_PROXY];
 
 impl Conn {
     /// Connects (with TLS for a `tls://` entry, verified with `tls`) and opens the session with
@@ -216,7 +227,7 @@ impl Conn {
             }
         };
         let mut c = Conn {
-            stream,
+            io: Framed::new(stream, peer),
             peer,
             last_reply: Instant::now(),
         };
@@ -234,91 +245,27 @@ impl Conn {
         Ok(c)
     }
 
-    /// Writes all parts with `writev`, so a header and its payload leave in one segment
-    /// stream instead of a lone small packet (the socket has TCP_NODELAY).
-    fn write(&mut self, parts: &[&[u8]]) -> Result<(), Fault> {
-        let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match self.stream.write_vectored(rest) {
-                Ok(0) => {
-                    return Err(Fault::Send(format!(
-                        "send to {}: connection closed",
-                        self.peer
-                    )));
-                }
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let what = if is_timeout(&e) {
-                        "peer not reading within the timeout".to_owned()
-                    } else {
-                        e.to_string()
-                    };
-                    return Err(Fault::Send(format!("send to {}: {what}", self.peer)));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> Result<(), Fault> {
-        self.stream.read_exact(buf).map_err(|e| {
-            if is_timeout(&e) {
-                Fault::Timeout(format!("no reply from {} within the timeout", self.peer))
-            } else {
-                Fault::Dropped(format!("connection to {} lost: {e}", self.peer))
-            }
-        })
-    }
-
     /// Reads a reply header and, for an error reply, its body. Returns the OK header.
     fn reply_head(&mut self) -> Result<Header, Fault> {
-        let mut h = [0u8; HEADER_LEN];
-        self.read(&mut h)?;
-        let h = Header::decode(&h);
-        if h.cmd != cmd::REPLY_STORAGE && h.cmd != cmd::REPLY_PROXY {
-            return Err(self.garbled(format!("reply command {}", h.cmd)));
+        let r = self.io.reply_head(&REPLIES);
+        if matches!(r, Ok(_) | Err(CallError::Refused { .. })) {
+            self.last_reply = Instant::now();
         }
-        self.last_reply = Instant::now();
-        match h.status {
-            status::OK => Ok(h),
-            status::ERROR => {
-                if !(2..=ERROR_BODY_MAX).contains(&h.body_len) {
-                    return Err(self.garbled(format!("error body of {} bytes", h.body_len)));
-                }
-                let mut b = vec![0u8; h.body_len as usize];
-                self.read(&mut b)?;
-                let e = ErrorBody::decode(&b).map_err(|e| self.garbled(e.to_string()))?;
-                if e.code.ends_session() {
-                    // The peer closes after such errors; so do we.
-                    let _ = self.stream.sock().shutdown(Shutdown::Both);
-                }
-                Err(Fault::Server(e))
-            }
-            s => Err(self.garbled(format!("status byte {s}"))),
+        if let Err(CallError::Refused { body, .. }) = &r
+            && body.code.ends_session()
+        {
+            // The peer closes after such errors; so do we.
+            let _ = self.io.get_ref().sock().shutdown(Shutdown::Both);
         }
-    }
-
-    fn garbled(&self, why: String) -> Fault {
-        Fault::Garbled(format!("bad reply from {}: {why}", self.peer))
-    }
-
-    fn body(&mut self, h: Header, max: usize) -> Result<Vec<u8>, Fault> {
-        if h.body_len > max as u64 {
-            return Err(self.garbled(format!("{} body bytes, at most {max} expected", h.body_len)));
-        }
-        let mut b = vec![0u8; h.body_len as usize];
-        self.read(&mut b)?;
-        Ok(b)
+        r.map_err(fault)
     }
 
     /// Sends a control request and returns the OK reply body (at most `max_reply` bytes).
     pub fn call(&mut self, command: u8, body: &[u8], max_reply: usize) -> Result<Vec<u8>, Fault> {
         let head = Header::new(command, status::OK, body.len() as u64).encode();
-        self.write(&[&head, body])?;
+        self.io.send(&[&head, body]).map_err(fault)?;
         let h = self.reply_head()?;
-        self.body(h, max_reply)
+        self.io.body(&h, max_reply).map_err(fault)
     }
 
     /// Sends a data request (meta + payload) and returns the OK reply body.
@@ -330,29 +277,34 @@ impl Conn {
         max_reply: usize,
     ) -> Result<Vec<u8>, Fault> {
         let head = proto::data_frame_head(command, status::OK, meta, payload.len() as u64);
-        self.write(&[&head, payload])?;
+        self.io.send(&[&head, payload]).map_err(fault)?;
         let h = self.reply_head()?;
-        self.body(h, max_reply)
+        self.io.body(&h, max_reply).map_err(fault)
     }
 
     /// Sends DOWNLOAD and reads the reply payload into `buf`, which must be exactly `expect`
     /// bytes (the range clamped to the file). Returns the CRC32C the server sent.
     pub fn download(&mut self, req: &[u8], expect: usize, buf: &mut Vec<u8>) -> Result<u32, Fault> {
         let head = Header::new(cmd::DOWNLOAD, status::OK, req.len() as u64).encode();
-        self.write(&[&head, req])?;
+        self.io.send(&[&head, req]).map_err(fault)?;
         let h = self.reply_head()?;
         let want = (DOWNLOAD_REPLY_META + expect) as u64;
         if h.body_len != want {
-            return Err(self.garbled(format!(
-                "DOWNLOAD reply of {} bytes, expected {want}",
-                h.body_len
-            )));
+            return Err(fault(CallError::Garbled {
+                peer: self.peer,
+                why: format!("DOWNLOAD reply of {} bytes, expected {want}", h.body_len),
+            }));
         }
         let mut meta = [0u8; DOWNLOAD_REPLY_META];
-        self.read(&mut meta)?;
-        let crc = proto::decode_download_meta(&meta).map_err(|e| self.garbled(e.to_string()))?;
+        self.io.read_exact(&mut meta).map_err(fault)?;
+        let crc = proto::decode_download_meta(&meta).map_err(|e| {
+            fault(CallError::Garbled {
+                peer: self.peer,
+                why: e.to_string(),
+            })
+        })?;
         buf.resize(expect, 0);
-        self.read(buf)?;
+        self.io.read_exact(buf).map_err(fault)?;
         Ok(crc)
     }
 }

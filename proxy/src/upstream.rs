@@ -4,11 +4,10 @@
 //! counts as good if a ferry proxy or server answers with a valid identity, so a port that is
 //! merely open (or held by another program) does not count.
 
-use ferry_common::proto::{self, HEADER_LEN, Header, Identity, Role, cmd, status};
+use ferry_common::proto::{self, Identity};
 use log::{info, warn};
 use parking_lot::Mutex;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -128,38 +127,11 @@ impl Upstreams {
 
 /// Sends a PROBE and checks the answer is a ferry identity of a compatible version.
 pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<Identity, String> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect failed: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.write_all(&proto::frame(cmd::PROBE, status::OK, &proto::probe_body()))
-        .map_err(|e| format!("cannot send PROBE: {e}"))?;
-    let mut raw = [0u8; HEADER_LEN];
-    s.read_exact(&mut raw)
-        .map_err(|e| format!("no reply to PROBE: {e}"))?;
-    let h = Header::decode(&raw);
-    if h.cmd != cmd::REPLY_PROXY && h.cmd != cmd::REPLY_STORAGE {
-        return Err(format!("PROBE answered with command {}", h.cmd));
-    }
-    if h.status != status::OK {
-        return Err(format!("PROBE answered with status {}", h.status));
-    }
-    // An identity is 3 bytes; refuse anything that claims more before reading it.
-    if h.body_len > 16 {
-        return Err(format!("PROBE reply of {} bytes is too long", h.body_len));
-    }
-    let mut body = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut body)
-        .map_err(|e| format!("short PROBE reply: {e}"))?;
-    let id = Identity::decode(&body).map_err(|e| format!("bad identity: {e}"))?;
+    let id = proto::probe(addr, timeout).map_err(|e| e.to_string())?;
     if id.version != proto::VERSION {
         return Err(format!("speaks protocol version {}", id.version));
     }
-    match id.role {
-        Role::Proxy | Role::Server => Ok(id),
-    }
+    Ok(id)
 }
 
 /// Health checker threads, one per upstream; stopped when dropped.
@@ -214,6 +186,8 @@ fn check_loop(ups: &Upstreams, i: usize, interval: Duration, timeout: Duration, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_common::proto::{Role, cmd};
+    use std::io::{Read, Write};
 
     #[test]
     fn hysteresis_follows_rise_and_fall() {

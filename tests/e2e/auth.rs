@@ -7,16 +7,16 @@ use crate::support;
 use ferry_common::auth::{SigningKey, new_secret};
 use ferry_common::clock::now_secs;
 use ferry_common::proto::{
-    self, BlockMeta, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, Prove,
-    UploadInit, UploadInitReply, UploadMeta, cmd, status,
+    self, BlockMeta, DownloadReq, ErrorCode, Hello, Prove, UploadInit, UploadInitReply, UploadMeta,
+    cmd,
 };
 use ferry_common::token::{Claims, Delegation, Scope};
 use ferry_server::access::{Need, need};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 use support::auth::{KEY_ID, key};
+use support::raw::{self, Raw};
 
 /// A `ferry-server` with `conf` (the test app keys added unless it has `[auth`) in a scratch
 /// dir; both are dropped with the returned values.
@@ -52,34 +52,26 @@ enum Reply {
     Closed,
 }
 
-struct Conn(TcpStream);
+struct Conn(Raw);
 
 impl Conn {
     fn open(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Conn(s)
+        let c = Raw::connect(addr);
+        c.set_timeout(Duration::from_secs(10));
+        Conn(c)
     }
 
     fn send(&mut self, frame: &[u8]) {
         // The peer may already have closed (after refusing an earlier frame).
-        let _ = self.0.write_all(frame);
+        self.0.send_raw(frame);
     }
 
     fn recv(&mut self) -> Reply {
-        let mut h = [0u8; HEADER_LEN];
-        if self.0.read_exact(&mut h).is_err() {
-            return Reply::Closed;
+        match self.0.recv() {
+            raw::Reply::Ok(_, body) => Reply::Ok(body),
+            raw::Reply::Err(code, _) => Reply::Err(code),
+            raw::Reply::Waiting | raw::Reply::Closed => Reply::Closed,
         }
-        let h = Header::decode(&h);
-        let mut body = vec![0u8; usize::try_from(h.body_len).unwrap().min(1 << 20)];
-        if self.0.read_exact(&mut body).is_err() {
-            return Reply::Closed;
-        }
-        if h.status == status::OK {
-            return Reply::Ok(body);
-        }
-        Reply::Err(ErrorBody::decode(&body).unwrap().code)
     }
 
     fn call(&mut self, frame: &[u8]) -> Reply {
@@ -90,14 +82,10 @@ impl Conn {
     /// Sends `frame`, which must be refused: the error's code and text.
     fn refusal(&mut self, frame: &[u8]) -> (ErrorCode, String) {
         self.send(frame);
-        let mut h = [0u8; HEADER_LEN];
-        self.0.read_exact(&mut h).unwrap();
-        let h = Header::decode(&h);
-        let mut body = vec![0u8; usize::try_from(h.body_len).unwrap().min(1 << 20)];
-        self.0.read_exact(&mut body).unwrap();
-        assert_eq!(h.status, status::ERROR, "not refused");
-        let e = ErrorBody::decode(&body).unwrap();
-        (e.code, e.text)
+        match self.0.recv() {
+            raw::Reply::Err(code, text) => (code, text),
+            other => panic!("not refused: {other:?}"),
+        }
     }
 
     /// A session of `app`/`user` with a fresh valid token.

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use support::cli::{self, Run};
+use support::procs;
+use support::raw::{self, Raw};
 use support::{PgDb, make_file, pg_db, sha256_file};
 
 const APP: &str = "demo";
@@ -567,13 +569,13 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
     for scope in [Scope::READ, Scope::WRITE, Scope::DELETE] {
         for frame in &attempts {
             let what = format!("{} with scope {scope:?}", cmd::name(frame[8]));
-            let mut c = std::net::TcpStream::connect(s.layout.client_proxies[0]).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut c = Raw::connect(s.layout.client_proxies[0]);
+            c.set_timeout(Duration::from_secs(10));
             let token = key.mint(APP, "mallory", scope, 300).unwrap();
             let hello = proto::Hello::new(APP, "mallory", &token).encode().unwrap();
-            c.write_all(&proto::frame(cmd::HELLO, 0, &hello)).unwrap();
+            c.send(cmd::HELLO, &hello);
             assert_eq!(reply(&mut c), Some(Ok(())), "HELLO for {what}");
-            c.write_all(frame).unwrap();
+            c.send_raw(frame);
             assert_eq!(reply(&mut c), Some(Err(proto::ErrorCode::Auth)), "{what}");
             assert_eq!(reply(&mut c), None, "{what}: the session was not closed");
         }
@@ -610,10 +612,10 @@ fn a_users_session_through_the_proxies_cannot_reach_the_control_plane() {
         ),
         (&router_key, join(&group, addr.port()), "the router's key"),
     ] {
-        let mut c = std::net::TcpStream::connect(s.layout.trackers[0]).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        c.write_all(&key.link_frame()).unwrap();
-        c.write_all(&frame).unwrap();
+        let mut c = Raw::connect(s.layout.trackers[0]);
+        c.set_timeout(Duration::from_secs(10));
+        c.send_raw(&key.link_frame());
+        c.send_raw(&frame);
         assert_eq!(
             reply(&mut c),
             Some(Err(proto::ErrorCode::Auth)),
@@ -661,16 +663,12 @@ fn either_tracker_alone_serves_the_cluster() {
 }
 
 /// The next answer on a raw connection: Ok, an error code, or None once it is closed.
-fn reply(c: &mut std::net::TcpStream) -> Option<Result<(), proto::ErrorCode>> {
-    let mut h = [0u8; proto::HEADER_LEN];
-    c.read_exact(&mut h).ok()?;
-    let h = proto::Header::decode(&h);
-    let mut body = vec![0u8; usize::try_from(h.body_len).ok()?.min(1 << 16)];
-    c.read_exact(&mut body).ok()?;
-    if h.status == proto::status::OK {
-        return Some(Ok(()));
+fn reply(c: &mut Raw) -> Option<Result<(), proto::ErrorCode>> {
+    match c.recv() {
+        raw::Reply::Ok(..) => Some(Ok(())),
+        raw::Reply::Err(code, _) => Some(Err(code)),
+        raw::Reply::Waiting | raw::Reply::Closed => None,
     }
-    Some(Err(proto::ErrorBody::decode(&body).ok()?.code))
 }
 
 /// A storage node of one group killed and restarted (its start-up recovery runs on the shared
@@ -1017,41 +1015,6 @@ fn cluster_up_through_the_binary_serves_a_user_and_stops_on_ctrl_c() {
     }
 }
 
-/// The processes whose parent is `pid` now.
-fn children_of(pid: u32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| stat_field(*p, 1).is_some_and(|ppid| ppid == pid.to_string()))
-        .collect()
-}
-
-/// Field `i` after the command name of /proc/PID/stat (0: state, 1: parent pid).
-fn stat_field(pid: i32, i: usize) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(i).map(str::to_owned)
-}
-
-/// SIGKILLs these processes when dropped: a failing test leaves no member behind.
-struct Reap(Vec<i32>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        for p in self.0.iter().filter(|p| !dead(**p)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*p),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-/// Gone, or a zombie nobody reaps yet (an orphan's new parent may be slow to).
-fn dead(pid: i32) -> bool {
-    stat_field(pid, 0).is_none_or(|s| s == "Z" || s == "X")
-}
-
 /// Members never outlive their supervisor: after `kill -9` of `ferry cluster up` (one node;
 /// and two nodes on PostgreSQL when there is one) every member it started exits.
 #[test]
@@ -1088,26 +1051,16 @@ fn cluster_up_members_die_with_a_killed_supervisor() {
         let mut err = std::io::BufReader::new(run.0.stderr.take().unwrap());
         support::wait_for_line(&mut err, "Ctrl-C stops all");
         std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        let members = Reap(children_of(run.0.id()));
+        let members = procs::Reap(procs::children_of(run.0.id()));
         assert!(
             members.0.len() >= 5,
             "{nodes} node(s): members {:?}",
             members.0
         );
-        run.0.kill().unwrap(); // SIGKILL: no handler runs, nothing is stopped in order
-        run.0.wait().unwrap();
-        let t = Instant::now();
-        while let Some(p) = members.0.iter().find(|p| !dead(**p)) {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "{nodes} node(s): member {p} outlived its supervisor"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let took = procs::kill9_outlived_by_none(&mut run.0, &members);
         eprintln!(
-            "{nodes} node(s): {} members gone {:?} after their supervisor's kill -9",
-            members.0.len(),
-            t.elapsed()
+            "{nodes} node(s): {} members gone {took:?} after their supervisor's kill -9",
+            members.0.len()
         );
     }
 }

@@ -3,12 +3,13 @@
 //! and leaves no process behind; Ctrl-C stops everything it started.
 
 use crate::support;
+use support::procs;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::{ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const MEMBERS: [&str; 5] = [
     "server",
@@ -95,27 +96,73 @@ fn demo_kills_a_proxy_mid_upload_and_verifies() {
     assert!(none_answer(&addrs), "demo left cluster processes running");
 }
 
-#[test]
-fn ctrl_c_stops_every_process_the_demo_started() {
+/// `ferry demo --size SIZE` running on a copy of conf/ moved to free ports.
+struct Demo {
+    run: support::Group,
+    /// Its stderr, where it says what it does.
+    err: BufReader<ChildStderr>,
+    /// Where the members listen.
+    addrs: Vec<SocketAddr>,
+    _tmp: tempfile::TempDir,
+}
+
+fn demo(size: &str) -> Demo {
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
     let mut run = support::Group::spawn(
         Command::new(support::bin("ferry"))
             .env("FERRY_KEY", support::auth::key_env())
-            .args(["demo", "--size", "4GiB", "--conf"])
+            .args(["demo", "--size", size, "--conf"])
             .arg(&conf)
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     );
-    let child = &mut run.0;
+    let err = BufReader::new(run.0.stderr.take().unwrap());
+    Demo {
+        run,
+        err,
+        addrs,
+        _tmp: tmp,
+    }
+}
+
+#[test]
+fn ctrl_c_stops_every_process_the_demo_started() {
+    let mut d = demo("4GiB");
     // Wait until the cluster is up and the demo is generating or uploading.
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    support::wait_for_line(&mut err, "generating");
-    assert!(!none_answer(&addrs[..1]), "the server should be up");
-    let status = support::interrupt(child);
+    support::wait_for_line(&mut d.err, "generating");
+    assert!(!none_answer(&d.addrs[..1]), "the server should be up");
+    let status = support::interrupt(&mut d.run.0);
     assert_eq!(status.code(), Some(130));
-    assert!(none_answer(&addrs), "processes left after Ctrl-C");
+    assert!(none_answer(&d.addrs), "processes left after Ctrl-C");
+}
+
+/// `kill -9` of `ferry demo` mid-upload (no handler runs, nothing is stopped in order) leaves
+/// no member running: each dies with its supervisor (parent-death signal), the one the demo's
+/// killer thread restarted included.
+#[test]
+fn kill_9_of_the_demo_leaves_no_member_running() {
+    let Demo {
+        mut run,
+        mut err,
+        addrs,
+        _tmp,
+    } = demo("512MiB");
+    // Past the kill and restart of the primary server-proxy: the restarted one is a member too.
+    support::wait_for_line(&mut err, "restarting");
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let t = Instant::now();
+    let members = loop {
+        let now = procs::Reap(procs::children_of(run.0.id()));
+        if now.0.len() == MEMBERS.len() || t.elapsed() > Duration::from_secs(10) {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(members.0.len(), MEMBERS.len(), "members {:?}", members.0);
+    procs::kill9_outlived_by_none(&mut run.0, &members);
+    assert!(none_answer(&addrs), "a member still answers");
 }
 
 #[test]

@@ -3,11 +3,12 @@
 
 use crate::support;
 
-use ferry_common::proto::{self, HEADER_LEN};
+use ferry_common::proto;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::raw;
 use support::{Proc, bin, free_addr, wait_ready};
 
 /// User + system CPU time of a process, in clock ticks (USER_HZ, 100 per second here).
@@ -40,29 +41,12 @@ fn send_probe(s: &mut TcpStream) {
 
 fn fate(s: &mut TcpStream, wait: Duration) -> Fate {
     let _ = s.set_read_timeout(Some(wait));
-    let mut h = [0u8; HEADER_LEN];
-    match s.read_exact(&mut h) {
-        Ok(()) => {
-            let h = proto::Header::decode(&h);
-            if h.status == proto::status::OK {
-                return Fate::Served;
-            }
-            let mut body = vec![0u8; (h.body_len as usize).min(2048)];
-            let _ = s.read_exact(&mut body);
-            match proto::ErrorBody::decode(&body) {
-                Ok(e) if e.code == proto::ErrorCode::Limit => Fate::Refused,
-                other => panic!("unexpected answer at the fd limit: {other:?}"),
-            }
-        }
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Fate::Waiting
-        }
-        Err(_) => Fate::Dropped,
+    match raw::next_reply(s) {
+        raw::Reply::Ok(..) => Fate::Served,
+        raw::Reply::Err(proto::ErrorCode::Limit, _) => Fate::Refused,
+        raw::Reply::Waiting => Fate::Waiting,
+        raw::Reply::Closed => Fate::Dropped,
+        other => panic!("unexpected answer at the fd limit: {other:?}"),
     }
 }
 
@@ -174,22 +158,10 @@ enum Answer {
 
 fn answer(s: &mut TcpStream, wait: Duration) -> Answer {
     let _ = s.set_read_timeout(Some(wait));
-    let mut h = [0u8; HEADER_LEN];
-    if s.read_exact(&mut h).is_err() {
-        return Answer::Nothing;
-    }
-    let h = proto::Header::decode(&h);
-    let len = usize::try_from(h.body_len).unwrap_or(usize::MAX).min(2048);
-    let mut body = vec![0u8; len];
-    if s.read_exact(&mut body).is_err() {
-        return Answer::Nothing;
-    }
-    if h.status == proto::status::OK {
-        return Answer::Ok;
-    }
-    match proto::ErrorBody::decode(&body) {
-        Ok(e) => Answer::Error(e.code, e.text),
-        Err(_) => Answer::Nothing,
+    match raw::next_reply(s) {
+        raw::Reply::Ok(..) => Answer::Ok,
+        raw::Reply::Err(code, text) => Answer::Error(code, text),
+        raw::Reply::Waiting | raw::Reply::Closed => Answer::Nothing,
     }
 }
 
@@ -282,11 +254,7 @@ fn slow_peers_are_cut_off_by_hello_frame_and_progress_deadlines() {
         ))
         .unwrap();
     let _ = stall.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut h = [0u8; HEADER_LEN];
-    stall.read_exact(&mut h).unwrap();
-    let h = proto::Header::decode(&h);
-    let mut body = vec![0u8; h.body_len as usize];
-    stall.read_exact(&mut body).unwrap();
+    let body = raw::next_reply(&mut stall).body();
     let reply = proto::UploadInitReply::decode(&body).unwrap();
     let block = &data[..65536];
     let meta = proto::BlockMeta {

@@ -229,16 +229,9 @@ impl Drop for Upstream {
     }
 }
 
+/// One whole frame, at most 4 KiB of body (all a stand-in peer is ever sent here).
 fn read_frame(s: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
-    let mut raw = [0u8; HEADER_LEN];
-    s.read_exact(&mut raw)?;
-    let h = Header::decode(&raw);
-    if h.body_len > 4096 {
-        return Err(std::io::Error::other("frame too long for a test"));
-    }
-    let mut body = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut body)?;
-    Ok((h, body))
+    support::raw::read_frame(s, 4096)
 }
 
 /// With link keys: reads the LINK frame and checks it, answering error 6 and closing on a

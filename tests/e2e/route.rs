@@ -13,8 +13,7 @@ use crate::support;
 use ferry_common::auth::{LinkConfig, SigningKey, new_secret};
 use ferry_common::clock::now_secs;
 use ferry_common::proto::{
-    self, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, NodeAddr, SaddrsReply, SaddrsReq, cmd,
-    status,
+    self, ErrorBody, ErrorCode, Header, Hello, NodeAddr, SaddrsReply, SaddrsReq, cmd, status,
 };
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -46,14 +45,9 @@ fn read_opening(s: &mut TcpStream, proofs: &Proofs) -> std::io::Result<(Header, 
     read_frame(s)
 }
 
+/// One whole frame, at most 64 KiB of body.
 fn read_frame(s: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h)?;
-    let h = Header::decode(&h);
-    assert!(h.body_len <= 64 * 1024, "{h:?}");
-    let mut b = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut b)?;
-    Ok((h, b))
+    support::raw::read_frame(s, 64 * 1024)
 }
 
 /// A stand-in storage node: PROBE -> server identity; HELLO -> one frame "node NAME user USER".

@@ -4,17 +4,18 @@
 use crate::support;
 
 use ferry_common::proto::{
-    self, BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorBody, ErrorCode, HEADER_LEN, Header,
-    Prove, StatReply, UploadInit, UploadInitReply, UploadMeta, cmd, status,
+    self, BlockAck, BlockMeta, Breakpoint, DownloadReq, ErrorCode, Prove, StatReply, UploadInit,
+    UploadInitReply, UploadMeta, cmd,
 };
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::Proc;
+use support::raw::Raw;
 
 type Res<T> = Result<T, (ErrorCode, String)>;
 
@@ -35,22 +36,25 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-struct Reply {
-    status: u8,
-    body: Vec<u8>,
-}
-
-/// A blocking protocol client, just enough for the tests.
+/// A blocking protocol client, just enough for the tests: the support's raw client with the
+/// requests these tests make.
 struct Client {
-    s: TcpStream,
+    raw: Raw,
 }
 
 impl Client {
     fn connect(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.set_nodelay(true).unwrap();
-        Client { s }
+        Client {
+            raw: Raw::connect(addr),
+        }
+    }
+
+    /// On a socket set up by the test (buffer sizes, timeouts).
+    fn on(s: TcpStream) -> Client {
+        let peer = s.peer_addr().unwrap();
+        Client {
+            raw: Raw::over(s, peer),
+        }
     }
 
     fn hello(addr: SocketAddr, app: &str, user: &str) -> Client {
@@ -61,37 +65,17 @@ impl Client {
         c
     }
 
-    fn send(&mut self, c: u8, body: &[u8]) {
-        self.s.write_all(&proto::frame(c, 0, body)).unwrap();
+    /// The socket, for bytes no request builder would write.
+    fn s(&self) -> &TcpStream {
+        self.raw.stream()
     }
 
-    fn recv(&mut self) -> Reply {
-        let mut h = [0u8; HEADER_LEN];
-        self.s.read_exact(&mut h).expect("reply header");
-        let h = Header::decode(&h);
-        // Storage replies, or the tracker reply of a cluster command this server refuses.
-        assert!(
-            [cmd::REPLY_STORAGE, cmd::REPLY_TRACKER].contains(&h.cmd),
-            "reply command {}",
-            h.cmd
-        );
-        assert!(h.body_len <= 80 << 20, "reply of {} bytes", h.body_len);
-        let mut body = vec![0u8; h.body_len as usize];
-        self.s.read_exact(&mut body).expect("reply body");
-        Reply {
-            status: h.status,
-            body,
-        }
+    fn send(&mut self, c: u8, body: &[u8]) {
+        assert!(self.raw.send(c, body), "send {}", cmd::name(c));
     }
 
     fn result(&mut self) -> Res<Vec<u8>> {
-        let r = self.recv();
-        if r.status == status::OK {
-            Ok(r.body)
-        } else {
-            let e = ErrorBody::decode(&r.body).unwrap();
-            Err((e.code, e.text))
-        }
+        self.raw.recv().result()
     }
 
     fn call(&mut self, c: u8, body: &[u8]) -> Res<Vec<u8>> {
@@ -101,8 +85,7 @@ impl Client {
 
     /// True once the server has closed the connection (EOF or reset within the timeout).
     fn closed(&mut self) -> bool {
-        let mut b = [0u8; 64];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+        self.raw.closed()
     }
 
     fn upload_small(&mut self, name: &str, data: &[u8]) -> Res<String> {
@@ -129,7 +112,7 @@ impl Client {
         .unwrap();
         let mut f = proto::data_frame_head(cmd::UPLOAD, 0, &meta, data.len() as u64);
         f.extend_from_slice(data);
-        self.s.write_all(&f).unwrap();
+        self.s().write_all(&f).unwrap();
         self.result().map(|b| proto::decode_file_id(&b).unwrap())
     }
 
@@ -149,7 +132,7 @@ impl Client {
     fn block_raw(&mut self, m: BlockMeta, data: &[u8]) -> Res<BlockAck> {
         let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &m.encode(), data.len() as u64);
         f.extend_from_slice(data);
-        self.s.write_all(&f).unwrap();
+        self.s().write_all(&f).unwrap();
         self.result().map(|b| BlockAck::decode(&b).unwrap())
     }
 
@@ -518,7 +501,8 @@ fn session_opening_and_malformed_frames() {
     assert!(c.closed());
     // Status byte set in a request.
     let mut c = Client::hello(srv.addr, "demo", "alice");
-    c.s.write_all(&proto::frame(cmd::STAT, 1, &[0; 128]))
+    c.s()
+        .write_all(&proto::frame(cmd::STAT, 1, &[0; 128]))
         .unwrap();
     assert_eq!(code(c.result()), ErrorCode::BadFrame);
     // A file id field with bytes after its padding.
@@ -603,10 +587,10 @@ fn big_upload_parallel_blocks_fencing_and_faults() {
     let mut a = Client::hello(srv.addr, "demo", "bob");
     let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &m(5, off5, b5).encode(), 65536);
     f.extend_from_slice(&b5[..30000]);
-    a.s.write_all(&f).unwrap();
+    a.s().write_all(&f).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(code(c.block(id, bs, 5, &file)), ErrorCode::Busy);
-    a.s.write_all(&b5[30000..]).unwrap();
+    a.s().write_all(&b5[30000..]).unwrap();
     assert_eq!(a.result().unwrap(), vec![BlockAck::Written as u8]);
 
     // The other blocks over four connections at once, in a scrambled order.
@@ -770,7 +754,7 @@ fn kill_9_mid_upload_then_resume() {
     };
     let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &meta.encode(), b1.len() as u64);
     f.extend_from_slice(&b1[..40000]);
-    c.s.write_all(&f).unwrap();
+    c.s().write_all(&f).unwrap();
     std::thread::sleep(Duration::from_millis(200));
 
     let srv = srv.crash_and_restart();
@@ -1000,7 +984,7 @@ fn a_peer_that_does_not_read_holds_few_descriptors_and_costs_little_work() {
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     sock.connect(&srv.addr.into()).unwrap();
-    let mut stalled = Client { s: sock.into() };
+    let mut stalled = Client::on(sock.into());
     stalled
         .call(cmd::HELLO, &support::auth::hello_body("demo", "mallory"))
         .unwrap();
@@ -1017,7 +1001,7 @@ fn a_peer_that_does_not_read_holds_few_descriptors_and_costs_little_work() {
         .unwrap();
         reqs.extend(proto::frame(cmd::DOWNLOAD, 0, &body));
     }
-    stalled.s.write_all(&reqs).unwrap();
+    stalled.s().write_all(&reqs).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let (fds_after, read_after) = (support::fd_count(pid), read_bytes(pid));
     assert!(
@@ -1080,15 +1064,16 @@ fn connections_are_capped_by_the_descriptors_they_may_hold() {
         sock.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         sock.connect(&srv.addr.into()).unwrap();
-        let mut c = Client { s: sock.into() };
-        c.s.write_all(&support::auth::hello_frame("demo", "mallory"))
+        let mut c = Client::on(sock.into());
+        c.s()
+            .write_all(&support::auth::hello_frame("demo", "mallory"))
             .unwrap();
         match c.result() {
             Ok(_) => {
                 let reqs: Vec<u8> = (0..8)
                     .flat_map(|_| proto::frame(cmd::DOWNLOAD, 0, &req))
                     .collect();
-                c.s.write_all(&reqs).unwrap();
+                c.s().write_all(&reqs).unwrap();
                 held.push(c);
             }
             Err((ErrorCode::Limit, _)) => refused += 1,
@@ -1251,12 +1236,12 @@ fn sigterm_finishes_the_block_in_flight_and_data_dir_is_locked() {
     };
     let mut f = proto::data_frame_head(cmd::UPLOAD_BLOCK, 0, &meta.encode(), b0.len() as u64);
     f.extend_from_slice(&b0[..20000]);
-    c.s.write_all(&f).unwrap();
+    c.s().write_all(&f).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     srv.proc.signal(nix::sys::signal::Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
     // The frame in flight is finished and acknowledged, then the connection closes.
-    c.s.write_all(&b0[20000..]).unwrap();
+    c.s().write_all(&b0[20000..]).unwrap();
     assert_eq!(c.result().unwrap(), vec![BlockAck::Written as u8]);
     assert!(c.closed());
     let st = srv
@@ -1321,7 +1306,7 @@ fn pipelined_requests_are_answered_in_order() {
         len: 100,
     };
     wire.extend(proto::frame(cmd::DOWNLOAD, 0, &dl.encode().unwrap()));
-    let mut w = c.s.try_clone().unwrap();
+    let mut w = c.s().try_clone().unwrap();
     let writer = std::thread::spawn(move || w.write_all(&wire).unwrap());
     for (n, want) in expect.iter().enumerate() {
         let got = c.result();
@@ -1466,7 +1451,7 @@ fn hostile_names_are_metadata_and_other_tenants_see_not_found() {
         let mut f = proto::data_frame_head(cmd::UPLOAD, 0, &meta, body.len() as u64);
         f.extend_from_slice(&body);
         let mut bad = Client::hello(srv.addr, "demo", "mallory");
-        bad.s.write_all(&f).unwrap();
+        bad.s().write_all(&f).unwrap();
         assert_eq!(code(bad.result()), ErrorCode::BadFrame, "name {raw:?}");
         assert!(bad.closed());
     }

@@ -11,16 +11,16 @@
 
 use crate::support;
 
-use ferry_common::proto::{self, HEADER_LEN, Header, cmd};
+use ferry_common::proto::{self, cmd};
 use ferry_supervisor::localca::LocalCa;
 use nix::sys::signal::Signal;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use support::cli::{Run, ferry, run};
+use support::raw::{self, Raw};
 use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
 
 struct Setup {
@@ -220,7 +220,7 @@ fn hostile_tls_cases_get_one_clear_error_and_store_nothing() {
 }
 
 /// A session opened by hand over TLS (rustls, trusting `ca`): handshake, HELLO, then frames.
-struct RawSession(rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>);
+struct RawSession(Raw<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>);
 
 impl RawSession {
     fn open(addr: SocketAddr, ca: &Path) -> Result<RawSession, String> {
@@ -238,20 +238,17 @@ impl RawSession {
         let sock = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let mut s = RawSession(rustls::StreamOwned::new(conn, sock));
+        let mut s = RawSession(Raw::over(rustls::StreamOwned::new(conn, sock), addr));
         s.request(&support::auth::hello_frame("ferry", "raw"))?;
         Ok(s)
     }
 
     /// Sends a frame and reads one reply; returns the reply's command.
     fn request(&mut self, frame: &[u8]) -> Result<u8, String> {
-        self.0.write_all(frame).map_err(|e| e.to_string())?;
-        let mut h = [0u8; HEADER_LEN];
-        self.0.read_exact(&mut h).map_err(|e| e.to_string())?;
-        let h = Header::decode(&h);
-        let mut body = vec![0u8; h.body_len.min(4096) as usize];
-        self.0.read_exact(&mut body).map_err(|e| e.to_string())?;
-        Ok(h.cmd)
+        match self.0.call_raw(frame) {
+            raw::Reply::Ok(c, _) => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use ferry_common::proto::{
 };
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -679,19 +679,14 @@ fn a_config_with_the_id_role_is_refused() {
 
 /// Sends raw bytes and returns the error code answered, and whether the server then closed.
 fn raw(addr: SocketAddr, bytes: &[u8]) -> (ErrorCode, bool) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    s.write_all(bytes).unwrap();
-    let mut h = [0u8; proto::HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let h = proto::Header::decode(&h);
-    assert_eq!(h.status, proto::status::ERROR, "{h:?}");
-    let mut body = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut body).unwrap();
-    let e = proto::ErrorBody::decode(&body).unwrap();
-    let mut one = [0u8; 1];
-    let closed = matches!(s.read(&mut one), Ok(0) | Err(_));
-    (e.code, closed)
+    let mut s = support::raw::Raw::connect(addr);
+    s.set_timeout(T);
+    assert!(s.send_raw(bytes));
+    let code = match s.recv() {
+        support::raw::Reply::Err(code, _) => code,
+        other => panic!("expected an error frame, got {other:?}"),
+    };
+    (code, s.closed())
 }
 
 #[test]

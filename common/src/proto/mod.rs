@@ -21,7 +21,7 @@ mod decoder;
 mod errors;
 mod frames;
 
-pub use call::{CallError, Caller, call_once};
+pub use call::{CallError, Caller, Framed, call_once, is_timeout, probe};
 pub use cluster::*;
 pub use command::{Command, ConnCmd, FileCmd, ReplyCmd, TrackerCmd};
 pub use decoder::{Decoded, Decoder};

@@ -1,7 +1,7 @@
 //! Member processes: how they are started (so they never outlive the supervisor), how the
 //! supervisor knows one is ready, and where their logs go.
 
-use ferry_common::proto::{self, Header, Identity, Role};
+use ferry_common::proto::{self, Role};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command};
@@ -29,34 +29,17 @@ pub fn proxy_stats(addr: SocketAddr) -> std::io::Result<std::collections::BTreeM
         .collect())
 }
 
-/// Sends a PROBE and checks the answer names the expected role.
-pub fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<Identity> {
-    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    s.write_all(&proto::frame(proto::cmd::PROBE, 0, &proto::probe_body()))?;
-    let mut h = [0u8; proto::HEADER_LEN];
-    s.read_exact(&mut h)?;
-    let h = Header::decode(&h);
-    if h.status != proto::status::OK || h.body_len > 16 {
-        return Err(bad("not a ferry identity reply"));
-    }
-    let mut body = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut body)?;
-    Identity::decode(&body).map_err(|e| bad(&e.to_string()))
-}
-
+/// Waits until `addr` answers a PROBE as `expect`.
 pub(super) fn wait_ready(addr: SocketAddr, expect: Role, limit: Duration) -> std::io::Result<()> {
     let t = Instant::now();
     loop {
-        let err = match probe(addr, Duration::from_millis(500)) {
+        let err = match proto::probe(addr, Duration::from_millis(500)) {
             Ok(id) if id.role == expect => return Ok(()),
-            Ok(id) => std::io::Error::other(format!("answered as {:?}", id.role)),
-            Err(e) => e,
+            Ok(id) => format!("answered as {:?}", id.role),
+            Err(e) => e.to_string(),
         };
         if t.elapsed() >= limit {
-            return Err(err);
+            return Err(std::io::Error::other(err));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -18,7 +18,7 @@ mod member;
 
 pub use configs::MemberConfig;
 pub use groups::*;
-pub use member::{probe, proxy_stats};
+pub use member::proxy_stats;
 
 use crate::localca::LocalCa;
 use crate::secrets::Secrets;

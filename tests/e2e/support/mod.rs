@@ -5,10 +5,12 @@
 pub mod auth;
 pub mod cli;
 pub mod pg_server;
+pub mod procs;
+pub mod raw;
 
-use ferry_common::proto::{self, Header, Identity};
+use ferry_common::proto::{self, Identity};
 use std::io::{BufRead, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -152,19 +154,7 @@ impl Drop for Proc {
 
 /// Sends a PROBE and returns who answered, or None if nothing ferry-like answered in time.
 pub fn probe(addr: SocketAddr, timeout: Duration) -> Option<Identity> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.write_all(&proto::frame(proto::cmd::PROBE, 0, &proto::probe_body()))
-        .ok()?;
-    let mut h = [0u8; proto::HEADER_LEN];
-    s.read_exact(&mut h).ok()?;
-    let h = Header::decode(&h);
-    if h.status != proto::status::OK || h.body_len > 64 {
-        return None;
-    }
-    let mut body = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut body).ok()?;
-    Identity::decode(&body).ok()
+    proto::probe(addr, timeout).ok()
 }
 
 /// Waits until `addr` answers a PROBE, up to `limit`; panics with the process log otherwise.

@@ -214,12 +214,13 @@ impl Drop for Bg {
 /// Starts `cmd`, waits until `progress()` reaches `at`, then kills it with SIGKILL.
 fn kill_when(cmd: &mut Command, out: &Path, at: u32, progress: impl Fn() -> u32) {
     let mut p = Bg::start(cmd, out);
-    let t = Instant::now();
-    while progress() < at {
-        assert!(t.elapsed() < Duration::from_secs(30), "no progress");
+    support::wait_until("upload progress", Duration::from_secs(30), || {
+        if progress() >= at {
+            return true;
+        }
         assert!(p.exited().is_none(), "client exited before the kill");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        false
+    });
     drop(p);
 }
 
@@ -384,12 +385,13 @@ fn first_proxy_down_and_hung_proxy_mid_transfer() {
     ];
     let log = c.path("client-hung-down.out");
     let mut p = Bg::start(&mut ferry(&state, &pair, &dl_args), &log);
-    let t = Instant::now();
-    while bits_set(&dl_state, 180, 1, blocks) < blocks as u32 / 5 {
-        assert!(t.elapsed() < Duration::from_secs(30), "no progress");
+    support::wait_until("download progress", Duration::from_secs(30), || {
+        if bits_set(&dl_state, 180, 1, blocks) >= blocks as u32 / 5 {
+            return true;
+        }
         assert!(p.exited().is_none(), "download ended before the proxy hung");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        false
+    });
     c.proc("proxy-a").signal(Signal::SIGSTOP);
     let stopped = Instant::now();
     let status = p.wait(Duration::from_secs(45)).expect("client finished");
@@ -423,17 +425,18 @@ fn first_proxy_down_and_hung_proxy_mid_transfer() {
     ];
     let log = c.path("client-killed-proxy.out");
     let mut p = Bg::start(&mut ferry(&state, &pair, &args), &log);
-    let t = Instant::now();
-    while begun() < blocks as u32 / 5 {
-        assert!(t.elapsed() < Duration::from_secs(30), "no progress");
+    support::wait_until("upload progress", Duration::from_secs(30), || {
+        if begun() >= blocks as u32 / 5 {
+            return true;
+        }
         assert!(
             p.exited().is_none(),
             "upload ended before the proxy was killed: {} {}",
             std::fs::read_to_string(&log).unwrap(),
             std::fs::read_to_string(log.with_extension("err")).unwrap()
         );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        false
+    });
     c.proc("proxy-a").signal(Signal::SIGKILL);
     let status = p.wait(Duration::from_secs(45)).expect("client finished");
     let err = std::fs::read_to_string(log.with_extension("err")).unwrap();

@@ -183,15 +183,13 @@ impl Setup {
     /// Waits until the routing proxies relayed `bytes` more than `before` toward the nodes,
     /// while `up` keeps running (60 s at most).
     fn wait_relayed(&self, up: &mut Child, before: u64, bytes: u64) {
-        let t = Instant::now();
-        while self.bytes_to_nodes() - before < bytes {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "upload did not start"
-            );
+        support::wait_until("the upload to start", Duration::from_secs(60), || {
+            if self.bytes_to_nodes() - before >= bytes {
+                return true;
+            }
             assert!(up.try_wait().unwrap().is_none(), "upload ended too soon");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+            false
+        });
     }
 
     /// Bytes relayed toward the nodes by both routing server-proxies.
@@ -1005,14 +1003,11 @@ fn cluster_up_through_the_binary_serves_a_user_and_stops_on_ctrl_c() {
 
     let status = support::interrupt(&mut run.0);
     assert_eq!(status.code(), Some(130));
-    let t = Instant::now();
-    while support::probe(tracker.parse().unwrap(), Duration::from_millis(300)).is_some() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the tracker outlived Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    support::wait_until(
+        "the tracker to stop after Ctrl-C",
+        Duration::from_secs(10),
+        || support::probe(tracker.parse().unwrap(), Duration::from_millis(300)).is_none(),
+    );
 }
 
 /// Members never outlive their supervisor: after `kill -9` of `ferry cluster up` (one node;

@@ -198,11 +198,9 @@ fn ctrl_c_mid_transfer_exits_130_and_the_rerun_resumes() {
         .spawn()
         .unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let t = Instant::now();
-    while !srv.log_text().contains("opened: app") {
-        assert!(t.elapsed() < Duration::from_secs(20), "no session opened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    support::wait_until("a session opened", Duration::from_secs(20), || {
+        srv.log_text().contains("opened: app")
+    });
     std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let r = Run::from(child.wait_with_output().unwrap());

@@ -907,15 +907,11 @@ fn thousand_concurrent_sessions_release_fds_and_memory() {
     for mut s in live {
         assert!(closed_within(&mut s, Duration::from_secs(5)));
     }
-    let t = Instant::now();
-    while fd_count(pid) > fd0 || p.stat("sessions_active") > 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "fds did not return to baseline: {fd0} -> {}",
-            fd_count(pid)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::wait_until(
+        &format!("fds back to the baseline of {fd0}, no session active"),
+        Duration::from_secs(5),
+        || fd_count(pid) <= fd0 && p.stat("sessions_active") == 0,
+    );
     let rss2 = rss_kib(pid);
     eprintln!(
         "proxy: fds {fd0} -> {fd1} -> {}; RSS {rss0} -> {rss1} -> {rss2} KiB",
@@ -1195,28 +1191,27 @@ fn killing_real_proxies_in_a_chain() {
     assert_eq!(spb.stat("sessions_relayed"), 1);
     // The primary comes back: new sessions fail back to it within two check periods.
     let spa = Proxy::start_at(dir.path(), "server-proxy-a2", spa_addr, &[up.addr], checks);
-    let t = Instant::now();
-    while spa.stat("sessions_relayed") == 0 {
-        assert!(
-            t.elapsed() < Duration::from_millis(600),
-            "no failback within two periods"
-        );
-        echo(cp.addr, 100, 100, 12);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_until(
+        "failback within two periods",
+        Duration::from_millis(600),
+        || {
+            if spa.stat("sessions_relayed") > 0 {
+                return true;
+            }
+            echo(cp.addr, 100, 100, 12);
+            false
+        },
+    );
     // SIGKILL the client-proxy mid-session: the server-proxy closes the upstream side too.
     let mut s = session(cp.addr, "echo", "u");
     ping(&mut s, b"two");
     let done = up.finished.load(Ordering::SeqCst);
     cp.proc.kill();
-    let t = Instant::now();
-    while up.finished.load(Ordering::SeqCst) == done {
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "upstream session not closed after the client-proxy died"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    support::wait_until(
+        "the upstream session closed after the client-proxy died",
+        Duration::from_secs(1),
+        || up.finished.load(Ordering::SeqCst) != done,
+    );
     assert!(closed_within(&mut s, Duration::from_secs(1)));
 }
 
@@ -1433,12 +1428,13 @@ fn failover_and_failback_with_a_fresh_link_proof_per_connection() {
     assert_eq!(first_links, 3);
     // Back up: new sessions fail back to the primary.
     let primary = Upstream::start_linked(paddr, v.clone());
-    let t = Instant::now();
-    while primary.served() == 0 {
-        assert!(t.elapsed() < Duration::from_secs(3), "no failback");
+    support::wait_until("failback", Duration::from_secs(3), || {
+        if primary.served() > 0 {
+            return true;
+        }
         echo(p.addr, 100, 100, 20);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        false
+    });
     let sessions = 6 + primary.served() + (standby.served() - 3);
     let refused =
         primary.link_refused.load(Ordering::SeqCst) + standby.link_refused.load(Ordering::SeqCst);

@@ -822,14 +822,9 @@ fn expired_sessions_lose_their_temp_files() {
     let r = c.init(file.len() as u64, bs, sha(&file), "x").unwrap();
     c.block(r.upload_id, bs, 0, &file).unwrap();
     assert_eq!(srv.temp_files().len(), 1);
-    let t = Instant::now();
-    while !srv.temp_files().is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "temp file not reaped"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    support::wait_until("the temp file reaped", Duration::from_secs(10), || {
+        srv.temp_files().is_empty()
+    });
     assert_eq!(code(c.query(r.upload_id)), ErrorCode::UnknownUpload);
     assert_eq!(
         code(c.block(r.upload_id, bs, 1, &file)),

@@ -344,26 +344,24 @@ fn an_upload_outliving_its_token_stops_with_a_clear_error_and_resumes_with_a_fre
         .unwrap();
     // Once a quarter is stored, stall the proxy past the token's expiry, then let it go: the
     // client's next connection needs the token, which is over.
-    let t = Instant::now();
-    while blocks_done(&s.path("device"), blocks) < blocks as u32 / 4 {
-        assert!(t.elapsed() < Duration::from_secs(30), "no progress");
+    support::wait_until("upload progress", Duration::from_secs(30), || {
+        if blocks_done(&s.path("device"), blocks) >= blocks as u32 / 4 {
+            return true;
+        }
         assert!(child.try_wait().unwrap().is_none(), "upload ended too soon");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        false
+    });
     let px = &s.procs[1];
     px.signal(Signal::SIGSTOP);
     std::thread::sleep(
         Duration::from_secs(3).saturating_sub(minted.elapsed()) + Duration::from_millis(1500),
     );
     px.signal(Signal::SIGCONT);
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the upload hung on an expired token"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_until(
+        "the upload to end on an expired token",
+        Duration::from_secs(30),
+        || child.try_wait().unwrap().is_some(),
+    );
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "finished on an expired token?");

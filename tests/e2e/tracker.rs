@@ -249,18 +249,6 @@ fn node_online(v: &GroupsReply, node: SocketAddr) -> Option<bool> {
         .map(|n| n.online)
 }
 
-/// Polls `f` every 50 ms until it is true, for at most `limit`.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn code(r: Result<impl std::fmt::Debug, CallError>) -> ErrorCode {
     match r {
         Err(e) => e
@@ -277,7 +265,7 @@ fn nodes_join_beat_go_offline_and_come_back() {
         let tr = Srv::start(dir.path(), "tracker", &b, &tracker_conf(&["g1"], 1000));
         let a = Srv::start(dir.path(), "node-a", &b, &node_conf("g1", &[tr.addr]));
         let mut c = Srv::start(dir.path(), "node-b", &b, &node_conf("g1", &[tr.addr]));
-        wait_for("both nodes online", Duration::from_secs(10), || {
+        support::wait_until("both nodes online", Duration::from_secs(10), || {
             let v = groups(tr.addr).unwrap();
             node_online(&v, a.addr) == Some(true) && node_online(&v, c.addr) == Some(true)
         });
@@ -291,7 +279,7 @@ fn nodes_join_beat_go_offline_and_come_back() {
         );
         // SIGSTOP node a: no beats, offline after the window, and SADDRS leaves it out.
         a.proc.signal(Signal::SIGSTOP);
-        wait_for("node a offline", Duration::from_secs(10), || {
+        support::wait_until("node a offline", Duration::from_secs(10), || {
             node_online(&groups(tr.addr).unwrap(), a.addr) == Some(false)
         });
         assert_eq!(node_online(&groups(tr.addr).unwrap(), c.addr), Some(true));
@@ -324,12 +312,12 @@ fn nodes_join_beat_go_offline_and_come_back() {
         assert_eq!(j["groups"][0]["nodes"].as_array().unwrap().len(), 2, "{j}");
         // SIGCONT: its next beat brings it back.
         a.proc.signal(Signal::SIGCONT);
-        wait_for("node a online again", Duration::from_secs(10), || {
+        support::wait_until("node a online again", Duration::from_secs(10), || {
             node_online(&groups(tr.addr).unwrap(), a.addr) == Some(true)
         });
         // kill -9 of node b: offline; then the group has only a.
         c.proc.kill();
-        wait_for("node b offline", Duration::from_secs(10), || {
+        support::wait_until("node b offline", Duration::from_secs(10), || {
             node_online(&groups(tr.addr).unwrap(), c.addr) == Some(false)
         });
         let r = saddrs(tr.addr, "demo", "alice").unwrap();
@@ -338,7 +326,7 @@ fn nodes_join_beat_go_offline_and_come_back() {
         // The tracker restarts (kill -9): the node is still listed and beating.
         let mut tr = tr;
         tr.restart();
-        wait_for(
+        support::wait_until(
             "node a online after the tracker restart",
             Duration::from_secs(10),
             || groups(tr.addr).is_ok_and(|v| node_online(&v, a.addr) == Some(true)),
@@ -355,7 +343,7 @@ fn nodes_join_beat_go_offline_and_come_back() {
                 &tracker_conf(&["g1"], 1000),
                 addr,
             );
-            wait_for(
+            support::wait_until(
                 "node a re-joined the fresh tracker",
                 Duration::from_secs(10),
                 || groups(fresh.addr).is_ok_and(|v| node_online(&v, a.addr) == Some(true)),
@@ -471,7 +459,7 @@ fn nodes_that_serve_http_learn_every_groups_gateways() {
             b.name()
         );
         // 7401 stops beating: once offline, g1 has no gateway.
-        wait_for(
+        support::wait_until(
             "g1's gateway to go offline",
             Duration::from_secs(10),
             || {
@@ -514,7 +502,7 @@ fn ferry_groups_lists_each_groups_users_page_by_page() {
         }
         // The view's user counts follow the database within a refresh (an assignment and a
         // refresh may cross); the lists are read from the database itself.
-        wait_for("the view's user counts", Duration::from_secs(10), || {
+        support::wait_until("the view's user counts", Duration::from_secs(10), || {
             let v = groups(tr.addr).unwrap();
             v.groups.iter().map(|g| g.users).collect::<Vec<_>>()
                 == vec![want["g1"].len() as u64, want["g2"].len() as u64]
@@ -626,7 +614,7 @@ fn two_trackers_on_one_database_agree() {
     }
     assert_eq!(by_user.len(), 40);
     // Both views list the same groups, users and nodes once refreshed.
-    wait_for("both trackers' views agree", Duration::from_secs(5), || {
+    support::wait_until("both trackers' views agree", Duration::from_secs(5), || {
         let (a, b) = (groups(t1.addr).unwrap(), groups(t2.addr).unwrap());
         let key = |v: &GroupsReply| {
             v.groups
@@ -859,7 +847,7 @@ fn database_unreachable_gives_stale_answers_then_recovers() {
     fake(tr.addr, cmd::TRACKER_JOIN, "g1", 7401, 1).unwrap();
     assert!(!saddrs(tr.addr, "demo", "alice").unwrap().stale);
     fwd.set_cut(true);
-    wait_for("a stale GROUPS answer", Duration::from_secs(15), || {
+    support::wait_until("a stale GROUPS answer", Duration::from_secs(15), || {
         groups(tr.addr).unwrap().stale
     });
     let v = groups(tr.addr).unwrap();
@@ -871,7 +859,7 @@ fn database_unreachable_gives_stale_answers_then_recovers() {
     let e = saddrs(tr.addr, "demo", "newcomer").unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}");
     fwd.set_cut(false);
-    wait_for("fresh answers again", Duration::from_secs(15), || {
+    support::wait_until("fresh answers again", Duration::from_secs(15), || {
         !groups(tr.addr).unwrap().stale
     });
     assert!(!saddrs(tr.addr, "demo", "newcomer").unwrap().stale);

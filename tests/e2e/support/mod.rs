@@ -452,6 +452,26 @@ impl Drop for Group {
     }
 }
 
+/// Waits until `done()` is true: polled every millisecond for the first 50 ms (a test that
+/// acts at a moment, like a kill at some progress, is not late), then every 10 ms; after
+/// `limit` the test fails, saying what it waited for.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        let waited = t.elapsed();
+        assert!(
+            waited < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        let poll = if waited < Duration::from_millis(50) {
+            1
+        } else {
+            10
+        };
+        std::thread::sleep(Duration::from_millis(poll));
+    }
+}
+
 /// Reads `ferry`'s stderr until a line contains `needle` (30 s at most); a failure shows what
 /// it said instead.
 pub fn wait_for_line(err: &mut impl BufRead, needle: &str) {

@@ -17,30 +17,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use support::auth::{KEY_ID, key};
 use support::raw::{self, Raw};
+use support::server::Server;
 
 /// A `ferry-server` with `conf` (the test app keys added unless it has `[auth`) in a scratch
-/// dir; both are dropped with the returned values.
-struct Server {
-    addr: SocketAddr,
-    _proc: support::Proc,
-    _dir: tempfile::TempDir,
-}
-
+/// dir of its own.
 fn server(conf: &str) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = support::free_addr();
-    let proc = support::start_server(
-        dir.path(),
-        "ferry-server",
-        conf,
-        addr,
-        &dir.path().join("d"),
-    );
-    Server {
-        addr,
-        _proc: proc,
-        _dir: dir,
-    }
+    Server::scratch(conf)
 }
 
 /// What came back for a request.

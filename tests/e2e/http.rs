@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::{Proc, bin, free_addr, make_file, sha256_file, wait_ready};
+use support::{Proc, bin, free_addr, make_file, sha256_file};
 
 const APP: &str = "demo";
 const SECRET: &str = "test-url-secret-0123456789abcdef-0123456789";
@@ -32,31 +32,19 @@ impl Server {
     /// With `top` (top-level keys of the server config) as well.
     fn start_with(top: &str, extra_http: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let addr = free_addr();
         let http = free_addr();
-        let conf = dir.path().join("server.toml");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen = \"{addr}\"\ndata = \"{}\"\nsync_blocks = false\n{top}\n\
-                 [http]\nlisten = \"{http}\"\n{extra_http}\n[http.secrets]\n{APP} = \"{SECRET}\"\n{}",
-                dir.path().join("data").display(),
-                support::auth::auth_toml()
-            ),
-        )
-        .unwrap();
-        let proc = Proc::spawn(
-            "ferry-server",
-            // Through env(1): Proc sets RUST_LOG for its child, and the gateway's per-request
-            // lines (counted by `partial_answers`) are at debug level.
-            Command::new("env")
-                .arg("RUST_LOG=info,ferry_server::http=debug")
-                .arg(bin("ferry-server"))
-                .arg("--config")
-                .arg(&conf),
-            dir.path(),
+        let conf = format!(
+            "sync_blocks = false\n{top}\n[http]\nlisten = \"{http}\"\n{extra_http}\n\
+             [http.secrets]\n{APP} = \"{SECRET}\""
         );
-        wait_ready(addr, Duration::from_secs(10));
+        // Through env(1): Proc sets RUST_LOG for its child, and the gateway's per-request
+        // lines (counted by `partial_answers`) are at debug level.
+        let mut env = Command::new("env");
+        env.arg("RUST_LOG=info,ferry_server::http=debug")
+            .arg(bin("ferry-server"));
+        let data = dir.path().join("data");
+        let support::server::Server { proc, addr, .. } =
+            support::server::Server::start_under(env, dir.path(), &data, &conf);
         Server {
             proc,
             addr,

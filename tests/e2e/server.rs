@@ -14,8 +14,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::Proc;
 use support::raw::Raw;
+use support::server::Server;
 
 type Res<T> = Result<T, (ErrorCode, String)>;
 
@@ -221,87 +221,34 @@ fn code(r: Res<impl std::fmt::Debug>) -> ErrorCode {
     }
 }
 
-/// A running `ferry-server` over a data dir; killed when dropped.
-struct Server {
-    proc: Proc,
-    addr: SocketAddr,
-    data: PathBuf,
-    conf: PathBuf,
-    logs: PathBuf,
+/// A `ferry-server` over `data` with these tests' defaults (64 KiB blocks, 256 KiB small
+/// files, 3 workers) unless `extra` sets them.
+fn start(dir: &Path, data: &Path, extra: &str) -> Server {
+    Server::start_in(dir, data, &test_conf(extra))
 }
 
-impl Server {
-    fn start(dir: &Path, data: &Path, extra: &str) -> Server {
-        let conf = Server::write_conf(dir, extra);
-        Server::spawn(dir, data, conf)
-    }
+/// The same, in a process that may hold at most `nofile` descriptors (prlimit).
+fn start_limited(dir: &Path, data: &Path, extra: &str, nofile: u64) -> Server {
+    let mut prlimit = Command::new("prlimit");
+    prlimit
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(support::bin("ferry-server"));
+    Server::start_under(prlimit, dir, data, &test_conf(extra))
+}
 
-    /// A server whose process may hold at most `nofile` descriptors (prlimit).
-    fn start_limited(dir: &Path, data: &Path, extra: &str, nofile: u64) -> Server {
-        let conf = Server::write_conf(dir, extra);
-        let mut cmd = Command::new("prlimit");
-        cmd.arg(format!("--nofile={nofile}:{nofile}"))
-            .arg(support::bin("ferry-server"));
-        Server::launch(dir, data, conf, cmd)
-    }
-
-    fn write_conf(dir: &Path, extra: &str) -> PathBuf {
-        let conf = dir.join("server.toml");
-        // Test defaults, unless `extra` sets the key itself (TOML refuses duplicate keys).
-        let mut text: String = [
-            "block_size = 65536",
-            "small_file_max = 262144",
-            "workers = 3",
-        ]
-        .iter()
-        .filter(|l| !extra.contains(l.split(' ').next().unwrap_or_default()))
-        .map(|l| format!("{l}\n"))
-        .collect();
-        text.push_str(extra);
-        text.push_str(&support::auth::auth_toml());
-        std::fs::write(&conf, text).unwrap();
-        conf
-    }
-
-    fn spawn(dir: &Path, data: &Path, conf: PathBuf) -> Server {
-        Server::launch(dir, data, conf, Command::new(support::bin("ferry-server")))
-    }
-
-    /// Runs `cmd` (the server binary, maybe behind a wrapper) on `conf` and `data`.
-    fn launch(dir: &Path, data: &Path, conf: PathBuf, mut cmd: Command) -> Server {
-        let addr = support::free_addr();
-        let proc = Proc::spawn(
-            "ferry-server",
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--data")
-                .arg(data),
-            dir,
-        );
-        support::wait_ready(addr, Duration::from_secs(15));
-        Server {
-            proc,
-            addr,
-            data: data.to_path_buf(),
-            conf,
-            logs: dir.to_path_buf(),
-        }
-    }
-
-    /// kill -9, then start again on the same data dir (and a new port).
-    fn crash_and_restart(mut self) -> Server {
-        self.proc.kill();
-        Server::spawn(&self.logs.clone(), &self.data.clone(), self.conf.clone())
-    }
-
-    fn temp_files(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.data.join("tmp"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect()
-    }
+fn test_conf(extra: &str) -> String {
+    // Test defaults, unless `extra` sets the key itself (TOML refuses duplicate keys).
+    let mut text: String = [
+        "block_size = 65536",
+        "small_file_max = 262144",
+        "workers = 3",
+    ]
+    .iter()
+    .filter(|l| !extra.contains(l.split(' ').next().unwrap_or_default()))
+    .map(|l| format!("{l}\n"))
+    .collect();
+    text.push_str(extra);
+    text
 }
 
 fn tempdir() -> tempfile::TempDir {
@@ -314,7 +261,7 @@ fn tempdir() -> tempfile::TempDir {
 #[test]
 fn small_files_stat_download_delete() {
     let dir = tempdir();
-    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let srv = start(dir.path(), &dir.path().join("data"), "");
     let mut c = Client::hello(srv.addr, "demo", "alice");
     let data = bytes(200_000, 1);
     let id = c.upload_small("photo.jpg", &data).unwrap();
@@ -437,7 +384,7 @@ fn small_files_stat_download_delete() {
 #[test]
 fn session_opening_and_malformed_frames() {
     let dir = tempdir();
-    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let srv = start(dir.path(), &dir.path().join("data"), "");
     let hello = support::auth::hello_body("demo", "alice");
 
     // Anything but HELLO/PROBE first: error 5 and close.
@@ -521,7 +468,7 @@ fn session_opening_and_malformed_frames() {
 #[test]
 fn big_upload_parallel_blocks_fencing_and_faults() {
     let dir = tempdir();
-    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let srv = start(dir.path(), &dir.path().join("data"), "");
     let bs = 65536u32;
     let file = bytes(17 * 65536 + 1234, 3);
     let blocks = 18u32;
@@ -671,7 +618,7 @@ fn big_upload_parallel_blocks_fencing_and_faults() {
 #[test]
 fn instant_upload_needs_proof_of_possession() {
     let dir = tempdir();
-    let srv = Server::start(
+    let srv = start(
         dir.path(),
         &dir.path().join("data"),
         "challenge_max = 100000",
@@ -730,7 +677,7 @@ fn instant_upload_needs_proof_of_possession() {
 #[test]
 fn kill_9_mid_upload_then_resume() {
     let dir = tempdir();
-    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let srv = start(dir.path(), &dir.path().join("data"), "");
     let bs = 65536u32;
     let file = bytes(40 * 65536 - 7, 6);
     let blocks = 40u32;
@@ -757,7 +704,7 @@ fn kill_9_mid_upload_then_resume() {
     c.s().write_all(&f).unwrap();
     std::thread::sleep(Duration::from_millis(200));
 
-    let srv = srv.crash_and_restart();
+    let srv = srv.restart();
     let mut c = Client::hello(srv.addr, "demo", "carol");
     let bp = c.query(id).unwrap();
     let have: HashSet<u32> = (0..blocks).filter(|&i| bp.has(i)).collect();
@@ -792,7 +739,7 @@ fn kill_9_mid_upload_then_resume() {
     assert_eq!(c.stat(&small_id).unwrap().sha256, sha(&small));
 
     // A stored file survives a second kill -9 too; ids are never reused after restarts.
-    let srv = srv.crash_and_restart();
+    let srv = srv.restart();
     let mut c = Client::hello(srv.addr, "demo", "carol");
     assert_eq!(c.download_all(&fid, file.len() as u64, 1 << 20), file);
     let new_id = c.upload_small("after", b"after restart").unwrap();
@@ -815,7 +762,7 @@ fn kill_9_mid_upload_then_resume() {
 #[test]
 fn expired_sessions_lose_their_temp_files() {
     let dir = tempdir();
-    let srv = Server::start(dir.path(), &dir.path().join("data"), "session_ttl_secs = 1");
+    let srv = start(dir.path(), &dir.path().join("data"), "session_ttl_secs = 1");
     let bs = 65536u32;
     let file = bytes(3 * 65536, 8);
     let mut c = Client::hello(srv.addr, "demo", "dan");
@@ -879,7 +826,7 @@ fn disk_full_gives_a_clear_error_and_the_server_keeps_serving() {
         eprintln!("cannot mount a tmpfs here; using the injected ENOSPC fault");
         format!("{base}[faults]\nwrite_fail_after = 5242880")
     };
-    let srv = Server::start(dir.path(), &data, &extra);
+    let srv = start(dir.path(), &data, &extra);
     let mut c = Client::hello(srv.addr, "demo", "erin");
     let a = bytes(3 << 20, 11);
     let b = bytes(3 << 20, 12);
@@ -963,7 +910,7 @@ fn upload_big(c: &mut Client, file: &[u8], bs: u32) -> String {
 #[test]
 fn a_peer_that_does_not_read_holds_few_descriptors_and_costs_little_work() {
     let dir = tempdir();
-    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let srv = start(dir.path(), &dir.path().join("data"), "");
     let bs = 1 << 20;
     let mine = bytes(16 << 20, 31);
     let mut mallory = Client::hello(srv.addr, "demo", "mallory");
@@ -1026,7 +973,7 @@ fn connections_are_capped_by_the_descriptors_they_may_hold() {
     }
     let dir = tempdir();
     // 600 descriptors: 64 for the server, 20 for sessions, 5 per connection: 103 connections.
-    let srv = Server::start_limited(
+    let srv = start_limited(
         dir.path(),
         &dir.path().join("data"),
         "max_sessions = 20\nmax_sessions_per_user = 10\nsmall_file_max = 4194304\n",
@@ -1115,7 +1062,7 @@ fn a_declared_upload_holds_no_disk_and_a_silent_one_expires_soon() {
         eprintln!("skipped: cannot mount a 48 MiB tmpfs here");
         return;
     };
-    let srv = Server::start(
+    let srv = start(
         dir.path(),
         &data,
         "min_free_bytes = 1048576\nfresh_session_ttl_secs = 2\nsmall_file_max = 4194304\n\
@@ -1194,13 +1141,13 @@ fn a_declared_upload_holds_no_disk_and_a_silent_one_expires_soon() {
 fn sigterm_finishes_the_block_in_flight_and_data_dir_is_locked() {
     let dir = tempdir();
     let data = dir.path().join("data");
-    let mut srv = Server::start(dir.path(), &data, "");
+    let mut srv = start(dir.path(), &data, "");
     // A second server on the same data dir refuses to start.
-    let mut second = Proc::spawn(
+    let mut second = support::Proc::spawn(
         "second-server",
         Command::new(support::bin("ferry-server"))
             .arg("--config")
-            .arg(dir.path().join("server.toml"))
+            .arg(dir.path().join("ferry-server.toml"))
             .arg("--listen")
             .arg(support::free_addr().to_string())
             .arg("--data")
@@ -1245,7 +1192,7 @@ fn sigterm_finishes_the_block_in_flight_and_data_dir_is_locked() {
         .expect("server exits on SIGTERM");
     assert!(st.success(), "{st:?}");
     // The acknowledged block is there after a restart.
-    let srv = Server::spawn(dir.path(), &data, srv.conf.clone());
+    let srv = srv.restart();
     let mut c = Client::hello(srv.addr, "demo", "gina");
     let bp = c.query(r.upload_id).unwrap();
     assert!(bp.has(0) && !bp.has(1));
@@ -1257,7 +1204,7 @@ fn sigterm_finishes_the_block_in_flight_and_data_dir_is_locked() {
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     let dir = tempdir();
-    let srv = Server::start(dir.path(), &dir.path().join("data"), "");
+    let srv = start(dir.path(), &dir.path().join("data"), "");
     let bs = 65536u32;
     let file = bytes(12 * 65536, 31);
     let mut c = Client::hello(srv.addr, "demo", "hana");
@@ -1328,7 +1275,7 @@ fn pipelined_requests_are_answered_in_order() {
 #[test]
 fn session_and_connection_limits_answer_error_17() {
     let dir = tempdir();
-    let srv = Server::start(
+    let srv = start(
         dir.path(),
         &dir.path().join("data"),
         "max_sessions = 1\nmax_connections = 2\nmax_connections_per_app = 2",
@@ -1367,7 +1314,7 @@ fn relative_files(dir: &Path) -> Vec<String> {
 fn the_same_upload_key_from_another_tenant_does_not_touch_the_first_ones_retry() {
     let dir = tempdir();
     let data = dir.path().join("data");
-    let srv = Server::start(dir.path(), &data, "");
+    let srv = start(dir.path(), &data, "");
     let key: [u8; 16] = *b"chosen-key-00001";
     let (mine, theirs) = (bytes(4000, 1), bytes(4000, 2));
     let mut victim = Client::hello(srv.addr, "demo", "alice");
@@ -1395,7 +1342,7 @@ fn the_same_upload_key_from_another_tenant_does_not_touch_the_first_ones_retry()
 fn hostile_names_are_metadata_and_other_tenants_see_not_found() {
     let dir = tempdir();
     let data = dir.path().join("data");
-    let srv = Server::start(dir.path(), &data, "");
+    let srv = start(dir.path(), &data, "");
     let mut c = Client::hello(srv.addr, "demo", "mallory");
     let body = bytes(5000, 77);
     // Names that would escape a naive path join are stored as names, nothing more.

@@ -12,41 +12,29 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use support::cli::{ferry, ok, one_by_one, run};
+use support::server::Server;
 use support::{Proc, bin, files_under, free_addr, make_file, sha256_file, wait_ready};
 
 /// A `ferry-server` on `data`, optionally under `fiu-run -x` (fault points controllable at run
-/// time with `fiu-ctrl`).
-struct Server {
-    proc: Proc,
-    addr: SocketAddr,
+/// time with `fiu-ctrl`; fiu-run execs the server, so the child's pid is the server's).
+fn start(dir: &Path, data: &Path, under_fiu: bool) -> Server {
+    if !under_fiu {
+        return Server::start_in(dir, data, "");
+    }
+    let mut fiu = Command::new("fiu-run");
+    fiu.arg("-x").arg(bin("ferry-server"));
+    Server::start_under(fiu, dir, data, "")
 }
 
-impl Server {
-    fn start(dir: &Path, data: &Path, under_fiu: bool) -> Server {
-        let addr = free_addr();
-        if !under_fiu {
-            let proc = support::start_server(dir, "ferry-server", "", addr, data);
-            return Server { proc, addr };
-        }
-        let mut fiu = Command::new("fiu-run");
-        fiu.arg("-x").arg(bin("ferry-server"));
-        let mut cmd = support::server_command(fiu, dir, "ferry-server", "", addr, data);
-        // fiu-run execs the server, so the child's pid is the server's (fiu-ctrl needs it).
-        let proc = Proc::spawn("ferry-server", &mut cmd, dir);
-        wait_ready(addr, Duration::from_secs(15));
-        Server { proc, addr }
-    }
-
-    /// Turns a libfiu fault point on or off in the running server.
-    fn fiu(&self, command: &str) {
-        let st = Command::new("fiu-ctrl")
-            .arg("-c")
-            .arg(command)
-            .arg(self.proc.pid().to_string())
-            .status()
-            .expect("fiu-ctrl runs");
-        assert!(st.success(), "fiu-ctrl -c {command:?} failed");
-    }
+/// Turns a libfiu fault point on or off in the running server.
+fn fiu(srv: &Server, command: &str) {
+    let st = Command::new("fiu-ctrl")
+        .arg("-c")
+        .arg(command)
+        .arg(srv.proc.pid().to_string())
+        .status()
+        .expect("fiu-ctrl runs");
+    assert!(st.success(), "fiu-ctrl -c {command:?} failed");
 }
 
 fn upload(state: &Path, addr: SocketAddr, file: &Path) -> support::cli::Run {
@@ -80,7 +68,7 @@ fn injected_fsync_and_write_errors_are_clear_and_lose_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (data, state) = (dir.path().join("data"), dir.path().join("state"));
-    let srv = Server::start(dir.path(), &data, true);
+    let srv = start(dir.path(), &data, true);
     let (a, b, c) = (
         dir.path().join("a.jpg"),
         dir.path().join("b.mp4"),
@@ -96,7 +84,7 @@ fn injected_fsync_and_write_errors_are_clear_and_lose_nothing() {
 
     // fsync and fdatasync fail with EIO: a big and a small upload are refused with a clear,
     // server-side I/O error; nothing half-written becomes visible.
-    srv.fiu("enable name=posix/io/sync/*,failinfo=5");
+    fiu(&srv, "enable name=posix/io/sync/*,failinfo=5");
     for f in [&b, &c] {
         let r = upload(&state, srv.addr, f);
         assert!(!r.ok, "upload of {} passed a failing fsync", f.display());
@@ -108,7 +96,7 @@ fn injected_fsync_and_write_errors_are_clear_and_lose_nothing() {
             r.stderr
         );
     }
-    srv.fiu("disable name=posix/io/sync/*");
+    fiu(&srv, "disable name=posix/io/sync/*");
     let stored = files_under(&data.join("data"));
     assert_eq!(stored.len(), 1, "only a is stored: {stored:?}");
 
@@ -123,10 +111,10 @@ fn injected_fsync_and_write_errors_are_clear_and_lose_nothing() {
     // Writes fail (file payloads and the metadata database alike): refused, then served again.
     let d = dir.path().join("d.bin");
     make_file(&d, 2 << 20, 4);
-    srv.fiu("enable name=posix/io/rw/pwrite,failinfo=5");
+    fiu(&srv, "enable name=posix/io/rw/pwrite,failinfo=5");
     let r = upload(&state, srv.addr, &d);
     assert!(!r.ok && r.stderr.contains("error 16"), "{}", r.stderr);
-    srv.fiu("disable name=posix/io/rw/pwrite");
+    fiu(&srv, "disable name=posix/io/rw/pwrite");
     let rd = upload(&state, srv.addr, &d);
     assert!(rd.ok, "{}", rd.stderr);
     let id_d = rd.json()["file_id"].as_str().unwrap().to_owned();
@@ -139,7 +127,7 @@ fn injected_fsync_and_write_errors_are_clear_and_lose_nothing() {
     }
     let mut srv = srv;
     srv.proc.kill();
-    let srv = Server::start(dir.path(), &data, false);
+    let srv = start(dir.path(), &data, false);
     for (id, f) in files {
         assert_eq!(download_sha(&state, srv.addr, id, &out), sha256_file(f));
     }
@@ -158,7 +146,7 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (data, state) = (dir.path().join("data"), dir.path().join("state"));
-    let srv = Server::start(dir.path(), &data, true);
+    let srv = start(dir.path(), &data, true);
     // 128 MiB in 64 KiB blocks over one connection, each block fdatasynced before it is
     // acknowledged: long enough for the fault to land mid-upload.
     let f = dir.path().join("video.mp4");
@@ -181,7 +169,7 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
-    srv.fiu("enable name=posix/io/sync/*,failinfo=5");
+    fiu(&srv, "enable name=posix/io/sync/*,failinfo=5");
     let status = client
         .wait_exit(Duration::from_secs(60))
         .expect("client ends");
@@ -189,7 +177,7 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
         !status.success(),
         "the upload finished before the fault landed"
     );
-    srv.fiu("disable name=posix/io/sync/*");
+    fiu(&srv, "disable name=posix/io/sync/*");
     assert!(
         files_under(&data.join("data")).is_empty(),
         "a file became visible without its bytes synced"

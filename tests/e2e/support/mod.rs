@@ -7,6 +7,7 @@ pub mod cli;
 pub mod pg_server;
 pub mod procs;
 pub mod raw;
+pub mod server;
 
 use ferry_common::proto::{self, Identity};
 use std::io::{BufRead, Read, Write};

@@ -62,26 +62,9 @@ fn main() {
     let size = mb << 20;
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
-    let conf = d.join("server.toml");
-    std::fs::write(
-        &conf,
-        format!("sync_blocks = {sync}\n{}", support::auth::auth_toml()),
-    )
-    .unwrap();
-
-    let server = free_addr();
-    let _srv = Proc::spawn(
-        "ferry-server",
-        Command::new(bin("ferry-server"))
-            .arg("--config")
-            .arg(&conf)
-            .arg("--listen")
-            .arg(server.to_string())
-            .arg("--data")
-            .arg(d.join("data")),
-        d,
-    );
-    wait_ready(server, Duration::from_secs(30));
+    let srv =
+        support::server::Server::start_in(d, &d.join("data"), &format!("sync_blocks = {sync}\n"));
+    let server = srv.addr;
     let ca =
         ferry_supervisor::localca::LocalCa::make(&d.join("ca"), &["127.0.0.1".parse().unwrap()])
             .expect("local CA");

@@ -14,53 +14,24 @@ mod support;
 use ferry_common::proto::{self, Caller, NodeHello, SADDRS_REPLY_MAX, SaddrsReq, cmd};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::server::Server;
 use support::{env_u64, median};
 
 const T: Duration = Duration::from_secs(5);
 
-struct Srv {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Srv {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, name: &str, conf: &str, meta_url: Option<&str>) -> Srv {
-    let addr = support::free_addr();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "workers = 4\nidle_timeout_ms = 600000\n{conf}\n{}",
-            support::auth::auth_toml()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-server"));
-    cmd.arg("--config")
-        .arg(&path)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data")
-        .arg(dir.join(format!("{name}-data")))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+fn start(dir: &Path, name: &str, conf: &str, meta_url: Option<&str>) -> Server {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_ferry-server"));
+    server.env("RUST_LOG", "warn");
     match meta_url {
-        Some(u) => cmd.env("FERRY_META_URL", u),
-        None => cmd.env_remove("FERRY_META_URL"),
+        Some(u) => server.env("FERRY_META_URL", u),
+        None => server.env_remove("FERRY_META_URL"),
     };
-    let child = cmd.spawn().unwrap();
-    let srv = Srv { child, addr };
-    support::wait_ready(addr, Duration::from_secs(20));
-    srv
+    let conf = format!("workers = 4\nidle_timeout_ms = 600000\n{conf}\n");
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).unwrap();
+    Server::start_under(server, &own, &dir.join(format!("{name}-data")), &conf)
 }
 
 /// Runs `threads` clients for `secs`; each calls `op` in a loop and returns how many units

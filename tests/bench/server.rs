@@ -23,70 +23,21 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use support::server::Server;
 use support::{env_u64, median, random_bytes, rss_kib};
 
 const BS: u32 = 4 << 20;
 
-struct Srv {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Srv {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, sync: bool) -> Srv {
-    let addr: SocketAddr = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let conf = dir.join("server.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "workers = 4\nsync_blocks = {sync}\nidle_timeout_ms = 600000\n{}",
-            support::auth::auth_toml()
-        ),
-    )
-    .unwrap();
+fn start(dir: &Path, sync: bool) -> Server {
     let data = dir.join(format!("data-{}", if sync { "sync" } else { "nosync" }));
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry-server"))
-        .arg("--config")
-        .arg(&conf)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data")
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    loop {
-        if let Ok(mut s) = TcpStream::connect(addr) {
-            s.write_all(&proto::frame(cmd::PROBE, 0, &proto::probe_body()))
-                .unwrap();
-            let mut h = [0u8; HEADER_LEN + 3];
-            if s.read_exact(&mut h).is_ok() {
-                break;
-            }
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Srv { child, addr }
+    let mut server = Command::new(env!("CARGO_BIN_EXE_ferry-server"));
+    server.env("RUST_LOG", "warn");
+    let conf = format!("workers = 4\nsync_blocks = {sync}\nidle_timeout_ms = 600000\n");
+    Server::start_under(server, dir, &data, &conf)
 }
 
 struct Conn {
@@ -417,8 +368,8 @@ fn throughput(dir: &Path, mb: usize, runs: usize) {
 /// Server RSS during 16 concurrent uploads of `rss_mb` MiB each.
 fn rss(dir: &Path, rss_mb: usize, runs: usize) {
     let srv = start(dir, true);
-    let pid = srv.child.id();
-    let idle = rss_kib(pid as i32);
+    let pid = srv.proc.pid();
+    let idle = rss_kib(pid);
     let one = Arc::new(random_bytes(rss_mb << 20, 7));
     let mut peaks = Vec::new();
     for run in 0..runs {
@@ -428,7 +379,7 @@ fn rss(dir: &Path, rss_mb: usize, runs: usize) {
             let (stop, peak) = (stop.clone(), peak.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    peak.fetch_max(rss_kib(pid as i32), Ordering::SeqCst);
+                    peak.fetch_max(rss_kib(pid), Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })

@@ -45,29 +45,13 @@ impl Cluster {
     /// otherwise a client-proxy -> server-proxy chain.
     fn start(pair: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let server = free_addr();
         // A short server idle timeout releases blocks held by connections through a hung proxy.
-        let conf = dir.path().join("server.toml");
-        std::fs::write(
-            &conf,
-            format!(
-                "idle_timeout_ms = 2000\nsync_blocks = false\n{}",
-                support::auth::auth_toml()
-            ),
-        )
-        .unwrap();
-        let mut procs = vec![Proc::spawn(
-            "ferry-server",
-            Command::new(bin("ferry-server"))
-                .arg("--config")
-                .arg(&conf)
-                .arg("--listen")
-                .arg(server.to_string())
-                .arg("--data")
-                .arg(dir.path().join("data")),
-            dir.path(),
-        )];
-        wait_ready(server, Duration::from_secs(20));
+        let conf = "idle_timeout_ms = 2000\nsync_blocks = false\n";
+        let data = dir.path().join("data");
+        let support::server::Server {
+            proc, addr: server, ..
+        } = support::server::Server::start_in(dir.path(), &data, conf);
+        let mut procs = vec![proc];
         let mut proxy = |name: &str, upstream: SocketAddr| {
             let addr = free_addr();
             procs.push(Proc::spawn(

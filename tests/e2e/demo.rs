@@ -96,7 +96,8 @@ fn demo_kills_a_proxy_mid_upload_and_verifies() {
     assert!(none_answer(&addrs), "demo left cluster processes running");
 }
 
-/// `ferry demo --size SIZE` running on a copy of conf/ moved to free ports.
+/// `ferry ARGS --conf DIR` (the demo, or `cluster up`) running on a copy of conf/ moved to
+/// free ports.
 struct Demo {
     run: support::Group,
     /// Its stderr, where it says what it does.
@@ -107,17 +108,23 @@ struct Demo {
 }
 
 fn demo(size: &str) -> Demo {
+    local_cluster(&["demo", "--size", size])
+}
+
+/// `args` with the conf dir (and, for `cluster up`, its data dir) of a fresh temp dir.
+fn local_cluster(args: &[&str]) -> Demo {
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("conf");
     let addrs = conf_on_free_ports(&conf);
-    let mut run = support::Group::spawn(
-        Command::new(support::bin("ferry"))
-            .env("FERRY_KEY", support::auth::key_env())
-            .args(["demo", "--size", size, "--conf"])
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    );
+    let mut cmd = Command::new(support::bin("ferry"));
+    cmd.env("FERRY_KEY", support::auth::key_env())
+        .args(args)
+        .arg("--conf")
+        .arg(&conf);
+    if args[0] == "cluster" {
+        cmd.arg("--data").arg(tmp.path().join("data"));
+    }
+    let mut run = support::Group::spawn(cmd.stdout(Stdio::null()).stderr(Stdio::piped()));
     let err = BufReader::new(run.0.stderr.take().unwrap());
     Demo {
         run,
@@ -167,21 +174,13 @@ fn kill_9_of_the_demo_leaves_no_member_running() {
 
 #[test]
 fn cluster_up_serves_transfers_until_ctrl_c() {
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("conf");
-    let addrs = conf_on_free_ports(&conf);
-    let mut run = support::Group::spawn(
-        Command::new(support::bin("ferry"))
-            .env("FERRY_KEY", support::auth::key_env())
-            .args(["cluster", "up", "--conf"])
-            .arg(&conf)
-            .arg("--data")
-            .arg(tmp.path().join("data"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    );
+    let Demo {
+        mut run,
+        mut err,
+        addrs,
+        _tmp: tmp,
+    } = local_cluster(&["cluster", "up"]);
     let child = &mut run.0;
-    let mut err = BufReader::new(child.stderr.take().unwrap());
     support::wait_for_line(&mut err, "Ctrl-C stops all");
     // Keep draining its log (prefixed by member) so it never blocks on a full pipe.
     let log = std::thread::spawn(move || {

@@ -163,11 +163,7 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
         log: dir.path().join("unused.log"),
     };
     // Wait for the session to open, then make every sync fail.
-    let t = std::time::Instant::now();
-    while !srv.proc.log_text().contains("opened: app") {
-        assert!(t.elapsed() < Duration::from_secs(20), "no session opened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    support::wait_log(&srv.proc, "opened: app", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(50));
     fiu(&srv, "enable name=posix/io/sync/*,failinfo=5");
     let status = client
@@ -264,11 +260,7 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
         &mut faked(ferry(&state, &[addr], &args)),
         dir.path(),
     );
-    let t = std::time::Instant::now();
-    while !srv.log_text().contains("opened: app") {
-        assert!(t.elapsed() < Duration::from_secs(20), "no session opened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    support::wait_log(&srv, "opened: app", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(100));
     client.kill();
 
@@ -313,14 +305,11 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
     std::thread::sleep(Duration::from_millis(300));
     client.kill();
     std::fs::write(&clock, "-1d\n").unwrap();
-    let t = std::time::Instant::now();
-    while !files_under(&data.join("tmp")).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "an idle session outlived its lifetime after the clock went back"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    support::wait_until(
+        "the idle session to expire after the clock went back",
+        Duration::from_secs(20),
+        || files_under(&data.join("tmp")).is_empty(),
+    );
     assert!(srv.log_text().contains("expired"));
 }
 
@@ -413,15 +402,7 @@ fn kill_9_at_each_phase_of_a_commit_loses_nothing_and_tears_nothing() {
         let args = one_by_one(file);
         let mut client = Proc::spawn("upload", &mut ferry(&state, &[addr], &args), &case);
         let marker = format!("phase {phase} reached");
-        let t = std::time::Instant::now();
-        while !srv.log_text().contains(&marker) {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{phase}: never reached\n{}",
-                srv.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        support::wait_log(&srv, &marker, Duration::from_secs(30));
         srv.kill();
         client.kill();
 

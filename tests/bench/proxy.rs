@@ -14,7 +14,7 @@
 #[path = "../e2e/support/mod.rs"]
 mod support;
 
-use ferry_common::proto::{self, HEADER_LEN, Header, Identity, Role, cmd};
+use ferry_common::proto::{self, Identity, Role, cmd};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -39,15 +39,9 @@ fn start_sink() -> SocketAddr {
 }
 
 fn sink(mut s: TcpStream) {
-    let mut raw = [0u8; HEADER_LEN];
-    if s.read_exact(&mut raw).is_err() {
+    let Ok((h, _)) = support::raw::read_frame(&mut s, 1024) else {
         return;
-    }
-    let h = Header::decode(&raw);
-    let mut body = vec![0u8; h.body_len.min(1024) as usize];
-    if s.read_exact(&mut body).is_err() {
-        return;
-    }
+    };
     if h.cmd == cmd::PROBE {
         let id = Identity {
             version: proto::VERSION,

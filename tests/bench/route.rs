@@ -21,8 +21,8 @@
 #[path = "../e2e/support/mod.rs"]
 mod support;
 
-use ferry_common::proto::{self, HEADER_LEN, Header, cmd};
-use std::io::{Read, Write};
+use ferry_common::proto::{self, cmd};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -43,13 +43,10 @@ fn round_trip(via: SocketAddr, first: &[u8]) -> Duration {
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(first).unwrap();
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).expect("reply");
-    let h = Header::decode(&h);
-    assert_eq!(h.status, 0, "refused via {via}");
-    let mut body = vec![0u8; h.body_len.min(64) as usize];
-    s.read_exact(&mut body).unwrap();
-    t.elapsed()
+    match support::raw::next_reply(&mut s) {
+        support::raw::Reply::Ok(..) => t.elapsed(),
+        other => panic!("via {via}: {other:?}"),
+    }
 }
 
 fn ferry(state: &Path, via: SocketAddr, args: &[&str]) -> (Duration, String) {

@@ -19,11 +19,9 @@
 #[path = "../e2e/support/mod.rs"]
 mod support;
 
-use ferry_common::proto::{
-    self, DownloadReq, ErrorBody, HEADER_LEN, Header, UploadMeta, cmd, status,
-};
+use ferry_common::proto::{self, DownloadReq, UploadMeta, cmd};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,17 +64,10 @@ impl Conn {
     }
 
     fn reply(&mut self) -> Result<Vec<u8>, String> {
-        let mut h = [0u8; HEADER_LEN];
-        self.s.read_exact(&mut h).map_err(|e| e.to_string())?;
-        let h = Header::decode(&h);
-        assert!(h.body_len <= 80 << 20, "reply of {} bytes", h.body_len);
-        let mut body = vec![0u8; h.body_len as usize];
-        self.s.read_exact(&mut body).map_err(|e| e.to_string())?;
-        if h.status == status::OK {
-            Ok(body)
-        } else {
-            let e = ErrorBody::decode(&body).map_err(|e| e.to_string())?;
-            Err(format!("error {:?}: {}", e.code, e.text))
+        match support::raw::next_reply(&mut self.s) {
+            support::raw::Reply::Ok(_, body) => Ok(body),
+            support::raw::Reply::Err(code, text) => Err(format!("error {code:?}: {text}")),
+            other => Err(format!("{other:?}")),
         }
     }
 

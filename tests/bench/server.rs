@@ -61,18 +61,7 @@ impl Conn {
 }
 
 fn read_reply(s: &mut TcpStream) -> Vec<u8> {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let h = Header::decode(&h);
-    let mut b = vec![0u8; h.body_len as usize];
-    s.read_exact(&mut b).unwrap();
-    assert_eq!(
-        h.status,
-        status::OK,
-        "error reply: {:?}",
-        proto::ErrorBody::decode(&b)
-    );
-    b
+    support::raw::next_reply(s).body()
 }
 
 /// Uploads `file` with `conns` connections (block i on connection i % conns), each connection

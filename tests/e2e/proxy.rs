@@ -9,9 +9,7 @@
 use crate::support;
 
 use ferry_common::auth::{LinkConfig, LinkVerifier, SigningKey, new_secret};
-use ferry_common::proto::{
-    self, ErrorBody, ErrorCode, HEADER_LEN, Header, Hello, Identity, Role, cmd,
-};
+use ferry_common::proto::{self, ErrorBody, ErrorCode, Header, Hello, Identity, Role, cmd};
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -1046,19 +1044,12 @@ fn flood_past_the_limit_is_refused_and_established_sessions_continue() {
             continue;
         };
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut raw = [0u8; HEADER_LEN];
-        match s.read_exact(&mut raw) {
-            Ok(()) => {
-                let h = Header::decode(&raw);
-                let mut body = vec![0u8; h.body_len.min(2048) as usize];
-                s.read_exact(&mut body).unwrap();
-                assert_eq!(ErrorBody::decode(&body).unwrap().code, ErrorCode::Limit);
-                refused += 1;
+        match support::raw::next_reply(&mut s) {
+            support::raw::Reply::Err(ErrorCode::Limit, _) | support::raw::Reply::Closed => {
+                refused += 1
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
-                panic!("a connection past the limit was kept open")
-            }
-            Err(_) => refused += 1,
+            support::raw::Reply::Waiting => panic!("a connection past the limit was kept open"),
+            other => panic!("a connection past the limit was answered {other:?}"),
         }
     }
     assert_eq!(refused, 50);

@@ -155,6 +155,16 @@ fn edge_sizes_direct_and_through_a_proxy_chain() {
     assert_eq!(left, 0, "finished uploads leave no state files");
 }
 
+/// Blocks begun by the uploads whose resume state is in `state` (the bitmap after the
+/// state file's 68-byte head).
+fn blocks_begun(state: &Path, blocks: usize) -> u32 {
+    std::fs::read_dir(state)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| bits_set(&e.path(), 68, 0, blocks))
+        .sum()
+}
+
 /// Number of set bits after `skip` bytes of header, in the first of `maps` bitmaps of a state file.
 fn bits_set(path: &Path, skip: usize, map: usize, blocks: usize) -> u32 {
     let Ok(b) = std::fs::read(path) else { return 0 };
@@ -224,13 +234,7 @@ fn kill_9_mid_upload_and_mid_download_then_rerun() {
         "--block-size",
         "64KiB",
     ];
-    let upload_state = || {
-        std::fs::read_dir(&state)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| bits_set(&e.path(), 68, 0, blocks))
-            .sum()
-    };
+    let upload_state = || blocks_begun(&state, blocks);
     kill_when(
         &mut ferry(&state, &via, &args),
         &c.path("killed-up.out"),
@@ -585,13 +589,7 @@ fn file_changed_behind_stale_state_is_a_server_side_hash_mismatch() {
     let state = c.path("state");
     std::fs::create_dir_all(&state).unwrap();
     let args = ["upload", src.to_str().unwrap(), "--block-size", "64KiB"];
-    let begun = || {
-        std::fs::read_dir(&state)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| bits_set(&e.path(), 68, 0, blocks))
-            .sum()
-    };
+    let begun = || blocks_begun(&state, blocks);
     kill_when(
         &mut ferry(&state, &via, &args),
         &c.path("killed.out"),

@@ -14,6 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::random_bytes as bytes;
 use support::raw::Raw;
 use support::server::Server;
 
@@ -21,19 +22,6 @@ type Res<T> = Result<T, (ErrorCode, String)>;
 
 fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
-}
-
-/// Deterministic test bytes.
-fn bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A blocking protocol client, just enough for the tests: the support's raw client with the

@@ -26,6 +26,14 @@ fn start(dir: &Path, data: &Path, under_fiu: bool) -> Server {
     Server::start_under(fiu, dir, data, "")
 }
 
+/// Bytes in the server's upload temp files: each grows as its blocks arrive.
+fn temp_bytes(data: &Path) -> u64 {
+    files_under(&data.join("tmp"))
+        .iter()
+        .map(|f| f.metadata().map_or(0, |m| m.len()))
+        .sum()
+}
+
 /// Turns a libfiu fault point on or off in the running server.
 fn fiu(srv: &Server, command: &str) {
     let st = Command::new("fiu-ctrl")
@@ -162,9 +170,10 @@ fn fsync_failing_mid_upload_keeps_acknowledged_blocks_and_resumes() {
         child: Some(child),
         log: dir.path().join("unused.log"),
     };
-    // Wait for the session to open, then make every sync fail.
-    support::wait_log(&srv.proc, "opened: app", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(50));
+    // Wait for the upload to be under way, then make every sync fail.
+    support::wait_until("blocks arriving", Duration::from_secs(20), || {
+        temp_bytes(&data) > 0
+    });
     fiu(&srv, "enable name=posix/io/sync/*,failinfo=5");
     let status = client
         .wait_exit(Duration::from_secs(60))
@@ -260,8 +269,10 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
         &mut faked(ferry(&state, &[addr], &args)),
         dir.path(),
     );
-    support::wait_log(&srv, "opened: app", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(100));
+    // One connection sends the 64 KiB blocks in order: the fourth begun, three are stored.
+    support::wait_until("three blocks stored", Duration::from_secs(20), || {
+        temp_bytes(&data) >= 4 << 16
+    });
     client.kill();
 
     // The wall clock jumps two days ahead, far past the 6 s session lifetime, while only
@@ -302,7 +313,12 @@ fn wall_clock_jumps_neither_expire_live_sessions_nor_keep_dead_ones() {
         &mut faked(ferry(&state, &[addr], &gargs)),
         dir.path(),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    let before = temp_bytes(&data);
+    support::wait_until(
+        "the second upload's session",
+        Duration::from_secs(20),
+        || temp_bytes(&data) > before,
+    );
     client.kill();
     std::fs::write(&clock, "-1d\n").unwrap();
     support::wait_until(

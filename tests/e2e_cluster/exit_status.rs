@@ -37,7 +37,7 @@ fn failed(r: &Run, exit: i32, class: &str, code: Option<(u16, &str)>) -> Value {
 
 /// A server behind a server-proxy behind a client-proxy, as users reach it.
 struct Chain {
-    server: Proc,
+    _server: Proc,
     _proxies: Vec<Proc>,
     /// The client-proxy: what `ferry` is given.
     entry: SocketAddr,
@@ -63,7 +63,7 @@ fn chain(dir: &Path, conf: &str) -> Chain {
         upstream = listen;
     }
     Chain {
-        server,
+        _server: server,
         _proxies: proxies,
         entry: upstream,
     }
@@ -188,7 +188,7 @@ fn ctrl_c_mid_transfer_exits_130_and_the_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let c = chain(dir.path(), "");
-    let (srv, addr) = (&c.server, c.entry);
+    let addr = c.entry;
     let src = dir.path().join("movie.bin");
     make_file(&src, 128 << 20, 3);
     let args = one_by_one(&src);
@@ -198,10 +198,13 @@ fn ctrl_c_mid_transfer_exits_130_and_the_rerun_resumes() {
         .spawn()
         .unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    support::wait_until("a session opened", Duration::from_secs(20), || {
-        srv.log_text().contains("opened: app")
+    // The upload session is open and blocks arrive (its temp file grows as they do).
+    let tmp = dir.path().join("data").join("tmp");
+    support::wait_until("blocks arriving", Duration::from_secs(20), || {
+        support::files_under(&tmp)
+            .iter()
+            .any(|f| f.metadata().is_ok_and(|m| m.len() > 0))
     });
-    std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let r = Run::from(child.wait_with_output().unwrap());
     if r.ok {

@@ -175,7 +175,6 @@ fn handshake(
 
 pub struct Conn {
     io: Framed<Stream>,
-    pub peer: SocketAddr,
     /// When the last reply arrived: a send that fails on a connection idle for longer than the
     /// timeout more likely hit the peer's idle close than a dead proxy.
     pub last_reply: Instant,
@@ -228,7 +227,6 @@ impl Conn {
         };
         let mut c = Conn {
             io: Framed::new(stream, peer),
-            peer,
             last_reply: Instant::now(),
         };
         // A peer that takes the connection but cannot open a session is as good as down.
@@ -243,6 +241,11 @@ impl Conn {
         Identity::decode(&body)
             .map_err(|e| Fault::Connect(format!("HELLO reply from {peer}: {e}")))?;
         Ok(c)
+    }
+
+    /// Who this session is with.
+    pub fn peer(&self) -> SocketAddr {
+        self.io.peer()
     }
 
     /// Reads a reply header and, for an error reply, its body. Returns the OK header.
@@ -290,19 +293,15 @@ impl Conn {
         let h = self.reply_head()?;
         let want = (DOWNLOAD_REPLY_META + expect) as u64;
         if h.body_len != want {
-            return Err(fault(CallError::Garbled {
-                peer: self.peer,
-                why: format!("DOWNLOAD reply of {} bytes, expected {want}", h.body_len),
-            }));
+            return Err(fault(self.io.garbled(format!(
+                "DOWNLOAD reply of {} bytes, expected {want}",
+                h.body_len
+            ))));
         }
         let mut meta = [0u8; DOWNLOAD_REPLY_META];
         self.io.read_exact(&mut meta).map_err(fault)?;
-        let crc = proto::decode_download_meta(&meta).map_err(|e| {
-            fault(CallError::Garbled {
-                peer: self.peer,
-                why: e.to_string(),
-            })
-        })?;
+        let crc = proto::decode_download_meta(&meta)
+            .map_err(|e| fault(self.io.garbled(e.to_string())))?;
         buf.resize(expect, 0);
         self.io.read_exact(buf).map_err(fault)?;
         Ok(crc)

@@ -173,7 +173,7 @@ pub fn download(job: &DownloadJob) -> Result<TransferReport> {
             if crc32c::crc32c(buf) != crc {
                 return Err(Fault::Corrupt(format!(
                     "block {i} from {}: CRC32C mismatch",
-                    c.peer
+                    c.peer()
                 )));
             }
             Ok(())

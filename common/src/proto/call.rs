@@ -98,7 +98,8 @@ impl<S: Read + Write> Framed<S> {
             .map_err(|e| CallError::Recv { peer, e })
     }
 
-    fn garbled(&self, why: String) -> CallError {
+    /// A reply that broke the protocol, from this peer.
+    pub fn garbled(&self, why: String) -> CallError {
         CallError::Garbled {
             peer: self.peer,
             why,

@@ -46,12 +46,10 @@ pub fn kill9_outlived_by_none(supervisor: &mut Child, members: &Reap) -> Duratio
     supervisor.kill().unwrap();
     supervisor.wait().unwrap();
     let t = Instant::now();
-    while let Some(p) = members.0.iter().find(|p| !dead(**p)) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "member {p} outlived its supervisor's kill -9"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    super::wait_until(
+        "every member to die with its supervisor's kill -9",
+        Duration::from_secs(20),
+        || members.0.iter().all(|p| dead(*p)),
+    );
     t.elapsed()
 }
